@@ -1,0 +1,387 @@
+"""Nemotron-H checkpoints on disk: find them, read one tensor at a time, write new ones atomically.
+
+Reading never builds the model: a 56B checkpoint is a set of safetensors shards, and every stage that streams
+(scoring, surgery) asks for one tensor or one layer at a time. Both weight-name styles are accepted (NVIDIA's
+remote-code `backbone.*` and transformers' native `model.*`); everything is returned under native names and
+everything written is native, so the output loads with `AutoModelForCausalLM.from_pretrained` without remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minipuzzle.arch import Layout, load_config
+from minipuzzle.errors import UserError
+
+# Files copied verbatim from the source checkpoint into every checkpoint we write.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def native_name(name: str) -> str:
+    """Map a remote-code weight name (`backbone.*`) to the native transformers name (`model.*`)."""
+    if name.startswith("backbone."):
+        return "model." + name[len("backbone.") :]
+    return name
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+class Checkpoint:
+    """A safetensors checkpoint folder (single file or sharded with an index), read lazily.
+
+    `keys()` are native names; `get(name)` reads one tensor from its shard. `layout` is the architecture from
+    config.json. Raises `UserError` for a missing folder, a corrupt shard or a config that is not Nemotron-H.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"checkpoint not found: {self.path}")
+        if not self.path.is_dir():
+            raise UserError(f"checkpoint must be a folder with config.json and *.safetensors: {self.path}")
+        self.config: dict[str, Any] = load_config(self.path)
+        self.layout = Layout.from_config(self.config)
+        self._files: dict[str, Path] = {}  # native name -> shard
+        self._stored: dict[str, str] = {}  # native name -> name as stored in the shard
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise UserError(f"{index} is not a valid safetensors index") from None
+            shards = {f: self.path / f for f in set(weight_map.values())}
+            for f, p in shards.items():
+                if not p.is_file():
+                    raise UserError(f"shard {f} named in {index.name} is missing from {self.path}")
+            for stored, f in weight_map.items():
+                self._add(stored, shards[f])
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"no *.safetensors weights in {self.path}")
+            for f in files:
+                for stored in _read_header(f):
+                    self._add(stored, f)
+        for f in set(self._files.values()):
+            _read_header(f)  # validates every shard's header up front: fail before any work is done
+        self.style = "backbone" if any(s.startswith("backbone.") for s in self._stored.values()) else "model"
+        self._handles: dict[Path, Any] = {}
+
+    def _add(self, stored: str, file: Path) -> None:
+        name = native_name(stored)
+        self._files[name] = file
+        self._stored[name] = stored
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def _handle(self, file: Path):
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise UserError(f"cannot read {file}: {e}") from None
+            self._handles[file] = h
+        return h
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by native name, read from its shard (only that tensor is loaded)."""
+        if name not in self._files:
+            raise KeyError(name)
+        try:
+            return self._handle(self._files[name]).get_tensor(self._stored[name])
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read tensor {name} from {self._files[name]}: {e}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self._files[name]).get_slice(self._stored[name]).get_shape())
+
+    def layer_keys(self, i: int) -> list[str]:
+        pre = layer_prefix(i)
+        return [k for k in self._files if k.startswith(pre)]
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """All tensors of layer i, with names relative to the layer (`norm.weight`, `mixer.in_proj.weight`)."""
+        pre = layer_prefix(i)
+        return {k[len(pre) :]: self.get(k) for k in self.layer_keys(i)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in self._files}
+
+    def dtype(self) -> torch.dtype:
+        return self.get("model.norm_f.weight").dtype if "model.norm_f.weight" in self else torch.float32
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self._files.values()))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _read_header(file: Path) -> list[str]:
+    """Tensor names in a safetensors file, checking that the header parses and fits in the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file too short")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError("file is truncated")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise UserError(f"corrupt safetensors file {file}: {e}") from None
+    return [k for k in header if k != "__metadata__"]
+
+
+# ---- resolving a MODEL argument ---------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(model: str, model_path: str | Path | None = None) -> Path:
+    """Turn a MODEL argument (local folder, preset name, or hub id) into a local checkpoint folder.
+
+    Presets and hub ids are looked up in the local Hugging Face cache only; nothing is downloaded.
+    """
+    from minipuzzle.presets import get_preset, is_preset
+
+    if model_path is not None:
+        return Path(model_path)
+    p = Path(model)
+    if p.exists():
+        return p
+    hub_id = get_preset(model).hub_id if is_preset(model) else model
+    if "/" not in hub_id or p.is_absolute() or model.startswith("."):
+        raise UserError(f"checkpoint not found: {model}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:
+        raise UserError(
+            f"weights of {hub_id} are not in the local Hugging Face cache: run "
+            f"`huggingface-cli download {hub_id}` on a machine with internet, or pass --model-path DIR"
+        ) from None
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * mult)
+    return int(float(s))
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to write into an existing non-empty folder unless asked; never touch it before the work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} is not empty (pass --overwrite to replace it)")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `out`; on success rename it to `out`, on failure remove it.
+
+    The temporary folder sits in the same parent so the final rename is atomic on one filesystem: a reader sees
+    either no `out`, the old `out`, or the complete new one, never a half-written folder.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+class ShardWriter:
+    """Write tensors into numbered safetensors shards of at most `max_shard_bytes`, then the index.
+
+    Tensors are buffered only until a shard is full, so streaming writers hold about one shard in memory.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9):
+        self.folder = Path(folder)
+        self.max = max_shard_bytes
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self._buf and self._buf_bytes + n > self.max:
+            self._flush()
+        self._buf[name] = tensor.detach().contiguous().cpu()
+        self._buf_bytes += n
+        self.total_bytes += n
+
+    def _flush(self) -> None:
+        i = len(self._shards)
+        save_file(self._buf, str(self.folder / f"part-{i:05d}.safetensors"), metadata={"format": "pt"})
+        self._shards.append(list(self._buf))
+        self._buf, self._buf_bytes = {}, 0
+
+    def close(self) -> None:
+        if self._buf or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"part-{i:05d}.safetensors", self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def write_config(folder: Path, config: dict[str, Any], torch_dtype: torch.dtype | None = None) -> None:
+    cfg = dict(config)
+    if torch_dtype is not None:
+        cfg["dtype"] = str(torch_dtype).removeprefix("torch.")
+        cfg.pop("torch_dtype", None)
+    (Path(folder) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(src: str | Path | None, dst: str | Path) -> list[str]:
+    """Copy tokenizer and generation-config files that exist in `src` into `dst`."""
+    copied = []
+    if src is None:
+        return copied
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    layout: Layout,
+    out: str | Path,
+    *,
+    base_config: dict[str, Any] | None = None,
+    tokenizer_from: str | Path | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write `state` (native names) as a standard Nemotron-H checkpoint at `out`, atomically."""
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        dtype = None
+        for name, t in state.items():
+            writer.add(native_name(name), t)
+            if dtype is None and t.is_floating_point():
+                dtype = t.dtype
+        writer.close()
+        write_config(tmp, layout.to_config(base_config), dtype)
+        copy_tokenizer(tokenizer_from, tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    return Path(out)
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+
+def build_model(layout: Layout, base_config: dict[str, Any] | None = None, device: str | torch.device = "meta"):
+    """An uninitialised `NemotronHForCausalLM` for `layout` (on the meta device by default: no memory)."""
+    from transformers import NemotronHForCausalLM
+
+    cfg = layout.to_hf_config(base_config)
+    with torch.device(device):
+        return NemotronHForCausalLM(cfg)
+
+
+def load_model(
+    source: str | Path | Checkpoint,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load a checkpoint (either weight-name style) as a native `NemotronHForCausalLM` in eval mode.
+
+    Built on the meta device and filled tensor by tensor, so no random initialisation is paid for.
+    """
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    model = build_model(ckpt.layout, ckpt.config)
+    expected = set(model.state_dict())
+    have = set(ckpt.keys())
+    missing = sorted(expected - have - ({"lm_head.weight"} if ckpt.layout.tie_word_embeddings else set()))
+    if missing:
+        raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
+    state = {}
+    for k in expected & have:
+        t = ckpt.get(k)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[k] = t.to(device)
+    model.load_state_dict(state, strict=False, assign=True)
+    if ckpt.layout.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+def model_state_dict(model) -> dict[str, torch.Tensor]:
+    """State dict of a `NemotronHForCausalLM` without the tied LM head duplicate."""
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd

@@ -1,0 +1,145 @@
+"""Text -> token windows, deterministically.
+
+Sources: a local .txt/.py/.md file, a folder of such files, a .jsonl/.json or .parquet file (read through
+`datasets`), or a `datasets` hub name. Documents are tokenized with the checkpoint's own tokenizer, joined with
+EOS and packed into windows of `seq_len` tokens; a seeded permutation picks the windows, so the same arguments
+always give the same tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from minipuzzle.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer stored with a checkpoint (never remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+
+
+def iter_documents(
+    source: str | Path,
+    split: str = "train",
+    column: str = "text",
+    streaming: bool = False,
+    exclude: Iterable[str] = (),
+) -> Iterator[str]:
+    """Yield documents (strings) from a file, folder or hub dataset, in a fixed order.
+
+    `exclude`: file names to skip when `source` is a folder (held-out files).
+    """
+    src = str(source)
+    p = Path(src)
+    if p.is_dir():
+        skip = set(exclude)
+        files = [f for f in _text_files(p) if f.name not in skip]
+        if not files:
+            raise UserError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {p}")
+        for f in files:
+            yield f.read_text(errors="replace")
+        return
+    if p.is_file() and p.suffix in TEXT_SUFFIXES:
+        yield p.read_text(errors="replace")
+        return
+    if p.is_file() and p.suffix in TABLE_SUFFIXES:
+        ds = _load_dataset(TABLE_SUFFIXES[p.suffix], data_files=str(p), split="train", streaming=streaming, name=src)
+    elif p.suffix in TEXT_SUFFIXES | set(TABLE_SUFFIXES) or src.startswith((".", "/", "~")):
+        raise UserError(f"data not found: {src}")
+    elif p.exists():
+        raise UserError(f"unsupported data file {src}: use .txt, .jsonl, .parquet or a folder of text files")
+    else:
+        ds = _load_dataset(src, split=split, streaming=streaming, name=src)
+    names = getattr(ds, "column_names", None)
+    if names is not None and column not in names:
+        raise UserError(f"{src} has no column {column!r} (columns: {', '.join(names)}); pass --text-column")
+    for row in ds:
+        text = row.get(column)
+        if isinstance(text, str) and text:
+            yield text
+
+
+def _load_dataset(path: str, *, name: str, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as e:
+        raise UserError(f"cannot load data {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def iter_tokens(tokenizer, documents: Iterable[str]) -> Iterator[list[int]]:
+    """Token ids of each document followed by EOS (so packed windows see document boundaries)."""
+    eos = tokenizer.eos_token_id
+    for doc in documents:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids = ids + [eos]
+        yield ids
+
+
+def pack(token_lists: Iterable[list[int]], seq_len: int) -> Iterator[list[int]]:
+    """Concatenate token lists and cut them into consecutive windows of exactly `seq_len` tokens."""
+    buf: list[int] = []
+    for ids in token_lists:
+        buf.extend(ids)
+        while len(buf) >= seq_len:
+            yield buf[:seq_len]
+            buf = buf[seq_len:]
+
+
+def token_windows(
+    source: str | Path,
+    tokenizer,
+    seq_len: int,
+    num_samples: int | None = None,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    column: str = "text",
+    exclude: Iterable[str] = (),
+    max_windows: int | None = None,
+) -> torch.Tensor:
+    """Windows of token ids, shape [num_samples, seq_len] (int64), chosen deterministically from `seed`.
+
+    All windows are built (up to `max_windows`), then a seeded permutation picks `num_samples` of them; with fewer
+    windows than asked, all are returned. Empty or too-short data is a `UserError` naming the source.
+    """
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
+    windows = []
+    for w in pack(iter_tokens(tokenizer, iter_documents(source, split, column, exclude=exclude)), seq_len):
+        windows.append(w)
+        if max_windows is not None and len(windows) >= max_windows:
+            break
+    if not windows:
+        raise UserError(f"data {source} is empty or shorter than one window of {seq_len} tokens")
+    data = torch.tensor(windows, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    if num_samples is not None:
+        order = order[:num_samples]
+    return data[order]
+
+
+def split_windows(windows: torch.Tensor, held_out: float | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split [N, T] windows into (train, held_out) by a fraction or a count taken from the end."""
+    n = len(windows)
+    k = int(round(n * held_out)) if isinstance(held_out, float) and held_out < 1 else int(held_out)
+    k = max(1, min(k, n - 1)) if n > 1 else 0
+    return windows[: n - k], windows[n - k :]

@@ -1,0 +1,87 @@
+"""Named Nemotron-H models: hub id plus the config facts, so that `info`, `search --dry-run` and the recipes work
+offline on the meta device. Numbers from NVIDIA's published configs (see DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minipuzzle.arch import Layout
+from minipuzzle.errors import UserError
+
+_56B = "M-M-M-M*" + "-M-M-M-M-M*" * 9 + "-M-M-M-M-M-"
+_8B = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
+_47B = "M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-M-M---MM---M-M*-M-M-M-M-M-"
+_NANO12 = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
+_NANO9 = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hub_id: str
+    layout: Layout
+    description: str
+
+
+def _lay(pattern: str, hidden: int, ffn: int, q: int, mheads: int, mdim: int, state: int) -> Layout:
+    return Layout(
+        pattern=pattern,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_attention_heads=q,
+        num_key_value_heads=8,
+        head_dim=128,
+        mamba_num_heads=mheads,
+        mamba_head_dim=mdim,
+        n_groups=8,
+        ssm_state_size=state,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("8b", "nvidia/Nemotron-H-8B-Base-8K", _lay(_8B, 4096, 21504, 32, 128, 64, 128), "Nemotron-H 8B base"),
+        Preset("56b", "nvidia/Nemotron-H-56B-Base-8K", _lay(_56B, 8192, 32768, 64, 256, 64, 256), "Nemotron-H 56B base"),
+        Preset(
+            "47b",
+            "nvidia/Nemotron-H-47B-Base-8K",
+            _lay(_47B, 8192, 30720, 64, 256, 64, 256),
+            "Nemotron-H 47B base (MiniPuzzle-compressed 56B)",
+        ),
+        Preset(
+            "4b",
+            "nvidia/Nemotron-H-4B-Base-8K",
+            _lay(_8B, 3072, 12288, 32, 112, 64, 128),
+            "Nemotron-H 4B base (Minitron-SSM-compressed 8B)",
+        ),
+        Preset(
+            "nano-12b-v2",
+            "nvidia/NVIDIA-Nemotron-Nano-12B-v2-Base",
+            _lay(_NANO12, 5120, 20480, 40, 128, 80, 128),
+            "Nemotron Nano 2 12B base",
+        ),
+        Preset(
+            "nano-9b-v2",
+            "nvidia/NVIDIA-Nemotron-Nano-9B-v2-Base",
+            _lay(_NANO9, 4480, 15680, 40, 128, 80, 128),
+            "Nemotron Nano 2 9B base (Minitron-compressed 12B)",
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name (case-insensitive; a trailing 'b' or hub id also works)."""
+    key = name.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    for p in PRESETS.values():
+        if p.hub_id.lower() == key:
+            return p
+    raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+
+
+def is_preset(name: str) -> bool:
+    key = name.strip().lower()
+    return key in PRESETS or any(p.hub_id.lower() == key for p in PRESETS.values())

@@ -1,0 +1,132 @@
+"""Tiny random Nemotron-H models and tokenizers for tests, benchmarks and examples.
+
+Real checkpoints are tens of GB; every property the toolkit promises (exact surgery, streamed == in-memory,
+resumable runs) is checked on models built here in milliseconds.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from minipuzzle.arch import Layout
+from minipuzzle.checkpoint import ShardWriter, atomic_dir, model_state_dict, write_config
+
+
+def tiny_layout(**overrides) -> Layout:
+    """A small layout with every axis prunable: 2 groups, GQA, several layers of each kind."""
+    base = dict(
+        pattern="M-*M-M*-M-",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        n_groups=2,
+        ssm_state_size=8,
+        conv_kernel=4,
+        vocab_size=320,
+    )
+    base.update(overrides)
+    return Layout(**base)
+
+
+def tiny_config(layout: Layout | None = None, **config_overrides) -> dict:
+    """Native config dict for a tiny model (small chunk size so the chunked SSM scan is exercised)."""
+    layout = layout or tiny_layout()
+    cfg = layout.to_config({"chunk_size": 16, "layer_norm_epsilon": 1e-5, "max_position_embeddings": 2048})
+    cfg.update(config_overrides)
+    return cfg
+
+
+def random_model(layout: Layout | None = None, seed: int = 0, config: dict | None = None, scale: float = 0.5):
+    """A `NemotronHForCausalLM` in float32 with every parameter random, norms included.
+
+    The default init sets norm weights to one and D to one; randomising them makes tests sensitive to slicing
+    mistakes that an all-ones vector would hide.
+    """
+    from transformers import NemotronHForCausalLM
+
+    layout = layout or tiny_layout()
+    cfg = layout.to_hf_config(config or tiny_config(layout))
+    gen = torch.Generator().manual_seed(seed)
+    model = NemotronHForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 4 + 0.5))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 - 1.0)
+            elif p.ndim == 1:
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
+            else:
+                fan_in = p.shape[-1] if p.ndim == 2 else p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / fan_in**0.5 * (2.0 if p.ndim != 2 else 1.0))
+    model.eval()
+    return model
+
+
+def stdlib_text_files(limit: int | None = None) -> list[Path]:
+    """Python standard library source files: real text every machine has."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
+    return files[:limit] if limit else files
+
+
+def make_tokenizer(vocab_size: int = 320, files: list[Path] | None = None):
+    """A byte-level BPE tokenizer trained on a few stdlib files (deterministic, about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    files = files or stdlib_text_files(8)
+    tok.train([str(f) for f in files], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_model(
+    model,
+    path: str | Path,
+    *,
+    style: str = "model",
+    tokenizer=None,
+    max_shard_bytes: int = 2**40,
+    overwrite: bool = False,
+) -> Path:
+    """Save a model as safetensors with native (`model.*`) or remote-code (`backbone.*`) weight names.
+
+    The remote-code style also writes a remote-code config (hybrid_override_pattern, mamba_* keys), as NVIDIA's
+    hub checkpoints have, so both readers are exercised.
+    """
+    layout = Layout.from_config(model.config)
+    cfg = layout.to_config(model.config.to_dict())
+    if style == "backbone":
+        cfg.pop("layers_block_type")
+        cfg["hybrid_override_pattern"] = layout.pattern
+        cfg["num_hidden_layers"] = layout.num_layers
+        cfg["mamba_n_groups"] = cfg.pop("n_groups")
+        cfg["mamba_d_conv"] = cfg.pop("conv_kernel")
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"}
+    with atomic_dir(path, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, t in model_state_dict(model).items():
+            if style == "backbone" and name.startswith("model."):
+                name = "backbone." + name[len("model.") :]
+            writer.add(name, t)
+        writer.close()
+        write_config(tmp, cfg, next(model.parameters()).dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
