@@ -1,0 +1,84 @@
+"""The scores file: what the importance stage hands to the search.
+
+Tensors live in `scores.safetensors`; `scores.json` is the readable summary next to it. Higher = more important
+on every axis. Layer indices are the source model's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minipuzzle.errors import UserError
+
+# Width axes, keyed by source layer index (hidden is one vector for the whole residual stream).
+WIDTH_AXES = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads")
+
+
+@dataclass
+class Scores:
+    """Importance of every prunable unit.
+
+    depth: [num_layers] damage from dropping each layer alone (higher = more important).
+    ffn[i]: [intermediate_size] for each MLP layer i. mamba_heads[i]: [mamba_num_heads] for each Mamba layer i.
+    mamba_head_channels[i]: [mamba_head_dim]. attn_heads[i]: [num_attention_heads] for each attention layer i.
+    hidden: [hidden_size]. An axis that was not scored is empty / None.
+    """
+
+    pattern: str
+    depth: torch.Tensor | None = None
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_head_channels: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.depth is not None:
+            out["depth"] = self.depth
+        if self.hidden is not None:
+            out["hidden"] = self.hidden
+        for axis in WIDTH_AXES:
+            for i, t in getattr(self, axis).items():
+                out[f"{axis}.{i}"] = t
+        return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
+
+    def save(self, folder: str | Path) -> None:
+        """Write scores.safetensors and scores.json into `folder` (which must exist)."""
+        folder = Path(folder)
+        save_file(self.tensors(), str(folder / "scores.safetensors"), metadata={"pattern": self.pattern})
+        summary = dict(self.meta)
+        summary["pattern"] = self.pattern
+        (folder / "scores.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Scores:
+        folder = Path(folder)
+        f = folder / "scores.safetensors" if folder.is_dir() else folder
+        if not f.is_file():
+            raise UserError(f"no scores at {folder} (expected scores.safetensors from `minipuzzle score`)")
+        try:
+            tensors = load_file(str(f))
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as h:
+                pattern = (h.metadata() or {}).get("pattern", "")
+        except Exception as e:
+            raise UserError(f"cannot read scores {f}: {e}") from None
+        meta_file = f.parent / "scores.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        s = cls(pattern=pattern or meta.get("pattern", ""), meta=meta)
+        for k, t in tensors.items():
+            if k in ("depth", "hidden"):
+                setattr(s, k, t)
+            else:
+                axis, i = k.rsplit(".", 1)
+                getattr(s, axis)[int(i)] = t
+        return s
