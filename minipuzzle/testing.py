@@ -130,3 +130,25 @@ def save_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """Run `minipuzzle ARGS` in this process as a user would: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    import sys
+
+    from minipuzzle.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.argv
+    sys.argv = ["minipuzzle", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()
