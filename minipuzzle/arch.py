@@ -134,9 +134,12 @@ class Layout:
         return n + h
 
     def embedding_params(self) -> int:
-        """Input embeddings, final norm and LM head."""
-        heads = 1 if self.tie_word_embeddings else 2
-        return heads * self.vocab_size * self.hidden_size + self.hidden_size
+        """Input embeddings, final norm and LM head.
+
+        The LM head is counted even when `tie_word_embeddings` is set: transformers' NemotronH declares no tied
+        weights, so it always holds (and saves) a separate head, and this count must equal transformers' own.
+        """
+        return 2 * self.vocab_size * self.hidden_size + self.hidden_size
 
     def num_params(self) -> int:
         """Exact parameter count (equals `sum(p.numel() for p in NemotronHForCausalLM(config).parameters())`)."""
@@ -194,7 +197,8 @@ class Layout:
         h = self.hidden_size
         per = {
             MAMBA: h * self.mamba_in_proj_rows + self.mamba_intermediate * h,
-            ATTENTION: 2 * h * self.num_attention_heads * self.head_dim + 2 * h * self.num_key_value_heads * self.head_dim,
+            ATTENTION: 2 * h * self.num_attention_heads * self.head_dim
+            + 2 * h * self.num_key_value_heads * self.head_dim,
             MLP: 2 * h * self.intermediate_size,
         }
         return sum(per[ch] for ch in self.pattern) + self.vocab_size * h

@@ -186,7 +186,11 @@ def resolve_checkpoint(model: str, model_path: str | Path | None = None) -> Path
     if p.exists():
         return p
     hub_id = get_preset(model).hub_id if is_preset(model) else model
-    if "/" not in hub_id or p.is_absolute() or model.startswith("."):
+    if "/" not in hub_id:
+        from minipuzzle.presets import PRESETS
+
+        raise UserError(f"{model!r} is not a checkpoint folder, a hub id or a preset ({', '.join(PRESETS)})")
+    if p.is_absolute() or model.startswith((".", "~")) or hub_id.count("/") != 1:
         raise UserError(f"checkpoint not found: {model}")
     try:
         from huggingface_hub import snapshot_download
@@ -363,25 +367,23 @@ def load_model(
     model = build_model(ckpt.layout, ckpt.config)
     expected = set(model.state_dict())
     have = set(ckpt.keys())
-    missing = sorted(expected - have - ({"lm_head.weight"} if ckpt.layout.tie_word_embeddings else set()))
+    missing = sorted(expected - have)
+    if missing == ["lm_head.weight"] and ckpt.layout.tie_word_embeddings:
+        # A tied checkpoint may omit the head; transformers' NemotronH keeps a separate one, so fill it in.
+        missing, have = [], have | {"lm_head.weight"}
     if missing:
         raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
     state = {}
     for k in expected & have:
-        t = ckpt.get(k)
+        t = ckpt.get(k if k in ckpt else "model.embeddings.weight")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[k] = t.to(device)
-    model.load_state_dict(state, strict=False, assign=True)
-    if ckpt.layout.tie_word_embeddings:
-        model.tie_weights()
+    model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model
 
 
 def model_state_dict(model) -> dict[str, torch.Tensor]:
-    """State dict of a `NemotronHForCausalLM` without the tied LM head duplicate."""
-    sd = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
+    """State dict of a `NemotronHForCausalLM` (native names, every tensor including the LM head)."""
+    return model.state_dict()

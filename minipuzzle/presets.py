@@ -42,7 +42,9 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("8b", "nvidia/Nemotron-H-8B-Base-8K", _lay(_8B, 4096, 21504, 32, 128, 64, 128), "Nemotron-H 8B base"),
-        Preset("56b", "nvidia/Nemotron-H-56B-Base-8K", _lay(_56B, 8192, 32768, 64, 256, 64, 256), "Nemotron-H 56B base"),
+        Preset(
+            "56b", "nvidia/Nemotron-H-56B-Base-8K", _lay(_56B, 8192, 32768, 64, 256, 64, 256), "Nemotron-H 56B base"
+        ),
         Preset(
             "47b",
             "nvidia/Nemotron-H-47B-Base-8K",

@@ -152,3 +152,61 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     finally:
         sys.argv = old
     return code, out.getvalue(), err.getvalue()
+
+
+@torch.no_grad()
+def plant_dead_units(model, plan) -> None:
+    """Zero every weight into and out of the units that `plan` removes, in place.
+
+    Afterwards the removed units contribute nothing, so pruning `model` by `plan` must leave its logits unchanged
+    (up to the norm epsilon): the property the surgery and search tests check.
+    Dropped layers get a zero output projection (the block becomes the identity).
+    """
+    from minipuzzle.arch import ATTENTION, MAMBA, MLP
+
+    layout = Layout.from_config(model.config)
+    H, P, I = layout.mamba_num_heads, layout.mamba_head_dim, layout.mamba_intermediate
+    GN = layout.n_groups * layout.ssm_state_size
+    d = layout.head_dim
+    dead_hidden = sorted(set(range(layout.hidden_size)) - set(plan.hidden or range(layout.hidden_size)))
+    base = model.model
+    for i, block in enumerate(base.layers):
+        mixer, kind = block.mixer, layout.pattern[i]
+        out_proj = {MAMBA: "out_proj", ATTENTION: "o_proj", MLP: "down_proj"}[kind]
+        if i not in plan.layers:
+            getattr(mixer, out_proj).weight.zero_()
+            continue
+        if kind == MLP:
+            dead = sorted(set(range(layout.intermediate_size)) - set(plan.kept("ffn", i, layout.intermediate_size)))
+            mixer.up_proj.weight[dead] = 0
+            mixer.down_proj.weight[:, dead] = 0
+        elif kind == ATTENTION:
+            dead_q = sorted(
+                set(range(layout.num_attention_heads)) - set(plan.kept("attn_heads", i, layout.num_attention_heads))
+            )
+            rows = [h * d + c for h in dead_q for c in range(d)]
+            mixer.q_proj.weight[rows] = 0
+            mixer.o_proj.weight[:, rows] = 0
+        else:
+            heads = set(plan.kept("mamba_heads", i, H))
+            chans = set(plan.kept("mamba_head_channels", i, P))
+            dead = [h * P + p for h in range(H) for p in range(P) if h not in heads or p not in chans]
+            dead_heads = sorted(set(range(H)) - heads)
+            dt_rows = [2 * I + 2 * GN + h for h in dead_heads]
+            mixer.in_proj.weight[dead] = 0  # z
+            mixer.in_proj.weight[[I + c for c in dead]] = 0  # x
+            mixer.in_proj.weight[dt_rows] = 0
+            mixer.conv1d.weight[dead] = 0
+            if mixer.conv1d.bias is not None:
+                mixer.conv1d.bias[dead] = 0
+            mixer.out_proj.weight[:, dead] = 0
+        if dead_hidden:
+            getattr(mixer, out_proj).weight[dead_hidden] = 0
+            for name, p in mixer.named_parameters():
+                if p.ndim == 2 and name.split(".")[0] != out_proj:
+                    p[:, dead_hidden] = 0
+            block.norm.weight[dead_hidden] = 0
+    if dead_hidden:
+        base.embeddings.weight[:, dead_hidden] = 0
+        base.norm_f.weight[dead_hidden] = 0
+        model.lm_head.weight[:, dead_hidden] = 0

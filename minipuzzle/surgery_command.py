@@ -1,0 +1,57 @@
+"""`minipuzzle cut`: apply a plan (from `minipuzzle search`, or written by hand) to a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from minipuzzle.errors import UserError
+
+
+def read_plan(path: Path):
+    """A Plan from a JSON or YAML file: either the plan itself or a document with a `plan` key."""
+    import yaml
+
+    from minipuzzle.surgery import Plan
+
+    if not path.is_file():
+        raise UserError(f"plan file not found: {path}")
+    try:
+        text = path.read_text()
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot parse plan {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"plan {path} must be a mapping with 'layers'")
+    return Plan.from_dict(doc.get("plan", doc))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def cut(
+        model: Annotated[str, typer.Argument(help="Source checkpoint folder (or cached hub id / preset).")],
+        plan: Annotated[Path, typer.Option("--plan", "-p", help="Plan file (JSON or YAML; `search` writes one).")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the pruned checkpoint.")],
+        model_path: Annotated[str | None, typer.Option(help="Local weights for a preset or hub id.")] = None,
+        max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard (e.g. 5GB).")] = "5GB",
+        overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    ) -> None:
+        """Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one tensor).
+
+        Example: minipuzzle cut ./nemotron-h-8b --plan layout.yaml -o ./pruned
+        """
+        from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_size, resolve_checkpoint
+        from minipuzzle.surgery import prune_checkpoint
+
+        check_output_dir(output, overwrite)
+        src = Checkpoint(resolve_checkpoint(model, model_path))
+        p = read_plan(plan)
+        dst = p.target_layout(src.layout)
+        out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size))
+        print(
+            f"wrote {out}: {dst.num_layers} layers ({dst.pattern}), "
+            f"{dst.num_params():,} parameters (from {src.layout.num_params():,})"
+        )

@@ -1,0 +1,102 @@
+"""Checkpoint reading and writing: both weight-name styles, sharded and single-file, corrupt input, atomic output."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from minipuzzle.checkpoint import Checkpoint, atomic_dir, load_model
+from minipuzzle.errors import UserError
+from minipuzzle.testing import run_cli, save_model
+
+IDS = torch.randint(0, 320, (1, 23), generator=torch.Generator().manual_seed(0))
+
+
+def test_reads_both_styles_lazily(tiny_model, tiny_checkpoint):
+    ck = Checkpoint(tiny_checkpoint)
+    sd = tiny_model.state_dict()
+    assert set(ck.keys()) == set(sd)
+    assert all(k.startswith(("model.", "lm_head")) for k in ck.keys())
+    assert torch.equal(ck.get("model.layers.2.mixer.q_proj.weight"), sd["model.layers.2.mixer.q_proj.weight"])
+    layer = ck.layer_state(0)
+    assert set(layer) == {k[len("model.layers.0.") :] for k in sd if k.startswith("model.layers.0.")}
+    with torch.no_grad():
+        assert torch.equal(load_model(ck)(IDS).logits, tiny_model(IDS).logits)
+
+
+def test_single_file_checkpoint(tiny_model, tmp_path):
+    path = save_model(tiny_model, tmp_path / "one")
+    assert (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").exists()
+    assert len(Checkpoint(path).keys()) == len(tiny_model.state_dict())
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_corrupt_and_foreign_checkpoints(tiny_checkpoint, tmp_path):
+    bad = _copy(tiny_checkpoint, tmp_path / "truncated")
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(UserError, match="corrupt"):
+        Checkpoint(bad)
+    garbage = _copy(tiny_checkpoint, tmp_path / "garbage")
+    sorted(garbage.glob("*.safetensors"))[1].write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match="corrupt"):
+        Checkpoint(garbage)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    save_file({"w": torch.zeros(2)}, str(llama / "model.safetensors"))
+    with pytest.raises(UserError, match="not a Nemotron-H"):
+        Checkpoint(llama)
+    with pytest.raises(UserError, match="not found"):
+        Checkpoint(tmp_path / "missing")
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert not out.exists() and os.listdir(tmp_path) == []
+    with atomic_dir(out) as tmp:
+        (tmp / "done").write_text("1")
+    assert (out / "done").read_text() == "1"
+    with pytest.raises(UserError, match="not empty"):
+        with atomic_dir(out):
+            pass
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new").write_text("2")
+    assert sorted(os.listdir(out)) == ["new"] and len(os.listdir(tmp_path)) == 1
+
+
+def test_cut_command_errors_write_nothing(tiny_checkpoint, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": [0, 1, 2]}))
+    out = tmp_path / "out"
+    for args, needle in [
+        (["cut", str(tmp_path / "missing"), "--plan", str(plan), "-o", str(out)], "not found"),
+        (["cut", str(tiny_checkpoint), "--plan", str(tmp_path / "nope.json"), "-o", str(out)], "plan file"),
+    ]:
+        code, _, err = run_cli(args)
+        assert code == 2 and needle in err and "Traceback" not in err
+        assert not out.exists()
+    bad = _copy(tiny_checkpoint, tmp_path / "bad")
+    sorted(bad.glob("*.safetensors"))[0].write_bytes(b"\x00\x01")
+    code, _, err = run_cli(["cut", str(bad), "--plan", str(plan), "-o", str(out)])
+    assert code == 2 and "corrupt" in err and not out.exists()
+
+
+def test_cut_command_writes_checkpoint(tiny_checkpoint, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("plan:\n  layers: [0, 1, 2, 3]\n")
+    code, out, err = run_cli(["cut", str(tiny_checkpoint), "--plan", str(plan), "-o", str(tmp_path / "o")])
+    assert code == 0, err
+    assert Checkpoint(tmp_path / "o").layout.pattern == Checkpoint(tiny_checkpoint).layout.pattern[:4]
