@@ -1,0 +1,21 @@
+"""Search: the space of pruned layouts, budgets, the solver, and candidate ranking (MiniPuzzle's second stage)."""
+
+from minipuzzle.search.budget import Budget, make_budget, parse_memory, parse_target
+from minipuzzle.search.damage import DamageModel
+from minipuzzle.search.solver import Candidate, is_maximal, search
+from minipuzzle.search.space import AXES, DEFAULT_AXES, SearchSpace, parse_axes
+
+__all__ = [
+    "AXES",
+    "DEFAULT_AXES",
+    "Budget",
+    "Candidate",
+    "DamageModel",
+    "SearchSpace",
+    "is_maximal",
+    "make_budget",
+    "parse_axes",
+    "parse_memory",
+    "parse_target",
+    "search",
+]

@@ -1,0 +1,147 @@
+"""Budgets: a parameter count and/or an inference-memory limit, parsed from what users type.
+
+`--target 47b` means the 47b preset's exact parameter count (46.792e9) because that preset exists; `6.5e9`,
+`6.5b` and `740972` are counts; `0.8` and `80%` are fractions of the source. `--memory 31.7GiB` is checked
+against `Layout.memory(precision, context, batch, kv_precision)["total"]`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from minipuzzle.arch import PRECISION_BITS, Layout
+from minipuzzle.errors import UserError
+
+_COUNT_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+
+
+def parse_target(text: str | float | int, source: Layout) -> int:
+    """A parameter budget: a preset name (its exact count), a count (6.5e9, 6.5b, 740972) or a fraction of the
+    source's parameters (0.8, 80%)."""
+    from minipuzzle.presets import get_preset, is_preset
+
+    s = str(text).strip().lower().replace("_", "")
+    if not s:
+        raise UserError("--target is empty (examples: 47b, 6.5e9, 740972, 0.8, 80%)")
+    if is_preset(s):
+        return get_preset(s).layout.num_params()
+    try:
+        if s.endswith("%"):
+            return _fraction(float(s[:-1]) / 100, text, source)
+        if s[-1] in _COUNT_SUFFIX:
+            return int(round(float(s[:-1]) * _COUNT_SUFFIX[s[-1]]))
+        value = float(s)
+    except ValueError:
+        raise UserError(f"cannot read --target {text!r} (examples: 47b, 6.5e9, 740972, 0.8, 80%)") from None
+    if value <= 1:
+        return _fraction(value, text, source)
+    return int(round(value))
+
+
+def _fraction(f: float, text, source: Layout) -> int:
+    if not 0 < f <= 1:
+        raise UserError(f"--target {text!r} as a fraction of the source must be in (0, 1]")
+    return int(source.num_params() * f)
+
+
+def parse_memory(text: str | int | float) -> int:
+    """'31.7GiB', '32GB', '500MiB' or a byte count -> bytes."""
+    s = str(text).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9.]+(?:e[0-9+-]+)?)([a-z]*)", s)
+    if not m:
+        raise UserError(f"cannot read --memory {text!r} (examples: 31.7GiB, 32GB, 500MiB)")
+    num, unit = m.groups()
+    if unit in ("", "b"):
+        mult = 1.0
+    elif unit in _BYTE_UNITS:
+        mult = _BYTE_UNITS[unit]
+    else:
+        raise UserError(f"unknown unit {unit!r} in --memory {text!r}: use B, KB, MB, GB, KiB, MiB, GiB")
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise UserError(f"cannot read --memory {text!r} (examples: 31.7GiB, 32GB)") from None
+    if value <= 0:
+        raise UserError(f"--memory must be positive, got {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a pruned layout must fit: at most `params` parameters and/or at most `memory` bytes of inference
+    memory (weights at `precision`, KV cache for `context` tokens x `batch`, Mamba states)."""
+
+    params: int | None = None
+    memory: int | None = None
+    precision: str = "bf16"
+    context: int = 8192
+    batch: int = 1
+    kv_precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.params is None and self.memory is None:
+            raise UserError("give a budget: --target (parameters) and/or --memory")
+        if self.precision.lower() not in PRECISION_BITS:
+            raise UserError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISION_BITS)}")
+        if self.kv_precision is not None and self.kv_precision.lower() not in PRECISION_BITS:
+            raise UserError(f"unknown KV precision {self.kv_precision!r}: choose one of {', '.join(PRECISION_BITS)}")
+        if self.params is not None and self.params <= 0:
+            raise UserError(f"parameter target must be positive, got {self.params}")
+        if self.context < 1 or self.batch < 1:
+            raise UserError("--context and --batch must be at least 1")
+
+    def memory_of(self, layout: Layout) -> dict[str, int]:
+        return layout.memory(self.precision, self.context, self.batch, self.kv_precision)
+
+    def fits(self, layout: Layout) -> bool:
+        """True when `layout` meets every limit (<=)."""
+        if self.params is not None and layout.num_params() > self.params:
+            return False
+        return self.memory is None or self.memory_of(layout)["total"] <= self.memory
+
+    def usage(self, layout: Layout) -> dict:
+        """Parameters and memory of `layout` next to the limits (JSON-ready)."""
+        out = {"params": layout.num_params(), "params_limit": self.params}
+        if self.memory is not None:
+            out["memory"] = self.memory_of(layout)
+            out["memory_limit"] = self.memory
+        return out
+
+    def describe(self) -> str:
+        parts = []
+        if self.params is not None:
+            parts.append(f"<= {self.params:,} parameters ({self.params / 1e9:.3f}B)")
+        if self.memory is not None:
+            kv = self.kv_precision or self.precision
+            parts.append(
+                f"<= {self.memory / 2**30:.2f} GiB at {self.precision} weights, {kv} KV, context {self.context:,}, "
+                f"batch {self.batch}"
+            )
+        return " and ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_budget(
+    source: Layout,
+    target: str | float | int | None = None,
+    memory: str | int | None = None,
+    precision: str = "bf16",
+    context: int = 8192,
+    batch: int = 1,
+    kv_precision: str | None = None,
+) -> Budget:
+    """Parse the budget options and refuse a budget the source already meets (there is nothing to prune)."""
+    params = parse_target(target, source) if target is not None else None
+    mem = parse_memory(memory) if memory is not None else None
+    budget = Budget(params, mem, precision, context, batch, kv_precision)
+    if budget.fits(source):
+        have = source.num_params()
+        detail = f"{have:,} parameters"
+        if mem is not None:
+            detail += f", {budget.memory_of(source)['total'] / 2**30:.2f} GiB"
+        raise UserError(f"the source already meets the budget ({budget.describe()}): it has {detail}")
+    return budget

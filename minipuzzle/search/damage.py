@@ -1,0 +1,154 @@
+"""Predicted damage of a layout, from the importance scores. What the solver minimises.
+
+The model (simple on purpose, every term in the same unit: the depth score of a layer):
+
+* Dropping layer i costs its depth score d_i (the damage of removing that layer alone); dropped layers add up.
+* A kept layer whose units are cut loses the fraction f_i of its importance that the cut units carried
+  (scores normalised to sum to 1 within the layer, so f_i = the summed normalised scores of the dropped units),
+  and costs d_i * f_i: cutting every unit of a layer costs the same as dropping it.
+* Mamba layers cut on two axes keep (1 - f_heads)(1 - f_channels) of their importance. Cutting hidden channels
+  (fraction f_h of the hidden scores) scales every kept layer's value by (1 - f_h).
+* `weights[axis]` scales that axis's fraction (capped at 1) to trust an axis less or more; default 1.
+
+So damage = D - sum over kept layers of d_i (1 - f_i)(1 - f_h), with D = sum of all d_i; it is reported relative
+to D (0 = nothing important removed, 1 = everything). Without depth scores every layer counts 1. Units with a zero
+score cost nothing, so planted dead units are always cut first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minipuzzle.arch import Layout
+from minipuzzle.errors import UserError
+from minipuzzle.search.space import AXIS_KIND, KINDS, WIDTH_AXES, SearchSpace
+
+# Score attribute each width axis reads.
+SCORE_AXIS = {
+    "ffn": "ffn",
+    "mamba_heads": "mamba_heads",
+    "mamba_head_dim": "mamba_head_channels",
+    "attn_heads": "attn_heads",
+    "hidden": "hidden",
+}
+
+
+def _as_np(t) -> np.ndarray:
+    return np.asarray(t.detach().double().cpu().numpy() if hasattr(t, "detach") else t, dtype=np.float64)
+
+
+def rank_desc(scores: np.ndarray) -> np.ndarray:
+    """Indices from most to least important; equal scores keep index order, so zero scores sort last."""
+    return np.lexsort((np.arange(len(scores)), -scores))
+
+
+class DamageModel:
+    """Damage of (widths, layer counts) predicted from `scores` for the layouts of `space`."""
+
+    def __init__(self, scores, space: SearchSpace, weights: dict[str, float] | None = None):
+        self.space = space
+        src = space.source
+        if scores.pattern and scores.pattern != src.pattern:
+            raise UserError(f"scores were computed for pattern {scores.pattern!r}, the model has {src.pattern!r}")
+        self.weights = {a: 1.0 for a in WIDTH_AXES} | dict(weights or {})
+        if "depth" in space.axes:
+            if scores.depth is None:
+                raise UserError("the scores have no depth scores: re-run `minipuzzle score` with the depth axis")
+            d = _as_np(scores.depth)
+            if d.shape != (src.num_layers,):
+                raise UserError(f"depth scores have shape {tuple(d.shape)}, expected ({src.num_layers},)")
+            self.depth = np.clip(np.nan_to_num(d, nan=0.0), 0.0, None)
+        else:
+            self.depth = np.ones(src.num_layers)
+        self.total = float(self.depth.sum()) or 1.0
+        # Layers of each kind from most to least important: the solver keeps a prefix of this order.
+        self.order: dict[str, list[int]] = {}
+        for kind in KINDS:
+            idx = np.array([i for i, ch in enumerate(src.pattern) if ch == kind], dtype=np.int64)
+            self.order[kind] = idx[rank_desc(self.depth[idx])].tolist() if len(idx) else []
+        # dropped[axis][layer][width] = fraction of that layer's importance on the axis lost at that width.
+        self._dropped: dict[str, dict[int, dict[int, float]]] = {}
+        for axis in WIDTH_AXES:
+            if len(space.widths[axis]) < 2:
+                continue
+            self._dropped[axis] = self._fractions(scores, axis)
+
+    def _fractions(self, scores, axis: str) -> dict[int, dict[int, float]]:
+        src, widths = self.space.source, self.space.widths[axis]
+        groups = unit_groups(src, axis)
+        if axis == "hidden":
+            if scores.hidden is None:
+                raise UserError("the scores have no hidden-channel scores: re-run `minipuzzle score` with hidden")
+            per_layer = {-1: scores.hidden}
+        else:
+            per_layer = getattr(scores, SCORE_AXIS[axis])
+            want = [i for i, ch in enumerate(src.pattern) if ch == AXIS_KIND[axis]]
+            missing = [i for i in want if i not in per_layer]
+            if missing:
+                raise UserError(f"the scores have no {SCORE_AXIS[axis]} scores for layer {missing[0]}: re-run score")
+        full = widths[0]
+        out = {}
+        for i, t in per_layer.items():
+            s = np.clip(np.nan_to_num(_as_np(t).reshape(-1), nan=0.0), 0.0, None)
+            if len(s) != full:
+                raise UserError(f"{SCORE_AXIS[axis]} scores of layer {i} have {len(s)} entries, expected {full}")
+            total = s.sum()
+            norm = s / total if total > 0 else s
+            # Per group (grouped axes keep the same count in each group), the cheapest units go first.
+            per_group = np.sort(norm.reshape(groups, -1), axis=1)
+            cum = np.concatenate([np.zeros((groups, 1)), np.cumsum(per_group, axis=1)], axis=1).sum(axis=0)
+            out[i] = {w: float(min(1.0, cum[(full - w) // groups] * self.weights[axis])) for w in widths}
+        return out
+
+    def kept_fraction(self, kind: str, layer: int, widths: dict[str, int]) -> float:
+        """Share of layer `layer`'s importance kept at `widths` (hidden included)."""
+        keep = 1.0
+        for axis, table in self._dropped.items():
+            if axis == "hidden":
+                keep *= 1.0 - table[-1][widths[axis]]
+            elif AXIS_KIND[axis] == kind:
+                keep *= 1.0 - table[layer][widths[axis]]
+        return keep
+
+    def layer_values(self, widths: dict[str, int]) -> dict[str, np.ndarray]:
+        """Per kind, the value d_i (1 - f_i)(1 - f_h) of each layer, in keep order (most important first)."""
+        return {
+            kind: np.array([self.depth[i] * self.kept_fraction(kind, i, widths) for i in order], dtype=np.float64)
+            for kind, order in self.order.items()
+        }
+
+    def lower_bound(self, widths: dict[str, int]) -> float:
+        """Damage at these widths with every layer kept: no layout with these widths does better."""
+        return (self.total - sum(float(v.sum()) for v in self.layer_values(widths).values())) / self.total
+
+    def damage(self, widths: dict[str, int], counts: dict[str, int]) -> float:
+        """Relative predicted damage of keeping the top `counts[kind]` layers of each kind at `widths`."""
+        vals = self.layer_values(widths)
+        kept = sum(float(vals[k][: counts.get(k, 0)].sum()) for k in KINDS)
+        return (self.total - kept) / self.total
+
+    def kept_layers(self, counts: dict[str, int]) -> list[int]:
+        """Source indices of the layers kept (top-ranked of each kind), ascending."""
+        return sorted(i for k in KINDS for i in self.order[k][: counts.get(k, 0)])
+
+
+def kept_units(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
+    """Indices (ascending) of the `keep` most important units, the same number in each of `groups` contiguous
+    groups; zero scores are dropped before any positive one."""
+    s = _as_np(scores).reshape(-1)
+    per = len(s) // groups
+    k = keep // groups
+    out = []
+    for g in range(groups):
+        part = s[g * per : (g + 1) * per]
+        out.extend(int(g * per + j) for j in rank_desc(np.nan_to_num(part, nan=0.0))[:k])
+    return sorted(out)
+
+
+def unit_groups(layout: Layout, axis: str) -> int:
+    """Number of groups that must keep equal counts on `axis`."""
+    if axis == "mamba_heads":
+        return layout.n_groups
+    if axis == "attn_heads":
+        return layout.num_key_value_heads
+    return 1

@@ -1,0 +1,245 @@
+"""`minipuzzle prune`: score -> search -> rank candidates on held-out tokens -> cut the winner. And the offline
+plan (`--dry-run`): the space, how many layouts fit, and what scoring would cost."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minipuzzle.arch import Layout
+from minipuzzle.errors import UserError
+from minipuzzle.search.budget import Budget
+from minipuzzle.search.damage import DamageModel
+from minipuzzle.search.solver import Candidate, _Costs, _limits, search, smallest_layout
+from minipuzzle.search.space import KINDS, WIDTH_AXES, SearchSpace
+
+# Search axis -> importance axis.
+SCORE_AXES = {"mamba_head_dim": "mamba_head_channels"}
+# Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
+H100_FLOPS = 400e12
+
+
+def score_axes(axes) -> list[str]:
+    return [SCORE_AXES.get(a, a) for a in axes]
+
+
+@dataclass
+class PruneSettings:
+    """Everything `prune` needs besides the model and the output (CLI options map one to one)."""
+
+    budget: Budget
+    axes: tuple[str, ...] = ("depth", "ffn")
+    steps: dict[str, int] = field(default_factory=dict)
+    min_width: float = 0.5
+    min_layers: float = 0.5
+    candidates: int = 4
+    seq_len: int = 512
+    depth_samples: int = 128
+    width_samples: int = 1024
+    held_out_samples: int = 64
+    stream: bool = False
+    method: str = "auto"
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "cpu"
+
+
+def count_feasible(space: SearchSpace, budget: Budget) -> int:
+    """Number of layouts (widths x layer counts) in `space` within `budget` (no scores needed)."""
+    costs = _Costs(space, budget)
+    P, M = _limits(budget)
+    shape = [len(space.widths[a]) for a in WIDTH_AXES]
+    idx = dict(zip(WIDTH_AXES, np.unravel_index(np.arange(math.prod(shape)), shape)))
+    kinds = [k for k in KINDS if space.layers[k][1] > 0]
+    last, others = kinds[-1], kinds[:-1]
+    grids = np.meshgrid(*[np.arange(space.layers[k][0], space.layers[k][1] + 1) for k in others], indexing="ij")
+    fp, fm = costs.fixed(idx)
+    used_p, used_m = fp[:, None].astype(float), fm[:, None].copy()
+    for k, g in zip(others, grids):
+        p, m = costs.per_layer(k, idx)
+        used_p = used_p + p[:, None] * g.reshape(1, -1)
+        used_m = used_m + m[:, None] * g.reshape(1, -1)
+    lp, lm = costs.per_layer(last, idx)
+    lo, hi = space.layers[last]
+    n = np.minimum(hi, np.minimum(np.floor((P - used_p) / lp[:, None]), np.floor((M - used_m) / lm[:, None])))
+    return int(np.clip(n - lo + 1, 0, None).sum())
+
+
+def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:
+    """FLOPs and H100-hours of scoring and candidate ranking.
+
+    Depth scoring runs the model once plus, with prefix reuse, about half a model per dropped layer: ~L/2 + 1
+    full passes over the depth tokens. Width scoring is one pass. Ranking runs the parent once and each candidate
+    once (counted at the parent's cost, an upper bound) over the held-out tokens.
+    """
+    per_token = layout.flops_per_token(settings.seq_len)["prefill"]
+    passes_depth = layout.num_layers / 2 + 1 if "depth" in settings.axes else 0
+    width_axes = [a for a in settings.axes if a != "depth"]
+    depth = per_token * settings.depth_samples * settings.seq_len * passes_depth
+    width = per_token * settings.width_samples * settings.seq_len * (1 if width_axes else 0)
+    rank = per_token * settings.held_out_samples * settings.seq_len * (1 + settings.candidates)
+    total = depth + width + rank
+    return {
+        "flops_depth": depth,
+        "flops_width": width,
+        "flops_ranking": rank,
+        "flops_total": total,
+        "depth_passes": passes_depth,
+        "gpu_hours_h100": total / H100_FLOPS / 3600,
+        "assumed_flops_per_second": H100_FLOPS,
+        "tokens": (settings.depth_samples + settings.width_samples + settings.held_out_samples) * settings.seq_len,
+    }
+
+
+def dry_run(layout: Layout, settings: PruneSettings) -> dict:
+    """The plan for `prune` without weights: search space, feasible layouts, smallest layout, scoring cost."""
+    space = SearchSpace.build(layout, settings.axes, settings.steps, settings.min_width, settings.min_layers)
+    small = smallest_layout(space)
+    b = settings.budget
+    return {
+        "source": {"params": layout.num_params(), "pattern": layout.pattern, **_mem(b, layout)},
+        "budget": b.to_dict(),
+        "space": space.describe(),
+        "feasible_layouts": count_feasible(space, b),
+        "smallest_layout": {"params": small.num_params(), **_mem(b, small)},
+        "cost": scoring_cost(layout, settings),
+    }
+
+
+def _mem(b: Budget, lay: Layout) -> dict:
+    return {"memory_bytes": b.memory_of(lay)["total"]} if b.memory is not None else {}
+
+
+def run_search(layout: Layout, scores, settings: PruneSettings, k: int | None = None):
+    """(space, damage model, candidates best first) for `layout` under the settings' budget."""
+    space = SearchSpace.build(layout, settings.axes, settings.steps, settings.min_width, settings.min_layers)
+    model = DamageModel(scores, space)
+    return space, model, search(space, settings.budget, model, k or settings.candidates, settings.method)
+
+
+def prune(
+    model: str,
+    out: str | Path,
+    settings: PruneSettings,
+    data: str | None,
+    *,
+    model_path: str | None = None,
+    scores_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Score, search, rank and cut: write a standard checkpoint plus prune_report.json and plots to `out`.
+
+    Returns the report. Every user error is raised before anything is written.
+    """
+    from minipuzzle.checkpoint import Checkpoint, atomic_dir, check_output_dir, resolve_checkpoint
+    from minipuzzle.data import load_tokenizer, token_windows
+    from minipuzzle.search.plan import candidate_plan, layout_document
+
+    t0 = time.perf_counter()
+    check_output_dir(out, overwrite)
+    path = resolve_checkpoint(model, model_path)
+    ckpt = Checkpoint(path)
+    src = ckpt.layout
+    space = SearchSpace.build(src, settings.axes, settings.steps, settings.min_width, settings.min_layers)
+    if not settings.budget.fits(smallest_layout(space)):
+        search_space_error(space, settings.budget)
+    if data is None:
+        raise UserError("prune needs calibration text: pass --data FILE|FOLDER|DATASET")
+    tok = load_tokenizer(path)
+    n_score = max(settings.depth_samples, settings.width_samples)
+    windows = token_windows(data, tok, settings.seq_len, n_score + settings.held_out_samples, settings.seed)
+    if len(windows) < 2:
+        raise UserError(f"data {data} gives {len(windows)} window of {settings.seq_len} tokens: need at least 2")
+    n_held = min(settings.held_out_samples, max(1, len(windows) // 4))
+    held, calib = windows[-n_held:], windows[:-n_held]
+    timing = {}
+    if scores_dir is not None:
+        from minipuzzle.importance.scores import Scores
+
+        scores = Scores.load(scores_dir)
+    else:
+        from minipuzzle.importance import score_checkpoint
+
+        t = time.perf_counter()
+        scores = score_checkpoint(
+            path, calib[: settings.depth_samples], calib[: settings.width_samples], axes=score_axes(settings.axes),
+            stream=settings.stream, device=settings.device, progress=progress,
+        )  # fmt: skip
+        timing["scoring_seconds"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    space, dmodel, cands = run_search(src, scores, settings)
+    timing["search_seconds"] = round(time.perf_counter() - t, 3)
+    plans = [candidate_plan(c, dmodel, scores) for c in cands]
+    t = time.perf_counter()
+    stats = rank(path, ckpt, plans, held, settings, progress)
+    timing["ranking_seconds"] = round(time.perf_counter() - t, 3)
+    from minipuzzle.search.ranking import rank_key
+
+    order = sorted(range(len(cands)), key=lambda i: (rank_key(stats[i]), i))
+    best = order[0]
+    table = []
+    for r, i in enumerate(order):
+        row = cands[i].to_dict() | {"predicted_rank": i + 1, "measured_rank": r + 1, **stats[i]}
+        table.append(row)
+    report = {
+        "model": str(model),
+        "checkpoint": str(path),
+        "budget": settings.budget.to_dict(),
+        "space": space.describe(),
+        "chosen": layout_document(plans[best], src, settings.budget, cands[best]),
+        "source_memory": settings.budget.memory_of(src),
+        "candidates": table,
+        "data": {
+            "source": str(data),
+            "seq_len": settings.seq_len,
+            "calibration_windows": len(calib),
+            "held_out_windows": len(held),
+        },  # fmt: skip
+        "streamed": settings.stream,
+        "scores": scores.meta,
+    }
+    from minipuzzle.search.report import write_plots
+    from minipuzzle.surgery import prune_checkpoint
+
+    with atomic_dir(out, overwrite) as tmp:
+        t = time.perf_counter()
+        prune_checkpoint(ckpt, plans[best], tmp, overwrite=True, progress=progress)
+        timing["surgery_seconds"] = round(time.perf_counter() - t, 3)
+        timing["total_seconds"] = round(time.perf_counter() - t0, 3)
+        report["timing"] = timing
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_plots(report, src, tmp)
+    return report
+
+
+def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progress: bool) -> list[dict]:
+    """Measured statistics of each plan on the held-out windows (streamed or with the model loaded)."""
+    from minipuzzle.importance.layerwise import progress_bar
+    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+
+    with progress_bar("ranking candidates", len(plans), progress) as advance:
+        if settings.stream:
+            return measure_streamed(ckpt, plans, held, settings.batch_size, settings.device, advance)
+        from minipuzzle.checkpoint import load_model
+
+        model = load_model(ckpt, dtype=torch.float32, device=settings.device)
+        return measure_in_memory(model, plans, held, settings.batch_size, advance)
+
+
+def search_space_error(space: SearchSpace, budget: Budget):
+    small = smallest_layout(space)
+    raise UserError(
+        f"no layout in the search space meets the budget ({budget.describe()}): the smallest has "
+        f"{small.num_params():,} parameters, {budget.memory_of(small)['total'] / 2**30:.2f} GiB; widen the space "
+        f"(--axes, --min-width, --min-layers) or relax the budget"
+    )
+
+
+__all__ = ["Candidate", "PruneSettings", "count_feasible", "dry_run", "prune", "run_search", "scoring_cost"]

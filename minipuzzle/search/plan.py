@@ -1,0 +1,111 @@
+"""From a chosen candidate to a surgery `Plan` (which layers and units stay), and the readable layout file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
+from minipuzzle.search.damage import SCORE_AXIS, DamageModel, kept_units, unit_groups
+from minipuzzle.search.solver import Candidate
+from minipuzzle.search.space import AXIS_KIND, WIDTH_FIELD
+
+# Search axis -> Plan field.
+PLAN_FIELD = {
+    "ffn": "ffn",
+    "mamba_heads": "mamba_heads",
+    "mamba_head_dim": "mamba_head_channels",
+    "attn_heads": "attn_heads",
+}
+
+
+def candidate_plan(cand: Candidate, model: DamageModel, scores):
+    """The surgery Plan for `cand`: the top-ranked layers of each kind, and in each kept layer the top-scored
+    units (the same count per group on grouped axes). Axes left at full width keep everything (None)."""
+    from minipuzzle.surgery import Plan
+
+    src = model.space.source
+    layers = model.kept_layers(cand.counts)
+    kw = {}
+    for axis, fld in PLAN_FIELD.items():
+        width = cand.widths[axis]
+        if width == getattr(src, WIDTH_FIELD[axis]):
+            continue
+        table = getattr(scores, SCORE_AXIS[axis])
+        kind = AXIS_KIND[axis]
+        groups = unit_groups(src, axis)
+        # Mamba head channels are shared by every head: one score vector per layer, same cut in every head.
+        kw[fld] = {i: kept_units(table[i], width, groups) for i in layers if src.pattern[i] == kind}
+    if cand.widths["hidden"] != src.hidden_size:
+        kw["hidden"] = kept_units(scores.hidden, cand.widths["hidden"])
+    return Plan(layers=layers, **kw)
+
+
+def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = None, extra: dict | None = None):
+    """A human-readable dict: the resulting widths and counts first, then the plan's index lists."""
+    target = plan.target_layout(source)
+    doc = {
+        "source": {"pattern": source.pattern, "params": source.num_params()},
+        "result": {
+            "pattern": target.pattern,
+            "params": target.num_params(),
+            "layers": {"mamba": target.count(MAMBA), "mlp": target.count(MLP), "attention": target.count(ATTENTION)},
+            "widths": {a: getattr(target, f) for a, f in WIDTH_FIELD.items()},
+        },
+    }
+    if budget is not None:
+        doc["budget"] = budget.to_dict()
+        if budget.memory is not None:
+            doc["result"]["memory_bytes"] = budget.memory_of(target)
+    if cand is not None:
+        doc["result"]["predicted_damage"] = cand.damage
+    doc.update(extra or {})
+    doc["plan"] = plan.to_dict()
+    return doc
+
+
+class _Flow(list):
+    """A list dumped on one line: index lists stay readable."""
+
+
+def _flow_representer(dumper, data):
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+yaml.SafeDumper.add_representer(_Flow, _flow_representer)
+
+
+def write_layout_yaml(doc: dict, path: str | Path) -> Path:
+    """Write `doc` as YAML (index lists on one line each), atomically (temp file, then rename)."""
+    import os
+    import tempfile
+
+    def flow(x):
+        if isinstance(x, dict):
+            return {k: flow(v) for k, v in x.items()}
+        if isinstance(x, list) and all(isinstance(v, (int, float)) for v in x):
+            return _Flow(x)
+        return x
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(flow(doc), fh, sort_keys=False, width=120)
+    os.replace(tmp, path)
+    return path
+
+
+def read_layout_yaml(path: str | Path):
+    """The Plan stored in a layout file written by `minipuzzle search`."""
+    from minipuzzle.errors import UserError
+    from minipuzzle.surgery import Plan
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read layout file {path}: {e}") from None
+    if not isinstance(doc, dict) or "plan" not in doc:
+        raise UserError(f"{path} is not a layout file (no 'plan')")
+    return Plan.from_dict(doc["plan"])

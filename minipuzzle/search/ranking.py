@@ -1,0 +1,142 @@
+"""Rank candidate layouts for real: cut each one and measure it on held-out tokens against the parent.
+
+MiniPuzzle ranked its candidates by next-token accuracy and agreement with the parent's greedy token. Here every
+candidate gets KL(parent || candidate), accuracy, agreement and loss (the shared `metrics` definitions); the
+ranking key is the KL (lowest first), ties broken by agreement. In memory the parent is a loaded model; streamed,
+the parent and each candidate run one layer at a time from the shards, so peak memory is about one layer plus
+the residual stream of the held-out windows.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from minipuzzle.importance.layerwise import LayerStack, StreamedStack, _build, _rmsnorm, iter_layerwise
+
+
+def rank_key(stats: dict) -> tuple:
+    return (stats["kl_to_teacher"], -stats["agreement"], stats["loss"])
+
+
+@torch.no_grad()
+def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int = 8, progress=None) -> list[dict]:
+    """token_stats of each plan's pruned model against `model` on `windows` [N, T]."""
+    from minipuzzle.metrics import token_stats
+    from minipuzzle.surgery import prune_model
+
+    out = []
+    for plan in plans:
+        pruned = prune_model(model, plan)
+        out.append(token_stats(pruned, windows, teacher=model, batch_size=batch_size))
+        del pruned
+        if progress:
+            progress(1)
+    return out
+
+
+class PrunedStack(LayerStack):
+    """A checkpoint cut to `plan` on the fly: block j is the source's kept layer plan.layers[j], sliced by the
+    surgery code as it is read, so no pruned checkpoint is written to rank a candidate."""
+
+    def __init__(self, source: StreamedStack, plan):
+        from minipuzzle.surgery import prune_state_dict
+
+        self.src, self.plan = source, plan
+        layout = source.ckpt.layout
+        self._cut = lambda state: prune_state_dict(state, layout, plan)[1]
+        self.dst = plan.target_layout(layout)
+        self.config = self.dst.to_hf_config(source.ckpt.config)
+        self.config._attn_implementation = source.config._attn_implementation
+        self.pattern = self.dst.pattern
+        self.device, self.dtype = source.device, source.dtype
+        top = self._cut({"model.embeddings.weight": source._embed, "model.norm_f.weight": source._norm_f.weight})
+        self._embed = top["model.embeddings.weight"]
+        self._norm_f = _build(lambda: _rmsnorm(self.config), {"weight": top["model.norm_f.weight"]})
+        self._head = self._cut({"lm_head.weight": source._head})["lm_head.weight"]
+
+    def embed(self, ids):
+        return F.embedding(ids.to(self.device), self._embed)
+
+    @contextmanager
+    def block(self, j):
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock
+
+        i = self.plan.layers[j]
+        pre = f"model.layers.{i}."
+        cut = self._cut({pre + k: t for k, t in self.src.ckpt.layer_state(i).items()})
+        self.src.ckpt.close()
+        new_pre = f"model.layers.{j}."
+        state = {
+            k[len(new_pre) :]: t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+            for k, t in cut.items()
+        }
+        block = _build(lambda: NemotronHBlock(self.config, layer_idx=j), state)
+        try:
+            yield block
+        finally:
+            del block, state
+
+    def final_norm(self, h):
+        return self._norm_f(h)
+
+    def logits(self, hn):
+        return F.linear(hn, self._head).float()
+
+
+@torch.no_grad()
+def measure_streamed(
+    checkpoint, plans: list, windows: torch.Tensor, batch_size: int = 8, device="cpu", progress=None
+) -> list[dict]:
+    """Like `measure_in_memory`, one layer at a time from the checkpoint's shards. The parent's final hidden
+    states [N, T, h] are computed once and kept; each candidate's logits are compared batch by batch."""
+    parent = StreamedStack(checkpoint, device=device)
+    teacher_h = torch.cat([hn for _, hn in iter_layerwise(parent, windows, batch_size=batch_size)])
+    out = []
+    for plan in plans:
+        stack = PrunedStack(parent, plan)
+        sums = _Sums()
+        for rows, hn in iter_layerwise(stack, windows, batch_size=batch_size):
+            for s in range(0, hn.shape[0], batch_size):
+                ids = windows[rows][s : s + batch_size].to(device)
+                t = parent.logits(teacher_h[rows.start + s : rows.start + s + len(ids)])
+                sums.add(stack.logits(hn[s : s + batch_size]), t, ids)
+        out.append(sums.result())
+        del stack
+        if progress:
+            progress(1)
+    return out
+
+
+class _Sums:
+    """Accumulates the same statistics as `metrics.token_stats` from logits [B, T, V]."""
+
+    def __init__(self):
+        self.loss = self.acc = self.kl = self.agree = 0.0
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor) -> None:
+        logits, teacher, target = logits[:, :-1].float(), teacher[:, :-1].float(), ids[:, 1:]
+        logp = F.log_softmax(logits, dim=-1)
+        self.loss += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
+        pred = logits.argmax(-1)
+        self.acc += (pred == target).sum().item()
+        tlogp = F.log_softmax(teacher, dim=-1)
+        self.kl += (tlogp.exp() * (tlogp - logp)).sum().clamp_min(0).item()
+        self.agree += (pred == teacher.argmax(-1)).sum().item()
+        self.count += target.numel()
+
+    def result(self) -> dict:
+        n = max(self.count, 1)
+        loss = self.loss / n
+        return {
+            "loss": loss,
+            "accuracy": self.acc / n,
+            "kl_to_teacher": self.kl / n,
+            "agreement": self.agree / n,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "tokens": self.count,
+        }

@@ -1,0 +1,356 @@
+"""Find the layouts with the least predicted damage that fit a budget.
+
+Every layout is (one width per axis, a number of layers kept per kind); the layers kept are the top-ranked of each
+kind. For fixed widths, parameters and memory are linear in the layer counts, and the predicted damage is a sum
+over kept layers (see `damage`). Two exact methods:
+
+* `enumerate` (small spaces): every width combination at once in numpy; for each, every count of all kinds but
+  the most numerous, whose count is then the largest that fits (keeping a layer never adds damage).
+* `mip` (large spaces): for each hidden width, a multiple-choice integer program solved by HiGHS: per layer kind,
+  one binary per (widths of that kind, layer count) option, exactly one option per kind, the budgets as linear
+  constraints, maximising the kept value. The next-best solutions come from no-good cuts.
+
+Candidates are "maximal": no kind can keep one more layer and no axis can take its next larger width within the
+budget, so every candidate uses its budget (a layout that leaves room is dominated by one that fills it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minipuzzle.arch import ATTENTION, MAMBA, MLP, PRECISION_BITS, Layout
+from minipuzzle.errors import UserError
+from minipuzzle.search.budget import Budget
+from minipuzzle.search.damage import DamageModel
+from minipuzzle.search.space import AXIS_KIND, KINDS, WIDTH_AXES, WIDTH_FIELD, SearchSpace
+
+# Above this many (width combination x layer count) points the MIP is used instead of enumeration.
+ENUM_LIMIT = 50_000_000
+_CHUNK = 2_000_000
+# Linear memory model vs Layout.memory's byte rounding: a few bytes of slack, then an exact re-check.
+_MEM_SLACK = 16.0
+# Axes (besides hidden) that shape each kind's layers.
+KIND_AXES = {kind: [a for a in WIDTH_AXES if AXIS_KIND.get(a) == kind] for kind in KINDS}
+
+
+@dataclass
+class Candidate:
+    """One layout: widths per axis, layers kept per kind, its predicted damage and its costs."""
+
+    widths: dict[str, int]
+    counts: dict[str, int]
+    damage: float
+    params: int = 0
+    memory: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return tuple(self.widths[a] for a in WIDTH_AXES) + tuple(self.counts[k] for k in KINDS)
+
+    def to_dict(self) -> dict:
+        out = {
+            "widths": dict(self.widths),
+            "layers": {"mamba": self.counts[MAMBA], "mlp": self.counts[MLP], "attention": self.counts[ATTENTION]},
+            "predicted_damage": self.damage,
+            "params": self.params,
+        }
+        if self.memory is not None:
+            out["memory"] = self.memory
+        out.update(self.extra)
+        return out
+
+
+class _Costs:
+    """Per-layer parameter and memory costs of each kind, tabulated over that kind's width options."""
+
+    def __init__(self, space: SearchSpace, budget: Budget):
+        self.space, self.budget = space, budget
+        src = space.source
+        self.opts = {a: space.widths[a] for a in WIDTH_AXES}
+        self.wb = PRECISION_BITS[budget.precision.lower()] / 8
+        self.tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        nh = len(self.opts["hidden"])
+        for kind in KINDS:
+            axes = KIND_AXES[kind] + ["hidden"]
+            shape = [len(self.opts[a]) for a in axes]
+            p = np.zeros(shape, dtype=np.int64)
+            m = np.zeros(shape, dtype=np.float64)
+            for idx in np.ndindex(*shape):
+                lay = src.replace(pattern=kind, **{WIDTH_FIELD[a]: self.opts[a][j] for a, j in zip(axes, idx)})
+                p[idx] = lay.layer_params(kind)
+                one, two = budget.memory_of(lay), budget.memory_of(lay.replace(pattern=kind * 2))
+                state = (two["total"] - two["weights"]) - (one["total"] - one["weights"])
+                m[idx] = p[idx] * self.wb + state
+            self.tables[kind] = (p, m)
+        self.fixed_p = np.array(
+            [src.replace(hidden_size=h).embedding_params() for h in self.opts["hidden"]], dtype=np.int64
+        )
+        self.fixed_m = self.fixed_p * self.wb + _MEM_SLACK
+        assert len(self.fixed_p) == nh
+
+    def per_layer(self, kind: str, idx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(params, memory) of one layer of `kind` at the combos given by option indices `idx[axis]`."""
+        p, m = self.tables[kind]
+        key = tuple(idx[a] for a in KIND_AXES[kind] + ["hidden"])
+        return p[key], m[key]
+
+    def fixed(self, idx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.fixed_p[idx["hidden"]], self.fixed_m[idx["hidden"]]
+
+
+def _limits(budget: Budget) -> tuple[float, float]:
+    return (
+        float(budget.params) if budget.params is not None else math.inf,
+        float(budget.memory) if budget.memory is not None else math.inf,
+    )
+
+
+def _keep_values(model: DamageModel, kind: str, idx: dict[str, np.ndarray]) -> np.ndarray:
+    """[C, N_kind + 1] prefix sums of the kept value of the top-n layers of `kind`, for each combo."""
+    order = model.order[kind]
+    c = len(idx["hidden"])
+    vals = np.broadcast_to(model.depth[order][None, :], (c, len(order))).copy()
+    for axis in KIND_AXES[kind] + ["hidden"]:
+        table = model._dropped.get(axis)
+        if table is None:
+            continue
+        widths = model.space.widths[axis]
+        if axis == "hidden":
+            keep = np.array([1.0 - table[-1][w] for w in widths])
+            vals *= keep[idx[axis]][:, None]
+        else:
+            keep = np.array([[1.0 - table[i][w] for w in widths] for i in order])  # [N, n_opts]
+            vals *= keep[:, idx[axis]].T
+    return np.concatenate([np.zeros((c, 1)), np.cumsum(vals, axis=1)], axis=1)
+
+
+def search(
+    space: SearchSpace,
+    budget: Budget,
+    model: DamageModel,
+    k: int = 8,
+    method: str = "auto",
+    progress: bool = False,
+) -> list[Candidate]:
+    """The `k` maximal layouts of `space` with the least predicted damage that fit `budget`, best first.
+
+    method: "enumerate", "mip" or "auto" (enumerate up to ENUM_LIMIT points). Raises UserError when no layout in
+    the space fits.
+    """
+    if method == "auto":
+        method = "enumerate" if _enum_points(space) <= ENUM_LIMIT else "mip"
+    if method not in ("enumerate", "mip"):
+        raise UserError(f"unknown search method {method!r}: choose auto, enumerate or mip")
+    costs = _Costs(space, budget)
+    found = _enumerate(space, budget, model, costs, k, progress) if method == "enumerate" else None
+    if method == "mip":
+        found = _mip(space, budget, model, costs, k)
+    out = []
+    for cand in found:
+        lay = space.layout(cand.widths, cand.counts)
+        if not budget.fits(lay):  # the linear memory model's rounding slack; never expected to trigger
+            continue
+        cand.params = lay.num_params()
+        cand.memory = budget.memory_of(lay)["total"]
+        cand.extra["method"] = method
+        out.append(cand)
+    if not out:
+        smallest = smallest_layout(space)
+        raise UserError(
+            f"no layout in the search space meets the budget ({budget.describe()}): the smallest has "
+            f"{smallest.num_params():,} parameters, {budget.memory_of(smallest)['total'] / 2**30:.2f} GiB; widen "
+            f"the space (--axes, --min-width, --min-layers) or relax the budget"
+        )
+    return out
+
+
+def smallest_layout(space: SearchSpace) -> Layout:
+    return space.layout({a: v[-1] for a, v in space.widths.items()}, {k: lo for k, (lo, _) in space.layers.items()})
+
+
+def _enum_points(space: SearchSpace) -> int:
+    ranges = sorted((hi - lo + 1 for lo, hi in space.layers.values()), reverse=True)
+    return space.num_width_combos() * math.prod(ranges[1:])
+
+
+def _enumerate(space, budget, model, costs: _Costs, k: int, progress: bool) -> list[Candidate]:
+    P, M = _limits(budget)
+    shape = [len(space.widths[a]) for a in WIDTH_AXES]
+    total = math.prod(shape)
+    kinds = [kd for kd in KINDS if space.layers[kd][1] > 0]
+    last = max(kinds, key=lambda kd: space.layers[kd][1] - space.layers[kd][0])
+    others = [kd for kd in kinds if kd != last]
+    grids = np.meshgrid(*[np.arange(space.layers[kd][0], space.layers[kd][1] + 1) for kd in others], indexing="ij")
+    grids = [g.reshape(-1) for g in grids] if others else []
+    g = len(grids[0]) if grids else 1
+    chunk = max(1, _CHUNK // g)
+    heap: list[tuple] = []  # (-damage, params, key, candidate): the k best so far
+    for start in range(0, total, chunk):
+        flat = np.arange(start, min(total, start + chunk))
+        idx = dict(zip(WIDTH_AXES, np.unravel_index(flat, shape)))
+        c = len(flat)
+        fp, fm = costs.fixed(idx)
+        used_p = np.broadcast_to(fp[:, None].astype(np.float64), (c, g)).copy()
+        used_m = np.broadcast_to(fm[:, None], (c, g)).copy()
+        per = {kd: costs.per_layer(kd, idx) for kd in kinds}
+        cums = {kd: _keep_values(model, kd, idx) for kd in kinds}
+        kept = np.zeros((c, g))
+        for kd, n in zip(others, grids):
+            used_p += per[kd][0][:, None] * n[None, :]
+            used_m += per[kd][1][:, None] * n[None, :]
+            kept += cums[kd][:, n]
+        lo, hi = space.layers[last]
+        n_last = np.full((c, g), float(hi))
+        lp, lm = per[last]
+        n_last = np.minimum(n_last, np.floor((P - used_p) / lp[:, None]))
+        n_last = np.minimum(n_last, np.floor((M - used_m) / lm[:, None]))
+        ok = n_last >= lo
+        n_last = np.clip(n_last, lo, hi).astype(np.int64)
+        kept += np.take_along_axis(cums[last], n_last, axis=1)
+        tot_p = used_p + lp[:, None] * n_last
+        tot_m = used_m + lm[:, None] * n_last
+        # Maximal in layers: every other kind is full or one more layer breaks a limit.
+        for kd, n in zip(others, grids):
+            room = (tot_p + per[kd][0][:, None] <= P) & (tot_m + per[kd][1][:, None] <= M)
+            ok &= ~(room & (n[None, :] < space.layers[kd][1]))
+        # Maximal in widths: the next larger width of any axis, same counts, breaks a limit.
+        counts = {kd: np.broadcast_to(n[None, :], (c, g)) for kd, n in zip(others, grids)}
+        counts[last] = n_last
+        for axis in WIDTH_AXES:
+            if len(space.widths[axis]) < 2:
+                continue
+            can = idx[axis] > 0
+            nidx = dict(idx)
+            nidx[axis] = np.maximum(idx[axis] - 1, 0)
+            np_, nm = costs.fixed(nidx)
+            bp = np.broadcast_to(np_[:, None].astype(np.float64), (c, g)).copy()
+            bm = np.broadcast_to(nm[:, None], (c, g)).copy()
+            for kd in kinds:
+                pp, pm = costs.per_layer(kd, nidx)
+                bp += pp[:, None] * counts[kd]
+                bm += pm[:, None] * counts[kd]
+            ok &= ~(can[:, None] & (bp <= P) & (bm <= M))
+        damage = (model.total - kept) / model.total
+        ci, gi = np.nonzero(ok)
+        if len(ci) == 0:
+            continue
+        dm = damage[ci, gi]
+        take = np.argsort(dm, kind="stable")[: k * 4]
+        for t in take:
+            a, b = ci[t], gi[t]
+            widths = {ax: space.widths[ax][int(idx[ax][a])] for ax in WIDTH_AXES}
+            cnt = {kd: int(space.layers[kd][1]) for kd in KINDS}
+            for kd, n in zip(others, grids):
+                cnt[kd] = int(n[b])
+            cnt[last] = int(n_last[a, b])
+            cand = Candidate(widths, cnt, float(dm[t]))
+            entry = (-cand.damage, -float(tot_p[a, b]), cand.key(), cand)
+            if len(heap) < k:
+                heapq.heappush(heap, entry)
+            elif entry[:3] > heap[0][:3]:
+                heapq.heapreplace(heap, entry)
+    return [e[3] for e in sorted(heap, key=lambda e: (-e[0], e[1], e[2]))]
+
+
+def is_maximal(space: SearchSpace, budget: Budget, widths: dict[str, int], counts: dict[str, int]) -> bool:
+    """No kind can keep one more layer and no axis can take its next larger width within `budget`."""
+    for kd in KINDS:
+        if counts[kd] < space.layers[kd][1]:
+            if budget.fits(space.layout(widths, counts | {kd: counts[kd] + 1})):
+                return False
+    for axis in WIDTH_AXES:
+        opts = space.widths[axis]
+        j = opts.index(widths[axis])
+        if j > 0 and budget.fits(space.layout(widths | {axis: opts[j - 1]}, counts)):
+            return False
+    return True
+
+
+def _mip(space, budget, model, costs: _Costs, k: int) -> list[Candidate]:
+    """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options."""
+    import highspy
+
+    P, M = _limits(budget)
+    kinds = [kd for kd in KINDS if space.layers[kd][1] > 0]
+    results: list[Candidate] = []
+    bound = math.inf  # damage of the k-th best so far: hidden widths that cannot beat it are skipped
+    for hj, h in enumerate(space.widths["hidden"]):
+        options: dict[str, list[tuple]] = {}
+        for kd in kinds:
+            axes = KIND_AXES[kd]
+            lo, hi = space.layers[kd]
+            opts = []
+            for combo in np.ndindex(*[len(space.widths[a]) for a in axes]):
+                idx = {a: np.array([j]) for a, j in zip(axes, combo)} | {"hidden": np.array([hj])}
+                for a in WIDTH_AXES:
+                    idx.setdefault(a, np.array([0]))
+                p, m = costs.per_layer(kd, idx)
+                cum = _keep_values(model, kd, idx)[0]
+                widths = {a: space.widths[a][j] for a, j in zip(axes, combo)}
+                for n in range(lo, hi + 1):
+                    opts.append((widths, n, float(p[0]) * n, float(m[0]) * n, float(cum[n])))
+            options[kd] = opts
+        fixed_p, fixed_m = float(costs.fixed_p[hj]), float(costs.fixed_m[hj])
+        best_possible = sum(max(o[4] for o in options[kd]) for kd in kinds)
+        if (model.total - best_possible) / model.total > bound:
+            continue
+        h_ = highspy.Highs()
+        h_.setOptionValue("output_flag", False)
+        h_.setOptionValue("mip_rel_gap", 0.0)
+        inf = highspy.kHighsInf
+        cols: dict[str, list[int]] = {}
+        n_cols = 0
+        for kd in kinds:
+            cols[kd] = list(range(n_cols, n_cols + len(options[kd])))
+            for o in options[kd]:
+                h_.addCol(-o[4], 0.0, 1.0, 0, np.array([], dtype=np.int32), np.array([], dtype=np.float64))
+                n_cols += 1
+        h_.changeColsIntegrality(
+            n_cols, np.arange(n_cols, dtype=np.int32), np.full(n_cols, highspy.HighsVarType.kInteger)
+        )
+        for kd in kinds:
+            h_.addRow(1.0, 1.0, len(cols[kd]), np.array(cols[kd], dtype=np.int32), np.ones(len(cols[kd])))
+        all_cols = np.array([c for kd in kinds for c in cols[kd]], dtype=np.int32)
+        if P < inf:
+            coef = np.array([o[2] for kd in kinds for o in options[kd]])
+            h_.addRow(-inf, P - fixed_p, len(all_cols), all_cols, coef)
+        if M < inf:
+            coef = np.array([o[3] for kd in kinds for o in options[kd]])
+            h_.addRow(-inf, M - fixed_m, len(all_cols), all_cols, coef)
+        found = 0
+        for _ in range(20 * k):
+            h_.run()
+            if h_.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                break
+            x = np.asarray(h_.getSolution().col_value)
+            chosen = {kd: next(i for i, c in enumerate(cols[kd]) if x[c] > 0.5) for kd in kinds}
+            kept = sum(options[kd][chosen[kd]][4] for kd in kinds)
+            dmg = (model.total - kept) / model.total
+            if dmg > bound + 1e-12:
+                break
+            widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"hidden": h}
+            counts = dict.fromkeys(KINDS, 0)
+            for kd in kinds:
+                widths.update(options[kd][chosen[kd]][0])
+                counts[kd] = options[kd][chosen[kd]][1]
+            if is_maximal(space, budget, widths, counts):
+                results.append(Candidate(widths, counts, dmg))
+                found += 1
+            # No-good cut: this combination of options is excluded from the next solve.
+            idxs = np.array([cols[kd][chosen[kd]] for kd in kinds], dtype=np.int32)
+            h_.addRow(-inf, len(kinds) - 1.0, len(idxs), idxs, np.ones(len(idxs)))
+            if found >= k:
+                break
+        results.sort(key=lambda c: (c.damage, -c.params, c.key()))
+        results = results[: 4 * k]
+        if len(results) >= k:
+            bound = results[k - 1].damage
+    # Params for the final order's tie-break.
+    for c in results:
+        c.params = space.layout(c.widths, c.counts).num_params()
+    results.sort(key=lambda c: (c.damage, -c.params, c.key()))
+    return results[:k]

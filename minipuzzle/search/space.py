@@ -1,0 +1,188 @@
+"""The search space: which widths each axis may take and how many layers of each kind may stay.
+
+Axes: `depth` (drop whole layers; the top-ranked layers of each kind stay), `ffn` (MLP intermediate size),
+`mamba_heads` (multiples of n_groups: every group keeps the same count), `mamba_head_dim` (channels per Mamba
+head), `attn_heads` (query heads, multiples of the KV heads: every KV group keeps the same count) and `hidden`
+(the residual stream). Widths are uniform across the layers of a kind so the result stays a plain Nemotron-H
+config. MiniPuzzle searched depth + ffn, the default here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
+from minipuzzle.errors import UserError
+
+AXES = ("depth", "ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden")
+WIDTH_AXES = AXES[1:]
+DEFAULT_AXES = ("depth", "ffn")
+# Layout field each width axis sets.
+WIDTH_FIELD = {
+    "ffn": "intermediate_size",
+    "mamba_heads": "mamba_num_heads",
+    "mamba_head_dim": "mamba_head_dim",
+    "attn_heads": "num_attention_heads",
+    "hidden": "hidden_size",
+}
+# Layer kind whose weights a width axis shapes (hidden shapes every layer).
+AXIS_KIND = {"ffn": MLP, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attn_heads": ATTENTION}
+KINDS = (MAMBA, MLP, ATTENTION)
+# With at most this many valid widths an axis is searched at every valid width by default (tiny models).
+EVERY_WIDTH_LIMIT = 128
+# Otherwise the default step is about 1/32 of the width: the paper's FFN step, 1024 of 32768.
+DEFAULT_STEP_FRACTION = 1 / 32
+
+
+def parse_axes(axes: str | Iterable[str] | None) -> tuple[str, ...]:
+    """'depth,ffn' or a list -> validated axis names in canonical order. An unknown axis is a UserError."""
+    if axes is None:
+        return DEFAULT_AXES
+    items = [a.strip() for a in axes.split(",")] if isinstance(axes, str) else [str(a).strip() for a in axes]
+    items = [a for a in items if a]
+    if not items:
+        raise UserError(f"--axes is empty: choose from {', '.join(AXES)}")
+    unknown = [a for a in items if a not in AXES]
+    if unknown:
+        raise UserError(f"unknown axis {unknown[0]!r}: choose from {', '.join(AXES)}")
+    return tuple(a for a in AXES if a in items)
+
+
+def axis_unit(layout: Layout, axis: str) -> int:
+    """Smallest width change an axis allows: whole groups for Mamba heads, whole KV groups for attention heads."""
+    if axis == "mamba_heads":
+        return layout.n_groups
+    if axis == "attn_heads":
+        return layout.num_key_value_heads
+    return 1
+
+
+def default_step(layout: Layout, axis: str) -> int:
+    """Step between searched widths: every valid width for small axes, else ~1/32 of the width in whole units."""
+    full, unit = getattr(layout, WIDTH_FIELD[axis]), axis_unit(layout, axis)
+    if full // unit <= EVERY_WIDTH_LIMIT:
+        return unit
+    return max(unit, round(full * DEFAULT_STEP_FRACTION / unit) * unit)
+
+
+def width_options(layout: Layout, axis: str, step: int | None = None, min_fraction: float = 0.5) -> list[int]:
+    """Widths searched on `axis`, largest (the source's) first: full, full - step, ... down to min_fraction."""
+    full, unit = getattr(layout, WIDTH_FIELD[axis]), axis_unit(layout, axis)
+    step = default_step(layout, axis) if step is None else int(step)
+    if step < 1 or step % unit:
+        raise UserError(f"step {step} for {axis} must be a positive multiple of {unit}")
+    lowest = max(unit, math.ceil(full * min_fraction))
+    return [w for w in range(full, lowest - 1, -step) if w > 0 and w % unit == 0]
+
+
+@dataclass
+class SearchSpace:
+    """Every layout reachable from `source`: one width per searched axis and a layer count per kind.
+
+    widths[axis]: allowed widths, largest first (axes not searched hold the source width only).
+    layers[kind]: (lowest, highest) number of layers of that kind kept (both the source count without depth).
+    """
+
+    source: Layout
+    axes: tuple[str, ...]
+    widths: dict[str, list[int]]
+    layers: dict[str, tuple[int, int]]
+    steps: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        source: Layout,
+        axes: str | Iterable[str] | None = None,
+        steps: dict[str, int] | None = None,
+        min_width: float = 0.5,
+        min_layers: float = 0.5,
+    ) -> SearchSpace:
+        """The space for `axes` with widths down to `min_width` and at least `min_layers` of each kind kept
+        (fractions of the source). `steps` overrides the default step of an axis."""
+        axes = parse_axes(axes)
+        steps = dict(steps or {})
+        for a in steps:
+            if a not in WIDTH_AXES:
+                raise UserError(f"unknown axis {a!r} in --step: choose from {', '.join(WIDTH_AXES)}")
+        if not 0 < min_width <= 1 or not 0 <= min_layers <= 1:
+            raise UserError("--min-width must be in (0, 1] and --min-layers in [0, 1]")
+        widths, used_steps = {}, {}
+        for a in WIDTH_AXES:
+            if a in axes and _axis_present(source, a):
+                used_steps[a] = steps.get(a, default_step(source, a))
+                widths[a] = width_options(source, a, used_steps[a], min_width)
+            else:
+                widths[a] = [getattr(source, WIDTH_FIELD[a])]
+        layers = {}
+        for kind in KINDS:
+            n = source.count(kind)
+            lo = math.ceil(n * min_layers) if "depth" in axes else n
+            # A kind the source has keeps at least one layer: a Nemotron-H without it is another architecture.
+            layers[kind] = (max(lo, 1 if n else 0), n)
+        return cls(source, axes, widths, layers, used_steps)
+
+    def width_combos(self) -> Iterator[dict[str, int]]:
+        """Every combination of widths, as {axis: width}."""
+        names = list(WIDTH_AXES)
+        for values in itertools.product(*(self.widths[a] for a in names)):
+            yield dict(zip(names, values))
+
+    def num_width_combos(self) -> int:
+        return math.prod(len(v) for v in self.widths.values())
+
+    def num_layer_combos(self) -> int:
+        return math.prod(hi - lo + 1 for lo, hi in self.layers.values())
+
+    def size(self) -> int:
+        """Number of layouts in the space (width combinations x layer-count combinations)."""
+        return self.num_width_combos() * self.num_layer_combos()
+
+    def layout(self, widths: dict[str, int], counts: dict[str, int]) -> Layout:
+        """The layout with these widths and layer counts (the pattern keeps source order; see `plan.kept_layers`
+        for which layers). Only the counts matter for costs, so the pattern here is the source's with the
+        lowest-ranked layers removed by `pattern_for`."""
+        return self.source.replace(
+            pattern=pattern_with_counts(self.source.pattern, counts),
+            **{WIDTH_FIELD[a]: w for a, w in widths.items()},
+        )
+
+    def describe(self) -> dict:
+        """JSON-ready summary (for reports and --dry-run)."""
+        return {
+            "axes": list(self.axes),
+            "widths": {a: _span(v) for a, v in self.widths.items() if a in self.axes},
+            "steps": self.steps,
+            "layers": {k: {"min": lo, "max": hi} for k, (lo, hi) in self.layers.items() if hi},
+            "width_combinations": self.num_width_combos(),
+            "layer_combinations": self.num_layer_combos(),
+            "size": self.size(),
+        }
+
+
+def pattern_with_counts(pattern: str, counts: dict[str, int]) -> str:
+    """A pattern with `counts[kind]` layers of each kind, in source order (the last ones of each kind dropped).
+
+    Costs depend only on the counts; the real kept layers are chosen by importance in `plan`.
+    """
+    seen = dict.fromkeys(KINDS, 0)
+    out = []
+    for ch in pattern:
+        if seen[ch] < counts.get(ch, 0):
+            out.append(ch)
+        seen[ch] += 1
+    return "".join(out)
+
+
+def _axis_present(layout: Layout, axis: str) -> bool:
+    kind = AXIS_KIND.get(axis)
+    return kind is None or layout.count(kind) > 0
+
+
+def _span(values: list[int]) -> dict:
+    if len(values) > 1:
+        return {"max": values[0], "min": values[-1], "step": values[0] - values[1], "count": len(values)}
+    return {"max": values[0], "min": values[0], "step": 0, "count": 1}

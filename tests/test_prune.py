@@ -1,0 +1,151 @@
+"""`minipuzzle prune` end to end on tiny random models: planted dead units, errors, dry run, streaming."""
+
+import json
+
+import pytest
+import torch
+
+from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
+
+DEAD_LAYERS = (3, 4, 5)  # a Mamba, an MLP and an attention layer of "M-*M-M*-M-"
+DEAD_FFN = [3, 11, 40, 41, 77, 90]
+DEAD_HEADS = [1, 6]  # one head in each of the two Mamba groups
+DEAD_HIDDEN = [0, 9, 33, 50]
+
+
+@torch.no_grad()
+def plant_dead_units(model):
+    lay = tiny_layout()
+    P, inner = lay.mamba_head_dim, lay.mamba_intermediate
+    m = model.model
+    for i in DEAD_LAYERS:
+        mixer = m.layers[i].mixer
+        for name in ("out_proj", "down_proj", "o_proj"):
+            if hasattr(mixer, name):
+                getattr(mixer, name).weight.zero_()
+    for i, ch in enumerate(lay.pattern):
+        mixer = m.layers[i].mixer
+        if ch == "-":
+            mixer.up_proj.weight[DEAD_FFN] = 0
+            mixer.down_proj.weight[:, DEAD_FFN] = 0
+        if ch == "M":
+            for h in DEAD_HEADS:
+                ch_idx = list(range(h * P, (h + 1) * P))
+                mixer.in_proj.weight[ch_idx] = 0  # z
+                mixer.in_proj.weight[[inner + c for c in ch_idx]] = 0  # x
+                mixer.conv1d.weight[ch_idx] = 0
+                mixer.conv1d.bias[ch_idx] = 0
+                mixer.out_proj.weight[:, ch_idx] = 0
+        out = {"M": "out_proj", "-": "down_proj", "*": "o_proj"}[ch]
+        getattr(mixer, out).weight[DEAD_HIDDEN] = 0
+        m.layers[i].norm.weight[DEAD_HIDDEN] = 0
+    m.embeddings.weight[:, DEAD_HIDDEN] = 0
+    m.norm_f.weight[DEAD_HIDDEN] = 0
+    model.lm_head.weight[:, DEAD_HIDDEN] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def dead_checkpoint(tmp_path_factory, tokenizer):
+    model = plant_dead_units(random_model(seed=1))
+    return model, save_model(model, tmp_path_factory.mktemp("dead") / "ckpt", tokenizer=tokenizer)
+
+
+def expected_layout():
+    lay = tiny_layout()
+    pattern = "".join(c for i, c in enumerate(lay.pattern) if i not in DEAD_LAYERS)
+    return lay.replace(
+        pattern=pattern,
+        intermediate_size=lay.intermediate_size - len(DEAD_FFN),
+        mamba_num_heads=lay.mamba_num_heads - len(DEAD_HEADS),
+        hidden_size=lay.hidden_size - len(DEAD_HIDDEN),
+    )
+
+
+ALL_AXES = "depth,ffn,mamba_heads,hidden"
+SMALL = ["--seq-len", "32", "--depth-samples", "4", "--width-samples", "8", "--held-out", "4", "--candidates", "3"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prune_removes_exactly_the_dead_units(dead_checkpoint, text_file, tmp_path, stream):
+    from transformers import AutoModelForCausalLM
+
+    model, ckpt = dead_checkpoint
+    target = expected_layout().num_params()
+    out = tmp_path / "out"
+    args = ["prune", str(ckpt), "--target", str(target), "--axes", ALL_AXES, "--data", str(text_file), "-o", str(out)]
+    code, _, err = run_cli(args + SMALL + (["--stream"] if stream else []))
+    assert code == 0, err
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["chosen"]["plan"]["layers"] == [i for i in range(10) if i not in DEAD_LAYERS]
+    assert rep["chosen"]["result"]["params"] == target
+    assert (out / "candidates.png").is_file() and (out / "cuts.png").is_file()
+    assert rep["candidates"][0]["kl_to_teacher"] < 1e-6
+    pruned = AutoModelForCausalLM.from_pretrained(out).float().eval()
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(ids).logits, pruned(ids).logits
+    assert ((a - b).norm() / a.norm()).item() < 1e-4
+
+
+def test_streamed_ranking_matches_in_memory(dead_checkpoint, text_file):
+    from minipuzzle.checkpoint import load_model
+    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+    from minipuzzle.surgery import Plan
+
+    _, ckpt = dead_checkpoint
+    plans = [
+        Plan(layers=[0, 1, 2, 6, 7, 8, 9], ffn={i: list(range(0, 96, 2)) for i in (1, 7, 9)}, hidden=list(range(40)))
+    ]
+    windows = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(1))
+    a = measure_in_memory(load_model(ckpt), plans, windows)[0]
+    b = measure_streamed(ckpt, plans, windows)[0]
+    for k in ("loss", "accuracy", "kl_to_teacher", "agreement"):
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)
+
+
+def test_bad_input_is_one_line_exit_2(dead_checkpoint, text_file, tmp_path):
+    _, ckpt = dead_checkpoint
+    out = tmp_path / "never"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        ["--target", "10000000000"],
+        ["--target", "0.9", "--axes", "depth,widthz"],
+        ["--target", "0.9", "--data", str(empty)],
+    ]
+    for extra in cases:
+        code, _, err = run_cli(
+            ["prune", str(ckpt), "-o", str(out), *extra, *(["--data", str(text_file)] if "--data" not in extra else [])]
+        )
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error:"), err
+        assert not out.exists()
+    code, _, err = run_cli(["prune", "56b", "--target", "47b", "-o", str(out)])
+    assert code == 2 and "--model-path" in err and not out.exists()
+
+
+def test_dry_run_56b_offline():
+    code, out, err = run_cli(["prune", "56b", "--target", "47b", "--dry-run", "--json"])
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["feasible_layouts"] > 0 and plan["cost"]["gpu_hours_h100"] > 0
+    assert plan["space"]["widths"]["ffn"]["step"] == 1024
+
+
+def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
+    import yaml
+
+    from minipuzzle.importance import score_checkpoint
+    from minipuzzle.search.plan import read_layout_yaml
+
+    _, ckpt = dead_checkpoint
+    windows = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+    s = score_checkpoint(ckpt, windows, windows, axes=["depth", "ffn"], progress=False)
+    s.save(tmp_path)
+    out = tmp_path / "layout.yaml"
+    code, _, err = run_cli(["search", str(ckpt), "--scores", str(tmp_path), "--target", "0.8", "-o", str(out)])
+    assert code == 0, err
+    doc = yaml.safe_load(out.read_text())
+    assert doc["result"]["params"] <= int(tiny_layout().num_params() * 0.8)
+    plan = read_layout_yaml(out)
+    assert plan.target_layout(tiny_layout()).num_params() == doc["result"]["params"]

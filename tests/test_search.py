@@ -1,0 +1,132 @@
+"""Search space, budgets and the solver on layouts and synthetic scores (no model needed)."""
+
+import itertools
+import time
+
+import pytest
+import torch
+
+from minipuzzle.errors import UserError
+from minipuzzle.importance.scores import Scores
+from minipuzzle.presets import get_preset
+from minipuzzle.search import DamageModel, SearchSpace, is_maximal, make_budget, parse_memory, parse_target, search
+from minipuzzle.search.space import KINDS, WIDTH_AXES, width_options
+from minipuzzle.testing import tiny_layout
+
+
+def synthetic_scores(layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = Scores(pattern=layout.pattern, depth=torch.rand(layout.num_layers, generator=g) + 0.01)
+    s.hidden = torch.rand(layout.hidden_size, generator=g)
+    for i, ch in enumerate(layout.pattern):
+        if ch == "-":
+            s.ffn[i] = torch.rand(layout.intermediate_size, generator=g)
+        elif ch == "M":
+            s.mamba_heads[i] = torch.rand(layout.mamba_num_heads, generator=g)
+            s.mamba_head_channels[i] = torch.rand(layout.mamba_head_dim, generator=g)
+        else:
+            s.attn_heads[i] = torch.rand(layout.num_attention_heads, generator=g)
+    return s
+
+
+def test_parse_target_and_memory():
+    src = get_preset("56b").layout
+    assert parse_target("47b", src) == get_preset("47b").layout.num_params()
+    assert parse_target("6.5e9", src) == 6_500_000_000
+    assert parse_target("6.5b", src) == 6_500_000_000
+    assert parse_target("740972", src) == 740972
+    assert parse_target("0.8", src) == parse_target("80%", src) == int(src.num_params() * 0.8)
+    assert parse_memory("31.7GiB") == int(31.7 * 2**30)
+    assert parse_memory("32GB") == 32 * 10**9
+    for bad in ("abc", "150%", "-3"):
+        with pytest.raises(UserError):
+            parse_target(bad, src)
+    with pytest.raises(UserError):
+        parse_memory("3 parsecs")
+
+
+def test_budget_errors():
+    src = tiny_layout()
+    with pytest.raises(UserError, match="already meets"):
+        make_budget(src, target=str(src.num_params() + 1))
+    with pytest.raises(UserError, match="give a budget"):
+        make_budget(src)
+    space = SearchSpace.build(src, "depth,ffn")
+    budget = make_budget(src, target="1000")
+    with pytest.raises(UserError, match="no layout in the search space"):
+        search(space, budget, DamageModel(synthetic_scores(src), space))
+    with pytest.raises(UserError, match="unknown axis"):
+        SearchSpace.build(src, "depth,fnn")
+
+
+def test_width_options_scale_with_model():
+    big = get_preset("56b").layout
+    assert width_options(big, "ffn", min_fraction=0.75) == list(range(32768, 24575, -1024))  # the paper's grid
+    assert all(w % 8 == 0 for w in width_options(big, "mamba_heads"))
+    tiny = tiny_layout()
+    assert width_options(tiny, "ffn") == list(range(96, 47, -1))  # every valid width
+    assert width_options(tiny, "mamba_heads") == [8, 6, 4]  # multiples of n_groups
+    assert width_options(tiny, "attn_heads") == [8, 6, 4]  # multiples of the KV heads
+    with pytest.raises(UserError):
+        width_options(tiny, "mamba_heads", step=3)
+
+
+def brute_force(space, budget, model):
+    """Every (widths, counts) point, checked with Layout directly: the reference for the solver."""
+    best = []
+    for widths in space.width_combos():
+        ranges = [range(space.layers[k][0], space.layers[k][1] + 1) for k in KINDS]
+        for counts in itertools.product(*ranges):
+            c = dict(zip(KINDS, counts))
+            if budget.fits(space.layout(widths, c)) and is_maximal(space, budget, widths, c):
+                best.append(model.damage(widths, c))
+    return sorted(best)
+
+
+@pytest.mark.parametrize("axes", ["depth,ffn", "depth,mamba_heads,attn_heads,mamba_head_dim", "ffn,hidden"])
+def test_solver_matches_brute_force_and_mip(axes):
+    src = tiny_layout(intermediate_size=24, hidden_size=16)
+    space = SearchSpace.build(src, axes, min_width=0.5, min_layers=0.5)
+    scores = synthetic_scores(src, seed=3)
+    model = DamageModel(scores, space)
+    budget = make_budget(src, target="0.8")
+    ref = brute_force(space, budget, model)
+    got = search(space, budget, model, k=5, method="enumerate")
+    mip = search(space, budget, model, k=5, method="mip")
+    assert [c.damage for c in got] == pytest.approx(ref[:5], abs=1e-12)
+    assert [c.damage for c in mip] == pytest.approx(ref[:5], abs=1e-12)
+    for c in got + mip:
+        lay = space.layout(c.widths, c.counts)
+        assert lay.num_params() == c.params <= budget.params
+        assert c.damage == pytest.approx(model.damage(c.widths, c.counts))
+
+
+def test_memory_budget_56b_depth_ffn_is_fast_and_feasible():
+    src = get_preset("56b").layout
+    space = SearchSpace.build(src, "depth,ffn")
+    scores = synthetic_scores(src)
+    budget = make_budget(src, memory="31.7GiB", precision="fp4", context=1048576)
+    t = time.perf_counter()
+    cands = search(space, budget, DamageModel(scores, space), k=8)
+    assert time.perf_counter() - t < 10
+    assert len(cands) == 8
+    for c in cands:
+        lay = space.layout(c.widths, c.counts)
+        assert lay.memory("fp4", 1048576)["total"] < 31.7 * 2**30
+        assert lay.count("*") < src.count("*")  # the 1M-token KV cache forces attention layers out
+
+
+def test_zero_scores_are_cut_first():
+    src = tiny_layout()
+    scores = synthetic_scores(src)
+    scores.depth[[1, 3]] = 0.0  # an MLP and a Mamba layer that do nothing
+    for i in scores.ffn:
+        scores.ffn[i][:10] = 0.0
+    space = SearchSpace.build(src, "depth,ffn", min_width=0.5)
+    model = DamageModel(scores, space)
+    widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"ffn": 86}
+    counts = {"M": src.count("M") - 1, "-": src.count("-") - 1, "*": src.count("*")}
+    target = space.layout(widths, counts).num_params()
+    best = search(space, make_budget(src, target=str(target)), model, k=3)[0]
+    assert best.damage == 0.0 and best.widths == widths and best.counts == counts
+    assert 1 not in model.kept_layers(best.counts) and 3 not in model.kept_layers(best.counts)
