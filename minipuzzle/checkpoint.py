@@ -185,6 +185,8 @@ def resolve_checkpoint(model: str, model_path: str | Path | None = None) -> Path
     p = Path(model)
     if p.exists():
         return p
+    if is_preset(model) and get_preset(model).local_path is not None:
+        return get_preset(model).local_path
     hub_id = get_preset(model).hub_id if is_preset(model) else model
     if "/" not in hub_id:
         from minipuzzle.presets import PRESETS

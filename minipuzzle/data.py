@@ -30,7 +30,8 @@ def load_tokenizer(path: str | Path):
 
 
 def _text_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    # Top level only: a folder like the Python standard library holds site-packages below it.
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)
 
 
 def iter_documents(
@@ -39,16 +40,22 @@ def iter_documents(
     column: str = "text",
     streaming: bool = False,
     exclude: Iterable[str] = (),
+    include: Iterable[str] | None = None,
 ) -> Iterator[str]:
     """Yield documents (strings) from a file, folder or hub dataset, in a fixed order.
 
-    `exclude`: file names to skip when `source` is a folder (held-out files).
+    When `source` is a folder its text files (top level, sorted by name) are the documents; `exclude` skips files
+    by name (held-out files) and `include`, when given, keeps only the named files.
     """
     src = str(source)
     p = Path(src)
     if p.is_dir():
         skip = set(exclude)
-        files = [f for f in _text_files(p) if f.name not in skip]
+        only = None if include is None else set(include)
+        files = [f for f in _text_files(p) if f.name not in skip and (only is None or f.name in only)]
+        if only is not None and len(files) < len(only):
+            missing = sorted(only - {f.name for f in files})
+            raise UserError(f"{p} has no file {missing[0]}")
         if not files:
             raise UserError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in {p}")
         for f in files:
@@ -113,6 +120,7 @@ def token_windows(
     split: str = "train",
     column: str = "text",
     exclude: Iterable[str] = (),
+    include: Iterable[str] | None = None,
     max_windows: int | None = None,
 ) -> torch.Tensor:
     """Windows of token ids, shape [num_samples, seq_len] (int64), chosen deterministically from `seed`.
@@ -123,7 +131,9 @@ def token_windows(
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     windows = []
-    for w in pack(iter_tokens(tokenizer, iter_documents(source, split, column, exclude=exclude)), seq_len):
+    for w in pack(
+        iter_tokens(tokenizer, iter_documents(source, split, column, exclude=exclude, include=include)), seq_len
+    ):
         windows.append(w)
         if max_windows is not None and len(windows) >= max_windows:
             break

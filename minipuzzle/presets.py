@@ -4,6 +4,7 @@ offline on the meta device. Numbers from NVIDIA's published configs (see DESIGN.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
@@ -15,12 +16,16 @@ _NANO12 = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 _NANO9 = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     hub_id: str
     layout: Layout
     description: str
+    local_path: Path | None = None  # weights shipped with the package (the demo teacher)
 
 
 def _lay(pattern: str, hidden: int, ffn: int, q: int, mheads: int, mdim: int, state: int) -> Layout:
@@ -37,6 +42,23 @@ def _lay(pattern: str, hidden: int, ffn: int, q: int, mheads: int, mdim: int, st
         ssm_state_size=state,
     )
 
+
+# The demo teacher (scripts/train_demo_teacher.py): the 56B's rhythm of Mamba/MLP pairs with an attention layer
+# every ~10 layers, scaled down to 20 layers and 6M parameters; trained on the Python standard library.
+DEMO_LAYOUT = Layout(
+    pattern="M-M-M*-M-M-M*-M-M-M-",
+    hidden_size=192,
+    intermediate_size=768,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=32,
+    mamba_num_heads=8,
+    mamba_head_dim=32,
+    n_groups=2,
+    ssm_state_size=32,
+    conv_kernel=4,
+    vocab_size=4096,
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -69,6 +91,13 @@ PRESETS: dict[str, Preset] = {
             _lay(_NANO9, 4480, 15680, 40, 128, 80, 128),
             "Nemotron Nano 2 9B base (Minitron-compressed 12B)",
         ),
+        Preset(
+            "demo",
+            "",
+            DEMO_LAYOUT,
+            "6M-parameter demo teacher trained on the Python standard library (ships with minipuzzle)",
+            ASSETS / "demo-teacher",
+        ),
     ]
 }
 
@@ -79,11 +108,11 @@ def get_preset(name: str) -> Preset:
     if key in PRESETS:
         return PRESETS[key]
     for p in PRESETS.values():
-        if p.hub_id.lower() == key:
+        if p.hub_id and p.hub_id.lower() == key:
             return p
     raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
 
 
 def is_preset(name: str) -> bool:
     key = name.strip().lower()
-    return key in PRESETS or any(p.hub_id.lower() == key for p in PRESETS.values())
+    return key in PRESETS or any(p.hub_id and p.hub_id.lower() == key for p in PRESETS.values())
