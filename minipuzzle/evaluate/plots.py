@@ -1,0 +1,135 @@
+"""PNG plots for evaluation and run reports (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODEL_COLOR, TEACHER_COLOR = "#2b6cb0", "#a0aec0"
+KIND_COLORS = {"M": "#38a169", "*": "#dd6b20", "-": "#3182ce"}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tasks_plot(tasks: dict, teacher_tasks: dict | None, path: str | Path) -> Path | None:
+    """Grouped bars, one group per task (its first metric): teacher next to model."""
+    names = sorted(tasks)
+    if not names:
+        return None
+    metric = {t: next(iter(tasks[t])) for t in names}
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.6))
+    x = range(len(names))
+    width = 0.38 if teacher_tasks else 0.6
+    if teacher_tasks:
+        tv = [teacher_tasks.get(t, {}).get(metric[t], float("nan")) for t in names]
+        ax.bar([i - width / 2 for i in x], tv, width, label="teacher", color=TEACHER_COLOR)
+    mv = [tasks[t][metric[t]] for t in names]
+    ax.bar([i + (width / 2 if teacher_tasks else 0) for i in x], mv, width, label="model", color=MODEL_COLOR)
+    ax.set_xticks(list(x), [f"{t}\n({metric[t]})" for t in names], fontsize=8)
+    ax.set_ylabel("score")
+    ax.set_title("lm-eval tasks")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def speed_plot(speed: dict, path: str | Path) -> Path | None:
+    """Prefill and decode tokens/s, one bar per measured model (model, teacher)."""
+    names = [n for n in ("teacher", "model") if speed.get(n)]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
+    for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
+        vals = [speed[n][key] for n in names]
+        ax.bar(names, vals, color=[TEACHER_COLOR if n == "teacher" else MODEL_COLOR for n in names])
+        ax.set_title(f"{title} tokens/s")
+        for i, v in enumerate(vals):
+            ax.annotate(f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
+    s = speed[names[-1]]
+    fig.suptitle(f"batch {s['batch']}, prompt {s['prompt_len']}, {s['device']} {s['dtype']}", fontsize=9)
+    return _save(fig, Path(path))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl file; lines that are not JSON objects are skipped (a run may be mid-write)."""
+    rows = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def distill_plot(rows: list[dict], path: str | Path) -> Path | None:
+    """Training loss / KL and validation KL against step (or tokens when steps are absent)."""
+    xkey = "step" if any("step" in r for r in rows) else "tokens"
+    series = [k for k in ("loss", "kl", "val_kl") if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for k in series:
+        pts = [(r[xkey], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and xkey in r]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if k == "val_kl" else None, ms=3, label=k)
+    ax.set_xlabel(xkey)
+    ax.set_ylabel("nats / token")
+    ax.set_title("distillation")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def depth_plot(depth: list[float], pattern: str, path: str | Path) -> Path | None:
+    """Layer importance (drop-one damage) per layer, coloured by layer kind."""
+    if not depth:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.12 * len(depth) + 2), 3.2))
+    colors = [KIND_COLORS.get(pattern[i] if i < len(pattern) else "", "#718096") for i in range(len(depth))]
+    ax.bar(range(len(depth)), depth, color=colors)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("importance")
+    ax.set_title("layer importance (green Mamba, orange attention, blue MLP)", fontsize=9)
+    return _save(fig, Path(path))
+
+
+def quality_plot(rep: dict, path: str | Path) -> Path | None:
+    """Held-out text: perplexity (left) and next-token accuracy / agreement with the teacher (right)."""
+    if rep.get("perplexity") is None:
+        return None
+    teacher = rep.get("teacher_quality") or {}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(7, 3.2))
+    names = (["teacher"] if teacher else []) + ["model"]
+    ppl = ([teacher["perplexity"]] if teacher else []) + [rep["perplexity"]]
+    a1.bar(names, ppl, color=[TEACHER_COLOR if n == "teacher" else MODEL_COLOR for n in names])
+    a1.set_title("perplexity (lower is better)")
+    labels, vals, colors = [], [], []
+    if teacher:
+        labels.append("teacher acc")
+        vals.append(teacher["accuracy"])
+        colors.append(TEACHER_COLOR)
+    labels.append("model acc")
+    vals.append(rep["accuracy"])
+    colors.append(MODEL_COLOR)
+    if rep.get("agreement") is not None:
+        labels.append("agreement")
+        vals.append(rep["agreement"])
+        colors.append("#805ad5")
+    a2.bar(labels, vals, color=colors)
+    a2.set_ylim(0, 1)
+    a2.set_title("next token")
+    if rep.get("kl_to_teacher") is not None:
+        fig.suptitle(f"KL(teacher ‖ model) = {rep['kl_to_teacher']:.4f} nats/token", fontsize=9)
+    return _save(fig, Path(path))

@@ -1,0 +1,259 @@
+"""Evaluation reports on tiny random Nemotron-H models: perplexity/KL/agreement exactness, lm-eval tasks on local
+task YAML offline, speed figures, the report folder, and the `eval` CLI."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minipuzzle.arch import Layout
+from minipuzzle.checkpoint import load_model
+from minipuzzle.data import token_windows
+from minipuzzle.errors import UserError
+from minipuzzle.evaluate import evaluate, held_out_stats, parse_tasks, run_tasks
+from minipuzzle.metrics import token_stats
+from minipuzzle.testing import random_model, run_cli, save_model
+
+TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
+TASK_YAML = TASKS / "tiny_code_mc.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def drop_layers(model, keep: list[int]):
+    """A depth-pruned copy of `model` that keeps the layers `keep` (in order): a real pruned model."""
+    from transformers import NemotronHForCausalLM
+
+    layout = Layout.from_config(model.config)
+    small = layout.replace(pattern="".join(layout.pattern[i] for i in keep))
+    pruned = NemotronHForCausalLM(small.to_hf_config(small.to_config(model.config.to_dict())))
+    sd = model.state_dict()
+    new = {}
+    for k, v in sd.items():
+        if k.startswith("model.layers."):
+            i = int(k.split(".")[2])
+            if i in keep:
+                new[k.replace(f"model.layers.{i}.", f"model.layers.{keep.index(i)}.", 1)] = v
+        else:
+            new[k] = v
+    pruned.load_state_dict(new, strict=True)
+    return pruned.eval()
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """lm-eval and datasets may not touch the network; datasets' cache goes to a private folder."""
+    import datasets
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    mp.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("ds_cache")))
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("ds_cache2")), raising=False)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    """Teacher and a depth-pruned student (layers 2 and 5 dropped) on disk; the student folder holds a
+    metrics.jsonl from a few real distillation steps."""
+    root = tmp_path_factory.mktemp("models")
+    teacher = random_model(seed=3)
+    keep = [i for i in range(teacher.config.num_hidden_layers) if i not in (2, 5)]
+    student = drop_layers(teacher, keep)
+    tpath = save_model(teacher, root / "teacher", tokenizer=tokenizer)
+    spath = save_model(student, root / "student", tokenizer=tokenizer)
+    # A few real KL-distillation steps, logged the way the distill stage logs them.
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 320, (2, 16), generator=gen)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    rows = []
+    with torch.no_grad():
+        tlogp = F.log_softmax(teacher(ids).logits.float(), -1)
+    for step in range(1, 5):
+        logp = F.log_softmax(student(ids).logits.float(), -1)
+        kl = (tlogp.exp() * (tlogp - logp)).sum(-1).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+        row = {"step": step, "loss": kl.item(), "kl": kl.item(), "tokens": step * ids.numel()}
+        if step % 2 == 0:
+            row["val_kl"] = kl.item()
+        rows.append(row)
+    (spath / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"teacher": tpath, "student": spath, "keep": keep, "pattern": Layout.from_config(teacher.config).pattern}
+
+
+def test_perplexity_is_exp_of_mean_token_loss(models, tokenizer, text_file):
+    model = load_model(models["student"])
+    windows = token_windows(text_file, tokenizer, 40, 7, seed=1)
+    stats = held_out_stats(model, windows, batch_size=3)  # 7 windows in uneven batches of 3
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].float()
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="none")
+    assert stats["tokens"] == windows[:, 1:].numel()
+    assert stats["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    assert stats["perplexity"] == pytest.approx(math.exp(losses.mean().item()), rel=1e-5)
+    assert stats["perplexity"] == pytest.approx(token_stats(model, windows, batch_size=8)["perplexity"], rel=1e-6)
+
+
+def test_kl_to_itself_is_zero_and_to_a_pruned_model_is_not(models, tokenizer, text_file):
+    teacher = load_model(models["teacher"])
+    same = load_model(models["teacher"])  # a separate copy: equality must come from the weights, not identity
+    student = load_model(models["student"])
+    windows = token_windows(text_file, tokenizer, 32, 4, seed=2)
+    self_stats = held_out_stats(same, windows, teacher, batch_size=2)
+    assert self_stats["kl_to_teacher"] == pytest.approx(0.0, abs=1e-7)
+    assert self_stats["agreement"] == 1.0
+    pruned = held_out_stats(student, windows, teacher, batch_size=2)
+    assert pruned["kl_to_teacher"] > 1e-3
+    assert pruned["agreement"] < 1.0
+    # KL from first principles on the same windows.
+    with torch.no_grad():
+        tl = F.log_softmax(teacher(windows).logits[:, :-1].float(), -1)
+        sl = F.log_softmax(student(windows).logits[:, :-1].float(), -1)
+    assert pruned["kl_to_teacher"] == pytest.approx((tl.exp() * (tl - sl)).sum(-1).mean().item(), rel=1e-4)
+
+
+def test_parse_tasks(tmp_path):
+    specs = parse_tasks(["mmlu,arc_challenge:3", str(TASK_YAML), f"{TASKS}:2", "winogrande"])
+    assert [(s.kind, s.shots) for s in specs] == [("name", 5), ("name", 3), ("file", None), ("folder", 2), ("name", 5)]
+    with pytest.raises(UserError, match="not found"):
+        parse_tasks([str(tmp_path / "missing.yaml")])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not a .yaml"):
+        parse_tasks([str(tmp_path / "notes.txt")])
+
+
+def _manual_mc_accuracy(model, tokenizer) -> float:
+    """Multiple-choice accuracy computed directly: argmax over choices of log p(" " + choice | question)."""
+    docs = [json.loads(line) for line in (TASKS / "tiny_code_mc.jsonl").read_text().splitlines()]
+    correct = 0
+    for d in docs:
+        scores = []
+        for choice in d["choices"]:
+            ctx = tokenizer.encode(d["question"])
+            whole = tokenizer.encode(d["question"] + " " + choice)
+            cont = whole[len(ctx) :]
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = F.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]
+            scores.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == d["label"])
+    return correct / len(docs)
+
+
+def test_local_task_yaml_runs_offline_from_any_directory(models, tokenizer, offline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the YAML names its data relative to itself, not to the working directory
+    model = load_model(models["student"])
+    out = run_tasks(model, tokenizer, parse_tasks([str(TASK_YAML)]), batch_size=4)
+    acc = out["tasks"]["tiny_code_mc"]["acc"]
+    assert 0.0 <= acc <= 1.0
+    assert out["samples"]["tiny_code_mc"] == 8
+    assert acc == pytest.approx(_manual_mc_accuracy(model, tokenizer), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def eval_report(models, text_file, offline, tmp_path_factory):
+    """A real report: pruned student against its teacher, held-out text, a folder of local tasks, speed."""
+    out = tmp_path_factory.mktemp("run") / "eval"
+    rep = evaluate(
+        models["student"],
+        models["teacher"],
+        data=text_file,
+        tasks=[str(TASKS)],  # a folder of task YAML files
+        seq_len=32,
+        out=out,
+        num_samples=6,
+        batch_size=4,
+        speed_batch=2,
+        speed_prompt_len=8,
+        decode_tokens=2,
+        limit=6,
+        speed_repeats=1,
+        context=4096,
+    )
+    return out, rep
+
+
+def test_eval_report_teacher_vs_pruned_model(eval_report, models, text_file, tokenizer):
+    out, rep = eval_report
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["perplexity"] == pytest.approx(rep["perplexity"])
+    # The report's perplexity is exp(mean token loss) over exactly the windows the settings name.
+    windows = token_windows(text_file, tokenizer, 32, 6, seed=0)
+    student = load_model(models["student"])
+    assert saved["perplexity"] == pytest.approx(token_stats(student, windows)["perplexity"], rel=1e-5)
+    assert saved["kl_to_teacher"] > 1e-3 and 0.0 <= saved["agreement"] < 1.0
+    assert saved["teacher_quality"]["perplexity"] > 0
+    assert saved["task_samples"]["tiny_code_mc"] == 6
+    assert set(saved["tasks"]) == {"tiny_code_mc"} and 0 <= saved["tasks"]["tiny_code_mc"]["acc"] <= 1
+    assert set(saved["teacher_tasks"]) == {"tiny_code_mc"}
+    for who in ("model", "teacher"):
+        s = saved["speed"][who]
+        assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
+        assert s["peak_memory_bytes"] >= s["weights_bytes"] > 0
+        assert s["prefill_tokens_per_s"] == pytest.approx(2 * 8 / s["prefill_s"])
+        assert s["decode_tokens_per_s"] == pytest.approx(2 * 2 / s["decode_s"])
+    assert saved["speed"]["model"]["weights_bytes"] == sum(p.numel() * 4 for p in student.parameters())
+    arch = saved["architecture"]
+    assert arch["model"]["params"] == sum(p.numel() for p in student.parameters())
+    assert arch["teacher"]["params"] > arch["model"]["params"]
+    assert arch["model"]["context"] == 4096 and arch["model"]["flops_per_token"]["decode"] > 0
+    assert saved["settings"]["seq_len"] == 32 and saved["settings"]["windows"] == 6
+    assert saved["distill"]["points"] == 4
+    assert set(saved["plots"]) == {"quality.png", "tasks.png", "speed.png", "distill.png"}
+    for name in saved["plots"]:
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    md = (out / "report.md").read_text()
+    assert "| tiny_code_mc | acc |" in md and "perplexity" in md and "prefill tokens/s" in md
+    assert "![tasks](tasks.png)" in md
+
+
+def test_cli_eval_and_user_errors(models, text_file, tmp_path):
+    out = tmp_path / "rep"
+    student = str(models["student"])
+    args = ["eval", student, "--teacher", student, "--data", str(text_file), "--seq-len", "24"]
+    code, stdout, stderr = run_cli([*args, "--num-samples", "3", "--no-speed", "-o", str(out)])
+    assert code == 0, stderr
+    rep = json.loads((out / "report.json").read_text())
+    # The model against itself: KL exactly zero, every greedy token agrees.
+    assert rep["kl_to_teacher"] == pytest.approx(0.0, abs=1e-7) and rep["agreement"] == 1.0
+    assert rep["teacher_quality"]["perplexity"] == pytest.approx(rep["perplexity"]) and rep["perplexity"] > 1
+    assert rep["plots"] == ["quality.png", "distill.png"] and rep["speed"] == {} and (out / "report.md").is_file()
+    # User errors: one line, exit 2, nothing written.
+    bad = tmp_path / "bad"
+    for args in (
+        ["eval", str(tmp_path / "nope"), "-o", str(bad)],
+        ["eval", str(models["student"]), "--tasks", str(tmp_path / "missing.yaml"), "-o", str(bad)],
+        ["eval", str(models["student"]), "--data", str(tmp_path / "none.txt"), "-o", str(bad)],
+        ["eval", str(models["student"]), "--no-speed", "-o", str(bad)],
+        ["eval", str(models["student"]), "--data", str(text_file), "-o", str(out)],  # exists, no --overwrite
+    ):
+        code, _, stderr = run_cli(args)
+        assert code == 2, (args, stderr)
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
+        assert not bad.exists()
+    assert json.loads((out / "report.json").read_text()) == rep
+    code, stdout, _ = run_cli(["eval", "--help"])
+    assert code == 0 and "Example" in stdout
+
+
+def test_decode_loop_reproduces_generate_and_speed_figures(models):
+    """The timed decode loop really decodes: its greedy tokens are `generate`'s."""
+    from minipuzzle.evaluate import measure_speed
+    from minipuzzle.evaluate.speed import greedy_decode
+
+    model = load_model(models["student"])
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(4))
+    tokens, seconds = greedy_decode(model, ids, 5)
+    ref = model.generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, ref[:, 12:]) and seconds > 0
+    s = measure_speed(model, batch=2, prompt_len=12, decode_tokens=3, repeats=1)
+    assert s["prefill_tokens_per_s"] == pytest.approx(24 / s["prefill_s"])
+    assert s["decode_tokens_per_s"] == pytest.approx(6 / s["decode_s"])
