@@ -1,0 +1,13 @@
+"""Knowledge distillation of a pruned Nemotron-H student from its teacher's logits (one process or torchrun/FSDP2).
+
+Example::
+
+    from minipuzzle.distill import DistillConfig, distill
+    out = distill(DistillConfig(teacher="56b-dir", student="47b-dir", data="corpus.jsonl", output="47b-distilled",
+                                tokens=63e9, seq_len=8192, batch_size=768))
+"""
+
+from minipuzzle.distill.config import DistillConfig
+from minipuzzle.distill.loop import Diverged, Preempted, distill
+
+__all__ = ["DistillConfig", "Diverged", "Preempted", "distill"]

@@ -1,0 +1,381 @@
+"""The distillation loop: teacher logits -> student, one process or torchrun + FSDP2, resumable.
+
+    distill(DistillConfig(teacher=..., student=..., data=..., output=..., max_steps=...)) -> Path
+
+Every step takes the next `batch_size` windows of the data stream (the same on every process), each process
+trains on its slice in `grad_accum` micro-batches, gradients are averaged (FSDP2 reduce-scatter), clipped, and
+AdamW steps. Checkpoints every `save_every` steps and on SIGTERM; a rerun of the same command resumes from the
+newest one and ends with the same weights as an uninterrupted run (float32 on CPU: bit for bit).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint, save_state_dict
+from minipuzzle.data import load_tokenizer
+from minipuzzle.distill import parallel, state
+from minipuzzle.distill.config import DistillConfig
+from minipuzzle.distill.losses import DistillObjective
+from minipuzzle.distill.stream import WindowStream
+from minipuzzle.errors import UserError
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the run saved a checkpoint and stopped; rerun the same command to resume."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {path}; rerun the same command to resume")
+        self.step, self.path = step, path
+
+
+class Diverged(UserError):
+    """The loss or gradient norm became NaN or inf; the last good checkpoint is kept."""
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in TOKENIZER_MARKERS)
+
+
+def check_pair(teacher: Checkpoint, student: Checkpoint, pairs: list[tuple[int, int]]):
+    """Teacher and student must share the vocabulary; returns the tokenizer and the folder it came from."""
+    tv, sv = teacher.layout.vocab_size, student.layout.vocab_size
+    if tv != sv:
+        raise UserError(
+            f"teacher vocabulary ({tv} tokens) differs from the student's ({sv}): logit distillation needs one vocabulary"
+        )
+    t_tok = load_tokenizer(teacher.path) if _has_tokenizer(teacher.path) else None
+    s_tok = load_tokenizer(student.path) if _has_tokenizer(student.path) else None
+    if t_tok is None and s_tok is None:
+        raise UserError(f"neither {teacher.path} nor {student.path} holds a tokenizer")
+    if t_tok is not None and s_tok is not None and t_tok.get_vocab() != s_tok.get_vocab():
+        raise UserError(
+            f"teacher tokenizer ({teacher.path}) and student tokenizer ({student.path}) differ: logit distillation "
+            "needs the same tokenizer"
+        )
+    tok, tok_dir = (s_tok, student.path) if s_tok is not None else (t_tok, teacher.path)
+    if len(tok) > tv:
+        raise UserError(f"the tokenizer has {len(tok)} tokens but the models' vocabulary is {tv}")
+    for s, t in pairs:
+        if s >= student.layout.num_layers or t >= teacher.layout.num_layers:
+            raise UserError(
+                f"--hidden-map pair {s}:{t} is out of range: student has {student.layout.num_layers} layers, "
+                f"teacher {teacher.layout.num_layers}"
+            )
+    return tok, tok_dir
+
+
+def _load_models(cfg: DistillConfig, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: parallel.Dist) -> DistillObjective:
+    t_dtype = DTYPES.get(cfg.teacher_dtype) or (torch.bfloat16 if d.device.type == "cuda" else torch.float32)
+    make = parallel.build_meta if d.enabled else lambda c, dt: parallel.load_local(c, dt, d)
+    student = make(s_ckpt, torch.float32)  # float32 master weights; bf16 only inside autocast
+    teacher = make(t_ckpt, t_dtype)
+    for m in (student, teacher):
+        try:
+            m.set_attn_implementation(cfg.attn_implementation)
+        except (ValueError, ImportError) as e:
+            raise UserError(f"--attn-implementation {cfg.attn_implementation}: {str(e).splitlines()[0]}") from None
+    if cfg.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pairs = cfg.layer_pairs()
+    if cfg.hidden_weight > 0 and not pairs:
+        if s_ckpt.layout.num_layers != t_ckpt.layout.num_layers:
+            raise UserError(
+                f"--hidden-weight needs --hidden-map: the student has {s_ckpt.layout.num_layers} layers, "
+                f"the teacher {t_ckpt.layout.num_layers}"
+            )
+        pairs = [(i, i) for i in range(s_ckpt.layout.num_layers)]
+    objective = DistillObjective(
+        student,
+        teacher,
+        loss=cfg.loss,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        lm_weight=cfg.lm_weight,
+        hidden_weight=cfg.hidden_weight,
+        layer_pairs=pairs,
+        chunk=cfg.loss_chunk,
+    )
+    if d.enabled:
+        parallel.shard(objective, d)
+        parallel.fill_sharded(student, s_ckpt, d)
+        parallel.fill_sharded(teacher, t_ckpt, d)
+    return objective
+
+
+def _optimizer(cfg: DistillConfig, student) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]  # norms, A_log, D, dt_bias
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+    return opt, sched
+
+
+def lr_factor(step: int, cfg: DistillConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to `min_lr_ratio` at `max_steps` (step counts from 0)."""
+    warmup = min(cfg.warmup, cfg.max_steps - 1)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    span = max(cfg.max_steps - 1 - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def finished(out: Path, cfg: DistillConfig) -> bool:
+    """OUT already holds the result of this very run (a rerun after success is a no-op)."""
+    f = out / "distill.json"
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("trajectory") == cfg.trajectory()
+    except json.JSONDecodeError:
+        return False
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+
+def distill(config: DistillConfig) -> Path:
+    """Distil `config.teacher` into `config.student`; returns OUT, a standard checkpoint with metrics.jsonl.
+
+    Raises UserError for bad input (before anything is written), Diverged on a NaN/inf loss (the last good
+    checkpoint stays in OUT.partial), Preempted after saving on SIGTERM.
+    """
+    cfg = config
+    cfg.validate()
+    out = cfg.output_path
+    if finished(out, cfg):
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        return out
+    check_output_dir(out, cfg.overwrite)
+    d = parallel.init(cfg.device)
+    try:
+        return _run(cfg, d)
+    finally:
+        parallel.shutdown(d)
+
+
+def _run(cfg: DistillConfig, d: parallel.Dist) -> Path:
+    micro_bs, rem = divmod(cfg.batch_size, d.world * cfg.grad_accum)
+    if rem or micro_bs == 0:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be a multiple of processes ({d.world}) x --grad-accum ({cfg.grad_accum})"
+        )
+    t_ckpt = Checkpoint(resolve_checkpoint(cfg.teacher))
+    s_ckpt = Checkpoint(resolve_checkpoint(cfg.student))
+    tokenizer, tok_dir = check_pair(t_ckpt, s_ckpt, cfg.layer_pairs())
+
+    # Data: held-out windows first (from --eval-data, or the head of the training data, then never trained on).
+    train = WindowStream(cfg.data, tokenizer, cfg.seq_len, split=cfg.split, column=cfg.text_column,
+                         streaming=cfg.streaming)  # fmt: skip
+    eval_ids = torch.zeros(0, cfg.seq_len, dtype=torch.long)
+    if cfg.eval_windows and cfg.eval_every:
+        src = WindowStream(cfg.eval_data, tokenizer, cfg.seq_len, split=cfg.split, column=cfg.text_column) if (
+            cfg.eval_data) else train  # fmt: skip
+        eval_ids = src.take(cfg.eval_windows)
+        if src is train:
+            train.mark_start()
+    WindowStream(cfg.data, tokenizer, cfg.seq_len, split=cfg.split, column=cfg.text_column,
+                 streaming=cfg.streaming, state=copy.deepcopy(train.state)).take(1)  # fmt: skip  # fails early
+
+    objective = _load_models(cfg, t_ckpt, s_ckpt, d)
+    student = objective.student
+    opt, sched = _optimizer(cfg, student)
+
+    # Resume.
+    run_dir = cfg.run_dir
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state.clean_leftovers(run_dir)
+        state.check_run(run_dir, cfg.trajectory())
+    parallel.barrier(d)
+    step, tokens = 0, 0
+    last = state.latest_checkpoint(run_dir)
+    if last is not None:
+        extra = state.load_checkpoint(last, student, opt, d)
+        step, tokens = extra["step"], extra["tokens"]
+        sched.load_state_dict(extra["scheduler"])
+        train.load_state_dict(extra["stream"])
+        state.set_rng_state(extra["rng"], d.device)
+    else:
+        torch.manual_seed(cfg.seed)
+    log = state.MetricsLog(run_dir / "metrics.jsonl", d, resume_step=step if last is not None else None)
+
+    def save() -> Path:
+        extra = {"step": step, "tokens": tokens, "scheduler": sched.state_dict(), "stream": train.state_dict(),
+                 "rng": state.rng_state(d.device)}  # fmt: skip
+        return state.save_checkpoint(run_dir, step, student, opt, extra, d)
+
+    def evaluate() -> None:
+        if not len(eval_ids):
+            return
+        objective.eval()
+        sums = torch.zeros(5, dtype=torch.float64)
+        # Every process makes the same number of calls (FSDP2 collectives must match); a process with no
+        # windows left scores window 0 and drops the result.
+        stride = d.world * micro_bs
+        with _autocast(cfg, d):
+            for k in range(math.ceil(len(eval_ids) / stride)):
+                i = k * stride + d.rank * micro_bs
+                ids = eval_ids[i : i + micro_bs]
+                part = objective(ids.to(d.device) if len(ids) else eval_ids[:1].to(d.device), evaluate=True).cpu()
+                sums += part if len(ids) else 0 * part
+        sums = parallel.all_sum(d, sums)
+        n = max(sums[4].item(), 1.0)
+        rec = {"type": "eval", "step": step, "loss": sums[0].item() / n, "kl_to_teacher": sums[1].item() / n,
+               "accuracy": sums[2].item() / n, "agreement": sums[3].item() / n, "tokens": int(n)}  # fmt: skip
+        rec["perplexity"] = math.exp(min(rec["loss"], 700.0))
+        log.write(rec)
+        objective.train()
+
+    stop = {"sigterm": False}
+    old_handler = _install_sigterm(stop)
+    bar = _Progress(cfg.max_steps, step, enabled=cfg.progress and d.main)
+    try:
+        if step == 0:
+            evaluate()
+        objective.train()
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            batch = train.take(cfg.batch_size)  # every process reads the same global batch, keeps its slice
+            mine = batch[d.rank * micro_bs * cfg.grad_accum : (d.rank + 1) * micro_bs * cfg.grad_accum]
+            sums = torch.zeros(4, dtype=torch.float64)
+            for i, micro in enumerate(mine.split(micro_bs)):
+                if d.enabled:
+                    objective.set_requires_gradient_sync(i == cfg.grad_accum - 1)
+                with _autocast(cfg, d):
+                    res = objective(micro.to(d.device))
+                (res["loss"] / cfg.grad_accum).backward()
+                sums += torch.stack([res[k].detach().double().cpu() for k in ("loss", "kl", "lm", "hidden")])
+            sums = parallel.all_mean(d, sums / cfg.grad_accum)
+            if not torch.isfinite(sums[0]):
+                raise Diverged(_diverged_msg("loss", sums[0].item(), step + 1, run_dir))
+            params = [p for p in student.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if not math.isfinite(norm):
+                raise Diverged(_diverged_msg("gradient norm", norm, step + 1, run_dir))
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens += cfg.tokens_per_step
+            dt = time.perf_counter() - t0
+            rec = {"type": "train", "step": step, "loss": sums[0].item(), "kl": sums[1].item(), "lm": sums[2].item(),
+                   "hidden": sums[3].item(), "lr": lr, "grad_norm": norm, "tokens": tokens,
+                   "tokens_per_s": cfg.tokens_per_step / dt}  # fmt: skip
+            log.write(rec)
+            bar.update(rec)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                evaluate()
+            if step == cfg.max_steps:
+                break  # done: a SIGTERM now is answered by finishing the (atomic) final write below
+            sigterm = parallel.any_true(d, stop["sigterm"])
+            if (cfg.save_every and step % cfg.save_every == 0) or sigterm:
+                path = save()
+                if sigterm:
+                    raise Preempted(step, path)
+        bar.close()
+        return _write_final(cfg, d, student, s_ckpt, tok_dir, log)
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+
+def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.MetricsLog) -> Path:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if d.enabled:
+        sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    out = cfg.output_path
+    if d.main:
+        dtype = s_ckpt.dtype()
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        if s_ckpt.layout.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        summary = {"trajectory": cfg.trajectory(), "config": cfg.as_dict(), "teacher": str(cfg.teacher)}
+        save_state_dict(sd, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
+                        overwrite=cfg.overwrite,
+                        extra_files={"metrics.jsonl": log.text(),
+                                     "distill.json": json.dumps(summary, indent=2) + "\n"})  # fmt: skip
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    parallel.barrier(d)
+    return out
+
+
+def _diverged_msg(what: str, value: float, step: int, run_dir: Path) -> str:
+    last = state.latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
+    return f"{what} is {value} at step {step}: stopped; {kept}; lower --lr or check the data"
+
+
+def _autocast(cfg: DistillConfig, d: parallel.Dist):
+    if d.device.type == "cuda" and cfg.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _install_sigterm(stop: dict[str, bool]) -> Any:
+    """Turn SIGTERM into a flag checked at the end of each step (then: save, stop). Main thread only."""
+
+    def handler(_signum, _frame):
+        stop["sigterm"] = True
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+class _Progress:
+    """A rich progress bar with loss, KL and tokens/s (nothing when disabled)."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.p = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(
+            TextColumn("distill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  kl {task.fields[kl]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+        )
+        self.p.start()
+        self.task = self.p.add_task("distill", total=total, completed=done, loss="-", kl="-", tps="-")
+
+    def update(self, rec: dict[str, Any]) -> None:
+        if self.p is not None:
+            self.p.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}",
+                          tps=f"{rec['tokens_per_s']:,.0f}")  # fmt: skip
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+            self.p = None

@@ -1,0 +1,148 @@
+"""One process or many: device choice, process group, FSDP2 sharding, collective helpers.
+
+Launched with torchrun (WORLD_SIZE > 1) the run joins a process group (NCCL on CUDA, gloo on CPU) and both
+models are sharded with FSDP2 `fully_shard`: every Nemotron-H block is its own unit, and the `DistillObjective`
+root owns what is left (embeddings, final norms, LM heads of both models), which it gathers once per step. Models
+are built on the meta device, sharded, then filled tensor by tensor from the safetensors shards, so no process
+ever holds a whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from minipuzzle.checkpoint import Checkpoint, build_model, load_model
+from minipuzzle.errors import UserError
+
+
+@dataclass
+class Dist:
+    """Where this process runs: rank, world size and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def init(device: str = "auto") -> Dist:
+    """Join the torchrun process group when there is one (idempotent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world <= 1:
+        return Dist(0, 1, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_mean(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """Mean over processes of a small tensor (returned on the CPU)."""
+    if d.enabled:
+        t = t.to(d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = t / d.world
+    return t.cpu()
+
+
+def all_sum(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    if d.enabled:
+        t = t.to(d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def any_true(d: Dist, flag: bool) -> bool:
+    """True on every process when it is true on any (e.g. SIGTERM seen by one rank first)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def load_local(ckpt: Checkpoint, dtype: torch.dtype, d: Dist):
+    """A whole model on this process's device (single-process runs)."""
+    return load_model(ckpt, dtype=dtype, device=d.device)
+
+
+def build_meta(ckpt: Checkpoint, dtype: torch.dtype):
+    """The model on the meta device, in `dtype`, to be sharded before any memory is allocated."""
+    return build_model(ckpt.layout, ckpt.config).to(dtype)
+
+
+def shard(objective, d: Dist) -> None:
+    """FSDP2: one unit per block of each model, the rest owned by the objective (the root)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    # Gradients are reduced in float32 even when the forward runs in bf16 under autocast.
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for model in (objective.student, objective.teacher):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(objective, mesh=mesh, mp_policy=mp)
+
+
+@torch.no_grad()
+def fill_sharded(model, ckpt: Checkpoint, d: Dist) -> None:
+    """Materialise a sharded meta model on the device and copy each rank's shard of every tensor into it.
+
+    Each tensor is read whole from its safetensors shard (one at a time), cut the way FSDP2 cuts it (dim 0,
+    torch.chunk) and only this rank's piece is kept.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=d.device)
+    names = dict(model.named_parameters())
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
+    for name, p in names.items():
+        full = ckpt.get(name).to(device=d.device, dtype=p.dtype)
+        if isinstance(p, DTensor):
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.to_local().copy_(local)
+        else:
+            p.copy_(full)
