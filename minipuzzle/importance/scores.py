@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from minipuzzle.arch import KIND_NAMES
 from minipuzzle.errors import UserError
 
 # Width axes, keyed by source layer index (hidden is one vector for the whole residual stream).
@@ -54,8 +55,9 @@ class Scores:
         """Write scores.safetensors and scores.json into `folder` (which must exist)."""
         folder = Path(folder)
         save_file(self.tensors(), str(folder / "scores.safetensors"), metadata={"pattern": self.pattern})
-        summary = dict(self.meta)
+        summary = {k: v for k, v in self.meta.items() if k not in ("pattern", "summary")}
         summary["pattern"] = self.pattern
+        summary["summary"] = self.summary()
         (folder / "scores.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
     @classmethod
@@ -74,6 +76,7 @@ class Scores:
             raise UserError(f"cannot read scores {f}: {e}") from None
         meta_file = f.parent / "scores.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta.pop("summary", None)  # derived from the tensors on every save
         s = cls(pattern=pattern or meta.get("pattern", ""), meta=meta)
         for k, t in tensors.items():
             if k in ("depth", "hidden"):
@@ -82,3 +85,59 @@ class Scores:
                 axis, i = k.rsplit(".", 1)
                 getattr(s, axis)[int(i)] = t
         return s
+
+    # ---- readable views ---------------------------------------------------------------------------------------
+    def layer_ranking(self, kind: str | None = None) -> list[int]:
+        """Layer indices, most important first; `kind` ('M', '*', '-' or mamba/attention/mlp) keeps one kind."""
+        if self.depth is None:
+            return []
+        ch = {v: k for k, v in KIND_NAMES.items()}.get(kind, kind)
+        order = torch.argsort(self.depth.float(), descending=True, stable=True).tolist()
+        return [i for i in order if ch is None or self.pattern[i] == ch]
+
+    @staticmethod
+    def group_order(scores: torch.Tensor, groups: int) -> torch.Tensor:
+        """Unit indices [groups, per_group] sorted by score within each contiguous group, most important first
+        (Mamba heads within their B/C group, query heads within their KV group)."""
+        per = scores.numel() // groups
+        local = torch.argsort(scores.float().view(groups, per), dim=1, descending=True, stable=True)
+        return local + torch.arange(groups).unsqueeze(1) * per
+
+    def summary(self) -> dict[str, Any]:
+        """Layer ranking by kind, per-axis statistics and within-group head order, for scores.json."""
+        out: dict[str, Any] = {}
+        if self.depth is not None:
+            d = self.depth.float()
+            out["depth"] = {
+                "scores": [round(float(x), 8) for x in d],
+                "ranking": {name: self.layer_ranking(ch) for ch, name in KIND_NAMES.items() if ch in self.pattern},
+                "least_important": self.layer_ranking()[::-1][:10],
+            }
+        groups = self.meta.get("groups", {})
+        for axis in WIDTH_AXES:
+            per = getattr(self, axis)
+            if not per:
+                continue
+            allv = torch.cat([t.float().flatten() for t in per.values()])
+            entry: dict[str, Any] = {
+                "layers": sorted(per),
+                "units_per_layer": int(next(iter(per.values())).numel()),
+                "min": float(allv.min()),
+                "mean": float(allv.mean()),
+                "max": float(allv.max()),
+                "exact_zeros": int((allv == 0).sum()),
+            }
+            g = groups.get({"mamba_heads": "mamba", "attn_heads": "attention_kv"}.get(axis, ""), 0)
+            if g:
+                entry["order_within_groups"] = {str(i): self.group_order(t, g).tolist() for i, t in per.items()}
+            out[axis] = entry
+        if self.hidden is not None:
+            h = self.hidden.float()
+            out["hidden"] = {
+                "units": int(h.numel()),
+                "min": float(h.min()),
+                "mean": float(h.mean()),
+                "max": float(h.max()),
+                "exact_zeros": int((h == 0).sum()),
+            }
+        return out

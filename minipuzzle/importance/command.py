@@ -1,0 +1,87 @@
+"""`minipuzzle score`: calibration data -> importance scores of every layer and unit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("score")(score)
+
+
+def score(
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, preset or cached hub id.")],
+    data: Annotated[
+        str, typer.Option("--data", help="Calibration text: .txt/.jsonl/.parquet, a folder, or a hub dataset.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores.safetensors, scores.json, plots.")],
+    samples: Annotated[int | None, typer.Option(help="Rows for both passes (overrides the two below).")] = None,
+    depth_samples: Annotated[int, typer.Option(help="Rows for the drop-one-layer pass (paper: 128).")] = 128,
+    width_samples: Annotated[int, typer.Option(help="Rows for the width pass (paper: 1024).")] = 1024,
+    seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 4096,
+    axes: Annotated[
+        str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden.")
+    ] = "depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden",
+    depth_metric: Annotated[
+        str, typer.Option(help="mse_hidden (MiniPuzzle), nmse_logits, kl_logits, lm_loss, block_influence.")
+    ] = "mse_hidden",
+    width_agg: Annotated[
+        str, typer.Option(help="Aggregation over sequence,rows (Minitron's best: mean,l2).")
+    ] = "mean,l2",
+    stream: Annotated[
+        bool | None,
+        typer.Option("--stream/--no-stream", help="Read layers one at a time (default: when the model does not fit)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
+    split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "train",
+    text_column: Annotated[str, typer.Option(help="Text column of a table or hub dataset.")] = "text",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda when available).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward call.")] = 8,
+    model_path: Annotated[str | None, typer.Option(help="Local folder holding MODEL's weights.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write depth.png and width.png.")] = True,
+) -> None:
+    """Score the importance of every layer, FFN channel, Mamba head and head channel, attention head and hidden
+    channel of a Nemotron-H checkpoint. Rerunning an interrupted run resumes it.
+
+    Example: minipuzzle score nvidia/Nemotron-H-8B-Base-8K --data calib.jsonl -o scores/8b --seq-len 4096
+    """
+    from minipuzzle.checkpoint import resolve_checkpoint
+    from minipuzzle.importance.folder import resolve_device, score_to_folder
+
+    if samples is not None:
+        depth_samples = width_samples = samples
+    resolve_device(device, dtype)  # a bad device or dtype is reported before the checkpoint is looked at
+    path = resolve_checkpoint(model, model_path)
+    scores = score_to_folder(
+        path, data, output, axes=axes.split(","), depth_samples=depth_samples, width_samples=width_samples,
+        seq_len=seq_len, depth_metric=depth_metric, width_agg=width_agg, stream=stream, seed=seed, split=split,
+        text_column=text_column, device=device, dtype=dtype, batch_size=batch_size, overwrite=overwrite,
+        plots=plots, progress=True,
+    )  # fmt: skip
+    _print_summary(scores, output)
+
+
+def _print_summary(scores, output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from minipuzzle.arch import KIND_NAMES
+
+    con = Console()
+    if scores.depth is not None:
+        t = Table(title=f"least important layers by kind ({scores.meta['settings']['depth_metric']})")
+        t.add_column("kind")
+        t.add_column("layers, least important first")
+        for ch, name in KIND_NAMES.items():
+            ranked = scores.layer_ranking(ch)[::-1]
+            if ranked:
+                t.add_row(name, ", ".join(f"{i} ({scores.depth[i]:.3g})" for i in ranked[:8]))
+        con.print(t)
+    con.print(f"scores written to {output}")

@@ -1,0 +1,107 @@
+"""Calibration text -> a scores folder (scores.safetensors, scores.json, plots): what `minipuzzle score` and the
+recipe runner both do. Resumable: partial sums live next to the output until it is written."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Collection
+from pathlib import Path
+
+import torch
+
+from minipuzzle.errors import UserError
+from minipuzzle.importance.scores import Scores
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+
+
+def resume_dir_for(out: Path) -> Path:
+    """Where an unfinished run keeps its partial sums: next to the output, hidden, removed on success."""
+    return out.parent / f".{out.name}.resume"
+
+
+def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Device (default: cuda when available) and dtype (default: float32 on CPU, bfloat16 on GPU)."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev_t = torch.device(dev)
+    except RuntimeError:
+        raise UserError(f"unknown device {dev!r} (use cpu or cuda[:N])") from None
+    if dev_t.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {dev} requested but CUDA is not available")
+    dt_name = DTYPES.get((dtype or ("float32" if dev_t.type == "cpu" else "bfloat16")).lower())
+    if dt_name is None:
+        raise UserError(f"unknown dtype {dtype!r} (use float32 or bfloat16)")
+    return dev_t, getattr(torch, dt_name)
+
+
+def score_to_folder(
+    checkpoint: str | Path,
+    data: str,
+    output: str | Path,
+    *,
+    axes: Collection[str],
+    depth_samples: int = 128,
+    width_samples: int = 1024,
+    seq_len: int = 4096,
+    depth_metric: str = "mse_hidden",
+    width_agg: str = "mean,l2",
+    stream: bool | None = None,
+    seed: int = 0,
+    split: str = "train",
+    text_column: str = "text",
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    plots: bool = True,
+    progress: bool = True,
+) -> Scores:
+    """Score `checkpoint` on windows of `data` and write the scores folder at `output` atomically.
+
+    The first `depth_samples` windows feed the drop-one-layer pass and the first `width_samples` the width pass
+    (the same seeded choice of windows). Rerunning after an interruption resumes from the saved partial sums.
+    """
+    from minipuzzle.checkpoint import atomic_dir, check_output_dir
+    from minipuzzle.data import load_tokenizer, token_windows
+    from minipuzzle.importance.depth import check_metric
+    from minipuzzle.importance.plots import plot_scores
+    from minipuzzle.importance.scoring import check_axes, score_checkpoint
+    from minipuzzle.importance.width import parse_agg
+
+    axis_list = check_axes(list(axes))
+    check_metric(depth_metric)
+    parse_agg(width_agg)
+    for name, v in (("depth samples", depth_samples), ("width samples", width_samples), ("batch size", batch_size)):
+        if v < 1:
+            raise UserError(f"{name} must be at least 1, got {v}")
+    dev, dt = resolve_device(device, dtype)
+    output = Path(output)
+    check_output_dir(output, overwrite)
+    tokenizer = load_tokenizer(checkpoint)
+    n_depth = depth_samples if "depth" in axis_list else 0
+    n_width = width_samples if any(a != "depth" for a in axis_list) else 0
+    windows = token_windows(data, tokenizer, seq_len, max(n_depth, n_width), seed, split=split, column=text_column)
+    w_depth, w_width = windows[:n_depth], windows[:n_width]
+    resume = resume_dir_for(output)
+    scores = score_checkpoint(
+        checkpoint, w_depth if n_depth else None, w_width if n_width else None, axis_list, depth_metric, stream,
+        dev, dt, resume, progress=progress, width_agg=width_agg, batch_size=batch_size,
+    )  # fmt: skip
+    scores.meta["data"] = {
+        "source": str(data),
+        "split": split,
+        "text_column": text_column,
+        "seed": seed,
+        "seq_len": seq_len,
+        "windows_available_or_requested": len(windows),
+        "depth_rows": len(w_depth),
+        "width_rows": len(w_width),
+        "tokens": int(windows.numel()),
+    }
+    with atomic_dir(output, overwrite) as tmp:
+        scores.save(tmp)
+        if plots:
+            plot_scores(scores, tmp)
+    shutil.rmtree(resume, ignore_errors=True)
+    return scores

@@ -1,0 +1,186 @@
+"""Width importance from activations, every axis in one forward pass (Minitron, Minitron-SSM).
+
+Each unit gets a per-row statistic of its activation over the sequence (default: mean), aggregated over rows
+(default: L2), as in Minitron. The activations read, by forward hooks on the block's submodules:
+
+- FFN channel: the input of down_proj, i.e. relu(up_proj x)^2.
+- Mamba head channels: the x part of in_proj's output (before the conv, whose bias would make a dead channel look
+  alive). Channel scores c[head, d] give head scores by L2 over d and head-channel scores by L2 over heads, which
+  is what group-aware pruning keeps (whole heads within a group; the same channels in every head).
+- Attention query head: the size of what the head writes into the residual stream, |W_o[:, head] a_head| per
+  token, computed through the head's Gram matrix W_o,h^T W_o,h so the [heads x hidden] outputs never exist.
+- Hidden channel: every RMSNorm output (each block's pre-norm and norm_f), aggregated per norm, summed over norms.
+
+A unit whose weights in and out are zero produces exact zeros in the activation read, so it scores exactly 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection
+
+import torch
+from torch import nn
+
+from minipuzzle.errors import UserError
+from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, progress_bar, rows_per_chunk
+
+SEQ_AGGS = ("mean", "abs_mean", "l2", "max")
+ROW_AGGS = ("l2", "mean", "max")
+WIDTH_AXES = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads", "hidden")
+
+
+def parse_agg(text: str) -> tuple[str, str]:
+    """'mean,l2' -> ('mean', 'l2'): the statistic over the sequence, then over rows."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2 or parts[0] not in SEQ_AGGS or parts[1] not in ROW_AGGS:
+        raise UserError(
+            f"invalid width aggregation {text!r}: use SEQ,ROWS with SEQ in {'/'.join(SEQ_AGGS)} "
+            f"and ROWS in {'/'.join(ROW_AGGS)} (Minitron's best: mean,l2)"
+        )
+    return parts[0], parts[1]
+
+
+class Aggregate:
+    """Running aggregate of per-row statistics of a [B, T, C] activation, per channel C (float64)."""
+
+    def __init__(self, seq: str, rows: str):
+        self.seq, self.rows = seq, rows
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, act: torch.Tensor) -> None:
+        a = act.float()
+        if self.seq == "mean":
+            s = a.mean(1)
+        elif self.seq == "abs_mean":
+            s = a.abs().mean(1)
+        elif self.seq == "l2":
+            s = a.pow(2).mean(1).sqrt()
+        else:
+            s = a.abs().amax(1)
+        s = s.double()
+        if self.rows == "l2":
+            part = s.pow(2).sum(0)
+        elif self.rows == "mean":
+            part = s.sum(0)
+        else:
+            part = s.abs().amax(0)
+        part = part.cpu()
+        if self.total is None:
+            self.total = part
+        elif self.rows == "max":
+            self.total = torch.maximum(self.total, part)
+        else:
+            self.total += part
+        self.count += a.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("no activations were recorded")
+        if self.rows == "l2":
+            return self.total.sqrt()
+        if self.rows == "mean":
+            return self.total / max(self.count, 1)
+        return self.total
+
+
+class WidthCollector:
+    """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`."""
+
+    def __init__(self, axes: Collection[str], seq: str = "mean", rows: str = "l2"):
+        self.axes = set(axes)
+        self.seq, self.rows = seq, rows
+        self.acc: dict[tuple[str, int], Aggregate] = {}
+
+    def _agg(self, key: tuple[str, int]) -> Aggregate:
+        if key not in self.acc:
+            self.acc[key] = Aggregate(self.seq, self.rows)
+        return self.acc[key]
+
+    @contextlib.contextmanager
+    def hooks(self, i: int, block: nn.Module):
+        handles = []
+        mixer = block.mixer
+        kind = block.block_type
+        if "hidden" in self.axes:
+            handles.append(block.norm.register_forward_hook(lambda m, a, out: self._agg(("hidden", i)).add(out)))
+        if kind == "mlp" and "ffn" in self.axes:
+            handles.append(mixer.down_proj.register_forward_pre_hook(lambda m, a: self._agg(("ffn", i)).add(a[0])))
+        if kind == "linear_attention" and self.axes & {"mamba_heads", "mamba_head_channels"}:
+            inner = mixer.intermediate_size
+
+            def mamba_x(m, a, out):
+                self._agg(("mamba_x", i)).add(out[..., inner : 2 * inner])
+
+            handles.append(mixer.in_proj.register_forward_hook(mamba_x))
+        if kind == "full_attention" and "attn_heads" in self.axes:
+            heads, d = mixer.config.num_attention_heads, mixer.head_dim
+            w = mixer.o_proj.weight.float().view(-1, heads, d)
+            gram = torch.einsum("ohd,ohe->hde", w, w)  # [heads, d, d]: |W_o,h a|^2 = a^T G_h a
+
+            def attn(m, a):
+                x = a[0].float().unflatten(-1, (heads, d))
+                sq = torch.einsum("bthd,hde,bthe->bth", x, gram, x)
+                self._agg(("attn", i)).add(sq.clamp_min(0).sqrt())
+
+            handles.append(mixer.o_proj.register_forward_pre_hook(attn))
+        try:
+            yield
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    def add_final_norm(self, hn: torch.Tensor) -> None:
+        if "hidden" in self.axes:
+            self._agg(("hidden", -1)).add(hn)
+
+    def results(self, mamba_heads: int, mamba_head_dim: int) -> dict[str, object]:
+        """{'ffn': {i: [I]}, 'mamba_heads': {i: [H]}, 'mamba_head_channels': {i: [d]}, 'attn_heads': {i: [Hq]},
+        'hidden': [h]} as float32."""
+        out: dict[str, object] = {a: {} for a in ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads")}
+        hidden = None
+        for (name, i), agg in sorted(self.acc.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            r = agg.result()
+            if name == "hidden":
+                hidden = r if hidden is None else hidden + r
+            elif name == "ffn":
+                out["ffn"][i] = r.float()
+            elif name == "attn":
+                out["attn_heads"][i] = r.float()
+            elif name == "mamba_x":
+                c = r.view(mamba_heads, mamba_head_dim)
+                if "mamba_heads" in self.axes:
+                    out["mamba_heads"][i] = c.norm(dim=1).float()
+                if "mamba_head_channels" in self.axes:
+                    out["mamba_head_channels"][i] = c.norm(dim=0).float()
+        out["hidden"] = hidden.float() if hidden is not None else None
+        return out
+
+
+@torch.no_grad()
+def width_scores(
+    stack: LayerStack,
+    windows: torch.Tensor,
+    axes: Collection[str] = WIDTH_AXES,
+    agg: str = "mean,l2",
+    *,
+    batch_size: int = 8,
+    chunk_rows: int | None = None,
+    budget_bytes: int | None = None,
+    progress: bool = False,
+) -> dict[str, object]:
+    """Width scores of every axis in `axes` from one pass over `windows` [N, T]; see `WidthCollector.results`."""
+    seq, rows = parse_agg(agg)
+    collector = WidthCollector(axes, seq, rows)
+    n, t = windows.shape
+    r = chunk_rows or rows_per_chunk(n, t, stack.hidden_size, 2, stack.dtype, budget_bytes, stack.device)
+    chunks = -(-n // r)
+    with progress_bar("width", chunks * stack.num_layers, progress) as advance:
+        for _, hn in iter_layerwise(
+            stack, windows, batch_size=batch_size, chunk_rows=r, on_block=collector.hooks, progress=advance
+        ):
+            for s in range(0, hn.shape[0], batch_size):
+                collector.add_final_norm(hn[s : s + batch_size])
+    cfg = stack.config
+    return collector.results(cfg.mamba_num_heads, cfg.mamba_head_dim)
