@@ -1,0 +1,264 @@
+"""Recipes: one YAML file that drives a whole run (score -> search + cut -> distil -> eval -> report).
+
+The schema is strict (pydantic, `extra="forbid"`): an unknown key or a wrong type is an error that names the key.
+`plan_run` turns a recipe into the list of stages with their budgets, token counts and an estimated cost, offline;
+`run` (in `minipuzzle/runner.py`) executes them, each into its own folder of RUN_DIR.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from minipuzzle.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+STAGES = ("score", "prune", "distill", "eval", "report")
+
+# Throughput assumed for GPU-hour estimates: H100 SXM dense bf16 peak (989 TFLOP/s) at 40% utilisation.
+H100_FLOPS = 989e12
+ASSUMED_MFU = 0.40
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    """The teacher: a preset (56b, 8b, demo, ...), a checkpoint folder, or a cached hub id."""
+
+    source: str
+    path: str | None = Field(None, description="local weights for a preset or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: str = "auto"
+
+
+class DataSection(_Section):
+    """Text for calibration, distillation and held-out evaluation."""
+
+    source: str = Field(description="file, folder, datasets hub name, or 'stdlib' (the Python standard library)")
+    split: str = "train"
+    text_column: str = "text"
+    held_out_files: list[str] = Field(default_factory=list, description="file names of a folder kept for eval")
+    eval_source: str | None = Field(None, description="held-out data (default: held_out_files of source)")
+    eval_split: str = "validation"
+
+    def resolved_source(self) -> str:
+        return sysconfig.get_paths()["stdlib"] if self.source == "stdlib" else self.source
+
+    def resolved_eval_source(self) -> str:
+        if self.eval_source is None:
+            return self.resolved_source()
+        return sysconfig.get_paths()["stdlib"] if self.eval_source == "stdlib" else self.eval_source
+
+
+class ImportanceSection(_Section):
+    depth_samples: int = Field(128, ge=1)
+    width_samples: int = Field(1024, ge=1)
+    seq_len: int = Field(4096, ge=2)
+    depth_metric: Literal["mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence"] = "mse_hidden"
+    stream: bool | None = None
+    seed: int = 0
+
+
+class SearchSection(_Section):
+    target: str | None = Field(None, description="parameter budget: 47b, 6.5e9, 0.8, 80%")
+    memory: str | None = Field(None, description="memory budget, e.g. 31.7GiB")
+    precision: Literal["bf16", "fp8", "fp4"] = "bf16"
+    kv_precision: Literal["bf16", "fp8", "fp4"] | None = None
+    context: int = Field(8192, ge=1)
+    batch: int = Field(1, ge=1)
+    axes: list[Literal["depth", "ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden"]] = ["depth", "ffn"]
+    steps: dict[str, int] = Field(default_factory=dict, description="width step per axis, e.g. {ffn: 1024}")
+    min_width: float = Field(0.5, gt=0, le=1, description="smallest width searched, as a fraction of the source's")
+    min_layers: float = Field(0.5, ge=0, le=1, description="fewest layers of each kind kept, as a fraction")
+    candidates: int = Field(3, ge=1, description="candidates ranked for real on held-out tokens")
+    rank_samples: int = Field(64, ge=1, description="held-out windows used to rank candidates")
+    candidate_distill_tokens: float = Field(0, ge=0, description="short distillation per candidate before choosing")
+
+    @field_validator("axes")
+    @classmethod
+    def _axes_nonempty(cls, v):
+        if not v:
+            raise ValueError("at least one axis")
+        return v
+
+
+class DistillSection(_Section):
+    tokens: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    seq_len: int = Field(8192, ge=2)
+    batch_size: int = Field(8, ge=1, description="global batch in sequences")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup: int = Field(100, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    loss: Literal["forward_kl", "reverse_kl", "topk_kl"] = "forward_kl"
+    lm_weight: float = Field(0.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    save_every: int = Field(500, ge=1)
+    eval_every: int = Field(0, ge=0)
+    seed: int = 0
+    launcher: Literal["local", "torchrun"] = "local"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    activation_checkpointing: bool = False
+
+
+class EvalSection(_Section):
+    tasks: list[str] = Field(default_factory=list)
+    num_fewshot: dict[str, int] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+    seq_len: int = Field(2048, ge=2)
+    samples: int = Field(64, ge=1, description="held-out windows for perplexity / KL / agreement")
+    speed: bool = True
+
+
+class Recipe(_Section):
+    name: str
+    description: str = ""
+    model: ModelSection
+    data: DataSection
+    importance: ImportanceSection = ImportanceSection()
+    search: SearchSection
+    distill: DistillSection | None = None
+    eval: EvalSection = EvalSection()
+
+    @field_validator("search")
+    @classmethod
+    def _budget(cls, v: SearchSection):
+        if v.target is None and v.memory is None:
+            raise ValueError("give a budget: target (parameters) and/or memory")
+        return v
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe path, or the name of a shipped recipe (`demo`, `nemotron-h-56b-to-47b`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / str(name_or_path)):
+        if cand.is_file():
+            return cand
+    shipped = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.yaml")))
+    raise UserError(f"recipe not found: {name_or_path} (shipped recipes: {shipped})")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read and validate a recipe; errors name the file and the offending key."""
+    path = find_recipe(name_or_path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections")
+    return parse_recipe(doc, str(path))
+
+
+def parse_recipe(doc: dict[str, Any], where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise UserError(f"{where}: {key}: {msg}{more}") from None
+
+
+def distill_steps(section: DistillSection) -> int:
+    per_step = section.batch_size * section.seq_len
+    if section.max_steps is not None:
+        return section.max_steps
+    if section.tokens is not None:
+        return max(1, -(-int(section.tokens) // per_step))
+    raise UserError("distill needs tokens or max_steps")
+
+
+def plan_run(recipe: Recipe) -> dict[str, Any]:
+    """The stages of a run with their budgets, token counts and estimated cost, computed offline.
+
+    FLOPs: forward = flops_per_token x tokens; a training step on the student costs 3 forwards (forward + backward)
+    and the teacher one forward, i.e. the standard 6N + 2N per token. GPU-hours assume one H100 at 40% of its
+    989 TFLOP/s bf16 peak.
+    """
+    from minipuzzle.cli import describe_model
+    from minipuzzle.search.budget import make_budget
+
+    name, source = describe_model(recipe.model.source, recipe.model.path)
+    imp, srch = recipe.importance, recipe.search
+    fwd = source.flops_per_token(imp.seq_len)["prefill"]
+    depth_passes = source.num_layers / 2 + 1
+    score_tokens = imp.seq_len * (imp.depth_samples * depth_passes + imp.width_samples)
+    budget = make_budget(
+        source,
+        target=srch.target,
+        memory=srch.memory,
+        precision=srch.precision,
+        context=srch.context,
+        batch=srch.batch,
+        kv_precision=srch.kv_precision,
+    )
+    stages: list[dict[str, Any]] = [
+        {
+            "stage": "score",
+            "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
+            "seq_len": imp.seq_len,
+            "depth_metric": imp.depth_metric,
+            "flops": fwd * score_tokens,
+        },
+        {
+            "stage": "prune",
+            "budget": budget.describe(),
+            "axes": list(srch.axes),
+            "candidates": srch.candidates,
+            "rank_tokens": srch.rank_samples * imp.seq_len,
+            "candidate_distill_tokens": srch.candidate_distill_tokens,
+            "flops": srch.candidates * fwd * 2 * srch.rank_samples * imp.seq_len
+            + srch.candidates * srch.candidate_distill_tokens * 8 * source.num_params(),
+        },
+    ]
+    if recipe.distill is not None:
+        d = recipe.distill
+        steps = distill_steps(d)
+        tokens = steps * d.batch_size * d.seq_len
+        # The student is not known before the search: bound it by the budget's parameter count when given.
+        student = min(source.num_params(), budget.params or source.num_params())
+        stages.append(
+            {
+                "stage": "distill",
+                "steps": steps,
+                "tokens": tokens,
+                "seq_len": d.seq_len,
+                "batch_size": d.batch_size,
+                "launcher": d.launcher,
+                "gpus": d.nnodes * d.nproc_per_node,
+                "flops": tokens * (6 * student + 2 * source.num_params()),
+            }
+        )
+    e = recipe.eval
+    stages.append(
+        {
+            "stage": "eval",
+            "tasks": list(e.tasks),
+            "limit": e.limit,
+            "flops": 2 * fwd * e.samples * e.seq_len,
+        }
+    )
+    stages.append({"stage": "report", "flops": 0})
+    for s in stages:
+        s["gpu_hours"] = s["flops"] / (H100_FLOPS * ASSUMED_MFU) / 3600
+    return {
+        "recipe": recipe.name,
+        "model": name,
+        "source_params": source.num_params(),
+        "stages": stages,
+        "total_gpu_hours": sum(s["gpu_hours"] for s in stages),
+        "assumption": f"one H100 at {ASSUMED_MFU:.0%} of {H100_FLOPS / 1e12:.0f} TFLOP/s bf16",
+    }

@@ -1,0 +1,286 @@
+"""Run a recipe: score -> prune (search + rank + cut) -> distill -> eval -> report, each into its own folder.
+
+RUN_DIR/run.json records the recipe and the stages that finished. A rerun skips finished stages and lets the
+unfinished one resume (scoring and distillation keep their own partial state), so an interrupted run is continued
+by running the same command again. Every stage writes its folder atomically, so a stage folder that exists is
+complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from minipuzzle.errors import UserError
+from minipuzzle.recipe import STAGES, Recipe, distill_steps
+
+STATE_FILE = "run.json"
+
+
+@dataclasses.dataclass
+class RunData:
+    """Where each stage reads text from (a held-out split is materialised as folders of links)."""
+
+    train: str
+    held_out: str
+    split: str = "train"
+    eval_split: str = "train"
+    column: str = "text"
+
+
+def prepare_data(recipe: Recipe, folder: Path) -> RunData:
+    """Resolve the data section. For a folder with `held_out_files`, RUN_DIR/data/{train,held_out} hold links to
+    the files, so every stage can take a plain folder and the held-out files are never trained on."""
+    d = recipe.data
+    src = Path(d.resolved_source())
+    if not d.held_out_files:
+        held = d.resolved_eval_source()
+        eval_split = d.eval_split if d.eval_source is not None or not src.exists() else d.split
+        return RunData(str(src) if src.exists() else d.source, held, d.split, eval_split, d.text_column)
+    if not src.is_dir():
+        raise UserError(f"data.held_out_files needs data.source to be a folder, got {d.source}")
+    missing = [f for f in d.held_out_files if not (src / f).is_file()]
+    if missing:
+        raise UserError(f"data.held_out_files: {src} has no file {missing[0]}")
+    train, held = folder / "train", folder / "held_out"
+    if not (train.is_dir() and held.is_dir()):
+        tmp = folder.with_name(folder.name + ".tmp")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "train").mkdir(parents=True)
+        (tmp / "held_out").mkdir()
+        from minipuzzle.data import TEXT_SUFFIXES
+
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix in TEXT_SUFFIXES:
+                dest = tmp / ("held_out" if f.name in d.held_out_files else "train") / f.name
+                os.symlink(f.resolve(), dest)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return RunData(str(train), str(held), d.split, d.split, d.text_column)
+
+
+def _recipe_doc(recipe: Recipe) -> dict[str, Any]:
+    return json.loads(recipe.model_dump_json())
+
+
+def _load_state(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    f = run_dir / STATE_FILE
+    if not f.is_file():
+        return {"recipe": _recipe_doc(recipe), "done": []}
+    state = json.loads(f.read_text())
+    if state.get("recipe") != _recipe_doc(recipe):
+        raise UserError(f"{run_dir} holds a run of a different recipe: use another --output, or remove it")
+    return state
+
+
+def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, run_dir / STATE_FILE)
+
+
+def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Execute `recipe` into `run_dir`; returns the path of the run's HTML report."""
+    from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
+
+    run_dir = Path(run_dir)
+    teacher = resolve_checkpoint(recipe.model.source, recipe.model.path)
+    Checkpoint(teacher)  # fail on a bad checkpoint before creating anything
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = _load_state(run_dir, recipe)
+    _save_state(run_dir, state)
+    data = prepare_data(recipe, run_dir / "data")
+    stages: dict[str, Callable[[], None]] = {
+        "score": lambda: _score(recipe, teacher, data, run_dir / "score", progress),
+        "prune": lambda: _prune(recipe, teacher, data, run_dir, progress),
+        "distill": lambda: _distill(recipe, teacher, data, run_dir, log, progress),
+        "eval": lambda: _eval(recipe, teacher, data, run_dir, progress),
+        "report": lambda: _report(run_dir),
+    }
+    for name in STAGES:
+        if name == "distill" and recipe.distill is None:
+            continue
+        if name in state["done"]:
+            log(f"[{name}] done already, skipped")
+            continue
+        log(f"[{name}] running")
+        stages[name]()
+        state["done"].append(name)
+        _save_state(run_dir, state)
+        log(f"[{name}] finished")
+    return run_dir / "report.html"
+
+
+def final_model(recipe: Recipe, run_dir: Path) -> Path:
+    return run_dir / ("distill" if recipe.distill is not None else "prune")
+
+
+# ---- stages -----------------------------------------------------------------------------------------------------
+
+
+def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bool) -> None:
+    from minipuzzle.importance import score_to_folder
+    from minipuzzle.search.pipeline import score_axes
+
+    imp = recipe.importance
+    axes = ["depth", *[a for a in score_axes(recipe.search.axes) if a != "depth"]]
+    score_to_folder(
+        teacher,
+        data.train,
+        out,
+        axes=axes,
+        depth_samples=imp.depth_samples,
+        width_samples=imp.width_samples,
+        seq_len=imp.seq_len,
+        depth_metric=imp.depth_metric,
+        stream=imp.stream,
+        seed=imp.seed,
+        split=data.split,
+        text_column=data.column,
+        overwrite=True,
+        progress=progress,
+    )
+
+
+def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
+    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.search.budget import make_budget
+    from minipuzzle.search.pipeline import PruneSettings, prune
+
+    s, imp = recipe.search, recipe.importance
+    source = Checkpoint(teacher).layout
+    budget = make_budget(source, s.target, s.memory, s.precision, s.context, s.batch, s.kv_precision)
+    settings = PruneSettings(
+        budget=budget,
+        axes=tuple(s.axes),
+        steps=dict(s.steps),
+        min_width=s.min_width,
+        min_layers=s.min_layers,
+        candidates=s.candidates,
+        seq_len=imp.seq_len,
+        depth_samples=imp.depth_samples,
+        width_samples=imp.width_samples,
+        held_out_samples=s.rank_samples,
+        stream=bool(imp.stream),
+        seed=imp.seed,
+    )
+    prune(str(teacher), run_dir / "prune", settings, data.train, scores_dir=str(run_dir / "score"),
+          overwrite=True, progress=progress)  # fmt: skip
+
+
+def distill_config(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool):
+    from minipuzzle.distill import DistillConfig
+
+    d = recipe.distill
+    assert d is not None
+    return DistillConfig(
+        teacher=str(teacher),
+        student=str(run_dir / "prune"),
+        data=data.train,
+        output=str(run_dir / "distill"),
+        max_steps=distill_steps(d),
+        seq_len=d.seq_len,
+        batch_size=d.batch_size,
+        grad_accum=d.grad_accum,
+        lr=d.lr,
+        min_lr_ratio=d.min_lr_ratio,
+        warmup=min(d.warmup, distill_steps(d) - 1),
+        temperature=d.temperature,
+        loss=d.loss,
+        lm_weight=d.lm_weight,
+        hidden_weight=d.hidden_weight,
+        save_every=d.save_every,
+        eval_every=d.eval_every,
+        eval_data=data.held_out,
+        split=data.split,
+        text_column=data.column,
+        seed=d.seed,
+        activation_checkpointing=d.activation_checkpointing,
+        progress=progress,
+    )
+
+
+def torchrun_command(cfg, nnodes: int, nproc_per_node: int) -> list[str]:
+    """The `torchrun ... minipuzzle distill ...` command line for a DistillConfig (non-default options only)."""
+    from minipuzzle.distill import DistillConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    cmd = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}"]
+    if nnodes > 1:
+        cmd += ["--rdzv_backend=c10d", "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT"]
+    cmd += ["-m", "minipuzzle.cli", "distill"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("teacher", "student", "data", "output") or value != defaults.get(f.name):
+            if value is None or f.name == "tokens":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                cmd.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                cmd += [flag, str(value)]
+    return cmd
+
+
+def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, progress: bool) -> None:
+    from minipuzzle.distill import distill
+
+    d = recipe.distill
+    assert d is not None
+    cfg = distill_config(recipe, teacher, data, run_dir, progress)
+    if d.launcher == "local" or (d.nnodes == 1 and d.nproc_per_node == 1):
+        distill(cfg)
+        return
+    cmd = torchrun_command(cfg, d.nnodes, d.nproc_per_node)
+    if d.nnodes == 1:
+        log("[distill] " + shlex.join(cmd))
+        done = subprocess.run(cmd, check=False)
+        if done.returncode != 0:
+            raise UserError(f"distillation under torchrun exited with code {done.returncode}; rerun to resume")
+        return
+    script = run_dir / "distill_torchrun.sh"
+    script.write_text("#!/usr/bin/env bash\n# Run on every node, then rerun `minipuzzle run` to continue.\n"
+                      + " ".join(cmd) + "\n")  # fmt: skip
+    script.chmod(0o755)
+    raise UserError(
+        f"distillation needs {d.nnodes} nodes: launch {script} on each node (it resumes from its checkpoints), "
+        f"then rerun this command to continue with eval"
+    )
+
+
+def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
+    from minipuzzle.evaluate import evaluate
+
+    e = recipe.eval
+    tasks = [f"{t}:{e.num_fewshot[t]}" if t in e.num_fewshot else t for t in e.tasks]
+    evaluate(
+        final_model(recipe, run_dir),
+        teacher,
+        data.held_out,
+        tasks,
+        e.limit,
+        e.seq_len,
+        run_dir / "eval",
+        num_samples=e.samples,
+        split=data.eval_split,
+        column=data.column,
+        speed=e.speed,
+        precision=recipe.search.precision,
+        context=recipe.search.context,
+        overwrite=True,
+        progress=progress,
+    )
+
+
+def _report(run_dir: Path) -> None:
+    from minipuzzle.evaluate import build_run_report
+
+    build_run_report(run_dir)

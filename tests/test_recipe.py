@@ -1,0 +1,128 @@
+"""Recipes: strict schema with errors that name the key, every shipped recipe plans offline, and a whole run on a
+tiny model that a rerun skips."""
+
+import json
+
+import pytest
+import yaml
+
+from minipuzzle.errors import UserError
+from minipuzzle.recipe import RECIPES_DIR, load_recipe, parse_recipe, plan_run
+from minipuzzle.testing import run_cli
+
+SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def test_shipped_recipes_exist():
+    assert {"nemotron-h-56b-to-47b", "nemotron-h-8b-to-4b", "nano-12b-v2-to-9b", "demo"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_dry_run_offline(name):
+    code, out, err = run_cli(["run", name, "--dry-run", "--json"])
+    assert code == 0, err
+    plan = json.loads(out)
+    assert [s["stage"] for s in plan["stages"]][:2] == ["score", "prune"]
+    assert plan["total_gpu_hours"] > 0
+
+
+def test_56b_recipe_is_minipuzzle_as_published():
+    r = load_recipe("nemotron-h-56b-to-47b")
+    assert r.search.axes == ["depth", "ffn"] and r.search.steps == {"ffn": 1024}
+    assert r.search.min_width * 32768 == 24576
+    assert (r.importance.depth_samples, r.importance.width_samples) == (128, 1024)
+    assert (r.search.memory, r.search.precision, r.search.context) == ("31.7GiB", "fp4", 1048576)
+    assert r.distill.tokens == 63e9 and r.distill.seq_len == 8192 and r.distill.batch_size == 768
+    assert r.distill.loss == "forward_kl" and r.distill.lm_weight == 0 and r.distill.launcher == "torchrun"
+    plan = plan_run(r)
+    distill = next(s for s in plan["stages"] if s["stage"] == "distill")
+    assert distill["tokens"] >= 63e9
+
+
+def _demo_doc():
+    return yaml.safe_load((RECIPES_DIR / "demo.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d["search"].update(budgett="1"), "search.budgett: unknown key"),
+        (lambda d: d.update(extra={}), "extra: unknown key"),
+        (lambda d: d["distill"].update(lr="fast"), "distill.lr"),
+        (lambda d: d["search"].update(axes=["depth", "wings"]), "search.axes"),
+        (lambda d: d["importance"].update(depth_samples=0), "importance.depth_samples"),
+        (lambda d: d["search"].pop("target"), "search"),
+    ],
+)
+def test_schema_errors_name_the_key(mutate, needle):
+    doc = _demo_doc()
+    doc["search"].pop("memory", None)
+    mutate(doc)
+    with pytest.raises(UserError, match=needle.replace(".", r"\.")):
+        parse_recipe(doc)
+
+
+def test_bad_recipe_file_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    doc = _demo_doc()
+    doc["model"]["sorce"] = "x"
+    bad.write_text(yaml.safe_dump(doc))
+    code, out, err = run_cli(["run", str(bad), "--dry-run"])
+    assert code == 2 and "model.sorce" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["run", "no-such-recipe", "--dry-run"])
+    assert code == 2 and "recipe not found" in err
+
+
+def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, tokenizer):
+    """score -> prune -> distill -> eval -> report on a tiny model; a rerun does nothing; another recipe in the
+    same folder is refused."""
+    if tiny_checkpoint.name != "model":
+        pytest.skip("one weight style is enough for the runner")
+    from minipuzzle.testing import stdlib_text_files
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for f in stdlib_text_files(6):
+        (texts / f.name).write_text(f.read_text())
+    held = sorted(p.name for p in texts.iterdir())[:1]
+    doc = {
+        "name": "tiny",
+        "model": {"source": str(tiny_checkpoint), "dtype": "float32"},
+        "data": {"source": str(texts), "held_out_files": held},
+        "importance": {"depth_samples": 4, "width_samples": 8, "seq_len": 32},
+        "search": {"target": "0.85", "axes": ["depth", "ffn"], "candidates": 2, "rank_samples": 4},
+        "distill": {
+            "max_steps": 4,
+            "seq_len": 32,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "warmup": 1,
+            "save_every": 2,
+            "eval_every": 2,
+        },
+        "eval": {"samples": 4, "seq_len": 32, "speed": False},
+    }
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(doc))
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["run", str(recipe_file), "-o", str(run_dir)])
+    assert code == 0, err
+    for stage in ("score/scores.json", "prune/prune_report.json", "distill/metrics.jsonl", "eval/report.json"):
+        assert (run_dir / stage).is_file(), stage
+    assert (run_dir / "report.html").is_file()
+    # The held-out file was never used for training: the train folder lacks it.
+    assert held[0] not in {p.name for p in (run_dir / "data" / "train").iterdir()}
+    from minipuzzle.checkpoint import Checkpoint
+
+    teacher, student = Checkpoint(tiny_checkpoint).layout, Checkpoint(run_dir / "distill").layout
+    assert student.num_params() <= 0.85 * teacher.num_params()
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["kl_to_teacher"] > 0
+    mtime = (run_dir / "eval" / "report.json").stat().st_mtime_ns
+    code, out, err = run_cli(["run", str(recipe_file), "-o", str(run_dir)])
+    assert code == 0 and out.count("skipped") == 5
+    assert (run_dir / "eval" / "report.json").stat().st_mtime_ns == mtime
+    doc["search"]["target"] = "0.7"
+    recipe_file.write_text(yaml.safe_dump(doc))
+    code, _, err = run_cli(["run", str(recipe_file), "-o", str(run_dir)])
+    assert code == 2 and "different recipe" in err
