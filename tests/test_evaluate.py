@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import load_model
 from minipuzzle.data import token_windows
+from minipuzzle.distill.toy import drop_layers
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import evaluate, held_out_stats, parse_tasks, run_tasks
 from minipuzzle.metrics import token_stats
@@ -20,26 +21,6 @@ from minipuzzle.testing import random_model, run_cli, save_model
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 TASK_YAML = TASKS / "tiny_code_mc.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def drop_layers(model, keep: list[int]):
-    """A depth-pruned copy of `model` that keeps the layers `keep` (in order): a real pruned model."""
-    from transformers import NemotronHForCausalLM
-
-    layout = Layout.from_config(model.config)
-    small = layout.replace(pattern="".join(layout.pattern[i] for i in keep))
-    pruned = NemotronHForCausalLM(small.to_hf_config(small.to_config(model.config.to_dict())))
-    sd = model.state_dict()
-    new = {}
-    for k, v in sd.items():
-        if k.startswith("model.layers."):
-            i = int(k.split(".")[2])
-            if i in keep:
-                new[k.replace(f"model.layers.{i}.", f"model.layers.{keep.index(i)}.", 1)] = v
-        else:
-            new[k] = v
-    pruned.load_state_dict(new, strict=True)
-    return pruned.eval()
 
 
 @pytest.fixture(scope="module")

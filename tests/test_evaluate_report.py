@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from test_evaluate import TASK_YAML, drop_layers
+from test_evaluate import TASK_YAML
 
 from minipuzzle.arch import Layout
 from minipuzzle.data import token_windows
+from minipuzzle.distill.toy import drop_layers
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import build_run_report, evaluate, held_out_stats
 from minipuzzle.testing import random_model, run_cli, save_model

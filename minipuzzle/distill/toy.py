@@ -9,24 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import model_state_dict
 from minipuzzle.testing import random_model, save_model, stdlib_text_files, tiny_layout
 
 
 def drop_layers(teacher, keep: list[int]):
-    """A new model holding the teacher's layers `keep` (in order), embeddings, final norm and head."""
-    layout = Layout.from_config(teacher.config)
-    student = random_model(layout.replace(pattern="".join(layout.pattern[i] for i in keep)), seed=1)
-    state = {}
-    for name, t in model_state_dict(teacher).items():
-        if name.startswith("model.layers."):
-            i = int(name.split(".")[2])
-            if i in keep:
-                state[name.replace(f"model.layers.{i}.", f"model.layers.{keep.index(i)}.", 1)] = t.clone()
-        else:
-            state[name] = t.clone()
-    student.load_state_dict(state)
-    return student
+    """A new model holding the teacher's layers `keep` (in order): a depth-only surgery plan."""
+    from minipuzzle.surgery import Plan, prune_model
+
+    return prune_model(teacher, Plan(layers=list(keep)))
 
 
 def make_pair(

@@ -1,0 +1,218 @@
+"""Does importance-guided pruning beat the baselines? The demo teacher, pruned to the 56B->47B parameter ratio.
+
+On the held-out standard-library files (never trained on), compares, each with the same distillation budget:
+- the importance-pruned student (MiniPuzzle: drop-one MSE depth scores + Minitron FFN channel scores, candidates
+  ranked on held-out tokens), before and after distillation;
+- random pruning to the same architecture (random layers of each kind, random FFN channels);
+- layers chosen by block influence (1 - cos(layer input, output), ModelOpt's / ShortGPT's depth metric), same
+  architecture and FFN channels chosen by the same activation scores;
+- the same architecture trained from scratch (random init) with the same distillation loss and tokens;
+and the ranking of the top candidates before vs after a short distillation.
+
+    python benchmarks/demo_quality.py                 # ~15 min on 2 CPU cores; writes benchmarks/results/
+    python benchmarks/demo_quality.py --steps 20      # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
+from minipuzzle.checkpoint import load_model, resolve_checkpoint, save_state_dict
+from minipuzzle.data import load_tokenizer, token_windows
+from minipuzzle.distill import DistillConfig, distill
+from minipuzzle.importance import score_model
+from minipuzzle.metrics import token_stats
+from minipuzzle.search.budget import make_budget
+from minipuzzle.search.damage import DamageModel
+from minipuzzle.search.pipeline import PruneSettings, run_search
+from minipuzzle.search.plan import candidate_plan
+from minipuzzle.surgery import Plan, prune_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RATIO = 46.792 / 56.324  # Nemotron-H 47B / 56B parameters
+
+
+def held_out_files() -> list[str]:
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml").read_text())
+    return recipe["data"]["held_out_files"]
+
+
+def data_folders(root: Path) -> tuple[Path, Path]:
+    """train/ and held_out/ folders of links into the standard library (the demo recipe's split)."""
+    src = Path(sysconfig.get_paths()["stdlib"])
+    held = set(held_out_files())
+    train, test = root / "train", root / "held_out"
+    train.mkdir(parents=True)
+    test.mkdir()
+    for f in sorted(src.glob("*.py")):
+        (test if f.name in held else train).joinpath(f.name).symlink_to(f)
+    return train, test
+
+
+def random_plan(layout: Layout, like: Plan, seed: int) -> Plan:
+    """The same architecture as `like` (layer counts per kind, FFN width) with random layers and channels."""
+    rng = random.Random(seed)
+    layers = []
+    for kind in (MAMBA, MLP, ATTENTION):
+        have = [i for i, ch in enumerate(layout.pattern) if ch == kind]
+        n = sum(1 for i in like.layers if layout.pattern[i] == kind)
+        layers += rng.sample(have, n)
+    layers.sort()
+    ffn = None
+    if like.ffn:
+        width = len(next(iter(like.ffn.values())))
+        ffn = {
+            i: sorted(rng.sample(range(layout.intermediate_size), width)) for i in layers if layout.pattern[i] == MLP
+        }
+    return Plan(layers=layers, ffn=ffn)
+
+
+def save(model, path: Path, tokenizer_dir: Path) -> Path:
+    layout = Layout.from_config(model.config)
+    return save_state_dict(model.state_dict(), layout, path, base_config=model.config.to_dict(),
+                           tokenizer_from=tokenizer_dir)  # fmt: skip
+
+
+def run_distill(teacher: Path, student: Path, out: Path, train: Path, held: Path, steps: int, args) -> Path:
+    cfg = DistillConfig(
+        teacher=str(teacher), student=str(student), data=str(train), output=str(out), max_steps=steps,
+        seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup=max(1, steps // 16),
+        save_every=10**9, eval_every=0, eval_data=str(held), seed=args.seed, progress=False,
+    )  # fmt: skip
+    return distill(cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=80, help="distillation steps for each student")
+    ap.add_argument("--candidate-steps", type=int, default=20, help="short distillation of each candidate")
+    ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--held-out-windows", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    teacher_dir = resolve_checkpoint("demo")
+    tok = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir)
+    layout = Layout.from_config(teacher.config)
+    work = Path(tempfile.mkdtemp(prefix="demo-quality-"))
+    train, held_dir = data_folders(work / "data")
+    held = token_windows(held_dir, tok, args.seq_len, args.held_out_windows, seed=args.seed)
+    calib = token_windows(train, tok, args.seq_len, 64, seed=args.seed)
+
+    def measure(model) -> dict:
+        s = token_stats(model, held, teacher=teacher)
+        return {k: round(s[k], 4) for k in ("kl_to_teacher", "perplexity", "agreement", "accuracy")}
+
+    results: dict = {"settings": vars(args), "teacher": measure(teacher)}
+    print("teacher", results["teacher"], flush=True)
+
+    # Importance scores (MiniPuzzle depth metric) and block influence (the baseline's depth metric).
+    scores = score_model(teacher, calib[:32], calib, axes=("depth", "ffn"), depth_metric="mse_hidden", progress=False)
+    bi = score_model(teacher, calib[:32], None, axes=("depth",), depth_metric="block_influence", progress=False)
+    settings = PruneSettings(budget=make_budget(layout, target=str(RATIO)), axes=("depth", "ffn"),
+                             candidates=args.candidates)  # fmt: skip
+    space, dmodel, cands = run_search(layout, scores, settings)
+    plans = [candidate_plan(c, dmodel, scores) for c in cands]
+    before = [measure(prune_model(teacher, p)) for p in plans]
+    best = min(range(len(plans)), key=lambda i: before[i]["kl_to_teacher"])
+    plan = plans[best]
+    arch = plan.target_layout(layout)
+    results["architecture"] = {
+        "teacher": {"pattern": layout.pattern, "params": layout.num_params(), "ffn": layout.intermediate_size},
+        "student": {"pattern": arch.pattern, "params": arch.num_params(), "ffn": arch.intermediate_size},
+        "ratio": round(arch.num_params() / layout.num_params(), 4),
+    }
+    print("student", results["architecture"]["student"], flush=True)
+
+    # Block influence: keep the layers BI ranks highest in each kind, the same counts; FFN channels as the method.
+    bi_scores = type(scores)(pattern=scores.pattern, depth=bi.depth, ffn=scores.ffn)
+    bi_plan = candidate_plan(cands[best], DamageModel(bi_scores, space), bi_scores)
+    students = {
+        "importance (MiniPuzzle)": prune_model(teacher, plan),
+        "random pruning": prune_model(teacher, random_plan(layout, plan, args.seed)),
+        "block influence layers": prune_model(teacher, bi_plan),
+    }
+    from minipuzzle.checkpoint import build_model
+
+    torch.manual_seed(args.seed)
+    students["from scratch"] = build_model(arch, teacher.config.to_dict(), device="cpu")  # transformers' own init
+    rows = {}
+    for name, model in students.items():
+        src = save(model, work / "students" / name.replace(" ", "_").replace("(", "").replace(")", ""), teacher_dir)
+        b = measure(model)
+        out = run_distill(teacher_dir, src, work / "distilled" / src.name, train, held_dir, args.steps, args)
+        a = measure(load_model(out))
+        rows[name] = {"before": b, "after": a}
+        print(f"{name}: before {b}  after {a}", flush=True)
+    results["students"] = rows
+    results["block_influence_layers"] = bi_plan.layers
+    results["importance_layers"] = plan.layers
+
+    # Candidate ranking before vs after a short distillation (the paper saw the order change).
+    ranking = []
+    for i, p in enumerate(plans):
+        src = save(prune_model(teacher, p), work / "cands" / f"c{i}", teacher_dir)
+        out = run_distill(
+            teacher_dir, src, work / "cands_distilled" / f"c{i}", train, held_dir, args.candidate_steps, args
+        )
+        after = measure(load_model(out))
+        ranking.append({"candidate": i, "counts": cands[i].counts, "widths": {"ffn": cands[i].widths["ffn"]},
+                        "predicted_damage": round(cands[i].damage, 4), "kl_before": before[i]["kl_to_teacher"],
+                        "kl_after": after["kl_to_teacher"]})  # fmt: skip
+    for key in ("kl_before", "kl_after"):
+        order = sorted(range(len(ranking)), key=lambda j: ranking[j][key])
+        for r, j in enumerate(order):
+            ranking[j]["rank_" + key.split("_")[1]] = r + 1
+    results["candidate_ranking"] = ranking
+    results["seconds"] = round(time.time() - t0)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "demo_quality.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(markdown(results))
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"Held-out: {r['settings']['held_out_windows']} windows x {r['settings']['seq_len']} tokens of the demo's "
+        f"held-out stdlib files. Student: {r['architecture']['student']['params']:,} parameters "
+        f"({r['architecture']['ratio']:.1%} of the teacher), {r['settings']['steps']} distillation steps each.",
+        "",
+        "| model | KL to teacher before | after | perplexity before | after | agreement before | after |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher | 0 | | {r['teacher']['perplexity']:.2f} | | 1 | |",
+    ]
+    for name, row in r["students"].items():
+        b, a = row["before"], row["after"]
+        lines.append(
+            f"| {name} | {b['kl_to_teacher']:.3f} | {a['kl_to_teacher']:.3f} | {b['perplexity']:.2f} | "
+            f"{a['perplexity']:.2f} | {b['agreement']:.3f} | {a['agreement']:.3f} |"
+        )
+    lines += ["", "| candidate | layers kept (M/-/*) | FFN | KL before (rank) | KL after short distillation (rank) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for c in r["candidate_ranking"]:
+        k = c["counts"]
+        lines.append(
+            f"| {c['candidate']} | {k.get('M')}/{k.get('-')}/{k.get('*')} | {c['widths']['ffn']} | "
+            f"{c['kl_before']:.3f} ({c['rank_before']}) | {c['kl_after']:.3f} ({c['rank_after']}) |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
