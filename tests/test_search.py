@@ -130,3 +130,11 @@ def test_zero_scores_are_cut_first():
     best = search(space, make_budget(src, target=str(target)), model, k=3)[0]
     assert best.damage == 0.0 and best.widths == widths and best.counts == counts
     assert 1 not in model.kept_layers(best.counts) and 3 not in model.kept_layers(best.counts)
+
+
+def test_mip_prints_nothing(capfd):
+    """HiGHS writes a banner to the C-level stdout when built; `prune --json` output must stay parseable."""
+    src = tiny_layout(intermediate_size=24, hidden_size=16)
+    space = SearchSpace.build(src, "depth,ffn")
+    search(space, make_budget(src, target="0.8"), DamageModel(synthetic_scores(src), space), k=2, method="mip")
+    assert capfd.readouterr().out == ""

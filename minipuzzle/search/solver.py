@@ -270,6 +270,26 @@ def is_maximal(space: SearchSpace, budget: Budget, widths: dict[str, int], count
     return True
 
 
+def _silent_highs(highspy):
+    """A HiGHS instance that prints nothing: its constructor writes a banner to the C-level stdout, which would
+    corrupt `--json` output, so fd 1 points at /dev/null while it is built."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    return h
+
+
 def _mip(space, budget, model, costs: _Costs, k: int) -> list[Candidate]:
     """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options."""
     import highspy
@@ -298,8 +318,7 @@ def _mip(space, budget, model, costs: _Costs, k: int) -> list[Candidate]:
         best_possible = sum(max(o[4] for o in options[kd]) for kd in kinds)
         if (model.total - best_possible) / model.total > bound:
             continue
-        h_ = highspy.Highs()
-        h_.setOptionValue("output_flag", False)
+        h_ = _silent_highs(highspy)
         h_.setOptionValue("mip_rel_gap", 0.0)
         inf = highspy.kHighsInf
         cols: dict[str, list[int]] = {}
