@@ -114,10 +114,8 @@ class StreamedStack(LayerStack):
         emb = self._tensor("model.embeddings.weight")
         self._embed = emb
         self._norm_f = _build(lambda: _rmsnorm(self.config), {"weight": self._tensor("model.norm_f.weight")})
-        if self.ckpt.layout.tie_word_embeddings or "lm_head.weight" not in self.ckpt:
-            self._head = emb
-        else:
-            self._head = self._tensor("lm_head.weight")
+        # transformers' NemotronH keeps its own head even for tied configs; fall back only when none is stored.
+        self._head = self._tensor("lm_head.weight") if "lm_head.weight" in self.ckpt else emb
         self.ckpt.close()
 
     def _tensor(self, name: str) -> torch.Tensor:
@@ -127,13 +125,17 @@ class StreamedStack(LayerStack):
     def embed(self, ids):
         return nn.functional.embedding(ids.to(self.device), self._embed)
 
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors by names relative to the block (`norm.weight`, `mixer.in_proj.weight`), as stored."""
+        return self.ckpt.layer_state(i)
+
     @contextmanager
     def block(self, i):
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock
 
         state = {
             k: t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-            for k, t in self.ckpt.layer_state(i).items()
+            for k, t in self.layer_tensors(i).items()
         }
         self.ckpt.close()
         block = _build(lambda: NemotronHBlock(self.config, layer_idx=i), state)

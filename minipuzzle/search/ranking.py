@@ -10,12 +10,11 @@ the residual stream of the held-out windows.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from minipuzzle.importance.layerwise import LayerStack, StreamedStack, _build, _rmsnorm, iter_layerwise
+from minipuzzle.importance.layerwise import StreamedStack, _build, _rmsnorm, iter_layerwise
 
 
 def rank_key(stats: dict) -> tuple:
@@ -38,14 +37,14 @@ def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int
     return out
 
 
-class PrunedStack(LayerStack):
+class PrunedStack(StreamedStack):
     """A checkpoint cut to `plan` on the fly: block j is the source's kept layer plan.layers[j], sliced by the
     surgery code as it is read, so no pruned checkpoint is written to rank a candidate."""
 
     def __init__(self, source: StreamedStack, plan):
         from minipuzzle.surgery import prune_state_dict
 
-        self.src, self.plan = source, plan
+        self.ckpt, self.plan = source.ckpt, plan
         layout = source.ckpt.layout
         self._cut = lambda state: prune_state_dict(state, layout, plan)[1]
         self.dst = plan.target_layout(layout)
@@ -58,33 +57,11 @@ class PrunedStack(LayerStack):
         self._norm_f = _build(lambda: _rmsnorm(self.config), {"weight": top["model.norm_f.weight"]})
         self._head = self._cut({"lm_head.weight": source._head})["lm_head.weight"]
 
-    def embed(self, ids):
-        return F.embedding(ids.to(self.device), self._embed)
-
-    @contextmanager
-    def block(self, j):
-        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock
-
+    def layer_tensors(self, j: int) -> dict[str, torch.Tensor]:
         i = self.plan.layers[j]
-        pre = f"model.layers.{i}."
-        cut = self._cut({pre + k: t for k, t in self.src.ckpt.layer_state(i).items()})
-        self.src.ckpt.close()
+        cut = self._cut({f"model.layers.{i}.{k}": t for k, t in self.ckpt.layer_state(i).items()})
         new_pre = f"model.layers.{j}."
-        state = {
-            k[len(new_pre) :]: t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-            for k, t in cut.items()
-        }
-        block = _build(lambda: NemotronHBlock(self.config, layer_idx=j), state)
-        try:
-            yield block
-        finally:
-            del block, state
-
-    def final_norm(self, h):
-        return self._norm_f(h)
-
-    def logits(self, hn):
-        return F.linear(hn, self._head).float()
+        return {k[len(new_pre) :]: t for k, t in cut.items()}
 
 
 @torch.no_grad()
