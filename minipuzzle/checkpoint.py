@@ -240,6 +240,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should read like any folder
     try:
         yield tmp
     except BaseException:

@@ -52,5 +52,5 @@ def register(app: typer.Typer) -> None:
         from minipuzzle.runner import run
 
         run_dir = output or Path("runs") / rec.name
-        report = run(rec, run_dir, log=lambda m: con.print(m))
+        report = run(rec, run_dir, log=lambda m: con.print(m, markup=False, highlight=False))
         con.print(f"[bold green]report:[/] {report}")

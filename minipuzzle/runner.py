@@ -257,27 +257,33 @@ def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, p
 
 
 def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
+    """Evaluate the final model into RUN_DIR/eval; with distillation, also the pruned student before it
+    (RUN_DIR/eval_pruned, same windows and tasks, no speed run: same architecture) so the report shows both."""
     from minipuzzle.evaluate import evaluate
 
     e = recipe.eval
     tasks = [f"{t}:{e.num_fewshot[t]}" if t in e.num_fewshot else t for t in e.tasks]
-    evaluate(
-        final_model(recipe, run_dir),
-        teacher,
-        data.held_out,
-        tasks,
-        e.limit,
-        e.seq_len,
-        run_dir / "eval",
-        num_samples=e.samples,
-        split=data.eval_split,
-        column=data.column,
-        speed=e.speed,
-        precision=recipe.search.precision,
-        context=recipe.search.context,
-        overwrite=True,
-        progress=progress,
-    )
+    targets = [(final_model(recipe, run_dir), run_dir / "eval", e.speed)]
+    if recipe.distill is not None:
+        targets.insert(0, (run_dir / "prune", run_dir / "eval_pruned", False))
+    for model, out, speed in targets:
+        evaluate(
+            model,
+            teacher,
+            data.held_out,
+            tasks,
+            e.limit,
+            e.seq_len,
+            out,
+            num_samples=e.samples,
+            split=data.eval_split,
+            column=data.column,
+            speed=speed,
+            precision=recipe.search.precision,
+            context=recipe.search.context,
+            overwrite=True,
+            progress=progress,
+        )
 
 
 def _report(run_dir: Path) -> None:

@@ -110,6 +110,9 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     for stage in ("score/scores.json", "prune/prune_report.json", "distill/metrics.jsonl", "eval/report.json"):
         assert (run_dir / stage).is_file(), stage
     assert (run_dir / "report.html").is_file()
+    # The undistilled student is evaluated on the same windows, and the page shows both.
+    assert (run_dir / "eval_pruned" / "report.json").is_file()
+    assert "Distillation: before and after" in (run_dir / "report.html").read_text()
     # The held-out file was never used for training: the train folder lacks it.
     assert held[0] not in {p.name for p in (run_dir / "data" / "train").iterdir()}
     from minipuzzle.checkpoint import Checkpoint
@@ -120,7 +123,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     assert report["kl_to_teacher"] > 0
     mtime = (run_dir / "eval" / "report.json").stat().st_mtime_ns
     code, out, err = run_cli(["run", str(recipe_file), "-o", str(run_dir)])
-    assert code == 0 and out.count("skipped") == 5
+    assert code == 0 and out.count("skipped") == 5 and "[score] done already" in out
     assert (run_dir / "eval" / "report.json").stat().st_mtime_ns == mtime
     doc["search"]["target"] = "0.7"
     recipe_file.write_text(yaml.safe_dump(doc))

@@ -21,7 +21,7 @@ from typing import Any
 
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import plots
-from minipuzzle.evaluate.tables import Table, fmt, quality_table, speed_table, tasks_table
+from minipuzzle.evaluate.tables import Table, before_after_table, fmt, quality_table, speed_table, tasks_table
 
 KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
 WIDTH_KEYS = (
@@ -324,8 +324,10 @@ def _eval_section(run_dir: Path) -> str | None:
         + (f", teacher <code>{_e(rep['teacher'])}</code>" if rep.get("teacher") else "")
         + f"; {_e(s.get('device'))} {_e(s.get('dtype'))}</p>",
     ]
+    before = _read_json(run_dir / "eval_pruned" / "report.json")
     for title, table in (
         ("Held-out text", quality_table(rep)),
+        ("Distillation: before and after", before_after_table(before, rep) if isinstance(before, dict) else None),
         ("lm-eval tasks", tasks_table(rep)),
         ("Speed and memory", speed_table(rep)),
     ):

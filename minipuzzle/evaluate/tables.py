@@ -37,6 +37,19 @@ def _delta(a: Any, b: Any) -> str:
     return "–"
 
 
+def before_after_table(before: dict, after: dict) -> Table | None:
+    """The pruned student before and after distillation, on the same held-out windows."""
+    keys = [
+        ("KL(teacher ‖ model) per token", "kl_to_teacher"),
+        ("agreement with teacher's greedy token", "agreement"),
+        ("perplexity", "perplexity"),
+        ("next-token accuracy", "accuracy"),
+    ]
+    rows = [[label, fmt(before.get(k)), fmt(after.get(k)), _delta(before.get(k), after.get(k))] for label, k in keys
+            if before.get(k) is not None and after.get(k) is not None]  # fmt: skip
+    return (["metric", "pruned, before distillation", "after distillation", "Δ"], rows) if rows else None
+
+
 def quality_table(rep: dict) -> Table | None:
     """Held-out text: perplexity, loss, accuracy, KL to teacher, agreement."""
     if rep.get("perplexity") is None:
