@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-4, help="the demo recipe's LR")
     ap.add_argument("--held-out-windows", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
