@@ -29,6 +29,27 @@ def load_tokenizer(path: str | Path):
         raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
+def train_bpe_tokenizer(files: Iterable[str | Path], vocab_size: int):
+    """A byte-level BPE tokenizer (specials <pad>, <s>, </s>) trained on `files`; deterministic for the same files.
+
+    For models trained here (the demo teacher, tests): real checkpoints bring their own tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(f) for f in files], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def _text_files(folder: Path) -> list[Path]:
     # Top level only: a folder like the Python standard library holds site-packages below it.
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)

@@ -79,21 +79,9 @@ def stdlib_text_files(limit: int | None = None) -> list[Path]:
 
 def make_tokenizer(vocab_size: int = 320, files: list[Path] | None = None):
     """A byte-level BPE tokenizer trained on a few stdlib files (deterministic, about a second)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from minipuzzle.data import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    files = files or stdlib_text_files(8)
-    tok.train([str(f) for f in files], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return train_bpe_tokenizer(files or stdlib_text_files(8), vocab_size)
 
 
 def save_model(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.data import iter_documents, iter_tokens, pack
+from minipuzzle.data import iter_documents, iter_tokens, pack, train_bpe_tokenizer
 from minipuzzle.presets import DEMO_LAYOUT
 from minipuzzle.testing import save_model
 
@@ -40,21 +40,8 @@ def stdlib() -> Path:
 
 
 def train_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     files = sorted(p for p in stdlib().iterdir() if p.suffix == ".py" and p.name not in HELD_OUT)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(f) for f in files], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return train_bpe_tokenizer(files, vocab_size)
 
 
 def main() -> None:

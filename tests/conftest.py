@@ -41,3 +41,20 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "calib.txt"
     p.write_text("\n\n".join(f.read_text() for f in stdlib_text_files(4)))
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: distillation tests compare runs bit for bit and spawn processes on 2 shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tokenizer):
+    """teacher/, student/ (teacher minus two layers) and data.txt on disk, per test module."""
+    from minipuzzle.distill.toy import make_pair
+
+    return make_pair(tmp_path_factory.mktemp("pair"), tokenizer)

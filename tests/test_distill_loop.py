@@ -7,21 +7,9 @@ import torch
 
 from minipuzzle.distill import DistillConfig, Diverged, distill
 from minipuzzle.distill.losses import DistillObjective
-from minipuzzle.distill.toy import make_pair
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tokenizer):
-    return make_pair(tmp_path_factory.mktemp("pair"), tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(pair, out, **kw):

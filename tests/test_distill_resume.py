@@ -12,26 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from minipuzzle.distill.toy import make_pair
 from minipuzzle.testing import run_cli
 
 STEPS, SAVE_EVERY = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tokenizer):
-    return make_pair(tmp_path_factory.mktemp("pair"), tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _command(pair, out: Path) -> list[str]:
