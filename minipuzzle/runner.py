@@ -172,6 +172,12 @@ def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress
         stream=bool(imp.stream),
         seed=imp.seed,
     )
+    if s.candidate_distill_tokens:
+        d = recipe.distill
+        settings.candidate_distill_batch = d.batch_size if d is not None else settings.candidate_distill_batch
+        settings.candidate_distill_lr = d.lr if d is not None else settings.candidate_distill_lr
+        per_step = settings.candidate_distill_batch * settings.seq_len
+        settings.candidate_distill_steps = max(1, -(-int(s.candidate_distill_tokens) // per_step))
     prune(str(teacher), run_dir / "prune", settings, data.train, scores_dir=str(run_dir / "score"),
           overwrite=True, progress=progress)  # fmt: skip
 

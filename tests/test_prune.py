@@ -13,35 +13,21 @@ DEAD_HEADS = [1, 6]  # one head in each of the two Mamba groups
 DEAD_HIDDEN = [0, 9, 33, 50]
 
 
-@torch.no_grad()
 def plant_dead_units(model):
+    """Zero every weight into and out of the DEAD_* units (minipuzzle.testing does the zeroing)."""
+    from minipuzzle.surgery import Plan
+    from minipuzzle.testing import plant_dead_units as plant
+
     lay = tiny_layout()
-    P, inner = lay.mamba_head_dim, lay.mamba_intermediate
-    m = model.model
-    for i in DEAD_LAYERS:
-        mixer = m.layers[i].mixer
-        for name in ("out_proj", "down_proj", "o_proj"):
-            if hasattr(mixer, name):
-                getattr(mixer, name).weight.zero_()
-    for i, ch in enumerate(lay.pattern):
-        mixer = m.layers[i].mixer
-        if ch == "-":
-            mixer.up_proj.weight[DEAD_FFN] = 0
-            mixer.down_proj.weight[:, DEAD_FFN] = 0
-        if ch == "M":
-            for h in DEAD_HEADS:
-                ch_idx = list(range(h * P, (h + 1) * P))
-                mixer.in_proj.weight[ch_idx] = 0  # z
-                mixer.in_proj.weight[[inner + c for c in ch_idx]] = 0  # x
-                mixer.conv1d.weight[ch_idx] = 0
-                mixer.conv1d.bias[ch_idx] = 0
-                mixer.out_proj.weight[:, ch_idx] = 0
-        out = {"M": "out_proj", "-": "down_proj", "*": "o_proj"}[ch]
-        getattr(mixer, out).weight[DEAD_HIDDEN] = 0
-        m.layers[i].norm.weight[DEAD_HIDDEN] = 0
-    m.embeddings.weight[:, DEAD_HIDDEN] = 0
-    m.norm_f.weight[DEAD_HIDDEN] = 0
-    model.lm_head.weight[:, DEAD_HIDDEN] = 0
+    keep = [i for i in range(lay.num_layers) if i not in DEAD_LAYERS]
+    heads = [h for h in range(lay.mamba_num_heads) if h not in DEAD_HEADS]
+    plan = Plan(
+        layers=keep,
+        ffn={i: [c for c in range(lay.intermediate_size) if c not in DEAD_FFN] for i in keep if lay.pattern[i] == "-"},
+        mamba_heads={i: heads for i in keep if lay.pattern[i] == "M"},
+        hidden=[c for c in range(lay.hidden_size) if c not in DEAD_HIDDEN],
+    )
+    plant(model, plan)
     return model
 
 
@@ -149,3 +135,17 @@ def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
     assert doc["result"]["params"] <= int(tiny_layout().num_params() * 0.8)
     plan = read_layout_yaml(out)
     assert plan.target_layout(tiny_layout()).num_params() == doc["result"]["params"]
+
+
+def test_candidates_distilled_before_the_choice(dead_checkpoint, text_file, tmp_path):
+    """--candidate-distill-steps: every candidate is distilled briefly and ranked on its distilled figures."""
+    _, ckpt = dead_checkpoint
+    out = tmp_path / "out"
+    args = ["prune", str(ckpt), "--target", "0.8", "--data", str(text_file), "-o", str(out), *SMALL]
+    code, _, err = run_cli([*args, "--candidate-distill-steps", "2", "--candidates", "2"])
+    assert code == 0, err
+    rows = json.loads((out / "prune_report.json").read_text())["candidates"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["kl_to_teacher"] >= 0 and "kl_to_teacher_before_distill" in r
+    assert [r["kl_to_teacher"] for r in rows] == sorted(r["kl_to_teacher"] for r in rows)

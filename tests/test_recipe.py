@@ -90,7 +90,13 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
         "model": {"source": str(tiny_checkpoint), "dtype": "float32"},
         "data": {"source": str(texts), "held_out_files": held},
         "importance": {"depth_samples": 4, "width_samples": 8, "seq_len": 32},
-        "search": {"target": "0.85", "axes": ["depth", "ffn"], "candidates": 2, "rank_samples": 4},
+        "search": {
+            "target": "0.85",
+            "axes": ["depth", "ffn"],
+            "candidates": 2,
+            "rank_samples": 4,
+            "candidate_distill_tokens": 256,
+        },
         "distill": {
             "max_steps": 4,
             "seq_len": 32,
@@ -110,6 +116,8 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     for stage in ("score/scores.json", "prune/prune_report.json", "distill/metrics.jsonl", "eval/report.json"):
         assert (run_dir / stage).is_file(), stage
     assert (run_dir / "report.html").is_file()
+    cands = json.loads((run_dir / "prune" / "prune_report.json").read_text())["candidates"]
+    assert all("kl_to_teacher_before_distill" in c for c in cands)  # each candidate was distilled briefly
     # The undistilled student is evaluated on the same windows, and the page shows both.
     assert (run_dir / "eval_pruned" / "report.json").is_file()
     assert "Distillation: before and after" in (run_dir / "report.html").read_text()

@@ -108,6 +108,10 @@ def register(app: typer.Typer) -> None:
         depth_samples: Annotated[int, typer.Option(help="Windows for depth scores.")] = 128,
         width_samples: Annotated[int, typer.Option(help="Windows for width scores.")] = 1024,
         held_out: Annotated[int, typer.Option(help="Held-out windows for ranking.")] = 64,
+        candidate_distill_steps: Annotated[
+            int, typer.Option(help="Distil every candidate this many steps before choosing (0: off).")
+        ] = 0,
+        candidate_distill_lr: Annotated[float, typer.Option(help="LR of the candidates' short distillation.")] = 1e-4,
         stream: Annotated[bool, typer.Option(help="Stream layers from the shards in every stage.")] = False,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
         model_path: Annotated[str | None, typer.Option(help="Local weights for a preset or hub id.")] = None,
@@ -134,7 +138,10 @@ def register(app: typer.Typer) -> None:
         st = _settings(target, memory, precision, context, batch, kv_precision, axes, step, min_width, min_layers,
                        layout, candidates=candidates, seq_len=seq_len, depth_samples=depth_samples,
                        width_samples=width_samples, held_out_samples=held_out, stream=stream,
-                       device=device)  # fmt: skip
+                       device=device, candidate_distill_steps=candidate_distill_steps,
+                       candidate_distill_lr=candidate_distill_lr)  # fmt: skip
+        if candidate_distill_steps < 0:
+            raise UserError(f"--candidate-distill-steps must be >= 0, got {candidate_distill_steps}")
         if dry_run:
             plan = pipeline.dry_run(layout, st)
             if as_json:
