@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 MODEL_COLOR, TEACHER_COLOR = "#2b6cb0", "#a0aec0"
-KIND_COLORS = {"M": "#38a169", "*": "#dd6b20", "-": "#3182ce"}
+# The importance stage's colours, so every plot of a run reads the same way.
+KIND_COLORS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -73,17 +74,29 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def distill_plot(rows: list[dict], path: str | Path) -> Path | None:
-    """Training loss / KL and validation KL against step (or tokens when steps are absent)."""
+    """Training loss and KL, and held-out KL to the teacher, against step (or tokens when steps are absent).
+
+    metrics.jsonl mixes training rows and evaluation rows (`"type": "eval"`, whose `loss` is the LM loss, not the
+    distillation loss), so the two are drawn as separate series.
+    """
     xkey = "step" if any("step" in r for r in rows) else "tokens"
-    series = [k for k in ("loss", "kl", "val_kl") if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    train = [r for r in rows if r.get("type") != "eval"]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    series = [(label, rs, key) for label, rs, key in (
+        ("loss", train, "loss"), ("kl", train, "kl"), ("held-out KL", evals, "kl_to_teacher"), ("held-out KL", train, "val_kl"),
+    ) if any(isinstance(r.get(key), (int, float)) for r in rs)]  # fmt: skip
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for k in series:
-        pts = [(r[xkey], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and xkey in r]
+    values = []
+    for label, rs, key in series:
+        pts = [(r[xkey], r[key]) for r in rs if isinstance(r.get(key), (int, float)) and xkey in r]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if k == "val_kl" else None, ms=3, label=k)
+            values += ys
+            ax.plot(xs, ys, marker="o" if "held-out" in label else None, ms=3, label=label)
+    if values and min(values) > 0:
+        ax.set_yscale("log")  # KL falls by orders of magnitude while loss may not
     ax.set_xlabel(xkey)
     ax.set_ylabel("nats / token")
     ax.set_title("distillation")
@@ -101,7 +114,7 @@ def depth_plot(depth: list[float], pattern: str, path: str | Path) -> Path | Non
     ax.bar(range(len(depth)), depth, color=colors)
     ax.set_xlabel("layer")
     ax.set_ylabel("importance")
-    ax.set_title("layer importance (green Mamba, orange attention, blue MLP)", fontsize=9)
+    ax.set_title("layer importance (blue Mamba, red attention, green MLP)", fontsize=9)
     return _save(fig, Path(path))
 
 

@@ -58,7 +58,7 @@ nav a{margin-right:1em}.muted{color:#718096}
 .strip{display:flex;flex-wrap:wrap;gap:2px;margin:.3em 0}
 .strip span{display:inline-block;width:14px;height:22px;font:10px monospace;text-align:center;line-height:22px;
 color:#fff;border-radius:2px}
-.k-M{background:#38a169}.k-A{background:#dd6b20}.k-F{background:#3182ce}.gone{background:#e2e8f0!important;
+.k-M{background:#1f77b4}.k-A{background:#d62728}.k-F{background:#2ca02c}.gone{background:#e2e8f0!important;
 color:#a0aec0!important;text-decoration:line-through}
 pre{background:#f7fafc;padding:.8em;overflow-x:auto;font-size:.85em}
 """
@@ -248,7 +248,8 @@ def _importance_section(run_dir: Path, tmp: Path) -> str | None:
     if pattern:
         parts.append(f"<p>source layers: {_e(_counts(pattern))}</p>{_strip(pattern)}")
     if depth:
-        png = plots.depth_plot(depth, pattern, tmp / "depth.png")
+        # The importance stage's own depth.png is embedded below with the folder's plots; draw one only without it.
+        png = None if (folder / "depth.png").is_file() else plots.depth_plot(depth, pattern, tmp / "depth.png")
         if png:
             parts.append(_img(png, "layer importance"))
         order = sorted(range(len(depth)), key=lambda i: depth[i])

@@ -26,13 +26,16 @@ def plot_scores(scores: Scores, folder: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(d) + 2), 3.5))
         colours = [KIND_COLOURS.get(ch, "gray") for ch in scores.pattern]
         ax.bar(range(len(d)), d.tolist(), color=colours)
-        for ch, name in KIND_NAMES.items():
-            if ch in scores.pattern:
-                ax.bar([], [], color=KIND_COLOURS[ch], label=name)
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=KIND_COLOURS[ch], label=name) for ch, name in KIND_NAMES.items() if ch in scores.pattern]
+        # Scores span orders of magnitude (the first layers dominate): a log axis keeps the rest readable.
+        if bool((d > 0).all()) and float(d.max() / d.min()) > 100:
+            ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel(str(scores.meta.get("settings", {}).get("depth_metric") or "depth score"))
         ax.set_title("layer importance (drop one layer)")
-        ax.legend()
+        ax.legend(handles=handles)
         fig.tight_layout()
         written.append(folder / "depth.png")
         fig.savefig(written[-1], dpi=110)
