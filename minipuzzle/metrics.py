@@ -12,6 +12,42 @@ import torch
 import torch.nn.functional as F
 
 
+class TokenStats:
+    """Running sums of next-token statistics, fed one batch of logits at a time.
+
+    `add(logits [B, T, V], ids [B, T], teacher_logits [B, T, V] | None)` scores every position but the last
+    against the next token; `result()` gives the means (see `token_stats`).
+    """
+
+    def __init__(self) -> None:
+        self.loss = self.accuracy = self.kl = self.agreement = 0.0
+        self.count = 0
+        self.with_teacher = False
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+        logits, target = logits[:, :-1].float(), ids[:, 1:]
+        logp = F.log_softmax(logits, dim=-1)
+        self.loss += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
+        pred = logits.argmax(-1)
+        self.accuracy += (pred == target).sum().item()
+        if teacher_logits is not None:
+            self.with_teacher = True
+            tlogp = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
+            self.kl += (tlogp.exp() * (tlogp - logp)).sum().clamp_min(0).item()
+            self.agreement += (pred == tlogp.argmax(-1)).sum().item()
+        self.count += target.numel()
+
+    def result(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        out = {"loss": self.loss / n, "accuracy": self.accuracy / n}
+        if self.with_teacher:
+            out["kl_to_teacher"] = self.kl / n
+            out["agreement"] = self.agreement / n
+        out["perplexity"] = math.exp(min(out["loss"], 700.0))
+        out["tokens"] = self.count
+        return out
+
+
 @torch.no_grad()
 def token_stats(
     model,
@@ -27,26 +63,8 @@ def token_stats(
     Logits are compared in float32 one batch at a time.
     """
     device = device or next(model.parameters()).device
-    sums = {"loss": 0.0, "accuracy": 0.0, "kl_to_teacher": 0.0, "agreement": 0.0}
-    count = 0
+    stats = TokenStats()
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(ids).logits[:, :-1].float()
-        target = ids[:, 1:]
-        logp = F.log_softmax(logits, dim=-1)
-        sums["loss"] += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
-        pred = logits.argmax(-1)
-        sums["accuracy"] += (pred == target).sum().item()
-        if teacher is not None:
-            tlogits = teacher(ids).logits[:, :-1].float()
-            tlogp = F.log_softmax(tlogits, dim=-1)
-            sums["kl_to_teacher"] += (tlogp.exp() * (tlogp - logp)).sum().clamp_min(0).item()
-            sums["agreement"] += (pred == tlogits.argmax(-1)).sum().item()
-        count += target.numel()
-    out = {k: v / max(count, 1) for k, v in sums.items()}
-    if teacher is None:
-        out.pop("kl_to_teacher")
-        out.pop("agreement")
-    out["perplexity"] = math.exp(min(out["loss"], 700.0))
-    out["tokens"] = count
-    return out
+        stats.add(model(ids).logits, ids, teacher(ids).logits if teacher is not None else None)
+    return stats.result()

@@ -9,10 +9,7 @@ the residual stream of the held-out windows.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from minipuzzle.importance.layerwise import StreamedStack, _build, _rmsnorm, iter_layerwise
 
@@ -69,51 +66,23 @@ def measure_streamed(
     checkpoint, plans: list, windows: torch.Tensor, batch_size: int = 8, device="cpu", progress=None
 ) -> list[dict]:
     """Like `measure_in_memory`, one layer at a time from the checkpoint's shards. The parent's final hidden
-    states [N, T, h] are computed once and kept; each candidate's logits are compared batch by batch."""
+    states [N, T, h] are computed once and kept in host memory (not the device's); each candidate's logits are
+    compared with the parent's batch by batch."""
+    from minipuzzle.metrics import TokenStats
+
     parent = StreamedStack(checkpoint, device=device)
-    teacher_h = torch.cat([hn for _, hn in iter_layerwise(parent, windows, batch_size=batch_size)])
+    teacher_h = torch.cat([hn.cpu() for _, hn in iter_layerwise(parent, windows, batch_size=batch_size)])
     out = []
     for plan in plans:
         stack = PrunedStack(parent, plan)
-        sums = _Sums()
+        stats = TokenStats()
         for rows, hn in iter_layerwise(stack, windows, batch_size=batch_size):
             for s in range(0, hn.shape[0], batch_size):
                 ids = windows[rows][s : s + batch_size].to(device)
-                t = parent.logits(teacher_h[rows.start + s : rows.start + s + len(ids)])
-                sums.add(stack.logits(hn[s : s + batch_size]), t, ids)
-        out.append(sums.result())
+                t = parent.logits(teacher_h[rows.start + s : rows.start + s + len(ids)].to(device))
+                stats.add(stack.logits(hn[s : s + batch_size]), ids, t)
+        out.append(stats.result())
         del stack
         if progress:
             progress(1)
     return out
-
-
-class _Sums:
-    """Accumulates the same statistics as `metrics.token_stats` from logits [B, T, V]."""
-
-    def __init__(self):
-        self.loss = self.acc = self.kl = self.agree = 0.0
-        self.count = 0
-
-    def add(self, logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor) -> None:
-        logits, teacher, target = logits[:, :-1].float(), teacher[:, :-1].float(), ids[:, 1:]
-        logp = F.log_softmax(logits, dim=-1)
-        self.loss += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
-        pred = logits.argmax(-1)
-        self.acc += (pred == target).sum().item()
-        tlogp = F.log_softmax(teacher, dim=-1)
-        self.kl += (tlogp.exp() * (tlogp - logp)).sum().clamp_min(0).item()
-        self.agree += (pred == teacher.argmax(-1)).sum().item()
-        self.count += target.numel()
-
-    def result(self) -> dict:
-        n = max(self.count, 1)
-        loss = self.loss / n
-        return {
-            "loss": loss,
-            "accuracy": self.acc / n,
-            "kl_to_teacher": self.kl / n,
-            "agreement": self.agree / n,
-            "perplexity": math.exp(min(loss, 700.0)),
-            "tokens": self.count,
-        }
