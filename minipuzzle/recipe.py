@@ -19,10 +19,6 @@ from minipuzzle.errors import UserError
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 STAGES = ("score", "prune", "distill", "eval", "report")
 
-# Throughput assumed for GPU-hour estimates: H100 SXM dense bf16 peak (989 TFLOP/s) at 40% utilisation.
-H100_FLOPS = 989e12
-ASSUMED_MFU = 0.40
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -181,37 +177,62 @@ def distill_steps(section: DistillSection) -> int:
     raise UserError("distill needs tokens or max_steps")
 
 
+def prune_settings(recipe: Recipe, source):
+    """The `prune` stage's settings for `source` (a Layout): budget, space, samples, candidate distillation.
+
+    The dry-run plan and the runner both use this, so the plan prices exactly what the run does.
+    """
+    from minipuzzle.search.budget import make_budget
+    from minipuzzle.search.pipeline import PruneSettings
+
+    s, imp, d = recipe.search, recipe.importance, recipe.distill
+    settings = PruneSettings(
+        budget=make_budget(source, s.target, s.memory, s.precision, s.context, s.batch, s.kv_precision),
+        axes=tuple(s.axes),
+        steps=dict(s.steps),
+        min_width=s.min_width,
+        min_layers=s.min_layers,
+        candidates=s.candidates,
+        seq_len=imp.seq_len,
+        depth_samples=imp.depth_samples,
+        width_samples=imp.width_samples,
+        held_out_samples=s.rank_samples,
+        stream=bool(imp.stream),
+        seed=imp.seed,
+    )
+    if s.candidate_distill_tokens:
+        if d is not None:
+            settings.candidate_distill_batch, settings.candidate_distill_lr = d.batch_size, d.lr
+        per_step = settings.candidate_distill_batch * settings.seq_len
+        settings.candidate_distill_steps = max(1, -(-int(s.candidate_distill_tokens) // per_step))
+    return settings
+
+
 def plan_run(recipe: Recipe) -> dict[str, Any]:
     """The stages of a run with their budgets, token counts and estimated cost, computed offline.
 
-    FLOPs: forward = flops_per_token x tokens; a training step on the student costs 3 forwards (forward + backward)
-    and the teacher one forward, i.e. the standard 6N + 2N per token. GPU-hours assume one H100 at 40% of its
-    989 TFLOP/s bf16 peak.
+    Scoring and ranking are priced by `search.pipeline.scoring_cost`. Training costs 6 x student + 2 x teacher parameters FLOPs per token.
+    GPU-hours use the same assumed H100 throughput as `prune --dry-run`.
     """
     from minipuzzle.cli import describe_model
-    from minipuzzle.search.budget import make_budget
+    from minipuzzle.search.pipeline import H100_FLOPS, scoring_cost
 
     name, source = describe_model(recipe.model.source, recipe.model.path)
     imp, srch = recipe.importance, recipe.search
-    fwd = source.flops_per_token(imp.seq_len)["prefill"]
-    depth_passes = source.num_layers / 2 + 1
-    score_tokens = imp.seq_len * (imp.depth_samples * depth_passes + imp.width_samples)
-    budget = make_budget(
-        source,
-        target=srch.target,
-        memory=srch.memory,
-        precision=srch.precision,
-        context=srch.context,
-        batch=srch.batch,
-        kv_precision=srch.kv_precision,
-    )
+    settings = prune_settings(recipe, source)
+    cost = scoring_cost(source, settings)
+    budget = settings.budget
+    # The student is not known before the search: bound it by the budget's parameter count when given.
+    student = min(source.num_params(), budget.params or source.num_params())
+    train_flops_per_token = 6 * student + 2 * source.num_params()
+    cand_tokens = settings.candidate_distill_steps * settings.candidate_distill_batch * settings.seq_len
     stages: list[dict[str, Any]] = [
         {
             "stage": "score",
             "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
             "seq_len": imp.seq_len,
             "depth_metric": imp.depth_metric,
-            "flops": fwd * score_tokens,
+            "flops": cost["flops_depth"] + cost["flops_width"],
         },
         {
             "stage": "prune",
@@ -219,17 +240,14 @@ def plan_run(recipe: Recipe) -> dict[str, Any]:
             "axes": list(srch.axes),
             "candidates": srch.candidates,
             "rank_tokens": srch.rank_samples * imp.seq_len,
-            "candidate_distill_tokens": srch.candidate_distill_tokens,
-            "flops": srch.candidates * fwd * 2 * srch.rank_samples * imp.seq_len
-            + srch.candidates * srch.candidate_distill_tokens * 8 * source.num_params(),
+            "candidate_distill_tokens": srch.candidates * cand_tokens,
+            "flops": cost["flops_ranking"] + srch.candidates * cand_tokens * train_flops_per_token,
         },
     ]
     if recipe.distill is not None:
         d = recipe.distill
         steps = distill_steps(d)
         tokens = steps * d.batch_size * d.seq_len
-        # The student is not known before the search: bound it by the budget's parameter count when given.
-        student = min(source.num_params(), budget.params or source.num_params())
         stages.append(
             {
                 "stage": "distill",
@@ -239,26 +257,20 @@ def plan_run(recipe: Recipe) -> dict[str, Any]:
                 "batch_size": d.batch_size,
                 "launcher": d.launcher,
                 "gpus": d.nnodes * d.nproc_per_node,
-                "flops": tokens * (6 * student + 2 * source.num_params()),
+                "flops": tokens * train_flops_per_token,
             }
         )
     e = recipe.eval
-    stages.append(
-        {
-            "stage": "eval",
-            "tasks": list(e.tasks),
-            "limit": e.limit,
-            "flops": 2 * fwd * e.samples * e.seq_len,
-        }
-    )
+    fwd = source.flops_per_token(e.seq_len)["prefill"]
+    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
     stages.append({"stage": "report", "flops": 0})
-    for s in stages:
-        s["gpu_hours"] = s["flops"] / (H100_FLOPS * ASSUMED_MFU) / 3600
+    for st in stages:
+        st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
     return {
         "recipe": recipe.name,
         "model": name,
         "source_params": source.num_params(),
         "stages": stages,
-        "total_gpu_hours": sum(s["gpu_hours"] for s in stages),
-        "assumption": f"one H100 at {ASSUMED_MFU:.0%} of {H100_FLOPS / 1e12:.0f} TFLOP/s bf16",
+        "total_gpu_hours": sum(st["gpu_hours"] for st in stages),
+        "assumption": f"one H100 sustaining {H100_FLOPS / 1e12:.0f} TFLOP/s (about 40% of its bf16 peak)",
     }

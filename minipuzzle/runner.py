@@ -131,7 +131,8 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
     from minipuzzle.search.pipeline import score_axes
 
     imp = recipe.importance
-    axes = ["depth", *[a for a in score_axes(recipe.search.axes) if a != "depth"]]
+    # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
+    axes = score_axes(recipe.search.axes)
     score_to_folder(
         teacher,
         data.train,
@@ -152,32 +153,10 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
 
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
     from minipuzzle.checkpoint import Checkpoint
-    from minipuzzle.search.budget import make_budget
-    from minipuzzle.search.pipeline import PruneSettings, prune
+    from minipuzzle.recipe import prune_settings
+    from minipuzzle.search.pipeline import prune
 
-    s, imp = recipe.search, recipe.importance
-    source = Checkpoint(teacher).layout
-    budget = make_budget(source, s.target, s.memory, s.precision, s.context, s.batch, s.kv_precision)
-    settings = PruneSettings(
-        budget=budget,
-        axes=tuple(s.axes),
-        steps=dict(s.steps),
-        min_width=s.min_width,
-        min_layers=s.min_layers,
-        candidates=s.candidates,
-        seq_len=imp.seq_len,
-        depth_samples=imp.depth_samples,
-        width_samples=imp.width_samples,
-        held_out_samples=s.rank_samples,
-        stream=bool(imp.stream),
-        seed=imp.seed,
-    )
-    if s.candidate_distill_tokens:
-        d = recipe.distill
-        settings.candidate_distill_batch = d.batch_size if d is not None else settings.candidate_distill_batch
-        settings.candidate_distill_lr = d.lr if d is not None else settings.candidate_distill_lr
-        per_step = settings.candidate_distill_batch * settings.seq_len
-        settings.candidate_distill_steps = max(1, -(-int(s.candidate_distill_tokens) // per_step))
+    settings = prune_settings(recipe, Checkpoint(teacher).layout)
     prune(str(teacher), run_dir / "prune", settings, data.train, scores_dir=str(run_dir / "score"),
           overwrite=True, progress=progress)  # fmt: skip
 
