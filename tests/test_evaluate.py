@@ -91,6 +91,10 @@ def test_kl_to_itself_is_zero_and_to_a_pruned_model_is_not(models, tokenizer, te
     self_stats = held_out_stats(same, windows, teacher, batch_size=2)
     assert self_stats["kl_to_teacher"] == pytest.approx(0.0, abs=1e-7)
     assert self_stats["agreement"] == 1.0
+    # The teacher's own figures come from the same pass; they equal the teacher evaluated alone.
+    alone = held_out_stats(teacher, windows, batch_size=2)
+    assert self_stats["teacher"]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+    assert self_stats["teacher"]["accuracy"] == alone["accuracy"]
     pruned = held_out_stats(student, windows, teacher, batch_size=2)
     assert pruned["kl_to_teacher"] > 1e-3
     assert pruned["agreement"] < 1.0

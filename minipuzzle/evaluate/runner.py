@@ -8,7 +8,6 @@ atomically at the end, so a failed or interrupted run leaves nothing at `out`.
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from pathlib import Path
@@ -64,29 +63,28 @@ def _tokenizer(*paths: Path):
     raise err  # type: ignore[misc]
 
 
+@torch.no_grad()
 def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int = 8, progress: bool = False) -> dict:
-    """`token_stats` over windows [N, T], a batch at a time with a progress bar; exact same means.
+    """`metrics.token_stats` over windows [N, T] with a progress bar. With a teacher, its own loss, accuracy and
+    perplexity come back under "teacher", from the same forward passes that give the KL (one teacher pass)."""
+    from minipuzzle.metrics import TokenStats
 
-    Every window has the same length, so token-weighted means of the per-batch means are the overall means.
-    """
-    from minipuzzle.metrics import token_stats
-
-    sums: dict[str, float] = {}
-    tokens = 0
+    stats, own = TokenStats(), TokenStats()
+    device = next(model.parameters()).device
     chunks = range(0, len(windows), batch_size)
     if progress:
         from rich.progress import track
 
         chunks = track(chunks, description="held-out text" + (" (with teacher)" if teacher is not None else ""))
     for start in chunks:
-        s = token_stats(model, windows[start : start + batch_size], teacher=teacher, batch_size=batch_size)
-        for k, v in s.items():
-            if k not in ("tokens", "perplexity"):
-                sums[k] = sums.get(k, 0.0) + v * s["tokens"]
-        tokens += s["tokens"]
-    out = {k: v / max(tokens, 1) for k, v in sums.items()}
-    out["perplexity"] = math.exp(min(out["loss"], 700.0))
-    out["tokens"] = tokens
+        ids = windows[start : start + batch_size].to(device)
+        t_logits = teacher(ids).logits if teacher is not None else None
+        stats.add(model(ids).logits, ids, t_logits)
+        if t_logits is not None:
+            own.add(t_logits, ids)
+    out = stats.result()
+    if teacher is not None:
+        out["teacher"] = own.result()
     return out
 
 
@@ -197,8 +195,7 @@ def evaluate(
         rep.update({k: stats.get(k) for k in ("perplexity", "loss", "accuracy", "kl_to_teacher", "agreement")})
         rep["tokens"] = stats["tokens"]
         if teacher is not None:
-            ts = held_out_stats(teacher, windows, None, batch_size, progress)
-            rep["teacher_quality"] = {k: ts[k] for k in ("perplexity", "loss", "accuracy")}
+            rep["teacher_quality"] = {k: stats["teacher"][k] for k in ("perplexity", "loss", "accuracy")}
 
     task_out = run_tasks(model, tok, specs, limit=limit, batch_size=batch_size, seed=seed)
     rep["tasks"] = task_out["tasks"]
