@@ -119,6 +119,10 @@ def test_dry_run_56b_offline():
     plan = json.loads(out)
     assert plan["feasible_layouts"] > 0 and plan["cost"]["gpu_hours_h100"] > 0
     assert plan["space"]["widths"]["ffn"]["step"] == 1024
+    # Depth scoring with prefix reuse costs L/2 + 1 passes over the depth windows (118 layers -> 60).
+    cost = plan["cost"]
+    assert cost["depth_passes"] == 60
+    assert cost["gpu_hours_h100"] == pytest.approx(cost["flops_total"] / cost["assumed_flops_per_second"] / 3600)
 
 
 def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
@@ -151,4 +155,6 @@ def test_candidates_distilled_before_the_choice(dead_checkpoint, text_file, tmp_
     assert len(rows) == 2
     for r in rows:
         assert r["kl_to_teacher"] >= 0 and "kl_to_teacher_before_distill" in r
+    # The ranking figures are the distilled students', not copies of the undistilled ones.
+    assert any(r["kl_to_teacher"] != r["kl_to_teacher_before_distill"] for r in rows)
     assert [r["kl_to_teacher"] for r in rows] == sorted(r["kl_to_teacher"] for r in rows)

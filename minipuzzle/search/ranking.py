@@ -20,14 +20,24 @@ def rank_key(stats: dict) -> tuple:
 
 @torch.no_grad()
 def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int = 8, progress=None) -> list[dict]:
-    """token_stats of each plan's pruned model against `model` on `windows` [N, T]."""
-    from minipuzzle.metrics import token_stats
+    """token_stats of each plan's pruned model against `model` on `windows` [N, T].
+
+    The parent runs once: its final hidden states [N, T, h] are kept (on the host) and turned into logits per batch
+    with its LM head, so k candidates cost k + 1 forward passes, not 2k.
+    """
+    from minipuzzle.metrics import TokenStats
     from minipuzzle.surgery import prune_model
 
+    device = next(model.parameters()).device
+    batches = [windows[s : s + batch_size].to(device) for s in range(0, len(windows), batch_size)]
+    parent_h = [model.model(ids).last_hidden_state.cpu() for ids in batches]
     out = []
     for plan in plans:
         pruned = prune_model(model, plan)
-        out.append(token_stats(pruned, windows, teacher=model, batch_size=batch_size))
+        stats = TokenStats()
+        for ids, h in zip(batches, parent_h):
+            stats.add(pruned(ids).logits, ids, model.lm_head(h.to(device)))
+        out.append(stats.result())
         del pruned
         if progress:
             progress(1)
