@@ -174,8 +174,9 @@ def _check_indices(idx: list[int], full: int, what: str) -> None:
 # ---- per-tensor cutting -----------------------------------------------------------------------------------------
 
 
-class _Cutter:
-    """Precomputed index tensors for one (layout, plan) pair; `cut(name, tensor)` slices one tensor."""
+class Cutter:
+    """Precomputed index tensors for one (layout, plan) pair: `cut(name, tensor)` slices one tensor (native source
+    name), `output_name(name)` renames it (None for a dropped layer). Build once per plan, reuse for every tensor."""
 
     def __init__(self, layout: Layout, plan: Plan):
         plan.validate(layout)
@@ -303,7 +304,7 @@ def prune_state_dict(
     state: dict[str, torch.Tensor], layout: Layout, plan: Plan
 ) -> tuple[Layout, dict[str, torch.Tensor]]:
     """Apply `plan` to a full state dict (either weight-name style). Returns (new layout, new native state)."""
-    cutter = _Cutter(layout, plan)
+    cutter = Cutter(layout, plan)
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         name = native_name(name)
@@ -339,7 +340,7 @@ def prune_checkpoint(
     config; it is written to a temporary folder and renamed into place.
     """
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
-    cutter = _Cutter(ckpt.layout, plan)
+    cutter = Cutter(ckpt.layout, plan)
     names = [n for n in ckpt.keys() if cutter.output_name(n) is not None]
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)

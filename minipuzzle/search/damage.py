@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
-from minipuzzle.search.space import AXIS_KIND, KINDS, WIDTH_AXES, SearchSpace
+from minipuzzle.search.space import AXIS_KIND, KINDS, WIDTH_AXES, SearchSpace, axis_unit
 
 # Score attribute each width axis reads.
 SCORE_AXIS = {
@@ -75,7 +74,7 @@ class DamageModel:
 
     def _fractions(self, scores, axis: str) -> dict[int, dict[int, float]]:
         src, widths = self.space.source, self.space.widths[axis]
-        groups = unit_groups(src, axis)
+        groups = axis_unit(src, axis)
         if axis == "hidden":
             if scores.hidden is None:
                 raise UserError("the scores have no hidden-channel scores: re-run `minipuzzle score` with hidden")
@@ -143,12 +142,3 @@ def kept_units(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
         part = s[g * per : (g + 1) * per]
         out.extend(int(g * per + j) for j in rank_desc(np.nan_to_num(part, nan=0.0))[:k])
     return sorted(out)
-
-
-def unit_groups(layout: Layout, axis: str) -> int:
-    """Number of groups that must keep equal counts on `axis`."""
-    if axis == "mamba_heads":
-        return layout.n_groups
-    if axis == "attn_heads":
-        return layout.num_key_value_heads
-    return 1

@@ -15,18 +15,16 @@ import torch
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
-from minipuzzle.search.damage import DamageModel
-from minipuzzle.search.solver import Candidate, _Costs, _limits, search, smallest_layout
+from minipuzzle.search.damage import SCORE_AXIS, DamageModel
+from minipuzzle.search.solver import Candidate, _Costs, _limits, no_layout_fits, search, smallest_layout
 from minipuzzle.search.space import KINDS, WIDTH_AXES, SearchSpace
 
-# Search axis -> importance axis.
-SCORE_AXES = {"mamba_head_dim": "mamba_head_channels"}
 # Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
 H100_FLOPS = 400e12
 
 
 def score_axes(axes) -> list[str]:
-    return [SCORE_AXES.get(a, a) for a in axes]
+    return [SCORE_AXIS.get(a, a) for a in axes]
 
 
 @dataclass
@@ -154,7 +152,7 @@ def prune(
     src = ckpt.layout
     space = SearchSpace.build(src, settings.axes, settings.steps, settings.min_width, settings.min_layers)
     if not settings.budget.fits(smallest_layout(space)):
-        search_space_error(space, settings.budget)
+        no_layout_fits(space, settings.budget)
     if data is None:
         raise UserError("prune needs calibration text: pass --data FILE|FOLDER|DATASET")
     tok = load_tokenizer(path)
@@ -272,15 +270,6 @@ def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progres
 
         model = load_model(ckpt, dtype=torch.float32, device=settings.device)
         return measure_in_memory(model, plans, held, settings.batch_size, advance)
-
-
-def search_space_error(space: SearchSpace, budget: Budget):
-    small = smallest_layout(space)
-    raise UserError(
-        f"no layout in the search space meets the budget ({budget.describe()}): the smallest has "
-        f"{small.num_params():,} parameters, {budget.memory_of(small)['total'] / 2**30:.2f} GiB; widen the space "
-        f"(--axes, --min-width, --min-layers) or relax the budget"
-    )
 
 
 __all__ = ["Candidate", "PruneSettings", "count_feasible", "dry_run", "prune", "run_search", "scoring_cost"]

@@ -7,17 +7,12 @@ from pathlib import Path
 import yaml
 
 from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
-from minipuzzle.search.damage import SCORE_AXIS, DamageModel, kept_units, unit_groups
+from minipuzzle.search.damage import SCORE_AXIS, DamageModel, kept_units
 from minipuzzle.search.solver import Candidate
-from minipuzzle.search.space import AXIS_KIND, WIDTH_FIELD
+from minipuzzle.search.space import AXIS_KIND, WIDTH_FIELD, axis_unit
 
-# Search axis -> Plan field.
-PLAN_FIELD = {
-    "ffn": "ffn",
-    "mamba_heads": "mamba_heads",
-    "mamba_head_dim": "mamba_head_channels",
-    "attn_heads": "attn_heads",
-}
+# Search axis -> Plan field (the Plan names its fields as the scores do).
+PLAN_FIELD = {axis: SCORE_AXIS[axis] for axis in AXIS_KIND}
 
 
 def candidate_plan(cand: Candidate, model: DamageModel, scores):
@@ -34,7 +29,7 @@ def candidate_plan(cand: Candidate, model: DamageModel, scores):
             continue
         table = getattr(scores, SCORE_AXIS[axis])
         kind = AXIS_KIND[axis]
-        groups = unit_groups(src, axis)
+        groups = axis_unit(src, axis)
         # Mamba head channels are shared by every head: one score vector per layer, same cut in every head.
         kw[fld] = {i: kept_units(table[i], width, groups) for i in layers if src.pattern[i] == kind}
     if cand.widths["hidden"] != src.hidden_size:

@@ -49,26 +49,26 @@ class PrunedStack(StreamedStack):
     surgery code as it is read, so no pruned checkpoint is written to rank a candidate."""
 
     def __init__(self, source: StreamedStack, plan):
-        from minipuzzle.surgery import prune_state_dict
+        from minipuzzle.surgery import Cutter
 
         self.ckpt, self.plan = source.ckpt, plan
-        layout = source.ckpt.layout
-        self._cut = lambda state: prune_state_dict(state, layout, plan)[1]
-        self.dst = plan.target_layout(layout)
+        self.cutter = Cutter(source.ckpt.layout, plan)
+        self.dst = self.cutter.dst
         self.config = self.dst.to_hf_config(source.ckpt.config)
         self.config._attn_implementation = source.config._attn_implementation
         self.pattern = self.dst.pattern
         self.device, self.dtype = source.device, source.dtype
-        top = self._cut({"model.embeddings.weight": source._embed, "model.norm_f.weight": source._norm_f.weight})
-        self._embed = top["model.embeddings.weight"]
-        self._norm_f = _build(lambda: _rmsnorm(self.config), {"weight": top["model.norm_f.weight"]})
-        self._head = self._cut({"lm_head.weight": source._head})["lm_head.weight"]
+        cut = self.cutter.cut
+        self._embed = cut("model.embeddings.weight", source._embed)
+        self._norm_f = _build(
+            lambda: _rmsnorm(self.config), {"weight": cut("model.norm_f.weight", source._norm_f.weight)}
+        )
+        self._head = cut("lm_head.weight", source._head)
 
     def layer_tensors(self, j: int) -> dict[str, torch.Tensor]:
         i = self.plan.layers[j]
-        cut = self._cut({f"model.layers.{i}.{k}": t for k, t in self.ckpt.layer_state(i).items()})
-        new_pre = f"model.layers.{j}."
-        return {k[len(new_pre) :]: t for k, t in cut.items()}
+        pre = f"model.layers.{i}."
+        return {k: self.cutter.cut(pre + k, t) for k, t in self.ckpt.layer_state(i).items()}
 
 
 @torch.no_grad()

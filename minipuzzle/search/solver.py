@@ -159,13 +159,18 @@ def search(
         cand.extra["method"] = method
         out.append(cand)
     if not out:
-        smallest = smallest_layout(space)
-        raise UserError(
-            f"no layout in the search space meets the budget ({budget.describe()}): the smallest has "
-            f"{smallest.num_params():,} parameters, {budget.memory_of(smallest)['total'] / 2**30:.2f} GiB; widen "
-            f"the space (--axes, --min-width, --min-layers) or relax the budget"
-        )
+        no_layout_fits(space, budget)
     return out
+
+
+def no_layout_fits(space: SearchSpace, budget: Budget):
+    """Raise the UserError for a budget that even the smallest layout of `space` misses."""
+    small = smallest_layout(space)
+    raise UserError(
+        f"no layout in the search space meets the budget ({budget.describe()}): the smallest has "
+        f"{small.num_params():,} parameters, {budget.memory_of(small)['total'] / 2**30:.2f} GiB; widen the space "
+        f"(--axes, --min-width, --min-layers) or relax the budget"
+    )
 
 
 def smallest_layout(space: SearchSpace) -> Layout:
