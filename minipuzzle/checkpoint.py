@@ -39,6 +39,26 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A compute dtype by name; None or "auto" is float32 on the CPU and bfloat16 on a GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}") from None
 
 
 def native_name(name: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minipuzzle.checkpoint import DTYPES
 from minipuzzle.errors import UserError
 
 LOSSES = ("forward_kl", "reverse_kl", "topk_kl")
@@ -142,7 +143,8 @@ class DistillConfig:
         need(self.eval_every >= 0, f"--eval-every must be >= 0 (0: off), got {self.eval_every}")
         need(self.eval_windows >= 0, f"--eval-windows must be >= 0, got {self.eval_windows}")
         need(
-            self.teacher_dtype in ("auto", "float32", "bfloat16", "float16"), f"bad teacher dtype {self.teacher_dtype}"
+            self.teacher_dtype == "auto" or self.teacher_dtype.lower() in DTYPES,
+            f"unknown --teacher-dtype {self.teacher_dtype!r}: choose auto or one of {', '.join(DTYPES)}",
         )
 
     def layer_pairs(self) -> list[tuple[int, int]]:

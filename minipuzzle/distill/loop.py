@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint, save_state_dict
+from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, resolve_checkpoint, save_state_dict
 from minipuzzle.data import load_tokenizer
 from minipuzzle.distill import parallel, state
 from minipuzzle.distill.config import DistillConfig
@@ -31,7 +31,6 @@ from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Preempted(Exception):
@@ -82,7 +81,7 @@ def check_pair(teacher: Checkpoint, student: Checkpoint, pairs: list[tuple[int, 
 
 
 def _load_models(cfg: DistillConfig, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: parallel.Dist) -> DistillObjective:
-    t_dtype = DTYPES.get(cfg.teacher_dtype) or (torch.bfloat16 if d.device.type == "cuda" else torch.float32)
+    t_dtype = parse_dtype(cfg.teacher_dtype, d.device)
     make = parallel.build_meta if d.enabled else lambda c, dt: parallel.load_local(c, dt, d)
     student = make(s_ckpt, torch.float32)  # float32 master weights; bf16 only inside autocast
     teacher = make(t_ckpt, t_dtype)

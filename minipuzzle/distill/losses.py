@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STAT_KEYS = ("kl", "lm", "distill", "accuracy", "agreement", "count")
-
 
 def forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Sum over tokens of KL(teacher || student); logits [N, V] float32 -> scalar."""

@@ -76,20 +76,17 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def all_sum(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes of a small tensor (returned on the CPU)."""
+    if d.enabled:
+        t = t.to(d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
 def all_mean(d: Dist, t: torch.Tensor) -> torch.Tensor:
     """Mean over processes of a small tensor (returned on the CPU)."""
-    if d.enabled:
-        t = t.to(d.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t = t / d.world
-    return t.cpu()
-
-
-def all_sum(d: Dist, t: torch.Tensor) -> torch.Tensor:
-    if d.enabled:
-        t = t.to(d.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu()
+    return all_sum(d, t) / d.world if d.enabled else t.cpu()
 
 
 def any_true(d: Dist, flag: bool) -> bool:

@@ -15,11 +15,9 @@ from typing import Any
 
 import torch
 
+from minipuzzle.checkpoint import parse_dtype
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.harness import parse_tasks, run_tasks
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-DTYPES.update({"float16": torch.float16, "fp16": torch.float16})
 
 
 def _device(device: str | None) -> torch.device:
@@ -29,17 +27,6 @@ def _device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device on this machine")
     return dev
-
-
-def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise UserError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}") from None
 
 
 def _checkpoint_dir(model: str | Path) -> Path:
@@ -160,7 +147,7 @@ def evaluate(
     if data is None and not specs and not speed:
         raise UserError("nothing to evaluate: pass --data, --tasks, or leave the speed measurement on")
     dev = _device(device)
-    dt = _dtype(dtype, dev)
+    dt = parse_dtype(dtype, dev)
     mpath = _checkpoint_dir(model_path)
     tpath = _checkpoint_dir(teacher_path) if teacher_path is not None else None
     from minipuzzle.arch import Layout, load_config

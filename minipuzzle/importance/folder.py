@@ -12,8 +12,6 @@ import torch
 from minipuzzle.errors import UserError
 from minipuzzle.importance.scores import Scores
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
-
 
 def resume_dir_for(out: Path) -> Path:
     """Where an unfinished run keeps its partial sums: next to the output, hidden, removed on success."""
@@ -29,10 +27,9 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
         raise UserError(f"unknown device {dev!r} (use cpu or cuda[:N])") from None
     if dev_t.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {dev} requested but CUDA is not available")
-    dt_name = DTYPES.get((dtype or ("float32" if dev_t.type == "cpu" else "bfloat16")).lower())
-    if dt_name is None:
-        raise UserError(f"unknown dtype {dtype!r} (use float32 or bfloat16)")
-    return dev_t, getattr(torch, dt_name)
+    from minipuzzle.checkpoint import parse_dtype
+
+    return dev_t, parse_dtype(dtype, dev_t)
 
 
 def score_to_folder(
