@@ -39,6 +39,9 @@ def test_kl_functions_match_reference():
     ref = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
     torch.testing.assert_close(forward_kl(t, s), ref)
     torch.testing.assert_close(reverse_kl(t, s), forward_kl(s, t))
+    # ... and against torch directly, not only as the mirror of forward_kl: KL(student || teacher).
+    ref_rev = F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1), log_target=True, reduction="sum")
+    torch.testing.assert_close(reverse_kl(t, s), ref_rev)
     ref_t2 = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="sum")
     torch.testing.assert_close(forward_kl(t, s, 2.0), ref_t2)
     # top-k over the whole vocabulary is the forward KL; a smaller k is still >= 0 and 0 when student == teacher.
