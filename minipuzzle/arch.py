@@ -237,33 +237,21 @@ class Layout:
         pattern = _pattern_of(cfg)
         if cfg.get("n_routed_experts") and MOE in pattern:
             raise UserError("mixture-of-experts Nemotron-H models are not supported: minipuzzle prunes dense models")
-        missing = [k for k in ("hidden_size", "mamba_num_heads", "mamba_head_dim") if k not in cfg and MAMBA in pattern]
-        if "hidden_size" not in cfg:
-            missing.append("hidden_size")
+        required = ["hidden_size"] + (["mamba_num_heads", "mamba_head_dim"] if MAMBA in pattern else [])
+        missing = [k for k in required if k not in cfg]
         if missing:
-            raise UserError(f"Nemotron-H config lacks {', '.join(sorted(set(missing)))}")
-        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-        fallback = {
-            "intermediate_size": 21504,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "mamba_num_heads": 128,
-            "mamba_head_dim": 64,
-            "n_groups": 8,
-            "ssm_state_size": 128,
-        }
+            raise UserError(f"Nemotron-H config lacks {', '.join(missing)}")
+        from transformers import NemotronHConfig
+
+        # A key the file leaves out means what transformers reads it as: its NemotronHConfig default.
         kwargs: dict[str, Any] = {"pattern": pattern}
         for f in dataclasses.fields(cls):
-            if f.name == "pattern":
-                continue
-            value = cfg.get(f.name)
-            if value is None:
-                value = defaults.get(f.name, fallback.get(f.name))
-            kwargs[f.name] = value
+            if f.name != "pattern":
+                value = cfg.get(f.name)
+                kwargs[f.name] = getattr(NemotronHConfig, f.name, f.default) if value is None else value
         if cfg.get("head_dim") is None and cfg.get("attention_head_dim"):
             kwargs["head_dim"] = cfg["attention_head_dim"]
-        if kwargs["num_key_value_heads"] is None:
+        if "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None:  # transformers: MHA, as many as q
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         return cls(**kwargs)
 

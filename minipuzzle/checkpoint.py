@@ -99,6 +99,7 @@ class Checkpoint:
             for f, p in shards.items():
                 if not p.is_file():
                     raise UserError(f"shard {f} named in {index.name} is missing from {self.path}")
+                _read_header(p)  # validates every shard up front: fail before any work is done
             for stored, f in weight_map.items():
                 self._add(stored, shards[f])
         else:
@@ -106,10 +107,8 @@ class Checkpoint:
             if not files:
                 raise UserError(f"no *.safetensors weights in {self.path}")
             for f in files:
-                for stored in _read_header(f):
+                for stored in _read_header(f):  # also validates the header: fail before any work is done
                     self._add(stored, f)
-        for f in set(self._files.values()):
-            _read_header(f)  # validates every shard's header up front: fail before any work is done
         self.style = "backbone" if any(s.startswith("backbone.") for s in self._stored.values()) else "model"
         self._handles: dict[Path, Any] = {}
 
