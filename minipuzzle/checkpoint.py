@@ -202,7 +202,8 @@ def resolve_checkpoint(model: str, model_path: str | Path | None = None) -> Path
     if model_path is not None:
         return Path(model_path)
     p = Path(model)
-    if p.exists():
+    # A folder wins over a preset of the same name only when it is a checkpoint (a `demo/` folder of logs is not).
+    if p.exists() and (not is_preset(model) or (p / "config.json").is_file()):
         return p
     if is_preset(model) and get_preset(model).local_path is not None:
         return get_preset(model).local_path

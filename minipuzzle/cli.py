@@ -65,7 +65,7 @@ def describe_model(model: str, model_path: str | None = None):
     from minipuzzle.checkpoint import resolve_checkpoint
     from minipuzzle.presets import get_preset, is_preset
 
-    if model_path is None and not Path(model).exists() and is_preset(model):
+    if model_path is None and is_preset(model) and not (Path(model) / "config.json").is_file():
         p = get_preset(model)
         return p.name, p.layout
     path = resolve_checkpoint(model, model_path)

@@ -100,3 +100,14 @@ def test_cut_command_writes_checkpoint(tiny_checkpoint, tmp_path):
     code, out, err = run_cli(["cut", str(tiny_checkpoint), "--plan", str(plan), "-o", str(tmp_path / "o")])
     assert code == 0, err
     assert Checkpoint(tmp_path / "o").layout.pattern == Checkpoint(tiny_checkpoint).layout.pattern[:4]
+
+
+def test_preset_name_is_not_shadowed_by_a_folder_that_is_no_checkpoint(tmp_path, monkeypatch):
+    from minipuzzle.checkpoint import resolve_checkpoint
+    from minipuzzle.presets import get_preset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. a folder of logs
+    assert resolve_checkpoint("demo") == get_preset("demo").local_path
+    code, out, err = run_cli(["info", "demo", "--json"])
+    assert code == 0 and json.loads(out)["params"] == get_preset("demo").layout.num_params()
