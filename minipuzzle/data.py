@@ -168,6 +168,37 @@ def token_windows(
     return data[order]
 
 
+def head_split(
+    source: str | Path,
+    tokenizer,
+    seq_len: int,
+    num_head: int,
+    num_rest: int,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    column: str = "text",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head [H, seq_len], rest [R, seq_len]): the first windows of `source` in document order, and a seeded pick
+    of `num_rest` of the windows after them.
+
+    Windows are consecutive, non-overlapping slices of one packed token stream, so no token of the head is in
+    the rest. The head is what `distill` holds out of the same data (same packing, from its start) when it
+    takes its evaluation windows from it: a distillation on `source` with at least H x seq_len evaluation tokens
+    never trains on the head. H is `num_head`, at most a quarter of the windows (at least 1).
+    """
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
+    docs = iter_documents(source, split, column)
+    windows = torch.tensor(list(pack(iter_tokens(tokenizer, docs), seq_len)), dtype=torch.long).reshape(-1, seq_len)
+    if len(windows) < 2:
+        raise UserError(f"data {source} gives {len(windows)} window of {seq_len} tokens: need at least 2")
+    n_head = min(num_head, max(1, len(windows) // 4))
+    head, rest = windows[:n_head], windows[n_head:]
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:num_rest]
+    return head, rest[order]
+
+
 def split_windows(windows: torch.Tensor, held_out: float | int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split [N, T] windows into (train, held_out) by a fraction or a count taken from the end."""
     n = len(windows)

@@ -73,6 +73,7 @@ class SearchSection(_Section):
     min_width: float = Field(0.5, gt=0, le=1, description="smallest width searched, as a fraction of the source's")
     min_layers: float = Field(0.5, ge=0, le=1, description="fewest layers of each kind kept, as a fraction")
     candidates: int = Field(3, ge=1, description="candidates ranked for real on held-out tokens")
+    band: float = Field(0.05, ge=0, le=1, description="layouts within this fraction below the budget are candidates")
     rank_samples: int = Field(64, ge=1, description="held-out windows used to rank candidates")
     candidate_distill_tokens: float = Field(0, ge=0, description="short distillation per candidate before choosing")
 
@@ -193,6 +194,7 @@ def prune_settings(recipe: Recipe, source):
         min_width=s.min_width,
         min_layers=s.min_layers,
         candidates=s.candidates,
+        band=s.band,
         seq_len=imp.seq_len,
         depth_samples=imp.depth_samples,
         width_samples=imp.width_samples,

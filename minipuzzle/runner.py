@@ -33,6 +33,11 @@ class RunData:
     eval_split: str = "train"
     column: str = "text"
 
+    @property
+    def separate_held_out(self) -> bool:
+        """The held-out text is not the training text (another source, split or set of files)."""
+        return (self.held_out, self.eval_split) != (self.train, self.split)
+
 
 def prepare_data(recipe: Recipe, folder: Path) -> RunData:
     """Resolve the data section. For a folder with `held_out_files`, RUN_DIR/data/{train,held_out} hold links to
@@ -157,8 +162,11 @@ def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress
     from minipuzzle.search.pipeline import prune
 
     settings = prune_settings(recipe, Checkpoint(teacher).layout)
-    prune(str(teacher), run_dir / "prune", settings, data.train, scores_dir=str(run_dir / "score"),
-          overwrite=True, progress=progress)  # fmt: skip
+    # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_config).
+    held = data.held_out if data.separate_held_out else None
+    prune(str(teacher), run_dir / "prune", settings, data.train, held_out_data=held, split=data.split,
+          held_out_split=data.eval_split, column=data.column, scores_dir=str(run_dir / "score"), overwrite=True,
+          progress=progress)  # fmt: skip
 
 
 def distill_config(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool):
@@ -166,6 +174,12 @@ def distill_config(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, 
 
     d = recipe.distill
     assert d is not None
+    eval_kw = {"eval_data": data.held_out, "eval_every": d.eval_every}
+    if not data.separate_held_out:
+        # The prune stage ranked on the head of the training text: distillation takes at least those tokens as
+        # its evaluation windows, which it never trains on.
+        need = -(-recipe.search.rank_samples * recipe.importance.seq_len // d.seq_len)
+        eval_kw = {"eval_data": None, "eval_every": d.eval_every or distill_steps(d), "eval_windows": max(16, need)}
     return DistillConfig(
         teacher=str(teacher),
         student=str(run_dir / "prune"),
@@ -183,13 +197,12 @@ def distill_config(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, 
         lm_weight=d.lm_weight,
         hidden_weight=d.hidden_weight,
         save_every=d.save_every,
-        eval_every=d.eval_every,
-        eval_data=data.held_out,
         split=data.split,
         text_column=data.column,
         seed=d.seed,
         activation_checkpointing=d.activation_checkpointing,
         progress=progress,
+        **eval_kw,
     )
 
 

@@ -158,3 +158,87 @@ def test_candidates_distilled_before_the_choice(dead_checkpoint, text_file, tmp_
     # The ranking figures are the distilled students', not copies of the undistilled ones.
     assert any(r["kl_to_teacher"] != r["kl_to_teacher_before_distill"] for r in rows)
     assert [r["kl_to_teacher"] for r in rows] == sorted(r["kl_to_teacher"] for r in rows)
+
+
+def test_dry_run_counts_the_band_and_samples_sets_both():
+    base = ["prune", "56b", "--memory", "31.7GiB", "--precision", "fp4", "--context", "1M", "--step", "ffn=1024",
+            "--min-width", "0.75", "--dry-run"]  # fmt: skip
+    code, out, err = run_cli([*base, "--json", "--samples", "7"])
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["band"] == 0.05 and 0 < plan["pool_layouts"] < plan["feasible_layouts"]
+    assert plan["cost"]["tokens"] == (7 + 7 + 64) * 512
+    code, out, _ = run_cli([*base, "--json", "--samples", "7", "--depth-samples", "3", "--band", "0"])
+    plan0 = json.loads(out)
+    assert plan0["cost"]["tokens"] == (3 + 7 + 64) * 512  # the specific option wins
+    assert plan0["pool_layouts"] < plan["pool_layouts"]
+    code, out, _ = run_cli(base)
+    assert (
+        code == 0 and f"candidate pool (within 5% below the budget, or unable to grow): {plan['pool_layouts']:,}" in out
+    )
+    code, _, err = run_cli([*base, "--band", "1.5"])
+    assert code == 2 and err.count("\n") == 1 and "--band" in err
+
+
+def record(monkeypatch, seen: dict, module, name: str, key: str, pick):
+    """Wrap module.name so that seen[key] = pick(args) of its first call; the real function still runs."""
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        seen.setdefault(key, pick(args))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_file, tmp_path, monkeypatch):
+    """Without --held-out-data the ranking windows are the head of --data: no calibration window is one of them,
+    and candidate distillation holds exactly them out (its evaluation windows, never trained on)."""
+    import minipuzzle.distill as distill_pkg
+    import minipuzzle.importance as importance
+    from minipuzzle.data import iter_documents, iter_tokens, load_tokenizer, pack
+    from minipuzzle.distill.stream import WindowStream
+    from minipuzzle.search import pipeline
+
+    _, ckpt = dead_checkpoint
+    seen = {}
+    record(monkeypatch, seen, importance, "score_checkpoint", "calib", lambda a: torch.cat(a[1:3]))
+    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
+    record(monkeypatch, seen, distill_pkg, "distill", "cfg", lambda a: a[0])
+    settings = pipeline.PruneSettings(budget=pipeline.Budget(params=int(tiny_layout().num_params() * 0.8)),
+                                      candidates=1, seq_len=32, depth_samples=4, width_samples=40,
+                                      held_out_samples=6, candidate_distill_steps=1,
+                                      candidate_distill_batch=2)  # fmt: skip
+    rep = pipeline.prune(str(ckpt), tmp_path / "out", settings, str(text_file), progress=False)
+    tok = load_tokenizer(ckpt)
+    stream = [tuple(w) for w in pack(iter_tokens(tok, iter_documents(text_file)), 32)]
+    held = [tuple(w) for w in seen["held"].tolist()]
+    assert held == stream[:6]
+    calib = [tuple(w) for w in seen["calib"].tolist()]
+    assert len(calib) == 44 and all(stream.index(w) >= 6 for w in calib)
+    cfg = seen["cfg"]
+    assert cfg.eval_every >= 1 and cfg.eval_windows == 6
+    assert WindowStream(cfg.data, tok, cfg.seq_len).take(cfg.eval_windows).tolist() == seen["held"].tolist()
+    assert "not scored on" in rep["data"]["held_out_source"]
+
+
+def test_held_out_data_is_what_candidates_are_ranked_on(dead_checkpoint, text_file, tmp_path, monkeypatch):
+    from minipuzzle.data import load_tokenizer, token_windows
+    from minipuzzle.search import pipeline
+    from minipuzzle.testing import stdlib_text_files
+
+    _, ckpt = dead_checkpoint
+    other = tmp_path / "held.txt"
+    other.write_text(stdlib_text_files(6)[-1].read_text())
+    seen = {}
+    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
+    args = ["--target", "0.8", "--data", str(text_file), "-o", str(tmp_path / "out"), *SMALL]
+    code, _, err = run_cli(["prune", str(ckpt), *args, "--held-out-data", str(other)])
+    assert code == 0, err
+    want = token_windows(other, load_tokenizer(ckpt), 32, 4, 0)
+    assert torch.equal(seen["held"], want)
+    rep = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert rep["data"]["held_out_source"] == str(other) and rep["data"]["held_out_windows"] == len(want)
+    code, _, err = run_cli(["prune", str(ckpt), *args[:-len(SMALL)], "-o", str(tmp_path / "no"),
+                            "--held-out-data", str(text_file)])  # fmt: skip
+    assert code == 2 and "same text" in err and err.count("\n") == 1 and not (tmp_path / "no").exists()

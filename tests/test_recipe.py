@@ -2,6 +2,7 @@
 tiny model that a rerun skips."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -137,3 +138,42 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     recipe_file.write_text(yaml.safe_dump(doc))
     code, _, err = run_cli(["run", str(recipe_file), "-o", str(run_dir)])
     assert code == 2 and "different recipe" in err
+
+
+def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, tiny_checkpoint, monkeypatch):
+    """With held-out files, prune ranks on them; with one plain file, on the head of the training text, and the
+    final distillation takes at least those tokens as its (never trained on) evaluation windows."""
+    import math
+
+    from minipuzzle import runner
+    from minipuzzle.search import pipeline
+    from minipuzzle.testing import stdlib_text_files
+
+    if tiny_checkpoint.name != "model":
+        pytest.skip("one weight style is enough for the runner")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for f in stdlib_text_files(3):
+        (texts / f.name).write_text(f.read_text())
+    held_file = sorted(p.name for p in texts.iterdir())[0]
+    calls = []
+    monkeypatch.setattr(pipeline, "prune", lambda *a, **kw: calls.append((a, kw)))
+    doc = {"name": "t", "model": {"source": str(tiny_checkpoint)},
+           "data": {"source": str(texts), "held_out_files": [held_file]},
+           "importance": {"seq_len": 64}, "search": {"target": "0.85", "rank_samples": 10},
+           "distill": {"max_steps": 3, "seq_len": 32, "eval_every": 0}}  # fmt: skip
+    for data, separate in (({"source": str(texts), "held_out_files": [held_file]}, True),
+                           ({"source": str(texts / held_file)}, False)):  # fmt: skip
+        recipe = parse_recipe(doc | {"data": data})
+        rd = runner.prepare_data(recipe, tmp_path / f"run{separate}" / "data")
+        assert rd.separate_held_out is separate
+        runner._prune(recipe, tiny_checkpoint, rd, tmp_path / f"run{separate}", progress=False)
+        (_, _, _, train), kw = calls[-1]
+        cfg = runner.distill_config(recipe, tiny_checkpoint, rd, tmp_path, progress=False)
+        if separate:
+            assert kw["held_out_data"] == rd.held_out and held_file not in {p.name for p in Path(train).iterdir()}
+            assert cfg.eval_data == rd.held_out
+        else:
+            assert kw["held_out_data"] is None and train == rd.train == cfg.data
+            assert cfg.eval_data is None and cfg.eval_every >= 1
+            assert cfg.eval_windows * cfg.seq_len >= 10 * 64 and cfg.eval_windows == math.ceil(10 * 64 / 32)

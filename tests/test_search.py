@@ -9,7 +9,18 @@ import torch
 from minipuzzle.errors import UserError
 from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import get_preset
-from minipuzzle.search import DamageModel, SearchSpace, is_maximal, make_budget, parse_memory, parse_target, search
+from minipuzzle.search import (
+    DamageModel,
+    SearchSpace,
+    count_pool,
+    in_pool,
+    is_maximal,
+    make_budget,
+    parse_memory,
+    parse_target,
+    search,
+)
+from minipuzzle.search.pipeline import count_feasible
 from minipuzzle.search.space import KINDS, WIDTH_AXES, width_options
 from minipuzzle.testing import tiny_layout
 
@@ -71,33 +82,44 @@ def test_width_options_scale_with_model():
         width_options(tiny, "mamba_heads", step=3)
 
 
-def brute_force(space, budget, model):
-    """Every (widths, counts) point, checked with Layout directly: the reference for the solver."""
+def brute_force(space, budget, model, band=0.0):
+    """Every (widths, counts) point, checked with Layout directly: the reference for the solver.
+
+    A point is a candidate when it fits and uses at least (1 - band) of a limit, or fits and is maximal."""
     best = []
     for widths in space.width_combos():
         ranges = [range(space.layers[k][0], space.layers[k][1] + 1) for k in KINDS]
         for counts in itertools.product(*ranges):
             c = dict(zip(KINDS, counts))
-            if budget.fits(space.layout(widths, c)) and is_maximal(space, budget, widths, c):
+            lay = space.layout(widths, c)
+            if not budget.fits(lay):
+                continue
+            used = [lay.num_params() / budget.params] if budget.params is not None else []
+            if budget.memory is not None:
+                used.append(budget.memory_of(lay)["total"] / budget.memory)
+            if max(used) >= 1 - band or is_maximal(space, budget, widths, c):
                 best.append(model.damage(widths, c))
     return sorted(best)
 
 
+@pytest.mark.parametrize("band", [0.0, 0.05, 0.3])
 @pytest.mark.parametrize("axes", ["depth,ffn", "depth,mamba_heads,attn_heads,mamba_head_dim", "ffn,hidden"])
-def test_solver_matches_brute_force_and_mip(axes):
+def test_solver_matches_brute_force_and_mip(axes, band):
     src = tiny_layout(intermediate_size=24, hidden_size=16)
     space = SearchSpace.build(src, axes, min_width=0.5, min_layers=0.5)
     scores = synthetic_scores(src, seed=3)
     model = DamageModel(scores, space)
     budget = make_budget(src, target="0.8")
-    ref = brute_force(space, budget, model)
-    got = search(space, budget, model, k=5, method="enumerate")
-    mip = search(space, budget, model, k=5, method="mip")
+    ref = brute_force(space, budget, model, band)
+    assert count_pool(space, budget, band) == len(ref)
+    got = search(space, budget, model, k=5, method="enumerate", band=band)
+    mip = search(space, budget, model, k=5, method="mip", band=band)
     assert [c.damage for c in got] == pytest.approx(ref[:5], abs=1e-12)
     assert [c.damage for c in mip] == pytest.approx(ref[:5], abs=1e-12)
     for c in got + mip:
         lay = space.layout(c.widths, c.counts)
         assert lay.num_params() == c.params <= budget.params
+        assert in_pool(space, budget, c.widths, c.counts, band)
         assert c.damage == pytest.approx(model.damage(c.widths, c.counts))
 
 
@@ -114,6 +136,46 @@ def test_memory_budget_56b_depth_ffn_is_fast_and_feasible():
         lay = space.layout(c.widths, c.counts)
         assert lay.memory("fp4", 1048576)["total"] < 31.7 * 2**30
         assert lay.count("*") < src.count("*")  # the 1M-token KV cache forces attention layers out
+
+
+@pytest.mark.parametrize("band", [0.0, 0.1])
+def test_memory_and_params_band_matches_brute_force(band):
+    """Both limits at once: a layout is in the band when it comes within `band` of either limit."""
+    src = tiny_layout(intermediate_size=24, hidden_size=16)
+    space = SearchSpace.build(src, "depth,ffn", min_width=0.5, min_layers=0.5)
+    model = DamageModel(synthetic_scores(src, seed=5), space)
+    full = src.memory("bf16", 4096)["total"]
+    budget = make_budget(src, target="0.9", memory=str(int(full * 0.8)), context=4096)
+    ref = brute_force(space, budget, model, band)
+    assert count_pool(space, budget, band) == len(ref)
+    assert count_pool(space, budget, 1.0) == count_feasible(space, budget)
+    for method in ("enumerate", "mip"):
+        got = search(space, budget, model, k=6, method=method, band=band)
+        assert [c.damage for c in got] == pytest.approx(ref[:6], abs=1e-12)
+
+
+def test_band_holds_the_published_47b_under_the_paper_budget():
+    """MiniPuzzle's 56B -> 47B settings: the published 47B (45 Mamba / 48 MLP / 5 attention, FFN 30720, 30.85 GiB)
+    leaves room for one more layer, so it is not maximal, but it is within 5% of 31.7 GiB."""
+    src = get_preset("56b").layout
+    space = SearchSpace.build(src, "depth,ffn", steps={"ffn": 1024}, min_width=0.75)
+    budget = make_budget(src, memory="31.7GiB", precision="fp4", context=1048576)
+    widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"ffn": 30720}
+    counts = {"M": 45, "-": 48, "*": 5}
+    assert not in_pool(space, budget, widths, counts, band=0.0)
+    assert in_pool(space, budget, widths, counts, band=0.05)
+    assert count_pool(space, budget, 0.0) < count_pool(space, budget, 0.05) < count_feasible(space, budget)
+    scores = synthetic_scores(src)
+    dmodel = DamageModel(scores, space)
+    best = search(space, budget, dmodel, k=3, band=0.05)
+    assert all(in_pool(space, budget, c.widths, c.counts, 0.05) for c in best)
+
+
+def test_bad_band_is_a_user_error():
+    src = tiny_layout()
+    space = SearchSpace.build(src, "depth,ffn")
+    with pytest.raises(UserError, match="--band"):
+        count_pool(space, make_budget(src, target="0.8"), 1.5)
 
 
 def test_zero_scores_are_cut_first():

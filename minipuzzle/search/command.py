@@ -27,6 +27,17 @@ def _steps(text: str | None) -> dict[str, int]:
     return out
 
 
+def _samples(samples: int | None, depth: int | None, width: int | None) -> tuple[int, int]:
+    """--samples sets both counts; --depth-samples / --width-samples, when given, win over it."""
+    for name, v in (("--samples", samples), ("--depth-samples", depth), ("--width-samples", width)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be at least 1, got {v}")
+    return (
+        depth if depth is not None else samples if samples is not None else 128,
+        width if width is not None else samples if samples is not None else 1024,
+    )
+
+
 def _settings(target, memory, precision, context, batch, kv_precision, axes, step, min_width, min_layers, source,
               **kw):  # fmt: skip
     from minipuzzle.cli import parse_count
@@ -46,6 +57,13 @@ Precision = Annotated[str, typer.Option(help="Weight precision for --memory: bf1
 Context = Annotated[str, typer.Option(help="Context length for --memory (8192, 128k, 1M).")]
 Axes = Annotated[str, typer.Option(help="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")]
 Step = Annotated[str | None, typer.Option(help="Width steps, e.g. ffn=1024,hidden=256 (default: scale with model).")]
+Band = Annotated[
+    float,
+    typer.Option(
+        help="Candidates: every layout that fits and uses at least (1 - BAND) of a limit (of either, with both), "
+        "plus layouts that cannot grow; ranked by predicted damage. 0: only layouts that cannot grow."
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -65,6 +83,7 @@ def register(app: typer.Typer) -> None:
         min_width: Annotated[float, typer.Option(help="Smallest width searched, fraction of the source.")] = 0.5,
         min_layers: Annotated[float, typer.Option(help="Fewest layers of each kind kept, fraction.")] = 0.5,
         candidates: Annotated[int, typer.Option(help="How many best layouts to list.")] = 8,
+        band: Band = 0.05,
         method: Annotated[str, typer.Option(help="auto, enumerate or mip.")] = "auto",
     ) -> None:
         """Find the layout with the least predicted damage under a budget and write it as a layout file.
@@ -78,7 +97,7 @@ def register(app: typer.Typer) -> None:
 
         _, layout = describe_model(model)
         st = _settings(target, memory, precision, context, batch, kv_precision, axes, step, min_width, min_layers,
-                       layout, candidates=candidates, method=method)  # fmt: skip
+                       layout, candidates=candidates, band=band, method=method)  # fmt: skip
         sc = Scores.load(scores)
         space, dmodel, cands = run_search(layout, sc, st)
         plan = candidate_plan(cands[0], dmodel, sc)
@@ -102,11 +121,19 @@ def register(app: typer.Typer) -> None:
         min_width: Annotated[float, typer.Option(help="Smallest width searched, fraction of the source.")] = 0.5,
         min_layers: Annotated[float, typer.Option(help="Fewest layers of each kind kept, fraction.")] = 0.5,
         data: Annotated[str | None, typer.Option(help="Calibration text: file, folder or dataset.")] = None,
+        held_out_data: Annotated[
+            str | None,
+            typer.Option(help="Text to rank candidates on (default: the first windows of --data, never scored on)."),
+        ] = None,
         scores: Annotated[str | None, typer.Option(help="Reuse scores from `minipuzzle score`.")] = None,
-        candidates: Annotated[int, typer.Option(help="Candidates measured on held-out tokens.")] = 4,
+        candidates: Annotated[int, typer.Option(help="Best candidates by predicted damage measured for real.")] = 4,
+        band: Band = 0.05,
         seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
-        depth_samples: Annotated[int, typer.Option(help="Windows for depth scores.")] = 128,
-        width_samples: Annotated[int, typer.Option(help="Windows for width scores.")] = 1024,
+        samples: Annotated[
+            int | None, typer.Option(help="Windows for both depth and width scores (the two below win if given).")
+        ] = None,
+        depth_samples: Annotated[int | None, typer.Option(help="Windows for depth scores [default: 128].")] = None,
+        width_samples: Annotated[int | None, typer.Option(help="Windows for width scores [default: 1024].")] = None,
         held_out: Annotated[int, typer.Option(help="Held-out windows for ranking.")] = 64,
         candidate_distill_steps: Annotated[
             int, typer.Option(help="Distil every candidate this many steps before choosing (0: off).")
@@ -126,6 +153,7 @@ def register(app: typer.Typer) -> None:
         from minipuzzle.cli import describe_model
         from minipuzzle.search import pipeline
 
+        depth_samples, width_samples = _samples(samples, depth_samples, width_samples)
         if dry_run:
             _, layout = describe_model(model, model_path)
         else:
@@ -136,7 +164,7 @@ def register(app: typer.Typer) -> None:
             check_output_dir(output, overwrite)
             layout = Checkpoint(resolve_checkpoint(model, model_path)).layout
         st = _settings(target, memory, precision, context, batch, kv_precision, axes, step, min_width, min_layers,
-                       layout, candidates=candidates, seq_len=seq_len, depth_samples=depth_samples,
+                       layout, candidates=candidates, band=band, seq_len=seq_len, depth_samples=depth_samples,
                        width_samples=width_samples, held_out_samples=held_out, stream=stream,
                        device=device, candidate_distill_steps=candidate_distill_steps,
                        candidate_distill_lr=candidate_distill_lr)  # fmt: skip
@@ -152,11 +180,16 @@ def register(app: typer.Typer) -> None:
             print(f"search space: axes {','.join(sp['axes'])}, {sp['size']:,} layouts; widths {sp['widths']}")
             print(f"layouts within the budget: {plan['feasible_layouts']:,}")
             print(
+                f"candidate pool (within {plan['band']:.0%} below the budget, or unable to grow): "
+                f"{plan['pool_layouts']:,} layouts; the best {candidates} by predicted damage are measured"
+            )
+            print(
                 f"scoring + ranking: {c['flops_total']:.3e} FLOPs ({c['depth_passes']:.0f} depth passes), "
                 f"~{c['gpu_hours_h100']:.2f} H100-hours at {c['assumed_flops_per_second'] / 1e12:.0f} TFLOP/s"
             )
             return
-        rep = pipeline.prune(model, output, st, data, model_path=model_path, scores_dir=scores, overwrite=overwrite)
+        rep = pipeline.prune(model, output, st, data, held_out_data=held_out_data, model_path=model_path,
+                             scores_dir=scores, overwrite=overwrite)  # fmt: skip
         res = rep["chosen"]["result"]
         if as_json:
             print(json.dumps(rep["chosen"]["result"], indent=2))

@@ -16,7 +16,17 @@ from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import SCORE_AXIS, DamageModel
-from minipuzzle.search.solver import Candidate, _Costs, _limits, no_layout_fits, search, smallest_layout
+from minipuzzle.search.solver import (
+    DEFAULT_BAND,
+    Candidate,
+    _Costs,
+    _limits,
+    check_band,
+    count_pool,
+    no_layout_fits,
+    search,
+    smallest_layout,
+)
 from minipuzzle.search.space import KINDS, WIDTH_AXES, SearchSpace
 
 # Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
@@ -37,6 +47,8 @@ class PruneSettings:
     min_width: float = 0.5
     min_layers: float = 0.5
     candidates: int = 4
+    # Layouts within this fraction below the budget (or maximal) are candidates; see search.solver.
+    band: float = DEFAULT_BAND
     seq_len: int = 512
     depth_samples: int = 128
     width_samples: int = 1024
@@ -51,6 +63,9 @@ class PruneSettings:
     candidate_distill_steps: int = 0
     candidate_distill_lr: float = 1e-4
     candidate_distill_batch: int = 8
+
+    def __post_init__(self) -> None:
+        check_band(self.band)
 
 
 def count_feasible(space: SearchSpace, budget: Budget) -> int:
@@ -110,6 +125,8 @@ def dry_run(layout: Layout, settings: PruneSettings) -> dict:
         "budget": b.to_dict(),
         "space": space.describe(),
         "feasible_layouts": count_feasible(space, b),
+        "band": settings.band,
+        "pool_layouts": count_pool(space, b, settings.band),
         "smallest_layout": {"params": small.num_params(), **_mem(b, small)},
         "cost": scoring_cost(layout, settings),
     }
@@ -123,7 +140,8 @@ def run_search(layout: Layout, scores, settings: PruneSettings, k: int | None = 
     """(space, damage model, candidates best first) for `layout` under the settings' budget."""
     space = SearchSpace.build(layout, settings.axes, settings.steps, settings.min_width, settings.min_layers)
     model = DamageModel(scores, space)
-    return space, model, search(space, settings.budget, model, k or settings.candidates, settings.method)
+    cands = search(space, settings.budget, model, k or settings.candidates, settings.method, band=settings.band)
+    return space, model, cands
 
 
 def prune(
@@ -132,6 +150,10 @@ def prune(
     settings: PruneSettings,
     data: str | None,
     *,
+    held_out_data: str | None = None,
+    split: str = "train",
+    held_out_split: str | None = None,
+    column: str = "text",
     model_path: str | None = None,
     scores_dir: str | None = None,
     overwrite: bool = False,
@@ -139,10 +161,12 @@ def prune(
 ) -> dict:
     """Score, search, rank and cut: write a standard checkpoint plus prune_report.json and plots to `out`.
 
-    Returns the report. Every user error is raised before anything is written.
+    Candidates are ranked on `held_out_data` (split `held_out_split`, default `split`), or, without it, on the
+    first windows of `data`, which scoring and candidate distillation never see. Returns the report. Every user
+    error is raised before anything is written.
     """
     from minipuzzle.checkpoint import Checkpoint, atomic_dir, check_output_dir, resolve_checkpoint
-    from minipuzzle.data import load_tokenizer, token_windows
+    from minipuzzle.data import load_tokenizer
     from minipuzzle.search.plan import candidate_plan, layout_document
 
     t0 = time.perf_counter()
@@ -155,13 +179,9 @@ def prune(
         no_layout_fits(space, settings.budget)
     if data is None:
         raise UserError("prune needs calibration text: pass --data FILE|FOLDER|DATASET")
+    held_split = held_out_split or split
     tok = load_tokenizer(path)
-    n_score = max(settings.depth_samples, settings.width_samples)
-    windows = token_windows(data, tok, settings.seq_len, n_score + settings.held_out_samples, settings.seed)
-    if len(windows) < 2:
-        raise UserError(f"data {data} gives {len(windows)} window of {settings.seq_len} tokens: need at least 2")
-    n_held = min(settings.held_out_samples, max(1, len(windows) // 4))
-    held, calib = windows[-n_held:], windows[:-n_held]
+    held, calib = _windows(data, held_out_data, tok, settings, split, held_split, column, scores_dir is None)
     timing = {}
     if scores_dir is not None:
         from minipuzzle.importance.scores import Scores
@@ -185,7 +205,8 @@ def prune(
     timing["ranking_seconds"] = round(time.perf_counter() - t, 3)
     if settings.candidate_distill_steps > 0:
         t = time.perf_counter()
-        after = distill_candidates(path, ckpt, plans, held, data, settings, progress)
+        skip = 0 if held_out_data is not None else len(held)  # the head of `data` that distillation must skip
+        after = distill_candidates(path, ckpt, plans, held, data, settings, progress, skip, split, column)
         # Rank on the distilled figures; keep the undistilled ones for the report.
         stats = [{**a, **{f"{k}_before_distill": v for k, v in b.items()}} for a, b in zip(after, stats)]
         timing["candidate_distill_seconds"] = round(time.perf_counter() - t, 3)
@@ -210,6 +231,9 @@ def prune(
             "seq_len": settings.seq_len,
             "calibration_windows": len(calib),
             "held_out_windows": len(held),
+            "held_out_source": str(held_out_data)
+            if held_out_data is not None
+            else f"the first {len(held)} windows of {data} (not scored on; candidate distillation skips them)",
         },  # fmt: skip
         "streamed": settings.stream,
         "scores": scores.meta,
@@ -228,10 +252,29 @@ def prune(
     return report
 
 
-def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, settings: PruneSettings, progress: bool):
+def _windows(data, held_out_data, tok, settings: PruneSettings, split, held_split, column, score: bool):
+    """(held-out windows [H, T], calibration windows [C, T]; C = 0 when nothing is scored here)."""
+    from minipuzzle.data import head_split, token_windows
+
+    n_score = max(settings.depth_samples, settings.width_samples) if score else 0
+    T, seed = settings.seq_len, settings.seed
+    if held_out_data is None:
+        return head_split(data, tok, T, settings.held_out_samples, n_score, seed, split=split, column=column)
+    if str(Path(held_out_data).resolve()) == str(Path(data).resolve()) and held_split == split:
+        raise UserError(f"--held-out-data {held_out_data} is the same text as --data: rank on text not scored on")
+    held = token_windows(held_out_data, tok, T, settings.held_out_samples, seed, split=held_split, column=column)
+    if not score:
+        return held, torch.zeros(0, T, dtype=torch.long)
+    return held, token_windows(data, tok, T, n_score, seed, split=split, column=column)
+
+
+def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, settings: PruneSettings, progress: bool,
+                       skip: int = 0, split: str = "train", column: str = "text"):  # fmt: skip
     """Cut each candidate, distil it for `candidate_distill_steps` on `data`, and measure it again on `held`.
 
-    The winner is still written undistilled: the final distillation stage starts from the cut weights.
+    `skip`: held-out windows at the head of `data` (see `data.head_split`); distillation takes them as its
+    evaluation windows, which it never trains on, and evaluates on them once, at the last step. The winner is
+    still written undistilled: the final distillation stage starts from the cut weights.
     """
     import tempfile
 
@@ -249,8 +292,9 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
                 teacher=str(path), student=str(cut), data=str(data), output=str(Path(work) / f"cand{i}-distilled"),
                 max_steps=settings.candidate_distill_steps, seq_len=settings.seq_len,
                 batch_size=settings.candidate_distill_batch, lr=settings.candidate_distill_lr,
-                warmup=max(1, settings.candidate_distill_steps // 10), save_every=0, eval_every=0,
-                seed=settings.seed, device=settings.device, progress=progress,
+                warmup=max(1, settings.candidate_distill_steps // 10), save_every=0,
+                eval_every=settings.candidate_distill_steps if skip else 0, eval_windows=skip, split=split,
+                text_column=column, seed=settings.seed, device=settings.device, progress=progress,
             )  # fmt: skip
             student = load_model(distill(cfg), dtype=torch.float32, device=settings.device)
             out.append(token_stats(student, held, teacher=teacher, batch_size=settings.batch_size))

@@ -10,8 +10,13 @@ over kept layers (see `damage`). Two exact methods:
   one binary per (widths of that kind, layer count) option, exactly one option per kind, the budgets as linear
   constraints, maximising the kept value. The next-best solutions come from no-good cuts.
 
-Candidates are "maximal": no kind can keep one more layer and no axis can take its next larger width within the
-budget, so every candidate uses its budget (a layout that leaves room is dominated by one that fills it).
+Candidates (the "pool") are the layouts that fit the budget and either lie in the band below it (use at least
+(1 - band) of the parameter limit or of the memory limit, whichever the budget has; with both, one of them
+suffices, since only one of them binds) or are maximal (no kind can keep one more layer and no axis can take its
+next larger width). Maximal layouts below the band stay in: nothing bigger of the same kind fits, so they are not
+dominated, and coarse spaces (a tiny model, where one layer is more than the band) would otherwise have no
+candidate at all; with band 0 the pool is exactly the maximal layouts. MiniPuzzle kept every layout its memory
+filter let through (~400 for 56B -> 47B), not only the largest: the published 47B leaves room for one more layer.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ ENUM_LIMIT = 50_000_000
 _CHUNK = 2_000_000
 # Linear memory model vs Layout.memory's byte rounding: a few bytes of slack, then an exact re-check.
 _MEM_SLACK = 16.0
+# Default band below the budget whose layouts are candidates (a fraction of each limit).
+DEFAULT_BAND = 0.05
 # Axes (besides hidden) that shape each kind's layers.
 KIND_AXES = {kind: [a for a in WIDTH_AXES if AXIS_KIND.get(a) == kind] for kind in KINDS}
 
@@ -135,24 +142,29 @@ def search(
     k: int = 8,
     method: str = "auto",
     progress: bool = False,
+    band: float = DEFAULT_BAND,
 ) -> list[Candidate]:
-    """The `k` maximal layouts of `space` with the least predicted damage that fit `budget`, best first.
+    """The `k` layouts of the pool (see the module docstring: within `band` of the budget, or maximal) with the
+    least predicted damage, best first.
 
     method: "enumerate", "mip" or "auto" (enumerate up to ENUM_LIMIT points). Raises UserError when no layout in
     the space fits.
     """
+    check_band(band)
     if method == "auto":
         method = "enumerate" if _enum_points(space) <= ENUM_LIMIT else "mip"
     if method not in ("enumerate", "mip"):
         raise UserError(f"unknown search method {method!r}: choose auto, enumerate or mip")
     costs = _Costs(space, budget)
-    found = _enumerate(space, budget, model, costs, k, progress) if method == "enumerate" else None
-    if method == "mip":
-        found = _mip(space, budget, model, costs, k)
+    if method == "enumerate":
+        found = _enumerate(space, budget, model, costs, k, progress, band)
+    else:
+        found = _mip(space, budget, model, costs, k, band)
     out = []
     for cand in found:
         lay = space.layout(cand.widths, cand.counts)
-        if not budget.fits(lay):  # the linear memory model's rounding slack; never expected to trigger
+        # The linear memory model's rounding slack; never expected to trigger.
+        if not in_pool(space, budget, cand.widths, cand.counts, band):
             continue
         cand.params = lay.num_params()
         cand.memory = budget.memory_of(lay)["total"]
@@ -182,7 +194,23 @@ def _enum_points(space: SearchSpace) -> int:
     return space.num_width_combos() * math.prod(ranges[1:])
 
 
-def _enumerate(space, budget, model, costs: _Costs, k: int, progress: bool) -> list[Candidate]:
+@dataclass
+class _Chunk:
+    """Width combos [C] x counts of every kind but `last` [G]: costs so far and the most `last` layers that fit."""
+
+    idx: dict[str, np.ndarray]
+    grids: list[np.ndarray]  # [G] counts of each of `others`
+    others: list[str]
+    last: str
+    used_p: np.ndarray  # [C, G] parameters without the `last` layers
+    used_m: np.ndarray  # [C, G] memory (linear model, with slack) without the `last` layers
+    per: dict[str, tuple[np.ndarray, np.ndarray]]  # kind -> per-layer (params, memory) [C]
+    n_max: np.ndarray  # [C, G] most `last` layers that fit (int, clipped to its range)
+    fits: np.ndarray  # [C, G] bool: the point fits with at least the fewest `last` layers
+
+
+def _chunks(space: SearchSpace, budget: Budget, costs: _Costs, target: int = _CHUNK):
+    """Every (width combo, counts of all kinds but the most numerous) point of `space`, in `_Chunk`s."""
     P, M = _limits(budget)
     shape = [len(space.widths[a]) for a in WIDTH_AXES]
     total = math.prod(shape)
@@ -192,8 +220,7 @@ def _enumerate(space, budget, model, costs: _Costs, k: int, progress: bool) -> l
     grids = np.meshgrid(*[np.arange(space.layers[kd][0], space.layers[kd][1] + 1) for kd in others], indexing="ij")
     grids = [g.reshape(-1) for g in grids] if others else []
     g = len(grids[0]) if grids else 1
-    chunk = max(1, _CHUNK // g)
-    heap: list[tuple] = []  # (-damage, params, key, candidate): the k best so far
+    chunk = max(1, target // g)
     for start in range(0, total, chunk):
         flat = np.arange(start, min(total, start + chunk))
         idx = dict(zip(WIDTH_AXES, np.unravel_index(flat, shape)))
@@ -202,63 +229,130 @@ def _enumerate(space, budget, model, costs: _Costs, k: int, progress: bool) -> l
         used_p = np.broadcast_to(fp[:, None].astype(np.float64), (c, g)).copy()
         used_m = np.broadcast_to(fm[:, None], (c, g)).copy()
         per = {kd: costs.per_layer(kd, idx) for kd in kinds}
-        cums = {kd: _keep_values(model, kd, idx) for kd in kinds}
-        kept = np.zeros((c, g))
         for kd, n in zip(others, grids):
             used_p += per[kd][0][:, None] * n[None, :]
             used_m += per[kd][1][:, None] * n[None, :]
-            kept += cums[kd][:, n]
         lo, hi = space.layers[last]
-        n_last = np.full((c, g), float(hi))
         lp, lm = per[last]
-        n_last = np.minimum(n_last, np.floor((P - used_p) / lp[:, None]))
-        n_last = np.minimum(n_last, np.floor((M - used_m) / lm[:, None]))
-        ok = n_last >= lo
-        n_last = np.clip(n_last, lo, hi).astype(np.int64)
-        kept += np.take_along_axis(cums[last], n_last, axis=1)
-        tot_p = used_p + lp[:, None] * n_last
-        tot_m = used_m + lm[:, None] * n_last
-        # Maximal in layers: every other kind is full or one more layer breaks a limit.
-        for kd, n in zip(others, grids):
-            room = (tot_p + per[kd][0][:, None] <= P) & (tot_m + per[kd][1][:, None] <= M)
-            ok &= ~(room & (n[None, :] < space.layers[kd][1]))
-        # Maximal in widths: the next larger width of any axis, same counts, breaks a limit.
-        counts = {kd: np.broadcast_to(n[None, :], (c, g)) for kd, n in zip(others, grids)}
-        counts[last] = n_last
-        for axis in WIDTH_AXES:
-            if len(space.widths[axis]) < 2:
-                continue
-            can = idx[axis] > 0
-            nidx = dict(idx)
-            nidx[axis] = np.maximum(idx[axis] - 1, 0)
-            np_, nm = costs.fixed(nidx)
-            bp = np.broadcast_to(np_[:, None].astype(np.float64), (c, g)).copy()
-            bm = np.broadcast_to(nm[:, None], (c, g)).copy()
-            for kd in kinds:
-                pp, pm = costs.per_layer(kd, nidx)
-                bp += pp[:, None] * counts[kd]
-                bm += pm[:, None] * counts[kd]
-            ok &= ~(can[:, None] & (bp <= P) & (bm <= M))
-        damage = (model.total - kept) / model.total
-        ci, gi = np.nonzero(ok)
-        if len(ci) == 0:
+        n_max = np.full((c, g), float(hi))
+        n_max = np.minimum(n_max, np.floor((P - used_p) / lp[:, None]))
+        n_max = np.minimum(n_max, np.floor((M - used_m) / lm[:, None]))
+        fits = n_max >= lo
+        n_max = np.clip(n_max, lo, hi).astype(np.int64)
+        yield _Chunk(idx, grids, others, last, used_p, used_m, per, n_max, fits)
+
+
+def _maximal(space: SearchSpace, budget: Budget, costs: _Costs, ch: _Chunk) -> np.ndarray:
+    """[C, G] bool: the point with `n_max` layers of `last` is maximal (see `is_maximal`)."""
+    P, M = _limits(budget)
+    lp, lm = ch.per[ch.last]
+    tot_p = ch.used_p + lp[:, None] * ch.n_max
+    tot_m = ch.used_m + lm[:, None] * ch.n_max
+    ok = ch.fits.copy()
+    for kd, n in zip(ch.others, ch.grids):
+        room = (tot_p + ch.per[kd][0][:, None] <= P) & (tot_m + ch.per[kd][1][:, None] <= M)
+        ok &= ~(room & (n[None, :] < space.layers[kd][1]))
+    counts = {kd: n[None, :] for kd, n in zip(ch.others, ch.grids)} | {ch.last: ch.n_max}
+    for axis in WIDTH_AXES:
+        if len(space.widths[axis]) < 2:
             continue
-        dm = damage[ci, gi]
-        take = np.argsort(dm, kind="stable")[: k * 4]
-        for t in take:
-            a, b = ci[t], gi[t]
-            widths = {ax: space.widths[ax][int(idx[ax][a])] for ax in WIDTH_AXES}
-            cnt = {kd: int(space.layers[kd][1]) for kd in KINDS}
-            for kd, n in zip(others, grids):
-                cnt[kd] = int(n[b])
-            cnt[last] = int(n_last[a, b])
-            cand = Candidate(widths, cnt, float(dm[t]))
-            entry = (-cand.damage, -float(tot_p[a, b]), cand.key(), cand)
-            if len(heap) < k:
-                heapq.heappush(heap, entry)
-            elif entry[:3] > heap[0][:3]:
-                heapq.heapreplace(heap, entry)
-    return [e[3] for e in sorted(heap, key=lambda e: (-e[0], e[1], e[2]))]
+        nidx = dict(ch.idx)
+        nidx[axis] = np.maximum(ch.idx[axis] - 1, 0)
+        np_, nm = costs.fixed(nidx)
+        bp, bm = np_[:, None].astype(np.float64), nm[:, None]
+        for kd in counts:
+            pp, pm = costs.per_layer(kd, nidx)
+            bp = bp + pp[:, None] * counts[kd]
+            bm = bm + pm[:, None] * counts[kd]
+        ok &= ~((ch.idx[axis] > 0)[:, None] & (bp <= P) & (bm <= M))
+    return ok
+
+
+def _pool_low(space: SearchSpace, budget: Budget, costs: _Costs, ch: _Chunk, band: float) -> np.ndarray:
+    """[C, G] fewest `last` layers for which the point is in the pool: every count from it to `n_max` is (the band
+    is contiguous in the count, and only `n_max` can be maximal). Above `n_max` where nothing is."""
+    P, M = _limits(budget)
+    lp, lm = ch.per[ch.last]
+    lo = space.layers[ch.last][0]
+    n_band = np.full(ch.n_max.shape, np.inf)
+    if P < math.inf:
+        n_band = np.minimum(n_band, np.ceil(((1 - band) * P - ch.used_p) / lp[:, None]))
+    if M < math.inf:
+        # used_m carries _MEM_SLACK bytes that the exact memory does not.
+        n_band = np.minimum(n_band, np.ceil(((1 - band) * M + _MEM_SLACK - ch.used_m) / lm[:, None]))
+    low = np.maximum(n_band, lo)
+    low = np.where(_maximal(space, budget, costs, ch), np.minimum(low, ch.n_max), low)
+    return np.where(ch.fits, low, ch.n_max + 1)
+
+
+def count_pool(space: SearchSpace, budget: Budget, band: float = 0.0) -> int:
+    """How many layouts of `space` are candidates under `budget`: in the band or maximal (see `in_pool`)."""
+    check_band(band)
+    costs = _Costs(space, budget)
+    total = 0
+    for ch in _chunks(space, budget, costs):
+        low = _pool_low(space, budget, costs, ch, band)
+        total += int(np.clip(ch.n_max - low + 1, 0, None).sum())
+    return total
+
+
+def _enumerate(space, budget, model, costs: _Costs, k: int, progress: bool, band: float = 0.0) -> list[Candidate]:
+    heap: list[tuple] = []  # (-damage, params, reversed key, candidate): the k best so far
+    for ch in _chunks(space, budget, costs):
+        low = _pool_low(space, budget, costs, ch, band)
+        c, g = ch.n_max.shape
+        cums = {kd: _keep_values(model, kd, ch.idx) for kd in ch.per}
+        kept = np.zeros((c, g))
+        for kd, n in zip(ch.others, ch.grids):
+            kept += cums[kd][:, n]
+        lp = ch.per[ch.last][0]
+        lo, hi = space.layers[ch.last]
+        # Fewer `last` layers never lowers the damage: the best of each point are n_max, n_max - 1, ...
+        for j in range(min(k, hi - lo + 1)):
+            n = ch.n_max - j
+            ok = n >= low
+            ci, gi = np.nonzero(ok)
+            if len(ci) == 0:
+                break
+            n_sel = n[ci, gi]
+            dm = (model.total - kept[ci, gi] - cums[ch.last][ci, n_sel]) / model.total
+            tot_p = ch.used_p[ci, gi] + lp[ci] * n_sel
+            for t in np.argsort(dm, kind="stable")[: k * 4]:
+                a, b = ci[t], gi[t]
+                widths = {ax: space.widths[ax][int(ch.idx[ax][a])] for ax in WIDTH_AXES}
+                cnt = {kd: int(space.layers[kd][1]) for kd in KINDS}
+                for kd, nn in zip(ch.others, ch.grids):
+                    cnt[kd] = int(nn[b])
+                cnt[ch.last] = int(n_sel[t])
+                cand = Candidate(widths, cnt, float(dm[t]))
+                entry = (-cand.damage, float(tot_p[t]), tuple(-x for x in cand.key()), cand)
+                if len(heap) < k:
+                    heapq.heappush(heap, entry)
+                elif entry[:3] > heap[0][:3]:
+                    heapq.heapreplace(heap, entry)
+    return [e[3] for e in sorted(heap, key=lambda e: (-e[0], -e[1], e[3].key()))]
+
+
+def check_band(band: float) -> None:
+    if not 0 <= band <= 1:
+        raise UserError(f"--band must be between 0 and 1 (a fraction of the budget, e.g. 0.05), got {band}")
+
+
+def in_band(budget: Budget, layout: Layout, band: float) -> bool:
+    """`layout` fits and uses at least (1 - band) of one of the limits it is held to."""
+    if not budget.fits(layout):
+        return False
+    if budget.params is not None and layout.num_params() >= (1 - band) * budget.params:
+        return True
+    return budget.memory is not None and budget.memory_of(layout)["total"] >= (1 - band) * budget.memory
+
+
+def in_pool(space: SearchSpace, budget: Budget, widths: dict[str, int], counts: dict[str, int], band: float) -> bool:
+    """A candidate: the layout is in the band, or it fits and is maximal."""
+    lay = space.layout(widths, counts)
+    if in_band(budget, lay, band):
+        return True
+    return budget.fits(lay) and is_maximal(space, budget, widths, counts)
 
 
 def is_maximal(space: SearchSpace, budget: Budget, widths: dict[str, int], counts: dict[str, int]) -> bool:
@@ -295,7 +389,7 @@ def _silent_highs(highspy):
     return h
 
 
-def _mip(space, budget, model, costs: _Costs, k: int) -> list[Candidate]:
+def _mip(space, budget, model, costs: _Costs, k: int, band: float = 0.0) -> list[Candidate]:
     """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options."""
     import highspy
 
@@ -361,7 +455,7 @@ def _mip(space, budget, model, costs: _Costs, k: int) -> list[Candidate]:
             for kd in kinds:
                 widths.update(options[kd][chosen[kd]][0])
                 counts[kd] = options[kd][chosen[kd]][1]
-            if is_maximal(space, budget, widths, counts):
+            if in_pool(space, budget, widths, counts, band):
                 results.append(Candidate(widths, counts, dmg))
                 found += 1
             # No-good cut: this combination of options is excluded from the next solve.
