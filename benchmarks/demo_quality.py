@@ -1,6 +1,8 @@
 """Does importance-guided pruning beat the baselines? The demo teacher, pruned to the 56B->47B parameter ratio.
 
-On the held-out standard-library files (never trained on), compares, each with the same distillation budget:
+The demo recipe's held-out standard-library files (never trained on) are split in two: validation files (the
+even-numbered ones, sorted by name), on which the MiniPuzzle candidate is chosen, and test files (the odd-numbered
+ones), on which every reported figure is measured. Compares, each with the same distillation budget:
 - the importance-pruned student (MiniPuzzle: drop-one MSE depth scores + Minitron FFN channel scores, candidates
   ranked on held-out tokens), before and after distillation;
 - random pruning to the same architecture (random layers of each kind, random FFN channels);
@@ -11,6 +13,7 @@ and the ranking of the top candidates before vs after a short distillation.
 
     python benchmarks/demo_quality.py                 # ~15 min on 2 CPU cores; writes benchmarks/results/
     python benchmarks/demo_quality.py --steps 20      # quicker, noisier
+    python benchmarks/demo_quality.py --smoke --output /tmp/dq   # a minute: checks the script, figures meaningless
 """
 
 from __future__ import annotations
@@ -49,16 +52,24 @@ def held_out_files() -> list[str]:
     return recipe["data"]["held_out_files"]
 
 
-def data_folders(root: Path) -> tuple[Path, Path]:
-    """train/ and held_out/ folders of links into the standard library (the demo recipe's split)."""
+def split_held_out(files: list[str]) -> tuple[list[str], list[str]]:
+    """(validation, test): alternate files of the sorted held-out list, so both sets are disjoint whole files."""
+    names = sorted(files)
+    return names[0::2], names[1::2]
+
+
+def data_folders(root: Path) -> tuple[Path, Path, Path]:
+    """train/, validation/ and test/ folders of links into the standard library (the demo recipe's split, its
+    held-out files divided by `split_held_out`)."""
     src = Path(sysconfig.get_paths()["stdlib"])
-    held = set(held_out_files())
-    train, test = root / "train", root / "held_out"
-    train.mkdir(parents=True)
-    test.mkdir()
+    val_files, test_files = map(set, split_held_out(held_out_files()))
+    folders = {name: root / name for name in ("train", "validation", "test")}
+    for f in folders.values():
+        f.mkdir(parents=True)
     for f in sorted(src.glob("*.py")):
-        (test if f.name in held else train).joinpath(f.name).symlink_to(f)
-    return train, test
+        name = "validation" if f.name in val_files else "test" if f.name in test_files else "train"
+        folders[name].joinpath(f.name).symlink_to(f)
+    return folders["train"], folders["validation"], folders["test"]
 
 
 def random_plan(layout: Layout, like: Plan, seed: int) -> Plan:
@@ -102,9 +113,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4, help="the demo recipe's LR")
-    ap.add_argument("--held-out-windows", type=int, default=48)
+    ap.add_argument("--held-out-windows", type=int, default=48, help="windows of each of validation and test")
+    ap.add_argument("--calibration-windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", type=Path, default=RESULTS, help="folder for demo_quality.json")
+    ap.add_argument("--smoke", action="store_true", help="1 step each, 4 windows, 2 candidates: checks the script")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps = args.candidate_steps = 1
+        args.candidates, args.held_out_windows, args.calibration_windows = 2, 4, 8
     torch.manual_seed(args.seed)
     t0 = time.time()
     teacher_dir = resolve_checkpoint("demo")
@@ -112,15 +129,27 @@ def main() -> None:
     teacher = load_model(teacher_dir)
     layout = Layout.from_config(teacher.config)
     work = Path(tempfile.mkdtemp(prefix="demo-quality-"))
-    train, held_dir = data_folders(work / "data")
-    held = token_windows(held_dir, tok, args.seq_len, args.held_out_windows, seed=args.seed)
-    calib = token_windows(train, tok, args.seq_len, 64, seed=args.seed)
+    train, val_dir, test_dir = data_folders(work / "data")
+    val = token_windows(val_dir, tok, args.seq_len, args.held_out_windows, seed=args.seed)
+    test = token_windows(test_dir, tok, args.seq_len, args.held_out_windows, seed=args.seed)
+    calib = token_windows(train, tok, args.seq_len, args.calibration_windows, seed=args.seed)
 
-    def measure(model) -> dict:
-        s = token_stats(model, held, teacher=teacher)
+    def measure(model, windows=test) -> dict:
+        s = token_stats(model, windows, teacher=teacher)
         return {k: round(s[k], 4) for k in ("kl_to_teacher", "perplexity", "agreement", "accuracy")}
 
-    results: dict = {"settings": vars(args), "teacher": measure(teacher)}
+    val_files, test_files = split_held_out(held_out_files())
+    results: dict = {
+        "settings": {**vars(args), "output": str(args.output)},
+        "windows": {
+            "validation": {"files": val_files, "windows": len(val), "use": "choosing the MiniPuzzle candidate"},
+            "test": {"files": test_files, "windows": len(test), "use": "every figure in the students table"},
+            "seq_len": args.seq_len,
+        },
+        "teacher": measure(teacher),
+        "teacher_validation": measure(teacher, val),
+        "teacher_perplexity_note": teacher_note(teacher_dir, teacher, args),
+    }
     print("teacher", results["teacher"], flush=True)
 
     # Importance scores (MiniPuzzle depth metric) and block influence (the baseline's depth metric).
@@ -130,7 +159,8 @@ def main() -> None:
                              candidates=args.candidates)  # fmt: skip
     space, dmodel, cands = run_search(layout, scores, settings)
     plans = [candidate_plan(c, dmodel, scores) for c in cands]
-    before = [measure(prune_model(teacher, p)) for p in plans]
+    # Chosen on validation windows; the test windows are only reported on.
+    before = [measure(prune_model(teacher, p), val) for p in plans]
     best = min(range(len(plans)), key=lambda i: before[i]["kl_to_teacher"])
     plan = plans[best]
     arch = plan.target_layout(layout)
@@ -157,7 +187,7 @@ def main() -> None:
     for name, model in students.items():
         src = save(model, work / "students" / name.replace(" ", "_").replace("(", "").replace(")", ""), teacher_dir)
         b = measure(model)
-        out = run_distill(teacher_dir, src, work / "distilled" / src.name, train, held_dir, args.steps, args)
+        out = run_distill(teacher_dir, src, work / "distilled" / src.name, train, val_dir, args.steps, args)
         a = measure(load_model(out))
         rows[name] = {"before": b, "after": a}
         print(f"{name}: before {b}  after {a}", flush=True)
@@ -170,9 +200,9 @@ def main() -> None:
     for i, p in enumerate(plans):
         src = save(prune_model(teacher, p), work / "cands" / f"c{i}", teacher_dir)
         out = run_distill(
-            teacher_dir, src, work / "cands_distilled" / f"c{i}", train, held_dir, args.candidate_steps, args
+            teacher_dir, src, work / "cands_distilled" / f"c{i}", train, val_dir, args.candidate_steps, args
         )
-        after = measure(load_model(out))
+        after = measure(load_model(out), val)
         ranking.append({"candidate": i, "counts": cands[i].counts, "widths": {"ffn": cands[i].widths["ffn"]},
                         "predicted_damage": round(cands[i].damage, 4), "kl_before": before[i]["kl_to_teacher"],
                         "kl_after": after["kl_to_teacher"]})  # fmt: skip
@@ -182,16 +212,37 @@ def main() -> None:
             ranking[j]["rank_" + key.split("_")[1]] = r + 1
     results["candidate_ranking"] = ranking
     results["seconds"] = round(time.time() - t0)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "demo_quality.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "demo_quality.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(markdown(results))
 
 
+def teacher_note(teacher_dir: Path, teacher, args) -> str:
+    """Which windows and dtype each quoted teacher perplexity uses (they differ, so the figures differ)."""
+    import math
+
+    here = (f"here: {args.held_out_windows} seeded random windows of {args.seq_len} tokens of the test files, "
+            f"weights {next(teacher.parameters()).dtype} (the bf16 checkpoint upcast), no autocast")  # fmt: skip
+    f = teacher_dir / "training.json"
+    if not f.is_file():
+        return here
+    t = json.loads(f.read_text())
+    return (
+        f"{here}; training.json's held_out_loss {t['held_out_loss']:.3f} (perplexity "
+        f"{math.exp(t['held_out_loss']):.1f}): the first 64 windows of {t['seq_len'] + 1} tokens of all held-out "
+        f"files in name order (mostly argparse.py), float32 weights before the bf16 save"
+    )
+
+
 def markdown(r: dict) -> str:
+    w = r["windows"]
     lines = [
-        f"Held-out: {r['settings']['held_out_windows']} windows x {r['settings']['seq_len']} tokens of the demo's "
-        f"held-out stdlib files. Student: {r['architecture']['student']['params']:,} parameters "
-        f"({r['architecture']['ratio']:.1%} of the teacher), {r['settings']['steps']} distillation steps each.",
+        f"Test (every figure in the first table): {w['test']['windows']} windows x {w['seq_len']} tokens of "
+        f"{', '.join(w['test']['files'])}. Validation (choosing the MiniPuzzle candidate, the second table): "
+        f"{w['validation']['windows']} windows of {', '.join(w['validation']['files'])}. Student: "
+        f"{r['architecture']['student']['params']:,} parameters ({r['architecture']['ratio']:.1%} of the teacher), "
+        f"{r['settings']['steps']} distillation steps each.",
+        f"Teacher perplexity: {r['teacher_perplexity_note']}.",
         "",
         "| model | KL to teacher before | after | perplexity before | after | agreement before | after |",
         "|---|---|---|---|---|---|---|",
@@ -203,7 +254,7 @@ def markdown(r: dict) -> str:
             f"| {name} | {b['kl_to_teacher']:.3f} | {a['kl_to_teacher']:.3f} | {b['perplexity']:.2f} | "
             f"{a['perplexity']:.2f} | {b['agreement']:.3f} | {a['agreement']:.3f} |"
         )
-    lines += ["", "| candidate | layers kept (M/-/*) | FFN | KL before (rank) | KL after short distillation (rank) |",
+    lines += ["", "| candidate | layers kept (M/-/*) | FFN | validation KL before (rank) | after short distillation (rank) |",
               "|---|---|---|---|---|"]  # fmt: skip
     for c in r["candidate_ranking"]:
         k = c["counts"]
