@@ -230,7 +230,7 @@ def teacher_note(teacher_dir: Path, teacher, args) -> str:
     return (
         f"{here}; training.json's held_out_loss {t['held_out_loss']:.3f} (perplexity "
         f"{math.exp(t['held_out_loss']):.1f}): the first 64 windows of {t['seq_len'] + 1} tokens of all held-out "
-        f"files in name order (mostly argparse.py), float32 weights before the bf16 save"
+        f"files in name order (argparse.py alone fills them), float32 weights before the bf16 save"
     )
 
 
