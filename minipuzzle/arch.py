@@ -8,8 +8,8 @@ KV cache, Mamba SSM and conv state, an activation estimate) and FLOPs per token.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,21 +27,6 @@ PATTERN_CHARS.update({"mamba": MAMBA, "attention": ATTENTION})
 # Bits per stored value. NVFP4 stores 4-bit values plus one 8-bit scale per 16 values: 4 + 8/16 = 4.5.
 PRECISION_BITS = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "fp8": 8.0, "fp4": 4.5}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
-
-# Remote-code config keys -> native keys (transformers' NemotronHConfig reads both; we write native).
-_REMOTE_KEYS = {
-    "mamba_n_groups": "n_groups",
-    "mamba_d_conv": "conv_kernel",
-    "mamba_expand": "expand",
-    "mamba_dt_min": "time_step_min",
-    "mamba_dt_max": "time_step_max",
-    "mamba_dt_limit": "time_step_limit",
-    "mamba_dt_init_floor": "time_step_floor",
-    "mamba_conv_bias": "use_conv_bias",
-    "mamba_chunk_size": "chunk_size",
-}
-# Config keys that only remote-code loading needs; a native checkpoint must not carry them.
-_REMOTE_ONLY = {"auto_map", "hybrid_override_pattern", "num_hidden_layers", "mtp_hybrid_override_pattern"}
 
 
 @dataclass(frozen=True)
@@ -226,61 +211,34 @@ class Layout:
     # ---- config I/O -----------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: dict[str, Any] | Any) -> Layout:
-        """Read a Nemotron-H config: a native `nemotron_h` dict, a remote-code dict, or a `NemotronHConfig`."""
-        cfg = _config_dict(config)
-        mt = cfg.get("model_type")
-        if mt not in (None, "nemotron_h", "nemotronh"):
-            raise UserError(f"not a Nemotron-H config: model_type is {mt!r} (expected 'nemotron_h')")
-        for old, new in _REMOTE_KEYS.items():
-            if old in cfg and new not in cfg:
-                cfg[new] = cfg[old]
-        pattern = _pattern_of(cfg)
-        if cfg.get("n_routed_experts") and MOE in pattern:
-            raise UserError("mixture-of-experts Nemotron-H models are not supported: minipuzzle prunes dense models")
-        required = ["hidden_size"] + (["mamba_num_heads", "mamba_head_dim"] if MAMBA in pattern else [])
-        missing = [k for k in required if k not in cfg]
-        if missing:
-            raise UserError(f"Nemotron-H config lacks {', '.join(missing)}")
+        """Read a Nemotron-H config (a `NemotronHConfig`, or a dict in either style) as transformers reads it."""
+        cfg = hf_config(config)
+        try:
+            pattern = "".join(PATTERN_CHARS[t] for t in cfg.layers_block_type)
+        except KeyError as e:
+            raise UserError(f"unknown Nemotron-H layer type {e.args[0]!r}") from None
+        return cls(
+            pattern=pattern, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name != "pattern"}
+        )
+
+    def to_hf_config(self, base: dict[str, Any] | Any | None = None):
+        """A transformers `NemotronHConfig`: `base` (e.g. the source's config; defaults when None) with this
+        layout's shapes written over it, saved by transformers as a native config (no remote-code keys)."""
         from transformers import NemotronHConfig
 
-        # A key the file leaves out means what transformers reads it as: its NemotronHConfig default.
-        kwargs: dict[str, Any] = {"pattern": pattern}
-        for f in dataclasses.fields(cls):
+        cfg = copy.deepcopy(hf_config(base)) if base is not None else NemotronHConfig()
+        for f in dataclasses.fields(self):
             if f.name != "pattern":
-                value = cfg.get(f.name)
-                kwargs[f.name] = getattr(NemotronHConfig, f.name, f.default) if value is None else value
-        if cfg.get("head_dim") is None and cfg.get("attention_head_dim"):
-            kwargs["head_dim"] = cfg["attention_head_dim"]
-        if "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None:  # transformers: MHA, as many as q
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        return cls(**kwargs)
-
-    def to_config(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A native transformers `nemotron_h` config dict: `base` (e.g. the source's config) with this layout's
-        shapes written over it and remote-code-only keys removed."""
-        cfg = _config_dict(base) if base is not None else {}
-        for old, new in _REMOTE_KEYS.items():
-            if old in cfg:
-                cfg.setdefault(new, cfg[old])
-                del cfg[old]
-        for key in _REMOTE_ONLY:
-            cfg.pop(key, None)
-        cfg.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "pattern"})
-        cfg["layers_block_type"] = [BLOCK_TYPES[ch] for ch in self.pattern]
-        cfg["model_type"] = "nemotron_h"
-        cfg["architectures"] = ["NemotronHForCausalLM"]
-        if cfg.get("mtp_layers_block_type") is None:
-            cfg.pop("mtp_layers_block_type", None)
+                setattr(cfg, f.name, getattr(self, f.name))
+        cfg.layers_block_type = [BLOCK_TYPES[ch] for ch in self.pattern]
+        cfg.architectures = ["NemotronHForCausalLM"]
+        # auto_map would point transformers at remote code; the shapes written here are the native model's.
+        cfg.__dict__.pop("auto_map", None)
         return cfg
 
-    def to_hf_config(self, base: dict[str, Any] | None = None):
-        """A transformers `NemotronHConfig` for this layout."""
-        from transformers import NemotronHConfig
-
-        cfg = self.to_config(base)
-        for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
-            cfg.pop(key, None)
-        return NemotronHConfig(**cfg)
+    def to_config(self, base: dict[str, Any] | Any | None = None) -> dict[str, Any]:
+        """`to_hf_config(base)` as a plain dict."""
+        return self.to_hf_config(base).to_dict()
 
     def summary(self) -> dict[str, Any]:
         """The widths as a plain dict (for JSON reports)."""
@@ -298,42 +256,47 @@ def _ceil_bytes(bits: float) -> int:
     return int(-(-bits // 8))
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
-    if isinstance(config, dict):
-        return json.loads(json.dumps(config, default=str)) if config else {}
-    if hasattr(config, "to_dict"):
-        d = config.to_dict()
-        # NemotronHConfig exposes the pattern as a property that to_dict() does not include.
-        if "layers_block_type" not in d and getattr(config, "layers_block_type", None):
-            d["layers_block_type"] = list(config.layers_block_type)
-        return d
-    raise TypeError(f"cannot read a config from {type(config).__name__}")
+def hf_config(config: dict[str, Any] | Any):
+    """transformers' `NemotronHConfig` for `config`: the object itself, or a config dict of either style (native,
+    or NVIDIA's remote-code one with `hybrid_override_pattern` and `mamba_*` keys, which NemotronHConfig maps).
 
+    Raises `UserError` for another model type or a value transformers rejects.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import NemotronHConfig, PretrainedConfig
 
-def _pattern_of(cfg: dict[str, Any]) -> str:
-    types = cfg.get("layers_block_type") or cfg.get("layer_types")
-    if types:
-        try:
-            return "".join(PATTERN_CHARS[t] for t in types)
-        except KeyError as e:
-            raise UserError(f"unknown Nemotron-H layer type {e.args[0]!r}") from None
-    pattern = cfg.get("hybrid_override_pattern")
-    if pattern:
-        return pattern
-    raise UserError("Nemotron-H config has neither layers_block_type nor hybrid_override_pattern")
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read `config.json` from a checkpoint folder (or the file itself)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise UserError(f"no config.json at {p.parent}")
+    if isinstance(config, NemotronHConfig):
+        return config
+    mt = config.model_type if isinstance(config, PretrainedConfig) else config.get("model_type")
+    if isinstance(config, PretrainedConfig) or mt not in (None, "nemotron_h"):
+        raise UserError(f"not a Nemotron-H config: model_type is {mt!r} (expected 'nemotron_h')")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        return NemotronHConfig.from_dict({k: v for k, v in config.items() if k != "model_type"})
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        raise UserError(f"invalid Nemotron-H config: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def load_config(path: str | Path):
+    """The `NemotronHConfig` of a checkpoint folder (or of its config.json) as transformers loads it.
+
+    The file is read by transformers (`PretrainedConfig.get_config_dict`, what `AutoConfig.from_pretrained` reads
+    through), so every encoding it writes (e.g. `{"__float__": "Infinity"}`) decodes as it does; the model type is
+    checked before the config is built, so a foreign config fails as one, not on its own validators.
+    """
+    from transformers import PretrainedConfig
+
+    p = Path(path)
+    if not (p / "config.json").is_file() and not (p.is_file() and p.name.endswith(".json")):
+        raise UserError(f"no config.json at {p}")
+    try:
+        config, _ = PretrainedConfig.get_config_dict(str(p))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config at {p}: {_first_line(e)}") from None
+    return hf_config(config)
 
 
 @dataclass

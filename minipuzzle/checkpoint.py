@@ -8,6 +8,7 @@ everything written is native, so the output loads with `AutoModelForCausalLM.fro
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minipuzzle.arch import Layout, load_config
+from minipuzzle.arch import Layout, hf_config, load_config
 from minipuzzle.errors import UserError
 
 # Files copied verbatim from the source checkpoint into every checkpoint we write.
@@ -75,8 +76,8 @@ def layer_prefix(i: int) -> str:
 class Checkpoint:
     """A safetensors checkpoint folder (single file or sharded with an index), read lazily.
 
-    `keys()` are native names; `get(name)` reads one tensor from its shard. `layout` is the architecture from
-    config.json. Raises `UserError` for a missing folder, a corrupt shard or a config that is not Nemotron-H.
+    `keys()` are native names; `get(name)` reads one tensor from its shard. `config` is config.json as
+    transformers reads it (a `NemotronHConfig`) and `layout` the architecture in it. Raises `UserError` for a missing folder, a corrupt shard or a config that is not Nemotron-H.
     """
 
     def __init__(self, path: str | Path):
@@ -85,7 +86,7 @@ class Checkpoint:
             raise UserError(f"checkpoint not found: {self.path}")
         if not self.path.is_dir():
             raise UserError(f"checkpoint must be a folder with config.json and *.safetensors: {self.path}")
-        self.config: dict[str, Any] = load_config(self.path)
+        self.config = load_config(self.path)  # transformers' NemotronHConfig
         self.layout = Layout.from_config(self.config)
         self._files: dict[str, Path] = {}  # native name -> shard
         self._stored: dict[str, str] = {}  # native name -> name as stored in the shard
@@ -319,12 +320,14 @@ class ShardWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
-def write_config(folder: Path, config: dict[str, Any], torch_dtype: torch.dtype | None = None) -> None:
-    cfg = dict(config)
+def write_config(folder: Path, config: dict[str, Any] | Any, torch_dtype: torch.dtype | None = None) -> None:
+    """Write `config` (a `NemotronHConfig` or a dict of either style) as a native config.json, serialised by
+    transformers itself so that `AutoConfig.from_pretrained` reads back exactly what was written."""
+    cfg = copy.deepcopy(hf_config(config))
     if torch_dtype is not None:
-        cfg["dtype"] = str(torch_dtype).removeprefix("torch.")
-        cfg.pop("torch_dtype", None)
-    (Path(folder) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        cfg.dtype = torch_dtype
+    # Every key, not only those differing from today's defaults: other readers may default differently.
+    cfg.to_json_file(Path(folder) / "config.json", use_diff=False)
 
 
 def copy_tokenizer(src: str | Path | None, dst: str | Path) -> list[str]:
@@ -345,7 +348,7 @@ def save_state_dict(
     layout: Layout,
     out: str | Path,
     *,
-    base_config: dict[str, Any] | None = None,
+    base_config: dict[str, Any] | Any | None = None,
     tokenizer_from: str | Path | None = None,
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
@@ -360,7 +363,7 @@ def save_state_dict(
             if dtype is None and t.is_floating_point():
                 dtype = t.dtype
         writer.close()
-        write_config(tmp, layout.to_config(base_config), dtype)
+        write_config(tmp, layout.to_hf_config(base_config), dtype)
         copy_tokenizer(tokenizer_from, tmp)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
@@ -370,7 +373,7 @@ def save_state_dict(
 # ---- models -----------------------------------------------------------------------------------------------------
 
 
-def build_model(layout: Layout, base_config: dict[str, Any] | None = None, device: str | torch.device = "meta"):
+def build_model(layout: Layout, base_config: dict[str, Any] | Any | None = None, device: str | torch.device = "meta"):
     """An uninitialised `NemotronHForCausalLM` for `layout` (on the meta device by default: no memory)."""
     from transformers import NemotronHForCausalLM
 

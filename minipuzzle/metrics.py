@@ -66,5 +66,6 @@ def token_stats(
     stats = TokenStats()
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size].to(device)
-        stats.add(model(ids).logits, ids, teacher(ids).logits if teacher is not None else None)
+        t_logits = teacher(ids, use_cache=False).logits if teacher is not None else None
+        stats.add(model(ids, use_cache=False).logits, ids, t_logits)
     return stats.result()

@@ -6,6 +6,7 @@ resumable runs) is checked on models built here in milliseconds.
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -99,14 +100,16 @@ def save_model(
     hub checkpoints have, so both readers are exercised.
     """
     layout = Layout.from_config(model.config)
-    cfg = layout.to_config(model.config.to_dict())
     if style == "backbone":
+        # Written as NVIDIA's hub configs are: remote-code keys, infinity as a bare JSON `Infinity` (json.dumps).
+        cfg = layout.to_config(model.config)
         cfg.pop("layers_block_type")
         cfg["hybrid_override_pattern"] = layout.pattern
         cfg["num_hidden_layers"] = layout.num_layers
         cfg["mamba_n_groups"] = cfg.pop("n_groups")
         cfg["mamba_d_conv"] = cfg.pop("conv_kernel")
         cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"}
+        cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     with atomic_dir(path, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, t in model_state_dict(model).items():
@@ -114,7 +117,10 @@ def save_model(
                 name = "backbone." + name[len("model.") :]
             writer.add(name, t)
         writer.close()
-        write_config(tmp, cfg, next(model.parameters()).dtype)
+        if style == "backbone":
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            write_config(tmp, layout.to_hf_config(model.config), next(model.parameters()).dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)

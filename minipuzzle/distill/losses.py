@@ -122,9 +122,9 @@ class DistillObjective(nn.Module):
 
             hooks.append(model.model.layers[idx].register_forward_hook(hook))
         try:
-            s_h = self.student.model(input_ids=ids).last_hidden_state
+            s_h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
             with torch.no_grad():
-                t_h = self.teacher.model(input_ids=ids).last_hidden_state
+                t_h = self.teacher.model(input_ids=ids, use_cache=False).last_hidden_state
         finally:
             for h in hooks:
                 h.remove()
@@ -160,8 +160,8 @@ class DistillObjective(nn.Module):
     @torch.no_grad()
     def evaluate_sums(self, ids: torch.Tensor) -> torch.Tensor:
         """Sums over positions 0..T-2 of ids [B, T]: [NLL, KL(teacher||student), accuracy, agreement, count]."""
-        s_h = self.student.model(input_ids=ids).last_hidden_state[:, :-1]
-        t_h = self.teacher.model(input_ids=ids).last_hidden_state[:, :-1]
+        s_h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        t_h = self.teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
         b, t, h = s_h.shape
         s_flat, t_flat, y = s_h.reshape(b * t, h), t_h.reshape(b * t, h), ids[:, 1:].reshape(-1)
         out = torch.zeros(5, dtype=torch.float64, device=ids.device)

@@ -65,8 +65,8 @@ def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int =
         chunks = track(chunks, description="held-out text" + (" (with teacher)" if teacher is not None else ""))
     for start in chunks:
         ids = windows[start : start + batch_size].to(device)
-        t_logits = teacher(ids).logits if teacher is not None else None
-        stats.add(model(ids).logits, ids, t_logits)
+        t_logits = teacher(ids, use_cache=False).logits if teacher is not None else None
+        stats.add(model(ids, use_cache=False).logits, ids, t_logits)
         if t_logits is not None:
             own.add(t_logits, ids)
     out = stats.result()

@@ -30,13 +30,13 @@ def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int
 
     device = next(model.parameters()).device
     batches = [windows[s : s + batch_size].to(device) for s in range(0, len(windows), batch_size)]
-    parent_h = [model.model(ids).last_hidden_state.cpu() for ids in batches]
+    parent_h = [model.model(ids, use_cache=False).last_hidden_state.cpu() for ids in batches]
     out = []
     for plan in plans:
         pruned = prune_model(model, plan)
         stats = TokenStats()
         for ids, h in zip(batches, parent_h):
-            stats.add(pruned(ids).logits, ids, model.lm_head(h.to(device)))
+            stats.add(pruned(ids, use_cache=False).logits, ids, model.lm_head(h.to(device)))
         out.append(stats.result())
         del pruned
         if progress:
