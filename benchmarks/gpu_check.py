@@ -251,8 +251,19 @@ class KernelProbe:
             "mamba_ssm_installed": importlib.util.find_spec("mamba_ssm") is not None,
             "causal_conv1d_installed": importlib.util.find_spec("causal_conv1d") is not None,
             "is_fast_path_available": getattr(self.mod, "is_fast_path_available", "absent in this transformers"),
+            "pytorch_chunk_scan": self.fallback_style(),
             "dispatch": {k: {"kernel": self.kernel[k], "implementation": self.impl.get(k)} for k in self.kernel},
         }
+
+    def fallback_style(self) -> str:
+        """How this transformers' PyTorch chunk scan contracts: "fallback-einsum" (newer releases) or
+        "fallback-products" (5.17 and earlier: broadcast products of [tokens, chunk, heads, state] in float32)."""
+        fn = getattr(self.mod, "mamba2_chunk_scan", None)
+        try:
+            src = inspect.getsource(inspect.unwrap(fn))
+        except (TypeError, OSError):
+            return "fallback-products"
+        return "fallback-einsum" if "einsum" in src else "fallback-products"
 
     def mark(self) -> dict[str, int]:
         return dict(self.calls)
@@ -335,7 +346,7 @@ def write_random_checkpoint(layout: Layout, path: Path, device: str, dtype: torc
 
 def predict_scoring_peak(
     layout: Layout, *, seq_len: int, batch: int, depth_rows: int, width_rows: int, dtype_bytes: int,
-    chunk_size: int, fast_kernels: bool,
+    chunk_size: int, mamba_path: str,
 ) -> dict[str, int]:  # fmt: skip
     """This script's estimate of torch.cuda.max_memory_allocated while scoring a checkpoint streamed (there is no
     memory-plan module yet): what stays loaded + one layer + a row chunk's residual-stream copies + one block call.
@@ -344,7 +355,9 @@ def predict_scoring_peak(
     loaded at a time). states: the depth pass keeps L+1 copies of the chunk's residual stream [rows, T, h], the
     width pass 2. transient: the largest temporary of one block call on `batch` rows: the in_proj output plus, on
     PyTorch's Mamba path, its float32 broadcast products ([tokens, chunk, heads, state] for C*B, [tokens, heads,
-    head_dim, state] for B*x) - the kernels keep no such product; the MLP's up-projection; attention's q/k/v.
+    head_dim, state] for B*x; transformers releases that contract with einsum keep only [tokens, chunk, heads]
+    scores) - the kernels keep no such product; the MLP's up-projection; attention's q/k/v. `mamba_path` is
+    "kernels", "fallback-products" or "fallback-einsum" (see `KernelProbe.fallback_style`).
     """
     h, L, V, T = layout.hidden_size, layout.num_layers, layout.vocab_size, seq_len
     H, P, N, ell = layout.mamba_num_heads, layout.mamba_head_dim, layout.ssm_state_size, chunk_size
@@ -353,10 +366,12 @@ def predict_scoring_peak(
     layer = max(layout.layer_params(k) for k in set(layout.pattern)) * dtype_bytes
     states = max((L + 1) * depth_rows, 2 * width_rows) * T * h * dtype_bytes
     mamba = tok * (layout.mamba_in_proj_rows + layout.mamba_conv_dim) * dtype_bytes
-    if fast_kernels:
+    if mamba_path == "kernels":
         mamba += tok * layout.mamba_intermediate * 4
-    else:
+    elif mamba_path == "fallback-products":
         mamba += tok * (max(ell * H * N, ell * H * P, H * P * N) + 3 * H * max(N, P)) * 4
+    else:
+        mamba += tok * (5 * ell * H + 8 * H * max(N, P)) * 4
     transient = (
         max(
             mamba if MAMBA in layout.pattern else 0,
@@ -455,17 +470,17 @@ def part_scoring(rec: dict, s: Sizes, ckpt: Path, budget: float, probe: KernelPr
     h = lay.hidden_size
     depth_rows = rows_per_chunk(rows, s.score_seq, h, lay.num_layers + 1, s.dtype, s.score_budget_bytes, s.device)
     width_rows = rows_per_chunk(rows, s.score_seq, h, 2, s.dtype, s.score_budget_bytes, s.device)
-    fast = probe.since(mark)["mamba_path"].startswith("fast")
+    path = "kernels" if probe.since(mark)["mamba_path"].startswith("fast") else probe.fallback_style()
     pred = predict_scoring_peak(lay, seq_len=s.score_seq, batch=s.score_batch, depth_rows=depth_rows,
                                 width_rows=width_rows, dtype_bytes=bpe, chunk_size=_chunk_size(ckpt),
-                                fast_kernels=fast)  # fmt: skip
+                                mamba_path=path)  # fmt: skip
     rec.update(
         peak_memory_bytes=mem["peak_bytes"], peak_memory_kind=mem["kind"], peak_memory_gib=gib(mem["peak_bytes"])
     )
     rec["predicted_peak_gib"] = gib(pred["total"])
     rec["prediction"] = {
         "source": "this script's estimate (benchmarks/gpu_check.py: predict_scoring_peak), not a library memory plan",
-        "assumes_mamba_path": "fast kernels" if fast else "pytorch fallback",
+        "assumes_mamba_path": path,
         "parts_gib": {k: gib(v) for k, v in pred.items()},
         "measured_over_predicted": round(mem["peak_bytes"] / pred["total"], 3) if s.device == "cuda" else None,
     }

@@ -17,5 +17,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# The PyTorch Mamba path allocates and frees ~10-17 GB float32 temporaries per block: avoid fragmentation OOMs.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # The script keeps its own 400 s budget and rewrites the JSON after every part; this is the backstop.
 timeout -k 15 450 python3 benchmarks/gpu_check.py "$@"
