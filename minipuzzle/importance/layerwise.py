@@ -229,9 +229,8 @@ def block_forward(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         pos = torch.arange(h.shape[1], device=dev).unsqueeze(0)
-        mask = create_causal_mask(
-            config=block.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos
-        )
+        # The cache argument is `cache` in newer transformers and `past_key_values` in 5.14-5.17: pass it by position.
+        mask = create_causal_mask(block.config, h, None, None, position_ids=pos)
     return block(h, attention_mask=mask)
 
 
