@@ -113,15 +113,16 @@ def test_streamed_equals_in_memory(tiny_checkpoint, tiny_model):
 
 
 def test_width_scores_match_hand_computation(tiny_model):
-    """FFN: mean over sequence of relu(up x)^2, L2 over rows; attention: L2 over rows of the mean norm of each
-    head's o_proj output; Mamba: x part of in_proj, L2 within head / across heads. Captured on model(ids)."""
+    """Default statistic (mean |activation| over the sequence, L2 over rows) on the tensor each axis reads. FFN:
+    relu(up x)^2; attention: the norm of each head's o_proj output; Mamba: x part of in_proj, L2 within head /
+    across heads; hidden: every pre-norm and norm_f output, summed over norms. Captured on model(ids)."""
     m, ids = tiny_model, windows(3)
     cap = {}
-    hooks = []
+    hooks = [m.model.norm_f.register_forward_hook(lambda mo, a, o: cap.__setitem__(("hid", -1), o))]
     for i, blk in enumerate(m.model.layers):
-        mod = {"mlp": blk.mixer.act_fn if blk.block_type == "mlp" else None}
+        hooks.append(blk.norm.register_forward_hook(lambda mo, a, o, i=i: cap.__setitem__(("hid", i), o)))
         if blk.block_type == "mlp":
-            hooks.append(mod["mlp"].register_forward_hook(lambda mo, a, o, i=i: cap.__setitem__(("ffn", i), o)))
+            hooks.append(blk.mixer.act_fn.register_forward_hook(lambda mo, a, o, i=i: cap.__setitem__(("ffn", i), o)))
         elif blk.block_type == "full_attention":
             hooks.append(
                 blk.mixer.o_proj.register_forward_pre_hook(lambda mo, a, i=i: cap.__setitem__(("att", i), a[0]))
@@ -134,24 +135,30 @@ def test_width_scores_match_hand_computation(tiny_model):
         h.remove()
     got = width_scores(ModelStack(m), ids, batch_size=2)
     cfg = m.config
+
+    def stat(x):
+        return x.abs().mean(1).pow(2).sum(0).sqrt()
+
+    hidden = 0
     for (kind, i), act in cap.items():
-        if kind == "ffn":
-            want = act.mean(1).pow(2).sum(0).sqrt()
-            torch.testing.assert_close(got["ffn"][i], want, rtol=1e-5, atol=1e-7)
+        if kind == "hid":
+            hidden = hidden + stat(act)
+        elif kind == "ffn":
+            torch.testing.assert_close(got["ffn"][i], stat(act), rtol=1e-5, atol=1e-7)
         elif kind == "att":
             w = m.model.layers[i].mixer.o_proj.weight
             d = cfg.head_dim
             per_head = torch.stack(
                 [(act[..., k * d : (k + 1) * d] @ w[:, k * d : (k + 1) * d].T).norm(dim=-1) for k in range(8)], -1
             )
-            torch.testing.assert_close(
-                got["attn_heads"][i], per_head.mean(1).pow(2).sum(0).sqrt(), rtol=1e-4, atol=1e-6
-            )
+            torch.testing.assert_close(got["attn_heads"][i], stat(per_head), rtol=1e-4, atol=1e-6)
         else:
             inner = cfg.mamba_num_heads * cfg.mamba_head_dim
-            c = act[..., inner : 2 * inner].mean(1).pow(2).sum(0).sqrt().view(cfg.mamba_num_heads, -1)
+            c = stat(act[..., inner : 2 * inner]).view(cfg.mamba_num_heads, -1)
             torch.testing.assert_close(got["mamba_heads"][i], c.norm(dim=1), rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(got["mamba_head_channels"][i], c.norm(dim=0), rtol=1e-5, atol=1e-7)
+    assert len(cap) == 2 * cfg.num_hidden_layers + 1
+    torch.testing.assert_close(got["hidden"], hidden, rtol=1e-5, atol=1e-6)
 
 
 def test_dead_units_score_exactly_zero():
@@ -185,6 +192,75 @@ def test_dead_units_score_exactly_zero():
             assert t[unit].item() == 0.0
             assert (torch.cat([t[:unit], t[unit + 1 :]]) > 0).all()
     assert s.hidden[7].item() == 0.0 and (s.hidden > 0).sum() == cfg.hidden_size - 1
+
+
+WILD, CONST = 10, 20  # hidden channels: +-20 by token parity (zero mean over a row), and a constant 0.4
+
+
+def plant_wild_and_constant_units(m):
+    """On every axis, unit "wild" reads only the zero-mean hidden channel WILD and unit "const" only the constant
+    channel CONST: FFN 0 / 1, Mamba head 0 / 1, Mamba head channel 2 / 3 (in heads 2..7), attention head 4 / 0
+    (kv group 1 / 0, same o_proj columns). WILD and CONST are carried untouched through the residual stream, and
+    nothing else reads WILD or feeds the planted units' outputs back, so no other channel depends on the parity
+    and the signed mean of WILD over an alternating row stays near zero in every layer."""
+    cfg = m.config
+    inner, p, d = cfg.mamba_num_heads * cfg.mamba_head_dim, cfg.mamba_head_dim, cfg.head_dim
+
+    def read(w, rows, ch):
+        w[rows] = 0
+        w[rows, ch] = 1
+
+    with torch.no_grad():
+        emb = m.model.embeddings.weight
+        emb[:, WILD] = 20.0 * (1.0 - 2.0 * (torch.arange(emb.shape[0]) % 2))
+        emb[:, CONST] = 0.4
+        m.model.norm_f.weight[[WILD, CONST]] = 1
+        for blk in m.model.layers:
+            mx = blk.mixer
+            blk.norm.weight[[WILD, CONST]] = 1
+            for name, w in mx.named_parameters():
+                if w.ndim == 2 and name.split(".")[0] in ("out_proj", "o_proj", "down_proj"):
+                    w[[WILD, CONST]] = 0
+                elif w.ndim == 2 and w.shape[1] == cfg.hidden_size:
+                    w[:, WILD] = 0
+            if blk.block_type == "mlp":
+                read(mx.up_proj.weight, [0], WILD)
+                read(mx.up_proj.weight, [1], CONST)
+                mx.down_proj.weight[:, :2] = 0
+            elif blk.block_type == "full_attention":
+                read(mx.v_proj.weight, list(range(d)), CONST)
+                read(mx.v_proj.weight, list(range(d, 2 * d)), WILD)
+                mx.o_proj.weight.mul_(1e-3)  # every head reads a planted channel: keep their writes negligible
+                mx.o_proj.weight[:, 4 * d : 5 * d] = mx.o_proj.weight[:, :d]
+            else:
+                w = mx.in_proj.weight
+                read(w, list(range(inner, inner + p)), WILD)
+                read(w, list(range(inner + p, inner + 2 * p)), CONST)
+                read(w, [inner + h * p + 2 for h in range(2, 8)], WILD)
+                read(w, [inner + h * p + 3 for h in range(2, 8)], CONST)
+                planted = list(range(2 * p)) + [h * p + j for h in range(2, 8) for j in (2, 3)]
+                mx.conv1d.weight[planted] = 0  # the gated norm would spread the planted channels' size
+                mx.conv1d.bias[planted] = 0
+
+
+def test_default_width_statistic_ranks_magnitude_not_offset():
+    """Minitron's mean |activation|: a zero-mean, high-variance unit outranks a small constant one on every axis.
+    The signed mean flips that order on the axes whose activations are signed (hidden, Mamba x)."""
+    m = random_model(seed=3)
+    plant_wild_and_constant_units(m)
+    t = 32
+    ids = 2 * torch.randint(0, 160, (4, t), generator=torch.Generator().manual_seed(0)) + torch.arange(t) % 2
+    axes = ["ffn", "mamba_heads", "mamba_head_channels", "attn_heads", "hidden"]
+    pairs = {"ffn": (0, 1), "mamba_heads": (0, 1), "mamba_head_channels": (2, 3), "attn_heads": (4, 0)}
+    for agg, signed_axes_flip in (("abs_mean,l2", False), ("signed_mean,l2", True)):
+        s = score_model(m, None, ids, axes=axes, progress=False, width_agg=agg)
+        assert s.meta["settings"]["width_aggregation"] == agg
+        assert (s.hidden[WILD] < s.hidden[CONST]) == signed_axes_flip
+        for axis, (wild, const) in pairs.items():
+            flips = signed_axes_flip and axis.startswith("mamba")
+            for i, sc in getattr(s, axis).items():
+                assert (sc[wild] < sc[const]) == flips, (agg, axis, i, sc[wild].item(), sc[const].item())
+    assert score_model(m, None, ids, axes=axes, progress=False).meta["settings"]["width_aggregation"] == "abs_mean,l2"
 
 
 class Interrupt(Exception):
@@ -268,6 +344,8 @@ def test_score_command(tmp_path, tokenizer, text_file):
         (["--axes", "depth,heads"], "unknown axis 'heads'"),
         (["--depth-metric", "cosine"], "unknown depth metric"),
         (["--width-agg", "mean"], "invalid width aggregation"),
+        (["--width-agg", "mean,l2"], "use abs_mean (mean of |activation|"),
+        (["--width-agg", "abs_mean,median"], "invalid width aggregation"),
         (["--seq-len", "100000"], "shorter than one window"),
     ],
 )

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from minipuzzle.importance.width import DEFAULT_AGG, describe_aggs
+
 
 def register(app: typer.Typer) -> None:
     app.command("score")(score)
@@ -29,8 +31,9 @@ def score(
         str, typer.Option(help="mse_hidden (MiniPuzzle), nmse_logits, kl_logits, lm_loss, block_influence.")
     ] = "mse_hidden",
     width_agg: Annotated[
-        str, typer.Option(help="Aggregation over sequence,rows (Minitron's best: mean,l2).")
-    ] = "mean,l2",
+        str,
+        typer.Option(help=f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}"),
+    ] = DEFAULT_AGG,
     stream: Annotated[
         bool | None,
         typer.Option("--stream/--no-stream", help="Read layers one at a time (default: when the model does not fit)."),

@@ -11,6 +11,7 @@ import torch
 
 from minipuzzle.errors import UserError
 from minipuzzle.importance.scores import Scores
+from minipuzzle.importance.width import DEFAULT_AGG
 
 
 def resume_dir_for(out: Path) -> Path:
@@ -42,7 +43,7 @@ def score_to_folder(
     width_samples: int = 1024,
     seq_len: int = 4096,
     depth_metric: str = "mse_hidden",
-    width_agg: str = "mean,l2",
+    width_agg: str = DEFAULT_AGG,
     stream: bool | None = None,
     seed: int = 0,
     split: str = "train",

@@ -15,7 +15,7 @@ from minipuzzle.errors import UserError
 from minipuzzle.importance.depth import check_metric, depth_scores, windows_digest
 from minipuzzle.importance.layerwise import LayerStack, open_stack
 from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.width import WIDTH_AXES, parse_agg, width_scores
+from minipuzzle.importance.width import DEFAULT_AGG, WIDTH_AXES, parse_agg, width_scores
 
 AXES = ("depth", *WIDTH_AXES)
 WIDTH_FILE = "width_scores"
@@ -46,7 +46,7 @@ def score_stack(
     depth_metric: str = "mse_hidden",
     *,
     streamed: bool = False,
-    width_agg: str = "mean,l2",
+    width_agg: str = DEFAULT_AGG,
     batch_size: int = 8,
     budget_bytes: int | None = None,
     resume_dir: str | Path | None = None,

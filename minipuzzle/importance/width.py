@@ -1,14 +1,19 @@
 """Width importance from activations, every axis in one forward pass (Minitron, Minitron-SSM).
 
-Each unit gets a per-row statistic of its activation over the sequence (default: mean), aggregated over rows
-(default: L2), as in Minitron. The activations read, by forward hooks on the block's submodules:
+Each unit gets a per-row statistic of its activation over the sequence, aggregated over rows. The default is
+Minitron's (and ModelOpt's): the mean of |activation| over the sequence, then L2 over rows ("abs_mean,l2"). A signed
+mean would score a channel's DC offset rather than its magnitude: a zero-mean channel with std 5 would rank below a
+constant 0.1 channel, so it is available only by its explicit name, "signed_mean". The activations read, by
+forward hooks on the block's submodules:
 
-- FFN channel: the input of down_proj, i.e. relu(up_proj x)^2.
-- Mamba head channels: the x part of in_proj's output (before the conv, whose bias would make a dead channel look
-  alive). Channel scores c[head, d] give head scores by L2 over d and head-channel scores by L2 over heads, which
-  is what group-aware pruning keeps (whole heads within a group; the same channels in every head).
+- FFN channel: the input of down_proj, i.e. relu(up_proj x)^2 (non-negative, so abs_mean == signed_mean here).
+- Mamba head channels: the x part of in_proj's output [z | x | B | C | dt] (before the conv, whose bias would make
+  a dead channel look alive). Channel scores c[head, d] give head scores by L2 over d and head-channel scores by
+  L2 over heads, which is what group-aware pruning keeps (whole heads within a group; the same channels in every
+  head).
 - Attention query head: the size of what the head writes into the residual stream, |W_o[:, head] a_head| per
-  token, computed through the head's Gram matrix W_o,h^T W_o,h so the [heads x hidden] outputs never exist.
+  token, computed through the head's Gram matrix W_o,h^T W_o,h so the [heads x hidden] outputs never exist. The
+  per-token norm is already non-negative, so every sequence statistic sees the head's output magnitude.
 - Hidden channel: every RMSNorm output (each block's pre-norm and norm_f), aggregated per norm, summed over norms.
 
 A unit whose weights in and out are zero produces exact zeros in the activation read, so it scores exactly 0.
@@ -25,18 +30,40 @@ from torch import nn
 from minipuzzle.errors import UserError
 from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, progress_bar, rows_per_chunk
 
-SEQ_AGGS = ("mean", "abs_mean", "l2", "max")
-ROW_AGGS = ("l2", "mean", "max")
+SEQ_AGGS = {
+    "abs_mean": "mean of |activation| over the tokens of a row (Minitron, default)",
+    "signed_mean": "signed mean over the tokens (scores a channel's offset, not its size)",
+    "l2": "root mean square over the tokens",
+    "max": "largest |activation| over the tokens",
+}
+ROW_AGGS = {
+    "l2": "L2 norm over rows of the per-row statistic (Minitron, default)",
+    "mean": "mean over rows",
+    "max": "largest |value| over rows",
+}
+DEFAULT_AGG = "abs_mean,l2"
 WIDTH_AXES = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads", "hidden")
 
 
+def describe_aggs() -> str:
+    """One line per statistic, as --help paragraphs."""
+    lines = [f"SEQ {k}: {v}" for k, v in SEQ_AGGS.items()] + [f"ROWS {k}: {v}" for k, v in ROW_AGGS.items()]
+    return "\n\n".join(lines)  # typer keeps a line break only between paragraphs
+
+
 def parse_agg(text: str) -> tuple[str, str]:
-    """'mean,l2' -> ('mean', 'l2'): the statistic over the sequence, then over rows."""
+    """'abs_mean,l2' -> ('abs_mean', 'l2'): the statistic over the sequence, then over rows."""
     parts = [p.strip() for p in str(text).split(",")]
+    if parts[0] == "mean":
+        # The old default spelled the signed mean 'mean'; Minitron's 'mean' is of |activation|. Say which is which.
+        raise UserError(
+            f"invalid width aggregation {text!r}: 'mean' over the sequence is ambiguous; use abs_mean (mean of "
+            f"|activation|, Minitron, the default {DEFAULT_AGG}) or signed_mean"
+        )
     if len(parts) != 2 or parts[0] not in SEQ_AGGS or parts[1] not in ROW_AGGS:
         raise UserError(
             f"invalid width aggregation {text!r}: use SEQ,ROWS with SEQ in {'/'.join(SEQ_AGGS)} "
-            f"and ROWS in {'/'.join(ROW_AGGS)} (Minitron's best: mean,l2)"
+            f"and ROWS in {'/'.join(ROW_AGGS)} (Minitron's: {DEFAULT_AGG})"
         )
     return parts[0], parts[1]
 
@@ -51,7 +78,7 @@ class Aggregate:
 
     def add(self, act: torch.Tensor) -> None:
         a = act.float()
-        if self.seq == "mean":
+        if self.seq == "signed_mean":
             s = a.mean(1)
         elif self.seq == "abs_mean":
             s = a.abs().mean(1)
@@ -88,7 +115,7 @@ class Aggregate:
 class WidthCollector:
     """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`."""
 
-    def __init__(self, axes: Collection[str], seq: str = "mean", rows: str = "l2"):
+    def __init__(self, axes: Collection[str], seq: str = "abs_mean", rows: str = "l2"):
         self.axes = set(axes)
         self.seq, self.rows = seq, rows
         self.acc: dict[tuple[str, int], Aggregate] = {}
@@ -163,7 +190,7 @@ def width_scores(
     stack: LayerStack,
     windows: torch.Tensor,
     axes: Collection[str] = WIDTH_AXES,
-    agg: str = "mean,l2",
+    agg: str = DEFAULT_AGG,
     *,
     batch_size: int = 8,
     chunk_rows: int | None = None,
