@@ -40,6 +40,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,7 +313,6 @@ def write_random_checkpoint(layout: Layout, path: Path, device: str, dtype: torc
     Initialisation follows `minipuzzle.testing.random_model` (weights ~ 0.5/sqrt(fan_in), norms near one, stable
     A_log and dt_bias), which keeps a 24-layer random model's activations finite in bf16.
     """
-    import shutil
 
     from minipuzzle.checkpoint import ShardWriter, build_model, copy_tokenizer, write_config
 
@@ -617,25 +617,6 @@ def _sigterm_after(seconds: float):
 # ---- compatibility ----------------------------------------------------------------------------------------------
 
 
-def patch_causal_mask_kwarg() -> str | None:
-    """minipuzzle.importance.layerwise.block_forward calls create_causal_mask(..., cache=None, ...), the keyword of
-    transformers >= 5.2x; older 5.x name it past_key_values. Map it (returns a note when the shim was needed)."""
-    import transformers.masking_utils as mu
-
-    params = inspect.signature(mu.create_causal_mask).parameters
-    if "cache" in params or "past_key_values" not in params:
-        return None
-    orig = mu.create_causal_mask
-
-    @functools.wraps(orig)
-    def create_causal_mask(*args, cache=None, **kwargs):
-        kwargs.setdefault("past_key_values", cache)
-        return orig(*args, **kwargs)
-
-    mu.create_causal_mask = create_causal_mask
-    return "transformers.masking_utils.create_causal_mask takes past_key_values, not cache: shimmed for block_forward"
-
-
 def device_info(device: str) -> dict:
     import platform
 
@@ -685,8 +666,6 @@ def main(argv: list[str] | None = None) -> int:
     rep["sizes"] = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in dataclasses.asdict(sizes).items()
                     if k != "layout"}  # fmt: skip
     rep["teacher_layout"] = dict(sizes.layout.summary(), num_params=sizes.layout.num_params())
-    shim = patch_causal_mask_kwarg()
-    rep["workarounds"] = [shim] if shim else []
     probe = KernelProbe()
     rep["kernels_static"] = probe.static()
     report.save()
@@ -707,6 +686,8 @@ def run_parts(report: Report, s: Sizes, probe: KernelProbe, scratch: Path, smoke
 
     with report.part("gpu_tests") as rec:
         part_gpu_tests(rec, budget("gpu_tests", reserve=240), smoke)
+    # A warm machine keeps /tmp between calls: a leftover distillation would resume instead of being measured.
+    shutil.rmtree(scratch, ignore_errors=True)
     teacher = scratch / "teacher"
     with report.part("checkpoint") as rec:
         rec.update(write_random_checkpoint(s.layout, teacher, s.device, s.dtype))
