@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from minipuzzle.distill.config import DistillConfig
-from minipuzzle.distill.loop import lr_factor
+from minipuzzle.distill.loop import _optimizer
 from minipuzzle.distill.losses import DistillObjective, forward_kl, reverse_kl, topk_kl
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.distill.toy import drop_layers
@@ -145,13 +145,37 @@ def test_reverse_and_topk_objectives_train(pair):
         out["loss"].backward()
 
 
+def _lrs(cfg: DistillConfig) -> list[float]:
+    """The LR each of cfg.max_steps optimizer steps trains with."""
+    opt, sched = _optimizer(cfg, torch.nn.Linear(2, 2))
+    out = []
+    for _ in range(cfg.max_steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_cosine_schedule_with_warmup():
-    cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=101, warmup=10, min_lr_ratio=0.1)
-    f = [lr_factor(i, cfg) for i in range(101)]
-    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11)
-    assert f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert f[55] == pytest.approx(0.55)
+    cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=101, warmup=10, min_lr_ratio=0.1,
+                        lr=2.0)  # fmt: skip
+    f = [x / 2.0 for x in _lrs(cfg)]
+    assert f[0] == pytest.approx(1 / 10) and f[8] == pytest.approx(9 / 10)
+    assert f[9] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 46 / 91)))
+    assert cfg.warmup_note() is None
+
+
+def test_warmup_longer_than_the_run_is_clamped():
+    for warmup in (60, 100):
+        cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=60, warmup=warmup)
+        assert cfg.warmup_steps() == 6 and "warming up for 6 steps" in cfg.warmup_note()
+        lrs = _lrs(cfg)
+        peak = lrs.index(max(lrs))
+        assert peak == 5 and all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
+        assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+        assert lrs[-1] == pytest.approx(0.1 * max(lrs))
 
 
 def test_config_errors():
