@@ -75,6 +75,9 @@ class SearchSection(_Section):
     candidates: int = Field(3, ge=1, description="candidates ranked for real on held-out tokens")
     rank_samples: int = Field(64, ge=1, description="held-out windows used to rank candidates")
     candidate_distill_tokens: float = Field(0, ge=0, description="short distillation per candidate before choosing")
+    norm_compensation: bool = Field(
+        True, description="scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels"
+    )
 
     @field_validator("axes")
     @classmethod
@@ -199,6 +202,7 @@ def prune_settings(recipe: Recipe, source):
         held_out_samples=s.rank_samples,
         stream=bool(imp.stream),
         seed=imp.seed,
+        norm_compensation=s.norm_compensation,
     )
     if s.candidate_distill_tokens:
         if d is not None:
