@@ -27,10 +27,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pair():
+def depth_pair():
     teacher = random_model(seed=0)
-    student = drop_layers(teacher, [0, 1, 2, 4, 5, 7, 8, 9])
-    return teacher, student
+    return teacher, drop_layers(teacher, [0, 1, 2, 4, 5, 7, 8, 9])
+
+
+@pytest.fixture(scope="module", params=["depth", "hidden"])
+def pair(request, depth_pair):
+    """A teacher and a lossy student: fewer layers, or a narrower hidden size (teacher and student hidden states
+    then differ in width and only the logits are comparable)."""
+    from minipuzzle.surgery import Plan, prune_model
+
+    teacher = depth_pair[0]
+    if request.param == "depth":
+        return depth_pair
+    h = teacher.config.hidden_size
+    return teacher, prune_model(teacher, Plan(layers=list(range(10)), hidden=list(range(0, h, 2))))
 
 
 def test_kl_functions_match_reference():
@@ -106,8 +118,18 @@ def test_evaluation_sums_agree_with_token_stats(pair):
     assert math.isclose(acc / n, ref["accuracy"]) and math.isclose(agree / n, ref["agreement"])
 
 
-def test_hidden_cosine_loss_through_layer_map(pair):
-    teacher, student = pair
+def test_hidden_cosine_loss_needs_equal_hidden_sizes():
+    from minipuzzle.surgery import Plan, prune_model
+
+    teacher = random_model(seed=0)
+    narrow = prune_model(teacher, Plan(layers=list(range(10)), hidden=list(range(32))))
+    with pytest.raises(UserError, match="hidden size 32 differs from the teacher's 64"):
+        DistillObjective(narrow, teacher, hidden_weight=1.0, layer_pairs=[(0, 0)])
+    DistillObjective(narrow, teacher, hidden_weight=0.0)  # logits alone are fine
+
+
+def test_hidden_cosine_loss_through_layer_map(depth_pair):
+    teacher, student = depth_pair
     same = DistillObjective(copy.deepcopy(teacher), teacher, hidden_weight=1.0, layer_pairs=[(0, 0), (5, 5)])
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
     out = same(ids)
