@@ -76,6 +76,9 @@ class SearchSection(_Section):
     band: float = Field(0.05, ge=0, le=1, description="layouts within this fraction below the budget are candidates")
     rank_samples: int = Field(64, ge=1, description="held-out windows used to rank candidates")
     candidate_distill_tokens: float = Field(0, ge=0, description="short distillation per candidate before choosing")
+    norm_compensation: bool = Field(
+        True, description="scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels"
+    )
 
     @field_validator("axes")
     @classmethod
@@ -201,6 +204,7 @@ def prune_settings(recipe: Recipe, source):
         held_out_samples=s.rank_samples,
         stream=bool(imp.stream),
         seed=imp.seed,
+        norm_compensation=s.norm_compensation,
     )
     if s.candidate_distill_tokens:
         if d is not None:

@@ -191,7 +191,7 @@ def distill_config(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, 
         grad_accum=d.grad_accum,
         lr=d.lr,
         min_lr_ratio=d.min_lr_ratio,
-        warmup=min(d.warmup, distill_steps(d) - 1),
+        warmup=d.warmup,  # the loop clamps it to 10 % of the run and says so
         temperature=d.temperature,
         loss=d.loss,
         lm_weight=d.lm_weight,

@@ -10,9 +10,10 @@ Where each unit lives (I = mamba heads x head_dim, G = groups, N = state size, H
 - Hidden channel j: column j of the embeddings, `lm_head` and every input projection; row j of every output
   projection; entry j of every RMSNorm over the hidden size.
 
-Removing channels from an RMSNorm's input changes its mean square even when they held zeros, so the norms over the
-hidden size and the Mamba gated group norm scale their kept weights by sqrt(old_width / new_width): removing units
-that contribute nothing then leaves the logits unchanged up to the norm's epsilon.
+Removing channels from an RMSNorm's input changes its mean square even when they held zeros, so by default
+(`Plan.norm_compensation`) the norms over the hidden size and the Mamba gated group norm scale their kept weights by
+sqrt(old_width / new_width): removing units that contribute nothing then leaves the logits unchanged up to the
+norm's epsilon. Switched off, the kept weights are copied as they are.
 
 Two modes that call the same per-tensor function, so they agree bit for bit: in memory (`prune_state_dict`,
 `prune_model`) and streamed from the source shards to the output shards (`prune_checkpoint`), holding about one
@@ -54,7 +55,8 @@ class Plan:
     layers: kept source layer indices, ascending. ffn / mamba_heads / mamba_head_channels / attn_heads: for each kept
     source layer of that kind, the kept unit indices (ascending); None keeps everything on that axis. mamba_heads
     are global head indices, mamba_head_channels are indices within a head (the same in every head), attn_heads are
-    query-head indices. hidden: kept hidden (residual-stream) channels, or None.
+    query-head indices. hidden: kept hidden (residual-stream) channels, or None. norm_compensation: scale the kept
+    weights of RMSNorms that lose input channels by sqrt(old_width / new_width).
     """
 
     layers: list[int]
@@ -63,6 +65,7 @@ class Plan:
     mamba_head_channels: dict[int, list[int]] | None = None
     attn_heads: dict[int, list[int]] | None = None
     hidden: list[int] | None = None
+    norm_compensation: bool = True
 
     @classmethod
     def keep_all(cls, layout: Layout) -> Plan:
@@ -76,11 +79,12 @@ class Plan:
                 d[axis] = {str(i): list(map(int, v)) for i, v in sorted(sel.items())}
         if self.hidden is not None:
             d["hidden"] = list(map(int, self.hidden))
+        d["norm_compensation"] = self.norm_compensation
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        unknown = set(d) - {"layers", "hidden", *AXES}
+        unknown = set(d) - {"layers", "hidden", "norm_compensation", *AXES}
         if unknown:
             raise UserError(f"unknown key(s) in plan: {', '.join(sorted(unknown))}")
         if "layers" not in d:
@@ -91,6 +95,10 @@ class Plan:
                 kw[axis] = {int(i): [int(u) for u in v] for i, v in d[axis].items()}
         if d.get("hidden") is not None:
             kw["hidden"] = [int(u) for u in d["hidden"]]
+        comp = d.get("norm_compensation", True)
+        if not isinstance(comp, bool):
+            raise UserError(f"plan's norm_compensation must be true or false, got {comp!r}")
+        kw["norm_compensation"] = comp
         return cls(**kw)
 
     def kept(self, axis: str, layer: int, full: int) -> list[int]:
@@ -185,7 +193,7 @@ class Cutter:
         self.new_index = {old: new for new, old in enumerate(plan.layers)}
         h = layout.hidden_size
         self.hidden = None if plan.hidden is None or len(plan.hidden) == h else torch.tensor(plan.hidden)
-        self.hidden_scale = math.sqrt(h / self.dst.hidden_size)
+        self.hidden_scale = math.sqrt(h / self.dst.hidden_size) if plan.norm_compensation else 1.0
 
     def output_name(self, name: str) -> str | None:
         """Native name of `name` in the pruned model, or None when its layer is dropped."""
@@ -206,6 +214,8 @@ class Cutter:
     def _hidden_norm(self, t: torch.Tensor) -> torch.Tensor:
         if self.hidden is None:
             return t
+        if self.hidden_scale == 1.0:
+            return t.index_select(0, self.hidden)
         return (t.index_select(0, self.hidden).float() * self.hidden_scale).to(t.dtype)
 
     def _mamba_index(self, i: int) -> dict[str, torch.Tensor | None]:
@@ -227,7 +237,7 @@ class Cutter:
             "heads": heads_t,
             "in_proj": in_proj,
             "conv": conv,
-            "norm_scale": math.sqrt(old_group / new_group),
+            "norm_scale": math.sqrt(old_group / new_group) if plan.norm_compensation else 1.0,
         }
 
     def cut(self, name: str, t: torch.Tensor) -> torch.Tensor:

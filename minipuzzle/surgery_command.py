@@ -38,6 +38,14 @@ def register(app: typer.Typer) -> None:
         model_path: Annotated[str | None, typer.Option(help="Local weights for a preset or hub id.")] = None,
         max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard (e.g. 5GB).")] = "5GB",
         overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+        norm_compensation: Annotated[
+            bool | None,
+            typer.Option(
+                "--norm-compensation/--no-norm-compensation",
+                help="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels "
+                "(default: as the plan says, on when it says nothing).",
+            ),
+        ] = None,
     ) -> None:
         """Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one tensor).
 
@@ -49,6 +57,8 @@ def register(app: typer.Typer) -> None:
         check_output_dir(output, overwrite)
         src = Checkpoint(resolve_checkpoint(model, model_path))
         p = read_plan(plan)
+        if norm_compensation is not None:
+            p.norm_compensation = norm_compensation
         dst = p.target_layout(src.layout)
         out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size))
         print(

@@ -110,3 +110,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(pair, odd_models, tmp_p
     (out / "keep.txt").write_text("mine")
     code, _, err = _cli(pair, out)
     assert code == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_warmup_longer_than_the_run_is_clamped_and_logged(pair, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = _cli(pair, out, "--max-steps", "60", "--warmup", "80", "--seq-len", "8", "--batch-size", "1",
+                        "--save-every", "0")  # fmt: skip
+    assert code == 0, err[-2000:]
+    assert "--warmup 80 is more than 10% of the 60-step run: warming up for 6 steps" in err
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < 59 and lrs[0] < lrs[peak] and lrs[-1] < lrs[peak]
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # it decays after the warmup
+    assert json.loads((out / "distill.json").read_text())["warmup_steps"] == 6

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from minipuzzle.distill.config import DistillConfig
-from minipuzzle.distill.loop import lr_factor
+from minipuzzle.distill.loop import _optimizer
 from minipuzzle.distill.losses import DistillObjective, forward_kl, reverse_kl, topk_kl
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.distill.toy import drop_layers
@@ -27,10 +27,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def pair():
+def depth_pair():
     teacher = random_model(seed=0)
-    student = drop_layers(teacher, [0, 1, 2, 4, 5, 7, 8, 9])
-    return teacher, student
+    return teacher, drop_layers(teacher, [0, 1, 2, 4, 5, 7, 8, 9])
+
+
+@pytest.fixture(scope="module", params=["depth", "hidden"])
+def pair(request, depth_pair):
+    """A teacher and a lossy student: fewer layers, or a narrower hidden size (teacher and student hidden states
+    then differ in width and only the logits are comparable)."""
+    from minipuzzle.surgery import Plan, prune_model
+
+    teacher = depth_pair[0]
+    if request.param == "depth":
+        return depth_pair
+    h = teacher.config.hidden_size
+    return teacher, prune_model(teacher, Plan(layers=list(range(10)), hidden=list(range(0, h, 2))))
 
 
 def test_kl_functions_match_reference():
@@ -106,8 +118,18 @@ def test_evaluation_sums_agree_with_token_stats(pair):
     assert math.isclose(acc / n, ref["accuracy"]) and math.isclose(agree / n, ref["agreement"])
 
 
-def test_hidden_cosine_loss_through_layer_map(pair):
-    teacher, student = pair
+def test_hidden_cosine_loss_needs_equal_hidden_sizes():
+    from minipuzzle.surgery import Plan, prune_model
+
+    teacher = random_model(seed=0)
+    narrow = prune_model(teacher, Plan(layers=list(range(10)), hidden=list(range(32))))
+    with pytest.raises(UserError, match="hidden size 32 differs from the teacher's 64"):
+        DistillObjective(narrow, teacher, hidden_weight=1.0, layer_pairs=[(0, 0)])
+    DistillObjective(narrow, teacher, hidden_weight=0.0)  # logits alone are fine
+
+
+def test_hidden_cosine_loss_through_layer_map(depth_pair):
+    teacher, student = depth_pair
     same = DistillObjective(copy.deepcopy(teacher), teacher, hidden_weight=1.0, layer_pairs=[(0, 0), (5, 5)])
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
     out = same(ids)
@@ -145,13 +167,37 @@ def test_reverse_and_topk_objectives_train(pair):
         out["loss"].backward()
 
 
+def _lrs(cfg: DistillConfig) -> list[float]:
+    """The LR each of cfg.max_steps optimizer steps trains with."""
+    opt, sched = _optimizer(cfg, torch.nn.Linear(2, 2))
+    out = []
+    for _ in range(cfg.max_steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_cosine_schedule_with_warmup():
-    cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=101, warmup=10, min_lr_ratio=0.1)
-    f = [lr_factor(i, cfg) for i in range(101)]
-    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11)
-    assert f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert f[55] == pytest.approx(0.55)
+    cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=101, warmup=10, min_lr_ratio=0.1,
+                        lr=2.0)  # fmt: skip
+    f = [x / 2.0 for x in _lrs(cfg)]
+    assert f[0] == pytest.approx(1 / 10) and f[8] == pytest.approx(9 / 10)
+    assert f[9] == pytest.approx(1.0) and f[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 46 / 91)))
+    assert cfg.warmup_note() is None
+
+
+def test_warmup_longer_than_the_run_is_clamped():
+    for warmup in (60, 100):
+        cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=60, warmup=warmup)
+        assert cfg.warmup_steps() == 6 and "warming up for 6 steps" in cfg.warmup_note()
+        lrs = _lrs(cfg)
+        peak = lrs.index(max(lrs))
+        assert peak == 5 and all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
+        assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+        assert lrs[-1] == pytest.approx(0.1 * max(lrs))
 
 
 def test_config_errors():

@@ -74,6 +74,21 @@ def test_prune_removes_exactly_the_dead_units(dead_checkpoint, text_file, tmp_pa
     assert ((a - b).norm() / a.norm()).item() < 1e-4
 
 
+def test_prune_without_norm_compensation_ranks_and_cuts_uncompensated(dead_checkpoint, text_file, tmp_path):
+    """--no-norm-compensation reaches the ranked candidates and the cut: removing the dead hidden channels is no
+    longer free (the compensated run above measures KL < 1e-6 on the same layout)."""
+    _, ckpt = dead_checkpoint
+    out = tmp_path / "out"
+    target = expected_layout().num_params()
+    args = ["prune", str(ckpt), "--target", str(target), "--axes", ALL_AXES, "--data", str(text_file), "-o", str(out)]
+    code, _, err = run_cli(args + SMALL + ["--no-norm-compensation"])
+    assert code == 0, err
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["chosen"]["plan"]["norm_compensation"] is False
+    assert rep["chosen"]["plan"]["hidden"] == [c for c in range(64) if c not in DEAD_HIDDEN]
+    assert min(r["kl_to_teacher"] for r in rep["candidates"]) > 1e-4
+
+
 def test_streamed_ranking_matches_in_memory(dead_checkpoint, text_file):
     from minipuzzle.checkpoint import load_model
     from minipuzzle.search.ranking import measure_in_memory, measure_streamed

@@ -40,6 +40,22 @@ def test_56b_recipe_is_minipuzzle_as_published():
     assert distill["tokens"] >= 63e9
 
 
+def test_recipe_norm_compensation_reaches_the_prune_settings():
+    from minipuzzle.arch import Layout
+    from minipuzzle.recipe import prune_settings
+
+    source = Layout.from_config(
+        json.loads((RECIPES_DIR.parent / "minipuzzle/assets/demo-teacher/config.json").read_text())
+    )
+    doc = _demo_doc()
+    assert prune_settings(parse_recipe(doc), source).norm_compensation is True
+    doc["search"]["norm_compensation"] = False
+    assert prune_settings(parse_recipe(doc), source).norm_compensation is False
+    doc["search"]["norm_compensation"] = "maybe"
+    with pytest.raises(UserError, match=r"search\.norm_compensation"):
+        parse_recipe(doc)
+
+
 def _demo_doc():
     return yaml.safe_load((RECIPES_DIR / "demo.yaml").read_text())
 

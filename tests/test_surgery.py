@@ -24,10 +24,17 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_keep_all_is_bit_exact(tiny_model, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("compensation", [True, False])
+def test_keep_all_is_bit_exact(tiny_model, tiny_checkpoint, tmp_path, compensation):
     ref = logits(tiny_model)
-    plan = Plan.keep_all(Layout.from_config(tiny_model.config))
-    assert torch.equal(logits(prune_model(tiny_model, plan)), ref)
+    layout = Layout.from_config(tiny_model.config)
+    # Listing every hidden channel is keeping all of them: no norm is rescaled, with or without compensation.
+    for plan in (
+        Plan.keep_all(layout),
+        Plan(layers=list(range(layout.num_layers)), hidden=list(range(layout.hidden_size))),
+    ):
+        plan.norm_compensation = compensation
+        assert torch.equal(logits(prune_model(tiny_model, plan)), ref)
     out = prune_checkpoint(tiny_checkpoint, plan, tmp_path / "out", progress=False)
     assert torch.equal(logits(load_model(out)), ref)
 
@@ -110,6 +117,24 @@ def test_cutting_dead_units_keeps_logits(layout_name, axis):
     assert rel_err(logits(small), ref) < 1e-4
 
 
+@pytest.mark.parametrize("axis", ["hidden", "mamba_heads", "mamba_head_channels"])
+def test_without_norm_compensation_dead_units_change_logits(axis):
+    """The axes whose removal shrinks an RMSNorm's input (hidden size; the Mamba gated group norm): without the
+    sqrt(old/new) scaling, even units that carry zeros change the output. Other weights are cut identically."""
+    layout = LAYOUTS["default"]
+    model = random_model(layout, seed=5, config=tiny_config(layout, layer_norm_epsilon=1e-7))
+    plan = _plans(layout)[axis]
+    plant_dead_units(model, plan)
+    ref = logits(model)
+    on = prune_model(model, plan)
+    plan.norm_compensation = False
+    off = prune_model(model, plan)
+    assert rel_err(logits(on), ref) < 1e-4 and rel_err(logits(off), ref) > 1e-2
+    a, b = on.state_dict(), off.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.endswith("norm.weight") or k.endswith("norm_f.weight") for k in changed)
+
+
 def test_cutting_live_units_changes_logits(tiny_model):
     """The exactness tests above would pass vacuously if cutting did nothing: live units must matter."""
     layout = Layout.from_config(tiny_model.config)
@@ -161,6 +186,37 @@ def test_bad_plans_are_user_errors():
 
 
 def test_plan_round_trips_through_json():
+    from minipuzzle.errors import UserError
+
     plan = _plans(tiny_layout())["all"]
-    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
-    assert again == plan
+    for comp in (True, False):
+        plan.norm_compensation = comp
+        again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+        assert again == plan and again.norm_compensation is comp
+    assert Plan.from_dict({"layers": [0]}).norm_compensation is True  # plans written before the switch
+    with pytest.raises(UserError, match="norm_compensation"):
+        Plan.from_dict({"layers": [0], "norm_compensation": "no"})
+
+
+def test_cut_command_norm_compensation_switch(tiny_checkpoint, tmp_path):
+    """`cut` follows the plan's norm_compensation unless --[no-]norm-compensation overrides it; the choice is
+    recorded in prune_plan.json."""
+    from minipuzzle.testing import run_cli
+
+    src = Checkpoint(tiny_checkpoint)
+    hidden = list(range(0, src.layout.hidden_size, 2))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": list(range(src.layout.num_layers)), "hidden": hidden}))
+    norm = src.get("model.norm_f.weight")[hidden]
+    for flag, scale in ((None, 2**0.5), ("--no-norm-compensation", 1.0), ("--norm-compensation", 2**0.5)):
+        out = tmp_path / f"out-{flag}"
+        code, _, err = run_cli(
+            ["cut", str(tiny_checkpoint), "--plan", str(plan), "-o", str(out), *([flag] if flag else [])]
+        )
+        assert code == 0, err
+        assert torch.allclose(Checkpoint(out).get("model.norm_f.weight"), norm * scale)
+        assert json.loads((out / "prune_plan.json").read_text())["plan"]["norm_compensation"] is (scale != 1.0)
+    plan.write_text(json.dumps({"layers": [0], "hidden": hidden, "norm_compensation": False}))
+    code, _, err = run_cli(["cut", str(tiny_checkpoint), "--plan", str(plan), "-o", str(tmp_path / "off")])
+    assert code == 0, err
+    assert torch.equal(Checkpoint(tmp_path / "off").get("model.norm_f.weight"), norm)

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         grad_accum: Annotated[int, typer.Option(help="Micro-batches per step on each process.")] = 1,
         lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
         min_lr_ratio: Annotated[float, typer.Option(help="Final LR of the cosine schedule, as a fraction.")] = 0.1,
-        warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+        warmup: Annotated[int, typer.Option(help="Linear warmup steps (capped at 10% of the run, with a note).")] = 100,
         weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.01,
         grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")] = 1.0,
         temperature: Annotated[

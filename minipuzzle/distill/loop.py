@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -119,6 +120,8 @@ def _load_models(cfg: DistillConfig, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: 
 
 
 def _optimizer(cfg: DistillConfig, student) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
     decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]  # norms, A_log, D, dt_bias
     opt = torch.optim.AdamW(
@@ -126,18 +129,15 @@ def _optimizer(cfg: DistillConfig, student) -> tuple[torch.optim.Optimizer, torc
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
+    # transformers' schedule gives step 0 an LR of 0 (a wasted step, a tenth of a 10-step candidate run); starting
+    # it one step in (last_epoch=0, which needs initial_lr) makes step i use its value at i + 1: the warmup
+    # reaches the peak at step warmup - 1 and the last step trains at exactly min_lr_ratio x lr.
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+    sched = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, cfg.warmup_steps(), cfg.max_steps, min_lr_rate=cfg.min_lr_ratio, last_epoch=0
+    )
     return opt, sched
-
-
-def lr_factor(step: int, cfg: DistillConfig) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to `min_lr_ratio` at `max_steps` (step counts from 0)."""
-    warmup = min(cfg.warmup, cfg.max_steps - 1)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    span = max(cfg.max_steps - 1 - warmup, 1)
-    progress = min((step - warmup) / span, 1.0)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def finished(out: Path, cfg: DistillConfig) -> bool:
@@ -200,6 +200,9 @@ def _run(cfg: DistillConfig, d: parallel.Dist) -> Path:
     objective = _load_models(cfg, t_ckpt, s_ckpt, d)
     student = objective.student
     opt, sched = _optimizer(cfg, student)
+    note = cfg.warmup_note()
+    if note and d.main:
+        print(f"note: {note}", file=sys.stderr)
 
     # Resume.
     run_dir = cfg.run_dir
@@ -316,7 +319,8 @@ def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         if s_ckpt.layout.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
-        summary = {"trajectory": cfg.trajectory(), "config": cfg.as_dict(), "teacher": str(cfg.teacher)}
+        summary = {"trajectory": cfg.trajectory(), "config": cfg.as_dict(), "teacher": str(cfg.teacher),
+                   "warmup_steps": cfg.warmup_steps()}  # fmt: skip
         save_state_dict(sd, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
                         overwrite=cfg.overwrite,
                         extra_files={"metrics.jsonl": log.text(),

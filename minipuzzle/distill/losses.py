@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipuzzle.errors import UserError
+
 
 def forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Sum over tokens of KL(teacher || student); logits [N, V] float32 -> scalar."""
@@ -73,6 +75,12 @@ class DistillObjective(nn.Module):
         chunk: int = 4096,
     ):
         super().__init__()
+        sh, th = student.config.hidden_size, teacher.config.hidden_size
+        if hidden_weight > 0 and sh != th:
+            raise UserError(
+                f"--hidden-weight compares hidden states, but the student's hidden size {sh} differs from the "
+                f"teacher's {th}: use logits only (--hidden-weight 0)"
+            )
         self.student = student
         self.teacher = teacher
         self.loss_name = loss
@@ -149,7 +157,7 @@ class DistillObjective(nn.Module):
         # Weights of [distill, kl, lm] sums in the loss: means over tokens, KL scaled by T^2.
         scale = torch.tensor([self.temperature**2 / n, 0.0, self.lm_weight / n_lm])
         loss, sums = _HeadLoss.apply(
-            s_h.reshape(n, h), self.student.lm_head.weight, t_h.reshape(n, h), self.teacher.lm_head.weight,
+            s_h.reshape(n, h), self.student.lm_head.weight, t_h.reshape(n, -1), self.teacher.lm_head.weight,
             targets.reshape(-1), scale, self,
         )  # fmt: skip
         kl, lm = sums[1] / n, sums[2] / n_lm
@@ -163,7 +171,8 @@ class DistillObjective(nn.Module):
         s_h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
         t_h = self.teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
         b, t, h = s_h.shape
-        s_flat, t_flat, y = s_h.reshape(b * t, h), t_h.reshape(b * t, h), ids[:, 1:].reshape(-1)
+        # The teacher's hidden size may differ (a hidden-pruned student): only the positions must match.
+        s_flat, t_flat, y = s_h.reshape(b * t, h), t_h.reshape(b * t, -1), ids[:, 1:].reshape(-1)
         out = torch.zeros(5, dtype=torch.float64, device=ids.device)
         for start in range(0, b * t, self.chunk):
             sl = slice(start, start + self.chunk)
@@ -183,7 +192,7 @@ class DistillObjective(nn.Module):
 class _HeadLoss(torch.autograd.Function):
     """Both LM heads and the logit losses, chunk by chunk, with the student's gradient computed on the spot.
 
-    forward(s_h [N, H], s_weight [V, H], t_h [N, H], t_weight [V, H], targets [N], scale [3], objective)
+    forward(s_h [N, H], s_weight [V, H], t_h [N, H_t], t_weight [V, H_t], targets [N], scale [3], objective)
     -> (loss: sum of scale x [distill, kl, lm] sums, sums [3] detached). For each chunk the student logits are
     built, the loss terms computed and differentiated at once (autograd on the chunk), and only the gradients
     w.r.t. s_h ([N, H], small) and s_weight (one head-sized buffer) are kept; the chunk's logits are freed

@@ -145,6 +145,13 @@ def register(app: typer.Typer) -> None:
         dry_run: Annotated[bool, typer.Option(help="Plan offline: space, feasible layouts, scoring cost.")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        norm_compensation: Annotated[
+            bool,
+            typer.Option(
+                "--norm-compensation/--no-norm-compensation",
+                help="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels.",
+            ),
+        ] = True,
     ) -> None:
         """Prune a Nemotron-H checkpoint to a budget: score, search, rank candidates, cut the best.
 
@@ -167,7 +174,7 @@ def register(app: typer.Typer) -> None:
                        layout, candidates=candidates, band=band, seq_len=seq_len, depth_samples=depth_samples,
                        width_samples=width_samples, held_out_samples=held_out, stream=stream,
                        device=device, candidate_distill_steps=candidate_distill_steps,
-                       candidate_distill_lr=candidate_distill_lr)  # fmt: skip
+                       candidate_distill_lr=candidate_distill_lr, norm_compensation=norm_compensation)  # fmt: skip
         if candidate_distill_steps < 0:
             raise UserError(f"--candidate-distill-steps must be >= 0, got {candidate_distill_steps}")
         if dry_run:

@@ -63,6 +63,9 @@ class PruneSettings:
     candidate_distill_steps: int = 0
     candidate_distill_lr: float = 1e-4
     candidate_distill_batch: int = 8
+    # sqrt(old/new) scaling of RMSNorms that lose input channels (surgery.Plan.norm_compensation), for the ranked
+    # candidates and the cut alike.
+    norm_compensation: bool = True
 
     def __post_init__(self) -> None:
         check_band(self.band)
@@ -199,7 +202,7 @@ def prune(
     t = time.perf_counter()
     space, dmodel, cands = run_search(src, scores, settings)
     timing["search_seconds"] = round(time.perf_counter() - t, 3)
-    plans = [candidate_plan(c, dmodel, scores) for c in cands]
+    plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation) for c in cands]
     t = time.perf_counter()
     stats = rank(path, ckpt, plans, held, settings, progress)
     timing["ranking_seconds"] = round(time.perf_counter() - t, 3)

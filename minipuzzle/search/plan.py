@@ -15,7 +15,7 @@ from minipuzzle.search.space import AXIS_KIND, WIDTH_FIELD, axis_unit
 PLAN_FIELD = {axis: SCORE_AXIS[axis] for axis in AXIS_KIND}
 
 
-def candidate_plan(cand: Candidate, model: DamageModel, scores):
+def candidate_plan(cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True):
     """The surgery Plan for `cand`: the top-ranked layers of each kind, and in each kept layer the top-scored
     units (the same count per group on grouped axes). Axes left at full width keep everything (None)."""
     from minipuzzle.surgery import Plan
@@ -34,7 +34,7 @@ def candidate_plan(cand: Candidate, model: DamageModel, scores):
         kw[fld] = {i: kept_units(table[i], width, groups) for i in layers if src.pattern[i] == kind}
     if cand.widths["hidden"] != src.hidden_size:
         kw["hidden"] = kept_units(scores.hidden, cand.widths["hidden"])
-    return Plan(layers=layers, **kw)
+    return Plan(layers=layers, norm_compensation=norm_compensation, **kw)
 
 
 def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = None, extra: dict | None = None):
