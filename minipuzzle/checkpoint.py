@@ -229,18 +229,6 @@ def resolve_checkpoint(model: str, model_path: str | Path | None = None) -> Path
 # ---- writing ----------------------------------------------------------------------------------------------------
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
-    return int(float(s))
-
-
 def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse to write into an existing non-empty folder unless asked; never touch it before the work is done."""
     out = Path(out)

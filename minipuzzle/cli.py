@@ -1,39 +1,101 @@
 """The `minipuzzle` command line. Thin: parse arguments, call the library, render the result.
 
-Every stage adds its command from its own package (`register(app)` in `<stage>/command.py`), so this file only
-holds the app, the shared argument parsing and `info`.
+Every stage adds its commands from its own package (`register(app)` in `<stage>/command.py`). Those modules are
+imported only when one of their commands runs or shows its own help: `minipuzzle --help` and `minipuzzle info`
+never load torch, transformers, matplotlib or lm-eval. This file holds the app, that lazy table and `info`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+import typer.core
+import typer.main
 
 from minipuzzle.errors import UserError
 
+# Command -> (module whose `register(app)` declares it, the one line `minipuzzle --help` shows for it). The line
+# is the first paragraph of the command's docstring; tests/test_cli.py checks both columns against the modules.
+LAZY_COMMANDS = {
+    "cut": (
+        "minipuzzle.surgery_command",
+        "Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one tensor).",
+    ),
+    "score": (
+        "minipuzzle.importance.command",
+        "Score the importance of every layer, FFN channel, Mamba head and head channel, attention head and hidden "
+        "channel of a Nemotron-H checkpoint. Rerunning an interrupted run resumes it.",
+    ),
+    "search": (
+        "minipuzzle.search.command",
+        "Find the layout with the least predicted damage under a budget and write it as a layout file.",
+    ),
+    "prune": (
+        "minipuzzle.search.command",
+        "Prune a Nemotron-H checkpoint to a budget: score, search, rank candidates, cut the best.",
+    ),
+    "distill": (
+        "minipuzzle.distill.command",
+        "Distil a teacher into a (pruned) student on the teacher's logits: forward KL at T=1 by default.",
+    ),
+    "eval": (
+        "minipuzzle.evaluate.command",
+        "Evaluate a model (and its teacher): held-out perplexity, KL and agreement, lm-eval tasks, speed, memory.",
+    ),
+    "report": (
+        "minipuzzle.evaluate.command",
+        "One self-contained HTML page for a whole run: importance, chosen layout, distillation curve, evaluation.",
+    ),
+    "run": (
+        "minipuzzle.recipe_command",
+        "Run score -> prune -> distill -> eval -> report as a recipe says; rerun the same command to resume.",
+    ),
+}
+
+
+@functools.cache
+def commands_of(module: str) -> dict[str, Any]:
+    """The click commands that `module.register(app)` declares, by name (imports the module)."""
+    sub = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    importlib.import_module(module).register(sub)
+    return dict(typer.main.get_group(sub).commands)
+
+
+class _LazyCommand(typer.core.TyperCommand):
+    """Stands in for a command in the root help; its module is imported when the command is parsed."""
+
+    def __init__(self, name: str, module: str, short_help: str) -> None:
+        super().__init__(name=name, callback=None, help=short_help, short_help=short_help)
+        self.module = module
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # The group invokes `ctx.command`, so handing back the real command's context hands over the whole run.
+        return commands_of(self.module)[self.name].make_context(info_name, args, parent=parent, **extra)
+
+
+class _LazyGroup(typer.core.TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in LAZY_COMMANDS if n not in self.commands)]
+
+    def get_command(self, ctx, name: str):
+        if name in self.commands or name not in LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        module, short_help = LAZY_COMMANDS[name]
+        return _LazyCommand(name, module, short_help)
+
+
 app = typer.Typer(
     name="minipuzzle",
+    cls=_LazyGroup,
     help="Prune, distil and evaluate Nemotron-H hybrid Mamba-Transformer models (MiniPuzzle on HF checkpoints).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-)
-
-# Stage packages that contribute commands; each module defines `register(app)`.
-COMMAND_MODULES = (
-    "minipuzzle.surgery_command",
-    "minipuzzle.importance.command",
-    "minipuzzle.search.command",
-    "minipuzzle.distill.command",
-    "minipuzzle.evaluate.command",
-    "minipuzzle.recipe_command",
 )
 
 
@@ -45,33 +107,6 @@ def _root(
 
     Example: minipuzzle info 56b --precision fp4 --context 1M
     """
-
-
-def parse_count(text: str) -> int:
-    """'1M' -> 1048576, '8k' -> 8192, '4096' -> 4096 (binary suffixes: contexts are powers of two)."""
-    s = str(text).strip().lower()
-    mult = {"k": 2**10, "m": 2**20, "g": 2**30}
-    try:
-        if s and s[-1] in mult:
-            return int(float(s[:-1]) * mult[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as a count (examples: 8192, 8k, 1M)") from None
-
-
-def describe_model(model: str, model_path: str | None = None):
-    """(name, Layout) for a preset, a local checkpoint folder or a cached hub id, without loading weights."""
-    from minipuzzle.arch import Layout, load_config
-    from minipuzzle.checkpoint import resolve_checkpoint
-    from minipuzzle.presets import get_preset, is_preset
-
-    if model_path is None and is_preset(model) and not (Path(model) / "config.json").is_file():
-        p = get_preset(model)
-        return p.name, p.layout
-    path = resolve_checkpoint(model, model_path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    return str(model), Layout.from_config(load_config(path))
 
 
 def gib(n: float) -> str:
@@ -91,13 +126,16 @@ def info(
 
     Example: minipuzzle info 56b --precision fp4 --context 1M
     """
+    from rich.console import Console
+    from rich.table import Table
+
     from minipuzzle.arch import LayoutReport
+    from minipuzzle.presets import describe_model
+    from minipuzzle.units import parse_context
 
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    ctx = parse_count(context)
-    if ctx < 1:
-        raise UserError(f"--context must be at least 1, got {context}")
+    ctx = parse_context(context)
     name, layout = describe_model(model)
     rep = LayoutReport(layout, precision, kv_precision, ctx, batch, name).as_dict()
     if as_json:
@@ -118,20 +156,6 @@ def info(
     con.print(t)
     f = rep["flops_per_token"]
     con.print(f"FLOPs per token: prefill {f['prefill']:.3e}, decode {f['decode']:.3e} (at context {ctx:,})")
-
-
-def _register_commands() -> None:
-    for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod or mod.startswith(str(e.name) + "."):
-                continue  # that stage is not part of this build
-            raise
-        module.register(app)
-
-
-_register_commands()
 
 
 def main() -> None:

@@ -220,7 +220,7 @@ def plan_run(recipe: Recipe) -> dict[str, Any]:
     Scoring and ranking are priced by `search.pipeline.scoring_cost`. Training costs 6 x student + 2 x teacher parameters FLOPs per token.
     GPU-hours use the same assumed H100 throughput as `prune --dry-run`.
     """
-    from minipuzzle.cli import describe_model
+    from minipuzzle.presets import describe_model
     from minipuzzle.search.pipeline import H100_FLOPS, scoring_cost
 
     name, source = describe_model(recipe.model.source, recipe.model.path)

@@ -51,8 +51,9 @@ def register(app: typer.Typer) -> None:
 
         Example: minipuzzle cut ./nemotron-h-8b --plan layout.yaml -o ./pruned
         """
-        from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_size, resolve_checkpoint
+        from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
         from minipuzzle.surgery import prune_checkpoint
+        from minipuzzle.units import parse_bytes
 
         check_output_dir(output, overwrite)
         src = Checkpoint(resolve_checkpoint(model, model_path))
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
         if norm_compensation is not None:
             p.norm_compensation = norm_compensation
         dst = p.target_layout(src.layout)
-        out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size))
+        out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_bytes(max_shard_size, "--max-shard-size"))
         print(
             f"wrote {out}: {dst.num_layers} layers ({dst.pattern}), "
             f"{dst.num_params():,} parameters (from {src.layout.num_params():,})"

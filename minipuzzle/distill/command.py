@@ -8,23 +8,6 @@ from typing import Annotated
 
 import typer
 
-from minipuzzle.errors import UserError
-
-_DECIMAL = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-def parse_tokens(text: str | None) -> int | None:
-    """'63B' -> 63e9, '7e9', '500M', '1000' -> a token count (decimal suffixes, as token budgets are quoted)."""
-    if text is None:
-        return None
-    s = text.strip().lower()
-    try:
-        if s and s[-1] in _DECIMAL:
-            return int(float(s[:-1]) * _DECIMAL[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise UserError(f"cannot read --tokens {text!r} (examples: 63B, 7e9, 500M)") from None
-
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -81,10 +64,11 @@ def register(app: typer.Typer) -> None:
         from minipuzzle.distill.config import DistillConfig
         from minipuzzle.distill.loop import Preempted
         from minipuzzle.distill.loop import distill as run
+        from minipuzzle.units import parse_count
 
         cfg = DistillConfig(
             teacher=teacher, student=student, data=data, output=output, max_steps=max_steps,
-            tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+            tokens=None if tokens is None else parse_count(tokens, "--tokens"), seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
             temperature=temperature, loss=loss, top_k=top_k, lm_weight=lm_weight, hidden_weight=hidden_weight,
             hidden_map=hidden_map, loss_chunk=loss_chunk, save_every=save_every, eval_every=eval_every,

@@ -49,9 +49,9 @@ def _eval_command(
     """
     from rich.console import Console
 
-    from minipuzzle.cli import parse_count
     from minipuzzle.evaluate.report import render_markdown
     from minipuzzle.evaluate.runner import evaluate
+    from minipuzzle.units import parse_context
 
     lim = None if limit is None else (int(limit) if limit >= 1 else limit)
     rep = evaluate(
@@ -74,7 +74,7 @@ def _eval_command(
         speed_prompt_len=speed_len,
         decode_tokens=decode_tokens,
         precision=precision,
-        context=parse_count(context),
+        context=parse_context(context),
         overwrite=overwrite,
         progress=True,
     )

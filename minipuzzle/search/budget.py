@@ -7,14 +7,11 @@ against `Layout.memory(precision, context, batch, kv_precision)["total"]`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 from minipuzzle.arch import PRECISION_BITS, Layout
 from minipuzzle.errors import UserError
-
-_COUNT_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-_BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+from minipuzzle.units import parse_bytes, parse_count_or_fraction
 
 
 def parse_target(text: str | float | int, source: Layout) -> int:
@@ -22,50 +19,15 @@ def parse_target(text: str | float | int, source: Layout) -> int:
     source's parameters (0.8, 80%)."""
     from minipuzzle.presets import get_preset, is_preset
 
-    s = str(text).strip().lower().replace("_", "")
-    if not s:
-        raise UserError("--target is empty (examples: 47b, 6.5e9, 740972, 0.8, 80%)")
-    if is_preset(s):
-        return get_preset(s).layout.num_params()
-    try:
-        if s.endswith("%"):
-            return _fraction(float(s[:-1]) / 100, text, source)
-        if s[-1] in _COUNT_SUFFIX:
-            return int(round(float(s[:-1]) * _COUNT_SUFFIX[s[-1]]))
-        value = float(s)
-    except ValueError:
-        raise UserError(f"cannot read --target {text!r} (examples: 47b, 6.5e9, 740972, 0.8, 80%)") from None
-    if value <= 1:
-        return _fraction(value, text, source)
-    return int(round(value))
-
-
-def _fraction(f: float, text, source: Layout) -> int:
-    if not 0 < f <= 1:
-        raise UserError(f"--target {text!r} as a fraction of the source must be in (0, 1]")
-    return int(source.num_params() * f)
+    if is_preset(str(text).strip().lower()):
+        return get_preset(str(text).strip().lower()).layout.num_params()
+    value = parse_count_or_fraction(text, "--target")
+    return value if isinstance(value, int) else int(source.num_params() * value)
 
 
 def parse_memory(text: str | int | float) -> int:
-    """'31.7GiB', '32GB', '500MiB' or a byte count -> bytes."""
-    s = str(text).strip().lower().replace(" ", "")
-    m = re.fullmatch(r"([0-9.]+(?:e[0-9+-]+)?)([a-z]*)", s)
-    if not m:
-        raise UserError(f"cannot read --memory {text!r} (examples: 31.7GiB, 32GB, 500MiB)")
-    num, unit = m.groups()
-    if unit in ("", "b"):
-        mult = 1.0
-    elif unit in _BYTE_UNITS:
-        mult = _BYTE_UNITS[unit]
-    else:
-        raise UserError(f"unknown unit {unit!r} in --memory {text!r}: use B, KB, MB, GB, KiB, MiB, GiB")
-    try:
-        value = float(num) * mult
-    except ValueError:
-        raise UserError(f"cannot read --memory {text!r} (examples: 31.7GiB, 32GB)") from None
-    if value <= 0:
-        raise UserError(f"--memory must be positive, got {text!r}")
-    return int(value)
+    """--memory: '31.7GiB', '32GB', '500MiB' or a byte count -> bytes."""
+    return parse_bytes(text, "--memory")
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,13 @@ def _samples(samples: int | None, depth: int | None, width: int | None) -> tuple
 
 def _settings(target, memory, precision, context, batch, kv_precision, axes, step, min_width, min_layers, source,
               **kw):  # fmt: skip
-    from minipuzzle.cli import parse_count
     from minipuzzle.search.budget import make_budget
     from minipuzzle.search.pipeline import PruneSettings
     from minipuzzle.search.space import parse_axes
+    from minipuzzle.units import parse_context
 
     axes_t = parse_axes(axes)
-    budget = make_budget(source, target, memory, precision, parse_count(context), batch, kv_precision)
+    budget = make_budget(source, target, memory, precision, parse_context(context), batch, kv_precision)
     return PruneSettings(budget=budget, axes=axes_t, steps=_steps(step), min_width=min_width,
                          min_layers=min_layers, **kw)  # fmt: skip
 
@@ -90,8 +90,8 @@ def register(app: typer.Typer) -> None:
 
         Example: minipuzzle search 56b --scores scores/ --memory 31.7GiB --precision fp4 --context 1M -o layout.yaml
         """
-        from minipuzzle.cli import describe_model
         from minipuzzle.importance.scores import Scores
+        from minipuzzle.presets import describe_model
         from minipuzzle.search.pipeline import run_search
         from minipuzzle.search.plan import candidate_plan, layout_document, write_layout_yaml
 
@@ -157,7 +157,7 @@ def register(app: typer.Typer) -> None:
 
         Example: minipuzzle prune 56b --memory 31.7GiB --precision fp4 --context 1M --data calib/ -o nemotron-47b
         """
-        from minipuzzle.cli import describe_model
+        from minipuzzle.presets import describe_model
         from minipuzzle.search import pipeline
 
         depth_samples, width_samples = _samples(samples, depth_samples, width_samples)

@@ -1,0 +1,77 @@
+"""Reading the sizes and counts users type: token and parameter counts, context lengths, byte sizes, fractions.
+
+Counts quoted as budgets are decimal (`63B` tokens, `6.5b` parameters); context lengths are powers of two, so
+their suffixes are binary (`1M` = 1048576, `8k` = 8192). Byte sizes take both (`31.7GiB`, `32GB`).
+Every parser raises `UserError` naming the option (`what`) it was reading.
+"""
+
+from __future__ import annotations
+
+import re
+
+from minipuzzle.errors import UserError
+
+DECIMAL = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+BINARY = {"k": 2**10, "m": 2**20, "g": 2**30}
+BYTES = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+
+
+def _number(text: str | float | int, suffixes: dict[str, float], what: str, examples: str) -> float:
+    s = str(text).strip().lower().replace("_", "")
+    try:
+        if s and s[-1] in suffixes:
+            return float(s[:-1]) * suffixes[s[-1]]
+        return float(s)
+    except ValueError:
+        raise UserError(f"cannot read {what} {text!r} as a count (examples: {examples})") from None
+
+
+def parse_count(text: str | float | int, what: str = "count") -> int:
+    """'63B' -> 63_000_000_000, '7e9', '500M', '1000' -> a count (decimal suffixes, as budgets are quoted)."""
+    return int(round(_number(text, DECIMAL, what, "63B, 7e9, 500M, 1000")))
+
+
+def parse_context(text: str | int, what: str = "--context") -> int:
+    """'1M' -> 1048576, '8k' -> 8192, '4096' -> 4096 tokens (binary suffixes: contexts are powers of two); >= 1."""
+    n = int(_number(text, BINARY, what, "8192, 8k, 1M"))
+    if n < 1:
+        raise UserError(f"{what} must be at least 1, got {text}")
+    return n
+
+
+def parse_count_or_fraction(text: str | float | int, what: str) -> int | float:
+    """A count ('6.5e9', '6.5b', '740972' -> int) or a fraction ('0.8', '80%' -> float in (0, 1]).
+
+    A plain number up to 1 is a fraction; '%' always is.
+    """
+    s = str(text).strip().lower().replace("_", "")
+    examples = "6.5e9, 6.5b, 740972, 0.8, 80%"
+    if not s:
+        raise UserError(f"{what} is empty (examples: {examples})")
+    if s.endswith("%"):
+        value = _number(s[:-1], {}, what, examples) / 100
+    else:
+        value = _number(s, DECIMAL, what, examples)
+        if value > 1:
+            return int(round(value))
+    if not 0 < value <= 1:
+        raise UserError(f"{what} {text!r} as a fraction must be in (0, 1]")
+    return value
+
+
+def parse_bytes(text: str | int | float, what: str = "size") -> int:
+    """'31.7GiB', '32GB', '500MiB' or a byte count -> bytes (positive)."""
+    s = str(text).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9.]+(?:e[0-9+-]+)?)([a-z]*)", s)
+    if not m:
+        raise UserError(f"cannot read {what} {text!r} (examples: 31.7GiB, 32GB, 500MiB)")
+    num, unit = m.groups()
+    if unit and unit not in BYTES:
+        raise UserError(f"unknown unit {unit!r} in {what} {text!r}: use B, KB, MB, GB, KiB, MiB, GiB")
+    try:
+        value = float(num) * BYTES.get(unit, 1)
+    except ValueError:
+        raise UserError(f"cannot read {what} {text!r} (examples: 31.7GiB, 32GB)") from None
+    if value <= 0:
+        raise UserError(f"{what} must be positive, got {text!r}")
+    return int(value)
