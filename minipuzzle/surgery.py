@@ -42,6 +42,7 @@ from minipuzzle.checkpoint import (
     write_config,
 )
 from minipuzzle.errors import UserError
+from minipuzzle.progress import track
 
 AXES = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads")
 _AXIS_KIND = {"ffn": MLP, "mamba_heads": MAMBA, "mamba_head_channels": MAMBA, "attn_heads": ATTENTION}
@@ -355,7 +356,7 @@ def prune_checkpoint(
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         dtype = None
-        for name in _progress(names, progress, "cutting weights"):
+        for name in track(names, "cutting weights", progress, transient=True):
             t = ckpt.get(name)
             dtype = dtype or (t.dtype if t.is_floating_point() else None)
             writer.add(cutter.output_name(name), cutter.cut(name, t))
@@ -380,16 +381,3 @@ def _plan_json(plan: Plan, src: Layout, dst: Layout) -> str:
         },
         indent=1,
     )
-
-
-def _progress(items: list, enabled: bool, label: str):
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task(label, total=len(items))
-        for x in items:
-            yield x
-            bar.advance(task)

@@ -75,3 +75,19 @@ def test_units():
     ]:
         with pytest.raises(UserError, match=needle.replace("(", r"\(").replace("]", r"\]")):
             call()
+
+
+def test_progress_helpers(capsys):
+    from minipuzzle.progress import ProgressBar, progress_bar, track
+
+    assert list(track(iter(range(5)), "items")) == list(range(5))
+    with progress_bar("work", 3) as advance:
+        advance(3)
+    with ProgressBar("distill", 4, completed=1, status="loss {task.fields[loss]}", loss="-") as bar:
+        bar.update(4, loss="0.125")
+    err = capsys.readouterr().err
+    assert "items" in err and "5/5" in err and "3/3" in err and "loss 0.125" in err and "4/4" in err
+    assert list(track([1, 2], "quiet", enabled=False)) == [1, 2]
+    with progress_bar("quiet", 2, enabled=False) as advance:
+        advance(2)
+    assert capsys.readouterr().err == ""

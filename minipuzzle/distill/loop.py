@@ -30,6 +30,7 @@ from minipuzzle.distill.config import DistillConfig
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
+from minipuzzle.progress import ProgressBar
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -252,7 +253,8 @@ def _run(cfg: DistillConfig, d: parallel.Dist) -> Path:
 
     stop = {"sigterm": False}
     old_handler = _install_sigterm(stop)
-    bar = _Progress(cfg.max_steps, step, enabled=cfg.progress and d.main)
+    bar = ProgressBar("distill", cfg.max_steps, cfg.progress and d.main, completed=step, loss="-", kl="-", tps="-",
+                      status="loss {task.fields[loss]}  kl {task.fields[kl]}  {task.fields[tps]} tok/s")  # fmt: skip
     try:
         if step == 0:
             evaluate()
@@ -288,7 +290,7 @@ def _run(cfg: DistillConfig, d: parallel.Dist) -> Path:
                    "hidden": sums[3].item(), "lr": lr, "grad_norm": norm, "tokens": tokens,
                    "tokens_per_s": cfg.tokens_per_step / dt}  # fmt: skip
             log.write(rec)
-            bar.update(rec)
+            bar.update(step, loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tps=f"{rec['tokens_per_s']:,.0f}")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 evaluate()
             if step == cfg.max_steps:
@@ -352,33 +354,3 @@ def _install_sigterm(stop: dict[str, bool]) -> Any:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
         return None
-
-
-class _Progress:
-    """A rich progress bar with loss, KL and tokens/s (nothing when disabled)."""
-
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.p = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            TextColumn("distill"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  kl {task.fields[kl]}  {task.fields[tps]} tok/s"),
-            TimeRemainingColumn(),
-        )
-        self.p.start()
-        self.task = self.p.add_task("distill", total=total, completed=done, loss="-", kl="-", tps="-")
-
-    def update(self, rec: dict[str, Any]) -> None:
-        if self.p is not None:
-            self.p.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}",
-                          tps=f"{rec['tokens_per_s']:,.0f}")  # fmt: skip
-
-    def close(self) -> None:
-        if self.p is not None:
-            self.p.stop()
-            self.p = None

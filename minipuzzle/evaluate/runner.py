@@ -18,6 +18,7 @@ import torch
 from minipuzzle.checkpoint import parse_dtype
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.harness import parse_tasks, run_tasks
+from minipuzzle.progress import track
 
 
 def _device(device: str | None) -> torch.device:
@@ -58,12 +59,8 @@ def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int =
 
     stats, own = TokenStats(), TokenStats()
     device = next(model.parameters()).device
-    chunks = range(0, len(windows), batch_size)
-    if progress:
-        from rich.progress import track
-
-        chunks = track(chunks, description="held-out text" + (" (with teacher)" if teacher is not None else ""))
-    for start in chunks:
+    label = "held-out text" + (" (with teacher)" if teacher is not None else "")
+    for start in track(range(0, len(windows), batch_size), label, progress):
         ids = windows[start : start + batch_size].to(device)
         t_logits = teacher(ids, use_cache=False).logits if teacher is not None else None
         stats.add(model(ids, use_cache=False).logits, ids, t_logits)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from minipuzzle.errors import UserError
-from minipuzzle.importance.layerwise import LayerStack, block_forward, progress_bar, rows_per_chunk, run_block
+from minipuzzle.importance.layerwise import LayerStack, block_forward, rows_per_chunk, run_block
+from minipuzzle.progress import progress_bar
 
 DEPTH_METRICS = {
     "mse_hidden": "MSE of the final hidden state (norm_f output, before the LM head) vs the full model (MiniPuzzle)",

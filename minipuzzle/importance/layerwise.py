@@ -273,31 +273,3 @@ def iter_layerwise(
             if progress:
                 progress(1)
         yield rows, torch.cat([stack.final_norm(h[s : s + batch_size]) for s in range(0, h.shape[0], batch_size)])
-
-
-@contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields `advance(n)`. Disabled: yields a no-op."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    cols = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*cols, console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from minipuzzle.errors import UserError
-from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, progress_bar, rows_per_chunk
+from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, rows_per_chunk
+from minipuzzle.progress import progress_bar
 
 SEQ_AGGS = {
     "abs_mean": "mean of |activation| over the tokens of a row (Minitron, default)",

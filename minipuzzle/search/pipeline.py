@@ -307,7 +307,7 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
 
 def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progress: bool) -> list[dict]:
     """Measured statistics of each plan on the held-out windows (streamed or with the model loaded)."""
-    from minipuzzle.importance.layerwise import progress_bar
+    from minipuzzle.progress import progress_bar
     from minipuzzle.search.ranking import measure_in_memory, measure_streamed
 
     with progress_bar("ranking candidates", len(plans), progress) as advance:
