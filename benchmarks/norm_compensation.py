@@ -30,8 +30,8 @@ from demo_quality import RATIO, data_folders, run_distill, save  # noqa: E402
 from minipuzzle.arch import Layout  # noqa: E402
 from minipuzzle.checkpoint import load_model, resolve_checkpoint  # noqa: E402
 from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
-from minipuzzle.distill.losses import forward_kl  # noqa: E402
 from minipuzzle.importance import score_model  # noqa: E402
+from minipuzzle.metrics import forward_kl  # noqa: E402
 from minipuzzle.search.budget import make_budget  # noqa: E402
 from minipuzzle.search.pipeline import PruneSettings, run_search, score_axes  # noqa: E402
 from minipuzzle.search.plan import candidate_plan  # noqa: E402

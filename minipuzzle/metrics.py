@@ -1,7 +1,9 @@
 """Token-level quality of a model, alone or against a teacher: loss, perplexity, KL, accuracy, agreement.
 
-Shared by candidate ranking (search), distillation validation and evaluation reports, so that the numbers in
-every report mean the same thing.
+The one family of KL divergences and next-token statistics: distillation losses and validation, depth scores,
+candidate ranking and evaluation reports all call these, so that the numbers in every report mean the same thing.
+Callers that cannot hold all logits at once (distillation, depth scoring) call them a chunk of tokens at a time;
+every function returns sums over tokens, so chunk results add up.
 """
 
 from __future__ import annotations
@@ -10,6 +12,65 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+
+def kl_from_log_probs(p_logp: torch.Tensor, q_logp: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over tokens of KL(P || Q) from log-probabilities [..., V] -> 0-d tensor (differentiable).
+
+    `p` may pass P's probabilities (`p_logp.exp()`) when the caller already has them.
+    """
+    p = p_logp.exp() if p is None else p
+    return (p * (p_logp - q_logp)).sum()
+
+
+def forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over tokens of KL(teacher || student); logits [N, V] float32 -> scalar."""
+    t = F.log_softmax(t_logits / temperature, dim=-1)
+    s = F.log_softmax(s_logits / temperature, dim=-1)
+    return kl_from_log_probs(t, s)
+
+
+def reverse_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over tokens of KL(student || teacher) (mode seeking); logits [N, V] -> scalar."""
+    t = F.log_softmax(t_logits / temperature, dim=-1)
+    s = F.log_softmax(s_logits / temperature, dim=-1)
+    return kl_from_log_probs(s, t)
+
+
+def topk_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0, k: int = 64) -> torch.Tensor:
+    """Sum over tokens of KL from the teacher's top-k distribution (renormalised over its k most likely tokens) to
+    the student's full-vocabulary distribution, read at those k tokens; logits [N, V] -> scalar.
+
+    Non-negative, and zero only when the student puts all its mass on the teacher's top k in the teacher's
+    proportions. This is the loss for teachers whose logits were stored sparsely.
+    """
+    k = min(k, t_logits.shape[-1])
+    top, idx = (t_logits / temperature).topk(k, dim=-1)
+    t = F.log_softmax(top, dim=-1)
+    s = F.log_softmax(s_logits / temperature, dim=-1).gather(-1, idx)
+    return kl_from_log_probs(t, s)
+
+
+def next_token_sums(
+    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sums over positions of logits [..., V] float32 against targets [...] (the next tokens), float64 [5]:
+    [NLL, KL(teacher || model), argmax == target, argmax == teacher's argmax, positions].
+
+    Without a teacher the KL and agreement entries are 0. The KL sum is clamped at 0 (rounding can make a
+    near-zero sum negative).
+    """
+    logp = F.log_softmax(logits, dim=-1)
+    pred = logits.argmax(-1)
+    out = torch.zeros(5, dtype=torch.float64, device=logits.device)
+    out[0] = -logp.gather(-1, targets.unsqueeze(-1)).sum().double()
+    out[2] = (pred == targets).sum().double()
+    out[4] = targets.numel()
+    if teacher_logits is not None:
+        t_logp = F.log_softmax(teacher_logits, dim=-1)
+        out[1] = kl_from_log_probs(t_logp, logp).clamp_min(0).double()
+        out[3] = (pred == teacher_logits.argmax(-1)).sum().double()
+    return out
 
 
 class TokenStats:
@@ -25,17 +86,15 @@ class TokenStats:
         self.with_teacher = False
 
     def add(self, logits: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
-        logits, target = logits[:, :-1].float(), ids[:, 1:]
-        logp = F.log_softmax(logits, dim=-1)
-        self.loss += -logp.gather(-1, target.unsqueeze(-1)).sum().item()
-        pred = logits.argmax(-1)
-        self.accuracy += (pred == target).sum().item()
+        t_logits = None if teacher_logits is None else teacher_logits[:, :-1].float()
+        sums = next_token_sums(logits[:, :-1].float(), ids[:, 1:], t_logits).tolist()
+        self.loss += sums[0]
+        self.accuracy += sums[2]
         if teacher_logits is not None:
             self.with_teacher = True
-            tlogp = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
-            self.kl += (tlogp.exp() * (tlogp - logp)).sum().clamp_min(0).item()
-            self.agreement += (pred == tlogp.argmax(-1)).sum().item()
-        self.count += target.numel()
+            self.kl += sums[1]
+            self.agreement += sums[3]
+        self.count += int(sums[4])
 
     def result(self) -> dict[str, float]:
         n = max(self.count, 1)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from minipuzzle.distill.config import DistillConfig
 from minipuzzle.distill.loop import _optimizer
-from minipuzzle.distill.losses import DistillObjective, forward_kl, reverse_kl, topk_kl
+from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.distill.toy import drop_layers
 from minipuzzle.errors import UserError
-from minipuzzle.metrics import token_stats
+from minipuzzle.metrics import forward_kl, reverse_kl, token_stats, topk_kl
 from minipuzzle.testing import random_model
 
 

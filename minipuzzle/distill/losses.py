@@ -17,34 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipuzzle.errors import UserError
-
-
-def forward_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Sum over tokens of KL(teacher || student); logits [N, V] float32 -> scalar."""
-    t = F.log_softmax(t_logits / temperature, dim=-1)
-    s = F.log_softmax(s_logits / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum()
-
-
-def reverse_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Sum over tokens of KL(student || teacher) (mode seeking); logits [N, V] -> scalar."""
-    t = F.log_softmax(t_logits / temperature, dim=-1)
-    s = F.log_softmax(s_logits / temperature, dim=-1)
-    return (s.exp() * (s - t)).sum()
-
-
-def topk_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0, k: int = 64) -> torch.Tensor:
-    """Sum over tokens of KL from the teacher's top-k distribution (renormalised over its k most likely tokens) to
-    the student's full-vocabulary distribution, read at those k tokens; logits [N, V] -> scalar.
-
-    Non-negative, and zero only when the student puts all its mass on the teacher's top k in the teacher's
-    proportions. This is the loss for teachers whose logits were stored sparsely.
-    """
-    k = min(k, t_logits.shape[-1])
-    top, idx = (t_logits / temperature).topk(k, dim=-1)
-    t = F.log_softmax(top, dim=-1)
-    s = F.log_softmax(s_logits / temperature, dim=-1).gather(-1, idx)
-    return (t.exp() * (t - s)).sum()
+from minipuzzle.metrics import forward_kl, kl_from_log_probs, next_token_sums, reverse_kl, topk_kl
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -174,18 +147,11 @@ class DistillObjective(nn.Module):
         # The teacher's hidden size may differ (a hidden-pruned student): only the positions must match.
         s_flat, t_flat, y = s_h.reshape(b * t, h), t_h.reshape(b * t, -1), ids[:, 1:].reshape(-1)
         out = torch.zeros(5, dtype=torch.float64, device=ids.device)
-        for start in range(0, b * t, self.chunk):
+        for start in range(0, b * t, self.chunk):  # one chunk's [chunk, V] float32 logits at a time
             sl = slice(start, start + self.chunk)
             s_logits = self.student.lm_head(s_flat[sl]).float()
             t_logits = self.teacher.lm_head(t_flat[sl]).float()
-            s = F.log_softmax(s_logits, dim=-1)
-            tl = F.log_softmax(t_logits, dim=-1)
-            pred = s_logits.argmax(-1)
-            out[0] += -s.gather(-1, y[sl].unsqueeze(-1)).sum().double()
-            out[1] += (tl.exp() * (tl - s)).sum().clamp_min(0).double()
-            out[2] += (pred == y[sl]).sum().double()
-            out[3] += (pred == t_logits.argmax(-1)).sum().double()
-            out[4] += y[sl].numel()
+            out += next_token_sums(s_logits, y[sl], t_logits)
         return out
 
 
@@ -249,15 +215,14 @@ def _forward_kl_chunk(h, w, t_h, t_w, targets, temperature, scale, grad_h_out, g
     t_logp = F.log_softmax(t_logits / temperature, dim=-1)
     s_logp = F.log_softmax(s_logits / temperature, dim=-1)
     p = t_logp.exp()
-    kl = (p * (t_logp - s_logp)).sum()
+    kl = kl_from_log_probs(t_logp, s_logp, p)
     g = (s_logp.exp() - p) * (scale / temperature)
     # Under autocast these matmuls run in bf16 like the head's own backward would; the buffers keep their dtype.
     grad_h_out.copy_(g @ w)
     grad_w_out += g.t() @ h
     if temperature != 1.0:  # the reported KL is always at T = 1
         s_logp = F.log_softmax(s_logits, dim=-1)
-        t1 = F.log_softmax(t_logits, dim=-1)
-        kl1 = (t1.exp() * (t1 - s_logp)).sum()
+        kl1 = kl_from_log_probs(F.log_softmax(t_logits, dim=-1), s_logp)
     else:
         kl1 = kl
     valid = targets >= 0

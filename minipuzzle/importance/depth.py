@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from minipuzzle.errors import UserError
 from minipuzzle.importance.layerwise import LayerStack, block_forward, rows_per_chunk, run_block
+from minipuzzle.metrics import kl_from_log_probs
 from minipuzzle.progress import progress_bar
 
 DEPTH_METRICS = {
@@ -155,8 +156,7 @@ def _logit_sums(stack, full_hn, dropped_h, ids, metric, acc) -> None:
             if metric == "nmse_logits":
                 acc["num"][i] += (lg - ref).double().pow(2).sum().cpu()
             elif metric == "kl_logits":
-                lp = F.log_softmax(lg, dim=-1)
-                acc["num"][i] += (ref_lp.exp() * (ref_lp - lp)).sum().double().clamp_min(0).cpu()
+                acc["num"][i] += kl_from_log_probs(ref_lp, F.log_softmax(lg, dim=-1)).double().clamp_min(0).cpu()
             else:
                 acc["num"][i] += -F.log_softmax(lg, dim=-1).gather(-1, tgt).double().sum().cpu()
 
