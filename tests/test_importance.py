@@ -298,7 +298,7 @@ def test_depth_resumes_after_interruption(tiny_model, tmp_path):
 
 
 def test_streamed_block_is_released(tiny_checkpoint):
-    stack = StreamedStack(tiny_checkpoint)
+    stack = StreamedStack.open(tiny_checkpoint)
     with stack.block(2) as blk:
         assert blk.block_type == "full_attention" and blk.norm.weight.device.type == "cpu"
     assert not stack.ckpt._handles  # shards closed between layers: nothing stays mapped

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import Checkpoint
 
 # Hook installer: called with (layer index, block) before a block runs; returns a context manager that is exited
@@ -72,8 +73,6 @@ class ModelStack(LayerStack):
     def __init__(self, model):
         self.model = model
         self.config = model.config
-        from minipuzzle.arch import Layout
-
         self.pattern = Layout.from_config(model.config).pattern
         emb = model.model.embeddings.weight
         self.device, self.dtype = emb.device, emb.dtype
@@ -100,30 +99,46 @@ class StreamedStack(LayerStack):
     Embeddings, norm_f and lm_head stay loaded; `block(i)` builds block i on the meta device, assigns its tensors
     from the shards (cast to `dtype`, moved to `device`) and drops them on exit. Shard handles are closed after each
     layer so memory-mapped pages of layers already used are released, not kept resident.
+
+    `StreamedStack.open(folder)` reads a checkpoint. The constructor takes the resident parts (embeddings [V, h],
+    norm_f weight [h], head [V, h], on `device` in `dtype`) for stacks that derive them, such as a pruned view.
     """
 
-    def __init__(self, source: str | Path | Checkpoint, device="cpu", dtype: torch.dtype = torch.float32):
-        self.ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
-        self.config = self.ckpt.layout.to_hf_config(self.ckpt.config)
-        # A config not built through from_pretrained has no attention implementation chosen; pick the one
-        # transformers picks by default so streamed and in-memory attention run the same kernel.
+    def __init__(self, ckpt: Checkpoint, layout: Layout, embed_weight: torch.Tensor, norm_f_weight: torch.Tensor,
+                 head_weight: torch.Tensor, device="cpu", dtype: torch.dtype = torch.float32,
+                 attn_implementation: str = "sdpa"):  # fmt: skip
+        self.ckpt, self.pattern = ckpt, layout.pattern
+        self.config = layout.to_hf_config(ckpt.config)
+        # A config not built through from_pretrained has no attention implementation chosen; the default is the
+        # one transformers picks, so streamed and in-memory attention run the same kernel.
         if getattr(self.config, "_attn_implementation", None) is None:
-            self.config._attn_implementation = "sdpa"
-        self.pattern = self.ckpt.layout.pattern
+            self.config._attn_implementation = attn_implementation
         self.device, self.dtype = torch.device(device), dtype
-        emb = self._tensor("model.embeddings.weight")
-        self._embed = emb
-        self._norm_f = _build(lambda: _rmsnorm(self.config), {"weight": self._tensor("model.norm_f.weight")})
-        # transformers' NemotronH keeps its own head even for tied configs; fall back only when none is stored.
-        self._head = self._tensor("lm_head.weight") if "lm_head.weight" in self.ckpt else emb
-        self.ckpt.close()
+        self.embed_weight, self.head_weight = embed_weight, head_weight
+        self._norm_f = _build(lambda: _rmsnorm(self.config), {"weight": norm_f_weight})
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        t = self.ckpt.get(name)
-        return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+    @classmethod
+    def open(cls, source: str | Path | Checkpoint, device="cpu", dtype: torch.dtype = torch.float32) -> StreamedStack:
+        """The checkpoint at `source`: embeddings, norm_f and head read now, layers when used."""
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+
+        def read(name: str) -> torch.Tensor:
+            t = ckpt.get(name)
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+        emb = read("model.embeddings.weight")
+        # transformers' NemotronH keeps its own head even for tied configs; fall back only when none is stored.
+        head = read("lm_head.weight") if "lm_head.weight" in ckpt else emb
+        stack = cls(ckpt, ckpt.layout, emb, read("model.norm_f.weight"), head, device, dtype)
+        ckpt.close()
+        return stack
+
+    @property
+    def norm_f_weight(self) -> torch.Tensor:
+        return self._norm_f.weight
 
     def embed(self, ids):
-        return nn.functional.embedding(ids.to(self.device), self._embed)
+        return nn.functional.embedding(ids.to(self.device), self.embed_weight)
 
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """Block i's tensors by names relative to the block (`norm.weight`, `mixer.in_proj.weight`), as stored."""
@@ -148,7 +163,7 @@ class StreamedStack(LayerStack):
         return self._norm_f(h)
 
     def logits(self, hn):
-        return nn.functional.linear(hn, self._head).float()
+        return nn.functional.linear(hn, self.head_weight).float()
 
 
 def _rmsnorm(config):
@@ -181,7 +196,7 @@ def open_stack(
         need = ckpt.nbytes() * torch.empty((), dtype=dtype).element_size() / ckpt_element_size(ckpt)
         stream = need > 0.7 * free_memory(device)
     if stream:
-        return StreamedStack(ckpt, device, dtype), True
+        return StreamedStack.open(ckpt, device, dtype), True
     from minipuzzle.checkpoint import load_model
 
     return ModelStack(load_model(ckpt, dtype=dtype, device=device)), False

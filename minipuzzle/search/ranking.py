@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from minipuzzle.importance.layerwise import StreamedStack, _build, _rmsnorm, iter_layerwise
+from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
 
 
 def rank_key(stats: dict) -> tuple:
@@ -51,19 +51,12 @@ class PrunedStack(StreamedStack):
     def __init__(self, source: StreamedStack, plan):
         from minipuzzle.surgery import Cutter
 
-        self.ckpt, self.plan = source.ckpt, plan
-        self.cutter = Cutter(source.ckpt.layout, plan)
+        self.plan, self.cutter = plan, Cutter(source.ckpt.layout, plan)
         self.dst = self.cutter.dst
-        self.config = self.dst.to_hf_config(source.ckpt.config)
-        self.config._attn_implementation = source.config._attn_implementation
-        self.pattern = self.dst.pattern
-        self.device, self.dtype = source.device, source.dtype
         cut = self.cutter.cut
-        self._embed = cut("model.embeddings.weight", source._embed)
-        self._norm_f = _build(
-            lambda: _rmsnorm(self.config), {"weight": cut("model.norm_f.weight", source._norm_f.weight)}
-        )
-        self._head = cut("lm_head.weight", source._head)
+        super().__init__(source.ckpt, self.dst, cut("model.embeddings.weight", source.embed_weight),
+                         cut("model.norm_f.weight", source.norm_f_weight), cut("lm_head.weight", source.head_weight),
+                         source.device, source.dtype, source.config._attn_implementation)  # fmt: skip
 
     def layer_tensors(self, j: int) -> dict[str, torch.Tensor]:
         i = self.plan.layers[j]
@@ -89,7 +82,7 @@ def measure_streamed(
     """
     from minipuzzle.metrics import TokenStats
 
-    parent = StreamedStack(checkpoint, device=device)
+    parent = StreamedStack.open(checkpoint, device=device)
     _, T = windows.shape
     per_row = T * parent.ckpt.layout.hidden_size * 4
     group = max(1, min(len(windows), host_bytes // per_row))
