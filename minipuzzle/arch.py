@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +309,6 @@ class LayoutReport:
     context: int = 8192
     batch: int = 1
     name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         lay = self.layout
@@ -337,5 +336,4 @@ class LayoutReport:
                 "ssm_state_size": lay.ssm_state_size,
                 "vocab_size": lay.vocab_size,
             },
-            **self.extra,
         }

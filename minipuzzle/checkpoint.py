@@ -110,7 +110,6 @@ class Checkpoint:
             for f in files:
                 for stored in _read_header(f):  # also validates the header: fail before any work is done
                     self._add(stored, f)
-        self.style = "backbone" if any(s.startswith("backbone.") for s in self._stored.values()) else "model"
         self._handles: dict[Path, Any] = {}
 
     def _add(self, stored: str, file: Path) -> None:

@@ -197,11 +197,3 @@ def head_split(
     head, rest = windows[:n_head], windows[n_head:]
     order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:num_rest]
     return head, rest[order]
-
-
-def split_windows(windows: torch.Tensor, held_out: float | int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split [N, T] windows into (train, held_out) by a fraction or a count taken from the end."""
-    n = len(windows)
-    k = int(round(n * held_out)) if isinstance(held_out, float) and held_out < 1 else int(held_out)
-    k = max(1, min(k, n - 1)) if n > 1 else 0
-    return windows[: n - k], windows[n - k :]

@@ -90,17 +90,3 @@ def write_layout_yaml(doc: dict, path: str | Path) -> Path:
         yaml.safe_dump(flow(doc), fh, sort_keys=False, width=120)
     os.replace(tmp, path)
     return path
-
-
-def read_layout_yaml(path: str | Path):
-    """The Plan stored in a layout file written by `minipuzzle search`."""
-    from minipuzzle.errors import UserError
-    from minipuzzle.surgery import Plan
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read layout file {path}: {e}") from None
-    if not isinstance(doc, dict) or "plan" not in doc:
-        raise UserError(f"{path} is not a layout file (no 'plan')")
-    return Plan.from_dict(doc["plan"])
