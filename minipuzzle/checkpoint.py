@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import struct
@@ -360,10 +361,41 @@ def save_state_dict(
 # ---- models -----------------------------------------------------------------------------------------------------
 
 
+class _KernelNotice(logging.Filter):
+    """transformers warns once per Mamba kernel (four of them) that mamba_ssm / causal_conv1d are missing.
+
+    Those are CUDA kernels: without a GPU there is nothing to install, so nothing is said. With one, the four
+    warnings become one plain line.
+    """
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "falling back to its reference PyTorch implementation" not in record.getMessage():
+            return True
+        if _KernelNotice.said or not torch.cuda.is_available():
+            return False
+        _KernelNotice.said = True
+        record.msg, record.args = (
+            "mamba_ssm and causal_conv1d are not installed, so Mamba layers run transformers' PyTorch code: "
+            "correct, but slower on GPU (pip install 'minipuzzle[gpu]')"
+        ), ()
+        return True
+
+
+def plain_kernel_notice() -> None:
+    """Replace transformers' per-kernel fallback warnings by `_KernelNotice` (idempotent); call before building
+    NemotronH modules."""
+    log = logging.getLogger("transformers.integrations.hub_kernels")
+    if not any(isinstance(f, _KernelNotice) for f in log.filters):
+        log.addFilter(_KernelNotice())
+
+
 def build_model(layout: Layout, base_config: dict[str, Any] | Any | None = None, device: str | torch.device = "meta"):
     """An uninitialised `NemotronHForCausalLM` for `layout` (on the meta device by default: no memory)."""
     from transformers import NemotronHForCausalLM
 
+    plain_kernel_notice()
     cfg = layout.to_hf_config(base_config)
     with torch.device(device):
         return NemotronHForCausalLM(cfg)

@@ -111,3 +111,32 @@ def test_preset_name_is_not_shadowed_by_a_folder_that_is_no_checkpoint(tmp_path,
     assert resolve_checkpoint("demo") == get_preset("demo").local_path
     code, out, err = run_cli(["info", "demo", "--json"])
     assert code == 0 and json.loads(out)["params"] == get_preset("demo").layout.num_params()
+
+
+def test_kernel_fallback_warnings_are_one_plain_line_or_none(monkeypatch):
+    import logging
+
+    import torch
+
+    from minipuzzle import checkpoint
+
+    log = logging.getLogger("transformers.integrations.hub_kernels")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        checkpoint.plain_kernel_notice()
+        checkpoint.plain_kernel_notice()  # idempotent: one filter
+        fallback = "`{}` is falling back to its reference PyTorch implementation because `{}` is not installed."
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        log.warning(fallback.format("causal_conv1d_fn", "causal_conv1d"))
+        log.warning("something else")
+        assert seen == ["something else"]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(checkpoint._KernelNotice, "said", False)
+        for fn in ("causal_conv1d_fn", "mamba_chunk_scan_combined", "selective_state_update", "causal_conv1d_update"):
+            log.warning(fallback.format(fn, "mamba_ssm"))
+        assert len(seen) == 2 and "mamba_ssm and causal_conv1d are not installed" in seen[1]
+    finally:
+        log.removeHandler(handler)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.checkpoint import Checkpoint, plain_kernel_notice
 
 # Hook installer: called with (layer index, block) before a block runs; returns a context manager that is exited
 # after the block has run over every row of the chunk (e.g. one that removes forward hooks).
@@ -174,6 +174,7 @@ def _rmsnorm(config):
 
 def _build(make: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module:
     """Construct a module without allocating or initialising weights, then adopt `state`'s tensors."""
+    plain_kernel_notice()
     with torch.device("meta"):
         module = make()
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
