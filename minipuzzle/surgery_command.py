@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from minipuzzle.errors import UserError
-
-
-def read_plan(path: Path):
-    """A Plan from a JSON or YAML file: either the plan itself or a document with a `plan` key."""
-    import yaml
-
-    from minipuzzle.surgery import Plan
-
-    if not path.is_file():
-        raise UserError(f"plan file not found: {path}")
-    try:
-        text = path.read_text()
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"cannot parse plan {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"plan {path} must be a mapping with 'layers'")
-    return Plan.from_dict(doc.get("plan", doc))
 
 
 def register(app: typer.Typer) -> None:
@@ -52,6 +31,7 @@ def register(app: typer.Typer) -> None:
         Example: minipuzzle cut ./nemotron-h-8b --plan layout.yaml -o ./pruned
         """
         from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
+        from minipuzzle.search.plan import read_plan
         from minipuzzle.surgery import prune_checkpoint
         from minipuzzle.units import parse_bytes
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from minipuzzle.data import iter_documents, split_windows, token_windows
+from minipuzzle.data import iter_documents, token_windows
 from minipuzzle.errors import UserError
 
 
@@ -51,9 +51,3 @@ def test_bad_data_is_a_user_error(tmp_path, tokenizer):
         token_windows(short, tokenizer, 512, 4)
     with pytest.raises(UserError, match="not found"):
         token_windows(tmp_path / "missing.txt", tokenizer, 16, 4)
-
-
-def test_split_windows():
-    w = torch.arange(40).view(10, 4)
-    train, held = split_windows(w, 0.2)
-    assert len(train) == 8 and len(held) == 2 and torch.equal(torch.cat([train, held]), w)

@@ -144,7 +144,7 @@ def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
     import yaml
 
     from minipuzzle.importance import score_checkpoint
-    from minipuzzle.search.plan import read_layout_yaml
+    from minipuzzle.search.plan import read_plan
 
     _, ckpt = dead_checkpoint
     windows = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
@@ -155,7 +155,7 @@ def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
     assert code == 0, err
     doc = yaml.safe_load(out.read_text())
     assert doc["result"]["params"] <= int(tiny_layout().num_params() * 0.8)
-    plan = read_layout_yaml(out)
+    plan = read_plan(out)
     assert plan.target_layout(tiny_layout()).num_params() == doc["result"]["params"]
 
 

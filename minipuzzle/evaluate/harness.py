@@ -159,6 +159,26 @@ def _metrics(row: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
     return values, errors
 
 
+def _task_manager(specs: list[TaskSpec]) -> tuple[Any, dict[int | None, list[Any]]]:
+    """An lm-eval TaskManager that knows every spec's tasks, and the task entries grouped by few-shot count;
+    an unknown task name is a user error."""
+    from lm_eval.tasks import TaskManager
+
+    include: list[str] = []
+    by_shots: dict[int | None, list[Any]] = {}
+    for spec in specs:
+        entries, folders = _entries(spec)
+        include += [f for f in folders if f not in include]
+        by_shots.setdefault(spec.shots, []).extend(entries)
+    needs_registry = any(s.kind == "name" for s in specs)
+    manager = TaskManager(include_path=include or None, include_defaults=needs_registry)
+    known = set(manager.all_tasks)
+    for spec in specs:
+        if spec.kind == "name" and spec.text not in known:
+            raise UserError(f"unknown lm-eval task {spec.text!r} (pass a task name, a task .yaml or a folder)")
+    return manager, by_shots
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -178,21 +198,8 @@ def run_tasks(
         return {"tasks": {}, "stderr": {}, "n_shot": {}, "samples": {}}
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    include: list[str] = []
-    by_shots: dict[int | None, list[Any]] = {}
-    for spec in specs:
-        entries, folders = _entries(spec)
-        include += [f for f in folders if f not in include]
-        by_shots.setdefault(spec.shots, []).extend(entries)
-    needs_registry = any(s.kind == "name" for s in specs)
-    manager = TaskManager(include_path=include or None, include_defaults=needs_registry)
-    known = set(manager.all_tasks)
-    for spec in specs:
-        if spec.kind == "name" and spec.text not in known:
-            raise UserError(f"unknown lm-eval task {spec.text!r} (pass a task name, a task .yaml or a folder)")
-
+    manager, by_shots = _task_manager(specs)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out: dict[str, Any] = {"tasks": {}, "stderr": {}, "n_shot": {}, "samples": {}}
     for shots, entries in by_shots.items():

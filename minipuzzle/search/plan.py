@@ -90,3 +90,24 @@ def write_layout_yaml(doc: dict, path: str | Path) -> Path:
         yaml.safe_dump(flow(doc), fh, sort_keys=False, width=120)
     os.replace(tmp, path)
     return path
+
+
+def read_plan(path: str | Path):
+    """The Plan in a JSON or YAML file: the plan itself, or a document with a `plan` key (a layout file written
+    by `minipuzzle search`)."""
+    import json
+
+    from minipuzzle.errors import UserError
+    from minipuzzle.surgery import Plan
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"plan file not found: {path}")
+    try:
+        text = path.read_text()
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot parse plan {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"plan {path} must be a mapping with 'layers'")
+    return Plan.from_dict(doc.get("plan", doc))
