@@ -185,7 +185,7 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
         assert rd.separate_held_out is separate
         runner._prune(recipe, tiny_checkpoint, rd, tmp_path / f"run{separate}", progress=False)
         (_, _, _, train), kw = calls[-1]
-        cfg = runner.distill_config(recipe, tiny_checkpoint, rd, tmp_path, progress=False)
+        cfg = runner.distill_settings(recipe, tiny_checkpoint, rd, tmp_path, progress=False)
         if separate:
             assert kw["held_out_data"] == rd.held_out and held_file not in {p.name for p in Path(train).iterdir()}
             assert cfg.eval_data == rd.held_out
