@@ -68,7 +68,8 @@ def settings_command(model: type[BaseModel], **options: Any) -> Callable[[Callab
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
-        generated = option_params(model, exclude=[p.name for p in own], **options)
+        skip = [p.name for p in own] + list(options.pop("exclude", ()))
+        generated = option_params(model, exclude=skip, **options)
         names = [p.name for p in generated]
 
         def command(**kw: Any) -> Any:

@@ -125,29 +125,31 @@ class PruneSettings(Settings):
 
     budget: Any = Field(description="a search.budget.Budget")
     axes: tuple[str, ...] = ("depth", "ffn")
-    steps: dict[str, int] = Field(default_factory=dict)
-    min_width: float = 0.5
-    min_layers: float = 0.5
-    candidates: int = 4
-    # Layouts within this fraction below the budget (or maximal) are candidates; see search.solver.
-    band: float = 0.05
-    seq_len: int = 512
-    depth_samples: int = 128
-    width_samples: int = 1024
-    held_out_samples: int = 64
-    stream: bool = False
-    method: str = "auto"
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "cpu"
-    # Short distillation of every ranked candidate before the final choice (MiniPuzzle: ~7B tokens each; ranks
-    # changed after it). 0 turns it off.
-    candidate_distill_steps: int = Field(0, ge=0)
-    candidate_distill_lr: float = 1e-4
-    candidate_distill_batch: int = 8
-    # sqrt(old/new) scaling of RMSNorms that lose input channels (surgery.Plan.norm_compensation), for the ranked
-    # candidates and the cut alike.
-    norm_compensation: bool = True
+    steps: dict[str, int] = Field(default_factory=dict, description="width step per axis, e.g. {ffn: 1024}")
+    min_width: float = Field(0.5, gt=0, le=1, description="Smallest width searched, fraction of the source.")
+    min_layers: float = Field(0.5, ge=0, le=1, description="Fewest layers of each kind kept, fraction.")
+    candidates: int = Field(4, ge=1, description="Best candidates by predicted damage measured for real.")
+    band: float = Field(0.05, description="Candidates: every layout that fits and uses at least (1 - BAND) of a "
+                        "limit (of either, with both), plus layouts that cannot grow; ranked by predicted damage. "
+                        "0: only layouts that cannot grow.")  # fmt: skip
+    seq_len: int = Field(512, ge=2, description="Tokens per calibration window.")
+    depth_samples: int = Field(128, ge=1, description="Windows for depth scores.")
+    width_samples: int = Field(1024, ge=1, description="Windows for width scores.")
+    held_out_samples: int = Field(64, ge=1, description="Held-out windows for ranking.")
+    stream: bool = Field(False, description="Stream layers from the shards in every stage.")
+    method: Literal["auto", "enumerate", "mip"] = Field("auto", description="Search method: auto, enumerate or mip.")
+    seed: int = Field(0, description="Seed for choosing calibration and held-out windows.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass when ranking.")
+    device: str = Field("cpu", description="cpu or cuda.")
+    # MiniPuzzle distilled each candidate ~7B tokens before choosing; its ranks changed after it.
+    candidate_distill_steps: int = Field(
+        0, ge=0, description="Distil every candidate this many steps before choosing (0: off)."
+    )
+    candidate_distill_lr: float = Field(1e-4, gt=0, description="LR of the candidates' short distillation.")
+    candidate_distill_batch: int = Field(8, ge=1, description="Batch (sequences) of the candidates' distillation.")
+    norm_compensation: bool = Field(
+        True, description="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels."
+    )
 
     @field_validator("band")
     @classmethod
