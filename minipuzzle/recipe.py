@@ -209,59 +209,14 @@ def prune_settings(recipe: Recipe, source) -> PruneSettings:
 def plan_run(recipe: Recipe) -> dict[str, Any]:
     """The stages of a run with their budgets, token counts and estimated cost, computed offline.
 
-    Scoring and ranking are priced by `search.pipeline.scoring_cost`. Training costs 6 x student + 2 x teacher parameters FLOPs per token.
-    GPU-hours use the same assumed H100 throughput as `prune --dry-run`.
+    Scoring and ranking are priced by `search.pipeline.scoring_cost`; training costs 6 x student + 2 x teacher
+    parameters FLOPs per token. GPU-hours use the same assumed H100 throughput as `prune --dry-run`.
     """
     from minipuzzle.cli import describe_model
-    from minipuzzle.search.pipeline import H100_FLOPS, scoring_cost
+    from minipuzzle.search.pipeline import H100_FLOPS
 
     name, source = describe_model(recipe.model.source, recipe.model.path)
-    imp, srch = recipe.importance, recipe.search
-    settings = prune_settings(recipe, source)
-    cost = scoring_cost(source, settings)
-    budget = settings.budget
-    # The student is not known before the search: bound it by the budget's parameter count when given.
-    student = min(source.num_params(), budget.params or source.num_params())
-    train_flops_per_token = 6 * student + 2 * source.num_params()
-    cand_tokens = settings.candidate_distill_steps * settings.candidate_distill_batch * settings.seq_len
-    stages: list[dict[str, Any]] = [
-        {
-            "stage": "score",
-            "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
-            "seq_len": imp.seq_len,
-            "depth_metric": imp.depth_metric,
-            "flops": cost["flops_depth"] + cost["flops_width"],
-        },
-        {
-            "stage": "prune",
-            "budget": budget.describe(),
-            "axes": list(srch.axes),
-            "candidates": srch.candidates,
-            "rank_tokens": srch.rank_samples * imp.seq_len,
-            "candidate_distill_tokens": srch.candidates * cand_tokens,
-            "flops": cost["flops_ranking"] + srch.candidates * cand_tokens * train_flops_per_token,
-        },
-    ]
-    if recipe.distill is not None:
-        d = recipe.distill
-        steps = d.max_steps
-        tokens = steps * d.batch_size * d.seq_len
-        stages.append(
-            {
-                "stage": "distill",
-                "steps": steps,
-                "tokens": tokens,
-                "seq_len": d.seq_len,
-                "batch_size": d.batch_size,
-                "launcher": d.launcher,
-                "gpus": d.nnodes * d.nproc_per_node,
-                "flops": tokens * train_flops_per_token,
-            }
-        )
-    e = recipe.eval
-    fwd = source.flops_per_token(e.seq_len)["prefill"]
-    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
-    stages.append({"stage": "report", "flops": 0})
+    stages = _plan_stages(recipe, source)
     for st in stages:
         st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
     return {
@@ -272,3 +227,33 @@ def plan_run(recipe: Recipe) -> dict[str, Any]:
         "total_gpu_hours": sum(st["gpu_hours"] for st in stages),
         "assumption": f"one H100 sustaining {H100_FLOPS / 1e12:.0f} TFLOP/s (about 40% of its bf16 peak)",
     }
+
+
+def _plan_stages(recipe: Recipe, source) -> list[dict[str, Any]]:
+    """One row per stage: what it does and its FLOPs."""
+    from minipuzzle.search.pipeline import scoring_cost
+
+    imp, srch, d, e = recipe.importance, recipe.search, recipe.distill, recipe.eval
+    settings = prune_settings(recipe, source)
+    cost = scoring_cost(source, settings)
+    # The student is not known before the search: bound it by the budget's parameter count when given.
+    student = min(source.num_params(), settings.budget.params or source.num_params())
+    train_flops_per_token = 6 * student + 2 * source.num_params()
+    cand_tokens = srch.candidates * settings.candidate_distill_steps * settings.candidate_distill_batch * imp.seq_len
+    stages: list[dict[str, Any]] = [
+        {"stage": "score", "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
+         "seq_len": imp.seq_len, "depth_metric": imp.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
+        {"stage": "prune", "budget": settings.budget.describe(), "axes": list(srch.axes),
+         "candidates": srch.candidates, "rank_tokens": srch.rank_samples * imp.seq_len,
+         "candidate_distill_tokens": cand_tokens,
+         "flops": cost["flops_ranking"] + cand_tokens * train_flops_per_token},
+    ]  # fmt: skip
+    if d is not None:
+        tokens = d.max_steps * d.batch_size * d.seq_len
+        stages.append({"stage": "distill", "steps": d.max_steps, "tokens": tokens, "seq_len": d.seq_len,
+                       "batch_size": d.batch_size, "launcher": d.launcher, "gpus": d.nnodes * d.nproc_per_node,
+                       "flops": tokens * train_flops_per_token})  # fmt: skip
+    fwd = source.flops_per_token(e.seq_len)["prefill"]
+    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
+    stages.append({"stage": "report", "flops": 0})
+    return stages
