@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from minipuzzle.errors import UserError
 
-LOSSES = ("forward_kl", "reverse_kl", "topk_kl")
+# importance.depth.DEPTH_METRICS, named here so that the CLI and recipes check them without importing torch.
+DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence")
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 # A warmup may take at most this share of the run. A longer one (the default 100 steps on a 60-step run) leaves
@@ -112,12 +113,19 @@ class ScoreSettings(Settings):
     depth_samples: int = Field(128, ge=1, description="Windows for the drop-one-layer pass (paper: 128).")
     width_samples: int = Field(1024, ge=1, description="Windows for the width pass (paper: 1024).")
     seq_len: int = Field(4096, ge=2, description="Tokens per calibration window.")
-    depth_metric: Literal["mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence"] = Field(
+    depth_metric: str = Field(
         "mse_hidden", description="Layer importance: mse_hidden (MiniPuzzle), nmse_logits, kl_logits, lm_loss, "
         "block_influence."
     )  # fmt: skip
     stream: bool | None = Field(None, description="Read layers one at a time (default: when the model does not fit).")
     seed: int = Field(0, description="Seed for choosing calibration windows.")
+
+    @field_validator("depth_metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in DEPTH_METRICS:
+            raise ValueError(f"unknown depth metric {v!r}: choose one of {', '.join(DEPTH_METRICS)}")
+        return v
 
 
 class PruneSettings(Settings):

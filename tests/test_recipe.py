@@ -231,3 +231,10 @@ def test_recipe_refuses_distill_fields_the_run_decides(key, value):
     doc["distill"]["warmup"] = -1
     with pytest.raises(UserError, match=r"distill\.warmup"):
         parse_recipe(doc)
+
+
+def test_settings_name_the_depth_metrics_scoring_knows():
+    from minipuzzle.importance.depth import DEPTH_METRICS
+    from minipuzzle.settings import DEPTH_METRICS as NAMED
+
+    assert NAMED == tuple(DEPTH_METRICS)
