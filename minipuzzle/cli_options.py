@@ -38,15 +38,17 @@ def option_params(
     defaults: dict[str, Any] | None = None,
     types_: dict[str, Any] | None = None,
     aliases: dict[str, list[str]] | None = None,
+    helps: dict[str, str] | None = None,
 ) -> list[inspect.Parameter]:
     """One keyword parameter per field of `model` (minus `exclude`), annotated with its typer option.
 
     required: fields the command must be given (no default); defaults: CLI defaults that differ from the
     model's (e.g. a progress bar on at the terminal); types_: the CLI type where it differs from the field's
-    (a token count typed as '63B'); aliases: extra option names ('-o').
+    (a token count typed as '63B'); aliases: extra option names ('-o'); helps: help where the command uses a
+    field differently.
     """
     skip, required = set(exclude), set(required)
-    defaults, types_, aliases = defaults or {}, types_ or {}, aliases or {}
+    defaults, types_, aliases, helps = defaults or {}, types_ or {}, aliases or {}, helps or {}
     params = []
     for name, field in model.model_fields.items():
         if name in skip:
@@ -55,7 +57,7 @@ def option_params(
         decls = [flag(name), *aliases.get(name, [])]
         if ann in (bool, bool | None):
             decls[0] = f"{flag(name)}/--no-{name.replace('_', '-')}"
-        opt = typer.Option(*decls, help=field.description)
+        opt = typer.Option(*decls, help=helps.get(name, field.description))
         default = inspect.Parameter.empty if name in required else defaults.get(name, field.get_default())
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[ann, opt]))  # fmt: skip

@@ -1,8 +1,9 @@
 """One settings model per stage, shared by the library, the CLI and the recipe.
 
-Each stage function takes its model; a recipe section IS that model (validated by pydantic, errors naming the
-key); the stage's CLI options are generated from its fields (`minipuzzle.cli_options`), so a setting is declared
-once: its type, default, bounds and help text live on the field. Constructing a model directly (library or CLI)
+`distill` and `prune` take their model (scoring and evaluation take its fields as keyword arguments); a recipe
+section IS that model (validated by pydantic, errors naming the key); the stage's CLI options are generated from
+its fields (`minipuzzle.cli_options`), so a setting is declared once: its type, default, bounds and help text
+live on the field. Constructing a model directly (library or CLI)
 raises `UserError` with one line naming the option.
 
 Only the fields in `TRAJECTORY_FIELDS` decide the weights a distillation ends with; a resumed run checks them

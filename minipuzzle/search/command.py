@@ -68,7 +68,7 @@ TYPED = ("budget", "axes", "steps")
 
 
 @settings_command(PruneSettings, exclude=TYPED + tuple(f for f in PruneSettings.model_fields if f not in SEARCH_FIELDS),
-                  defaults={"candidates": 8})  # fmt: skip
+                  defaults={"candidates": 8}, helps={"candidates": "How many best layouts to list."})  # fmt: skip
 def search_cmd(
     model: Annotated[str, typer.Argument(help="Preset, checkpoint folder or hub id (only its config is read).")],
     scores: Annotated[str, typer.Option("--scores", help="Folder written by `minipuzzle score`.")],
