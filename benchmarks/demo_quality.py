@@ -32,13 +32,14 @@ import torch
 from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
 from minipuzzle.checkpoint import load_model, resolve_checkpoint, save_state_dict
 from minipuzzle.data import load_tokenizer, token_windows
-from minipuzzle.distill import DistillConfig, distill
+from minipuzzle.distill import distill
 from minipuzzle.importance import score_model
 from minipuzzle.metrics import token_stats
 from minipuzzle.search.budget import make_budget
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.pipeline import PruneSettings, run_search
 from minipuzzle.search.plan import candidate_plan
+from minipuzzle.settings import DistillSettings
 from minipuzzle.surgery import Plan, prune_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,7 +98,7 @@ def save(model, path: Path, tokenizer_dir: Path) -> Path:
 
 
 def run_distill(teacher: Path, student: Path, out: Path, train: Path, held: Path, steps: int, args) -> Path:
-    cfg = DistillConfig(
+    cfg = DistillSettings(
         teacher=str(teacher), student=str(student), data=str(train), output=str(out), max_steps=steps,
         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup=max(1, steps // 16),
         save_every=10**9, eval_every=0, eval_data=str(held), seed=args.seed, progress=False,

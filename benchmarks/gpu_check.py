@@ -556,9 +556,10 @@ def part_distill(rec: dict, s: Sizes, teacher: Path, scratch: Path, budget: floa
 
 
 def _run_distill(rec, s: Sizes, teacher: Path, student: Path, out: Path, accum: int, budget: float) -> None:
-    from minipuzzle.distill import DistillConfig, Diverged, Preempted, distill
+    from minipuzzle.distill import Diverged, Preempted, distill
+    from minipuzzle.settings import DistillSettings
 
-    cfg = DistillConfig(
+    cfg = DistillSettings(
         teacher=str(teacher), student=str(student), data=sysconfig.get_paths()["stdlib"], output=str(out),
         max_steps=s.distill_steps, seq_len=s.distill_seq, batch_size=s.distill_batch, grad_accum=accum,
         lr=1e-4, warmup=1, eval_every=0, save_every=0, device=s.device, attn_implementation="sdpa", overwrite=True,

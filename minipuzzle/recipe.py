@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from minipuzzle.errors import UserError
+from minipuzzle.settings import DistillSettings, EvalSettings, PruneSettings, ScoreSettings, SettingsError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 STAGES = ("score", "prune", "distill", "eval", "report")
@@ -29,8 +30,11 @@ class ModelSection(_Section):
 
     source: str
     path: str | None = Field(None, description="local weights for a preset or hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype of scoring, the distillation teacher and evaluation "
+        "(auto: bfloat16 on a GPU, float32 on the CPU); the student trains in float32 under autocast"
+    )  # fmt: skip
+    device: str = Field("auto", description="cpu, cuda or auto (cuda when available), for every stage")
 
 
 class DataSection(_Section):
@@ -50,15 +54,6 @@ class DataSection(_Section):
         if self.eval_source is None:
             return self.resolved_source()
         return sysconfig.get_paths()["stdlib"] if self.eval_source == "stdlib" else self.eval_source
-
-
-class ImportanceSection(_Section):
-    depth_samples: int = Field(128, ge=1)
-    width_samples: int = Field(1024, ge=1)
-    seq_len: int = Field(4096, ge=2)
-    depth_metric: Literal["mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence"] = "mse_hidden"
-    stream: bool | None = None
-    seed: int = 0
 
 
 class SearchSection(_Section):
@@ -88,35 +83,29 @@ class SearchSection(_Section):
         return v
 
 
-class DistillSection(_Section):
-    tokens: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    seq_len: int = Field(8192, ge=2)
-    batch_size: int = Field(8, ge=1, description="global batch in sequences")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup: int = Field(100, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    loss: Literal["forward_kl", "reverse_kl", "topk_kl"] = "forward_kl"
-    lm_weight: float = Field(0.0, ge=0)
-    hidden_weight: float = Field(0.0, ge=0)
-    save_every: int = Field(500, ge=1)
-    eval_every: int = Field(0, ge=0)
-    seed: int = 0
+# Distillation settings a run decides itself: paths, data (the data section) and model.dtype / model.device.
+RUN_DECIDED = ("teacher", "student", "data", "output", "eval_data", "split", "text_column", "device",
+               "teacher_dtype", "overwrite", "progress")  # fmt: skip
+
+
+class DistillStage(DistillSettings):
+    """The recipe's distill section: DistillSettings, plus how to launch it."""
+
     launcher: Literal["local", "torchrun"] = "local"
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
-    activation_checkpointing: bool = False
 
+    @model_validator(mode="after")
+    def _not_run_decided(self) -> DistillStage:
+        given = sorted(set(RUN_DECIDED) & self.model_fields_set)
+        if given:
+            raise ValueError(f"{given[0]} is set by the run (model and data sections): remove it")
+        return self
 
-class EvalSection(_Section):
-    tasks: list[str] = Field(default_factory=list)
-    num_fewshot: dict[str, int] = Field(default_factory=dict)
-    limit: int | None = Field(None, ge=1)
-    seq_len: int = Field(2048, ge=2)
-    samples: int = Field(64, ge=1, description="held-out windows for perplexity / KL / agreement")
-    speed: bool = True
+    def settings(self, **run: Any) -> DistillSettings:
+        """The DistillSettings of this stage, with the run's paths and data (`run`) filled in."""
+        launch = set(DistillStage.model_fields) - set(DistillSettings.model_fields)
+        return DistillSettings(**(self.model_dump(exclude=launch | {"tokens"}) | run))
 
 
 class Recipe(_Section):
@@ -124,10 +113,10 @@ class Recipe(_Section):
     description: str = ""
     model: ModelSection
     data: DataSection
-    importance: ImportanceSection = ImportanceSection()
+    importance: ScoreSettings = ScoreSettings()
     search: SearchSection
-    distill: DistillSection | None = None
-    eval: EvalSection = EvalSection()
+    distill: DistillStage | None = None
+    eval: EvalSettings = EvalSettings()
 
     @field_validator("search")
     @classmethod
@@ -166,28 +155,30 @@ def parse_recipe(doc: dict[str, Any], where: str = "recipe") -> Recipe:
         return Recipe.model_validate(doc)
     except ValidationError as e:
         err = e.errors()[0]
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, SettingsError):  # a section's own check: its record holds the key within the section
+            err = {**inner.error, "loc": err["loc"] + inner.error["loc"]}
         key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise UserError(f"{where}: {key}: {msg}{more}") from None
 
 
-def distill_steps(section: DistillSection) -> int:
-    per_step = section.batch_size * section.seq_len
-    if section.max_steps is not None:
-        return section.max_steps
-    if section.tokens is not None:
-        return max(1, -(-int(section.tokens) // per_step))
-    raise UserError("distill needs tokens or max_steps")
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as is."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prune_settings(recipe: Recipe, source):
+def prune_settings(recipe: Recipe, source) -> PruneSettings:
     """The `prune` stage's settings for `source` (a Layout): budget, space, samples, candidate distillation.
 
     The dry-run plan and the runner both use this, so the plan prices exactly what the run does.
     """
     from minipuzzle.search.budget import make_budget
-    from minipuzzle.search.pipeline import PruneSettings
 
     s, imp, d = recipe.search, recipe.importance, recipe.distill
     settings = PruneSettings(
@@ -205,6 +196,7 @@ def prune_settings(recipe: Recipe, source):
         stream=bool(imp.stream),
         seed=imp.seed,
         norm_compensation=s.norm_compensation,
+        device=resolve_device(recipe.model.device),
     )
     if s.candidate_distill_tokens:
         if d is not None:
@@ -217,59 +209,14 @@ def prune_settings(recipe: Recipe, source):
 def plan_run(recipe: Recipe) -> dict[str, Any]:
     """The stages of a run with their budgets, token counts and estimated cost, computed offline.
 
-    Scoring and ranking are priced by `search.pipeline.scoring_cost`. Training costs 6 x student + 2 x teacher parameters FLOPs per token.
-    GPU-hours use the same assumed H100 throughput as `prune --dry-run`.
+    Scoring and ranking are priced by `search.pipeline.scoring_cost`; training costs 6 x student + 2 x teacher
+    parameters FLOPs per token. GPU-hours use the same assumed H100 throughput as `prune --dry-run`.
     """
     from minipuzzle.presets import describe_model
-    from minipuzzle.search.pipeline import H100_FLOPS, scoring_cost
+    from minipuzzle.search.pipeline import H100_FLOPS
 
     name, source = describe_model(recipe.model.source, recipe.model.path)
-    imp, srch = recipe.importance, recipe.search
-    settings = prune_settings(recipe, source)
-    cost = scoring_cost(source, settings)
-    budget = settings.budget
-    # The student is not known before the search: bound it by the budget's parameter count when given.
-    student = min(source.num_params(), budget.params or source.num_params())
-    train_flops_per_token = 6 * student + 2 * source.num_params()
-    cand_tokens = settings.candidate_distill_steps * settings.candidate_distill_batch * settings.seq_len
-    stages: list[dict[str, Any]] = [
-        {
-            "stage": "score",
-            "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
-            "seq_len": imp.seq_len,
-            "depth_metric": imp.depth_metric,
-            "flops": cost["flops_depth"] + cost["flops_width"],
-        },
-        {
-            "stage": "prune",
-            "budget": budget.describe(),
-            "axes": list(srch.axes),
-            "candidates": srch.candidates,
-            "rank_tokens": srch.rank_samples * imp.seq_len,
-            "candidate_distill_tokens": srch.candidates * cand_tokens,
-            "flops": cost["flops_ranking"] + srch.candidates * cand_tokens * train_flops_per_token,
-        },
-    ]
-    if recipe.distill is not None:
-        d = recipe.distill
-        steps = distill_steps(d)
-        tokens = steps * d.batch_size * d.seq_len
-        stages.append(
-            {
-                "stage": "distill",
-                "steps": steps,
-                "tokens": tokens,
-                "seq_len": d.seq_len,
-                "batch_size": d.batch_size,
-                "launcher": d.launcher,
-                "gpus": d.nnodes * d.nproc_per_node,
-                "flops": tokens * train_flops_per_token,
-            }
-        )
-    e = recipe.eval
-    fwd = source.flops_per_token(e.seq_len)["prefill"]
-    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
-    stages.append({"stage": "report", "flops": 0})
+    stages = _plan_stages(recipe, source)
     for st in stages:
         st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
     return {
@@ -280,3 +227,33 @@ def plan_run(recipe: Recipe) -> dict[str, Any]:
         "total_gpu_hours": sum(st["gpu_hours"] for st in stages),
         "assumption": f"one H100 sustaining {H100_FLOPS / 1e12:.0f} TFLOP/s (about 40% of its bf16 peak)",
     }
+
+
+def _plan_stages(recipe: Recipe, source) -> list[dict[str, Any]]:
+    """One row per stage: what it does and its FLOPs."""
+    from minipuzzle.search.pipeline import scoring_cost
+
+    imp, srch, d, e = recipe.importance, recipe.search, recipe.distill, recipe.eval
+    settings = prune_settings(recipe, source)
+    cost = scoring_cost(source, settings)
+    # The student is not known before the search: bound it by the budget's parameter count when given.
+    student = min(source.num_params(), settings.budget.params or source.num_params())
+    train_flops_per_token = 6 * student + 2 * source.num_params()
+    cand_tokens = srch.candidates * settings.candidate_distill_steps * settings.candidate_distill_batch * imp.seq_len
+    stages: list[dict[str, Any]] = [
+        {"stage": "score", "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
+         "seq_len": imp.seq_len, "depth_metric": imp.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
+        {"stage": "prune", "budget": settings.budget.describe(), "axes": list(srch.axes),
+         "candidates": srch.candidates, "rank_tokens": srch.rank_samples * imp.seq_len,
+         "candidate_distill_tokens": cand_tokens,
+         "flops": cost["flops_ranking"] + cand_tokens * train_flops_per_token},
+    ]  # fmt: skip
+    if d is not None:
+        tokens = d.max_steps * d.batch_size * d.seq_len
+        stages.append({"stage": "distill", "steps": d.max_steps, "tokens": tokens, "seq_len": d.seq_len,
+                       "batch_size": d.batch_size, "launcher": d.launcher, "gpus": d.nnodes * d.nproc_per_node,
+                       "flops": tokens * train_flops_per_token})  # fmt: skip
+    fwd = source.flops_per_token(e.seq_len)["prefill"]
+    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
+    stages.append({"stage": "report", "flops": 0})
+    return stages

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from minipuzzle.errors import UserError
-from minipuzzle.recipe import STAGES, Recipe, distill_steps
+from minipuzzle.recipe import STAGES, Recipe, resolve_device
+from minipuzzle.settings import DistillSettings
 
 STATE_FILE = "run.json"
 
@@ -135,25 +136,11 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
     from minipuzzle.importance import score_to_folder
     from minipuzzle.search.pipeline import score_axes
 
-    imp = recipe.importance
+    m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
-    axes = score_axes(recipe.search.axes)
-    score_to_folder(
-        teacher,
-        data.train,
-        out,
-        axes=axes,
-        depth_samples=imp.depth_samples,
-        width_samples=imp.width_samples,
-        seq_len=imp.seq_len,
-        depth_metric=imp.depth_metric,
-        stream=imp.stream,
-        seed=imp.seed,
-        split=data.split,
-        text_column=data.column,
-        overwrite=True,
-        progress=progress,
-    )
+    score_to_folder(teacher, data.train, out, axes=score_axes(recipe.search.axes), split=data.split,
+                    text_column=data.column, device=resolve_device(m.device), dtype=None if m.dtype == "auto" else m.dtype,
+                    overwrite=True, progress=progress, **recipe.importance.model_dump())  # fmt: skip
 
 
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
@@ -162,70 +149,38 @@ def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress
     from minipuzzle.search.pipeline import prune
 
     settings = prune_settings(recipe, Checkpoint(teacher).layout)
-    # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_config).
+    # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_settings).
     held = data.held_out if data.separate_held_out else None
     prune(str(teacher), run_dir / "prune", settings, data.train, held_out_data=held, split=data.split,
           held_out_split=data.eval_split, column=data.column, scores_dir=str(run_dir / "score"), overwrite=True,
           progress=progress)  # fmt: skip
 
 
-def distill_config(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool):
-    from minipuzzle.distill import DistillConfig
-
+def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> DistillSettings:
+    """The recipe's distill section with the run's paths, data, device and teacher dtype filled in."""
     d = recipe.distill
     assert d is not None
-    eval_kw = {"eval_data": data.held_out, "eval_every": d.eval_every}
+    run = {"teacher": str(teacher), "student": str(run_dir / "prune"), "data": data.train,
+           "output": str(run_dir / "distill"), "eval_data": data.held_out, "split": data.split,
+           "text_column": data.column, "device": recipe.model.device, "teacher_dtype": recipe.model.dtype,
+           "progress": progress}  # fmt: skip
     if not data.separate_held_out:
         # The prune stage ranked on the head of the training text: distillation takes at least those tokens as
         # its evaluation windows, which it never trains on.
         need = -(-recipe.search.rank_samples * recipe.importance.seq_len // d.seq_len)
-        eval_kw = {"eval_data": None, "eval_every": d.eval_every or distill_steps(d), "eval_windows": max(16, need)}
-    return DistillConfig(
-        teacher=str(teacher),
-        student=str(run_dir / "prune"),
-        data=data.train,
-        output=str(run_dir / "distill"),
-        max_steps=distill_steps(d),
-        seq_len=d.seq_len,
-        batch_size=d.batch_size,
-        grad_accum=d.grad_accum,
-        lr=d.lr,
-        min_lr_ratio=d.min_lr_ratio,
-        warmup=d.warmup,  # the loop clamps it to 10 % of the run and says so
-        temperature=d.temperature,
-        loss=d.loss,
-        lm_weight=d.lm_weight,
-        hidden_weight=d.hidden_weight,
-        save_every=d.save_every,
-        split=data.split,
-        text_column=data.column,
-        seed=d.seed,
-        activation_checkpointing=d.activation_checkpointing,
-        progress=progress,
-        **eval_kw,
-    )
+        run |= {"eval_data": None, "eval_every": d.eval_every or d.max_steps, "eval_windows": max(d.eval_windows, need)}
+    return d.settings(**run)
 
 
-def torchrun_command(cfg, nnodes: int, nproc_per_node: int) -> list[str]:
-    """The `torchrun ... minipuzzle distill ...` command line for a DistillConfig (non-default options only)."""
-    from minipuzzle.distill import DistillConfig
+def torchrun_command(settings: DistillSettings, nnodes: int, nproc_per_node: int) -> list[str]:
+    """The `torchrun ... minipuzzle distill ...` command line that runs `settings` on every process."""
+    from minipuzzle.cli_options import settings_flags
 
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     cmd = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}"]
     if nnodes > 1:
         cmd += ["--rdzv_backend=c10d", "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT"]
-    cmd += ["-m", "minipuzzle.cli", "distill"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in ("teacher", "student", "data", "output") or value != defaults.get(f.name):
-            if value is None or f.name == "tokens":
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                cmd.append(flag if value else "--no-" + f.name.replace("_", "-"))
-            else:
-                cmd += [flag, str(value)]
-    return cmd
+    # max_steps already holds what a token budget asked for.
+    return cmd + ["-m", "minipuzzle.cli", "distill", *settings_flags(settings, exclude=("tokens",))]
 
 
 def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, progress: bool) -> None:
@@ -233,7 +188,7 @@ def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, p
 
     d = recipe.distill
     assert d is not None
-    cfg = distill_config(recipe, teacher, data, run_dir, progress)
+    cfg = distill_settings(recipe, teacher, data, run_dir, progress)
     if d.launcher == "local" or (d.nnodes == 1 and d.nproc_per_node == 1):
         distill(cfg)
         return
@@ -259,8 +214,7 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
     (RUN_DIR/eval_pruned, same windows and tasks, no speed run: same architecture) so the report shows both."""
     from minipuzzle.evaluate import evaluate
 
-    e = recipe.eval
-    tasks = [f"{t}:{e.num_fewshot[t]}" if t in e.num_fewshot else t for t in e.tasks]
+    e, m = recipe.eval, recipe.model
     targets = [(final_model(recipe, run_dir), run_dir / "eval", e.speed)]
     if recipe.distill is not None:
         targets.insert(0, (run_dir / "prune", run_dir / "eval_pruned", False))
@@ -269,7 +223,7 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
             model,
             teacher,
             data.held_out,
-            tasks,
+            e.task_specs(),
             e.limit,
             e.seq_len,
             out,
@@ -277,6 +231,8 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
             split=data.eval_split,
             column=data.column,
             speed=speed,
+            device=m.device,
+            dtype=m.dtype,
             precision=recipe.search.precision,
             context=recipe.search.context,
             overwrite=True,

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from minipuzzle.distill import DistillConfig, distill
+from minipuzzle.distill import distill
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.toy import drop_layers, make_pair
+from minipuzzle.settings import DistillSettings
 from minipuzzle.testing import random_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -32,7 +33,7 @@ def test_bf16_autocast_step_matches_float32_and_keeps_master_weights():
 
 def test_distill_on_cuda_lowers_heldout_kl(tmp_path, tokenizer):
     teacher, student, data = make_pair(tmp_path / "pair", tokenizer)
-    cfg = DistillConfig(teacher=str(teacher), student=str(student), data=str(data), output=str(tmp_path / "out"),
+    cfg = DistillSettings(teacher=str(teacher), student=str(student), data=str(data), output=str(tmp_path / "out"),
                         max_steps=20, seq_len=64, batch_size=8, lr=3e-3, warmup=2, eval_every=10, eval_windows=4,
                         save_every=10, device="cuda", attn_implementation="sdpa")  # fmt: skip
     out = distill(cfg)

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from minipuzzle.distill import DistillConfig, Diverged, distill
+from minipuzzle.distill import Diverged, distill
 from minipuzzle.distill.losses import DistillObjective
+from minipuzzle.settings import DistillSettings
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,7 +18,7 @@ def _cfg(pair, out, **kw):
     base = dict(teacher=str(teacher), student=str(student), data=str(data), output=str(out), max_steps=16,
                 seq_len=32, batch_size=4, lr=3e-3, warmup=2, eval_every=8, eval_windows=4, save_every=8)  # fmt: skip
     base.update(kw)
-    return DistillConfig(**base)
+    return DistillSettings(**base)
 
 
 def test_heldout_kl_falls_and_output_is_a_standard_checkpoint(pair, tmp_path):

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipuzzle.distill.config import DistillConfig
 from minipuzzle.distill.loop import _optimizer
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.distill.toy import drop_layers
 from minipuzzle.errors import UserError
 from minipuzzle.metrics import forward_kl, reverse_kl, token_stats, topk_kl
+from minipuzzle.settings import DistillSettings
 from minipuzzle.testing import random_model
 
 
@@ -167,7 +167,7 @@ def test_reverse_and_topk_objectives_train(pair):
         out["loss"].backward()
 
 
-def _lrs(cfg: DistillConfig) -> list[float]:
+def _lrs(cfg: DistillSettings) -> list[float]:
     """The LR each of cfg.max_steps optimizer steps trains with."""
     opt, sched = _optimizer(cfg, torch.nn.Linear(2, 2))
     out = []
@@ -179,7 +179,7 @@ def _lrs(cfg: DistillConfig) -> list[float]:
 
 
 def test_cosine_schedule_with_warmup():
-    cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=101, warmup=10, min_lr_ratio=0.1,
+    cfg = DistillSettings(teacher="t", student="s", data="d", output="o", max_steps=101, warmup=10, min_lr_ratio=0.1,
                         lr=2.0)  # fmt: skip
     f = [x / 2.0 for x in _lrs(cfg)]
     assert f[0] == pytest.approx(1 / 10) and f[8] == pytest.approx(9 / 10)
@@ -191,7 +191,7 @@ def test_cosine_schedule_with_warmup():
 
 def test_warmup_longer_than_the_run_is_clamped():
     for warmup in (60, 100):
-        cfg = DistillConfig(teacher="t", student="s", data="d", output="o", max_steps=60, warmup=warmup)
+        cfg = DistillSettings(teacher="t", student="s", data="d", output="o", max_steps=60, warmup=warmup)
         assert cfg.warmup_steps() == 6 and "warming up for 6 steps" in cfg.warmup_note()
         lrs = _lrs(cfg)
         peak = lrs.index(max(lrs))
@@ -203,14 +203,14 @@ def test_warmup_longer_than_the_run_is_clamped():
 def test_config_errors():
     base = dict(teacher="t", student="s", data="d", output="o")
     with pytest.raises(UserError, match="--max-steps or --tokens"):
-        DistillConfig(**base)
+        DistillSettings(**base)
     with pytest.raises(UserError, match="multiple of --grad-accum"):
-        DistillConfig(**base, max_steps=1, batch_size=6, grad_accum=4)
+        DistillSettings(**base, max_steps=1, batch_size=6, grad_accum=4)
     with pytest.raises(UserError, match="unknown --loss"):
-        DistillConfig(**base, max_steps=1, loss="mse")
+        DistillSettings(**base, max_steps=1, loss="mse")
     with pytest.raises(UserError, match="hidden-map"):
-        DistillConfig(**base, max_steps=1, hidden_map="0-1")
-    assert DistillConfig(**base, tokens=10_000, seq_len=100, batch_size=8).max_steps == 13
+        DistillSettings(**base, max_steps=1, hidden_map="0-1")
+    assert DistillSettings(**base, tokens=10_000, seq_len=100, batch_size=8).max_steps == 13
 
 
 def test_window_stream_resumes_and_wraps(tokenizer, tmp_path):

@@ -185,7 +185,7 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
         assert rd.separate_held_out is separate
         runner._prune(recipe, tiny_checkpoint, rd, tmp_path / f"run{separate}", progress=False)
         (_, _, _, train), kw = calls[-1]
-        cfg = runner.distill_config(recipe, tiny_checkpoint, rd, tmp_path, progress=False)
+        cfg = runner.distill_settings(recipe, tiny_checkpoint, rd, tmp_path, progress=False)
         if separate:
             assert kw["held_out_data"] == rd.held_out and held_file not in {p.name for p in Path(train).iterdir()}
             assert cfg.eval_data == rd.held_out
@@ -193,3 +193,47 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
             assert kw["held_out_data"] is None and train == rd.train == cfg.data
             assert cfg.eval_data is None and cfg.eval_every >= 1
             assert cfg.eval_windows * cfg.seq_len >= 10 * 64 and cfg.eval_windows == math.ceil(10 * 64 / 32)
+
+
+def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_path):
+    """The distill section is DistillSettings (hidden_map and all); the torchrun command generated from the
+    settings parses back, through the real `distill` command, to the same settings."""
+
+    from minipuzzle import runner
+    from minipuzzle.cli import commands_of
+    from minipuzzle.settings import DistillSettings
+
+    doc = _demo_doc()
+    doc["distill"] |= {"tokens": "40960", "hidden_weight": 0.5, "hidden_map": "0:0,1:2", "beta2": 0.99,
+                       "streaming": True, "autocast": False, "launcher": "torchrun", "nproc_per_node": 4}  # fmt: skip
+    doc["distill"].pop("max_steps")
+    doc["model"] |= {"dtype": "bfloat16", "device": "cpu"}
+    recipe = parse_recipe(doc)
+    rd = runner.RunData(train="train-dir", held_out="held-dir")
+    settings = runner.distill_settings(recipe, Path("teacher-dir"), rd, tmp_path, progress=False)
+    assert settings.max_steps == 20 and settings.layer_pairs() == [(0, 0), (1, 2)] and settings.beta2 == 0.99
+    assert (settings.teacher_dtype, settings.device, settings.eval_data) == ("bfloat16", "cpu", "held-dir")
+    cmd = runner.torchrun_command(settings, 1, 4)
+    assert cmd[:3] == ["torchrun", "--nnodes=1", "--nproc_per_node=4"] and "--hidden-map" in cmd
+    args = cmd[cmd.index("distill") + 1 :]
+    ctx = commands_of("minipuzzle.distill.command")["distill"].make_context("distill", args)
+    assert DistillSettings(**ctx.params) == settings
+
+
+@pytest.mark.parametrize("key, value", [("teacher", "x"), ("split", "validation"), ("teacher_dtype", "float32")])
+def test_recipe_refuses_distill_fields_the_run_decides(key, value):
+    doc = _demo_doc()
+    doc["distill"][key] = value
+    with pytest.raises(UserError, match=f"distill: {key} is set by the run"):
+        parse_recipe(doc)
+    doc["distill"].pop(key)
+    doc["distill"]["warmup"] = -1
+    with pytest.raises(UserError, match=r"distill\.warmup"):
+        parse_recipe(doc)
+
+
+def test_settings_name_the_depth_metrics_scoring_knows():
+    from minipuzzle.importance.depth import DEPTH_METRICS
+    from minipuzzle.settings import DEPTH_METRICS as NAMED
+
+    assert NAMED == tuple(DEPTH_METRICS)

@@ -2,12 +2,12 @@
 
 Example::
 
-    from minipuzzle.distill import DistillConfig, distill
-    out = distill(DistillConfig(teacher="56b-dir", student="47b-dir", data="corpus.jsonl", output="47b-distilled",
-                                tokens=63e9, seq_len=8192, batch_size=768))
+    from minipuzzle.distill import distill
+    from minipuzzle.settings import DistillSettings
+    out = distill(DistillSettings(teacher="56b-dir", student="47b-dir", data="corpus.jsonl", output="47b-distilled",
+                                  tokens="63B", seq_len=8192, batch_size=768))
 """
 
-from minipuzzle.distill.config import DistillConfig
 from minipuzzle.distill.loop import Diverged, Preempted, distill
 
-__all__ = ["DistillConfig", "Diverged", "Preempted", "distill"]
+__all__ = ["Diverged", "Preempted", "distill"]

@@ -1,6 +1,6 @@
 """The distillation loop: teacher logits -> student, one process or torchrun + FSDP2, resumable.
 
-    distill(DistillConfig(teacher=..., student=..., data=..., output=..., max_steps=...)) -> Path
+    distill(DistillSettings(teacher=..., student=..., data=..., output=..., max_steps=...)) -> Path
 
 Every step takes the next `batch_size` windows of the data stream (the same on every process), each process
 trains on its slice in `grad_accum` micro-batches, gradients are averaged (FSDP2 reduce-scatter), clipped, and
@@ -26,11 +26,11 @@ import torch
 from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, resolve_checkpoint, save_state_dict
 from minipuzzle.data import load_tokenizer
 from minipuzzle.distill import parallel, state
-from minipuzzle.distill.config import DistillConfig
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
 from minipuzzle.progress import ProgressBar
+from minipuzzle.settings import DistillSettings
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -82,7 +82,7 @@ def check_pair(teacher: Checkpoint, student: Checkpoint, pairs: list[tuple[int, 
     return tok, tok_dir
 
 
-def _load_models(cfg: DistillConfig, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: parallel.Dist) -> DistillObjective:
+def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: parallel.Dist) -> DistillObjective:
     t_dtype = parse_dtype(cfg.teacher_dtype, d.device)
     make = parallel.build_meta if d.enabled else lambda c, dt: parallel.load_local(c, dt, d)
     student = make(s_ckpt, torch.float32)  # float32 master weights; bf16 only inside autocast
@@ -120,7 +120,7 @@ def _load_models(cfg: DistillConfig, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: 
     return objective
 
 
-def _optimizer(cfg: DistillConfig, student) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def _optimizer(cfg: DistillSettings, student) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
@@ -141,7 +141,7 @@ def _optimizer(cfg: DistillConfig, student) -> tuple[torch.optim.Optimizer, torc
     return opt, sched
 
 
-def finished(out: Path, cfg: DistillConfig) -> bool:
+def finished(out: Path, cfg: DistillSettings) -> bool:
     """OUT already holds the result of this very run (a rerun after success is a no-op)."""
     f = out / "distill.json"
     if not f.is_file():
@@ -155,14 +155,14 @@ def finished(out: Path, cfg: DistillConfig) -> bool:
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
-def distill(config: DistillConfig) -> Path:
+def distill(config: DistillSettings) -> Path:
     """Distil `config.teacher` into `config.student`; returns OUT, a standard checkpoint with metrics.jsonl.
 
     Raises UserError for bad input (before anything is written), Diverged on a NaN/inf loss (the last good
     checkpoint stays in OUT.partial), Preempted after saving on SIGTERM.
     """
     cfg = config
-    cfg.validate()
+    cfg.check_paths()
     out = cfg.output_path
     if finished(out, cfg):
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
@@ -175,7 +175,7 @@ def distill(config: DistillConfig) -> Path:
         parallel.shutdown(d)
 
 
-def _run(cfg: DistillConfig, d: parallel.Dist) -> Path:
+def _run(cfg: DistillSettings, d: parallel.Dist) -> Path:
     micro_bs, rem = divmod(cfg.batch_size, d.world * cfg.grad_accum)
     if rem or micro_bs == 0:
         raise UserError(
@@ -184,128 +184,152 @@ def _run(cfg: DistillConfig, d: parallel.Dist) -> Path:
     t_ckpt = Checkpoint(resolve_checkpoint(cfg.teacher))
     s_ckpt = Checkpoint(resolve_checkpoint(cfg.student))
     tokenizer, tok_dir = check_pair(t_ckpt, s_ckpt, cfg.layer_pairs())
-
-    # Data: held-out windows first (from --eval-data, or the head of the training data, then never trained on).
-    train = WindowStream(cfg.data, tokenizer, cfg.seq_len, split=cfg.split, column=cfg.text_column,
-                         streaming=cfg.streaming)  # fmt: skip
-    eval_ids = torch.zeros(0, cfg.seq_len, dtype=torch.long)
-    if cfg.eval_windows and cfg.eval_every:
-        src = WindowStream(cfg.eval_data, tokenizer, cfg.seq_len, split=cfg.split, column=cfg.text_column) if (
-            cfg.eval_data) else train  # fmt: skip
-        eval_ids = src.take(cfg.eval_windows)
-        if src is train:
-            train.mark_start()
-    WindowStream(cfg.data, tokenizer, cfg.seq_len, split=cfg.split, column=cfg.text_column,
-                 streaming=cfg.streaming, state=copy.deepcopy(train.state)).take(1)  # fmt: skip  # fails early
-
+    train, eval_ids = _streams(cfg, tokenizer)
     objective = _load_models(cfg, t_ckpt, s_ckpt, d)
-    student = objective.student
-    opt, sched = _optimizer(cfg, student)
     note = cfg.warmup_note()
     if note and d.main:
         print(f"note: {note}", file=sys.stderr)
-
-    # Resume.
-    run_dir = cfg.run_dir
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        state.clean_leftovers(run_dir)
-        state.check_run(run_dir, cfg.trajectory())
-    parallel.barrier(d)
-    step, tokens = 0, 0
-    last = state.latest_checkpoint(run_dir)
-    if last is not None:
-        extra = state.load_checkpoint(last, student, opt, d)
-        step, tokens = extra["step"], extra["tokens"]
-        sched.load_state_dict(extra["scheduler"])
-        train.load_state_dict(extra["stream"])
-        state.set_rng_state(extra["rng"], d.device)
-    else:
-        torch.manual_seed(cfg.seed)
-    log = state.MetricsLog(run_dir / "metrics.jsonl", d, resume_step=step if last is not None else None)
-
-    def save() -> Path:
-        extra = {"step": step, "tokens": tokens, "scheduler": sched.state_dict(), "stream": train.state_dict(),
-                 "rng": state.rng_state(d.device)}  # fmt: skip
-        return state.save_checkpoint(run_dir, step, student, opt, extra, d)
-
-    def evaluate() -> None:
-        if not len(eval_ids):
-            return
-        objective.eval()
-        sums = torch.zeros(5, dtype=torch.float64)
-        # Every process makes the same number of calls (FSDP2 collectives must match); a process with no
-        # windows left scores window 0 and drops the result.
-        stride = d.world * micro_bs
-        with _autocast(cfg, d):
-            for k in range(math.ceil(len(eval_ids) / stride)):
-                i = k * stride + d.rank * micro_bs
-                ids = eval_ids[i : i + micro_bs]
-                part = objective(ids.to(d.device) if len(ids) else eval_ids[:1].to(d.device), evaluate=True).cpu()
-                sums += part if len(ids) else 0 * part
-        sums = parallel.all_sum(d, sums)
-        n = max(sums[4].item(), 1.0)
-        rec = {"type": "eval", "step": step, "loss": sums[0].item() / n, "kl_to_teacher": sums[1].item() / n,
-               "accuracy": sums[2].item() / n, "agreement": sums[3].item() / n, "tokens": int(n)}  # fmt: skip
-        rec["perplexity"] = math.exp(min(rec["loss"], 700.0))
-        log.write(rec)
-        objective.train()
-
+    trainer = _Trainer(cfg, d, objective, train, eval_ids, micro_bs)
     stop = {"sigterm": False}
     old_handler = _install_sigterm(stop)
-    bar = ProgressBar("distill", cfg.max_steps, cfg.progress and d.main, completed=step, loss="-", kl="-", tps="-",
-                      status="loss {task.fields[loss]}  kl {task.fields[kl]}  {task.fields[tps]} tok/s")  # fmt: skip
+    bar = ProgressBar("distill", cfg.max_steps, cfg.progress and d.main, completed=trainer.step, loss="-", kl="-",
+                      tps="-", status="loss {task.fields[loss]}  kl {task.fields[kl]}  {task.fields[tps]} tok/s")  # fmt: skip
     try:
-        if step == 0:
-            evaluate()
+        if trainer.step == 0:
+            trainer.evaluate()
         objective.train()
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            batch = train.take(cfg.batch_size)  # every process reads the same global batch, keeps its slice
-            mine = batch[d.rank * micro_bs * cfg.grad_accum : (d.rank + 1) * micro_bs * cfg.grad_accum]
-            sums = torch.zeros(4, dtype=torch.float64)
-            for i, micro in enumerate(mine.split(micro_bs)):
-                if d.enabled:
-                    objective.set_requires_gradient_sync(i == cfg.grad_accum - 1)
-                with _autocast(cfg, d):
-                    res = objective(micro.to(d.device))
-                (res["loss"] / cfg.grad_accum).backward()
-                sums += torch.stack([res[k].detach().double().cpu() for k in ("loss", "kl", "lm", "hidden")])
-            sums = parallel.all_mean(d, sums / cfg.grad_accum)
-            if not torch.isfinite(sums[0]):
-                raise Diverged(_diverged_msg("loss", sums[0].item(), step + 1, run_dir))
-            params = [p for p in student.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            if not math.isfinite(norm):
-                raise Diverged(_diverged_msg("gradient norm", norm, step + 1, run_dir))
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += cfg.tokens_per_step
-            dt = time.perf_counter() - t0
-            rec = {"type": "train", "step": step, "loss": sums[0].item(), "kl": sums[1].item(), "lm": sums[2].item(),
-                   "hidden": sums[3].item(), "lr": lr, "grad_norm": norm, "tokens": tokens,
-                   "tokens_per_s": cfg.tokens_per_step / dt}  # fmt: skip
-            log.write(rec)
-            bar.update(step, loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tps=f"{rec['tokens_per_s']:,.0f}")
+        while trainer.step < cfg.max_steps:
+            rec = trainer.train_step()
+            bar.update(rec["step"], loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", tps=f"{rec['tokens_per_s']:,.0f}")
+            step = trainer.step
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                evaluate()
+                trainer.evaluate()
             if step == cfg.max_steps:
                 break  # done: a SIGTERM now is answered by finishing the (atomic) final write below
             sigterm = parallel.any_true(d, stop["sigterm"])
             if (cfg.save_every and step % cfg.save_every == 0) or sigterm:
-                path = save()
+                path = trainer.save()
                 if sigterm:
                     raise Preempted(step, path)
         bar.close()
-        return _write_final(cfg, d, student, s_ckpt, tok_dir, log)
+        return _write_final(cfg, d, objective.student, s_ckpt, tok_dir, trainer.log)
     finally:
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+
+
+def _streams(cfg: DistillSettings, tokenizer) -> tuple[WindowStream, torch.Tensor]:
+    """(training stream, held-out windows [E, seq_len]): the held-out windows come from --eval-data, or from the
+    head of the training data, which the stream then never trains on."""
+    kw = dict(split=cfg.split, column=cfg.text_column)
+    train = WindowStream(cfg.data, tokenizer, cfg.seq_len, streaming=cfg.streaming, **kw)
+    eval_ids = torch.zeros(0, cfg.seq_len, dtype=torch.long)
+    if cfg.eval_windows and cfg.eval_every:
+        src = WindowStream(cfg.eval_data, tokenizer, cfg.seq_len, **kw) if cfg.eval_data else train
+        eval_ids = src.take(cfg.eval_windows)
+        if src is train:
+            train.mark_start()
+    # A data problem (too little text for one window) fails here, before the models load.
+    WindowStream(cfg.data, tokenizer, cfg.seq_len, streaming=cfg.streaming, state=copy.deepcopy(train.state),
+                 **kw).take(1)  # fmt: skip
+    return train, eval_ids
+
+
+class _Trainer:
+    """The state of a run between steps (step, tokens, optimizer, data position), resumed from the newest
+    checkpoint in OUT.partial when there is one."""
+
+    def __init__(self, cfg: DistillSettings, d: parallel.Dist, objective: DistillObjective, train: WindowStream,
+                 eval_ids: torch.Tensor, micro_bs: int):  # fmt: skip
+        self.cfg, self.d, self.objective, self.train, self.eval_ids = cfg, d, objective, train, eval_ids
+        self.micro_bs = micro_bs
+        self.opt, self.sched = _optimizer(cfg, objective.student)
+        self.run_dir = cfg.run_dir
+        if d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            state.clean_leftovers(self.run_dir)
+            state.check_run(self.run_dir, cfg.trajectory())
+        parallel.barrier(d)
+        self.step, self.tokens = 0, 0
+        last = state.latest_checkpoint(self.run_dir)
+        if last is not None:
+            extra = state.load_checkpoint(last, objective.student, self.opt, d)
+            self.step, self.tokens = extra["step"], extra["tokens"]
+            self.sched.load_state_dict(extra["scheduler"])
+            train.load_state_dict(extra["stream"])
+            state.set_rng_state(extra["rng"], d.device)
+        else:
+            torch.manual_seed(cfg.seed)
+        resume = self.step if last is not None else None
+        self.log = state.MetricsLog(self.run_dir / "metrics.jsonl", d, resume_step=resume)
+
+    def save(self) -> Path:
+        extra = {"step": self.step, "tokens": self.tokens, "scheduler": self.sched.state_dict(),
+                 "stream": self.train.state_dict(), "rng": state.rng_state(self.d.device)}  # fmt: skip
+        return state.save_checkpoint(self.run_dir, self.step, self.objective.student, self.opt, extra, self.d)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on the next global batch; returns (and logs) its train record."""
+        cfg, d, mb = self.cfg, self.d, self.micro_bs
+        t0 = time.perf_counter()
+        batch = self.train.take(cfg.batch_size)  # every process reads the same global batch, keeps its slice
+        mine = batch[d.rank * mb * cfg.grad_accum : (d.rank + 1) * mb * cfg.grad_accum]
+        sums = torch.zeros(4, dtype=torch.float64)
+        for i, micro in enumerate(mine.split(mb)):
+            if d.enabled:
+                self.objective.set_requires_gradient_sync(i == cfg.grad_accum - 1)
+            with _autocast(cfg, d):
+                res = self.objective(micro.to(d.device))
+            (res["loss"] / cfg.grad_accum).backward()
+            sums += torch.stack([res[k].detach().double().cpu() for k in ("loss", "kl", "lm", "hidden")])
+        sums = parallel.all_mean(d, sums / cfg.grad_accum)
+        if not torch.isfinite(sums[0]):
+            raise Diverged(_diverged_msg("loss", sums[0].item(), self.step + 1, self.run_dir))
+        norm = self._clip()
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += cfg.tokens_per_step
+        rec = {"type": "train", "step": self.step, "loss": sums[0].item(), "kl": sums[1].item(),
+               "lm": sums[2].item(), "hidden": sums[3].item(), "lr": lr, "grad_norm": norm, "tokens": self.tokens,
+               "tokens_per_s": cfg.tokens_per_step / (time.perf_counter() - t0)}  # fmt: skip
+        self.log.write(rec)
+        return rec
+
+    def _clip(self) -> float:
+        params = [p for p in self.objective.student.parameters() if p.grad is not None]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm):
+            raise Diverged(_diverged_msg("gradient norm", norm, self.step + 1, self.run_dir))
+        return norm
+
+    def evaluate(self) -> None:
+        """Held-out loss, KL, accuracy and agreement of the student, logged as an eval record."""
+        if not len(self.eval_ids):
+            return
+        d, mb, ids_all = self.d, self.micro_bs, self.eval_ids
+        self.objective.eval()
+        sums = torch.zeros(5, dtype=torch.float64)
+        # Every process makes the same number of calls (FSDP2 collectives must match); a process with no
+        # windows left scores window 0 and drops the result.
+        stride = d.world * mb
+        with _autocast(self.cfg, d):
+            for k in range(math.ceil(len(ids_all) / stride)):
+                ids = ids_all[k * stride + d.rank * mb :][:mb]
+                part = self.objective((ids if len(ids) else ids_all[:1]).to(d.device), evaluate=True).cpu()
+                sums += part if len(ids) else 0 * part
+        sums = parallel.all_sum(d, sums)
+        n = max(sums[4].item(), 1.0)
+        rec = {"type": "eval", "step": self.step, "loss": sums[0].item() / n, "kl_to_teacher": sums[1].item() / n,
+               "accuracy": sums[2].item() / n, "agreement": sums[3].item() / n, "tokens": int(n)}  # fmt: skip
+        rec["perplexity"] = math.exp(min(rec["loss"], 700.0))
+        self.log.write(rec)
+        self.objective.train()
 
 
 def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.MetricsLog) -> Path:
@@ -321,7 +345,7 @@ def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         if s_ckpt.layout.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
-        summary = {"trajectory": cfg.trajectory(), "config": cfg.as_dict(), "teacher": str(cfg.teacher),
+        summary = {"trajectory": cfg.trajectory(), "config": cfg.model_dump(), "teacher": str(cfg.teacher),
                    "warmup_steps": cfg.warmup_steps()}  # fmt: skip
         save_state_dict(sd, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
                         overwrite=cfg.overwrite,
@@ -338,7 +362,7 @@ def _diverged_msg(what: str, value: float, step: int, run_dir: Path) -> str:
     return f"{what} is {value} at step {step}: stopped; {kept}; lower --lr or check the data"
 
 
-def _autocast(cfg: DistillConfig, d: parallel.Dist):
+def _autocast(cfg: DistillSettings, d: parallel.Dist):
     if d.device.type == "cuda" and cfg.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()

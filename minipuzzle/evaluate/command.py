@@ -7,7 +7,12 @@ from typing import Annotated
 
 import typer
 
+from minipuzzle.cli_options import settings_command
+from minipuzzle.settings import EvalSettings
 
+
+@settings_command(EvalSettings, exclude=("tasks", "num_fewshot", "limit"), defaults={"seq_len": 512},
+                  aliases={"samples": ["--num-samples"]})  # fmt: skip
 def _eval_command(
     model: Annotated[str, typer.Argument(help="Checkpoint folder (or cached hub id / preset) to evaluate.")],
     output: Annotated[
@@ -21,27 +26,21 @@ def _eval_command(
         str | None, typer.Option(help="lm-eval tasks, comma-separated: names (mmlu:5), task .yaml files or folders.")
     ] = None,
     limit: Annotated[float | None, typer.Option(help="Examples per lm-eval task (a fraction below 1).")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per held-out window; also the speed prompt length.")] = 512,
-    num_samples: Annotated[int, typer.Option(help="Held-out windows to score.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed for window choice, few-shot sampling and speed inputs.")] = 0,
     split: Annotated[str, typer.Option(help="Dataset split when --data is a datasets name.")] = "train",
     text_column: Annotated[str, typer.Option(help="Text column of a table dataset.")] = "text",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
-    speed: Annotated[bool, typer.Option(help="Measure prefill/decode speed and peak memory.")] = True,
     speed_batch: Annotated[int, typer.Option(help="Batch for the speed measurement.")] = 1,
     speed_len: Annotated[
         int | None, typer.Option(help="Prompt length for the speed measurement (default --seq-len).")
     ] = None,
     decode_tokens: Annotated[int, typer.Option(help="Tokens generated for the decode speed.")] = 32,
-    precision: Annotated[
-        str, typer.Option(help="Precision for the architecture memory figures: bf16, fp8, fp4.")
-    ] = "bf16",
-    context: Annotated[
-        str, typer.Option(help="Context for the architecture memory and FLOPs figures (8k, 1M).")
-    ] = "8192",
+    precision: Annotated[str, typer.Option(help="Precision for the architecture memory figures: bf16, fp8, fp4.")] = "bf16",
+    context: Annotated[str, typer.Option(help="Context for the architecture memory and FLOPs figures (8k, 1M).")] = "8192",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    settings: dict | None = None,
 ) -> None:
     """Evaluate a model (and its teacher): held-out perplexity, KL and agreement, lm-eval tasks, speed, memory.
 
@@ -53,31 +52,12 @@ def _eval_command(
     from minipuzzle.evaluate.runner import evaluate
     from minipuzzle.units import parse_context
 
+    st = EvalSettings(**settings)
     lim = None if limit is None else (int(limit) if limit >= 1 else limit)
-    rep = evaluate(
-        model,
-        teacher,
-        data,
-        [tasks] if tasks else [],
-        lim,
-        seq_len,
-        output,
-        num_samples=num_samples,
-        seed=seed,
-        batch_size=batch_size,
-        split=split,
-        column=text_column,
-        device=device,
-        dtype=dtype,
-        speed=speed,
-        speed_batch=speed_batch,
-        speed_prompt_len=speed_len,
-        decode_tokens=decode_tokens,
-        precision=precision,
-        context=parse_context(context),
-        overwrite=overwrite,
-        progress=True,
-    )
+    rep = evaluate(model, teacher, data, [tasks] if tasks else [], lim, st.seq_len, output, num_samples=st.samples,
+                   seed=seed, batch_size=batch_size, split=split, column=text_column, device=device, dtype=dtype,
+                   speed=st.speed, speed_batch=speed_batch, speed_prompt_len=speed_len, decode_tokens=decode_tokens,
+                   precision=precision, context=parse_context(context), overwrite=overwrite, progress=True)  # fmt: skip
     con = Console()
     con.print(render_markdown(rep), markup=False, highlight=False)
     con.print(f"[bold]report written to {output}[/] ({', '.join(['report.json', 'report.md', *rep['plots']])})")

@@ -7,13 +7,16 @@ from typing import Annotated
 
 import typer
 
+from minipuzzle.cli_options import settings_command
 from minipuzzle.importance.width import DEFAULT_AGG, describe_aggs
+from minipuzzle.settings import ScoreSettings
 
 
 def register(app: typer.Typer) -> None:
     app.command("score")(score)
 
 
+@settings_command(ScoreSettings)
 def score(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, preset or cached hub id.")],
     data: Annotated[
@@ -21,24 +24,13 @@ def score(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores.safetensors, scores.json, plots.")],
     samples: Annotated[int | None, typer.Option(help="Rows for both passes (overrides the two below).")] = None,
-    depth_samples: Annotated[int, typer.Option(help="Rows for the drop-one-layer pass (paper: 128).")] = 128,
-    width_samples: Annotated[int, typer.Option(help="Rows for the width pass (paper: 1024).")] = 1024,
-    seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 4096,
     axes: Annotated[
         str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden.")
     ] = "depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden",
-    depth_metric: Annotated[
-        str, typer.Option(help="mse_hidden (MiniPuzzle), nmse_logits, kl_logits, lm_loss, block_influence.")
-    ] = "mse_hidden",
     width_agg: Annotated[
         str,
         typer.Option(help=f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}"),
     ] = DEFAULT_AGG,
-    stream: Annotated[
-        bool | None,
-        typer.Option("--stream/--no-stream", help="Read layers one at a time (default: when the model does not fit)."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
     split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "train",
     text_column: Annotated[str, typer.Option(help="Text column of a table or hub dataset.")] = "text",
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda when available).")] = None,
@@ -49,6 +41,7 @@ def score(
     model_path: Annotated[str | None, typer.Option(help="Local folder holding MODEL's weights.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write depth.png and width.png.")] = True,
+    settings: dict | None = None,
 ) -> None:
     """Score the importance of every layer, FFN channel, Mamba head and head channel, attention head and hidden
     channel of a Nemotron-H checkpoint. Rerunning an interrupted run resumes it.
@@ -59,14 +52,14 @@ def score(
     from minipuzzle.importance.folder import resolve_device, score_to_folder
 
     if samples is not None:
-        depth_samples = width_samples = samples
+        settings |= {"depth_samples": samples, "width_samples": samples}
+    st = ScoreSettings(**settings)
     resolve_device(device, dtype)  # a bad device or dtype is reported before the checkpoint is looked at
     path = resolve_checkpoint(model, model_path)
     scores = score_to_folder(
-        path, data, output, axes=axes.split(","), depth_samples=depth_samples, width_samples=width_samples,
-        seq_len=seq_len, depth_metric=depth_metric, width_agg=width_agg, stream=stream, seed=seed, split=split,
-        text_column=text_column, device=device, dtype=dtype, batch_size=batch_size, overwrite=overwrite,
-        plots=plots, progress=True,
+        path, data, output, axes=axes.split(","), width_agg=width_agg, split=split, text_column=text_column,
+        device=device, dtype=dtype, batch_size=batch_size, overwrite=overwrite, plots=plots, progress=True,
+        **st.model_dump(),
     )  # fmt: skip
     _print_summary(scores, output)
 

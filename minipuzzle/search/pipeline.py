@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,16 @@ from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import SCORE_AXIS, DamageModel
 from minipuzzle.search.solver import (
-    DEFAULT_BAND,
     Candidate,
     _Costs,
     _limits,
-    check_band,
     count_pool,
     no_layout_fits,
     search,
     smallest_layout,
 )
 from minipuzzle.search.space import KINDS, WIDTH_AXES, SearchSpace
+from minipuzzle.settings import PruneSettings
 
 # Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
 H100_FLOPS = 400e12
@@ -35,40 +33,6 @@ H100_FLOPS = 400e12
 
 def score_axes(axes) -> list[str]:
     return [SCORE_AXIS.get(a, a) for a in axes]
-
-
-@dataclass
-class PruneSettings:
-    """Everything `prune` needs besides the model and the output (CLI options map one to one)."""
-
-    budget: Budget
-    axes: tuple[str, ...] = ("depth", "ffn")
-    steps: dict[str, int] = field(default_factory=dict)
-    min_width: float = 0.5
-    min_layers: float = 0.5
-    candidates: int = 4
-    # Layouts within this fraction below the budget (or maximal) are candidates; see search.solver.
-    band: float = DEFAULT_BAND
-    seq_len: int = 512
-    depth_samples: int = 128
-    width_samples: int = 1024
-    held_out_samples: int = 64
-    stream: bool = False
-    method: str = "auto"
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "cpu"
-    # Short distillation of every ranked candidate before the final choice (MiniPuzzle: ~7B tokens each; ranks
-    # changed after it). 0 turns it off.
-    candidate_distill_steps: int = 0
-    candidate_distill_lr: float = 1e-4
-    candidate_distill_batch: int = 8
-    # sqrt(old/new) scaling of RMSNorms that lose input channels (surgery.Plan.norm_compensation), for the ranked
-    # candidates and the cut alike.
-    norm_compensation: bool = True
-
-    def __post_init__(self) -> None:
-        check_band(self.band)
 
 
 def count_feasible(space: SearchSpace, budget: Budget) -> int:
@@ -282,8 +246,9 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     import tempfile
 
     from minipuzzle.checkpoint import load_model
-    from minipuzzle.distill import DistillConfig, distill
+    from minipuzzle.distill import distill
     from minipuzzle.metrics import token_stats
+    from minipuzzle.settings import DistillSettings
     from minipuzzle.surgery import prune_checkpoint
 
     out = []
@@ -291,7 +256,7 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
         teacher = load_model(ckpt, dtype=torch.float32, device=settings.device)
         for i, plan in enumerate(plans):
             cut = prune_checkpoint(ckpt, plan, Path(work) / f"cand{i}", progress=False)
-            cfg = DistillConfig(
+            cfg = DistillSettings(
                 teacher=str(path), student=str(cut), data=str(data), output=str(Path(work) / f"cand{i}-distilled"),
                 max_steps=settings.candidate_distill_steps, seq_len=settings.seq_len,
                 batch_size=settings.candidate_distill_batch, lr=settings.candidate_distill_lr,

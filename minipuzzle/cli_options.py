@@ -1,0 +1,100 @@
+"""Typer options generated from a settings model's fields, so each setting is declared once (in
+`minipuzzle.settings`): `--seq-len` is the field `seq_len`, with its type, default and help text.
+
+A command is an ordinary function whose own parameters (positional arguments, command-only flags) stay explicit
+and whose last parameter `settings: dict` receives the generated options' values by field name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal
+
+import typer
+from pydantic import BaseModel
+
+from minipuzzle.settings import flag
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses a field's option as: a Literal is read as a string, and the model names the
+    choices when a value is not one of them."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
+    base = args[0] if optional else annotation
+    if typing.get_origin(base) is Literal:
+        return str | None if optional else str
+    return annotation
+
+
+def option_params(
+    model: type[BaseModel],
+    *,
+    exclude: Iterable[str] = (),
+    required: Iterable[str] = (),
+    defaults: dict[str, Any] | None = None,
+    types_: dict[str, Any] | None = None,
+    aliases: dict[str, list[str]] | None = None,
+    helps: dict[str, str] | None = None,
+) -> list[inspect.Parameter]:
+    """One keyword parameter per field of `model` (minus `exclude`), annotated with its typer option.
+
+    required: fields the command must be given (no default); defaults: CLI defaults that differ from the
+    model's (e.g. a progress bar on at the terminal); types_: the CLI type where it differs from the field's
+    (a token count typed as '63B'); aliases: extra option names ('-o'); helps: help where the command uses a
+    field differently.
+    """
+    skip, required = set(exclude), set(required)
+    defaults, types_, aliases, helps = defaults or {}, types_ or {}, aliases or {}, helps or {}
+    params = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        ann = types_[name] if name in types_ else _cli_type(field.annotation)
+        decls = [flag(name), *aliases.get(name, [])]
+        if ann in (bool, bool | None):
+            decls[0] = f"{flag(name)}/--no-{name.replace('_', '-')}"
+        opt = typer.Option(*decls, help=helps.get(name, field.description))
+        default = inspect.Parameter.empty if name in required else defaults.get(name, field.get_default())
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[ann, opt]))  # fmt: skip
+    return params
+
+
+def settings_command(model: type[BaseModel], **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate `fn(..., settings: dict)`: the result takes fn's own parameters plus one option per field of
+    `model` (see `option_params` for `options`), and passes the fields' values to fn as `settings`."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
+        skip = [p.name for p in own] + list(options.pop("exclude", ()))
+        generated = option_params(model, exclude=skip, **options)
+        names = [p.name for p in generated]
+
+        def command(**kw: Any) -> Any:
+            return fn(settings={n: kw.pop(n) for n in names}, **kw)
+
+        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+        command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
+        return command
+
+    return wrap
+
+
+def settings_flags(settings: BaseModel, *, exclude: Iterable[str] = ()) -> list[str]:
+    """The CLI arguments that rebuild `settings`: every field that differs from its default, and every bool
+    (a command's default for a flag may differ from the model's, e.g. --progress)."""
+    out: list[str] = []
+    skip = set(exclude)
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if name in skip or value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(flag(name) if value else f"--no-{name.replace('_', '-')}")
+        elif value != field.get_default():
+            out += [flag(name), str(value)]
+    return out

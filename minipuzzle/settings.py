@@ -1,0 +1,309 @@
+"""One settings model per stage, shared by the library, the CLI and the recipe.
+
+`distill` and `prune` take their model (scoring and evaluation take its fields as keyword arguments); a recipe
+section IS that model (validated by pydantic, errors naming the key); the stage's CLI options are generated from
+its fields (`minipuzzle.cli_options`), so a setting is declared once: its type, default, bounds and help text
+live on the field. Constructing a model directly (library or CLI)
+raises `UserError` with one line naming the option.
+
+Only the fields in `TRAJECTORY_FIELDS` decide the weights a distillation ends with; a resumed run checks them
+against the run it continues, so a changed command cannot silently splice two different runs together.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from minipuzzle.errors import UserError
+from minipuzzle.units import parse_count
+
+# importance.depth.DEPTH_METRICS, named here so that the CLI and recipes check them without importing torch.
+DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence")
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+# A warmup may take at most this share of the run. A longer one (the default 100 steps on a 60-step run) leaves
+# the LR rising to the end with no decay; 10 % is what this project's own short runs use (candidate distillation
+# warms up for steps // 10, the demo benchmark for steps // 16) and the usual warmup ratio of published recipes.
+MAX_WARMUP_SHARE = 0.1
+
+# Fields that change the training trajectory; everything else (logging, device, progress) may differ on resume.
+TRAJECTORY_FIELDS = (
+    "teacher", "student", "data", "split", "text_column", "eval_data", "eval_windows", "max_steps", "seq_len",
+    "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2", "grad_clip",
+    "temperature", "loss", "top_k", "lm_weight", "hidden_weight", "hidden_map", "seed",
+)  # fmt: skip
+
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a settings field: seq_len -> --seq-len."""
+    return "--" + name.replace("_", "-")
+
+
+class SettingsError(UserError, ValueError):
+    """A bad setting, in one line naming the option. `error` is pydantic's record of it; being a ValueError, it
+    reaches a recipe's validation as that record, so recipe errors name the key (distill.lr), not the flag."""
+
+    def __init__(self, message: str, error: dict[str, Any]):
+        super().__init__(message)
+        self.error = error
+
+
+def user_error(err: ValidationError) -> SettingsError:
+    """The first problem of a validation error as one line naming the option."""
+    first = err.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"] or first["type"] == "value_error":  # this module's checks name the option themselves
+        return SettingsError(msg, first)
+    opt = flag(str(first["loc"][0]))
+    if first["type"] == "literal_error":
+        return SettingsError(f"unknown {opt} {first['input']!r}: {msg[0].lower()}{msg[1:]}", first)
+    if first["type"] == "extra_forbidden":
+        return SettingsError(f"unknown setting {opt}", first)
+    return SettingsError(f"{opt}: {msg[0].lower()}{msg[1:]}, got {first['input']!r}", first)
+
+
+class Settings(BaseModel):
+    """A stage's settings: strict keys; direct construction raises `UserError` naming the option."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise user_error(e) from None
+
+
+def parse_tokens(text: str | int | float | None) -> int | None:
+    """'63B' -> 63e9, '7e9', '500M', '1000' -> a token count; None stays None.
+
+    A ValueError (not a UserError), so that pydantic names the field or recipe key it came from.
+    """
+    if text is None:
+        return None
+    try:
+        return parse_count(text, "--tokens")
+    except UserError as e:
+        raise ValueError(str(e)) from None
+
+
+def parse_layer_pairs(text: str | None) -> list[tuple[int, int]]:
+    """'0:0,1:2' -> [(0, 0), (1, 2)] (student layer, teacher layer); empty for None or ''."""
+    pairs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            s, t = (int(p) for p in item.strip().split(":"))
+        except ValueError:
+            raise ValueError(f"cannot read --hidden-map item {item!r}: use student:teacher, e.g. 0:0,1:2") from None
+        if s < 0 or t < 0:
+            raise ValueError(f"--hidden-map layer indices must be >= 0, got {item!r}")
+        pairs.append((s, t))
+    return pairs
+
+
+class ScoreSettings(Settings):
+    """Importance scoring: how many calibration windows of how many tokens, and which depth metric."""
+
+    depth_samples: int = Field(128, ge=1, description="Windows for the drop-one-layer pass (paper: 128).")
+    width_samples: int = Field(1024, ge=1, description="Windows for the width pass (paper: 1024).")
+    seq_len: int = Field(4096, ge=2, description="Tokens per calibration window.")
+    depth_metric: str = Field(
+        "mse_hidden", description="Layer importance: mse_hidden (MiniPuzzle), nmse_logits, kl_logits, lm_loss, "
+        "block_influence."
+    )  # fmt: skip
+    stream: bool | None = Field(None, description="Read layers one at a time (default: when the model does not fit).")
+    seed: int = Field(0, description="Seed for choosing calibration windows.")
+
+    @field_validator("depth_metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in DEPTH_METRICS:
+            raise ValueError(f"unknown depth metric {v!r}: choose one of {', '.join(DEPTH_METRICS)}")
+        return v
+
+
+class PruneSettings(Settings):
+    """Everything `prune` needs besides the model, the data and the output."""
+
+    budget: Any = Field(description="a search.budget.Budget")
+    axes: tuple[str, ...] = ("depth", "ffn")
+    steps: dict[str, int] = Field(default_factory=dict, description="width step per axis, e.g. {ffn: 1024}")
+    min_width: float = Field(0.5, gt=0, le=1, description="Smallest width searched, fraction of the source.")
+    min_layers: float = Field(0.5, ge=0, le=1, description="Fewest layers of each kind kept, fraction.")
+    candidates: int = Field(4, ge=1, description="Best candidates by predicted damage measured for real.")
+    band: float = Field(0.05, description="Candidates: every layout that fits and uses at least (1 - BAND) of a "
+                        "limit (of either, with both), plus layouts that cannot grow; ranked by predicted damage. "
+                        "0: only layouts that cannot grow.")  # fmt: skip
+    seq_len: int = Field(512, ge=2, description="Tokens per calibration window.")
+    depth_samples: int = Field(128, ge=1, description="Windows for depth scores.")
+    width_samples: int = Field(1024, ge=1, description="Windows for width scores.")
+    held_out_samples: int = Field(64, ge=1, description="Held-out windows for ranking.")
+    stream: bool = Field(False, description="Stream layers from the shards in every stage.")
+    method: Literal["auto", "enumerate", "mip"] = Field("auto", description="Search method: auto, enumerate or mip.")
+    seed: int = Field(0, description="Seed for choosing calibration and held-out windows.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass when ranking.")
+    device: str = Field("cpu", description="cpu or cuda.")
+    # MiniPuzzle distilled each candidate ~7B tokens before choosing; its ranks changed after it.
+    candidate_distill_steps: int = Field(
+        0, ge=0, description="Distil every candidate this many steps before choosing (0: off)."
+    )
+    candidate_distill_lr: float = Field(1e-4, gt=0, description="LR of the candidates' short distillation.")
+    candidate_distill_batch: int = Field(8, ge=1, description="Batch (sequences) of the candidates' distillation.")
+    norm_compensation: bool = Field(
+        True, description="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels."
+    )
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError(f"--band must be between 0 and 1 (a fraction of the budget, e.g. 0.05), got {v}")
+        return v
+
+
+class DistillSettings(Settings):
+    """One distillation run: teacher -> student on `data`, written to `output`.
+
+    Sizes: `batch_size` is the global batch in sequences (all processes, all accumulation steps together) of
+    `seq_len` tokens; each optimizer step sees batch_size x seq_len tokens. `tokens`, when set, fixes max_steps
+    to ceil(tokens / (batch_size x seq_len)).
+    """
+
+    teacher: str | None = Field(None, description="Teacher checkpoint folder (or cached hub id / preset).")
+    student: str | None = Field(None, description="Student checkpoint folder (e.g. the output of `prune`).")
+    data: str | None = Field(None, description="Text: .txt/.jsonl/.parquet file, folder, or datasets hub name.")
+    output: str | None = Field(None, description="Output folder for the distilled student.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (or give --tokens).")
+    tokens: int | None = Field(None, ge=1, description="Token budget (63B, 7e9): sets --max-steps.")
+    seq_len: int = Field(8192, ge=2, description="Tokens per sequence.")
+    batch_size: int = Field(8, ge=1, description="Global batch in sequences (all processes together).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per step on each process.")
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR of the cosine schedule, as a fraction.")
+    warmup: int = Field(100, ge=0, description="Linear warmup steps (capped at 10% of the run, with a note).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (matrices only).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm (0: off).")
+    temperature: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Softmax temperature of the KL (loss is scaled by T^2)."
+    )
+    loss: Literal["forward_kl", "reverse_kl", "topk_kl"] = Field(
+        "forward_kl", description="forward_kl (default), reverse_kl or topk_kl."
+    )
+    top_k: int = Field(64, ge=1, description="Teacher tokens kept by topk_kl.")
+    lm_weight: float = Field(0.0, ge=0, description="Weight of the next-token LM loss (0: logits only).")
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of (1 - cosine) on hidden states.")
+    hidden_map: str | None = Field(
+        None, description="Student:teacher layer pairs for the hidden loss, e.g. 0:0,1:2,2:4."
+    )
+    loss_chunk: int = Field(4096, ge=1, description="Tokens per chunk of the logit loss (memory bound).")
+    save_every: int = Field(500, ge=0, description="Checkpoint every N steps (0: only on SIGTERM).")
+    eval_every: int = Field(100, ge=0, description="Held-out KL every N steps (0: off).")
+    eval_windows: int = Field(16, ge=0, description="Held-out windows (taken from the head of --data).")
+    eval_data: str | None = Field(None, description="Separate held-out data (default: head of --data).")
+    split: str = Field("train", description="Dataset split for hub data.")
+    text_column: str = Field("text", description="Text column of table data.")
+    streaming: bool = Field(False, description="Stream hub/table data instead of loading it.")
+    seed: int = Field(0, description="Random seed.")
+    device: str = Field("auto", description="auto, cpu or cuda.")
+    teacher_dtype: Literal[DTYPE_NAMES] = Field(  # type: ignore[valid-type]
+        "auto", description="auto (bf16 on CUDA, else float32), float32, bfloat16."
+    )
+    autocast: bool = Field(True, description="bf16 autocast for the student on CUDA (weights stay float32).")
+    activation_checkpointing: bool = Field(False, description="Recompute student activations.")
+    attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2.")
+    overwrite: bool = Field(False, description="Replace a non-empty output folder.")
+    progress: bool = Field(False, description="Show a progress bar.")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: str | int | float | None) -> int | None:
+        return parse_tokens(v)
+
+    @field_validator("hidden_map")
+    @classmethod
+    def _pairs(cls, v: str | None) -> str | None:
+        parse_layer_pairs(v)
+        return v
+
+    @model_validator(mode="after")
+    def _steps(self) -> DistillSettings:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --grad-accum {self.grad_accum}")
+        if self.tokens is not None:
+            steps = math.ceil(self.tokens / (self.batch_size * self.seq_len))
+            if self.max_steps not in (None, steps):
+                raise ValueError(
+                    f"--tokens {self.tokens} means {steps} steps but --max-steps is {self.max_steps}: give one of them"
+                )
+            self.max_steps = steps
+        if self.max_steps is None:
+            raise ValueError("give --max-steps or --tokens")
+        return self
+
+    def layer_pairs(self) -> list[tuple[int, int]]:
+        """`hidden_map` as [(student_layer, teacher_layer), ...]; empty when unset."""
+        return parse_layer_pairs(self.hidden_map)
+
+    def warmup_steps(self) -> int:
+        """The warmup the schedule uses: `warmup`, clamped to MAX_WARMUP_SHARE of `max_steps` (rounded down)."""
+        return min(self.warmup, int(self.max_steps * MAX_WARMUP_SHARE))
+
+    def warmup_note(self) -> str | None:
+        """One line saying the warmup was clamped, or None when it was not."""
+        used = self.warmup_steps()
+        if used == self.warmup:
+            return None
+        return (
+            f"--warmup {self.warmup} is more than {MAX_WARMUP_SHARE:.0%} of the {self.max_steps}-step run: "
+            f"warming up for {used} steps, then cosine decay"
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def output_path(self) -> Path:
+        if self.output is None:
+            raise UserError("give -o/--output")
+        return Path(self.output)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the unfinished run lives (checkpoints, live metrics) until OUT is written."""
+        out = self.output_path
+        return out.with_name(out.name + ".partial")
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings that decide the final weights (compared on resume)."""
+        return self.model_dump(include=set(TRAJECTORY_FIELDS))
+
+    def check_paths(self) -> None:
+        """Raise `UserError` when teacher, student, data or output is missing (a recipe's run fills them)."""
+        for name in ("teacher", "student", "data", "output"):
+            if getattr(self, name) is None:
+                raise UserError(f"give {'-o/--output' if name == 'output' else flag(name)}")
+
+
+class EvalSettings(Settings):
+    """Evaluation of a model against its teacher: held-out windows, lm-eval tasks, speed."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks: names, task .yaml files or folders.")
+    num_fewshot: dict[str, int] = Field(default_factory=dict, description="Few-shot count per task.")
+    limit: int | None = Field(None, ge=1, description="Examples per lm-eval task.")
+    seq_len: int = Field(2048, ge=2, description="Tokens per held-out window; also the speed prompt length.")
+    samples: int = Field(64, ge=1, description="Held-out windows for perplexity / KL / agreement.")
+    speed: bool = Field(True, description="Measure prefill/decode speed and peak memory.")
+
+    def task_specs(self) -> list[str]:
+        """Tasks as lm-eval specs, with their few-shot counts: ['mmlu:5', 'arc_challenge']."""
+        return [f"{t}:{self.num_fewshot[t]}" if t in self.num_fewshot else t for t in self.tasks]
