@@ -137,17 +137,14 @@ def evaluate(
     from minipuzzle.data import token_windows
     from minipuzzle.evaluate.report import write_report
 
-    t0 = time.time()
-    specs = parse_tasks(tasks)
+    t0, specs = time.time(), parse_tasks(tasks)
     check_output_dir(out, overwrite)
     _check_counts(seq_len, num_samples, batch_size, speed_batch, limit, data is not None or bool(specs) or speed)
     dev = _device(device)
     dt = parse_dtype(dtype, dev)
     mpath, tpath = _checkpoint_dir(model_path), _checkpoint_dir(teacher_path) if teacher_path is not None else None
     tok = _tokenizer(mpath, *([tpath] if tpath else []))
-    windows = None
-    if data is not None:
-        windows = token_windows(data, tok, seq_len, num_samples, seed, split=split, column=column)
+    windows = token_windows(data, tok, seq_len, num_samples, seed, split=split, column=column) if data is not None else None
     model, teacher = _load_pair(mpath, tpath, dt, dev)
     plen = speed_prompt_len or seq_len
     rep = EvalReport(
@@ -165,9 +162,9 @@ def evaluate(
             speed_prompt_len=plen, decode_tokens=decode_tokens, precision=precision, context=context,
             versions=_versions(),
         ),
+        elapsed_s=round(time.time() - t0, 3),  # keyword arguments run in order: this one comes last
     )  # fmt: skip
     rep.params = rep.architecture["model"]["params"]
-    rep.elapsed_s = round(time.time() - t0, 3)
     write_report(rep, out, overwrite=overwrite)
     return rep.model_dump(mode="json")
 
