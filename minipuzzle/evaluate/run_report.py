@@ -70,12 +70,13 @@ def _img(png: Path, alt: str) -> str:
     return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def _pngs(folder: Path, skip: tuple[str, ...] = ()) -> str:
-    return "".join(_img(p, p.stem) for p in sorted(folder.glob("*.png")) if p.name not in skip)
+def _pngs(folder: Path) -> str:
+    return "".join(_img(p, p.stem) for p in sorted(folder.glob("*.png")))
 
 
-def _scalars(d: dict, skip: tuple[str, ...] = ()) -> Table | None:
-    rows = [[k, fmt(v)] for k, v in d.items() if k not in skip and isinstance(v, (str, int, float, bool))]
+def _scalars(d: dict) -> Table | None:
+    """The top-level plain values of an artifact (nested ones have their own tables)."""
+    rows = [[k, fmt(v)] for k, v in d.items() if isinstance(v, (str, int, float, bool))]
     return (["field", "value"], rows) if rows else None
 
 
@@ -83,9 +84,10 @@ def _candidate_table(rows: list[CandidateRow]) -> Table:
     """One row per candidate, nested figures as `widths.ffn`-style columns."""
     flat = []
     for r in rows[:MAX_CANDIDATE_ROWS]:
-        d = r.model_dump(exclude_none=True)
-        flat.append({f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in d.items()
-                     for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])})  # fmt: skip
+        row = {}
+        for k, v in r.model_dump(exclude_none=True).items():
+            row.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+        flat.append(row)
     cols = list(dict.fromkeys(k for r in flat for k in r))
     return cols, [[fmt(r.get(c)) for c in cols] for r in flat]
 
