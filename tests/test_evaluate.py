@@ -41,32 +41,22 @@ def offline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
-    """Teacher and a depth-pruned student (layers 2 and 5 dropped) on disk; the student folder holds a
-    metrics.jsonl from a few real distillation steps."""
+    """Teacher and a depth-pruned student (layers 2 and 5 dropped, then distilled for 4 real steps, so its folder
+    holds the distillation's metrics.jsonl) on disk."""
+    from minipuzzle.distill import distill
+    from minipuzzle.settings import DistillSettings
+    from minipuzzle.testing import stdlib_text_files
+
     root = tmp_path_factory.mktemp("models")
     teacher = random_model(seed=3)
     keep = [i for i in range(teacher.config.num_hidden_layers) if i not in (2, 5)]
-    student = drop_layers(teacher, keep)
     tpath = save_model(teacher, root / "teacher", tokenizer=tokenizer)
-    spath = save_model(student, root / "student", tokenizer=tokenizer)
-    # A few real KL-distillation steps, logged the way the distill stage logs them.
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 320, (2, 16), generator=gen)
-    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    rows = []
-    with torch.no_grad():
-        tlogp = F.log_softmax(teacher(ids).logits.float(), -1)
-    for step in range(1, 5):
-        logp = F.log_softmax(student(ids).logits.float(), -1)
-        kl = (tlogp.exp() * (tlogp - logp)).sum(-1).mean()
-        opt.zero_grad()
-        kl.backward()
-        opt.step()
-        row = {"step": step, "loss": kl.item(), "kl": kl.item(), "tokens": step * ids.numel()}
-        if step % 2 == 0:
-            row["val_kl"] = kl.item()
-        rows.append(row)
-    (spath / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cut = save_model(drop_layers(teacher, keep), root / "cut", tokenizer=tokenizer)
+    data = root / "data.txt"
+    data.write_text(stdlib_text_files(1)[0].read_text())
+    spath = distill(DistillSettings(teacher=str(tpath), student=str(cut), data=str(data), output=str(root / "student"),
+                                  max_steps=4, seq_len=16, batch_size=2, lr=3e-3, warmup=1, save_every=0, eval_windows=0,
+                                  progress=False))  # fmt: skip
     return {"teacher": tpath, "student": spath, "keep": keep, "pattern": Layout.from_config(teacher.config).pattern}
 
 

@@ -1,27 +1,26 @@
-"""`minipuzzle report RUN_DIR`: one self-contained HTML page built from a run folder whose stage outputs are made
-here from real computations (drop-one layer scores, a candidate table ranked by KL, distillation steps, a real
-evaluation report), validated as HTML and, where Chromium is installed, rendered in a headless browser."""
+"""`minipuzzle report RUN_DIR`: one self-contained HTML page built from a run folder whose artifacts the real
+stages write (score -> prune -> distill -> eval on a tiny model), validated as HTML and, where Chromium is
+installed, rendered in a headless browser."""
 
 import base64
 import io
-import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from test_evaluate import TASK_YAML
 
-from minipuzzle.arch import Layout
-from minipuzzle.data import token_windows
-from minipuzzle.distill.toy import drop_layers
+from minipuzzle.artifacts import PruneReport
+from minipuzzle.distill import distill
 from minipuzzle.errors import UserError
-from minipuzzle.evaluate import build_run_report, evaluate, held_out_stats
-from minipuzzle.testing import random_model, run_cli, save_model
+from minipuzzle.evaluate import build_run_report, evaluate
+from minipuzzle.importance.folder import score_to_folder
+from minipuzzle.search.budget import Budget
+from minipuzzle.search.pipeline import PruneSettings, prune
+from minipuzzle.settings import DistillSettings
+from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
 
@@ -75,10 +74,11 @@ def check_images(page: Page) -> int:
     return len(page.images)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, tokenizer, text_file):
-    """A whole run: score/ (real drop-one KL per layer), search/ (candidates that drop the least important
-    layers, ranked by real KL), distill/ (real distillation steps) and eval/ (a real evaluation report)."""
+    """A whole run made by the real stages on a tiny model, laid out as `minipuzzle run` lays it out: score/
+    (drop-one layer scores), prune/ (depth candidates ranked on held-out KL, the winner cut), distill/ (a few
+    real distillation steps from the cut) and eval/ (a real evaluation report of the distilled student)."""
     import datasets
 
     mp = pytest.MonkeyPatch()
@@ -86,77 +86,22 @@ def run_dir(tmp_path_factory, tokenizer, text_file):
     mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("ds")), raising=False)
     run = tmp_path_factory.mktemp("runs") / "tiny-run"
-    teacher = random_model(seed=5)
-    pattern = Layout.from_config(teacher.config).pattern
-    n = len(pattern)
-    tpath = save_model(teacher, run / "source", tokenizer=tokenizer)
-    windows = token_windows(text_file, tokenizer, 24, 2, seed=0)
-
-    depth = []
-    for i in range(n):
-        dropped = drop_layers(teacher, [j for j in range(n) if j != i])
-        depth.append(held_out_stats(dropped, windows, teacher)["kl_to_teacher"])
-    (run / "score").mkdir()
-    save_file({"depth": torch.tensor(depth)}, str(run / "score" / "scores.safetensors"), metadata={"pattern": pattern})
-    meta = {"pattern": pattern, "axes": ["depth"], "metric": "kl_drop_one", "num_samples": 2, "seq_len": 24}
-    (run / "score" / "scores.json").write_text(json.dumps(meta))
-
-    order = sorted(range(n), key=depth.__getitem__)
-    candidates = []
-    for k in (1, 2, 3):
-        keep = sorted(set(range(n)) - set(order[:k]))
-        cand = drop_layers(teacher, keep)
-        lay = Layout.from_config(cand.config)
-        kl = held_out_stats(cand, windows, teacher)["kl_to_teacher"]
-        candidates.append({"pattern": lay.pattern, "params": lay.num_params(), "kl": kl, "keep": keep})
-    chosen = candidates[1]
-    student = drop_layers(teacher, chosen["keep"])
-    counts = Layout.from_config(student.config).layer_counts()
-    # The search stage's report shape: chosen.source / chosen.result (axis-named widths) / chosen.plan.layers.
-    prune = {
-        "model": str(tpath),
-        "checkpoint": str(tpath),
-        "budget": {"params": chosen["params"], "precision": "bf16"},
-        "chosen": {
-            "source": {"pattern": pattern, "params": Layout.from_config(teacher.config).num_params()},
-            "result": {
-                "pattern": chosen["pattern"],
-                "params": chosen["params"],
-                "layers": counts,
-                "widths": {"ffn": 96, "hidden": 64},
-            },
-            "plan": {"layers": chosen["keep"]},
-        },
-        "candidates": [
-            {"widths": {"ffn": 96}, "predicted_damage": sum(depth[i] for i in order[:k]), "params": c["params"],
-             "kl": c["kl"], "measured_rank": k}
-            for k, c in enumerate(candidates, 1)
-        ],
-        "scores": meta,
-    }  # fmt: skip
-    (run / "search").mkdir()
-    (run / "search" / "prune_report.json").write_text(json.dumps(prune, indent=2))
-
-    spath = save_model(student, run / "distill", tokenizer=tokenizer)
-    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    ids = windows
-    with torch.no_grad():
-        tlogp = F.log_softmax(teacher(ids).logits.float(), -1)
-    rows = []
-    for step in range(1, 4):
-        logp = F.log_softmax(student(ids).logits.float(), -1)
-        kl = (tlogp.exp() * (tlogp - logp)).sum(-1).mean()
-        opt.zero_grad()
-        kl.backward()
-        opt.step()
-        rows.append(
-            {"step": step, "loss": kl.item(), "kl": kl.item(), "tokens": step * ids.numel(), "val_kl": kl.item()}
-        )
-    (spath / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # mid-write
-
-    evaluate(spath, tpath, data=text_file, tasks=[str(TASK_YAML)], limit=3, seq_len=24, out=run / "eval",
+    source = tiny_layout()
+    tpath = save_model(random_model(source, seed=5), run / "source", tokenizer=tokenizer)
+    score_to_folder(tpath, str(text_file), run / "score", axes=["depth"], depth_samples=2, seq_len=24,
+                    progress=False)  # fmt: skip
+    settings = PruneSettings(budget=Budget(params=int(source.num_params() * 0.8)), axes=("depth",), candidates=3,
+                             seq_len=24, held_out_samples=2)  # fmt: skip
+    prune(str(tpath), run / "prune", settings, str(text_file), scores_dir=str(run / "score"), progress=False)
+    distill(DistillSettings(teacher=str(tpath), student=str(run / "prune"), data=str(text_file),
+                          output=str(run / "distill"), max_steps=3, seq_len=24, batch_size=2, lr=3e-3, warmup=1,
+                          eval_every=3, eval_windows=2, save_every=0, progress=False))  # fmt: skip
+    evaluate(run / "distill", tpath, data=text_file, tasks=[str(TASK_YAML)], limit=3, seq_len=24, out=run / "eval",
              num_samples=2, batch_size=4, speed_prompt_len=8, decode_tokens=2, speed_repeats=1)  # fmt: skip
-    yield {"run": run, "depth": depth, "order": order, "prune": prune}
+    metrics = run / "distill" / "metrics.jsonl"
+    points = len(metrics.read_text().splitlines())
+    metrics.write_text(metrics.read_text() + '{"type": "train", "step": 4, "lo')  # a line cut by a killed run
+    yield {"run": run, "prune": PruneReport.read(run / "prune" / "prune_report.json"), "points": points}
     mp.undo()
 
 
@@ -168,20 +113,18 @@ def test_run_report_has_every_section_and_is_self_contained(run_dir):
     # Depth plot + importance PNGs, eval PNGs (quality, tasks, speed, distill), the regenerated distill curve.
     assert check_images(page) >= 6
     text = " ".join(page.text)
-    chosen = run_dir["prune"]["chosen"]
-    pattern = chosen["source"]["pattern"]
-    removed = sorted(set(range(len(pattern))) - set(chosen["plan"]["layers"]))
-    assert removed == sorted(run_dir["order"][:2])
-    assert f"removed layers (2): {', '.join(f'{i}{pattern[i]}' for i in removed)}" in text
+    chosen = run_dir["prune"].chosen
+    pattern = chosen.source.pattern
+    removed = sorted(set(range(len(pattern))) - set(chosen.kept_layers))
+    assert len(removed) == len(pattern) - len(chosen.result.pattern) > 0
+    assert f"removed layers ({len(removed)}): {', '.join(f'{i}{pattern[i]}' for i in removed)}" in text
     assert "tiny_code_mc" in text and "perplexity" in text and "prefill tokens/s" in text
-    assert f"{run_dir['prune']['candidates'][0]['params']:,}" in text  # the candidate table
-    assert "intermediate_size 96 96" in " ".join(text.split())  # widths: source (from its config) vs chosen
-    c = chosen["result"]["layers"]
-    summary = (
-        f"{len(chosen['result']['pattern'])} layers: {c['mamba']} Mamba, {c['attention']} attention, {c['mlp']} MLP"
-    )
+    assert f"{run_dir['prune'].candidates[0].params:,}" in text  # the candidate table
+    assert "ffn 96 96" in " ".join(text.split())  # widths: source vs chosen (depth pruning keeps them)
+    c = chosen.result.layers
+    summary = f"{len(chosen.result.pattern)} layers: {c['mamba']} Mamba, {c['attention']} attention, {c['mlp']} MLP"
     assert summary in text and "widths.ffn" in text
-    assert "3 points" in text  # the half-written last line of metrics.jsonl is skipped, not fatal
+    assert f"{run_dir['points']} points" in text  # the half-written last line of metrics.jsonl is skipped, not fatal
 
 
 def test_report_skips_missing_stages_and_cli(run_dir, tmp_path):
@@ -215,11 +158,3 @@ def test_run_report_renders_in_headless_chromium(run_dir):
     for sid in ("evaluation", "importance", "search", "distill"):
         assert f'id="{sid}"' in dom
     assert dom.count("data:image/png;base64,") >= 6
-
-
-def test_layout_section_reads_flat_prune_reports():
-    from minipuzzle.evaluate.run_report import _layouts
-
-    lay = _layouts({"source_pattern": "M-*M-", "pattern": "M-M", "kept_layers": [0, 1, 3], "intermediate_size": 8})
-    assert lay["source"] == "M-*M-" and lay["chosen"] == "M-M" and lay["kept"] == [0, 1, 3]
-    assert lay["widths"] == {"intermediate_size": {"chosen": 8}}

@@ -169,9 +169,9 @@ def test_candidates_distilled_before_the_choice(dead_checkpoint, text_file, tmp_
     rows = json.loads((out / "prune_report.json").read_text())["candidates"]
     assert len(rows) == 2
     for r in rows:
-        assert r["kl_to_teacher"] >= 0 and "kl_to_teacher_before_distill" in r
+        assert r["kl_to_teacher"] >= 0 and "kl_to_teacher" in r["before_distill"]
     # The ranking figures are the distilled students', not copies of the undistilled ones.
-    assert any(r["kl_to_teacher"] != r["kl_to_teacher_before_distill"] for r in rows)
+    assert any(r["kl_to_teacher"] != r["before_distill"]["kl_to_teacher"] for r in rows)
     assert [r["kl_to_teacher"] for r in rows] == sorted(r["kl_to_teacher"] for r in rows)
 
 

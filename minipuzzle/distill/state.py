@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from minipuzzle.artifacts import METRICS_ROW
 from minipuzzle.distill.parallel import Dist, barrier
 from minipuzzle.errors import UserError
 
@@ -161,9 +162,10 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one `artifacts.TrainRow` / `EvalRow` (given as a dict; a key no row type has fails here)."""
         if self.enabled:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(METRICS_ROW.validate_python(record).model_dump_json() + "\n")
 
     def text(self) -> str:
         return self.path.read_text() if self.path.is_file() else ""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from minipuzzle.artifacts import EvalReport, EvalRow, SpeedResult, TrainRow  # noqa: E402
 
 MODEL_COLOR, TEACHER_COLOR = "#2b6cb0", "#a0aec0"
 # The importance stage's colours, so every plot of a run reads the same way.
@@ -43,61 +44,44 @@ def tasks_plot(tasks: dict, teacher_tasks: dict | None, path: str | Path) -> Pat
     return _save(fig, Path(path))
 
 
-def speed_plot(speed: dict, path: str | Path) -> Path | None:
+def speed_plot(speed: dict[str, SpeedResult], path: str | Path) -> Path | None:
     """Prefill and decode tokens/s, one bar per measured model (model, teacher)."""
-    names = [n for n in ("teacher", "model") if speed.get(n)]
+    names = [n for n in ("teacher", "model") if n in speed]
     if not names:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
-        vals = [speed[n][key] for n in names]
+        vals = [getattr(speed[n], key) for n in names]
         ax.bar(names, vals, color=[TEACHER_COLOR if n == "teacher" else MODEL_COLOR for n in names])
         ax.set_title(f"{title} tokens/s")
         for i, v in enumerate(vals):
             ax.annotate(f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
     s = speed[names[-1]]
-    fig.suptitle(f"batch {s['batch']}, prompt {s['prompt_len']}, {s['device']} {s['dtype']}", fontsize=9)
+    fig.suptitle(f"batch {s.batch}, prompt {s.prompt_len}, {s.device} {s.dtype}", fontsize=9)
     return _save(fig, Path(path))
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl file; lines that are not JSON objects are skipped (a run may be mid-write)."""
-    rows = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+def distill_plot(rows: list[TrainRow | EvalRow], path: str | Path) -> Path | None:
+    """Training loss and KL, and held-out KL to the teacher, against step.
 
-
-def distill_plot(rows: list[dict], path: str | Path) -> Path | None:
-    """Training loss and KL, and held-out KL to the teacher, against step (or tokens when steps are absent).
-
-    metrics.jsonl mixes training rows and evaluation rows (`"type": "eval"`, whose `loss` is the LM loss, not the
-    distillation loss), so the two are drawn as separate series.
+    metrics.jsonl mixes training rows and evaluation rows (whose `loss` is the LM loss, not the distillation
+    loss), so the two are drawn as separate series.
     """
-    xkey = "step" if any("step" in r for r in rows) else "tokens"
-    train = [r for r in rows if r.get("type") != "eval"]
-    evals = [r for r in rows if r.get("type") == "eval"]
-    series = [(label, rs, key) for label, rs, key in (
-        ("loss", train, "loss"), ("kl", train, "kl"), ("held-out KL", evals, "kl_to_teacher"), ("held-out KL", train, "val_kl"),
-    ) if any(isinstance(r.get(key), (int, float)) for r in rs)]  # fmt: skip
+    train = [r for r in rows if isinstance(r, TrainRow)]
+    evals = [r for r in rows if isinstance(r, EvalRow)]
+    series = [("loss", train, "loss"), ("kl", train, "kl"), ("held-out KL", evals, "kl_to_teacher")]
+    series = [(label, rs, key) for label, rs, key in series if rs]
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.4))
     values = []
     for label, rs, key in series:
-        pts = [(r[xkey], r[key]) for r in rs if isinstance(r.get(key), (int, float)) and xkey in r]
-        if pts:
-            xs, ys = zip(*pts)
-            values += ys
-            ax.plot(xs, ys, marker="o" if "held-out" in label else None, ms=3, label=label)
-    if values and min(values) > 0:
+        ys = [getattr(r, key) for r in rs]
+        values += ys
+        ax.plot([r.step for r in rs], ys, marker="o" if "held-out" in label else None, ms=3, label=label)
+    if min(values) > 0:
         ax.set_yscale("log")  # KL falls by orders of magnitude while loss may not
-    ax.set_xlabel(xkey)
+    ax.set_xlabel("step")
     ax.set_ylabel("nats / token")
     ax.set_title("distillation")
     ax.legend(fontsize=8)
@@ -118,31 +102,25 @@ def depth_plot(depth: list[float], pattern: str, path: str | Path) -> Path | Non
     return _save(fig, Path(path))
 
 
-def quality_plot(rep: dict, path: str | Path) -> Path | None:
+def quality_plot(rep: EvalReport, path: str | Path) -> Path | None:
     """Held-out text: perplexity (left) and next-token accuracy / agreement with the teacher (right)."""
-    if rep.get("perplexity") is None:
+    if rep.perplexity is None:
         return None
-    teacher = rep.get("teacher_quality") or {}
+    teacher = rep.teacher_quality
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(7, 3.2))
     names = (["teacher"] if teacher else []) + ["model"]
-    ppl = ([teacher["perplexity"]] if teacher else []) + [rep["perplexity"]]
+    ppl = ([teacher.perplexity] if teacher else []) + [rep.perplexity]
     a1.bar(names, ppl, color=[TEACHER_COLOR if n == "teacher" else MODEL_COLOR for n in names])
     a1.set_title("perplexity (lower is better)")
-    labels, vals, colors = [], [], []
-    if teacher:
-        labels.append("teacher acc")
-        vals.append(teacher["accuracy"])
-        colors.append(TEACHER_COLOR)
-    labels.append("model acc")
-    vals.append(rep["accuracy"])
-    colors.append(MODEL_COLOR)
-    if rep.get("agreement") is not None:
-        labels.append("agreement")
-        vals.append(rep["agreement"])
-        colors.append("#805ad5")
+    bars = ([("teacher acc", teacher.accuracy, TEACHER_COLOR)] if teacher else []) + [
+        ("model acc", rep.accuracy, MODEL_COLOR)
+    ]
+    if rep.agreement is not None:
+        bars.append(("agreement", rep.agreement, "#805ad5"))
+    labels, vals, colors = zip(*bars)
     a2.bar(labels, vals, color=colors)
     a2.set_ylim(0, 1)
     a2.set_title("next token")
-    if rep.get("kl_to_teacher") is not None:
-        fig.suptitle(f"KL(teacher ‖ model) = {rep['kl_to_teacher']:.4f} nats/token", fontsize=9)
+    if rep.kl_to_teacher is not None:
+        fig.suptitle(f"KL(teacher ‖ model) = {rep.kl_to_teacher:.4f} nats/token", fontsize=9)
     return _save(fig, Path(path))

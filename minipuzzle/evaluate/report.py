@@ -1,84 +1,77 @@
-"""Write an evaluation report folder: report.json (machine-readable), report.md (tables) and PNG plots."""
+"""Write an evaluation report folder: report.json (`artifacts.EvalReport`), report.md (tables) and PNG plots."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
+from minipuzzle.artifacts import EvalReport, read_metrics
 from minipuzzle.evaluate import plots
 from minipuzzle.evaluate.tables import fmt, markdown, quality_table, speed_table, tasks_table
 
 
-def render_markdown(rep: dict[str, Any]) -> str:
-    """The human-readable report: what was compared, then quality, tasks, speed/memory tables and the plots."""
-    s = rep.get("settings", {})
-    lines = [f"# Evaluation: {rep.get('model')}", ""]
-    if rep.get("teacher"):
-        lines.append(f"Teacher: `{rep['teacher']}`  ")
-    lines.append(
-        f"Device {s.get('device')} ({s.get('dtype')}), seed {s.get('seed')}, "
-        f"{fmt(rep.get('elapsed_s'), 1)} s; minipuzzle {s.get('versions', {}).get('minipuzzle')}, "
-        f"lm-eval {s.get('versions', {}).get('lm_eval')}."
-    )
-    lines.append("")
+def render_markdown(rep: EvalReport | dict) -> str:
+    """The human-readable report: what was compared, then quality, tasks, speed/memory tables and the plots.
+    `rep` may be the dict `evaluate` returns."""
+    rep = EvalReport.model_validate(rep)
+    s = rep.settings
+    lines = [f"# Evaluation: {rep.model}", ""]
+    if rep.teacher:
+        lines.append(f"Teacher: `{rep.teacher}`  ")
+    lines += [
+        f"Device {s.device} ({s.dtype}), seed {s.seed}, {fmt(rep.elapsed_s, 1)} s; minipuzzle "
+        f"{s.versions.get('minipuzzle')}, lm-eval {s.versions.get('lm_eval')}.",
+        "",
+    ]
     q = quality_table(rep)
     if q:
         lines += [
             "## Held-out text",
             "",
-            f"{fmt(rep.get('tokens'))} scored tokens: {s.get('windows')} windows of {s.get('seq_len')} tokens "
-            f"from `{s.get('data')}`. Perplexity = exp(mean token loss); KL is KL(teacher ‖ model) in nats per "
-            "token; agreement is the share of positions where the model's greedy token is the teacher's.",
+            f"{fmt(rep.tokens)} scored tokens: {s.windows} windows of {s.seq_len} tokens from `{s.data}`. "
+            "Perplexity = exp(mean token loss); KL is KL(teacher ‖ model) in nats per token; agreement is the share "
+            "of positions where the model's greedy token is the teacher's.",
             "",
             markdown(q),
             "",
         ]
     t = tasks_table(rep)
     if t:
-        limit = s.get("limit")
-        lines += ["## lm-eval tasks", "", f"Examples per task: {'all' if limit is None else limit}.", ""]
-        lines += [markdown(t), ""]
+        limit = "all" if s.limit is None else s.limit
+        lines += ["## lm-eval tasks", "", f"Examples per task: {limit}.", "", markdown(t), ""]
     sp = speed_table(rep)
     if sp:
-        first = next(iter((rep.get("speed") or {}).values()), None)
         lines += ["## Speed and memory", ""]
+        first = next(iter(rep.speed.values()), None)
         if first:
             lines += [
-                f"Measured in this run: batch {first['batch']}, prompt {first['prompt_len']} tokens, "
-                f"{first['decode_tokens']} decoded tokens, median of {first['repeats']}; peak memory is "
-                f"{first['peak_memory_kind'].replace('_', ' ')}. Parameters, memory and FLOPs are the "
+                f"Measured in this run: batch {first.batch}, prompt {first.prompt_len} tokens, "
+                f"{first.decode_tokens} decoded tokens, median of {first.repeats}; peak memory is "
+                f"{first.peak_memory_kind.replace('_', ' ')}. Parameters, memory and FLOPs are the "
                 "architecture model's figures.",
                 "",
             ]
         lines += [markdown(sp), ""]
-    d = rep.get("distill")
-    if d:
-        last = ", ".join(f"{k} {fmt(v)}" for k, v in d["last"].items())
-        lines += ["## Distillation", "", f"{d['points']} logged points; last: {last}.", ""]
-    if rep.get("plots"):
-        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep["plots"]] + [""]
+    if rep.distill:
+        last = ", ".join(f"{k} {fmt(v)}" for k, v in rep.distill.last.items())
+        lines += ["## Distillation", "", f"{rep.distill.points} logged points; last: {last}.", ""]
+    if rep.plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in rep.plots] + [""]
     return "\n".join(lines)
 
 
-def write_report(
-    rep: dict[str, Any],
-    out: str | Path,
-    *,
-    overwrite: bool = False,
-    metrics_rows: list[dict] | None = None,
-) -> Path:
-    """Write `rep` into the folder `out` atomically; adds the plot file names to `rep["plots"]`."""
+def write_report(rep: EvalReport, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `rep` into the folder `out` atomically; sets `rep.plots` to the plot file names."""
     from minipuzzle.checkpoint import atomic_dir
 
+    rows = read_metrics(rep.distill.metrics_file) if rep.distill else []
     with atomic_dir(out, overwrite) as tmp:
         made = [
             plots.quality_plot(rep, tmp / "quality.png"),
-            plots.tasks_plot(rep.get("tasks") or {}, rep.get("teacher_tasks"), tmp / "tasks.png"),
-            plots.speed_plot(rep.get("speed") or {}, tmp / "speed.png"),
-            plots.distill_plot(metrics_rows, tmp / "distill.png") if metrics_rows else None,
+            plots.tasks_plot(rep.tasks, rep.teacher_tasks, tmp / "tasks.png"),
+            plots.speed_plot(rep.speed, tmp / "speed.png"),
+            plots.distill_plot(rows, tmp / "distill.png") if rows else None,
         ]
-        rep["plots"] = [p.name for p in made if p is not None]
-        (tmp / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        rep.plots = [p.name for p in made if p is not None]
+        rep.write(tmp / "report.json")
         (tmp / "report.md").write_text(render_markdown(rep))
     return Path(out)

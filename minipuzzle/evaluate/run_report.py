@@ -1,49 +1,27 @@
 """`build_run_report`: one self-contained HTML page for a whole run folder.
 
-A run folder holds stage outputs written by other stages: importance scores (scores.json / scores.safetensors),
-the search or prune report (prune_report.json: chosen layout, parameters, candidates), the distillation
-checkpoint (metrics.jsonl) and the evaluation report (report.json). Each section appears when its files are
-found and is skipped otherwise; the formats of other stages are read defensively (keys are looked for, not
-assumed), so a newer stage output degrades to a key/value table rather than an error. Images are embedded as
-base64 data URIs, so the page is one file that can be mailed or archived.
+A run folder holds one folder per stage, as `minipuzzle run` lays it out (see `runner.run`), each with its typed
+artifact (`minipuzzle.artifacts`): score/scores.json, prune/prune_report.json, distill/metrics.jsonl (or
+distill.partial/ while the run is under way), eval/report.json and, when the pruned model was evaluated too,
+eval_pruned/report.json. Each section appears when its artifact is there and is skipped otherwise. Images are
+embedded as base64 data URIs, so the page is one file that can be mailed or archived.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from minipuzzle.artifacts import CandidateRow, EvalReport, PruneReport, ScoresMeta, read_metrics
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import plots
 from minipuzzle.evaluate.tables import Table, before_after_table, fmt, quality_table, speed_table, tasks_table
 
 KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
-WIDTH_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "mamba_num_heads",
-    "mamba_head_dim",
-    "ssm_state_size",
-    "n_groups",
-)
-# Search-axis names of the widths (the search stage's vocabulary) -> config fields.
-AXIS_FIELDS = {
-    "ffn": "intermediate_size",
-    "mamba_heads": "mamba_num_heads",
-    "mamba_head_dim": "mamba_head_dim",
-    "attn_heads": "num_attention_heads",
-    "hidden": "hidden_size",
-}
-SOURCE_WORDS = ("source", "parent", "original", "teacher", "base", "score")
 MAX_CANDIDATE_ROWS = 50
 
 CSS = """
@@ -64,39 +42,9 @@ pre{background:#f7fafc;padding:.8em;overflow-x:auto;font-size:.85em}
 """
 
 
-# ---- finding stage outputs -------------------------------------------------------------------------------------
-
-
-def _files(run_dir: Path, name: str, prefer: tuple[str, ...], depth: int = 3) -> list[Path]:
-    """Files called `name` under run_dir (at most `depth` folders down, hidden/temporary folders skipped),
-    those in the preferred stage folders first."""
-    found = []
-    for root, dirs, files in os.walk(run_dir):
-        rel = Path(root).relative_to(run_dir)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and len(rel.parts) < depth)
-        if name in files:
-            found.append(Path(root) / name)
-
-    def rank(p: Path) -> tuple[int, int, str]:
-        top = p.relative_to(run_dir).parts[0] if len(p.relative_to(run_dir).parts) > 1 else ""
-        return (0 if top in prefer else 1, len(p.parts), str(p))
-
-    return sorted(found, key=rank)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _eval_report(run_dir: Path) -> tuple[Path, dict] | None:
-    for f in _files(run_dir, "report.json", ("eval", "evaluate", "evaluation")):
-        rep = _read_json(f)
-        if isinstance(rep, dict) and "settings" in rep and ("perplexity" in rep or "tasks" in rep):
-            return f, rep
-    return None
+def _artifact(path: Path, kind):
+    """The artifact at `path` read as `kind`, or None when the stage has not written it."""
+    return kind.read(path) if path.is_file() else None
 
 
 # ---- HTML pieces -----------------------------------------------------------------------------------------------
@@ -122,85 +70,26 @@ def _img(png: Path, alt: str) -> str:
     return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def _pngs(folder: Path, skip: tuple[str, ...] = ()) -> str:
-    return "".join(_img(p, p.stem) for p in sorted(folder.glob("*.png")) if p.name not in skip)
+def _pngs(folder: Path) -> str:
+    return "".join(_img(p, p.stem) for p in sorted(folder.glob("*.png")))
 
 
-def _scalars(d: dict, skip: tuple[str, ...] = ()) -> Table | None:
-    rows = [[k, fmt(v)] for k, v in d.items() if k not in skip and isinstance(v, (str, int, float, bool))]
+def _scalars(d: dict) -> Table | None:
+    """The top-level plain values of an artifact (nested ones have their own tables)."""
+    rows = [[k, fmt(v)] for k, v in d.items() if isinstance(v, (str, int, float, bool))]
     return (["field", "value"], rows) if rows else None
 
 
-def _walk(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(key path, value) of every entry in nested dicts/lists (list indices become '[i]')."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield (*path, str(k)), v
-            yield from _walk(v, (*path, str(k)))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj[:1000]):
-            yield from _walk(v, (*path, f"[{i}]"))
-
-
-def _is_source(path: tuple[str, ...]) -> bool:
-    return any(w in p.lower() for p in path[:-1] for w in SOURCE_WORDS) or any(
-        path[-1].lower().startswith(w + "_") for w in SOURCE_WORDS
-    )
-
-
-def _is_pattern(v: Any) -> bool:
-    return isinstance(v, str) and bool(v) and set(v) <= set(KIND_NAMES)
-
-
-def _layouts(rep: dict) -> dict[str, Any]:
-    """Source and chosen patterns, kept source-layer indices and widths, looked for anywhere in a prune report.
-
-    Understands the search stage's report (chosen.source / chosen.result with axis-named widths / chosen.plan
-    with the kept `layers`) and flatter spellings (kept_layers, source_pattern, config-named widths).
-    """
-    out: dict[str, Any] = {"source": None, "chosen": None, "kept": None, "widths": {}}
-    for path, v in _walk(rep):
-        key = path[-1].lower()
-        if "candidate" in " ".join(path).lower():
-            continue  # the candidate table has patterns too; the chosen one is reported outside it
-        side = "source" if _is_source(path) else "chosen"
-        parent = path[-2].lower() if len(path) > 1 else ""
-        if key.endswith("pattern") and _is_pattern(v):
-            if out[side] is None:
-                out[side] = v
-        elif (("keep" in key or "kept" in key) and "layer" in key) or (key == "layers" and parent == "plan"):
-            if out["kept"] is None and isinstance(v, list) and v and all(isinstance(i, int) for i in v):
-                out["kept"] = sorted(v)
-        elif isinstance(v, int) and not isinstance(v, bool):
-            field = (
-                AXIS_FIELDS.get(key) if parent == "widths" else next((w for w in WIDTH_KEYS if key.endswith(w)), None)
-            )
-            if field:
-                out["widths"].setdefault(field, {}).setdefault(side, v)
-    src_ckpt = rep.get("checkpoint")
-    if isinstance(src_ckpt, str) and (Path(src_ckpt) / "config.json").is_file():
-        try:  # the source widths are in the source checkpoint's config when the report does not repeat them
-            from minipuzzle.arch import Layout, load_config
-
-            lay = Layout.from_config(load_config(src_ckpt))
-            out["source"] = out["source"] or lay.pattern
-            for field in WIDTH_KEYS:
-                if field in out["widths"]:
-                    out["widths"].setdefault(field, {}).setdefault("source", getattr(lay, field))
-        except Exception:  # noqa: BLE001 - an unreadable source config only loses the source widths column
-            pass
-    return out
-
-
-def _flat(row: dict) -> dict:
-    """One level of nesting flattened for the candidate table: {"widths": {"ffn": 8}} -> {"widths.ffn": 8}."""
-    out = {}
-    for k, v in row.items():
-        if isinstance(v, dict):
-            out.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))})
-        elif not isinstance(v, list):
-            out[k] = v
-    return out
+def _candidate_table(rows: list[CandidateRow]) -> Table:
+    """One row per candidate, nested figures as `widths.ffn`-style columns."""
+    flat = []
+    for r in rows[:MAX_CANDIDATE_ROWS]:
+        row = {}
+        for k, v in r.model_dump(exclude_none=True).items():
+            row.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+        flat.append(row)
+    cols = list(dict.fromkeys(k for r in flat for k in r))
+    return cols, [[fmt(r.get(c)) for c in cols] for r in flat]
 
 
 def _strip(pattern: str, kept: set[int] | None = None) -> str:
@@ -221,30 +110,12 @@ def _counts(pattern: str) -> str:
 
 
 def _importance_section(run_dir: Path, tmp: Path) -> str | None:
-    hits = _files(run_dir, "scores.json", ("score", "scores", "importance")) or _files(
-        run_dir, "scores.safetensors", ("score", "scores", "importance")
-    )
-    if not hits:
+    folder = run_dir / "score"
+    meta = _artifact(folder / "scores.json", ScoresMeta)
+    if meta is None:
         return None
-    folder = hits[0].parent
-    meta = _read_json(folder / "scores.json") if (folder / "scores.json").is_file() else {}
-    meta = meta if isinstance(meta, dict) else {}
     parts = [f'<p class="muted">{_e(folder.relative_to(run_dir))}</p>']
-    pattern = meta.get("pattern", "")
-    depth = None
-    st = folder / "scores.safetensors"
-    if st.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(st), framework="pt") as h:
-                pattern = pattern or (h.metadata() or {}).get("pattern", "")
-                if "depth" in h.keys():
-                    depth = h.get_tensor("depth").float().tolist()
-        except Exception as e:  # a half-written or foreign file: say so, keep the rest of the page
-            parts.append(f"<p>could not read {_e(st.name)}: {_e(e)}</p>")
-    if depth is None and isinstance(meta.get("depth"), list):
-        depth = [float(x) for x in meta["depth"] if isinstance(x, (int, float))]
+    pattern, depth = meta.pattern, meta.depth
     if pattern:
         parts.append(f"<p>source layers: {_e(_counts(pattern))}</p>{_strip(pattern)}")
     if depth:
@@ -253,82 +124,67 @@ def _importance_section(run_dir: Path, tmp: Path) -> str | None:
         if png:
             parts.append(_img(png, "layer importance"))
         order = sorted(range(len(depth)), key=lambda i: depth[i])
-        rows = [
-            [str(i), KIND_NAMES.get(pattern[i], "?") if i < len(pattern) else "?", fmt(depth[i])] for i in order[:10]
-        ]
+        rows = [[str(i), KIND_NAMES[pattern[i]], fmt(depth[i])] for i in order[:10]]
         parts.append("<p>least important layers</p>" + _table((["layer", "kind", "importance"], rows)))
-    parts.append(_table(_scalars(meta, ("pattern",))))
+    parts.append(_table(_scalars(meta.settings.model_dump())))
     parts.append(_pngs(folder))
     return "".join(parts)
 
 
 def _search_section(run_dir: Path) -> str | None:
-    hits = _files(run_dir, "prune_report.json", ("search", "prune", "surgery"))
-    rep = _read_json(hits[0]) if hits else None
-    if not isinstance(rep, dict):
+    folder = run_dir / "prune"
+    rep = _artifact(folder / "prune_report.json", PruneReport)
+    if rep is None:
         return None
-    folder = hits[0].parent
-    lay = _layouts(rep)
-    parts = [f'<p class="muted">{_e(folder.relative_to(run_dir))}</p>']
-    src, chosen, kept = lay["source"], lay["chosen"], lay["kept"]
-    if src:
-        keep = set(kept) if kept is not None and len(kept) <= len(src) else None
-        parts.append(f"<h3>Source</h3><p>{len(src)} layers: {_e(_counts(src))}</p>{_strip(src, keep)}")
-        if keep is not None:
-            gone = [i for i in range(len(src)) if i not in keep]
-            parts.append(f"<p>removed layers ({len(gone)}): {_e(', '.join(f'{i}{src[i]}' for i in gone))}</p>")
-    if chosen:
-        parts.append(f"<h3>Chosen</h3><p>{len(chosen)} layers: {_e(_counts(chosen))}</p>{_strip(chosen)}")
-    if lay["widths"]:
-        rows = [[k, fmt(v.get("source")), fmt(v.get("chosen"))] for k, v in lay["widths"].items()]
-        parts.append("<h3>Widths</h3>" + _table((["width", "source", "chosen"], rows)))
-    parts.append(_table(_scalars(rep)))
-    for key, v in rep.items():
-        if "candidate" in key.lower() and isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
-            flat = [_flat(r) for r in v]
-            cols = list(dict.fromkeys(k for r in flat for k in r))
-            rows = [[fmt(r.get(c)) for c in cols] for r in flat[:MAX_CANDIDATE_ROWS]]
-            more = f" (first {MAX_CANDIDATE_ROWS} of {len(v)})" if len(v) > MAX_CANDIDATE_ROWS else ""
-            parts.append(f"<h3>{_e(key)}{_e(more)}</h3>" + _table((cols, rows)))
-    parts.append(_pngs(folder))
-    return "".join(parts)
+    src, res = rep.chosen.source.pattern, rep.chosen.result
+    keep = set(rep.chosen.kept_layers)
+    gone = [i for i in range(len(src)) if i not in keep]
+    widths = [[axis, fmt(rep.source_widths.get(axis)), fmt(w)] for axis, w in res.widths.items()]
+    n = len(rep.candidates)
+    more = f" (first {MAX_CANDIDATE_ROWS} of {n})" if n > MAX_CANDIDATE_ROWS else ""
+    return "".join([
+        f'<p class="muted">{_e(folder.relative_to(run_dir))}</p>',
+        f"<h3>Source</h3><p>{len(src)} layers: {_e(_counts(src))}</p>{_strip(src, keep)}",
+        f"<p>removed layers ({len(gone)}): {_e(', '.join(f'{i}{src[i]}' for i in gone))}</p>",
+        f"<h3>Chosen</h3><p>{len(res.pattern)} layers: {_e(_counts(res.pattern))}</p>{_strip(res.pattern)}",
+        "<h3>Widths</h3>" + _table((["width", "source", "chosen"], widths)),
+        _table(_scalars(rep.model_dump())),
+        f"<h3>candidates{_e(more)}</h3>" + _table(_candidate_table(rep.candidates)),
+        _pngs(folder),
+    ])  # fmt: skip
 
 
 def _distill_section(run_dir: Path, tmp: Path) -> str | None:
-    hits = _files(run_dir, "metrics.jsonl", ("distill", "distillation", "train"), depth=4)
-    rows = plots.read_metrics(hits[0]) if hits else []
+    f = next((d / "metrics.jsonl" for d in (run_dir / "distill", run_dir / "distill.partial")
+              if (d / "metrics.jsonl").is_file()), None)  # fmt: skip
+    rows = read_metrics(f) if f else []
     if not rows:
         return None
-    parts = [f'<p class="muted">{_e(hits[0].relative_to(run_dir))}: {len(rows)} points</p>']
+    parts = [f'<p class="muted">{_e(f.relative_to(run_dir))}: {len(rows)} points</p>']
     png = plots.distill_plot(rows, tmp / "distill.png")
     if png:
         parts.append(_img(png, "distillation curve"))
-    cols = [
-        c
-        for c in dict.fromkeys(k for r in rows for k in r)
-        if all(not isinstance(r.get(c), (dict, list)) for r in rows)
-    ]
-    pick = rows if len(rows) <= 6 else rows[:3] + rows[-3:]
-    parts.append(_table((cols, [[fmt(r.get(c)) for c in cols] for r in pick])))
+    dumped = [r.model_dump() for r in (rows if len(rows) <= 6 else rows[:3] + rows[-3:])]
+    cols = list(dict.fromkeys(k for r in dumped for k in r))
+    parts.append(_table((cols, [[fmt(r.get(c)) for c in cols] for r in dumped])))
     return "".join(parts)
 
 
 def _eval_section(run_dir: Path) -> str | None:
-    found = _eval_report(run_dir)
-    if not found:
+    f = run_dir / "eval" / "report.json"
+    rep = _artifact(f, EvalReport)
+    if rep is None:
         return None
-    f, rep = found
-    s = rep.get("settings", {})
     parts = [
         f'<p class="muted">{_e(f.relative_to(run_dir))}</p>',
-        f"<p>model <code>{_e(rep.get('model'))}</code>"
-        + (f", teacher <code>{_e(rep['teacher'])}</code>" if rep.get("teacher") else "")
-        + f"; {_e(s.get('device'))} {_e(s.get('dtype'))}</p>",
+        f"<p>model <code>{_e(rep.model)}</code>"
+        + (f", teacher <code>{_e(rep.teacher)}</code>" if rep.teacher else "")
+        + f"; {_e(rep.settings.device)} {_e(rep.settings.dtype)}</p>",
     ]
-    before = _read_json(run_dir / "eval_pruned" / "report.json")
+    before = _artifact(run_dir / "eval_pruned" / "report.json", EvalReport)
     for title, table in (
         ("Held-out text", quality_table(rep)),
-        ("Distillation: before and after", before_after_table(before, rep) if isinstance(before, dict) else None),
+        ("Distillation: before and after", before_after_table(before, rep) if before else None),
         ("lm-eval tasks", tasks_table(rep)),
         ("Speed and memory", speed_table(rep)),
     ):
@@ -341,8 +197,8 @@ def _eval_section(run_dir: Path) -> str | None:
 def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write one self-contained HTML page for a run folder (default `RUN_DIR/report.html`); returns its path.
 
-    Sections, each present only when its stage's files are found: importance, search, distillation,
-    evaluation. Raises `UserError` when the folder is missing or holds no stage output at all.
+    Sections, each present only when its stage's artifact is there: evaluation, importance, prune,
+    distillation. Raises `UserError` when the folder is missing or holds no stage output at all.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -359,7 +215,8 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     present = [(i, t, b) for i, t, b in sections if b]
     if not present:
         raise UserError(
-            f"no stage outputs in {run_dir} (looked for report.json, scores.json, prune_report.json, metrics.jsonl)"
+            f"no stage outputs in {run_dir} (looked for score/scores.json, prune/prune_report.json, "
+            "distill/metrics.jsonl, eval/report.json)"
         )
     nav = "".join(f'<a href="#{i}">{_e(t)}</a>' for i, t, _ in present)
     skipped = [t for _, t, b in sections if not b]

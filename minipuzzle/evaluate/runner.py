@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from minipuzzle.artifacts import DistillSummary, EvalReport, EvalSettingsUsed, Quality, SpeedResult, read_metrics
 from minipuzzle.checkpoint import parse_dtype
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.harness import parse_tasks, run_tasks
@@ -121,19 +122,51 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate `model_path` (and `teacher_path`) and write the report folder `out`; returns the report dict.
+    """Evaluate `model_path` (and `teacher_path`) and write the report folder `out` (report.json is an
+    `artifacts.EvalReport`); returns the report as a dict.
 
     data: held-out text (file, folder or datasets name) cut into `num_samples` windows of `seq_len` tokens with
     the model's tokenizer. tasks: lm-eval task names / YAML files / folders (see `harness.parse_tasks`), `limit`
     examples each. Speed is measured on [speed_batch, speed_prompt_len] random tokens plus `decode_tokens`
     generated ones. precision/context: the setting the architecture memory and FLOPs figures are given for.
     """
-    from minipuzzle.checkpoint import check_output_dir, load_model
+    from minipuzzle.checkpoint import check_output_dir
     from minipuzzle.data import token_windows
+    from minipuzzle.evaluate.report import write_report
 
-    t0 = time.time()
-    specs = parse_tasks(tasks)
+    t0, specs = time.time(), parse_tasks(tasks)
     check_output_dir(out, overwrite)
+    _check_counts(seq_len, num_samples, batch_size, speed_batch, limit, data is not None or bool(specs) or speed)
+    dev = _device(device)
+    dt = parse_dtype(dtype, dev)
+    mpath, tpath = _checkpoint_dir(model_path), _checkpoint_dir(teacher_path) if teacher_path is not None else None
+    tok = _tokenizer(mpath, *([tpath] if tpath else []))
+    windows = token_windows(data, tok, seq_len, num_samples, seed, split=split, column=column) if data is not None else None
+    model, teacher = _load_pair(mpath, tpath, dt, dev)
+    plen = speed_prompt_len or seq_len
+    rep = EvalReport(
+        model=str(model_path), teacher=str(teacher_path) if teacher_path is not None else None,
+        **(_held_out(model, teacher, windows, batch_size, progress) if windows is not None else {}),
+        **_tasks(model, teacher, tok, specs, limit, batch_size, seed),
+        speed=_speeds(model, teacher, speed, speed_batch, plen, decode_tokens, speed_repeats, seed),
+        architecture=_architectures(model, teacher, model_path, teacher_path, precision, context, speed_batch),
+        distill=_distill_summary(mpath),
+        settings=EvalSettingsUsed(
+            data=str(data) if data is not None else None, split=split, column=column, seq_len=seq_len,
+            num_samples=num_samples, windows=0 if windows is None else len(windows), seed=seed,
+            tasks=[s.text + (f":{s.shots}" if s.shots is not None else "") for s in specs], limit=limit,
+            batch_size=batch_size, device=str(dev), dtype=str(dt).removeprefix("torch."), speed_batch=speed_batch,
+            speed_prompt_len=plen, decode_tokens=decode_tokens, precision=precision, context=context,
+            versions=_versions(),
+        ),
+        elapsed_s=round(time.time() - t0, 3),  # keyword arguments run in order: this one comes last
+    )  # fmt: skip
+    rep.params = rep.architecture["model"]["params"]
+    write_report(rep, out, overwrite=overwrite)
+    return rep.model_dump(mode="json")
+
+
+def _check_counts(seq_len, num_samples, batch_size, speed_batch, limit, anything: bool) -> None:
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     for name, v in (("--num-samples", num_samples), ("--batch-size", batch_size), ("--speed-batch", speed_batch)):
@@ -141,20 +174,16 @@ def evaluate(
             raise UserError(f"{name} must be at least 1, got {v}")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit must be positive, got {limit}")
-    if data is None and not specs and not speed:
+    if not anything:
         raise UserError("nothing to evaluate: pass --data, --tasks, or leave the speed measurement on")
-    dev = _device(device)
-    dt = parse_dtype(dtype, dev)
-    mpath = _checkpoint_dir(model_path)
-    tpath = _checkpoint_dir(teacher_path) if teacher_path is not None else None
+
+
+def _load_pair(mpath: Path, tpath: Path | None, dt, dev):
+    """(model, teacher or None); a non-Nemotron-H config or a vocabulary mismatch fails before loading."""
     from minipuzzle.arch import Layout, load_config
+    from minipuzzle.checkpoint import load_model
 
-    Layout.from_config(load_config(mpath))  # a non-Nemotron-H config fails here, before any loading
-    tok = _tokenizer(mpath, *([tpath] if tpath else []))
-    windows = None
-    if data is not None:
-        windows = token_windows(data, tok, seq_len, num_samples, seed, split=split, column=column)
-
+    Layout.from_config(load_config(mpath))
     model = load_model(mpath, dt, dev)
     teacher = load_model(tpath, dt, dev) if tpath is not None else None
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
@@ -162,75 +191,46 @@ def evaluate(
             f"teacher vocabulary ({teacher.config.vocab_size}) differs from the model's ({model.config.vocab_size}): "
             "KL and agreement need the same tokenizer"
         )
+    return model, teacher
 
-    rep: dict[str, Any] = {
-        "model": str(model_path),
-        "teacher": str(teacher_path) if teacher_path is not None else None,
-        "perplexity": None,
-        "loss": None,
-        "accuracy": None,
-        "kl_to_teacher": None,
-        "agreement": None,
-        "tokens": 0,
-        "teacher_quality": None,
-    }
-    if windows is not None:
-        stats = held_out_stats(model, windows, teacher, batch_size, progress)
-        rep.update({k: stats.get(k) for k in ("perplexity", "loss", "accuracy", "kl_to_teacher", "agreement")})
-        rep["tokens"] = stats["tokens"]
-        if teacher is not None:
-            rep["teacher_quality"] = {k: stats["teacher"][k] for k in ("perplexity", "loss", "accuracy")}
 
-    task_out = run_tasks(model, tok, specs, limit=limit, batch_size=batch_size, seed=seed)
-    rep["tasks"] = task_out["tasks"]
-    rep["tasks_stderr"] = task_out["stderr"]
-    rep["n_shot"] = task_out["n_shot"]
-    rep["task_samples"] = task_out["samples"]
-    rep["teacher_tasks"] = None
+def _held_out(model, teacher, windows: torch.Tensor, batch_size: int, progress: bool) -> dict[str, Any]:
+    """EvalReport's held-out text fields from windows [N, T]."""
+    stats = held_out_stats(model, windows, teacher, batch_size, progress)
+    out = {k: stats.get(k) for k in ("perplexity", "loss", "accuracy", "kl_to_teacher", "agreement", "tokens")}
+    if teacher is not None:
+        out["teacher_quality"] = Quality(**{k: stats["teacher"][k] for k in ("perplexity", "loss", "accuracy")})
+    return out
+
+
+def _tasks(model, teacher, tok, specs, limit, batch_size: int, seed: int) -> dict[str, Any]:
+    """EvalReport's lm-eval fields; the teacher runs the same tasks when there is one."""
+    res = run_tasks(model, tok, specs, limit=limit, batch_size=batch_size, seed=seed)
+    out = {"tasks": res["tasks"], "tasks_stderr": res["stderr"], "n_shot": res["n_shot"],
+           "task_samples": res["samples"]}  # fmt: skip
     if teacher is not None and specs:
-        rep["teacher_tasks"] = run_tasks(teacher, tok, specs, limit=limit, batch_size=batch_size, seed=seed)["tasks"]
+        out["teacher_tasks"] = run_tasks(teacher, tok, specs, limit=limit, batch_size=batch_size, seed=seed)["tasks"]
+    return out
 
+
+def _speeds(model, teacher, on: bool, batch: int, prompt_len: int, decode: int, repeats: int, seed: int):
     from minipuzzle.evaluate.speed import measure_speed
 
-    plen = speed_prompt_len or seq_len
-    rep["speed"] = {}
-    if speed:
-        for name, m in (("model", model), ("teacher", teacher)):
-            if m is not None:
-                rep["speed"][name] = measure_speed(m, speed_batch, plen, decode_tokens, speed_repeats, seed)
-    rep["architecture"] = {"model": _architecture(model, precision, context, speed_batch, str(model_path))}
+    if not on:
+        return {}
+    pairs = (("model", model), ("teacher", teacher))
+    return {n: SpeedResult(**measure_speed(m, batch, prompt_len, decode, repeats, seed)) for n, m in pairs if m is not None}
+
+
+def _architectures(model, teacher, model_path, teacher_path, precision: str, context: int, batch: int):
+    out = {"model": _architecture(model, precision, context, batch, str(model_path))}
     if teacher is not None:
-        rep["architecture"]["teacher"] = _architecture(teacher, precision, context, speed_batch, str(teacher_path))
-    rep["params"] = rep["architecture"]["model"]["params"]
+        out["teacher"] = _architecture(teacher, precision, context, batch, str(teacher_path))
+    return out
 
-    metrics_file = mpath / "metrics.jsonl"
-    from minipuzzle.evaluate.plots import read_metrics
 
-    rows = read_metrics(metrics_file) if metrics_file.is_file() else []
-    rep["distill"] = {"metrics_file": str(metrics_file), "points": len(rows), "last": rows[-1]} if rows else None
-
-    rep["settings"] = {
-        "data": str(data) if data is not None else None,
-        "split": split,
-        "column": column,
-        "seq_len": seq_len,
-        "num_samples": num_samples,
-        "windows": 0 if windows is None else len(windows),
-        "seed": seed,
-        "tasks": [s.text + (f":{s.shots}" if s.shots is not None else "") for s in specs],
-        "limit": limit,
-        "batch_size": batch_size,
-        "device": str(dev),
-        "dtype": str(dt).removeprefix("torch."),
-        "speed_batch": speed_batch,
-        "speed_prompt_len": plen,
-        "decode_tokens": decode_tokens,
-        "precision": precision,
-        "context": context,
-        "versions": _versions(),
-    }
-    rep["elapsed_s"] = round(time.time() - t0, 3)
-    from minipuzzle.evaluate.report import write_report
-
-    write_report(rep, out, overwrite=overwrite, metrics_rows=rows)
-    return rep
+def _distill_summary(mpath: Path) -> DistillSummary | None:
+    """The distillation log a distilled checkpoint carries, summed up (its last row)."""
+    f = mpath / "metrics.jsonl"
+    rows = read_metrics(f) if f.is_file() else []
+    return DistillSummary(metrics_file=str(f), points=len(rows), last=rows[-1].model_dump()) if rows else None

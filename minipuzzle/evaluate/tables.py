@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from minipuzzle.artifacts import EvalReport
+
 Table = tuple[list[str], list[list[str]]]
 
 
@@ -37,7 +39,7 @@ def _delta(a: Any, b: Any) -> str:
     return "–"
 
 
-def before_after_table(before: dict, after: dict) -> Table | None:
+def before_after_table(before: EvalReport, after: EvalReport) -> Table | None:
     """The pruned student before and after distillation, on the same held-out windows."""
     keys = [
         ("KL(teacher ‖ model) per token", "kl_to_teacher"),
@@ -45,70 +47,59 @@ def before_after_table(before: dict, after: dict) -> Table | None:
         ("perplexity", "perplexity"),
         ("next-token accuracy", "accuracy"),
     ]
-    rows = [[label, fmt(before.get(k)), fmt(after.get(k)), _delta(before.get(k), after.get(k))] for label, k in keys
-            if before.get(k) is not None and after.get(k) is not None]  # fmt: skip
+    pairs = [(label, getattr(before, k), getattr(after, k)) for label, k in keys]
+    rows = [[label, fmt(a), fmt(b), _delta(a, b)] for label, a, b in pairs if a is not None and b is not None]
     return (["metric", "pruned, before distillation", "after distillation", "Δ"], rows) if rows else None
 
 
-def quality_table(rep: dict) -> Table | None:
+def quality_table(rep: EvalReport) -> Table | None:
     """Held-out text: perplexity, loss, accuracy, KL to teacher, agreement."""
-    if rep.get("perplexity") is None:
+    if rep.perplexity is None:
         return None
-    t = rep.get("teacher_quality") or {}
+    t = rep.teacher_quality
     rows = [
-        [
-            "perplexity",
-            fmt(t.get("perplexity")),
-            fmt(rep["perplexity"]),
-            _delta(t.get("perplexity"), rep["perplexity"]),
-        ],
-        ["loss (nats/token)", fmt(t.get("loss")), fmt(rep.get("loss")), _delta(t.get("loss"), rep.get("loss"))],
-        [
-            "next-token accuracy",
-            fmt(t.get("accuracy")),
-            fmt(rep.get("accuracy")),
-            _delta(t.get("accuracy"), rep.get("accuracy")),
-        ],
-    ]
-    if rep.get("kl_to_teacher") is not None:
-        rows.append(["KL(teacher ‖ model) per token", "0", fmt(rep["kl_to_teacher"]), ""])
-        rows.append(["agreement with teacher's greedy token", "1", fmt(rep.get("agreement")), ""])
+        [label, fmt(getattr(t, k, None)), fmt(getattr(rep, k)), _delta(getattr(t, k, None), getattr(rep, k))]
+        for label, k in (("perplexity", "perplexity"), ("loss (nats/token)", "loss"), ("next-token accuracy", "accuracy"))
+    ]  # fmt: skip
+    if rep.kl_to_teacher is not None:
+        rows.append(["KL(teacher ‖ model) per token", "0", fmt(rep.kl_to_teacher), ""])
+        rows.append(["agreement with teacher's greedy token", "1", fmt(rep.agreement), ""])
     return ["metric", "teacher", "model", "Δ"], rows
 
 
-def tasks_table(rep: dict) -> Table | None:
+def tasks_table(rep: EvalReport) -> Table | None:
     """One row per (task, metric): shots, teacher, model, difference."""
-    tasks = rep.get("tasks") or {}
-    if not tasks:
+    if not rep.tasks:
         return None
-    teacher = rep.get("teacher_tasks") or {}
-    shots = rep.get("n_shot") or {}
+    teacher = rep.teacher_tasks or {}
     rows = []
-    for task in sorted(tasks):
-        for metric, v in tasks[task].items():
+    for task in sorted(rep.tasks):
+        for metric, v in rep.tasks[task].items():
             tv = teacher.get(task, {}).get(metric)
-            rows.append([task, metric, fmt(shots.get(task)), fmt(tv), fmt(v), _delta(tv, v)])
+            rows.append([task, metric, fmt(rep.n_shot.get(task)), fmt(tv), fmt(v), _delta(tv, v)])
     return ["task", "metric", "shots", "teacher", "model", "Δ"], rows
 
 
-def speed_table(rep: dict) -> Table | None:
+def speed_table(rep: EvalReport) -> Table | None:
     """Measured speed and memory, then the architecture model's figures, teacher beside model."""
-    speed = rep.get("speed") or {}
-    arch = rep.get("architecture") or {}
+    speed, arch = rep.speed, rep.architecture
     if not speed and not arch:
         return None
-    cols = [n for n in ("teacher", "model") if speed.get(n) or arch.get(n)]
+    cols = [n for n in ("teacher", "model") if n in speed or n in arch]
 
     def row(label, get):
         return [label] + [get(n) for n in cols]
 
+    def measured(n: str, key: str):
+        return getattr(speed[n], key) if n in speed else None
+
     rows = []
     if speed:
         rows += [
-            row("prefill tokens/s (measured)", lambda n: fmt((speed.get(n) or {}).get("prefill_tokens_per_s"), 1)),
-            row("decode tokens/s (measured)", lambda n: fmt((speed.get(n) or {}).get("decode_tokens_per_s"), 1)),
-            row("peak memory (measured)", lambda n: gib((speed.get(n) or {}).get("peak_memory_bytes"))),
-            row("weights as loaded", lambda n: gib((speed.get(n) or {}).get("weights_bytes"))),
+            row("prefill tokens/s (measured)", lambda n: fmt(measured(n, "prefill_tokens_per_s"), 1)),
+            row("decode tokens/s (measured)", lambda n: fmt(measured(n, "decode_tokens_per_s"), 1)),
+            row("peak memory (measured)", lambda n: gib(measured(n, "peak_memory_bytes"))),
+            row("weights as loaded", lambda n: gib(measured(n, "weights_bytes"))),
         ]
     if arch:
         a = arch.get(cols[-1]) or {}
@@ -127,16 +118,16 @@ def speed_table(rep: dict) -> Table | None:
 def _layers(a: dict | None) -> str:
     if not a:
         return "–"
-    c = a.get("layers", {})
+    c = a["layers"]
     return f"{c.get('mamba', 0)} / {c.get('mlp', 0)} / {c.get('attention', 0)}"
 
 
 def _mem(a: dict | None, key: str):
-    return (a or {}).get("memory_bytes", {}).get(key)
+    return a["memory_bytes"][key] if a else None
 
 
 def _flops(a: dict | None, key: str):
-    return (a or {}).get("flops_per_token", {}).get(key)
+    return a["flops_per_token"][key] if a else None
 
 
 def markdown(table: Table) -> str:

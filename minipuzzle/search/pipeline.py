@@ -3,15 +3,16 @@ plan (`--dry-run`): the space, how many layouts fit, and what scoring would cost
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minipuzzle.arch import Layout
+from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport, ScoresMeta
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import SCORE_AXIS, DamageModel
@@ -126,97 +127,121 @@ def prune(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Score, search, rank and cut: write a standard checkpoint plus prune_report.json and plots to `out`.
+    """Score, search, rank and cut: write a standard checkpoint plus prune_report.json (`PruneReport`) and plots
+    to `out`.
 
     Candidates are ranked on `held_out_data` (split `held_out_split`, default `split`), or, without it, on the
-    first windows of `data`, which scoring and candidate distillation never see. Returns the report. Every user
-    error is raised before anything is written.
+    first windows of `data`, which scoring and candidate distillation never see. Returns the report as a dict.
+    Every user error is raised before anything is written.
     """
-    from minipuzzle.checkpoint import Checkpoint, atomic_dir, check_output_dir, resolve_checkpoint
+    from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
     from minipuzzle.data import load_tokenizer
-    from minipuzzle.search.plan import candidate_plan, layout_document
+    from minipuzzle.search.plan import candidate_plan
 
-    t0 = time.perf_counter()
+    t0, timing = time.perf_counter(), {}
     check_output_dir(out, overwrite)
     path = resolve_checkpoint(model, model_path)
     ckpt = Checkpoint(path)
-    src = ckpt.layout
-    space = SearchSpace.build(src, settings.axes, settings.steps, settings.min_width, settings.min_layers)
-    if not settings.budget.fits(smallest_layout(space)):
-        no_layout_fits(space, settings.budget)
+    check_budget(ckpt.layout, settings)
     if data is None:
         raise UserError("prune needs calibration text: pass --data FILE|FOLDER|DATASET")
     held_split = held_out_split or split
     tok = load_tokenizer(path)
     held, calib = _windows(data, held_out_data, tok, settings, split, held_split, column, scores_dir is None)
-    timing = {}
+    with _timed(timing, "scoring_seconds" if scores_dir is None else None):
+        scores = load_or_score(path, calib, settings, scores_dir, progress)
+    with _timed(timing, "search_seconds"):
+        space, dmodel, cands = run_search(ckpt.layout, scores, settings)
+    plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation) for c in cands]
+    with _timed(timing, "ranking_seconds"):
+        stats = rank(path, ckpt, plans, held, settings, progress)
+    if settings.candidate_distill_steps > 0:
+        from minipuzzle.candidates import distill_candidates
+
+        skip = 0 if held_out_data is not None else len(held)  # the head of `data` that distillation must skip
+        with _timed(timing, "candidate_distill_seconds"):
+            after = distill_candidates(path, ckpt, plans, held, data, settings, progress, skip, split, column)
+        stats = [{**a, "before_distill": b} for a, b in zip(after, stats)]  # rank on the distilled figures
+    rows = ranked_rows(cands, stats)
+    windows = {"calibration": len(calib), "held_out": len(held)}
+    report = build_report(model, ckpt, settings, space, scores, cands, plans, rows, data, held_out_data, windows)
+    write_pruned(out, ckpt, plans[rows[0].predicted_rank - 1], report, timing, t0, overwrite, progress)
+    return report.model_dump(mode="json")
+
+
+def check_budget(source: Layout, settings: PruneSettings) -> None:
+    """Raise the user error of a budget that even the smallest layout of the search space misses."""
+    space = SearchSpace.build(source, settings.axes, settings.steps, settings.min_width, settings.min_layers)
+    if not settings.budget.fits(smallest_layout(space)):
+        no_layout_fits(space, settings.budget)
+
+
+def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scores_dir, progress: bool):
+    """The scores in `scores_dir`, or, without it, scores measured here on the calibration windows [C, T]."""
     if scores_dir is not None:
         from minipuzzle.importance.scores import Scores
 
-        scores = Scores.load(scores_dir)
-    else:
-        from minipuzzle.importance import score_checkpoint
+        return Scores.load(scores_dir)
+    from minipuzzle.importance import score_checkpoint
 
-        t = time.perf_counter()
-        scores = score_checkpoint(
-            path, calib[: settings.depth_samples], calib[: settings.width_samples], axes=score_axes(settings.axes),
-            stream=settings.stream, device=settings.device, progress=progress,
-        )  # fmt: skip
-        timing["scoring_seconds"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    space, dmodel, cands = run_search(src, scores, settings)
-    timing["search_seconds"] = round(time.perf_counter() - t, 3)
-    plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation) for c in cands]
-    t = time.perf_counter()
-    stats = rank(path, ckpt, plans, held, settings, progress)
-    timing["ranking_seconds"] = round(time.perf_counter() - t, 3)
-    if settings.candidate_distill_steps > 0:
-        t = time.perf_counter()
-        skip = 0 if held_out_data is not None else len(held)  # the head of `data` that distillation must skip
-        after = distill_candidates(path, ckpt, plans, held, data, settings, progress, skip, split, column)
-        # Rank on the distilled figures; keep the undistilled ones for the report.
-        stats = [{**a, **{f"{k}_before_distill": v for k, v in b.items()}} for a, b in zip(after, stats)]
-        timing["candidate_distill_seconds"] = round(time.perf_counter() - t, 3)
+    return score_checkpoint(
+        path, calib[: settings.depth_samples], calib[: settings.width_samples], axes=score_axes(settings.axes),
+        stream=settings.stream, device=settings.device, progress=progress,
+    )  # fmt: skip
+
+
+def ranked_rows(cands: list[Candidate], stats: list[dict]) -> list[CandidateRow]:
+    """Candidates best measured first; `predicted_rank` is the search's order (1-based index into `cands`)."""
     from minipuzzle.search.ranking import rank_key
 
     order = sorted(range(len(cands)), key=lambda i: (rank_key(stats[i]), i))
-    best = order[0]
-    table = []
-    for r, i in enumerate(order):
-        row = cands[i].to_dict() | {"predicted_rank": i + 1, "measured_rank": r + 1, **stats[i]}
-        table.append(row)
-    report = {
-        "model": str(model),
-        "checkpoint": str(path),
-        "budget": settings.budget.to_dict(),
-        "space": space.describe(),
-        "chosen": layout_document(plans[best], src, settings.budget, cands[best]),
-        "source_memory": settings.budget.memory_of(src),
-        "candidates": table,
-        "data": {
-            "source": str(data),
-            "seq_len": settings.seq_len,
-            "calibration_windows": len(calib),
-            "held_out_windows": len(held),
-            "held_out_source": str(held_out_data)
-            if held_out_data is not None
-            else f"the first {len(held)} windows of {data} (not scored on; candidate distillation skips them)",
-        },  # fmt: skip
-        "streamed": settings.stream,
-        "scores": scores.meta,
-    }
+    return [
+        CandidateRow(**cands[i].to_dict(), predicted_rank=i + 1, measured_rank=r + 1, **stats[i])
+        for r, i in enumerate(order)
+    ]
+
+
+def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, plans, rows, data, held_out_data,
+                 windows: dict[str, int]) -> PruneReport:  # fmt: skip
+    """The prune report of the best measured candidate, `rows[0]`."""
+    from minipuzzle.search.plan import layout_document
+    from minipuzzle.search.space import WIDTH_FIELD
+
+    best, src = rows[0].predicted_rank - 1, ckpt.layout
+    held = windows["held_out"]
+    held_source = (str(held_out_data) if held_out_data is not None
+                   else f"the first {held} windows of {data} (not scored on; candidate distillation skips them)")  # fmt: skip
+    return PruneReport(
+        model=str(model), checkpoint=str(ckpt.path), budget=settings.budget.to_dict(), space=space.describe(),
+        chosen=LayoutDoc(**layout_document(plans[best], src, settings.budget, cands[best])),
+        source_widths={axis: getattr(src, f) for axis, f in WIDTH_FIELD.items()},
+        source_memory=settings.budget.memory_of(src), candidates=rows,
+        data=PruneData(source=str(data), seq_len=settings.seq_len, calibration_windows=windows["calibration"],
+                       held_out_windows=held, held_out_source=held_source),
+        streamed=settings.stream, scores=ScoresMeta(**scores.meta),
+    )  # fmt: skip
+
+
+def write_pruned(out, ckpt, plan, report: PruneReport, timing: dict, t0: float, overwrite: bool, progress: bool):
+    """Cut `plan` from `ckpt` into `out` with prune_report.json and its plots, atomically."""
+    from minipuzzle.checkpoint import atomic_dir
     from minipuzzle.search.report import write_plots
     from minipuzzle.surgery import prune_checkpoint
 
     with atomic_dir(out, overwrite) as tmp:
-        t = time.perf_counter()
-        prune_checkpoint(ckpt, plans[best], tmp, overwrite=True, progress=progress)
-        timing["surgery_seconds"] = round(time.perf_counter() - t, 3)
-        timing["total_seconds"] = round(time.perf_counter() - t0, 3)
-        report["timing"] = timing
-        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        write_plots(report, src, tmp)
-    return report
+        with _timed(timing, "surgery_seconds"):
+            prune_checkpoint(ckpt, plan, tmp, overwrite=True, progress=progress)
+        report.timing = {**timing, "total_seconds": round(time.perf_counter() - t0, 3)}
+        report.write(tmp / "prune_report.json")
+        write_plots(report, ckpt.layout, tmp)
+
+
+@contextmanager
+def _timed(timing: dict, key: str | None):
+    t = time.perf_counter()
+    yield
+    if key is not None:
+        timing[key] = round(time.perf_counter() - t, 3)
 
 
 def _windows(data, held_out_data, tok, settings: PruneSettings, split, held_split, column, score: bool):
@@ -233,41 +258,6 @@ def _windows(data, held_out_data, tok, settings: PruneSettings, split, held_spli
     if not score:
         return held, torch.zeros(0, T, dtype=torch.long)
     return held, token_windows(data, tok, T, n_score, seed, split=split, column=column)
-
-
-def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, settings: PruneSettings, progress: bool,
-                       skip: int = 0, split: str = "train", column: str = "text"):  # fmt: skip
-    """Cut each candidate, distil it for `candidate_distill_steps` on `data`, and measure it again on `held`.
-
-    `skip`: held-out windows at the head of `data` (see `data.head_split`); distillation takes them as its
-    evaluation windows, which it never trains on, and evaluates on them once, at the last step. The winner is
-    still written undistilled: the final distillation stage starts from the cut weights.
-    """
-    import tempfile
-
-    from minipuzzle.checkpoint import load_model
-    from minipuzzle.distill import distill
-    from minipuzzle.metrics import token_stats
-    from minipuzzle.settings import DistillSettings
-    from minipuzzle.surgery import prune_checkpoint
-
-    out = []
-    with tempfile.TemporaryDirectory(prefix="minipuzzle-candidates-") as work:
-        teacher = load_model(ckpt, dtype=torch.float32, device=settings.device)
-        for i, plan in enumerate(plans):
-            cut = prune_checkpoint(ckpt, plan, Path(work) / f"cand{i}", progress=False)
-            cfg = DistillSettings(
-                teacher=str(path), student=str(cut), data=str(data), output=str(Path(work) / f"cand{i}-distilled"),
-                max_steps=settings.candidate_distill_steps, seq_len=settings.seq_len,
-                batch_size=settings.candidate_distill_batch, lr=settings.candidate_distill_lr,
-                warmup=max(1, settings.candidate_distill_steps // 10), save_every=0,
-                eval_every=settings.candidate_distill_steps if skip else 0, eval_windows=skip, split=split,
-                text_column=column, seed=settings.seed, device=settings.device, progress=progress,
-            )  # fmt: skip
-            student = load_model(distill(cfg), dtype=torch.float32, device=settings.device)
-            out.append(token_stats(student, held, teacher=teacher, batch_size=settings.batch_size))
-            del student
-    return out
 
 
 def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progress: bool) -> list[dict]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from minipuzzle.arch import Layout
+from minipuzzle.artifacts import PruneReport
 
 
-def write_plots(report: dict, source: Layout, folder: Path) -> list[Path]:
+def write_plots(report: PruneReport, source: Layout, folder: Path) -> list[Path]:
     """candidates.png and cuts.png in `folder`."""
     import matplotlib
 
@@ -15,12 +16,12 @@ def write_plots(report: dict, source: Layout, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    rows = report["candidates"]
-    use_mem = report["budget"].get("memory") is not None
+    rows = report.candidates
+    use_mem = report.budget.get("memory") is not None
     fig, ax = plt.subplots(figsize=(6, 4))
-    x = [r["memory"] / 2**30 if use_mem else r["params"] / 1e9 for r in rows]
-    y = [r["kl_to_teacher"] for r in rows]
-    sc = ax.scatter(x, y, c=[r["predicted_damage"] for r in rows], cmap="viridis")
+    x = [r.memory / 2**30 if use_mem else r.params / 1e9 for r in rows]
+    y = [r.kl_to_teacher for r in rows]
+    sc = ax.scatter(x, y, c=[r.predicted_damage for r in rows], cmap="viridis")
     ax.scatter([x[0]], [y[0]], s=160, facecolors="none", edgecolors="red", label="chosen")
     fig.colorbar(sc, label="predicted damage")
     ax.set_xlabel("memory (GiB)" if use_mem else "parameters (B)")
@@ -32,23 +33,20 @@ def write_plots(report: dict, source: Layout, folder: Path) -> list[Path]:
     fig.savefig(p1, dpi=100)
     plt.close(fig)
 
-    res = report["chosen"]["result"]
+    res = report.chosen.result
     labels, kept = [], []
-    for name, ch in (("mamba layers", "M"), ("mlp layers", "-"), ("attention layers", "*")):
-        if source.count(ch):
-            labels.append(name)
-            kept.append(res["layers"][name.split()[0]] / source.count(ch))
-    full = {"ffn": source.intermediate_size, "mamba_heads": source.mamba_num_heads,
-            "mamba_head_dim": source.mamba_head_dim, "attn_heads": source.num_attention_heads,
-            "hidden": source.hidden_size}  # fmt: skip
-    for axis, w in res["widths"].items():
+    for kind, n in source.layer_counts().items():
+        if n:
+            labels.append(f"{kind} layers")
+            kept.append(res.layers[kind] / n)
+    for axis, w in res.widths.items():
         labels.append(axis)
-        kept.append(w / full[axis])
+        kept.append(w / report.source_widths[axis])
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.barh(labels, [1] * len(kept), color="lightgray", label="source")
     ax.barh(labels, kept, color="tab:blue", label="kept")
     ax.set_xlabel("fraction kept")
-    ax.set_title(f"{res['params'] / 1e9:.3f}B of {report['chosen']['source']['params'] / 1e9:.3f}B parameters")
+    ax.set_title(f"{res.params / 1e9:.3f}B of {report.chosen.source.params / 1e9:.3f}B parameters")
     ax.legend(loc="lower right")
     fig.tight_layout()
     p2 = folder / "cuts.png"

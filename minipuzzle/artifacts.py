@@ -1,0 +1,296 @@
+"""What each stage writes and the next stage (or the run page) reads, as pydantic models.
+
+    score/scores.json            ScoresMeta   (the tensors sit beside it in scores.safetensors)
+    search's layout file,        LayoutDoc    (the chosen layout, and the surgery plan that cuts it)
+    prune/prune_report.json      PruneReport  (LayoutDoc + the ranked CandidateRows)
+    distill/distill.json         DistillState (the settings that decide the trajectory)
+    distill/metrics.jsonl        one TrainRow or EvalRow per line
+    eval/report.json             EvalReport
+
+Writers call `model_dump_json`, readers `model_validate_json`, so a key a stage stops writing (or a reader
+expects in vain) fails in the tests instead of leaving a blank on the page.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def write(self, path: str | Path) -> Path:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: str | Path):
+        return cls.model_validate_json(Path(path).read_text())
+
+
+# ---- scores ------------------------------------------------------------------------------------------------------
+
+
+class ScoringInfo(Artifact):
+    axes: list[str]
+    depth_metric: str | None
+    width_aggregation: str | None
+    depth_samples: int
+    width_samples: int
+    seq_len: int
+    streamed: bool
+    device: str
+    dtype: str
+
+
+class ScoresMeta(Artifact):
+    """scores.json: how the scores were measured, and a readable summary of the tensors."""
+
+    settings: ScoringInfo
+    groups: dict[str, int]
+    timing: dict[str, float]
+    higher_is_more_important: bool = True
+    pattern: str = ""
+    checkpoint: str | None = None
+    data: dict[str, Any] | None = None
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def depth(self) -> list[float] | None:
+        """Drop-one importance of each source layer, when depth was scored."""
+        d = self.summary.get("depth")
+        return d["scores"] if d else None
+
+
+# ---- plan / layout ---------------------------------------------------------------------------------------------
+
+
+class LayoutSummary(Artifact):
+    pattern: str
+    params: int
+
+
+class ResultLayout(LayoutSummary):
+    layers: dict[str, int]
+    widths: dict[str, int]
+    memory_bytes: dict[str, Any] | None = None
+    predicted_damage: float | None = None
+
+
+class LayoutDoc(Artifact):
+    """A chosen layout: what it is (`result`), what it came from, and the surgery plan (`surgery.Plan.to_dict`)."""
+
+    model_config = ConfigDict(extra="allow")  # `minipuzzle search` adds its candidate list
+
+    source: LayoutSummary
+    result: ResultLayout
+    budget: dict[str, Any] | None = None
+    plan: dict[str, Any]
+
+    @property
+    def kept_layers(self) -> list[int]:
+        return list(self.plan["layers"])
+
+
+# ---- prune -------------------------------------------------------------------------------------------------------
+
+
+class TokenFigures(Artifact):
+    """`metrics.token_stats` of a model against its teacher on held-out windows."""
+
+    loss: float
+    accuracy: float
+    kl_to_teacher: float
+    agreement: float
+    perplexity: float
+    tokens: int
+
+
+class CandidateRow(TokenFigures):
+    """One ranked candidate: the search's prediction, then what was measured on held-out text.
+
+    With candidate distillation the measured figures are those after it, and `before_distill` holds the ones
+    measured on the plain cut."""
+
+    widths: dict[str, int]
+    layers: dict[str, int]
+    predicted_damage: float
+    params: int
+    memory: int | None = None
+    method: str | None = None  # the solver that found it (search.solver)
+    predicted_rank: int
+    measured_rank: int
+    before_distill: TokenFigures | None = None
+
+
+class PruneData(Artifact):
+    source: str
+    seq_len: int
+    calibration_windows: int
+    held_out_windows: int
+    held_out_source: str
+
+
+class PruneReport(Artifact):
+    """prune_report.json."""
+
+    model: str
+    checkpoint: str
+    budget: dict[str, Any]
+    space: dict[str, Any]
+    chosen: LayoutDoc
+    source_widths: dict[str, int]
+    source_memory: dict[str, Any]
+    candidates: list[CandidateRow]
+    data: PruneData
+    streamed: bool
+    scores: ScoresMeta
+    timing: dict[str, float] = Field(default_factory=dict)
+
+
+# ---- distillation ------------------------------------------------------------------------------------------------
+
+
+class DistillState(Artifact):
+    """distill.json: a rerun with the same `trajectory` finds the run finished."""
+
+    trajectory: dict[str, Any]
+    config: dict[str, Any]
+    teacher: str
+    warmup_steps: int
+
+
+class TrainRow(Artifact):
+    type: Literal["train"] = "train"
+    step: int
+    loss: float
+    kl: float
+    lm: float
+    hidden: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+
+
+class EvalRow(Artifact):
+    """Held-out figures of the student; `loss` is its LM loss, not the distillation loss."""
+
+    type: Literal["eval"] = "eval"
+    step: int
+    loss: float
+    kl_to_teacher: float
+    accuracy: float
+    agreement: float
+    tokens: int
+    perplexity: float
+
+
+MetricsRow = Annotated[TrainRow | EvalRow, Field(discriminator="type")]
+METRICS_ROW = TypeAdapter(MetricsRow)
+
+
+def read_metrics(path: str | Path) -> list[TrainRow | EvalRow]:
+    """The rows of a metrics.jsonl; a last line cut short by a killed run is skipped."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(METRICS_ROW.validate_json(line))
+        except ValueError:
+            if i < len(lines) - 1 or _is_json(line):
+                raise
+    return rows
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+
+class Quality(Artifact):
+    perplexity: float
+    loss: float
+    accuracy: float
+
+
+class SpeedResult(Artifact):
+    """`evaluate.speed.measure_speed` of one model."""
+
+    device: str
+    dtype: str
+    batch: int
+    prompt_len: int
+    decode_tokens: int
+    repeats: int
+    prefill_s: float
+    decode_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_memory_bytes: int
+    baseline_memory_bytes: int
+    peak_memory_kind: str
+    weights_bytes: int
+
+
+class DistillSummary(Artifact):
+    metrics_file: str
+    points: int
+    last: dict[str, Any]
+
+
+class EvalSettingsUsed(Artifact):
+    data: str | None
+    split: str
+    column: str
+    seq_len: int
+    num_samples: int
+    windows: int
+    seed: int
+    tasks: list[str]
+    limit: int | float | None
+    batch_size: int
+    device: str
+    dtype: str
+    speed_batch: int
+    speed_prompt_len: int
+    decode_tokens: int
+    precision: str
+    context: int
+    versions: dict[str, str]
+
+
+class EvalReport(Artifact):
+    """report.json of `minipuzzle eval`: held-out text, lm-eval tasks, speed, architecture figures."""
+
+    model: str
+    teacher: str | None = None
+    perplexity: float | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    kl_to_teacher: float | None = None
+    agreement: float | None = None
+    tokens: int = 0
+    teacher_quality: Quality | None = None
+    tasks: dict[str, dict[str, float]] = Field(default_factory=dict)
+    tasks_stderr: dict[str, dict[str, float]] = Field(default_factory=dict)
+    n_shot: dict[str, int | None] = Field(default_factory=dict)
+    task_samples: dict[str, int | None] = Field(default_factory=dict)
+    teacher_tasks: dict[str, dict[str, float]] | None = None
+    speed: dict[str, SpeedResult] = Field(default_factory=dict)
+    architecture: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    params: int | None = None
+    distill: DistillSummary | None = None
+    settings: EvalSettingsUsed
+    elapsed_s: float = 0.0
+    plots: list[str] = Field(default_factory=list)
