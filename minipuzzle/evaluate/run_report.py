@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from minipuzzle.anatomy import AXES
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import plots
 from minipuzzle.evaluate.tables import Table, before_after_table, fmt, quality_table, speed_table, tasks_table
@@ -35,14 +36,6 @@ WIDTH_KEYS = (
     "ssm_state_size",
     "n_groups",
 )
-# Search-axis names of the widths (the search stage's vocabulary) -> config fields.
-AXIS_FIELDS = {
-    "ffn": "intermediate_size",
-    "mamba_heads": "mamba_num_heads",
-    "mamba_head_dim": "mamba_head_dim",
-    "attn_heads": "num_attention_heads",
-    "hidden": "hidden_size",
-}
 SOURCE_WORDS = ("source", "parent", "original", "teacher", "base", "score")
 MAX_CANDIDATE_ROWS = 50
 
@@ -172,9 +165,9 @@ def _layouts(rep: dict) -> dict[str, Any]:
             if out["kept"] is None and isinstance(v, list) and v and all(isinstance(i, int) for i in v):
                 out["kept"] = sorted(v)
         elif isinstance(v, int) and not isinstance(v, bool):
-            field = (
-                AXIS_FIELDS.get(key) if parent == "widths" else next((w for w in WIDTH_KEYS if key.endswith(w)), None)
-            )
+            field = next((w for w in WIDTH_KEYS if key.endswith(w)), None)
+            if parent == "widths":
+                field = AXES[key].field if key in AXES else None
             if field:
                 out["widths"].setdefault(field, {}).setdefault(side, v)
     src_ckpt = rep.get("checkpoint")

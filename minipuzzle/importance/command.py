@@ -25,8 +25,8 @@ def score(
     width_samples: Annotated[int, typer.Option(help="Rows for the width pass (paper: 1024).")] = 1024,
     seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 4096,
     axes: Annotated[
-        str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden.")
-    ] = "depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden",
+        str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")
+    ] = "depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden",
     depth_metric: Annotated[
         str, typer.Option(help="mse_hidden (MiniPuzzle), nmse_logits, kl_logits, lm_loss, block_influence.")
     ] = "mse_hidden",

@@ -12,29 +12,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minipuzzle.anatomy import KINDS, WIDTH_AXES
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
-from minipuzzle.search.damage import SCORE_AXIS, DamageModel
+from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.solver import (
     DEFAULT_BAND,
     Candidate,
-    _Costs,
-    _limits,
+    LayerCosts,
+    budget_limits,
     check_band,
     count_pool,
     no_layout_fits,
     search,
     smallest_layout,
 )
-from minipuzzle.search.space import KINDS, WIDTH_AXES, SearchSpace
+from minipuzzle.search.space import SearchSpace
 
 # Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
 H100_FLOPS = 400e12
 
 
 def score_axes(axes) -> list[str]:
-    return [SCORE_AXIS.get(a, a) for a in axes]
+    return list(axes)  # scoring and search name the axes alike (minipuzzle.anatomy)
 
 
 @dataclass
@@ -73,8 +74,8 @@ class PruneSettings:
 
 def count_feasible(space: SearchSpace, budget: Budget) -> int:
     """Number of layouts (widths x layer counts) in `space` within `budget` (no scores needed)."""
-    costs = _Costs(space, budget)
-    P, M = _limits(budget)
+    costs = LayerCosts(space, budget)
+    P, M = budget_limits(budget)
     shape = [len(space.widths[a]) for a in WIDTH_AXES]
     idx = dict(zip(WIDTH_AXES, np.unravel_index(np.arange(math.prod(shape)), shape)))
     kinds = [k for k in KINDS if space.layers[k][1] > 0]
