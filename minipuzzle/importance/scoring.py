@@ -70,19 +70,9 @@ def score_stack(
     timing: dict[str, float] = {}
     if width_axes:
         t0 = time.perf_counter()
-        fp = {"axes": width_axes, "agg": width_agg, "windows": windows_digest(windows_width), "pattern": stack.pattern}
-        got = _load_width(resume_dir, fp)
-        if got is None:
-            got = width_scores(
-                stack, windows_width, width_axes, width_agg, batch_size=batch_size, budget_bytes=budget_bytes,
-                progress=progress,
-            )  # fmt: skip
-            _save_width(resume_dir, fp, got, stack.pattern)
-        for axis in LAYER_AXES:
-            if axis in width_axes:
-                setattr(scores, axis, dict(got[axis]))
-        if "hidden" in width_axes:
-            scores.hidden = got["hidden"]
+        got = _width_pass(stack, windows_width, width_axes, width_agg, batch_size, budget_bytes, resume_dir, progress)
+        for axis in width_axes:
+            setattr(scores, axis, dict(got[axis]) if axis in LAYER_AXES else got[axis])
         timing["width_seconds"] = round(time.perf_counter() - t0, 3)
     if "depth" in axes:
         t0 = time.perf_counter()
@@ -108,6 +98,18 @@ def score_stack(
         "higher_is_more_important": True,
     }
     return scores
+
+
+def _width_pass(stack, windows, axes, agg, batch_size, budget_bytes, resume_dir, progress) -> dict[str, Any]:
+    """`width_scores` of `axes`, reused from `resume_dir` when a finished pass with the same inputs is there."""
+    fingerprint = {"axes": axes, "agg": agg, "windows": windows_digest(windows), "pattern": stack.pattern}
+    got = _load_width(resume_dir, fingerprint)
+    if got is None:
+        got = width_scores(
+            stack, windows, axes, agg, batch_size=batch_size, budget_bytes=budget_bytes, progress=progress
+        )
+        _save_width(resume_dir, fingerprint, got, stack.pattern)
+    return got
 
 
 def score_model(
