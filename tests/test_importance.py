@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minipuzzle.errors import UserError
 from minipuzzle.importance import (
     ModelStack,
     Scores,
@@ -317,6 +318,12 @@ def test_scores_file_round_trip(tiny_model, tmp_path):
     assert s.depth[rank["mlp"][0]] >= s.depth[rank["mlp"][-1]]
     order = summary["attn_heads"]["order_within_groups"]["2"]
     assert len(order) == 2 and sorted(order[0]) == [0, 1, 2, 3] and sorted(order[1]) == [4, 5, 6, 7]
+    # A file naming an axis that is not in the anatomy (an older spelling) is refused, not half read.
+    from safetensors.torch import save_file
+
+    save_file({"mamba_head_channels.0": torch.ones(8)}, str(tmp_path / "scores.safetensors"))
+    with pytest.raises(UserError, match="mamba_head_channels"):
+        Scores.load(tmp_path)
 
 
 def test_score_command(tmp_path, tokenizer, text_file):
