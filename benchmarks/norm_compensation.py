@@ -33,7 +33,7 @@ from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
 from minipuzzle.importance import score_model  # noqa: E402
 from minipuzzle.metrics import forward_kl  # noqa: E402
 from minipuzzle.search.budget import make_budget  # noqa: E402
-from minipuzzle.search.pipeline import PruneSettings, run_search, score_axes  # noqa: E402
+from minipuzzle.search.pipeline import PruneSettings, run_search  # noqa: E402
 from minipuzzle.search.plan import candidate_plan  # noqa: E402
 from minipuzzle.surgery import prune_model  # noqa: E402
 
@@ -82,13 +82,13 @@ def main() -> None:
     teacher = load_model(teacher_dir).eval()
     layout = Layout.from_config(teacher.config)
     work = Path(tempfile.mkdtemp(prefix="norm-compensation-"))
-    train, held_dir = data_folders(work / "data")
+    train, _validation, held_dir = data_folders(work / "data")  # figures on the test half of the held-out files
     held = token_windows(held_dir, tok, args.seq_len, args.held_out_windows, seed=args.seed)
     calib = token_windows(train, tok, args.seq_len, args.width_samples, seed=args.seed)
     teacher_logits = logits_of(teacher, held)
 
     axes = tuple(a.strip() for a in args.axes.split(","))
-    scores = score_model(teacher, calib[:32] if "depth" in axes else None, calib, axes=score_axes(axes),
+    scores = score_model(teacher, calib[:32] if "depth" in axes else None, calib, axes=list(axes),
                          depth_metric="mse_hidden", progress=False)  # fmt: skip
     settings = PruneSettings(budget=make_budget(layout, target=str(RATIO)), axes=axes, candidates=1)
     _, dmodel, cands = run_search(layout, scores, settings)

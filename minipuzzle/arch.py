@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minipuzzle.anatomy import ATTENTION, KIND_NAMES, KINDS, MAMBA, MLP, MOE
 from minipuzzle.errors import UserError
 
-MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
-KIND_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
 # transformers' `layers_block_type` names for each pattern character.
 BLOCK_TYPES = {MAMBA: "linear_attention", ATTENTION: "full_attention", MLP: "mlp", MOE: "moe"}
 PATTERN_CHARS = {v: k for k, v in BLOCK_TYPES.items()}
@@ -56,7 +55,7 @@ class Layout:
     mamba_ssm_cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        bad = set(self.pattern) - {MAMBA, ATTENTION, MLP}
+        bad = set(self.pattern) - set(KINDS)
         if MOE in bad:
             raise UserError("mixture-of-experts layers ('E') are not supported: minipuzzle prunes dense Nemotron-H")
         if bad or not self.pattern:
@@ -93,7 +92,7 @@ class Layout:
         return self.pattern.count(kind)
 
     def layer_counts(self) -> dict[str, int]:
-        return {name: self.count(ch) for ch, name in KIND_NAMES.items()}
+        return {KIND_NAMES[ch]: self.count(ch) for ch in KINDS}
 
     def replace(self, **changes: Any) -> Layout:
         return dataclasses.replace(self, **changes)

@@ -134,11 +134,10 @@ def final_model(recipe: Recipe, run_dir: Path) -> Path:
 
 def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bool) -> None:
     from minipuzzle.importance import score_to_folder
-    from minipuzzle.search.pipeline import score_axes
 
     m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
-    score_to_folder(teacher, data.train, out, axes=score_axes(recipe.search.axes), split=data.split,
+    score_to_folder(teacher, data.train, out, axes=list(recipe.search.axes), split=data.split,
                     text_column=data.column, device=resolve_device(m.device), dtype=None if m.dtype == "auto" else m.dtype,
                     overwrite=True, progress=progress, **recipe.importance.model_dump())  # fmt: skip
 

@@ -1,14 +1,7 @@
 """Cut a Nemotron-H checkpoint down to a plan: which layers stay and, per axis, which units stay.
 
-Where each unit lives (I = mamba heads x head_dim, G = groups, N = state size, H = mamba heads):
-- FFN channel c of an MLP layer: row c of `up_proj`, column c of `down_proj`.
-- Mamba head h (channels h*P .. h*P+P-1 of I): those rows in the z and x blocks of `in_proj`, the same channels of
-  the conv over x, entry h of `A_log`, `D`, `dt_bias` and of the dt block of `in_proj`, those channels of the gated
-  `norm`, those columns of `out_proj`. B and C (per group) are never cut, so heads are cut within their group.
-- Mamba head channel p: channel p of every head, in all the places above.
-- Attention query head q: rows q*d..q*d+d-1 of `q_proj`, those columns of `o_proj`; K and V stay.
-- Hidden channel j: column j of the embeddings, `lm_head` and every input projection; row j of every output
-  projection; entry j of every RMSNorm over the hidden size.
+Where each unit of an axis lives in the weights is written once, in `minipuzzle.anatomy`; the `Cutter` here turns
+a plan's kept units into row and column indices of every tensor.
 
 Removing channels from an RMSNorm's input changes its mean square even when they held zeros, so by default
 (`Plan.norm_compensation`) the norms over the hidden size and the Mamba gated group norm scale their kept weights by
@@ -30,7 +23,18 @@ from typing import Any
 
 import torch
 
-from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
+from minipuzzle.anatomy import (
+    ATTENTION,
+    AXES,
+    LAYER_AXES,
+    MAMBA,
+    MLP,
+    attention_rows,
+    mamba_channels,
+    mamba_conv_slices,
+    mamba_in_proj_slices,
+)
+from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import (
     Checkpoint,
     ShardWriter,
@@ -44,26 +48,26 @@ from minipuzzle.checkpoint import (
 from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 
-AXES = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads")
-_AXIS_KIND = {"ffn": MLP, "mamba_heads": MAMBA, "mamba_head_channels": MAMBA, "attn_heads": ATTENTION}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# How one tensor is cut: kept rows, kept columns (None keeps all) and a factor for the kept values.
+Cut = tuple[torch.Tensor | None, torch.Tensor | None, float]
 
 
 @dataclass
 class Plan:
-    """Which units of a source model stay.
+    """Which units of a source model stay (axes as in `minipuzzle.anatomy`).
 
-    layers: kept source layer indices, ascending. ffn / mamba_heads / mamba_head_channels / attn_heads: for each kept
-    source layer of that kind, the kept unit indices (ascending); None keeps everything on that axis. mamba_heads
-    are global head indices, mamba_head_channels are indices within a head (the same in every head), attn_heads are
-    query-head indices. hidden: kept hidden (residual-stream) channels, or None. norm_compensation: scale the kept
-    weights of RMSNorms that lose input channels by sqrt(old_width / new_width).
+    layers: kept source layer indices, ascending. ffn / mamba_heads / mamba_head_dim / attn_heads: for each kept
+    source layer of that axis's kind, the kept unit indices (ascending); None keeps everything on that axis.
+    mamba_heads are global head indices, mamba_head_dim entries are channel indices within a head (the same in
+    every head), attn_heads are query-head indices. hidden: kept hidden (residual-stream) channels, or None.
+    norm_compensation: scale the kept weights of RMSNorms that lose input channels by sqrt(old_width / new_width).
     """
 
     layers: list[int]
     ffn: dict[int, list[int]] | None = None
     mamba_heads: dict[int, list[int]] | None = None
-    mamba_head_channels: dict[int, list[int]] | None = None
+    mamba_head_dim: dict[int, list[int]] | None = None
     attn_heads: dict[int, list[int]] | None = None
     hidden: list[int] | None = None
     norm_compensation: bool = True
@@ -74,7 +78,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"layers": list(self.layers)}
-        for axis in AXES:
+        for axis in LAYER_AXES:
             sel = getattr(self, axis)
             if sel is not None:
                 d[axis] = {str(i): list(map(int, v)) for i, v in sorted(sel.items())}
@@ -85,13 +89,13 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        unknown = set(d) - {"layers", "hidden", "norm_compensation", *AXES}
+        unknown = set(d) - {"layers", "hidden", "norm_compensation", *LAYER_AXES}
         if unknown:
             raise UserError(f"unknown key(s) in plan: {', '.join(sorted(unknown))}")
         if "layers" not in d:
             raise UserError("plan lacks 'layers'")
         kw: dict[str, Any] = {"layers": [int(i) for i in d["layers"]]}
-        for axis in AXES:
+        for axis in LAYER_AXES:
             if d.get(axis) is not None:
                 kw[axis] = {int(i): [int(u) for u in v] for i, v in d[axis].items()}
         if d.get("hidden") is not None:
@@ -103,6 +107,7 @@ class Plan:
         return cls(**kw)
 
     def kept(self, axis: str, layer: int, full: int) -> list[int]:
+        """Kept unit indices of layer axis `axis` in source layer `layer` (all `full` when the plan cuts none)."""
         sel = getattr(self, axis)
         if sel is None or layer not in sel:
             return list(range(full))
@@ -110,66 +115,54 @@ class Plan:
 
     def validate(self, layout: Layout) -> None:
         """Check the plan against the source layout; raise UserError naming the first problem."""
-        L = layout.num_layers
+        last = layout.num_layers - 1
         if not self.layers:
             raise UserError("plan keeps no layers")
-        if sorted(set(self.layers)) != list(self.layers) or self.layers[0] < 0 or self.layers[-1] >= L:
-            raise UserError(f"plan layers must be ascending, unique and within 0..{L - 1}")
-        full = {
-            "ffn": layout.intermediate_size,
-            "mamba_heads": layout.mamba_num_heads,
-            "mamba_head_channels": layout.mamba_head_dim,
-            "attn_heads": layout.num_attention_heads,
-        }
-        for axis in AXES:
-            kind = _AXIS_KIND[axis]
-            counts = set()
-            for i in self.layers:
-                if layout.pattern[i] != kind:
-                    continue
-                keep = self.kept(axis, i, full[axis])
-                _check_indices(keep, full[axis], f"{axis} of layer {i}")
-                counts.add(len(keep))
-            sel = getattr(self, axis) or {}
-            for i in sel:
-                if i not in self.layers or layout.pattern[i] != kind:
-                    raise UserError(f"plan gives {axis} for layer {i}, which is not a kept {kind!r} layer")
-            if len(counts) > 1:
-                raise UserError(
-                    f"plan keeps different numbers of {axis} per layer ({sorted(counts)}): widths must be uniform"
-                )
-        per_group = layout.mamba_num_heads // layout.n_groups
-        for i, heads in (self.mamba_heads or {}).items():
-            groups = [sum(1 for h in heads if h // per_group == g) for g in range(layout.n_groups)]
-            if len(set(groups)) != 1:
-                raise UserError(
-                    f"layer {i} keeps Mamba heads unevenly across groups {groups}: keep the same count per group"
-                )
-        per_kv = layout.num_attention_heads // layout.num_key_value_heads
-        for i, heads in (self.attn_heads or {}).items():
-            groups = [sum(1 for h in heads if h // per_kv == g) for g in range(layout.num_key_value_heads)]
-            if len(set(groups)) != 1:
-                raise UserError(f"layer {i} keeps attention heads unevenly across KV groups {groups}")
+        if sorted(set(self.layers)) != list(self.layers) or self.layers[0] < 0 or self.layers[-1] > last:
+            raise UserError(f"plan layers must be ascending, unique and within 0..{last}")
+        for axis in LAYER_AXES:
+            self._check_layer_axis(layout, axis)
         if self.hidden is not None:
             _check_indices(self.hidden, layout.hidden_size, "hidden")
+
+    def _check_layer_axis(self, layout: Layout, name: str) -> None:
+        """Indices valid, uniform width over the kept layers of the axis's kind, equal counts in every group."""
+        axis = AXES[name]
+        full, groups = axis.width(layout), axis.unit(layout)
+        for i in getattr(self, name) or {}:
+            if i not in self.layers or layout.pattern[i] != axis.kind:
+                raise UserError(f"plan gives {name} for layer {i}, which is not a kept {axis.kind!r} layer")
+        counts = set()
+        for i in (i for i in self.layers if layout.pattern[i] == axis.kind):
+            keep = self.kept(name, i, full)
+            _check_indices(keep, full, f"{name} of layer {i}")
+            counts.add(len(keep))
+            per_group = [sum(1 for u in keep if u // (full // groups) == g) for g in range(groups)]
+            if len(set(per_group)) != 1:
+                raise UserError(
+                    f"layer {i} keeps {name} unevenly across its {groups} groups {per_group}: keep the same count "
+                    f"in each group ({axis.doc})"
+                )
+        if len(counts) > 1:
+            raise UserError(
+                f"plan keeps different numbers of {name} per layer ({sorted(counts)}): widths must be uniform"
+            )
 
     def target_layout(self, layout: Layout) -> Layout:
         """The layout of the pruned model."""
         self.validate(layout)
 
-        def width(axis: str, full: int) -> int:
+        def width(name: str) -> int:
+            axis = AXES[name]
             for i in self.layers:
-                if layout.pattern[i] == _AXIS_KIND[axis]:
-                    return len(self.kept(axis, i, full))
-            return full  # no layer of that kind left: the width is irrelevant, keep the source's
+                if layout.pattern[i] == axis.kind:
+                    return len(self.kept(name, i, axis.width(layout)))
+            return axis.width(layout)  # no layer of that kind left: the width is irrelevant, keep the source's
 
         return layout.replace(
             pattern="".join(layout.pattern[i] for i in self.layers),
-            intermediate_size=width("ffn", layout.intermediate_size),
-            mamba_num_heads=width("mamba_heads", layout.mamba_num_heads),
-            mamba_head_dim=width("mamba_head_channels", layout.mamba_head_dim),
-            num_attention_heads=width("attn_heads", layout.num_attention_heads),
             hidden_size=layout.hidden_size if self.hidden is None else len(self.hidden),
+            **{AXES[name].field: width(name) for name in LAYER_AXES},
         )
 
 
@@ -195,6 +188,8 @@ class Cutter:
         h = layout.hidden_size
         self.hidden = None if plan.hidden is None or len(plan.hidden) == h else torch.tensor(plan.hidden)
         self.hidden_scale = math.sqrt(h / self.dst.hidden_size) if plan.norm_compensation else 1.0
+        self._layer_cuts: dict[int, dict[str, Cut]] = {}
+        self._kind_cuts = {MLP: self._mlp_cuts, ATTENTION: self._attention_cuts, MAMBA: self._mamba_cuts}
 
     def output_name(self, name: str) -> str | None:
         """Native name of `name` in the pruned model, or None when its layer is dropped."""
@@ -206,106 +201,99 @@ class Cutter:
             return None
         return f"model.layers.{self.new_index[i]}.{m.group(2)}"
 
-    def _rows(self, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        return t if idx is None else t.index_select(0, idx)
-
-    def _cols(self, t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        return t if idx is None else t.index_select(1, idx)
-
-    def _hidden_norm(self, t: torch.Tensor) -> torch.Tensor:
-        if self.hidden is None:
-            return t
-        if self.hidden_scale == 1.0:
-            return t.index_select(0, self.hidden)
-        return (t.index_select(0, self.hidden).float() * self.hidden_scale).to(t.dtype)
-
-    def _mamba_index(self, i: int) -> dict[str, torch.Tensor | None]:
-        lay, plan = self.src, self.plan
-        H, P = lay.mamba_num_heads, lay.mamba_head_dim
-        heads = plan.kept("mamba_heads", i, H)
-        chans = plan.kept("mamba_head_channels", i, P)
-        if len(heads) == H and len(chans) == P:
-            return {"inner": None, "heads": None, "in_proj": None, "conv": None, "norm_scale": 1.0}
-        inner = torch.tensor([h * P + p for h in heads for p in chans])
-        I, GN = lay.mamba_intermediate, lay.n_groups * lay.ssm_state_size
-        heads_t = torch.tensor(heads)
-        bc = torch.arange(2 * GN)
-        in_proj = torch.cat([inner, I + inner, 2 * I + bc, 2 * I + 2 * GN + heads_t])
-        conv = torch.cat([inner, I + bc])
-        old_group, new_group = I // lay.n_groups, len(inner) // lay.n_groups
-        return {
-            "inner": inner,
-            "heads": heads_t,
-            "in_proj": in_proj,
-            "conv": conv,
-            "norm_scale": math.sqrt(old_group / new_group) if plan.norm_compensation else 1.0,
-        }
-
     def cut(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Slice one tensor (native source name) to the plan."""
-        hid = self.hidden
         if name in ("model.embeddings.weight", "lm_head.weight"):
-            return self._cols(t, hid)
+            return _apply(t, (None, self.hidden, 1.0))
         if name == "model.norm_f.weight":
-            return self._hidden_norm(t)
+            return _apply(t, (self.hidden, None, self.hidden_scale))
         m = _LAYER_RE.match(name)
         if not m:
             raise UserError(f"unexpected weight {name} in a Nemotron-H checkpoint")
         i, rest = int(m.group(1)), m.group(2)
-        kind = self.src.pattern[i]
         if rest == "norm.weight":
-            return self._hidden_norm(t)
-        if kind == MLP:
-            ffn = self.plan.kept("ffn", i, self.src.intermediate_size)
-            f = None if len(ffn) == self.src.intermediate_size else torch.tensor(ffn)
-            if rest == "mixer.up_proj.weight":
-                return self._cols(self._rows(t, f), hid)
-            if rest == "mixer.up_proj.bias":
-                return self._rows(t, f)
-            if rest == "mixer.down_proj.weight":
-                return self._cols(self._rows(t, hid), f)
-            if rest == "mixer.down_proj.bias":
-                return self._rows(t, hid)
-        elif kind == ATTENTION:
-            q = self.plan.kept("attn_heads", i, self.src.num_attention_heads)
-            d = self.src.head_dim
-            qi = (
-                None
-                if len(q) == self.src.num_attention_heads
-                else torch.tensor([h * d + c for h in q for c in range(d)])
-            )
-            if rest == "mixer.q_proj.weight":
-                return self._cols(self._rows(t, qi), hid)
-            if rest in ("mixer.k_proj.weight", "mixer.v_proj.weight"):
-                return self._cols(t, hid)
-            if rest == "mixer.o_proj.weight":
-                return self._cols(self._rows(t, hid), qi)
-            if rest in ("mixer.q_proj.bias",):
-                return self._rows(t, qi)
-            if rest in ("mixer.k_proj.bias", "mixer.v_proj.bias"):
-                return t
-            if rest == "mixer.o_proj.bias":
-                return self._rows(t, hid)
-        elif kind == MAMBA:
-            ix = self._mamba_index(i)
-            if rest == "mixer.in_proj.weight":
-                return self._cols(self._rows(t, ix["in_proj"]), hid)
-            if rest == "mixer.in_proj.bias":
-                return self._rows(t, ix["in_proj"])
-            if rest in ("mixer.conv1d.weight", "mixer.conv1d.bias"):
-                return self._rows(t, ix["conv"])
-            if rest in ("mixer.A_log", "mixer.D", "mixer.dt_bias"):
-                return self._rows(t, ix["heads"])
-            if rest == "mixer.norm.weight":
-                t2 = self._rows(t, ix["inner"])
-                if ix["norm_scale"] != 1.0:
-                    t2 = (t2.float() * ix["norm_scale"]).to(t.dtype)
-                return t2
-            if rest == "mixer.out_proj.weight":
-                return self._cols(self._rows(t, hid), ix["inner"])
-            if rest == "mixer.out_proj.bias":
-                return self._rows(t, hid)
-        raise UserError(f"unexpected weight {name} for a {kind!r} layer")
+            return _apply(t, (self.hidden, None, self.hidden_scale))
+        if i not in self._layer_cuts:
+            self._layer_cuts = {i: self._kind_cuts[self.src.pattern[i]](i)}  # tensors come layer by layer
+        how = self._layer_cuts[i].get(rest.removeprefix("mixer.")) if rest.startswith("mixer.") else None
+        if how is None:
+            raise UserError(f"unexpected weight {name} for a {self.src.pattern[i]!r} layer")
+        return _apply(t, how)
+
+    def _kept(self, axis: str, i: int) -> torch.Tensor | None:
+        """Kept units of layer axis `axis` in layer `i` as an index tensor, None when all stay."""
+        full = AXES[axis].width(self.src)
+        kept = self.plan.kept(axis, i, full)
+        return None if len(kept) == full else torch.tensor(kept)
+
+    def _mlp_cuts(self, i: int) -> dict[str, Cut]:
+        ffn, hid = self._kept("ffn", i), self.hidden
+        return {
+            "up_proj.weight": (ffn, hid, 1.0),
+            "up_proj.bias": (ffn, None, 1.0),
+            "down_proj.weight": (hid, ffn, 1.0),
+            "down_proj.bias": (hid, None, 1.0),
+        }
+
+    def _attention_cuts(self, i: int) -> dict[str, Cut]:
+        heads, hid = self._kept("attn_heads", i), self.hidden
+        q = None if heads is None else torch.tensor(attention_rows(self.src, heads.tolist()))
+        return {
+            "q_proj.weight": (q, hid, 1.0),
+            "k_proj.weight": (None, hid, 1.0),
+            "v_proj.weight": (None, hid, 1.0),
+            "o_proj.weight": (hid, q, 1.0),
+            "q_proj.bias": (q, None, 1.0),
+            "k_proj.bias": (None, None, 1.0),
+            "v_proj.bias": (None, None, 1.0),
+            "o_proj.bias": (hid, None, 1.0),
+        }
+
+    def _mamba_cuts(self, i: int) -> dict[str, Cut]:
+        lay, hid = self.src, self.hidden
+        heads = self.plan.kept("mamba_heads", i, lay.mamba_num_heads)
+        head_channels = self.plan.kept("mamba_head_dim", i, lay.mamba_head_dim)
+        inner = in_proj = conv = head_index = None
+        norm_scale = 1.0
+        if len(heads) < lay.mamba_num_heads or len(head_channels) < lay.mamba_head_dim:
+            inner, head_index = torch.tensor(mamba_channels(lay, heads, head_channels)), torch.tensor(heads)
+            proj, conv_blocks = mamba_in_proj_slices(lay), mamba_conv_slices(lay)
+            # B and C belong to the groups, which all stay; z, x and the conv's x follow the kept channels.
+            z, x, dt = _at(proj["z"], inner), _at(proj["x"], inner), _at(proj["dt"], head_index)
+            in_proj = torch.cat([z, x, _whole(proj["B"], proj["C"]), dt])
+            conv = torch.cat([_at(conv_blocks["x"], inner), _whole(conv_blocks["B"], conv_blocks["C"])])
+            if self.plan.norm_compensation:  # the gated norm is a group norm over I / n_groups channels per group
+                norm_scale = math.sqrt(lay.mamba_intermediate / len(inner))
+        return {
+            "in_proj.weight": (in_proj, hid, 1.0),
+            "in_proj.bias": (in_proj, None, 1.0),
+            "conv1d.weight": (conv, None, 1.0),
+            "conv1d.bias": (conv, None, 1.0),
+            "A_log": (head_index, None, 1.0),
+            "D": (head_index, None, 1.0),
+            "dt_bias": (head_index, None, 1.0),
+            "norm.weight": (inner, None, norm_scale),
+            "out_proj.weight": (hid, inner, 1.0),
+            "out_proj.bias": (hid, None, 1.0),
+        }
+
+
+def _apply(t: torch.Tensor, how: Cut) -> torch.Tensor:
+    """`t` with only the kept rows and columns, its values scaled (in float32) by the factor when it is not 1."""
+    rows, cols, scale = how
+    out = t if rows is None else t.index_select(0, rows)
+    out = out if cols is None else out.index_select(1, cols)
+    return out if scale == 1.0 else (out.float() * scale).to(t.dtype)
+
+
+def _at(block: slice, index: torch.Tensor) -> torch.Tensor:
+    """Positions `index` within `block`, as indices of the whole tensor."""
+    return block.start + index
+
+
+def _whole(first: slice, last: slice) -> torch.Tensor:
+    """Every index from the start of block `first` to the end of block `last`."""
+    return torch.arange(first.start, last.stop)
 
 
 # ---- the three entry points -------------------------------------------------------------------------------------

@@ -12,6 +12,16 @@ from pathlib import Path
 
 import torch
 
+from minipuzzle.anatomy import (
+    ATTENTION,
+    AXES,
+    MAMBA,
+    MLP,
+    attention_rows,
+    mamba_channels,
+    mamba_conv_slices,
+    mamba_in_proj_slices,
+)
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import ShardWriter, atomic_dir, model_state_dict, write_config
 
@@ -156,51 +166,65 @@ def plant_dead_units(model, plan) -> None:
     (up to the norm epsilon): the property the surgery and search tests check.
     Dropped layers get a zero output projection (the block becomes the identity).
     """
-    from minipuzzle.arch import ATTENTION, MAMBA, MLP
-
     layout = Layout.from_config(model.config)
-    H, P, I = layout.mamba_num_heads, layout.mamba_head_dim, layout.mamba_intermediate
-    GN = layout.n_groups * layout.ssm_state_size
-    d = layout.head_dim
     dead_hidden = sorted(set(range(layout.hidden_size)) - set(plan.hidden or range(layout.hidden_size)))
     base = model.model
     for i, block in enumerate(base.layers):
         mixer, kind = block.mixer, layout.pattern[i]
-        out_proj = {MAMBA: "out_proj", ATTENTION: "o_proj", MLP: "down_proj"}[kind]
+        out_proj = getattr(mixer, _OUTPUT_PROJECTIONS[kind])
         if i not in plan.layers:
-            getattr(mixer, out_proj).weight.zero_()
+            out_proj.weight.zero_()
             continue
-        if kind == MLP:
-            dead = sorted(set(range(layout.intermediate_size)) - set(plan.kept("ffn", i, layout.intermediate_size)))
-            mixer.up_proj.weight[dead] = 0
-            mixer.down_proj.weight[:, dead] = 0
-        elif kind == ATTENTION:
-            dead_q = sorted(
-                set(range(layout.num_attention_heads)) - set(plan.kept("attn_heads", i, layout.num_attention_heads))
-            )
-            rows = [h * d + c for h in dead_q for c in range(d)]
-            mixer.q_proj.weight[rows] = 0
-            mixer.o_proj.weight[:, rows] = 0
-        else:
-            heads = set(plan.kept("mamba_heads", i, H))
-            chans = set(plan.kept("mamba_head_channels", i, P))
-            dead = [h * P + p for h in range(H) for p in range(P) if h not in heads or p not in chans]
-            dead_heads = sorted(set(range(H)) - heads)
-            dt_rows = [2 * I + 2 * GN + h for h in dead_heads]
-            mixer.in_proj.weight[dead] = 0  # z
-            mixer.in_proj.weight[[I + c for c in dead]] = 0  # x
-            mixer.in_proj.weight[dt_rows] = 0
-            mixer.conv1d.weight[dead] = 0
-            if mixer.conv1d.bias is not None:
-                mixer.conv1d.bias[dead] = 0
-            mixer.out_proj.weight[:, dead] = 0
+        _DEAD_UNIT_PLANTERS[kind](mixer, layout, plan, i)
         if dead_hidden:
-            getattr(mixer, out_proj).weight[dead_hidden] = 0
+            out_proj.weight[dead_hidden] = 0
             for name, p in mixer.named_parameters():
-                if p.ndim == 2 and name.split(".")[0] != out_proj:
+                if p.ndim == 2 and name.split(".")[0] != _OUTPUT_PROJECTIONS[kind]:
                     p[:, dead_hidden] = 0
             block.norm.weight[dead_hidden] = 0
     if dead_hidden:
         base.embeddings.weight[:, dead_hidden] = 0
         base.norm_f.weight[dead_hidden] = 0
         model.lm_head.weight[:, dead_hidden] = 0
+
+
+def _dropped(plan, axis: str, layer: int, layout: Layout) -> list[int]:
+    full = AXES[axis].width(layout)
+    return sorted(set(range(full)) - set(plan.kept(axis, layer, full)))
+
+
+def _plant_mlp(mixer, layout: Layout, plan, i: int) -> None:
+    dead = _dropped(plan, "ffn", i, layout)
+    mixer.up_proj.weight[dead] = 0
+    mixer.down_proj.weight[:, dead] = 0
+
+
+def _plant_attention(mixer, layout: Layout, plan, i: int) -> None:
+    rows = attention_rows(layout, _dropped(plan, "attn_heads", i, layout))
+    mixer.q_proj.weight[rows] = 0
+    mixer.o_proj.weight[:, rows] = 0
+
+
+def _plant_mamba(mixer, layout: Layout, plan, i: int) -> None:
+    all_heads, all_channels = range(layout.mamba_num_heads), range(layout.mamba_head_dim)
+    dead_heads = _dropped(plan, "mamba_heads", i, layout)
+    kept_heads = sorted(set(all_heads) - set(dead_heads))
+    dead_channels = _dropped(plan, "mamba_head_dim", i, layout)
+    # A channel is dead when its head is, or when its position within every head is.
+    dead = sorted(
+        set(mamba_channels(layout, dead_heads, list(all_channels)))
+        | set(mamba_channels(layout, kept_heads, dead_channels))
+    )
+    proj, conv = mamba_in_proj_slices(layout), mamba_conv_slices(layout)
+    for block in ("z", "x"):
+        mixer.in_proj.weight[[proj[block].start + c for c in dead]] = 0
+    mixer.in_proj.weight[[proj["dt"].start + h for h in dead_heads]] = 0
+    conv_rows = [conv["x"].start + c for c in dead]
+    mixer.conv1d.weight[conv_rows] = 0
+    if mixer.conv1d.bias is not None:
+        mixer.conv1d.bias[conv_rows] = 0
+    mixer.out_proj.weight[:, dead] = 0
+
+
+_OUTPUT_PROJECTIONS = {MAMBA: "out_proj", ATTENTION: "o_proj", MLP: "down_proj"}
+_DEAD_UNIT_PLANTERS = {MAMBA: _plant_mamba, ATTENTION: _plant_attention, MLP: _plant_mlp}

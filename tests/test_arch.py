@@ -143,3 +143,27 @@ def test_info_user_errors(args, needle):
     code, out, err = run_cli(args)
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_anatomy_slices_fit_the_mamba_tensors():
+    from minipuzzle.anatomy import AXES, mamba_conv_slices, mamba_in_proj_slices
+
+    layout = tiny_layout(n_groups=4, mamba_num_heads=12, ssm_state_size=6)
+    mixer = random_model(layout).model.layers[layout.pattern.index("M")].mixer
+    proj, conv = mamba_in_proj_slices(layout), mamba_conv_slices(layout)
+    assert list(proj) == ["z", "x", "B", "C", "dt"] and list(conv) == ["x", "B", "C"]
+    assert proj["dt"].stop == mixer.in_proj.weight.shape[0] and conv["C"].stop == mixer.conv1d.weight.shape[0]
+    assert proj["dt"].stop - proj["dt"].start == mixer.A_log.numel()
+    assert all(a.stop == b.start for a, b in zip(list(proj.values()), list(proj.values())[1:]))
+    assert {a.width(layout) for a in AXES.values()} <= set(vars(layout).values())
+    assert AXES["mamba_heads"].unit(layout) == 4 and AXES["ffn"].unit(layout) == 1
+    # z is the gate: silu(0) = 0 zeroes the gated norm's input, so with z's rows at zero the mixer writes nothing,
+    # while zeroing as many rows of x leaves it writing.
+    x = torch.randn(2, 5, layout.hidden_size)
+    with torch.no_grad():
+        weight = mixer.in_proj.weight.clone()
+        mixer.in_proj.weight[proj["x"]] = 0
+        assert mixer(x).abs().max() > 0
+        mixer.in_proj.weight.copy_(weight)
+        mixer.in_proj.weight[proj["z"]] = 0
+        assert mixer(x).abs().max() == 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minipuzzle.errors import UserError
 from minipuzzle.importance import (
     ModelStack,
     Scores,
@@ -19,7 +20,7 @@ from minipuzzle.importance import (
 )
 from minipuzzle.testing import random_model, run_cli, save_model
 
-WIDTH = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads")
+WIDTH = ("ffn", "mamba_heads", "mamba_head_dim", "attn_heads")
 
 
 def windows(n=4, t=24, seed=1, vocab=320):
@@ -156,7 +157,7 @@ def test_width_scores_match_hand_computation(tiny_model):
             inner = cfg.mamba_num_heads * cfg.mamba_head_dim
             c = stat(act[..., inner : 2 * inner]).view(cfg.mamba_num_heads, -1)
             torch.testing.assert_close(got["mamba_heads"][i], c.norm(dim=1), rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(got["mamba_head_channels"][i], c.norm(dim=0), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got["mamba_head_dim"][i], c.norm(dim=0), rtol=1e-5, atol=1e-7)
     assert len(cap) == 2 * cfg.num_hidden_layers + 1
     torch.testing.assert_close(got["hidden"], hidden, rtol=1e-5, atol=1e-6)
 
@@ -184,9 +185,9 @@ def test_dead_units_score_exactly_zero():
                 mx.out_proj.weight[:, 2 * d_m : 3 * d_m] = 0
                 mx.in_proj.weight[inner + 6 : 2 * inner : d_m] = 0  # head channel 6 in every head
                 mx.out_proj.weight[:, 6::d_m] = 0
-    s = score_model(m, None, windows(3), axes=["ffn", "mamba_heads", "mamba_head_channels", "attn_heads", "hidden"],
+    s = score_model(m, None, windows(3), axes=["ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden"],
                     progress=False)  # fmt: skip
-    checks = [("ffn", 5), ("mamba_heads", 2), ("mamba_head_channels", 6), ("attn_heads", 3)]
+    checks = [("ffn", 5), ("mamba_heads", 2), ("mamba_head_dim", 6), ("attn_heads", 3)]
     for axis, unit in checks:
         for t in getattr(s, axis).values():
             assert t[unit].item() == 0.0
@@ -250,8 +251,8 @@ def test_default_width_statistic_ranks_magnitude_not_offset():
     plant_wild_and_constant_units(m)
     t = 32
     ids = 2 * torch.randint(0, 160, (4, t), generator=torch.Generator().manual_seed(0)) + torch.arange(t) % 2
-    axes = ["ffn", "mamba_heads", "mamba_head_channels", "attn_heads", "hidden"]
-    pairs = {"ffn": (0, 1), "mamba_heads": (0, 1), "mamba_head_channels": (2, 3), "attn_heads": (4, 0)}
+    axes = ["ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden"]
+    pairs = {"ffn": (0, 1), "mamba_heads": (0, 1), "mamba_head_dim": (2, 3), "attn_heads": (4, 0)}
     for agg, signed_axes_flip in (("abs_mean,l2", False), ("signed_mean,l2", True)):
         s = score_model(m, None, ids, axes=axes, progress=False, width_agg=agg)
         assert s.meta["settings"]["width_aggregation"] == agg
@@ -317,6 +318,12 @@ def test_scores_file_round_trip(tiny_model, tmp_path):
     assert s.depth[rank["mlp"][0]] >= s.depth[rank["mlp"][-1]]
     order = summary["attn_heads"]["order_within_groups"]["2"]
     assert len(order) == 2 and sorted(order[0]) == [0, 1, 2, 3] and sorted(order[1]) == [4, 5, 6, 7]
+    # A file naming an axis that is not in the anatomy (an older spelling) is refused, not half read.
+    from safetensors.torch import save_file
+
+    save_file({"mamba_head_channels.0": torch.ones(8)}, str(tmp_path / "scores.safetensors"))
+    with pytest.raises(UserError, match="mamba_head_channels"):
+        Scores.load(tmp_path)
 
 
 def test_score_command(tmp_path, tokenizer, text_file):

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from minipuzzle.anatomy import KINDS, WIDTH_AXES
 from minipuzzle.errors import UserError
 from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import get_preset
@@ -21,7 +22,7 @@ from minipuzzle.search import (
     search,
 )
 from minipuzzle.search.pipeline import count_feasible
-from minipuzzle.search.space import KINDS, WIDTH_AXES, width_options
+from minipuzzle.search.space import width_options
 from minipuzzle.testing import tiny_layout
 
 
@@ -34,7 +35,7 @@ def synthetic_scores(layout, seed=0):
             s.ffn[i] = torch.rand(layout.intermediate_size, generator=g)
         elif ch == "M":
             s.mamba_heads[i] = torch.rand(layout.mamba_num_heads, generator=g)
-            s.mamba_head_channels[i] = torch.rand(layout.mamba_head_dim, generator=g)
+            s.mamba_head_dim[i] = torch.rand(layout.mamba_head_dim, generator=g)
         else:
             s.attn_heads[i] = torch.rand(layout.num_attention_heads, generator=g)
     return s

@@ -62,8 +62,8 @@ def _plans(layout: Layout):
         "mamba_heads": Plan(
             layers=everything, mamba_heads={i: per_group(layout.mamba_num_heads, layout.n_groups, 2) for i in mamba}
         ),
-        "mamba_head_channels": Plan(
-            layers=everything, mamba_head_channels={i: pick(layout.mamba_head_dim, 5) for i in mamba}
+        "mamba_head_dim": Plan(
+            layers=everything, mamba_head_dim={i: pick(layout.mamba_head_dim, 5) for i in mamba}
         ),
         "attn_heads": Plan(
             layers=everything,
@@ -76,7 +76,7 @@ def _plans(layout: Layout):
         layers=kept,
         ffn={i: pick(layout.intermediate_size, 40) for i in mlp if i in kept},
         mamba_heads={i: per_group(layout.mamba_num_heads, layout.n_groups, 3) for i in mamba if i in kept},
-        mamba_head_channels={i: pick(layout.mamba_head_dim, 6) for i in mamba if i in kept},
+        mamba_head_dim={i: pick(layout.mamba_head_dim, 6) for i in mamba if i in kept},
         attn_heads={i: per_group(layout.num_attention_heads, layout.num_key_value_heads, 2) for i in att if i in kept},
         hidden=pick(layout.hidden_size, layout.hidden_size * 5 // 8),
     )
@@ -102,7 +102,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
-@pytest.mark.parametrize("axis", ["depth", "ffn", "mamba_heads", "mamba_head_channels", "attn_heads", "hidden", "all"])
+@pytest.mark.parametrize("axis", ["depth", "ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden", "all"])
 def test_cutting_dead_units_keeps_logits(layout_name, axis):
     layout = LAYOUTS[layout_name]
     model = random_model(layout, seed=5, config=tiny_config(layout, layer_norm_epsilon=1e-7))
@@ -117,7 +117,7 @@ def test_cutting_dead_units_keeps_logits(layout_name, axis):
     assert rel_err(logits(small), ref) < 1e-4
 
 
-@pytest.mark.parametrize("axis", ["hidden", "mamba_heads", "mamba_head_channels"])
+@pytest.mark.parametrize("axis", ["hidden", "mamba_heads", "mamba_head_dim"])
 def test_without_norm_compensation_dead_units_change_logits(axis):
     """The axes whose removal shrinks an RMSNorm's input (hidden size; the Mamba gated group norm): without the
     sqrt(old/new) scaling, even units that carry zeros change the output. Other weights are cut identically."""

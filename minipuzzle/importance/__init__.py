@@ -11,11 +11,10 @@ from minipuzzle.importance.layerwise import (
     open_stack,
 )
 from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.scoring import AXES, score_checkpoint, score_model, score_stack
+from minipuzzle.importance.scoring import score_checkpoint, score_model, score_stack
 from minipuzzle.importance.width import width_scores
 
 __all__ = [
-    "AXES",
     "DEPTH_METRICS",
     "LayerStack",
     "ModelStack",

@@ -25,8 +25,8 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores.safetensors, scores.json, plots.")],
     samples: Annotated[int | None, typer.Option(help="Rows for both passes (overrides the two below).")] = None,
     axes: Annotated[
-        str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden.")
-    ] = "depth,ffn,mamba_heads,mamba_head_channels,attn_heads,hidden",
+        str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")
+    ] = "depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden",
     width_agg: Annotated[
         str,
         typer.Option(help=f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}"),

@@ -70,9 +70,7 @@ def score_to_folder(
     axis_list = check_axes(list(axes))
     check_metric(depth_metric)
     parse_agg(width_agg)
-    for name, v in (("depth samples", depth_samples), ("width samples", width_samples), ("batch size", batch_size)):
-        if v < 1:
-            raise UserError(f"{name} must be at least 1, got {v}")
+    _check_counts(depth_samples=depth_samples, width_samples=width_samples, batch_size=batch_size)
     dev, dt = resolve_device(device, dtype)
     output = Path(output)
     check_output_dir(output, overwrite)
@@ -92,10 +90,7 @@ def score_to_folder(
         "text_column": text_column,
         "seed": seed,
         "seq_len": seq_len,
-        "windows_available_or_requested": len(windows),
-        "depth_rows": len(w_depth),
-        "width_rows": len(w_width),
-        "tokens": int(windows.numel()),
+        **_rows_used(windows, w_depth, w_width),
     }
     with atomic_dir(output, overwrite) as tmp:
         scores.save(tmp)
@@ -103,3 +98,19 @@ def score_to_folder(
             plot_scores(scores, tmp)
     shutil.rmtree(resume, ignore_errors=True)
     return scores
+
+
+def _check_counts(**counts: int) -> None:
+    for name, v in counts.items():
+        if v < 1:
+            raise UserError(f"{name.replace('_', ' ')} must be at least 1, got {v}")
+
+
+def _rows_used(windows: torch.Tensor, depth: torch.Tensor, width: torch.Tensor) -> dict[str, int]:
+    """How many windows [N, T] were read, and how many rows of them each pass used."""
+    return {
+        "windows_available_or_requested": len(windows),
+        "depth_rows": len(depth),
+        "width_rows": len(width),
+        "tokens": int(windows.numel()),
+    }

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.arch import KIND_NAMES
-from minipuzzle.importance.scores import WIDTH_AXES, Scores
+from minipuzzle.anatomy import KIND_NAMES, LAYER_AXES
+from minipuzzle.importance.scores import Scores
 
 KIND_COLOURS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green"}
 
@@ -40,7 +40,7 @@ def plot_scores(scores: Scores, folder: str | Path) -> list[Path]:
         written.append(folder / "depth.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    panels = [(a, getattr(scores, a)) for a in WIDTH_AXES if getattr(scores, a)]
+    panels = [(a, getattr(scores, a)) for a in LAYER_AXES if getattr(scores, a)]
     if scores.hidden is not None:
         panels.append(("hidden", {0: scores.hidden}))
     if panels:

@@ -14,28 +14,26 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from minipuzzle.arch import KIND_NAMES
+from minipuzzle.anatomy import KIND_NAMES, LAYER_AXES
 from minipuzzle.errors import UserError
-
-# Width axes, keyed by source layer index (hidden is one vector for the whole residual stream).
-WIDTH_AXES = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads")
 
 
 @dataclass
 class Scores:
-    """Importance of every prunable unit.
+    """Importance of every prunable unit (axes as in `minipuzzle.anatomy`).
 
     depth: [num_layers] damage from dropping each layer alone (higher = more important).
     ffn[i]: [intermediate_size] for each MLP layer i. mamba_heads[i]: [mamba_num_heads] for each Mamba layer i.
-    mamba_head_channels[i]: [mamba_head_dim]. attn_heads[i]: [num_attention_heads] for each attention layer i.
-    hidden: [hidden_size]. An axis that was not scored is empty / None.
+    mamba_head_dim[i]: [mamba_head_dim]. attn_heads[i]: [num_attention_heads] for each attention layer i.
+    hidden: [hidden_size]. An axis that was not scored is empty / None. meta["groups"][axis]: the group count of
+    each grouped axis (`Axis.unit`), for the within-group order in the summary.
     """
 
     pattern: str
     depth: torch.Tensor | None = None
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    mamba_head_channels: dict[int, torch.Tensor] = field(default_factory=dict)
+    mamba_head_dim: dict[int, torch.Tensor] = field(default_factory=dict)
     attn_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -46,7 +44,7 @@ class Scores:
             out["depth"] = self.depth
         if self.hidden is not None:
             out["hidden"] = self.hidden
-        for axis in WIDTH_AXES:
+        for axis in LAYER_AXES:
             for i, t in getattr(self, axis).items():
                 out[f"{axis}.{i}"] = t
         return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
@@ -79,11 +77,13 @@ class Scores:
         meta.pop("summary", None)  # derived from the tensors on every save
         s = cls(pattern=pattern or meta.get("pattern", ""), meta=meta)
         for k, t in tensors.items():
+            axis, _, i = k.rpartition(".")
             if k in ("depth", "hidden"):
                 setattr(s, k, t)
-            else:
-                axis, i = k.rsplit(".", 1)
+            elif axis in LAYER_AXES:
                 getattr(s, axis)[int(i)] = t
+            else:
+                raise UserError(f"unknown score tensor {k!r} in {f}: re-run `minipuzzle score` with this version")
         return s
 
     # ---- readable views ---------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class Scores:
                 "least_important": self.layer_ranking()[::-1][:10],
             }
         groups = self.meta.get("groups", {})
-        for axis in WIDTH_AXES:
+        for axis in LAYER_AXES:
             per = getattr(self, axis)
             if not per:
                 continue
@@ -127,7 +127,7 @@ class Scores:
                 "max": float(allv.max()),
                 "exact_zeros": int((allv == 0).sum()),
             }
-            g = groups.get({"mamba_heads": "mamba", "attn_heads": "attention_kv"}.get(axis, ""), 0)
+            g = groups.get(axis, 0)
             if g:
                 entry["order_within_groups"] = {str(i): self.group_order(t, g).tolist() for i, t in per.items()}
             out[axis] = entry

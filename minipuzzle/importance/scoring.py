@@ -11,21 +11,22 @@ from typing import Any
 
 import torch
 
+from minipuzzle.anatomy import AXES, LAYER_AXES, SEARCH_AXES, WIDTH_AXES
+from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.importance.depth import check_metric, depth_scores, windows_digest
 from minipuzzle.importance.layerwise import LayerStack, open_stack
 from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.width import DEFAULT_AGG, WIDTH_AXES, parse_agg, width_scores
+from minipuzzle.importance.width import DEFAULT_AGG, parse_agg, width_scores
 
-AXES = ("depth", *WIDTH_AXES)
 WIDTH_FILE = "width_scores"
 
 
 def check_axes(axes: Collection[str]) -> tuple[str, ...]:
     axes = tuple(dict.fromkeys(a.strip() for a in axes if a.strip()))
-    bad = [a for a in axes if a not in AXES]
+    bad = [a for a in axes if a not in SEARCH_AXES]
     if bad or not axes:
-        raise UserError(f"unknown axis {bad[0] if bad else '(none)'!r}: choose from {', '.join(AXES)}")
+        raise UserError(f"unknown axis {bad[0] if bad else '(none)'!r}: choose from {', '.join(SEARCH_AXES)}")
     return axes
 
 
@@ -42,7 +43,7 @@ def score_stack(
     stack: LayerStack,
     windows_depth: torch.Tensor | None,
     windows_width: torch.Tensor | None,
-    axes: Collection[str] = AXES,
+    axes: Collection[str] = SEARCH_AXES,
     depth_metric: str = "mse_hidden",
     *,
     streamed: bool = False,
@@ -61,6 +62,7 @@ def score_stack(
     check_metric(depth_metric)
     parse_agg(width_agg)
     cfg = stack.config
+    layout = Layout.from_config(cfg)
     width_axes = [a for a in axes if a != "depth"]
     _check_windows("windows_depth", windows_depth, "depth" in axes, cfg.vocab_size)
     _check_windows("windows_width", windows_width, bool(width_axes), cfg.vocab_size)
@@ -68,19 +70,9 @@ def score_stack(
     timing: dict[str, float] = {}
     if width_axes:
         t0 = time.perf_counter()
-        fp = {"axes": width_axes, "agg": width_agg, "windows": windows_digest(windows_width), "pattern": stack.pattern}
-        got = _load_width(resume_dir, fp)
-        if got is None:
-            got = width_scores(
-                stack, windows_width, width_axes, width_agg, batch_size=batch_size, budget_bytes=budget_bytes,
-                progress=progress,
-            )  # fmt: skip
-            _save_width(resume_dir, fp, got, stack.pattern)
-        for axis in ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads"):
-            if axis in width_axes:
-                setattr(scores, axis, dict(got[axis]))
-        if "hidden" in width_axes:
-            scores.hidden = got["hidden"]
+        got = _width_pass(stack, windows_width, width_axes, width_agg, batch_size, budget_bytes, resume_dir, progress)
+        for axis in width_axes:
+            setattr(scores, axis, dict(got[axis]) if axis in LAYER_AXES else got[axis])
         timing["width_seconds"] = round(time.perf_counter() - t0, 3)
     if "depth" in axes:
         t0 = time.perf_counter()
@@ -101,18 +93,30 @@ def score_stack(
             "device": str(stack.device),
             "dtype": str(stack.dtype).removeprefix("torch."),
         },
-        "groups": {"mamba": int(cfg.n_groups), "attention_kv": int(cfg.num_key_value_heads)},
+        "groups": {name: axis.unit(layout) for name, axis in AXES.items() if axis.group_field},
         "timing": timing,
         "higher_is_more_important": True,
     }
     return scores
 
 
+def _width_pass(stack, windows, axes, agg, batch_size, budget_bytes, resume_dir, progress) -> dict[str, Any]:
+    """`width_scores` of `axes`, reused from `resume_dir` when a finished pass with the same inputs is there."""
+    fingerprint = {"axes": axes, "agg": agg, "windows": windows_digest(windows), "pattern": stack.pattern}
+    got = _load_width(resume_dir, fingerprint)
+    if got is None:
+        got = width_scores(
+            stack, windows, axes, agg, batch_size=batch_size, budget_bytes=budget_bytes, progress=progress
+        )
+        _save_width(resume_dir, fingerprint, got, stack.pattern)
+    return got
+
+
 def score_model(
     model,
     windows_depth: torch.Tensor | None,
     windows_width: torch.Tensor | None,
-    axes: Collection[str] = AXES,
+    axes: Collection[str] = SEARCH_AXES,
     depth_metric: str = "mse_hidden",
     progress: bool = True,
     **kwargs: Any,
@@ -126,7 +130,7 @@ def score_checkpoint(
     path: str | Path,
     windows_depth: torch.Tensor | None,
     windows_width: torch.Tensor | None,
-    axes: Collection[str] = AXES,
+    axes: Collection[str] = SEARCH_AXES,
     depth_metric: str = "mse_hidden",
     stream: bool | None = None,
     device: str | torch.device = "cpu",
@@ -165,7 +169,7 @@ def _save_width(resume_dir, fp, got, pattern) -> None:
     folder = Path(resume_dir) / WIDTH_FILE
     folder.mkdir(parents=True, exist_ok=True)
     s = Scores(pattern=pattern, hidden=got["hidden"])
-    for a in ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads"):
+    for a in LAYER_AXES:
         setattr(s, a, got[a])
     s.save(folder)
     tmp = folder / "fingerprint.json.tmp"

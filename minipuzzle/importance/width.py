@@ -7,10 +7,10 @@ constant 0.1 channel, so it is available only by its explicit name, "signed_mean
 forward hooks on the block's submodules:
 
 - FFN channel: the input of down_proj, i.e. relu(up_proj x)^2 (non-negative, so abs_mean == signed_mean here).
-- Mamba head channels: the x part of in_proj's output [z | x | B | C | dt] (before the conv, whose bias would make
-  a dead channel look alive). Channel scores c[head, d] give head scores by L2 over d and head-channel scores by
-  L2 over heads, which is what group-aware pruning keeps (whole heads within a group; the same channels in every
-  head).
+- Mamba heads and head channels: the x block of in_proj's output (`anatomy.mamba_in_proj_slices`; before the
+  conv, whose bias would make a dead channel look alive). Channel scores c[head, p] give `mamba_heads` scores by
+  L2 over p and `mamba_head_dim` scores by L2 over heads, which is what group-aware pruning keeps (whole heads
+  within a group; the same channels in every head).
 - Attention query head: the size of what the head writes into the residual stream, |W_o[:, head] a_head| per
   token, computed through the head's Gram matrix W_o,h^T W_o,h so the [heads x hidden] outputs never exist. The
   per-token norm is already non-negative, so every sequence statistic sees the head's output magnitude.
@@ -27,6 +27,8 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
+from minipuzzle.anatomy import ATTENTION, LAYER_AXES, MAMBA, MLP, WIDTH_AXES, mamba_in_proj_slices
+from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, rows_per_chunk
 from minipuzzle.progress import progress_bar
@@ -43,7 +45,6 @@ ROW_AGGS = {
     "max": "largest |value| over rows",
 }
 DEFAULT_AGG = "abs_mean,l2"
-WIDTH_AXES = ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads", "hidden")
 
 
 def describe_aggs() -> str:
@@ -114,10 +115,13 @@ class Aggregate:
 
 
 class WidthCollector:
-    """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`."""
+    """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`.
 
-    def __init__(self, axes: Collection[str], seq: str = "abs_mean", rows: str = "l2"):
-        self.axes = set(axes)
+    Aggregates are keyed (axis, source layer), except the Mamba x block, which both Mamba axes read ("mamba_x").
+    """
+
+    def __init__(self, layout: Layout, axes: Collection[str], seq: str = "abs_mean", rows: str = "l2"):
+        self.layout, self.axes = layout, set(axes)
         self.seq, self.rows = seq, rows
         self.acc: dict[tuple[str, int], Aggregate] = {}
 
@@ -129,59 +133,58 @@ class WidthCollector:
     @contextlib.contextmanager
     def hooks(self, i: int, block: nn.Module):
         handles = []
-        mixer = block.mixer
-        kind = block.block_type
+        mixer, kind = block.mixer, self.layout.pattern[i]
         if "hidden" in self.axes:
             handles.append(block.norm.register_forward_hook(lambda m, a, out: self._agg(("hidden", i)).add(out)))
-        if kind == "mlp" and "ffn" in self.axes:
+        if kind == MLP and "ffn" in self.axes:
             handles.append(mixer.down_proj.register_forward_pre_hook(lambda m, a: self._agg(("ffn", i)).add(a[0])))
-        if kind == "linear_attention" and self.axes & {"mamba_heads", "mamba_head_channels"}:
-            inner = mixer.intermediate_size
-
-            def mamba_x(m, a, out):
-                self._agg(("mamba_x", i)).add(out[..., inner : 2 * inner])
-
-            handles.append(mixer.in_proj.register_forward_hook(mamba_x))
-        if kind == "full_attention" and "attn_heads" in self.axes:
-            heads, d = mixer.config.num_attention_heads, mixer.head_dim
-            w = mixer.o_proj.weight.float().view(-1, heads, d)
-            gram = torch.einsum("ohd,ohe->hde", w, w)  # [heads, d, d]: |W_o,h a|^2 = a^T G_h a
-
-            def attn(m, a):
-                x = a[0].float().unflatten(-1, (heads, d))
-                sq = torch.einsum("bthd,hde,bthe->bth", x, gram, x)
-                self._agg(("attn", i)).add(sq.clamp_min(0).sqrt())
-
-            handles.append(mixer.o_proj.register_forward_pre_hook(attn))
+        if kind == MAMBA and self.axes & {"mamba_heads", "mamba_head_dim"}:
+            x = mamba_in_proj_slices(self.layout)["x"]
+            handles.append(
+                mixer.in_proj.register_forward_hook(lambda m, a, out: self._agg(("mamba_x", i)).add(out[..., x]))
+            )
+        if kind == ATTENTION and "attn_heads" in self.axes:
+            handles.append(mixer.o_proj.register_forward_pre_hook(self._attention_hook(i, mixer)))
         try:
             yield
         finally:
             for hd in handles:
                 hd.remove()
 
+    def _attention_hook(self, i: int, mixer: nn.Module):
+        """A pre-hook on o_proj recording |W_o,h a_h| per token and query head h."""
+        heads, d = self.layout.num_attention_heads, self.layout.head_dim
+        w = mixer.o_proj.weight.float().view(-1, heads, d)
+        gram = torch.einsum("ohd,ohe->hde", w, w)  # [heads, d, d]: |W_o,h a|^2 = a^T G_h a
+
+        def record(m, a):
+            x = a[0].float().unflatten(-1, (heads, d))
+            sq = torch.einsum("bthd,hde,bthe->bth", x, gram, x)
+            self._agg(("attn_heads", i)).add(sq.clamp_min(0).sqrt())
+
+        return record
+
     def add_final_norm(self, hn: torch.Tensor) -> None:
         if "hidden" in self.axes:
             self._agg(("hidden", -1)).add(hn)
 
-    def results(self, mamba_heads: int, mamba_head_dim: int) -> dict[str, object]:
-        """{'ffn': {i: [I]}, 'mamba_heads': {i: [H]}, 'mamba_head_channels': {i: [d]}, 'attn_heads': {i: [Hq]},
+    def results(self) -> dict[str, object]:
+        """{'ffn': {i: [I]}, 'mamba_heads': {i: [H]}, 'mamba_head_dim': {i: [P]}, 'attn_heads': {i: [Hq]},
         'hidden': [h]} as float32."""
-        out: dict[str, object] = {a: {} for a in ("ffn", "mamba_heads", "mamba_head_channels", "attn_heads")}
+        out: dict[str, object] = {a: {} for a in LAYER_AXES}
         hidden = None
         for (name, i), agg in sorted(self.acc.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             r = agg.result()
             if name == "hidden":
                 hidden = r if hidden is None else hidden + r
-            elif name == "ffn":
-                out["ffn"][i] = r.float()
-            elif name == "attn":
-                out["attn_heads"][i] = r.float()
             elif name == "mamba_x":
-                c = r.view(mamba_heads, mamba_head_dim)
+                c = r.view(self.layout.mamba_num_heads, self.layout.mamba_head_dim)
                 if "mamba_heads" in self.axes:
                     out["mamba_heads"][i] = c.norm(dim=1).float()
-                if "mamba_head_channels" in self.axes:
-                    out["mamba_head_channels"][i] = c.norm(dim=0).float()
+                if "mamba_head_dim" in self.axes:
+                    out["mamba_head_dim"][i] = c.norm(dim=0).float()
+            else:
+                out[name][i] = r.float()
         out["hidden"] = hidden.float() if hidden is not None else None
         return out
 
@@ -200,7 +203,7 @@ def width_scores(
 ) -> dict[str, object]:
     """Width scores of every axis in `axes` from one pass over `windows` [N, T]; see `WidthCollector.results`."""
     seq, rows = parse_agg(agg)
-    collector = WidthCollector(axes, seq, rows)
+    collector = WidthCollector(Layout.from_config(stack.config), axes, seq, rows)
     n, t = windows.shape
     r = chunk_rows or rows_per_chunk(n, t, stack.hidden_size, 2, stack.dtype, budget_bytes, stack.device)
     chunks = -(-n // r)
@@ -210,5 +213,4 @@ def width_scores(
         ):
             for s in range(0, hn.shape[0], batch_size):
                 collector.add_final_norm(hn[s : s + batch_size])
-    cfg = stack.config
-    return collector.results(cfg.mamba_num_heads, cfg.mamba_head_dim)
+    return collector.results()

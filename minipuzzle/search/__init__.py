@@ -3,10 +3,9 @@
 from minipuzzle.search.budget import Budget, make_budget, parse_memory, parse_target
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.solver import DEFAULT_BAND, Candidate, count_pool, in_pool, is_maximal, search
-from minipuzzle.search.space import AXES, DEFAULT_AXES, SearchSpace, parse_axes
+from minipuzzle.search.space import DEFAULT_AXES, SearchSpace, parse_axes
 
 __all__ = [
-    "AXES",
     "DEFAULT_AXES",
     "DEFAULT_BAND",
     "Budget",

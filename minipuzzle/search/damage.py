@@ -19,20 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from minipuzzle.anatomy import AXES, KINDS, WIDTH_AXES
 from minipuzzle.errors import UserError
-from minipuzzle.search.space import AXIS_KIND, KINDS, WIDTH_AXES, SearchSpace, axis_unit
-
-# Score attribute each width axis reads.
-SCORE_AXIS = {
-    "ffn": "ffn",
-    "mamba_heads": "mamba_heads",
-    "mamba_head_dim": "mamba_head_channels",
-    "attn_heads": "attn_heads",
-    "hidden": "hidden",
-}
+from minipuzzle.search.space import SearchSpace
 
 
-def _as_np(t) -> np.ndarray:
+def as_float_array(t) -> np.ndarray:
+    """A tensor or array-like as a float64 numpy array on the CPU."""
     return np.asarray(t.detach().double().cpu().numpy() if hasattr(t, "detach") else t, dtype=np.float64)
 
 
@@ -53,7 +46,7 @@ class DamageModel:
         if "depth" in space.axes:
             if scores.depth is None:
                 raise UserError("the scores have no depth scores: re-run `minipuzzle score` with the depth axis")
-            d = _as_np(scores.depth)
+            d = as_float_array(scores.depth)
             if d.shape != (src.num_layers,):
                 raise UserError(f"depth scores have shape {tuple(d.shape)}, expected ({src.num_layers},)")
             self.depth = np.clip(np.nan_to_num(d, nan=0.0), 0.0, None)
@@ -65,7 +58,8 @@ class DamageModel:
         for kind in KINDS:
             idx = np.array([i for i, ch in enumerate(src.pattern) if ch == kind], dtype=np.int64)
             self.order[kind] = idx[rank_desc(self.depth[idx])].tolist() if len(idx) else []
-        # dropped[axis][layer][width] = fraction of that layer's importance on the axis lost at that width.
+        # _dropped[axis][layer][width]: fraction of that layer's importance on the axis lost at that width (layer
+        # -1 for hidden); only searched axes have a table.
         self._dropped: dict[str, dict[int, dict[int, float]]] = {}
         for axis in WIDTH_AXES:
             if len(space.widths[axis]) < 2:
@@ -74,23 +68,23 @@ class DamageModel:
 
     def _fractions(self, scores, axis: str) -> dict[int, dict[int, float]]:
         src, widths = self.space.source, self.space.widths[axis]
-        groups = axis_unit(src, axis)
+        groups = AXES[axis].unit(src)
         if axis == "hidden":
             if scores.hidden is None:
                 raise UserError("the scores have no hidden-channel scores: re-run `minipuzzle score` with hidden")
             per_layer = {-1: scores.hidden}
         else:
-            per_layer = getattr(scores, SCORE_AXIS[axis])
-            want = [i for i, ch in enumerate(src.pattern) if ch == AXIS_KIND[axis]]
+            per_layer = getattr(scores, axis)
+            want = [i for i, ch in enumerate(src.pattern) if ch == AXES[axis].kind]
             missing = [i for i in want if i not in per_layer]
             if missing:
-                raise UserError(f"the scores have no {SCORE_AXIS[axis]} scores for layer {missing[0]}: re-run score")
+                raise UserError(f"the scores have no {axis} scores for layer {missing[0]}: re-run score")
         full = widths[0]
         out = {}
         for i, t in per_layer.items():
-            s = np.clip(np.nan_to_num(_as_np(t).reshape(-1), nan=0.0), 0.0, None)
+            s = np.clip(np.nan_to_num(as_float_array(t).reshape(-1), nan=0.0), 0.0, None)
             if len(s) != full:
-                raise UserError(f"{SCORE_AXIS[axis]} scores of layer {i} have {len(s)} entries, expected {full}")
+                raise UserError(f"{axis} scores of layer {i} have {len(s)} entries, expected {full}")
             total = s.sum()
             norm = s / total if total > 0 else s
             # Per group (grouped axes keep the same count in each group), the cheapest units go first.
@@ -99,14 +93,25 @@ class DamageModel:
             out[i] = {w: float(min(1.0, cum[(full - w) // groups] * self.weights[axis])) for w in widths}
         return out
 
+    @property
+    def scored_axes(self) -> tuple[str, ...]:
+        """The width axes the space searches (more than one width), whose cuts cost importance."""
+        return tuple(self._dropped)
+
+    def dropped_fraction(self, axis: str, width: int, layer: int | None = None) -> float:
+        """Fraction f of layer `layer`'s importance on `axis` that its least important units carry when `width`
+        stay (the weight applied, at most 1). `layer` None for hidden; 0 for an axis the space does not search."""
+        table = self._dropped.get(axis)
+        return 0.0 if table is None else table[-1 if layer is None else layer][width]
+
     def kept_fraction(self, kind: str, layer: int, widths: dict[str, int]) -> float:
         """Share of layer `layer`'s importance kept at `widths` (hidden included)."""
         keep = 1.0
-        for axis, table in self._dropped.items():
+        for axis in self._dropped:
             if axis == "hidden":
-                keep *= 1.0 - table[-1][widths[axis]]
-            elif AXIS_KIND[axis] == kind:
-                keep *= 1.0 - table[layer][widths[axis]]
+                keep *= 1.0 - self.dropped_fraction(axis, widths[axis])
+            elif AXES[axis].kind == kind:
+                keep *= 1.0 - self.dropped_fraction(axis, widths[axis], layer)
         return keep
 
     def layer_values(self, widths: dict[str, int]) -> dict[str, np.ndarray]:
@@ -130,15 +135,3 @@ class DamageModel:
         """Source indices of the layers kept (top-ranked of each kind), ascending."""
         return sorted(i for k in KINDS for i in self.order[k][: counts.get(k, 0)])
 
-
-def kept_units(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
-    """Indices (ascending) of the `keep` most important units, the same number in each of `groups` contiguous
-    groups; zero scores are dropped before any positive one."""
-    s = _as_np(scores).reshape(-1)
-    per = len(s) // groups
-    k = keep // groups
-    out = []
-    for g in range(groups):
-        part = s[g * per : (g + 1) * per]
-        out.extend(int(g * per + j) for j in rank_desc(np.nan_to_num(part, nan=0.0))[:k])
-    return sorted(out)

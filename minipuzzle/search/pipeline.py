@@ -11,50 +11,50 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minipuzzle.anatomy import AXES, KINDS, WIDTH_AXES
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport, ScoresMeta
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
-from minipuzzle.search.damage import SCORE_AXIS, DamageModel
+from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.solver import (
     Candidate,
-    _Costs,
-    _limits,
+    LayerCosts,
+    budget_limits,
     count_pool,
     no_layout_fits,
     search,
     smallest_layout,
 )
-from minipuzzle.search.space import KINDS, WIDTH_AXES, SearchSpace
+from minipuzzle.search.space import SearchSpace
 from minipuzzle.settings import PruneSettings
 
 # Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
 H100_FLOPS = 400e12
 
 
-def score_axes(axes) -> list[str]:
-    return [SCORE_AXIS.get(a, a) for a in axes]
-
-
 def count_feasible(space: SearchSpace, budget: Budget) -> int:
     """Number of layouts (widths x layer counts) in `space` within `budget` (no scores needed)."""
-    costs = _Costs(space, budget)
-    P, M = _limits(budget)
+    costs = LayerCosts(space, budget)
+    param_limit, memory_limit = budget_limits(budget)
     shape = [len(space.widths[a]) for a in WIDTH_AXES]
     idx = dict(zip(WIDTH_AXES, np.unravel_index(np.arange(math.prod(shape)), shape)))
     kinds = [k for k in KINDS if space.layers[k][1] > 0]
     last, others = kinds[-1], kinds[:-1]
     grids = np.meshgrid(*[np.arange(space.layers[k][0], space.layers[k][1] + 1) for k in others], indexing="ij")
-    fp, fm = costs.fixed(idx)
-    used_p, used_m = fp[:, None].astype(float), fm[:, None].copy()
-    for k, g in zip(others, grids):
-        p, m = costs.per_layer(k, idx)
-        used_p = used_p + p[:, None] * g.reshape(1, -1)
-        used_m = used_m + m[:, None] * g.reshape(1, -1)
-    lp, lm = costs.per_layer(last, idx)
+    fixed_params, fixed_memory = costs.fixed(idx)
+    used_params, used_memory = fixed_params[:, None].astype(float), fixed_memory[:, None].copy()
+    for kind, count in zip(others, grids):
+        layer_params, layer_memory = costs.per_layer(kind, idx)
+        used_params = used_params + layer_params[:, None] * count.reshape(1, -1)
+        used_memory = used_memory + layer_memory[:, None] * count.reshape(1, -1)
+    last_params, last_memory = costs.per_layer(last, idx)
     lo, hi = space.layers[last]
-    n = np.minimum(hi, np.minimum(np.floor((P - used_p) / lp[:, None]), np.floor((M - used_m) / lm[:, None])))
-    return int(np.clip(n - lo + 1, 0, None).sum())
+    room = np.minimum(
+        np.floor((param_limit - used_params) / last_params[:, None]),
+        np.floor((memory_limit - used_memory) / last_memory[:, None]),
+    )
+    return int(np.clip(np.minimum(hi, room) - lo + 1, 0, None).sum())
 
 
 def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:
@@ -185,7 +185,7 @@ def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scor
     from minipuzzle.importance import score_checkpoint
 
     return score_checkpoint(
-        path, calib[: settings.depth_samples], calib[: settings.width_samples], axes=score_axes(settings.axes),
+        path, calib[: settings.depth_samples], calib[: settings.width_samples], axes=list(settings.axes),
         stream=settings.stream, device=settings.device, progress=progress,
     )  # fmt: skip
 
@@ -205,7 +205,6 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
                  windows: dict[str, int]) -> PruneReport:  # fmt: skip
     """The prune report of the best measured candidate, `rows[0]`."""
     from minipuzzle.search.plan import layout_document
-    from minipuzzle.search.space import WIDTH_FIELD
 
     best, src = rows[0].predicted_rank - 1, ckpt.layout
     held = windows["held_out"]
@@ -214,7 +213,7 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
     return PruneReport(
         model=str(model), checkpoint=str(ckpt.path), budget=settings.budget.to_dict(), space=space.describe(),
         chosen=LayoutDoc(**layout_document(plans[best], src, settings.budget, cands[best])),
-        source_widths={axis: getattr(src, f) for axis, f in WIDTH_FIELD.items()},
+        source_widths={name: axis.width(src) for name, axis in AXES.items()},
         source_memory=settings.budget.memory_of(src), candidates=rows,
         data=PruneData(source=str(data), seq_len=settings.seq_len, calibration_windows=windows["calibration"],
                        held_out_windows=held, held_out_source=held_source),

@@ -1,18 +1,20 @@
-"""From a chosen candidate to a surgery `Plan` (which layers and units stay), and the readable layout file."""
+"""From a chosen candidate to a surgery `Plan` (which layers and units stay), and the readable layout file.
+
+This is where units are chosen: the search fixes how many stay per axis, `candidate_plan` picks which (the
+top-scored ones, the same count in every group of a grouped axis such as Mamba heads); `surgery` then cuts them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
-from minipuzzle.search.damage import SCORE_AXIS, DamageModel, kept_units
+from minipuzzle.anatomy import AXES, KIND_NAMES, KINDS, LAYER_AXES
+from minipuzzle.arch import Layout
+from minipuzzle.search.damage import DamageModel, as_float_array, rank_desc
 from minipuzzle.search.solver import Candidate
-from minipuzzle.search.space import AXIS_KIND, WIDTH_FIELD, axis_unit
-
-# Search axis -> Plan field (the Plan names its fields as the scores do).
-PLAN_FIELD = {axis: SCORE_AXIS[axis] for axis in AXIS_KIND}
 
 
 def candidate_plan(cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True):
@@ -23,15 +25,13 @@ def candidate_plan(cand: Candidate, model: DamageModel, scores, norm_compensatio
     src = model.space.source
     layers = model.kept_layers(cand.counts)
     kw = {}
-    for axis, fld in PLAN_FIELD.items():
-        width = cand.widths[axis]
-        if width == getattr(src, WIDTH_FIELD[axis]):
+    for name in LAYER_AXES:
+        axis, width = AXES[name], cand.widths[name]
+        if width == axis.width(src):
             continue
-        table = getattr(scores, SCORE_AXIS[axis])
-        kind = AXIS_KIND[axis]
-        groups = axis_unit(src, axis)
-        # Mamba head channels are shared by every head: one score vector per layer, same cut in every head.
-        kw[fld] = {i: kept_units(table[i], width, groups) for i in layers if src.pattern[i] == kind}
+        table = getattr(scores, name)
+        # mamba_head_dim is shared by every head: one score vector per layer, the same cut in every head.
+        kw[name] = {i: kept_units(table[i], width, axis.unit(src)) for i in layers if src.pattern[i] == axis.kind}
     if cand.widths["hidden"] != src.hidden_size:
         kw["hidden"] = kept_units(scores.hidden, cand.widths["hidden"])
     return Plan(layers=layers, norm_compensation=norm_compensation, **kw)
@@ -45,8 +45,8 @@ def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = 
         "result": {
             "pattern": target.pattern,
             "params": target.num_params(),
-            "layers": {"mamba": target.count(MAMBA), "mlp": target.count(MLP), "attention": target.count(ATTENTION)},
-            "widths": {a: getattr(target, f) for a, f in WIDTH_FIELD.items()},
+            "layers": {KIND_NAMES[kind]: target.count(kind) for kind in KINDS},
+            "widths": {name: axis.width(target) for name, axis in AXES.items()},
         },
     }
     if budget is not None:
@@ -58,6 +58,19 @@ def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = 
     doc.update(extra or {})
     doc["plan"] = plan.to_dict()
     return doc
+
+
+def kept_units(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
+    """Indices (ascending) of the `keep` most important units, the same number in each of `groups` contiguous
+    groups; zero scores are dropped before any positive one."""
+    s = as_float_array(scores).reshape(-1)
+    per = len(s) // groups
+    k = keep // groups
+    out = []
+    for g in range(groups):
+        part = s[g * per : (g + 1) * per]
+        out.extend(int(g * per + j) for j in rank_desc(np.nan_to_num(part, nan=0.0))[:k])
+    return sorted(out)
 
 
 class _Flow(list):

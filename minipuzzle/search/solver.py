@@ -24,24 +24,30 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from minipuzzle.arch import ATTENTION, MAMBA, MLP, PRECISION_BITS, Layout
+from minipuzzle.anatomy import AXES, KIND_NAMES, KINDS, WIDTH_AXES, axes_of_kind
+from minipuzzle.arch import PRECISION_BITS, Layout
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import DamageModel
-from minipuzzle.search.space import AXIS_KIND, KINDS, WIDTH_AXES, WIDTH_FIELD, SearchSpace
+from minipuzzle.search.space import SearchSpace
 
 # Above this many (width combination x layer count) points the MIP is used instead of enumeration.
 ENUM_LIMIT = 50_000_000
-_CHUNK = 2_000_000
+# Points (width combinations x counts of the kinds but the last) handled at once by the enumeration.
+_CHUNK_POINTS = 2_000_000
 # Linear memory model vs Layout.memory's byte rounding: a few bytes of slack, then an exact re-check.
 _MEM_SLACK = 16.0
 # Default band below the budget whose layouts are candidates (a fraction of each limit).
 DEFAULT_BAND = 0.05
-# Axes (besides hidden) that shape each kind's layers.
-KIND_AXES = {kind: [a for a in WIDTH_AXES if AXIS_KIND.get(a) == kind] for kind in KINDS}
+
+
+def _cost_axes(kind: str) -> tuple[str, ...]:
+    """The axes a layer of `kind` costs depend on: its own axes and hidden."""
+    return (*axes_of_kind(kind), "hidden")
 
 
 @dataclass
@@ -61,7 +67,7 @@ class Candidate:
     def to_dict(self) -> dict:
         out = {
             "widths": dict(self.widths),
-            "layers": {"mamba": self.counts[MAMBA], "mlp": self.counts[MLP], "attention": self.counts[ATTENTION]},
+            "layers": {KIND_NAMES[kind]: self.counts[kind] for kind in KINDS},
             "predicted_damage": self.damage,
             "params": self.params,
         }
@@ -71,45 +77,52 @@ class Candidate:
         return out
 
 
-class _Costs:
-    """Per-layer parameter and memory costs of each kind, tabulated over that kind's width options."""
+class LayerCosts:
+    """Per-layer parameter and memory costs of each kind, tabulated over that kind's width options.
+
+    Options are indexed per axis (`idx[axis]`: an array of indices into `space.widths[axis]`, one per width
+    combination), so a whole batch of combinations is costed at once.
+    """
 
     def __init__(self, space: SearchSpace, budget: Budget):
         self.space, self.budget = space, budget
         src = space.source
-        self.opts = {a: space.widths[a] for a in WIDTH_AXES}
-        self.wb = PRECISION_BITS[budget.precision.lower()] / 8
-        self.tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        nh = len(self.opts["hidden"])
-        for kind in KINDS:
-            axes = KIND_AXES[kind] + ["hidden"]
-            shape = [len(self.opts[a]) for a in axes]
-            p = np.zeros(shape, dtype=np.int64)
-            m = np.zeros(shape, dtype=np.float64)
-            for idx in np.ndindex(*shape):
-                lay = src.replace(pattern=kind, **{WIDTH_FIELD[a]: self.opts[a][j] for a, j in zip(axes, idx)})
-                p[idx] = lay.layer_params(kind)
-                one, two = budget.memory_of(lay), budget.memory_of(lay.replace(pattern=kind * 2))
-                state = (two["total"] - two["weights"]) - (one["total"] - one["weights"])
-                m[idx] = p[idx] * self.wb + state
-            self.tables[kind] = (p, m)
-        self.fixed_p = np.array(
-            [src.replace(hidden_size=h).embedding_params() for h in self.opts["hidden"]], dtype=np.int64
+        self.weight_bytes = PRECISION_BITS[budget.precision.lower()] / 8
+        self.tables = {kind: self._tabulate(kind) for kind in KINDS}
+        self.fixed_params = np.array(
+            [src.replace(hidden_size=h).embedding_params() for h in space.widths["hidden"]], dtype=np.int64
         )
-        self.fixed_m = self.fixed_p * self.wb + _MEM_SLACK
-        assert len(self.fixed_p) == nh
+        self.fixed_memory = self.fixed_params * self.weight_bytes + _MEM_SLACK
+
+    def _tabulate(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """(params, memory) of one `kind` layer over the grid of its cost axes' options."""
+        axes = _cost_axes(kind)
+        shape = [len(self.space.widths[a]) for a in axes]
+        params = np.zeros(shape, dtype=np.int64)
+        memory = np.zeros(shape, dtype=np.float64)
+        for idx in np.ndindex(*shape):
+            widths = {AXES[a].field: self.space.widths[a][j] for a, j in zip(axes, idx)}
+            one = self.space.source.replace(pattern=kind, **widths)
+            params[idx] = one.layer_params(kind)
+            # The state a layer adds (KV cache, SSM and conv state): two layers minus one, weights aside.
+            m1, m2 = self.budget.memory_of(one), self.budget.memory_of(one.replace(pattern=kind * 2))
+            state = (m2["total"] - m2["weights"]) - (m1["total"] - m1["weights"])
+            memory[idx] = params[idx] * self.weight_bytes + state
+        return params, memory
 
     def per_layer(self, kind: str, idx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(params, memory) of one layer of `kind` at the combos given by option indices `idx[axis]`."""
-        p, m = self.tables[kind]
-        key = tuple(idx[a] for a in KIND_AXES[kind] + ["hidden"])
-        return p[key], m[key]
+        params, memory = self.tables[kind]
+        key = tuple(idx[a] for a in _cost_axes(kind))
+        return params[key], memory[key]
 
     def fixed(self, idx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        return self.fixed_p[idx["hidden"]], self.fixed_m[idx["hidden"]]
+        """(params, memory) of the embeddings, final norm and LM head at the combos `idx`."""
+        return self.fixed_params[idx["hidden"]], self.fixed_memory[idx["hidden"]]
 
 
-def _limits(budget: Budget) -> tuple[float, float]:
+def budget_limits(budget: Budget) -> tuple[float, float]:
+    """(parameter limit, memory limit in bytes), infinite where the budget sets none."""
     return (
         float(budget.params) if budget.params is not None else math.inf,
         float(budget.memory) if budget.memory is not None else math.inf,
@@ -119,20 +132,19 @@ def _limits(budget: Budget) -> tuple[float, float]:
 def _keep_values(model: DamageModel, kind: str, idx: dict[str, np.ndarray]) -> np.ndarray:
     """[C, N_kind + 1] prefix sums of the kept value of the top-n layers of `kind`, for each combo."""
     order = model.order[kind]
-    c = len(idx["hidden"])
-    vals = np.broadcast_to(model.depth[order][None, :], (c, len(order))).copy()
-    for axis in KIND_AXES[kind] + ["hidden"]:
-        table = model._dropped.get(axis)
-        if table is None:
+    n_combos = len(idx["hidden"])
+    vals = np.broadcast_to(model.depth[order][None, :], (n_combos, len(order))).copy()
+    for axis in _cost_axes(kind):
+        if axis not in model.scored_axes:
             continue
         widths = model.space.widths[axis]
         if axis == "hidden":
-            keep = np.array([1.0 - table[-1][w] for w in widths])
+            keep = np.array([1.0 - model.dropped_fraction(axis, w) for w in widths])
             vals *= keep[idx[axis]][:, None]
         else:
-            keep = np.array([[1.0 - table[i][w] for w in widths] for i in order])  # [N, n_opts]
+            keep = np.array([[1.0 - model.dropped_fraction(axis, w, i) for w in widths] for i in order])  # [N, opts]
             vals *= keep[:, idx[axis]].T
-    return np.concatenate([np.zeros((c, 1)), np.cumsum(vals, axis=1)], axis=1)
+    return np.concatenate([np.zeros((n_combos, 1)), np.cumsum(vals, axis=1)], axis=1)
 
 
 def search(
@@ -141,7 +153,6 @@ def search(
     model: DamageModel,
     k: int = 8,
     method: str = "auto",
-    progress: bool = False,
     band: float = DEFAULT_BAND,
 ) -> list[Candidate]:
     """The `k` layouts of the pool (see the module docstring: within `band` of the budget, or maximal) with the
@@ -155,17 +166,14 @@ def search(
         method = "enumerate" if _enum_points(space) <= ENUM_LIMIT else "mip"
     if method not in ("enumerate", "mip"):
         raise UserError(f"unknown search method {method!r}: choose auto, enumerate or mip")
-    costs = _Costs(space, budget)
-    if method == "enumerate":
-        found = _enumerate(space, budget, model, costs, k, progress, band)
-    else:
-        found = _mip(space, budget, model, costs, k, band)
+    costs = LayerCosts(space, budget)
+    solve = _enumerate if method == "enumerate" else _mip
     out = []
-    for cand in found:
-        lay = space.layout(cand.widths, cand.counts)
-        # The linear memory model's rounding slack; never expected to trigger.
+    for cand in solve(space, budget, model, costs, k, band):
+        # The exact check behind the linear memory model's rounding slack; never expected to fail.
         if not in_pool(space, budget, cand.widths, cand.counts, band):
             continue
+        lay = space.layout(cand.widths, cand.counts)
         cand.params = lay.num_params()
         cand.memory = budget.memory_of(lay)["total"]
         cand.extra["method"] = method
@@ -202,84 +210,86 @@ class _Chunk:
     grids: list[np.ndarray]  # [G] counts of each of `others`
     others: list[str]
     last: str
-    used_p: np.ndarray  # [C, G] parameters without the `last` layers
-    used_m: np.ndarray  # [C, G] memory (linear model, with slack) without the `last` layers
+    used_params: np.ndarray  # [C, G] parameters without the `last` layers
+    used_memory: np.ndarray  # [C, G] memory (linear model, with slack) without the `last` layers
     per: dict[str, tuple[np.ndarray, np.ndarray]]  # kind -> per-layer (params, memory) [C]
     n_max: np.ndarray  # [C, G] most `last` layers that fit (int, clipped to its range)
     fits: np.ndarray  # [C, G] bool: the point fits with at least the fewest `last` layers
 
 
-def _chunks(space: SearchSpace, budget: Budget, costs: _Costs, target: int = _CHUNK):
+def _chunks(space: SearchSpace, budget: Budget, costs: LayerCosts, target: int = _CHUNK_POINTS):
     """Every (width combo, counts of all kinds but the most numerous) point of `space`, in `_Chunk`s."""
-    P, M = _limits(budget)
+    param_limit, memory_limit = budget_limits(budget)
     shape = [len(space.widths[a]) for a in WIDTH_AXES]
     total = math.prod(shape)
     kinds = [kd for kd in KINDS if space.layers[kd][1] > 0]
     last = max(kinds, key=lambda kd: space.layers[kd][1] - space.layers[kd][0])
     others = [kd for kd in kinds if kd != last]
     grids = np.meshgrid(*[np.arange(space.layers[kd][0], space.layers[kd][1] + 1) for kd in others], indexing="ij")
-    grids = [g.reshape(-1) for g in grids] if others else []
-    g = len(grids[0]) if grids else 1
-    chunk = max(1, target // g)
-    for start in range(0, total, chunk):
-        flat = np.arange(start, min(total, start + chunk))
+    grids = [grid.reshape(-1) for grid in grids] if others else []
+    n_grid = len(grids[0]) if grids else 1
+    step = max(1, target // n_grid)
+    for start in range(0, total, step):
+        flat = np.arange(start, min(total, start + step))
         idx = dict(zip(WIDTH_AXES, np.unravel_index(flat, shape)))
-        c = len(flat)
-        fp, fm = costs.fixed(idx)
-        used_p = np.broadcast_to(fp[:, None].astype(np.float64), (c, g)).copy()
-        used_m = np.broadcast_to(fm[:, None], (c, g)).copy()
+        fixed_params, fixed_memory = costs.fixed(idx)
+        used_params = np.broadcast_to(fixed_params[:, None].astype(np.float64), (len(flat), n_grid)).copy()
+        used_memory = np.broadcast_to(fixed_memory[:, None], (len(flat), n_grid)).copy()
         per = {kd: costs.per_layer(kd, idx) for kd in kinds}
         for kd, n in zip(others, grids):
-            used_p += per[kd][0][:, None] * n[None, :]
-            used_m += per[kd][1][:, None] * n[None, :]
+            used_params += per[kd][0][:, None] * n[None, :]
+            used_memory += per[kd][1][:, None] * n[None, :]
         lo, hi = space.layers[last]
-        lp, lm = per[last]
-        n_max = np.full((c, g), float(hi))
-        n_max = np.minimum(n_max, np.floor((P - used_p) / lp[:, None]))
-        n_max = np.minimum(n_max, np.floor((M - used_m) / lm[:, None]))
+        last_params, last_memory = per[last]
+        n_max = np.full((len(flat), n_grid), float(hi))
+        n_max = np.minimum(n_max, np.floor((param_limit - used_params) / last_params[:, None]))
+        n_max = np.minimum(n_max, np.floor((memory_limit - used_memory) / last_memory[:, None]))
         fits = n_max >= lo
         n_max = np.clip(n_max, lo, hi).astype(np.int64)
-        yield _Chunk(idx, grids, others, last, used_p, used_m, per, n_max, fits)
+        yield _Chunk(idx, grids, others, last, used_params, used_memory, per, n_max, fits)
 
 
-def _maximal(space: SearchSpace, budget: Budget, costs: _Costs, ch: _Chunk) -> np.ndarray:
+def _maximal(space: SearchSpace, budget: Budget, costs: LayerCosts, ch: _Chunk) -> np.ndarray:
     """[C, G] bool: the point with `n_max` layers of `last` is maximal (see `is_maximal`)."""
-    P, M = _limits(budget)
-    lp, lm = ch.per[ch.last]
-    tot_p = ch.used_p + lp[:, None] * ch.n_max
-    tot_m = ch.used_m + lm[:, None] * ch.n_max
+    param_limit, memory_limit = budget_limits(budget)
+    last_params, last_memory = ch.per[ch.last]
+    total_params = ch.used_params + last_params[:, None] * ch.n_max
+    total_memory = ch.used_memory + last_memory[:, None] * ch.n_max
     ok = ch.fits.copy()
     for kd, n in zip(ch.others, ch.grids):
-        room = (tot_p + ch.per[kd][0][:, None] <= P) & (tot_m + ch.per[kd][1][:, None] <= M)
+        room = (total_params + ch.per[kd][0][:, None] <= param_limit) & (
+            total_memory + ch.per[kd][1][:, None] <= memory_limit
+        )
         ok &= ~(room & (n[None, :] < space.layers[kd][1]))
     counts = {kd: n[None, :] for kd, n in zip(ch.others, ch.grids)} | {ch.last: ch.n_max}
     for axis in WIDTH_AXES:
         if len(space.widths[axis]) < 2:
             continue
-        nidx = dict(ch.idx)
-        nidx[axis] = np.maximum(ch.idx[axis] - 1, 0)
-        np_, nm = costs.fixed(nidx)
-        bp, bm = np_[:, None].astype(np.float64), nm[:, None]
+        wider = dict(ch.idx)
+        wider[axis] = np.maximum(ch.idx[axis] - 1, 0)  # options are largest first: one step wider
+        fixed_params, fixed_memory = costs.fixed(wider)
+        wider_params, wider_memory = fixed_params[:, None].astype(np.float64), fixed_memory[:, None]
         for kd in counts:
-            pp, pm = costs.per_layer(kd, nidx)
-            bp = bp + pp[:, None] * counts[kd]
-            bm = bm + pm[:, None] * counts[kd]
-        ok &= ~((ch.idx[axis] > 0)[:, None] & (bp <= P) & (bm <= M))
+            layer_params, layer_memory = costs.per_layer(kd, wider)
+            wider_params = wider_params + layer_params[:, None] * counts[kd]
+            wider_memory = wider_memory + layer_memory[:, None] * counts[kd]
+        ok &= ~((ch.idx[axis] > 0)[:, None] & (wider_params <= param_limit) & (wider_memory <= memory_limit))
     return ok
 
 
-def _pool_low(space: SearchSpace, budget: Budget, costs: _Costs, ch: _Chunk, band: float) -> np.ndarray:
+def _pool_low(space: SearchSpace, budget: Budget, costs: LayerCosts, ch: _Chunk, band: float) -> np.ndarray:
     """[C, G] fewest `last` layers for which the point is in the pool: every count from it to `n_max` is (the band
     is contiguous in the count, and only `n_max` can be maximal). Above `n_max` where nothing is."""
-    P, M = _limits(budget)
-    lp, lm = ch.per[ch.last]
+    param_limit, memory_limit = budget_limits(budget)
+    last_params, last_memory = ch.per[ch.last]
     lo = space.layers[ch.last][0]
     n_band = np.full(ch.n_max.shape, np.inf)
-    if P < math.inf:
-        n_band = np.minimum(n_band, np.ceil(((1 - band) * P - ch.used_p) / lp[:, None]))
-    if M < math.inf:
-        # used_m carries _MEM_SLACK bytes that the exact memory does not.
-        n_band = np.minimum(n_band, np.ceil(((1 - band) * M + _MEM_SLACK - ch.used_m) / lm[:, None]))
+    if param_limit < math.inf:
+        n_band = np.minimum(n_band, np.ceil(((1 - band) * param_limit - ch.used_params) / last_params[:, None]))
+    if memory_limit < math.inf:
+        # used_memory carries _MEM_SLACK bytes that the exact memory does not.
+        room = (1 - band) * memory_limit + _MEM_SLACK - ch.used_memory
+        n_band = np.minimum(n_band, np.ceil(room / last_memory[:, None]))
     low = np.maximum(n_band, lo)
     low = np.where(_maximal(space, budget, costs, ch), np.minimum(low, ch.n_max), low)
     return np.where(ch.fits, low, ch.n_max + 1)
@@ -288,7 +298,7 @@ def _pool_low(space: SearchSpace, budget: Budget, costs: _Costs, ch: _Chunk, ban
 def count_pool(space: SearchSpace, budget: Budget, band: float = 0.0) -> int:
     """How many layouts of `space` are candidates under `budget`: in the band or maximal (see `in_pool`)."""
     check_band(band)
-    costs = _Costs(space, budget)
+    costs = LayerCosts(space, budget)
     total = 0
     for ch in _chunks(space, budget, costs):
         low = _pool_low(space, budget, costs, ch, band)
@@ -296,41 +306,43 @@ def count_pool(space: SearchSpace, budget: Budget, band: float = 0.0) -> int:
     return total
 
 
-def _enumerate(space, budget, model, costs: _Costs, k: int, progress: bool, band: float = 0.0) -> list[Candidate]:
-    heap: list[tuple] = []  # (-damage, params, reversed key, candidate): the k best so far
+def _enumerate(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0) -> list[Candidate]:
+    """The `k` least damaging pool points, every point of the space visited chunk by chunk."""
+    best: list[tuple] = []  # heap of (-damage, params, reversed key, candidate): the k best so far
     for ch in _chunks(space, budget, costs):
         low = _pool_low(space, budget, costs, ch, band)
-        c, g = ch.n_max.shape
-        cums = {kd: _keep_values(model, kd, ch.idx) for kd in ch.per}
-        kept = np.zeros((c, g))
+        kept_values = {kd: _keep_values(model, kd, ch.idx) for kd in ch.per}
+        kept_others = np.zeros(ch.n_max.shape)
         for kd, n in zip(ch.others, ch.grids):
-            kept += cums[kd][:, n]
-        lp = ch.per[ch.last][0]
+            kept_others += kept_values[kd][:, n]
         lo, hi = space.layers[ch.last]
         # Fewer `last` layers never lowers the damage: the best of each point are n_max, n_max - 1, ...
-        for j in range(min(k, hi - lo + 1)):
-            n = ch.n_max - j
-            ok = n >= low
-            ci, gi = np.nonzero(ok)
-            if len(ci) == 0:
+        for fewer in range(min(k, hi - lo + 1)):
+            n_last = ch.n_max - fewer
+            combo, grid = np.nonzero(n_last >= low)
+            if len(combo) == 0:
                 break
-            n_sel = n[ci, gi]
-            dm = (model.total - kept[ci, gi] - cums[ch.last][ci, n_sel]) / model.total
-            tot_p = ch.used_p[ci, gi] + lp[ci] * n_sel
-            for t in np.argsort(dm, kind="stable")[: k * 4]:
-                a, b = ci[t], gi[t]
-                widths = {ax: space.widths[ax][int(ch.idx[ax][a])] for ax in WIDTH_AXES}
-                cnt = {kd: int(space.layers[kd][1]) for kd in KINDS}
-                for kd, nn in zip(ch.others, ch.grids):
-                    cnt[kd] = int(nn[b])
-                cnt[ch.last] = int(n_sel[t])
-                cand = Candidate(widths, cnt, float(dm[t]))
-                entry = (-cand.damage, float(tot_p[t]), tuple(-x for x in cand.key()), cand)
-                if len(heap) < k:
-                    heapq.heappush(heap, entry)
-                elif entry[:3] > heap[0][:3]:
-                    heapq.heapreplace(heap, entry)
-    return [e[3] for e in sorted(heap, key=lambda e: (-e[0], -e[1], e[3].key()))]
+            n_last = n_last[combo, grid]
+            damage = (model.total - kept_others[combo, grid] - kept_values[ch.last][combo, n_last]) / model.total
+            params = ch.used_params[combo, grid] + ch.per[ch.last][0][combo] * n_last
+            for t in np.argsort(damage, kind="stable")[: k * 4]:
+                cand = _chunk_candidate(space, ch, combo[t], grid[t], int(n_last[t]), float(damage[t]))
+                entry = (-cand.damage, float(params[t]), tuple(-x for x in cand.key()), cand)
+                if len(best) < k:
+                    heapq.heappush(best, entry)
+                elif entry[:3] > best[0][:3]:
+                    heapq.heapreplace(best, entry)
+    return [e[3] for e in sorted(best, key=lambda e: (-e[0], -e[1], e[3].key()))]
+
+
+def _chunk_candidate(space: SearchSpace, ch: _Chunk, combo: int, grid: int, n_last: int, damage: float) -> Candidate:
+    """The candidate at width combo `combo`, counts `grid` of the other kinds and `n_last` layers of `last`."""
+    widths = {ax: space.widths[ax][int(ch.idx[ax][combo])] for ax in WIDTH_AXES}
+    counts = {kd: int(space.layers[kd][1]) for kd in KINDS}
+    for kd, n in zip(ch.others, ch.grids):
+        counts[kd] = int(n[grid])
+    counts[ch.last] = n_last
+    return Candidate(widths, counts, damage)
 
 
 def check_band(band: float) -> None:
@@ -389,80 +401,39 @@ def _silent_highs(highspy):
     return h
 
 
-def _mip(space, budget, model, costs: _Costs, k: int, band: float = 0.0) -> list[Candidate]:
-    """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options."""
-    import highspy
+class _Option(NamedTuple):
+    """One choice for a layer kind in the MIP: its widths, how many layers stay, their costs and kept value."""
 
-    P, M = _limits(budget)
+    widths: dict[str, int]
+    count: int
+    params: float
+    memory: float
+    kept_value: float
+
+
+def _mip(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0) -> list[Candidate]:
+    """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options."""
+    param_limit, memory_limit = budget_limits(budget)
     kinds = [kd for kd in KINDS if space.layers[kd][1] > 0]
     results: list[Candidate] = []
     bound = math.inf  # damage of the k-th best so far: hidden widths that cannot beat it are skipped
-    for hj, h in enumerate(space.widths["hidden"]):
-        options: dict[str, list[tuple]] = {}
-        for kd in kinds:
-            axes = KIND_AXES[kd]
-            lo, hi = space.layers[kd]
-            opts = []
-            for combo in np.ndindex(*[len(space.widths[a]) for a in axes]):
-                idx = {a: np.array([j]) for a, j in zip(axes, combo)} | {"hidden": np.array([hj])}
-                for a in WIDTH_AXES:
-                    idx.setdefault(a, np.array([0]))
-                p, m = costs.per_layer(kd, idx)
-                cum = _keep_values(model, kd, idx)[0]
-                widths = {a: space.widths[a][j] for a, j in zip(axes, combo)}
-                for n in range(lo, hi + 1):
-                    opts.append((widths, n, float(p[0]) * n, float(m[0]) * n, float(cum[n])))
-            options[kd] = opts
-        fixed_p, fixed_m = float(costs.fixed_p[hj]), float(costs.fixed_m[hj])
-        best_possible = sum(max(o[4] for o in options[kd]) for kd in kinds)
+    for hidden_index, hidden in enumerate(space.widths["hidden"]):
+        options = {kd: _mip_options(space, model, costs, kd, hidden_index) for kd in kinds}
+        best_possible = sum(max(o.kept_value for o in options[kd]) for kd in kinds)
         if (model.total - best_possible) / model.total > bound:
             continue
-        h_ = _silent_highs(highspy)
-        h_.setOptionValue("mip_rel_gap", 0.0)
-        inf = highspy.kHighsInf
-        cols: dict[str, list[int]] = {}
-        n_cols = 0
-        for kd in kinds:
-            cols[kd] = list(range(n_cols, n_cols + len(options[kd])))
-            for o in options[kd]:
-                h_.addCol(-o[4], 0.0, 1.0, 0, np.array([], dtype=np.int32), np.array([], dtype=np.float64))
-                n_cols += 1
-        h_.changeColsIntegrality(
-            n_cols, np.arange(n_cols, dtype=np.int32), np.full(n_cols, highspy.HighsVarType.kInteger)
+        room = (
+            param_limit - float(costs.fixed_params[hidden_index]),
+            memory_limit - float(costs.fixed_memory[hidden_index]),
         )
-        for kd in kinds:
-            h_.addRow(1.0, 1.0, len(cols[kd]), np.array(cols[kd], dtype=np.int32), np.ones(len(cols[kd])))
-        all_cols = np.array([c for kd in kinds for c in cols[kd]], dtype=np.int32)
-        if P < inf:
-            coef = np.array([o[2] for kd in kinds for o in options[kd]])
-            h_.addRow(-inf, P - fixed_p, len(all_cols), all_cols, coef)
-        if M < inf:
-            coef = np.array([o[3] for kd in kinds for o in options[kd]])
-            h_.addRow(-inf, M - fixed_m, len(all_cols), all_cols, coef)
         found = 0
-        for _ in range(20 * k):
-            h_.run()
-            if h_.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-                break
-            x = np.asarray(h_.getSolution().col_value)
-            chosen = {kd: next(i for i, c in enumerate(cols[kd]) if x[c] > 0.5) for kd in kinds}
-            kept = sum(options[kd][chosen[kd]][4] for kd in kinds)
-            dmg = (model.total - kept) / model.total
-            if dmg > bound + 1e-12:
-                break
-            widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"hidden": h}
-            counts = dict.fromkeys(KINDS, 0)
-            for kd in kinds:
-                widths.update(options[kd][chosen[kd]][0])
-                counts[kd] = options[kd][chosen[kd]][1]
+        for widths, counts, damage in _MultipleChoice(options, room).solutions(model.total, bound, 20 * k):
+            widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"hidden": hidden} | widths
             if in_pool(space, budget, widths, counts, band):
-                results.append(Candidate(widths, counts, dmg))
+                results.append(Candidate(widths, counts, damage))
                 found += 1
-            # No-good cut: this combination of options is excluded from the next solve.
-            idxs = np.array([cols[kd][chosen[kd]] for kd in kinds], dtype=np.int32)
-            h_.addRow(-inf, len(kinds) - 1.0, len(idxs), idxs, np.ones(len(idxs)))
-            if found >= k:
-                break
+                if found >= k:
+                    break
         results.sort(key=lambda c: (c.damage, -c.params, c.key()))
         results = results[: 4 * k]
         if len(results) >= k:
@@ -472,3 +443,70 @@ def _mip(space, budget, model, costs: _Costs, k: int, band: float = 0.0) -> list
         c.params = space.layout(c.widths, c.counts).num_params()
     results.sort(key=lambda c: (c.damage, -c.params, c.key()))
     return results[:k]
+
+
+def _mip_options(space, model, costs: LayerCosts, kind: str, hidden_index: int) -> list[_Option]:
+    """Every (widths of `kind`'s axes, layer count) choice for `kind` at hidden width option `hidden_index`."""
+    axes = axes_of_kind(kind)
+    lo, hi = space.layers[kind]
+    options = []
+    for combo in np.ndindex(*[len(space.widths[a]) for a in axes]):
+        idx = {a: np.array([0]) for a in WIDTH_AXES} | {a: np.array([j]) for a, j in zip(axes, combo)}
+        idx["hidden"] = np.array([hidden_index])
+        params, memory = costs.per_layer(kind, idx)
+        kept = _keep_values(model, kind, idx)[0]
+        widths = {a: space.widths[a][j] for a, j in zip(axes, combo)}
+        for n in range(lo, hi + 1):
+            options.append(_Option(widths, n, float(params[0]) * n, float(memory[0]) * n, float(kept[n])))
+    return options
+
+
+class _MultipleChoice:
+    """HiGHS program: one binary per option, exactly one option per kind, the summed costs within `room`
+    (parameters, memory), maximising the kept value."""
+
+    def __init__(self, options: dict[str, list[_Option]], room: tuple[float, float]):
+        import highspy
+
+        self.highspy, self.options, self.kinds = highspy, options, list(options)
+        self.highs = _silent_highs(highspy)
+        self.highs.setOptionValue("mip_rel_gap", 0.0)
+        self.cols: dict[str, list[int]] = {}
+        for kd in self.kinds:
+            start = sum(len(c) for c in self.cols.values())
+            self.cols[kd] = list(range(start, start + len(options[kd])))
+            for o in options[kd]:
+                self.highs.addCol(-o.kept_value, 0.0, 1.0, 0, np.array([], dtype=np.int32), np.array([], dtype=np.float64))
+        n_cols = sum(len(c) for c in self.cols.values())
+        self.highs.changeColsIntegrality(
+            n_cols, np.arange(n_cols, dtype=np.int32), np.full(n_cols, highspy.HighsVarType.kInteger)
+        )
+        for kd in self.kinds:
+            self._add_row(1.0, 1.0, self.cols[kd], np.ones(len(self.cols[kd])))
+        every = [c for kd in self.kinds for c in self.cols[kd]]
+        for limit, cost in zip(room, ("params", "memory")):
+            if limit < highspy.kHighsInf:
+                coef = np.array([getattr(o, cost) for kd in self.kinds for o in options[kd]])
+                self._add_row(-highspy.kHighsInf, limit, every, coef)
+
+    def _add_row(self, lower: float, upper: float, cols: list[int], coef: np.ndarray) -> None:
+        self.highs.addRow(lower, upper, len(cols), np.array(cols, dtype=np.int32), coef)
+
+    def solutions(self, total: float, bound: float, tries: int):
+        """Yield (widths, counts, damage) best first, up to damage `bound`, excluding each by a no-good cut."""
+        for _ in range(tries):
+            self.highs.run()
+            if self.highs.getModelStatus() != self.highspy.HighsModelStatus.kOptimal:
+                return
+            x = np.asarray(self.highs.getSolution().col_value)
+            chosen = {kd: next(i for i, c in enumerate(self.cols[kd]) if x[c] > 0.5) for kd in self.kinds}
+            picked = [self.options[kd][chosen[kd]] for kd in self.kinds]
+            damage = (total - sum(o.kept_value for o in picked)) / total
+            if damage > bound + 1e-12:
+                return
+            widths = {a: w for o in picked for a, w in o.widths.items()}
+            counts = dict.fromkeys(KINDS, 0) | {kd: o.count for kd, o in zip(self.kinds, picked)}
+            yield widths, counts, damage
+            # No-good cut: this combination of options is excluded from the next solve.
+            used = [self.cols[kd][chosen[kd]] for kd in self.kinds]
+            self._add_row(-self.highspy.kHighsInf, len(self.kinds) - 1.0, used, np.ones(len(used)))

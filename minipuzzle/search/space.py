@@ -1,10 +1,9 @@
 """The search space: which widths each axis may take and how many layers of each kind may stay.
 
-Axes: `depth` (drop whole layers; the top-ranked layers of each kind stay), `ffn` (MLP intermediate size),
-`mamba_heads` (multiples of n_groups: every group keeps the same count), `mamba_head_dim` (channels per Mamba
-head), `attn_heads` (query heads, multiples of the KV heads: every KV group keeps the same count) and `hidden`
-(the residual stream). Widths are uniform across the layers of a kind so the result stays a plain Nemotron-H
-config. MiniPuzzle searched depth + ffn, the default here.
+Axes: `depth` (drop whole layers; the top-ranked layers of each kind stay) and the width axes of
+`minipuzzle.anatomy` (ffn, mamba_heads, mamba_head_dim, attn_heads, hidden), each a multiple of its `Axis.unit`
+(grouped axes keep the same count in every group). Widths are uniform across the layers of a kind so the result
+stays a plain Nemotron-H config. MiniPuzzle searched depth + ffn, the default here.
 """
 
 from __future__ import annotations
@@ -14,23 +13,11 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
+from minipuzzle.anatomy import AXES, KINDS, SEARCH_AXES, WIDTH_AXES
+from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 
-AXES = ("depth", "ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden")
-WIDTH_AXES = AXES[1:]
 DEFAULT_AXES = ("depth", "ffn")
-# Layout field each width axis sets.
-WIDTH_FIELD = {
-    "ffn": "intermediate_size",
-    "mamba_heads": "mamba_num_heads",
-    "mamba_head_dim": "mamba_head_dim",
-    "attn_heads": "num_attention_heads",
-    "hidden": "hidden_size",
-}
-# Layer kind whose weights a width axis shapes (hidden shapes every layer).
-AXIS_KIND = {"ffn": MLP, "mamba_heads": MAMBA, "mamba_head_dim": MAMBA, "attn_heads": ATTENTION}
-KINDS = (MAMBA, MLP, ATTENTION)
 # With at most this many valid widths an axis is searched at every valid width by default (tiny models).
 EVERY_WIDTH_LIMIT = 128
 # Otherwise the default step is about 1/32 of the width: the paper's FFN step, 1024 of 32768.
@@ -44,25 +31,16 @@ def parse_axes(axes: str | Iterable[str] | None) -> tuple[str, ...]:
     items = [a.strip() for a in axes.split(",")] if isinstance(axes, str) else [str(a).strip() for a in axes]
     items = [a for a in items if a]
     if not items:
-        raise UserError(f"--axes is empty: choose from {', '.join(AXES)}")
-    unknown = [a for a in items if a not in AXES]
+        raise UserError(f"--axes is empty: choose from {', '.join(SEARCH_AXES)}")
+    unknown = [a for a in items if a not in SEARCH_AXES]
     if unknown:
-        raise UserError(f"unknown axis {unknown[0]!r}: choose from {', '.join(AXES)}")
-    return tuple(a for a in AXES if a in items)
-
-
-def axis_unit(layout: Layout, axis: str) -> int:
-    """Smallest width change an axis allows: whole groups for Mamba heads, whole KV groups for attention heads."""
-    if axis == "mamba_heads":
-        return layout.n_groups
-    if axis == "attn_heads":
-        return layout.num_key_value_heads
-    return 1
+        raise UserError(f"unknown axis {unknown[0]!r}: choose from {', '.join(SEARCH_AXES)}")
+    return tuple(a for a in SEARCH_AXES if a in items)
 
 
 def default_step(layout: Layout, axis: str) -> int:
     """Step between searched widths: every valid width for small axes, else ~1/32 of the width in whole units."""
-    full, unit = getattr(layout, WIDTH_FIELD[axis]), axis_unit(layout, axis)
+    full, unit = AXES[axis].width(layout), AXES[axis].unit(layout)
     if full // unit <= EVERY_WIDTH_LIMIT:
         return unit
     return max(unit, round(full * DEFAULT_STEP_FRACTION / unit) * unit)
@@ -70,7 +48,7 @@ def default_step(layout: Layout, axis: str) -> int:
 
 def width_options(layout: Layout, axis: str, step: int | None = None, min_fraction: float = 0.5) -> list[int]:
     """Widths searched on `axis`, largest (the source's) first: full, full - step, ... down to min_fraction."""
-    full, unit = getattr(layout, WIDTH_FIELD[axis]), axis_unit(layout, axis)
+    full, unit = AXES[axis].width(layout), AXES[axis].unit(layout)
     step = default_step(layout, axis) if step is None else int(step)
     if step < 1 or step % unit:
         raise UserError(f"step {step} for {axis} must be a positive multiple of {unit}")
@@ -116,7 +94,7 @@ class SearchSpace:
                 used_steps[a] = steps.get(a, default_step(source, a))
                 widths[a] = width_options(source, a, used_steps[a], min_width)
             else:
-                widths[a] = [getattr(source, WIDTH_FIELD[a])]
+                widths[a] = [AXES[a].width(source)]
         layers = {}
         for kind in KINDS:
             n = source.count(kind)
@@ -142,12 +120,11 @@ class SearchSpace:
         return self.num_width_combos() * self.num_layer_combos()
 
     def layout(self, widths: dict[str, int], counts: dict[str, int]) -> Layout:
-        """The layout with these widths and layer counts (the pattern keeps source order; see `plan.kept_layers`
-        for which layers). Only the counts matter for costs, so the pattern here is the source's with the
-        lowest-ranked layers removed by `pattern_for`."""
+        """The layout with these widths and layer counts. Only the counts matter for costs, so the pattern is
+        `pattern_with_counts`'s; which layers really stay is `DamageModel.kept_layers`."""
         return self.source.replace(
             pattern=pattern_with_counts(self.source.pattern, counts),
-            **{WIDTH_FIELD[a]: w for a, w in widths.items()},
+            **{AXES[a].field: w for a, w in widths.items()},
         )
 
     def describe(self) -> dict:
@@ -166,7 +143,7 @@ class SearchSpace:
 def pattern_with_counts(pattern: str, counts: dict[str, int]) -> str:
     """A pattern with `counts[kind]` layers of each kind, in source order (the last ones of each kind dropped).
 
-    Costs depend only on the counts; the real kept layers are chosen by importance in `plan`.
+    Costs depend only on the counts; the real kept layers are chosen by importance (`DamageModel.kept_layers`).
     """
     seen = dict.fromkeys(KINDS, 0)
     out = []
@@ -178,7 +155,7 @@ def pattern_with_counts(pattern: str, counts: dict[str, int]) -> str:
 
 
 def _axis_present(layout: Layout, axis: str) -> bool:
-    kind = AXIS_KIND.get(axis)
+    kind = AXES[axis].kind
     return kind is None or layout.count(kind) > 0
 
 
