@@ -64,21 +64,29 @@ def option_params(
     return params
 
 
-def settings_command(model: type[BaseModel], **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def settings_command(
+    model: type[BaseModel], *, into: str = "settings", **options: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate `fn(..., settings: dict)`: the result takes fn's own parameters plus one option per field of
-    `model` (see `option_params` for `options`), and passes the fields' values to fn as `settings`."""
+    `model` (see `option_params` for `options`), standing where `settings` stands, and passes the fields' values
+    to fn as `settings`. `into` names that parameter instead, so that two models' options can be stacked on one
+    command."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
-        skip = [p.name for p in own] + list(options.pop("exclude", ()))
-        generated = option_params(model, exclude=skip, **options)
+        params = list(inspect.signature(fn, eval_str=True).parameters.values())
+        at = [p.name for p in params].index(into)
+        own = params[:at] + params[at + 1 :]
+        skip = [p.name for p in own] + list(options.get("exclude", ()))
+        generated = option_params(model, **{**options, "exclude": skip})
         names = [p.name for p in generated]
 
         def command(**kw: Any) -> Any:
-            return fn(settings={n: kw.pop(n) for n in names}, **kw)
+            return fn(**{into: {n: kw.pop(n) for n in names}}, **kw)
 
+        # The generated options are keyword-only, so fn's parameters after them must be too.
+        after = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[at:]]
         command.__name__, command.__doc__ = fn.__name__, fn.__doc__
-        command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
+        command.__signature__ = inspect.Signature(own[:at] + generated + after)  # type: ignore[attr-defined]
         return command
 
     return wrap

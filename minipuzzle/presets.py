@@ -28,78 +28,32 @@ class Preset:
     local_path: Path | None = None  # weights shipped with the package (the demo teacher)
 
 
-def _lay(pattern: str, hidden: int, ffn: int, q: int, mheads: int, mdim: int, state: int) -> Layout:
-    return Layout(
-        pattern=pattern,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_attention_heads=q,
-        num_key_value_heads=8,
-        head_dim=128,
-        mamba_num_heads=mheads,
-        mamba_head_dim=mdim,
-        n_groups=8,
-        ssm_state_size=state,
-    )
+def _lay(pattern: str, hidden: int, ffn: int, q: int, mheads: int, mdim: int, state: int, **rest) -> Layout:
+    """A Layout from the widths that tell NVIDIA's models apart; they share 8 KV heads of 128 and 8 Mamba groups
+    (`rest` overrides any other field)."""
+    fields = {"num_key_value_heads": 8, "head_dim": 128, "n_groups": 8, **rest}
+    return Layout(pattern=pattern, hidden_size=hidden, intermediate_size=ffn, num_attention_heads=q,
+                  mamba_num_heads=mheads, mamba_head_dim=mdim, ssm_state_size=state, **fields)  # fmt: skip
 
 
 # The demo teacher (scripts/train_demo_teacher.py): the 56B's rhythm of Mamba/MLP pairs with an attention layer
 # every ~10 layers, scaled down to 20 layers and 6M parameters; trained on the Python standard library.
-DEMO_LAYOUT = Layout(
-    pattern="M-M-M*-M-M-M*-M-M-M-",
-    hidden_size=192,
-    intermediate_size=768,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    head_dim=32,
-    mamba_num_heads=8,
-    mamba_head_dim=32,
-    n_groups=2,
-    ssm_state_size=32,
-    conv_kernel=4,
-    vocab_size=4096,
-)
+DEMO_LAYOUT = _lay("M-M-M*-M-M-M*-M-M-M-", 192, 768, 6, 8, 32, 32, num_key_value_heads=2, head_dim=32, n_groups=2,
+                   vocab_size=4096)  # fmt: skip
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset("8b", "nvidia/Nemotron-H-8B-Base-8K", _lay(_8B, 4096, 21504, 32, 128, 64, 128), "Nemotron-H 8B base"),
-        Preset(
-            "56b", "nvidia/Nemotron-H-56B-Base-8K", _lay(_56B, 8192, 32768, 64, 256, 64, 256), "Nemotron-H 56B base"
-        ),
-        Preset(
-            "47b",
-            "nvidia/Nemotron-H-47B-Base-8K",
-            _lay(_47B, 8192, 30720, 64, 256, 64, 256),
-            "Nemotron-H 47B base (MiniPuzzle-compressed 56B)",
-        ),
-        Preset(
-            "4b",
-            "nvidia/Nemotron-H-4B-Base-8K",
-            _lay(_8B, 3072, 12288, 32, 112, 64, 128),
-            "Nemotron-H 4B base (Minitron-SSM-compressed 8B)",
-        ),
-        Preset(
-            "nano-12b-v2",
-            "nvidia/NVIDIA-Nemotron-Nano-12B-v2-Base",
-            _lay(_NANO12, 5120, 20480, 40, 128, 80, 128),
-            "Nemotron Nano 2 12B base",
-        ),
-        Preset(
-            "nano-9b-v2",
-            "nvidia/NVIDIA-Nemotron-Nano-9B-v2-Base",
-            _lay(_NANO9, 4480, 15680, 40, 128, 80, 128),
-            "Nemotron Nano 2 9B base (Minitron-compressed 12B)",
-        ),
-        Preset(
-            "demo",
-            "",
-            DEMO_LAYOUT,
-            "6M-parameter demo teacher trained on the Python standard library (ships with minipuzzle)",
-            ASSETS / "demo-teacher",
-        ),
-    ]
-}
+# One row per preset: name, hub id, layout (pattern, hidden, ffn, query heads, Mamba heads, Mamba head dim, SSM state),
+# description, and for the demo the weights shipped with the package.
+# fmt: off
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("8b",          "nvidia/Nemotron-H-8B-Base-8K",            _lay(_8B,     4096, 21504, 32, 128, 64, 128), "Nemotron-H 8B base"),
+    Preset("56b",         "nvidia/Nemotron-H-56B-Base-8K",           _lay(_56B,    8192, 32768, 64, 256, 64, 256), "Nemotron-H 56B base"),
+    Preset("47b",         "nvidia/Nemotron-H-47B-Base-8K",           _lay(_47B,    8192, 30720, 64, 256, 64, 256), "Nemotron-H 47B base (MiniPuzzle-compressed 56B)"),
+    Preset("4b",          "nvidia/Nemotron-H-4B-Base-8K",            _lay(_8B,     3072, 12288, 32, 112, 64, 128), "Nemotron-H 4B base (Minitron-SSM-compressed 8B)"),
+    Preset("nano-12b-v2", "nvidia/NVIDIA-Nemotron-Nano-12B-v2-Base", _lay(_NANO12, 5120, 20480, 40, 128, 80, 128), "Nemotron Nano 2 12B base"),
+    Preset("nano-9b-v2",  "nvidia/NVIDIA-Nemotron-Nano-9B-v2-Base",  _lay(_NANO9,  4480, 15680, 40, 128, 80, 128), "Nemotron Nano 2 9B base (Minitron-compressed 12B)"),
+    Preset("demo",        "",                                        DEMO_LAYOUT, "6M-parameter demo teacher trained on the Python standard library (ships with minipuzzle)", ASSETS / "demo-teacher"),
+]}
+# fmt: on
 
 
 def get_preset(name: str) -> Preset:

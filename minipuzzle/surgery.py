@@ -228,26 +228,13 @@ class Cutter:
 
     def _mlp_cuts(self, i: int) -> dict[str, Cut]:
         ffn, hid = self._kept("ffn", i), self.hidden
-        return {
-            "up_proj.weight": (ffn, hid, 1.0),
-            "up_proj.bias": (ffn, None, 1.0),
-            "down_proj.weight": (hid, ffn, 1.0),
-            "down_proj.bias": (hid, None, 1.0),
-        }
+        return _linear_cuts(up_proj=(ffn, hid), down_proj=(hid, ffn))
 
     def _attention_cuts(self, i: int) -> dict[str, Cut]:
         heads, hid = self._kept("attn_heads", i), self.hidden
         q = None if heads is None else torch.tensor(attention_rows(self.src, heads.tolist()))
-        return {
-            "q_proj.weight": (q, hid, 1.0),
-            "k_proj.weight": (None, hid, 1.0),
-            "v_proj.weight": (None, hid, 1.0),
-            "o_proj.weight": (hid, q, 1.0),
-            "q_proj.bias": (q, None, 1.0),
-            "k_proj.bias": (None, None, 1.0),
-            "v_proj.bias": (None, None, 1.0),
-            "o_proj.bias": (hid, None, 1.0),
-        }
+        # K and V stay: query heads are cut within their KV groups, and every group keeps the same number.
+        return _linear_cuts(q_proj=(q, hid), k_proj=(None, hid), v_proj=(None, hid), o_proj=(hid, q))
 
     def _mamba_cuts(self, i: int) -> dict[str, Cut]:
         lay, hid = self.src, self.hidden
@@ -264,18 +251,20 @@ class Cutter:
             conv = torch.cat([_at(conv_blocks["x"], inner), _whole(conv_blocks["B"], conv_blocks["C"])])
             if self.plan.norm_compensation:  # the gated norm is a group norm over I / n_groups channels per group
                 norm_scale = math.sqrt(lay.mamba_intermediate / len(inner))
-        return {
-            "in_proj.weight": (in_proj, hid, 1.0),
-            "in_proj.bias": (in_proj, None, 1.0),
-            "conv1d.weight": (conv, None, 1.0),
-            "conv1d.bias": (conv, None, 1.0),
-            "A_log": (head_index, None, 1.0),
-            "D": (head_index, None, 1.0),
-            "dt_bias": (head_index, None, 1.0),
-            "norm.weight": (inner, None, norm_scale),
-            "out_proj.weight": (hid, inner, 1.0),
-            "out_proj.bias": (hid, None, 1.0),
-        }
+        per_head = {name: (head_index, None, 1.0) for name in ("A_log", "D", "dt_bias")}
+        # The depthwise conv1d's weight (channels, 1, kernel) and bias are cut on channels alone, like outputs.
+        projections = _linear_cuts(in_proj=(in_proj, hid), conv1d=(conv, None), out_proj=(hid, inner))
+        return {**projections, **per_head, "norm.weight": (inner, None, norm_scale)}
+
+
+def _linear_cuts(**projections: tuple[torch.Tensor | None, torch.Tensor | None]) -> dict[str, Cut]:
+    """The cuts of projections given as name=(kept outputs, kept inputs): `name.weight` (out, in) keeps both,
+    `name.bias` (out,) the outputs; values unscaled."""
+    cuts: dict[str, Cut] = {}
+    for name, (rows, cols) in projections.items():
+        cuts[f"{name}.weight"] = (rows, cols, 1.0)
+        cuts[f"{name}.bias"] = (rows, None, 1.0)
+    return cuts
 
 
 def _apply(t: torch.Tensor, how: Cut) -> torch.Tensor:

@@ -12,16 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.anatomy import (
-    ATTENTION,
-    AXES,
-    MAMBA,
-    MLP,
-    attention_rows,
-    mamba_channels,
-    mamba_conv_slices,
-    mamba_in_proj_slices,
-)
+from minipuzzle import anatomy
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import ShardWriter, atomic_dir, model_state_dict, write_config
 
@@ -189,7 +180,7 @@ def plant_dead_units(model, plan) -> None:
 
 
 def _dropped(plan, axis: str, layer: int, layout: Layout) -> list[int]:
-    full = AXES[axis].width(layout)
+    full = anatomy.AXES[axis].width(layout)
     return sorted(set(range(full)) - set(plan.kept(axis, layer, full)))
 
 
@@ -200,7 +191,7 @@ def _plant_mlp(mixer, layout: Layout, plan, i: int) -> None:
 
 
 def _plant_attention(mixer, layout: Layout, plan, i: int) -> None:
-    rows = attention_rows(layout, _dropped(plan, "attn_heads", i, layout))
+    rows = anatomy.attention_rows(layout, _dropped(plan, "attn_heads", i, layout))
     mixer.q_proj.weight[rows] = 0
     mixer.o_proj.weight[:, rows] = 0
 
@@ -212,10 +203,10 @@ def _plant_mamba(mixer, layout: Layout, plan, i: int) -> None:
     dead_channels = _dropped(plan, "mamba_head_dim", i, layout)
     # A channel is dead when its head is, or when its position within every head is.
     dead = sorted(
-        set(mamba_channels(layout, dead_heads, list(all_channels)))
-        | set(mamba_channels(layout, kept_heads, dead_channels))
+        set(anatomy.mamba_channels(layout, dead_heads, list(all_channels)))
+        | set(anatomy.mamba_channels(layout, kept_heads, dead_channels))
     )
-    proj, conv = mamba_in_proj_slices(layout), mamba_conv_slices(layout)
+    proj, conv = anatomy.mamba_in_proj_slices(layout), anatomy.mamba_conv_slices(layout)
     for block in ("z", "x"):
         mixer.in_proj.weight[[proj[block].start + c for c in dead]] = 0
     mixer.in_proj.weight[[proj["dt"].start + h for h in dead_heads]] = 0
@@ -226,5 +217,5 @@ def _plant_mamba(mixer, layout: Layout, plan, i: int) -> None:
     mixer.out_proj.weight[:, dead] = 0
 
 
-_OUTPUT_PROJECTIONS = {MAMBA: "out_proj", ATTENTION: "o_proj", MLP: "down_proj"}
-_DEAD_UNIT_PLANTERS = {MAMBA: _plant_mamba, ATTENTION: _plant_attention, MLP: _plant_mlp}
+_OUTPUT_PROJECTIONS = {anatomy.MAMBA: "out_proj", anatomy.ATTENTION: "o_proj", anatomy.MLP: "down_proj"}
+_DEAD_UNIT_PLANTERS = {anatomy.MAMBA: _plant_mamba, anatomy.ATTENTION: _plant_attention, anatomy.MLP: _plant_mlp}

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel, Field
 
 from minipuzzle.cli_options import settings_command
 from minipuzzle.errors import UserError
@@ -13,6 +14,20 @@ from minipuzzle.settings import PruneSettings
 
 _TARGET = "Parameter budget: a preset (47b), a count (6.5e9, 740972) or a fraction of the source (0.8, 80%)."
 _MEMORY = "Inference-memory budget (31.7GiB), at --precision, --context and --batch."
+
+
+class BudgetOptions(BaseModel):
+    """The budget and the search space as typed to `search` and `prune` (one option per field); `_settings`
+    reads them into PruneSettings."""
+
+    target: str | None = Field(None, description=_TARGET)
+    memory: str | None = Field(None, description=_MEMORY)
+    precision: str = Field("bf16", description="Weight precision for --memory: bf16, fp8, fp4 (NVFP4).")
+    context: str = Field("8192", description="Context length for --memory (8192, 128k, 1M).")
+    batch: int = Field(1, description="Sequences held at once for --memory.")
+    kv_precision: str | None = Field(None, description="KV-cache precision (default: weights').")
+    axes: str = Field("depth,ffn", description="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")
+    step: str | None = Field(None, description="Width steps, e.g. ffn=1024,hidden=256 (default: scale with model).")
 
 
 def _steps(text: str | None) -> dict[str, int]:
@@ -40,47 +55,31 @@ def _samples(settings: dict, samples: int | None) -> dict:
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def _settings(budget: dict, axes: str, step: str | None, source, settings: dict):
-    """PruneSettings from the budget options, the axes and steps as typed, and the generated options."""
+def _settings(options: dict, source, settings: dict) -> PruneSettings:
+    """PruneSettings from the BudgetOptions values as typed and the generated PruneSettings options."""
     from minipuzzle.search.budget import make_budget
     from minipuzzle.search.space import parse_axes
-    from minipuzzle.settings import PruneSettings
     from minipuzzle.units import parse_context
 
-    budget = make_budget(source, budget["target"], budget["memory"], budget["precision"],
-                         parse_context(budget["context"]), budget["batch"], budget["kv_precision"])  # fmt: skip
-    return PruneSettings(budget=budget, axes=parse_axes(axes), steps=_steps(step), **settings)
+    b = BudgetOptions(**options)
+    budget = make_budget(source, b.target, b.memory, b.precision, parse_context(b.context), b.batch, b.kv_precision)
+    return PruneSettings(budget=budget, axes=parse_axes(b.axes), steps=_steps(b.step), **settings)
 
-
-Target = Annotated[str | None, typer.Option("--target", help=_TARGET)]
-Memory = Annotated[str | None, typer.Option("--memory", help=_MEMORY)]
-Precision = Annotated[str, typer.Option(help="Weight precision for --memory: bf16, fp8, fp4 (NVFP4).")]
-Context = Annotated[str, typer.Option(help="Context length for --memory (8192, 128k, 1M).")]
-Batch = Annotated[int, typer.Option(help="Sequences held at once for --memory.")]
-KvPrecision = Annotated[str | None, typer.Option(help="KV-cache precision (default: weights').")]
-Axes = Annotated[str, typer.Option(help="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")]
-Step = Annotated[str | None, typer.Option(help="Width steps, e.g. ffn=1024,hidden=256 (default: scale with model).")]
 
 # PruneSettings fields `search` takes; the rest (scoring, ranking, distillation) belong to `prune` only.
 SEARCH_FIELDS = ("min_width", "min_layers", "candidates", "band", "method")
-# Typed apart from the generated options: the budget, the axes and the steps.
+# Typed apart, as BudgetOptions: the budget, the axes and the steps.
 TYPED = ("budget", "axes", "steps")
 
 
+@settings_command(BudgetOptions, into="budget")
 @settings_command(PruneSettings, exclude=TYPED + tuple(f for f in PruneSettings.model_fields if f not in SEARCH_FIELDS),
                   defaults={"candidates": 8}, helps={"candidates": "How many best layouts to list."})  # fmt: skip
 def search_cmd(
     model: Annotated[str, typer.Argument(help="Preset, checkpoint folder or hub id (only its config is read).")],
     scores: Annotated[str, typer.Option("--scores", help="Folder written by `minipuzzle score`.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Layout file to write (YAML).")],
-    target: Target = None,
-    memory: Memory = None,
-    precision: Precision = "bf16",
-    context: Context = "8192",
-    batch: Batch = 1,
-    kv_precision: KvPrecision = None,
-    axes: Axes = "depth,ffn",
-    step: Step = None,
+    budget: dict | None = None,
     settings: dict | None = None,
 ) -> None:
     """Find the layout with the least predicted damage under a budget and write it as a layout file.
@@ -93,9 +92,7 @@ def search_cmd(
     from minipuzzle.search.plan import candidate_plan, layout_document, write_layout_yaml
 
     _, layout = describe_model(model)
-    budget = dict(target=target, memory=memory, precision=precision, context=context, batch=batch,
-                  kv_precision=kv_precision)  # fmt: skip
-    st = _settings(budget, axes, step, layout, settings)
+    st = _settings(budget, layout, settings)
     sc = Scores.load(scores)
     space, dmodel, cands = run_search(layout, sc, st)
     plan = candidate_plan(cands[0], dmodel, sc)
@@ -105,20 +102,14 @@ def search_cmd(
     print(f"{res['params']:,} parameters, {res['layers']}, widths {res['widths']} -> {output}")
 
 
+@settings_command(BudgetOptions, into="budget")
 @settings_command(PruneSettings, exclude=TYPED, aliases={"held_out_samples": ["--held-out"]},
                   types_={"depth_samples": int | None, "width_samples": int | None},
                   defaults={"depth_samples": None, "width_samples": None})  # fmt: skip
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="Preset (56b), checkpoint folder or hub id.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="Output checkpoint folder.")] = None,
-    target: Target = None,
-    memory: Memory = None,
-    precision: Precision = "bf16",
-    context: Context = "8192",
-    batch: Batch = 1,
-    kv_precision: KvPrecision = None,
-    axes: Axes = "depth,ffn",
-    step: Step = None,
+    budget: dict | None = None,
     data: Annotated[str | None, typer.Option(help="Calibration text: file, folder or dataset.")] = None,
     held_out_data: Annotated[
         str | None,
@@ -141,9 +132,7 @@ def prune_cmd(
     from minipuzzle.search import pipeline
 
     layout = _source_layout(model, model_path, output, dry_run, overwrite)
-    budget = dict(target=target, memory=memory, precision=precision, context=context, batch=batch,
-                  kv_precision=kv_precision)  # fmt: skip
-    st = _settings(budget, axes, step, layout, _samples(settings, samples))
+    st = _settings(budget, layout, _samples(settings, samples))
     if dry_run:
         _print_dry_run(model, pipeline.dry_run(layout, st), st, as_json)
         return
