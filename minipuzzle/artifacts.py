@@ -8,7 +8,8 @@
     eval/report.json             EvalReport
 
 Writers call `model_dump_json`, readers `model_validate_json`, so a key a stage stops writing (or a reader
-expects in vain) fails in the tests instead of leaving a blank on the page.
+expects in vain) fails in the tests instead of leaving a blank on the page. A file that does not validate (an
+unknown key, one missing, a hand edit, another version's format) is refused with a one-line `UserError`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from minipuzzle.errors import UserError
 
 
 class Artifact(BaseModel):
@@ -29,7 +32,20 @@ class Artifact(BaseModel):
 
     @classmethod
     def read(cls, path: str | Path):
-        return cls.model_validate_json(Path(path).read_text())
+        """The artifact in the JSON file `path`; `UserError` (one line) when the file is not one."""
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except ValidationError as e:
+            raise UserError(f"{path} is not a {cls.__name__} this version reads: {first_problem(e)}") from None
+
+
+def first_problem(err: ValidationError) -> str:
+    """The first error of `err` in one line: where in the document, and what is wrong there."""
+    first = err.errors()[0]
+    where = ".".join(str(k) for k in first["loc"])
+    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return (f"{where}: {what}" if where else what).replace("\n", " ") + more
 
 
 # ---- scores ------------------------------------------------------------------------------------------------------
@@ -48,11 +64,14 @@ class ScoringInfo(Artifact):
 
 
 class ScoresMeta(Artifact):
-    """scores.json: how the scores were measured, and a readable summary of the tensors."""
+    """scores.json: how the scores were measured, and a readable summary of the tensors.
 
-    settings: ScoringInfo
-    groups: dict[str, int]
-    timing: dict[str, float]
+    `settings` is None, `groups` and `timing` empty for scores that no scoring run measured as a whole (the width
+    pass's resume file, scores put together by hand in tests and benchmarks)."""
+
+    settings: ScoringInfo | None = None
+    groups: dict[str, int] = Field(default_factory=dict)
+    timing: dict[str, float] = Field(default_factory=dict)
     higher_is_more_important: bool = True
     pattern: str = ""
     checkpoint: str | None = None
