@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from minipuzzle.errors import UserError
+from minipuzzle.settings import DistillSettings
 
 
 class Artifact(BaseModel):
@@ -175,12 +176,24 @@ class PruneReport(Artifact):
 
 
 class DistillState(Artifact):
-    """distill.json: a rerun with the same `trajectory` finds the run finished."""
+    """What a distillation run was asked to do: OUT.partial/run.json when it starts (a resume must match its
+    `trajectory`), OUT/distill.json when it ends (a rerun with the same `trajectory` finds the run finished)."""
 
-    trajectory: dict[str, Any]
-    config: dict[str, Any]
+    trajectory: dict[str, Any]  # DistillSettings.trajectory(): the settings that decide the final weights
+    config: DistillSettings
     teacher: str
-    warmup_steps: int
+    warmup_steps: int  # the warmup the schedule used (`warmup`, clamped to a share of the run)
+
+    @classmethod
+    def of(cls, cfg: DistillSettings) -> DistillState:
+        return cls(trajectory=cfg.trajectory(), config=cfg, teacher=str(cfg.teacher), warmup_steps=cfg.warmup_steps())
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillState:
+        # The trajectory is derived from the settings; a file whose two halves disagree was edited by hand.
+        if self.trajectory != self.config.trajectory():
+            raise ValueError("trajectory differs from the trajectory fields of config")
+        return self
 
 
 class TrainRow(Artifact):
@@ -214,15 +227,18 @@ METRICS_ROW = TypeAdapter(MetricsRow)
 
 
 def read_metrics(path: str | Path) -> list[TrainRow | EvalRow]:
-    """The rows of a metrics.jsonl; a last line cut short by a killed run is skipped."""
+    """The rows of a metrics.jsonl; a last line cut short by a killed run is skipped, any other line that is not a
+    row is refused (`UserError`, one line)."""
     lines = Path(path).read_text(errors="replace").splitlines()
     rows = []
     for i, line in enumerate(lines):
         try:
             rows.append(METRICS_ROW.validate_json(line))
-        except ValueError:
+        except ValidationError as e:
             if i < len(lines) - 1 or _is_json(line):
-                raise
+                raise UserError(
+                    f"{path} line {i + 1} is not a metrics row this version reads: {first_problem(e)}"
+                ) from None
     return rows
 
 
