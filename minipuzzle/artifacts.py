@@ -8,7 +8,8 @@
     eval/report.json             EvalReport
 
 Writers call `model_dump_json`, readers `model_validate_json`, so a key a stage stops writing (or a reader
-expects in vain) fails in the tests instead of leaving a blank on the page.
+expects in vain) fails in the tests instead of leaving a blank on the page. A file that does not validate (an
+unknown key, one missing, a hand edit, another version's format) is refused with a one-line `UserError`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from minipuzzle.errors import UserError
+from minipuzzle.settings import DistillSettings
 
 
 class Artifact(BaseModel):
@@ -29,7 +33,20 @@ class Artifact(BaseModel):
 
     @classmethod
     def read(cls, path: str | Path):
-        return cls.model_validate_json(Path(path).read_text())
+        """The artifact in the JSON file `path`; `UserError` (one line) when the file is not one."""
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except ValidationError as e:
+            raise UserError(f"{path} is not a {cls.__name__} this version reads: {first_problem(e)}") from None
+
+
+def first_problem(err: ValidationError) -> str:
+    """The first error of `err` in one line: where in the document, and what is wrong there."""
+    first = err.errors()[0]
+    where = ".".join(str(k) for k in first["loc"])
+    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return (f"{where}: {what}" if where else what).replace("\n", " ") + more
 
 
 # ---- scores ------------------------------------------------------------------------------------------------------
@@ -48,11 +65,14 @@ class ScoringInfo(Artifact):
 
 
 class ScoresMeta(Artifact):
-    """scores.json: how the scores were measured, and a readable summary of the tensors."""
+    """scores.json: how the scores were measured, and a readable summary of the tensors.
 
-    settings: ScoringInfo
-    groups: dict[str, int]
-    timing: dict[str, float]
+    `settings` is None, `groups` and `timing` empty for scores that no scoring run measured as a whole (the width
+    pass's resume file, scores put together by hand in tests and benchmarks)."""
+
+    settings: ScoringInfo | None = None
+    groups: dict[str, int] = Field(default_factory=dict)
+    timing: dict[str, float] = Field(default_factory=dict)
     higher_is_more_important: bool = True
     pattern: str = ""
     checkpoint: str | None = None
@@ -156,12 +176,24 @@ class PruneReport(Artifact):
 
 
 class DistillState(Artifact):
-    """distill.json: a rerun with the same `trajectory` finds the run finished."""
+    """What a distillation run was asked to do: OUT.partial/run.json when it starts (a resume must match its
+    `trajectory`), OUT/distill.json when it ends (a rerun with the same `trajectory` finds the run finished)."""
 
-    trajectory: dict[str, Any]
-    config: dict[str, Any]
+    trajectory: dict[str, Any]  # DistillSettings.trajectory(): the settings that decide the final weights
+    config: DistillSettings
     teacher: str
-    warmup_steps: int
+    warmup_steps: int  # the warmup the schedule used (`warmup`, clamped to a share of the run)
+
+    @classmethod
+    def of(cls, cfg: DistillSettings) -> DistillState:
+        return cls(trajectory=cfg.trajectory(), config=cfg, teacher=str(cfg.teacher), warmup_steps=cfg.warmup_steps())
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillState:
+        # The trajectory is derived from the settings; a file whose two halves disagree was edited by hand.
+        if self.trajectory != self.config.trajectory():
+            raise ValueError("trajectory differs from the trajectory fields of config")
+        return self
 
 
 class TrainRow(Artifact):
@@ -195,15 +227,18 @@ METRICS_ROW = TypeAdapter(MetricsRow)
 
 
 def read_metrics(path: str | Path) -> list[TrainRow | EvalRow]:
-    """The rows of a metrics.jsonl; a last line cut short by a killed run is skipped."""
+    """The rows of a metrics.jsonl; a last line cut short by a killed run is skipped, any other line that is not a
+    row is refused (`UserError`, one line)."""
     lines = Path(path).read_text(errors="replace").splitlines()
     rows = []
     for i, line in enumerate(lines):
         try:
             rows.append(METRICS_ROW.validate_json(line))
-        except ValueError:
+        except ValidationError as e:
             if i < len(lines) - 1 or _is_json(line):
-                raise
+                raise UserError(
+                    f"{path} line {i + 1} is not a metrics row this version reads: {first_problem(e)}"
+                ) from None
     return rows
 
 

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+from minipuzzle.artifacts import DistillState
 from minipuzzle.distill import Diverged, distill
 from minipuzzle.distill.losses import DistillObjective
+from minipuzzle.errors import UserError
 from minipuzzle.settings import DistillSettings
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 
@@ -24,7 +26,8 @@ def _cfg(pair, out, **kw):
 def test_heldout_kl_falls_and_output_is_a_standard_checkpoint(pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = distill(_cfg(pair, tmp_path / "out"))
+    cfg = _cfg(pair, tmp_path / "out")
+    out = distill(cfg)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in recs if r["type"] == "eval"}
     train = [r for r in recs if r["type"] == "train"]
@@ -45,6 +48,17 @@ def test_heldout_kl_falls_and_output_is_a_standard_checkpoint(pair, tmp_path):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert distill(_cfg(pair, tmp_path / "out")) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # distill.json is the typed DistillState of this run; a key it does not know makes it no proof of a finished
+    # run: the rerun refuses the non-empty folder instead of returning it.
+    done = DistillState.read(out / "distill.json")
+    assert done.config == cfg and done.trajectory == cfg.trajectory() and done.warmup_steps == 1
+    doc = json.loads((out / "distill.json").read_text())
+    (out / "distill.json").write_text(json.dumps({**doc, "finished": True}))
+    with pytest.raises(UserError, match="finished: unknown key"):
+        DistillState.read(out / "distill.json")
+    with pytest.raises(UserError, match="not empty"):
+        distill(_cfg(pair, tmp_path / "out"))
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(pair, tmp_path, monkeypatch):

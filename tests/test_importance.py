@@ -326,6 +326,44 @@ def test_scores_file_round_trip(tiny_model, tmp_path):
         Scores.load(tmp_path)
 
 
+def test_scores_json_is_the_typed_artifact(tiny_model, tmp_path):
+    from minipuzzle.artifacts import ScoresMeta
+
+    s = score_model(tiny_model, windows(2), windows(2), progress=False)
+    s.save(tmp_path)
+    meta = ScoresMeta.read(tmp_path / "scores.json")  # the file the stage wrote validates
+    assert meta == s.info() and meta.pattern == s.pattern and meta.settings.depth_samples == 2
+    assert meta.depth == pytest.approx(s.depth.tolist()) and meta.groups["mamba_heads"] == 2
+    assert Scores.load(tmp_path).info() == meta  # load -> save writes the same document
+    # A key the model does not know (another version's, a hand edit) is refused in one line, not dropped.
+    doc = json.loads((tmp_path / "scores.json").read_text())
+    (tmp_path / "scores.json").write_text(json.dumps({**doc, "calibration": "wikitext"}))
+    with pytest.raises(UserError, match="calibration: unknown key") as err:
+        Scores.load(tmp_path)
+    assert "\n" not in str(err.value) and "scores.json" in str(err.value)
+    # ... and so is a settings block that lost a field.
+    del doc["settings"]["seq_len"]
+    (tmp_path / "scores.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="settings.seq_len: Field required"):
+        Scores.load(tmp_path)
+
+
+def test_scores_put_together_without_a_scoring_run_round_trip(tmp_path):
+    # Tests, benchmarks and the width pass's resume file build Scores without how-it-was-measured metadata.
+    s = Scores(pattern="M-*M", depth=torch.tensor([0.4, 0.1, 0.3, 0.2]), ffn={1: torch.tensor([1.0, 0.0, 2.0])})
+    s.save(tmp_path)
+    back = Scores.load(tmp_path)
+    assert back.info().settings is None and back.info().groups == {} and back.info().timing == {}
+    assert torch.equal(back.depth, s.depth) and torch.equal(back.ffn[1], s.ffn[1])
+    assert back.info().depth == pytest.approx([0.4, 0.1, 0.3, 0.2]) and back.layer_ranking("mlp") == [1]
+    # A meta key scores.json has no field for fails when saving, before anything is written.
+    s.meta["note"] = "hand-made"
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ValueError, match="note"):
+        s.save(tmp_path / "bad")
+    assert not any((tmp_path / "bad").iterdir())
+
+
 def test_score_command(tmp_path, tokenizer, text_file):
     ckpt = save_model(random_model(seed=2), tmp_path / "ckpt", tokenizer=tokenizer)
     out = tmp_path / "scores"

@@ -11,7 +11,6 @@ newest one and ends with the same weights as an uninterrupted run (float32 on CP
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shutil
 import signal
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from minipuzzle.artifacts import DistillState
 from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, resolve_checkpoint, save_state_dict
 from minipuzzle.data import load_tokenizer
 from minipuzzle.distill import parallel, state
@@ -147,8 +147,8 @@ def finished(out: Path, cfg: DistillSettings) -> bool:
     if not f.is_file():
         return False
     try:
-        return json.loads(f.read_text()).get("trajectory") == cfg.trajectory()
-    except json.JSONDecodeError:
+        return DistillState.read(f).trajectory == cfg.trajectory()
+    except UserError:  # not a distill.json this version wrote: OUT is some other folder, refused or overwritten
         return False
 
 
@@ -249,7 +249,7 @@ class _Trainer:
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             state.clean_leftovers(self.run_dir)
-            state.check_run(self.run_dir, cfg.trajectory())
+            state.check_run(self.run_dir, cfg)
         parallel.barrier(d)
         self.step, self.tokens = 0, 0
         last = state.latest_checkpoint(self.run_dir)
@@ -345,12 +345,10 @@ def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         if s_ckpt.layout.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
-        summary = {"trajectory": cfg.trajectory(), "config": cfg.model_dump(), "teacher": str(cfg.teacher),
-                   "warmup_steps": cfg.warmup_steps()}  # fmt: skip
+        state_json = DistillState.of(cfg).model_dump_json(indent=2) + "\n"
         save_state_dict(sd, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
                         overwrite=cfg.overwrite,
-                        extra_files={"metrics.jsonl": log.text(),
-                                     "distill.json": json.dumps(summary, indent=2) + "\n"})  # fmt: skip
+                        extra_files={"metrics.jsonl": log.text(), "distill.json": state_json})  # fmt: skip
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
     parallel.barrier(d)
     return out

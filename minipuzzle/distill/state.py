@@ -1,7 +1,7 @@
 """Run folder, resumable checkpoints and metrics of a distillation run.
 
 An unfinished run lives in `OUT.partial/`:
-    run.json                 the settings that decide the trajectory (a resume must match them)
+    run.json                 an `artifacts.DistillState`: the settings of the run (a resume must match its trajectory)
     metrics.jsonl            one JSON object per logged step / evaluation
     checkpoints/step-NNNNNNNN/   torch.distributed.checkpoint files (student + optimizer, sharded under FSDP2)
                              and extra-rankR.pt (step, scheduler, data position, RNG of each process)
@@ -12,7 +12,6 @@ renamed away before it is deleted, so no half-deleted folder ever carries a vali
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -23,9 +22,10 @@ from typing import Any
 
 import torch
 
-from minipuzzle.artifacts import METRICS_ROW
+from minipuzzle.artifacts import METRICS_ROW, DistillState, read_metrics
 from minipuzzle.distill.parallel import Dist, barrier
 from minipuzzle.errors import UserError
+from minipuzzle.settings import DistillSettings
 
 CKPT_PREFIX = "step-"
 
@@ -51,22 +51,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def check_run(run_dir: Path, trajectory: dict[str, Any]) -> None:
+def check_run(run_dir: Path, cfg: DistillSettings) -> None:
     """Refuse to continue a run that was started with different settings; record them for a new run."""
     f = Path(run_dir) / "run.json"
-    if f.is_file():
-        old = json.loads(f.read_text())
-        diff = [k for k in sorted(set(old) | set(trajectory)) if old.get(k) != trajectory.get(k)]
-        if diff:
-            k = diff[0]
-            raise UserError(
-                f"{run_dir} holds an unfinished run with {k}={old.get(k)!r}, not {trajectory.get(k)!r}: rerun it with "
-                f"the same settings, or delete {run_dir} to start over"
-            )
-    else:
+    if not f.is_file():
         tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(trajectory, indent=2, sort_keys=True) + "\n")
+        DistillState.of(cfg).write(tmp)
         os.replace(tmp, f)
+        return
+    old, new = DistillState.read(f).trajectory, cfg.trajectory()
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"{run_dir} holds an unfinished run with {k}={old.get(k)!r}, not {new.get(k)!r}: rerun it with "
+            f"the same settings, or delete {run_dir} to start over"
+        )
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -149,16 +149,10 @@ class MetricsLog:
         if not self.enabled:
             return
         keep = []
-        if resume_step is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by SIGKILL
-                if rec.get("step", 0) <= resume_step:
-                    keep.append(line)
+        if resume_step is not None and self.path.is_file():  # read_metrics skips a last line cut by SIGKILL
+            keep = [row for row in read_metrics(self.path) if row.step <= resume_step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(row.model_dump_json() + "\n" for row in keep))
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:

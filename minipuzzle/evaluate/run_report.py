@@ -126,7 +126,8 @@ def _importance_section(run_dir: Path, tmp: Path) -> str | None:
         order = sorted(range(len(depth)), key=lambda i: depth[i])
         rows = [[str(i), KIND_NAMES[pattern[i]], fmt(depth[i])] for i in order[:10]]
         parts.append("<p>least important layers</p>" + _table((["layer", "kind", "importance"], rows)))
-    parts.append(_table(_scalars(meta.settings.model_dump())))
+    if meta.settings is not None:
+        parts.append(_table(_scalars(meta.settings.model_dump())))
     parts.append(_pngs(folder))
     return "".join(parts)
 

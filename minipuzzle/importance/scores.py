@@ -1,12 +1,11 @@
 """The scores file: what the importance stage hands to the search.
 
-Tensors live in `scores.safetensors`; `scores.json` is the readable summary next to it. Higher = more important
-on every axis. Layer indices are the source model's.
+Tensors live in `scores.safetensors`; `scores.json` (an `artifacts.ScoresMeta`) is the readable summary next to
+it. Higher = more important on every axis. Layer indices are the source model's.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minipuzzle.anatomy import KIND_NAMES, LAYER_AXES
+from minipuzzle.artifacts import ScoresMeta
 from minipuzzle.errors import UserError
 
 
@@ -25,8 +25,9 @@ class Scores:
     depth: [num_layers] damage from dropping each layer alone (higher = more important).
     ffn[i]: [intermediate_size] for each MLP layer i. mamba_heads[i]: [mamba_num_heads] for each Mamba layer i.
     mamba_head_dim[i]: [mamba_head_dim]. attn_heads[i]: [num_attention_heads] for each attention layer i.
-    hidden: [hidden_size]. An axis that was not scored is empty / None. meta["groups"][axis]: the group count of
-    each grouped axis (`Axis.unit`), for the within-group order in the summary.
+    hidden: [hidden_size]. An axis that was not scored is empty / None. `meta` holds the fields of
+    `artifacts.ScoresMeta` but `pattern` and `summary` (both derived here); meta["groups"][axis]: the group count
+    of each grouped axis (`Axis.unit`), for the within-group order in the summary.
     """
 
     pattern: str
@@ -49,14 +50,16 @@ class Scores:
                 out[f"{axis}.{i}"] = t
         return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
 
+    def info(self) -> ScoresMeta:
+        """scores.json of these scores: `meta` with the pattern and the summary of the tensors."""
+        return ScoresMeta(**{**self.meta, "pattern": self.pattern, "summary": self.summary()})
+
     def save(self, folder: str | Path) -> None:
         """Write scores.safetensors and scores.json into `folder` (which must exist)."""
         folder = Path(folder)
+        info = self.info()  # a meta key ScoresMeta does not know fails here, before anything is written
         save_file(self.tensors(), str(folder / "scores.safetensors"), metadata={"pattern": self.pattern})
-        summary = {k: v for k, v in self.meta.items() if k not in ("pattern", "summary")}
-        summary["pattern"] = self.pattern
-        summary["summary"] = self.summary()
-        (folder / "scores.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        info.write(folder / "scores.json")
 
     @classmethod
     def load(cls, folder: str | Path) -> Scores:
@@ -73,9 +76,9 @@ class Scores:
         except Exception as e:
             raise UserError(f"cannot read scores {f}: {e}") from None
         meta_file = f.parent / "scores.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        meta.pop("summary", None)  # derived from the tensors on every save
-        s = cls(pattern=pattern or meta.get("pattern", ""), meta=meta)
+        info = ScoresMeta.read(meta_file) if meta_file.is_file() else ScoresMeta()
+        # The fields the file holds (not the defaults it left out); the summary is derived from the tensors.
+        s = cls(pattern=pattern or info.pattern, meta=info.model_dump(exclude_unset=True, exclude={"summary"}))
         for k, t in tensors.items():
             axis, _, i = k.rpartition(".")
             if k in ("depth", "hidden"):
