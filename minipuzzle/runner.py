@@ -137,9 +137,9 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
 
     m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
-    score_to_folder(teacher, data.train, out, axes=list(recipe.search.axes), split=data.split,
+    score_to_folder(teacher, data.train, out, recipe.importance, axes=list(recipe.search.axes), split=data.split,
                     text_column=data.column, device=resolve_device(m.device), dtype=None if m.dtype == "auto" else m.dtype,
-                    overwrite=True, progress=progress, **recipe.importance.model_dump())  # fmt: skip
+                    overwrite=True, progress=progress)  # fmt: skip
 
 
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
@@ -218,25 +218,10 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
     if recipe.distill is not None:
         targets.insert(0, (run_dir / "prune", run_dir / "eval_pruned", False))
     for model, out, speed in targets:
-        evaluate(
-            model,
-            teacher,
-            data.held_out,
-            e.task_specs(),
-            e.limit,
-            e.seq_len,
-            out,
-            num_samples=e.samples,
-            split=data.eval_split,
-            column=data.column,
-            speed=speed,
-            device=m.device,
-            dtype=m.dtype,
-            precision=recipe.search.precision,
-            context=recipe.search.context,
-            overwrite=True,
-            progress=progress,
-        )
+        evaluate(model, out, e.model_copy(update={"speed": speed}), teacher_path=teacher, data=data.held_out,
+                 split=data.eval_split, column=data.column, device=m.device, dtype=m.dtype,
+                 precision=recipe.search.precision, context=recipe.search.context, overwrite=True,
+                 progress=progress)  # fmt: skip
 
 
 def _report(run_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """One settings model per stage, shared by the library, the CLI and the recipe.
 
-`distill` and `prune` take their model (scoring and evaluation take its fields as keyword arguments); a recipe
+Every stage's library function takes its model (`score_to_folder`, `prune`, `distill`, `evaluate`); a recipe
 section IS that model (validated by pydantic, errors naming the key); the stage's CLI options are generated from
 its fields (`minipuzzle.cli_options`), so a setting is declared once: its type, default, bounds and help text
 live on the field. Constructing a model directly (library or CLI)
@@ -23,6 +23,8 @@ from minipuzzle.units import parse_count
 
 # importance.depth.DEPTH_METRICS, named here so that the CLI and recipes check them without importing torch.
 DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence")
+# importance.width.DEFAULT_AGG, named here for the same reason.
+DEFAULT_WIDTH_AGG = "abs_mean,l2"
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 # A warmup may take at most this share of the run. A longer one (the default 100 steps on a 60-step run) leaves
@@ -36,7 +38,6 @@ TRAJECTORY_FIELDS = (
     "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2", "grad_clip",
     "temperature", "loss", "top_k", "lm_weight", "hidden_weight", "hidden_map", "seed",
 )  # fmt: skip
-
 
 
 def flag(name: str) -> str:
@@ -118,14 +119,30 @@ class ScoreSettings(Settings):
         "mse_hidden", description="Layer importance: mse_hidden (MiniPuzzle), nmse_logits, kl_logits, lm_loss, "
         "block_influence."
     )  # fmt: skip
+    width_agg: str = Field(
+        DEFAULT_WIDTH_AGG, description="Width statistic SEQ,ROWS: over each row's tokens, then over rows."
+    )
     stream: bool | None = Field(None, description="Read layers one at a time (default: when the model does not fit).")
     seed: int = Field(0, description="Seed for choosing calibration windows.")
+    batch_size: int = Field(8, ge=1, description="Rows per forward call.")
 
     @field_validator("depth_metric")
     @classmethod
     def _metric(cls, v: str) -> str:
         if v not in DEPTH_METRICS:
             raise ValueError(f"unknown depth metric {v!r}: choose one of {', '.join(DEPTH_METRICS)}")
+        return v
+
+    @field_validator("width_agg")
+    @classmethod
+    def _agg(cls, v: str) -> str:
+        # Imported here, only when a statistic is given: the defaults need no torch.
+        from minipuzzle.importance.width import parse_agg
+
+        try:
+            parse_agg(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return v
 
 
@@ -299,10 +316,24 @@ class EvalSettings(Settings):
 
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks: names, task .yaml files or folders.")
     num_fewshot: dict[str, int] = Field(default_factory=dict, description="Few-shot count per task.")
-    limit: int | None = Field(None, ge=1, description="Examples per lm-eval task.")
+    limit: int | float | None = Field(None, gt=0, description="Examples per lm-eval task (a fraction below 1).")
     seq_len: int = Field(2048, ge=2, description="Tokens per held-out window; also the speed prompt length.")
     samples: int = Field(64, ge=1, description="Held-out windows for perplexity / KL / agreement.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    seed: int = Field(0, description="Seed for window choice, few-shot sampling and speed inputs.")
     speed: bool = Field(True, description="Measure prefill/decode speed and peak memory.")
+    speed_batch: int = Field(1, ge=1, description="Batch for the speed measurement.")
+    speed_len: int | None = Field(
+        None, ge=1, description="Prompt length for the speed measurement (default --seq-len)."
+    )
+    decode_tokens: int = Field(32, ge=1, description="Tokens generated for the decode speed.")
+    speed_repeats: int = Field(3, ge=1, description="Timed runs of prefill and of decode (their median is reported).")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        # lm-eval reads a limit below 1 as a share of each task and one from 1 up as a count of examples.
+        return int(v) if v is not None and v >= 1 else v
 
     def task_specs(self) -> list[str]:
         """Tasks as lm-eval specs, with their few-shot counts: ['mmlu:5', 'arc_challenge']."""

@@ -16,6 +16,7 @@ from minipuzzle.distill.toy import drop_layers
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import evaluate, held_out_stats, parse_tasks, run_tasks
 from minipuzzle.metrics import token_stats
+from minipuzzle.settings import EvalSettings
 from minipuzzle.testing import random_model, run_cli, save_model
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
@@ -137,22 +138,18 @@ def test_local_task_yaml_runs_offline_from_any_directory(models, tokenizer, offl
 def eval_report(models, text_file, offline, tmp_path_factory):
     """A real report: pruned student against its teacher, held-out text, a folder of local tasks, speed."""
     out = tmp_path_factory.mktemp("run") / "eval"
-    rep = evaluate(
-        models["student"],
-        models["teacher"],
-        data=text_file,
+    settings = EvalSettings(
         tasks=[str(TASKS)],  # a folder of task YAML files
         seq_len=32,
-        out=out,
-        num_samples=6,
+        samples=6,
         batch_size=4,
         speed_batch=2,
-        speed_prompt_len=8,
+        speed_len=8,
         decode_tokens=2,
         limit=6,
         speed_repeats=1,
-        context=4096,
     )
+    rep = evaluate(models["student"], out, settings, teacher_path=models["teacher"], data=text_file, context=4096)
     return out, rep
 
 

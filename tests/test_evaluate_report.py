@@ -19,7 +19,7 @@ from minipuzzle.evaluate import build_run_report, evaluate
 from minipuzzle.importance.folder import score_to_folder
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.pipeline import PruneSettings, prune
-from minipuzzle.settings import DistillSettings
+from minipuzzle.settings import DistillSettings, EvalSettings, ScoreSettings
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
@@ -88,7 +88,7 @@ def run_dir(tmp_path_factory, tokenizer, text_file):
     run = tmp_path_factory.mktemp("runs") / "tiny-run"
     source = tiny_layout()
     tpath = save_model(random_model(source, seed=5), run / "source", tokenizer=tokenizer)
-    score_to_folder(tpath, str(text_file), run / "score", axes=["depth"], depth_samples=2, seq_len=24,
+    score_to_folder(tpath, str(text_file), run / "score", ScoreSettings(depth_samples=2, seq_len=24), axes=["depth"],
                     progress=False)  # fmt: skip
     settings = PruneSettings(budget=Budget(params=int(source.num_params() * 0.8)), axes=("depth",), candidates=3,
                              seq_len=24, held_out_samples=2)  # fmt: skip
@@ -96,8 +96,9 @@ def run_dir(tmp_path_factory, tokenizer, text_file):
     distill(DistillSettings(teacher=str(tpath), student=str(run / "prune"), data=str(text_file),
                           output=str(run / "distill"), max_steps=3, seq_len=24, batch_size=2, lr=3e-3, warmup=1,
                           eval_every=3, eval_windows=2, save_every=0, progress=False))  # fmt: skip
-    evaluate(run / "distill", tpath, data=text_file, tasks=[str(TASK_YAML)], limit=3, seq_len=24, out=run / "eval",
-             num_samples=2, batch_size=4, speed_prompt_len=8, decode_tokens=2, speed_repeats=1)  # fmt: skip
+    settings = EvalSettings(tasks=[str(TASK_YAML)], limit=3, seq_len=24, samples=2, batch_size=4, speed_len=8,
+                            decode_tokens=2, speed_repeats=1)  # fmt: skip
+    evaluate(run / "distill", run / "eval", settings, teacher_path=tpath, data=text_file)
     metrics = run / "distill" / "metrics.jsonl"
     points = len(metrics.read_text().splitlines())
     metrics.write_text(metrics.read_text() + '{"type": "train", "step": 4, "lo')  # a line cut by a killed run

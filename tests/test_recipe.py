@@ -68,6 +68,8 @@ def _demo_doc():
         (lambda d: d["distill"].update(lr="fast"), "distill.lr"),
         (lambda d: d["search"].update(axes=["depth", "wings"]), "search.axes"),
         (lambda d: d["importance"].update(depth_samples=0), "importance.depth_samples"),
+        (lambda d: d["importance"].update(width_agg="abs_mean,median"), "importance.width_agg: invalid width agg"),
+        (lambda d: d["eval"].update(speed_batch=0), "eval.speed_batch"),
         (lambda d: d["search"].pop("target"), "search"),
     ],
 )
@@ -232,8 +234,11 @@ def test_recipe_refuses_distill_fields_the_run_decides(key, value):
         parse_recipe(doc)
 
 
-def test_settings_name_the_depth_metrics_scoring_knows():
+def test_settings_name_the_depth_metrics_and_width_statistic_scoring_knows():
     from minipuzzle.importance.depth import DEPTH_METRICS
+    from minipuzzle.importance.width import DEFAULT_AGG
+    from minipuzzle.settings import DEFAULT_WIDTH_AGG
     from minipuzzle.settings import DEPTH_METRICS as NAMED
 
     assert NAMED == tuple(DEPTH_METRICS)
+    assert DEFAULT_WIDTH_AGG == DEFAULT_AGG

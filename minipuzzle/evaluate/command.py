@@ -11,8 +11,10 @@ from minipuzzle.cli_options import settings_command
 from minipuzzle.settings import EvalSettings
 
 
-@settings_command(EvalSettings, exclude=("tasks", "num_fewshot", "limit"), defaults={"seq_len": 512},
-                  aliases={"samples": ["--num-samples"]})  # fmt: skip
+# --tasks takes the shots inline (mmlu:5), so the list and the few-shot table are not options; --limit is read as
+# a float so that a fraction parses.
+@settings_command(EvalSettings, exclude=("tasks", "num_fewshot"), defaults={"seq_len": 512},
+                  aliases={"samples": ["--num-samples"]}, types_={"limit": float | None})  # fmt: skip
 def _eval_command(
     model: Annotated[str, typer.Argument(help="Checkpoint folder (or cached hub id / preset) to evaluate.")],
     output: Annotated[
@@ -25,20 +27,16 @@ def _eval_command(
     tasks: Annotated[
         str | None, typer.Option(help="lm-eval tasks, comma-separated: names (mmlu:5), task .yaml files or folders.")
     ] = None,
-    limit: Annotated[float | None, typer.Option(help="Examples per lm-eval task (a fraction below 1).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed for window choice, few-shot sampling and speed inputs.")] = 0,
     split: Annotated[str, typer.Option(help="Dataset split when --data is a datasets name.")] = "train",
     text_column: Annotated[str, typer.Option(help="Text column of a table dataset.")] = "text",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
-    speed_batch: Annotated[int, typer.Option(help="Batch for the speed measurement.")] = 1,
-    speed_len: Annotated[
-        int | None, typer.Option(help="Prompt length for the speed measurement (default --seq-len).")
-    ] = None,
-    decode_tokens: Annotated[int, typer.Option(help="Tokens generated for the decode speed.")] = 32,
-    precision: Annotated[str, typer.Option(help="Precision for the architecture memory figures: bf16, fp8, fp4.")] = "bf16",
-    context: Annotated[str, typer.Option(help="Context for the architecture memory and FLOPs figures (8k, 1M).")] = "8192",
+    precision: Annotated[
+        str, typer.Option(help="Precision for the architecture memory figures: bf16, fp8, fp4.")
+    ] = "bf16",
+    context: Annotated[
+        str, typer.Option(help="Context for the architecture memory and FLOPs figures (8k, 1M).")
+    ] = "8192",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
     settings: dict | None = None,
 ) -> None:
@@ -52,12 +50,10 @@ def _eval_command(
     from minipuzzle.evaluate.runner import evaluate
     from minipuzzle.units import parse_context
 
-    st = EvalSettings(**settings)
-    lim = None if limit is None else (int(limit) if limit >= 1 else limit)
-    rep = evaluate(model, teacher, data, [tasks] if tasks else [], lim, st.seq_len, output, num_samples=st.samples,
-                   seed=seed, batch_size=batch_size, split=split, column=text_column, device=device, dtype=dtype,
-                   speed=st.speed, speed_batch=speed_batch, speed_prompt_len=speed_len, decode_tokens=decode_tokens,
-                   precision=precision, context=parse_context(context), overwrite=overwrite, progress=True)  # fmt: skip
+    st = EvalSettings(tasks=[tasks] if tasks else [], **settings)
+    rep = evaluate(model, output, st, teacher_path=teacher, data=data, split=split, column=text_column, device=device,
+                   dtype=dtype, precision=precision, context=parse_context(context), overwrite=overwrite,
+                   progress=True)  # fmt: skip
     con = Console()
     con.print(render_markdown(rep), markup=False, highlight=False)
     con.print(f"[bold]report written to {output}[/] ({', '.join(['report.json', 'report.md', *rep['plots']])})")

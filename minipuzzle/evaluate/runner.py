@@ -20,6 +20,7 @@ from minipuzzle.checkpoint import parse_dtype
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.harness import parse_tasks, run_tasks
 from minipuzzle.progress import track
+from minipuzzle.settings import EvalSettings
 
 
 def _device(device: str | None) -> torch.device:
@@ -98,25 +99,15 @@ def _versions() -> dict[str, str]:
 
 def evaluate(
     model_path: str | Path,
+    out: str | Path,
+    settings: EvalSettings,
+    *,
     teacher_path: str | Path | None = None,
     data: str | Path | None = None,
-    tasks=(),
-    limit: int | float | None = None,
-    seq_len: int = 512,
-    out: str | Path = "eval",
-    *,
-    num_samples: int = 64,
-    seed: int = 0,
-    batch_size: int = 8,
     split: str = "train",
     column: str = "text",
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
-    speed: bool = True,
-    speed_batch: int = 1,
-    speed_prompt_len: int | None = None,
-    decode_tokens: int = 32,
-    speed_repeats: int = 3,
     precision: str = "bf16",
     context: int = 8192,
     overwrite: bool = False,
@@ -125,40 +116,35 @@ def evaluate(
     """Evaluate `model_path` (and `teacher_path`) and write the report folder `out` (report.json is an
     `artifacts.EvalReport`); returns the report as a dict.
 
-    data: held-out text (file, folder or datasets name) cut into `num_samples` windows of `seq_len` tokens with
-    the model's tokenizer. tasks: lm-eval task names / YAML files / folders (see `harness.parse_tasks`), `limit`
-    examples each. Speed is measured on [speed_batch, speed_prompt_len] random tokens plus `decode_tokens`
-    generated ones. precision/context: the setting the architecture memory and FLOPs figures are given for.
+    data: held-out text (file, folder or datasets name; `split` and `column` of a table or hub dataset) cut into
+    `settings.samples` windows [N, seq_len] with the model's tokenizer. settings.tasks: lm-eval task names / YAML
+    files / folders (see `harness.parse_tasks`), `settings.limit` examples each. Speed is measured on
+    [speed_batch, speed_len] random tokens plus `decode_tokens` generated ones. precision/context: the setting the
+    architecture memory and FLOPs figures are given for.
     """
     from minipuzzle.checkpoint import check_output_dir
     from minipuzzle.data import token_windows
     from minipuzzle.evaluate.report import write_report
 
-    t0, specs = time.time(), parse_tasks(tasks)
+    st, t0, specs = settings, time.time(), parse_tasks(settings.task_specs())
     check_output_dir(out, overwrite)
-    _check_counts(seq_len, num_samples, batch_size, speed_batch, limit, data is not None or bool(specs) or speed)
+    if data is None and not specs and not st.speed:
+        raise UserError("nothing to evaluate: pass --data, --tasks, or leave the speed measurement on")
     dev = _device(device)
     dt = parse_dtype(dtype, dev)
     mpath, tpath = _checkpoint_dir(model_path), _checkpoint_dir(teacher_path) if teacher_path is not None else None
     tok = _tokenizer(mpath, *([tpath] if tpath else []))
-    windows = token_windows(data, tok, seq_len, num_samples, seed, split=split, column=column) if data is not None else None
+    windows = None if data is None else token_windows(data, tok, st.seq_len, st.samples, st.seed, split=split,
+                                                      column=column)  # fmt: skip
     model, teacher = _load_pair(mpath, tpath, dt, dev)
-    plen = speed_prompt_len or seq_len
     rep = EvalReport(
         model=str(model_path), teacher=str(teacher_path) if teacher_path is not None else None,
-        **(_held_out(model, teacher, windows, batch_size, progress) if windows is not None else {}),
-        **_tasks(model, teacher, tok, specs, limit, batch_size, seed),
-        speed=_speeds(model, teacher, speed, speed_batch, plen, decode_tokens, speed_repeats, seed),
-        architecture=_architectures(model, teacher, model_path, teacher_path, precision, context, speed_batch),
+        **(_held_out(model, teacher, windows, st.batch_size, progress) if windows is not None else {}),
+        **_tasks(model, teacher, tok, specs, st.limit, st.batch_size, st.seed),
+        speed=_speeds(model, teacher, st),
+        architecture=_architectures(model, teacher, model_path, teacher_path, precision, context, st.speed_batch),
         distill=_distill_summary(mpath),
-        settings=EvalSettingsUsed(
-            data=str(data) if data is not None else None, split=split, column=column, seq_len=seq_len,
-            num_samples=num_samples, windows=0 if windows is None else len(windows), seed=seed,
-            tasks=[s.text + (f":{s.shots}" if s.shots is not None else "") for s in specs], limit=limit,
-            batch_size=batch_size, device=str(dev), dtype=str(dt).removeprefix("torch."), speed_batch=speed_batch,
-            speed_prompt_len=plen, decode_tokens=decode_tokens, precision=precision, context=context,
-            versions=_versions(),
-        ),
+        settings=_settings_used(st, data, split, column, windows, specs, dev, dt, precision, context),
         elapsed_s=round(time.time() - t0, 3),  # keyword arguments run in order: this one comes last
     )  # fmt: skip
     rep.params = rep.architecture["model"]["params"]
@@ -166,16 +152,16 @@ def evaluate(
     return rep.model_dump(mode="json")
 
 
-def _check_counts(seq_len, num_samples, batch_size, speed_batch, limit, anything: bool) -> None:
-    if seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
-    for name, v in (("--num-samples", num_samples), ("--batch-size", batch_size), ("--speed-batch", speed_batch)):
-        if v < 1:
-            raise UserError(f"{name} must be at least 1, got {v}")
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit must be positive, got {limit}")
-    if not anything:
-        raise UserError("nothing to evaluate: pass --data, --tasks, or leave the speed measurement on")
+def _settings_used(st: EvalSettings, data, split, column, windows, specs, dev, dt, precision, context):
+    """The report's record of what was measured how: the settings, the windows [N, T] read, device and versions."""
+    return EvalSettingsUsed(
+        data=str(data) if data is not None else None, split=split, column=column, seq_len=st.seq_len,
+        num_samples=st.samples, windows=0 if windows is None else len(windows), seed=st.seed,
+        tasks=[s.text + (f":{s.shots}" if s.shots is not None else "") for s in specs], limit=st.limit,
+        batch_size=st.batch_size, device=str(dev), dtype=str(dt).removeprefix("torch."), speed_batch=st.speed_batch,
+        speed_prompt_len=st.speed_len or st.seq_len, decode_tokens=st.decode_tokens, precision=precision,
+        context=context, versions=_versions(),
+    )  # fmt: skip
 
 
 def _load_pair(mpath: Path, tpath: Path | None, dt, dev):
@@ -213,13 +199,14 @@ def _tasks(model, teacher, tok, specs, limit, batch_size: int, seed: int) -> dic
     return out
 
 
-def _speeds(model, teacher, on: bool, batch: int, prompt_len: int, decode: int, repeats: int, seed: int):
+def _speeds(model, teacher, st: EvalSettings) -> dict[str, SpeedResult]:
     from minipuzzle.evaluate.speed import measure_speed
 
-    if not on:
+    if not st.speed:
         return {}
+    args = (st.speed_batch, st.speed_len or st.seq_len, st.decode_tokens, st.speed_repeats, st.seed)
     pairs = (("model", model), ("teacher", teacher))
-    return {n: SpeedResult(**measure_speed(m, batch, prompt_len, decode, repeats, seed)) for n, m in pairs if m is not None}
+    return {n: SpeedResult(**measure_speed(m, *args)) for n, m in pairs if m is not None}
 
 
 def _architectures(model, teacher, model_path, teacher_path, precision: str, context: int, batch: int):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.importance.width import DEFAULT_AGG, describe_aggs
+from minipuzzle.importance.width import describe_aggs
 from minipuzzle.settings import ScoreSettings
 
 
@@ -16,7 +16,10 @@ def register(app: typer.Typer) -> None:
     app.command("score")(score)
 
 
-@settings_command(ScoreSettings)
+# --width-agg lists the statistics, which live with the width scores.
+@settings_command(ScoreSettings, helps={
+    "width_agg": f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}",
+})  # fmt: skip
 def score(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, preset or cached hub id.")],
     data: Annotated[
@@ -27,17 +30,12 @@ def score(
     axes: Annotated[
         str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")
     ] = "depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden",
-    width_agg: Annotated[
-        str,
-        typer.Option(help=f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}"),
-    ] = DEFAULT_AGG,
     split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "train",
     text_column: Annotated[str, typer.Option(help="Text column of a table or hub dataset.")] = "text",
     device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda when available).")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward call.")] = 8,
     model_path: Annotated[str | None, typer.Option(help="Local folder holding MODEL's weights.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write depth.png and width.png.")] = True,
@@ -56,11 +54,8 @@ def score(
     st = ScoreSettings(**settings)
     resolve_device(device, dtype)  # a bad device or dtype is reported before the checkpoint is looked at
     path = resolve_checkpoint(model, model_path)
-    scores = score_to_folder(
-        path, data, output, axes=axes.split(","), width_agg=width_agg, split=split, text_column=text_column,
-        device=device, dtype=dtype, batch_size=batch_size, overwrite=overwrite, plots=plots, progress=True,
-        **st.model_dump(),
-    )  # fmt: skip
+    scores = score_to_folder(path, data, output, st, axes=axes.split(","), split=split, text_column=text_column,
+                             device=device, dtype=dtype, overwrite=overwrite, plots=plots, progress=True)  # fmt: skip
     _print_summary(scores, output)
 
 

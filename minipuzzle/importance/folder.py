@@ -11,7 +11,7 @@ import torch
 
 from minipuzzle.errors import UserError
 from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.width import DEFAULT_AGG
+from minipuzzle.settings import ScoreSettings
 
 
 def resume_dir_for(out: Path) -> Path:
@@ -37,59 +37,51 @@ def score_to_folder(
     checkpoint: str | Path,
     data: str,
     output: str | Path,
+    settings: ScoreSettings,
     *,
     axes: Collection[str],
-    depth_samples: int = 128,
-    width_samples: int = 1024,
-    seq_len: int = 4096,
-    depth_metric: str = "mse_hidden",
-    width_agg: str = DEFAULT_AGG,
-    stream: bool | None = None,
-    seed: int = 0,
     split: str = "train",
     text_column: str = "text",
     device: str | None = None,
     dtype: str | None = None,
-    batch_size: int = 8,
     overwrite: bool = False,
     plots: bool = True,
     progress: bool = True,
 ) -> Scores:
-    """Score `checkpoint` on windows of `data` and write the scores folder at `output` atomically.
+    """Score `checkpoint` on windows of `data` (`split` and `text_column` of a table or hub dataset) and write the
+    scores folder at `output` atomically.
 
-    The first `depth_samples` windows feed the drop-one-layer pass and the first `width_samples` the width pass
-    (the same seeded choice of windows). Rerunning after an interruption resumes from the saved partial sums.
+    The first `settings.depth_samples` windows [N, seq_len] feed the drop-one-layer pass and the first
+    `settings.width_samples` the width pass (the same seeded choice of windows). Rerunning after an interruption
+    resumes from the saved partial sums.
     """
     from minipuzzle.checkpoint import atomic_dir, check_output_dir
     from minipuzzle.data import load_tokenizer, token_windows
-    from minipuzzle.importance.depth import check_metric
     from minipuzzle.importance.plots import plot_scores
     from minipuzzle.importance.scoring import check_axes, score_checkpoint
-    from minipuzzle.importance.width import parse_agg
 
     axis_list = check_axes(list(axes))
-    check_metric(depth_metric)
-    parse_agg(width_agg)
-    _check_counts(depth_samples=depth_samples, width_samples=width_samples, batch_size=batch_size)
     dev, dt = resolve_device(device, dtype)
     output = Path(output)
     check_output_dir(output, overwrite)
     tokenizer = load_tokenizer(checkpoint)
-    n_depth = depth_samples if "depth" in axis_list else 0
-    n_width = width_samples if any(a != "depth" for a in axis_list) else 0
-    windows = token_windows(data, tokenizer, seq_len, max(n_depth, n_width), seed, split=split, column=text_column)
+    n_depth = settings.depth_samples if "depth" in axis_list else 0
+    n_width = settings.width_samples if any(a != "depth" for a in axis_list) else 0
+    windows = token_windows(data, tokenizer, settings.seq_len, max(n_depth, n_width), settings.seed, split=split,
+                            column=text_column)  # fmt: skip
     w_depth, w_width = windows[:n_depth], windows[:n_width]
     resume = resume_dir_for(output)
     scores = score_checkpoint(
-        checkpoint, w_depth if n_depth else None, w_width if n_width else None, axis_list, depth_metric, stream,
-        dev, dt, resume, progress=progress, width_agg=width_agg, batch_size=batch_size,
+        checkpoint, w_depth if n_depth else None, w_width if n_width else None, axis_list, settings.depth_metric,
+        settings.stream, dev, dt, resume, progress=progress, width_agg=settings.width_agg,
+        batch_size=settings.batch_size,
     )  # fmt: skip
     scores.meta["data"] = {
         "source": str(data),
         "split": split,
         "text_column": text_column,
-        "seed": seed,
-        "seq_len": seq_len,
+        "seed": settings.seed,
+        "seq_len": settings.seq_len,
         **_rows_used(windows, w_depth, w_width),
     }
     with atomic_dir(output, overwrite) as tmp:
@@ -98,12 +90,6 @@ def score_to_folder(
             plot_scores(scores, tmp)
     shutil.rmtree(resume, ignore_errors=True)
     return scores
-
-
-def _check_counts(**counts: int) -> None:
-    for name, v in counts.items():
-        if v < 1:
-            raise UserError(f"{name.replace('_', ' ')} must be at least 1, got {v}")
 
 
 def _rows_used(windows: torch.Tensor, depth: torch.Tensor, width: torch.Tensor) -> dict[str, int]:

@@ -82,22 +82,28 @@ def score_stack(
         )  # fmt: skip
         timing["depth_seconds"] = round(time.perf_counter() - t0, 3)
     scores.meta = {
-        "settings": {
-            "axes": list(axes),
-            "depth_metric": depth_metric if "depth" in axes else None,
-            "width_aggregation": width_agg if width_axes else None,
-            "depth_samples": int(windows_depth.shape[0]) if "depth" in axes else 0,
-            "width_samples": int(windows_width.shape[0]) if width_axes else 0,
-            "seq_len": int((windows_depth if "depth" in axes else windows_width).shape[1]),
-            "streamed": streamed,
-            "device": str(stack.device),
-            "dtype": str(stack.dtype).removeprefix("torch."),
-        },
+        "settings": _settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed),
         "groups": {name: axis.unit(layout) for name, axis in AXES.items() if axis.group_field},
         "timing": timing,
         "higher_is_more_important": True,
     }
     return scores
+
+
+def _settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed) -> dict[str, Any]:
+    """scores.json's record of how the scores were made; windows [N, T] as `score_stack` got them."""
+    depth, width = "depth" in axes, any(a != "depth" for a in axes)
+    return {
+        "axes": list(axes),
+        "depth_metric": depth_metric if depth else None,
+        "width_aggregation": width_agg if width else None,
+        "depth_samples": int(windows_depth.shape[0]) if depth else 0,
+        "width_samples": int(windows_width.shape[0]) if width else 0,
+        "seq_len": int((windows_depth if depth else windows_width).shape[1]),
+        "streamed": streamed,
+        "device": str(stack.device),
+        "dtype": str(stack.dtype).removeprefix("torch."),
+    }
 
 
 def _width_pass(stack, windows, axes, agg, batch_size, budget_bytes, resume_dir, progress) -> dict[str, Any]:
