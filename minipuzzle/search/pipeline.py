@@ -3,15 +3,13 @@ plan (`--dry-run`): the space, how many layouts fit, and what scoring would cost
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from minipuzzle.anatomy import AXES, KINDS, WIDTH_AXES
+from minipuzzle.anatomy import AXES
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport, ScoresMeta
 from minipuzzle.errors import UserError
@@ -19,8 +17,7 @@ from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.solver import (
     Candidate,
-    LayerCosts,
-    budget_limits,
+    count_feasible,
     count_pool,
     no_layout_fits,
     search,
@@ -31,30 +28,6 @@ from minipuzzle.settings import PruneSettings
 
 # Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
 H100_FLOPS = 400e12
-
-
-def count_feasible(space: SearchSpace, budget: Budget) -> int:
-    """Number of layouts (widths x layer counts) in `space` within `budget` (no scores needed)."""
-    costs = LayerCosts(space, budget)
-    param_limit, memory_limit = budget_limits(budget)
-    shape = [len(space.widths[a]) for a in WIDTH_AXES]
-    idx = dict(zip(WIDTH_AXES, np.unravel_index(np.arange(math.prod(shape)), shape)))
-    kinds = [k for k in KINDS if space.layers[k][1] > 0]
-    last, others = kinds[-1], kinds[:-1]
-    grids = np.meshgrid(*[np.arange(space.layers[k][0], space.layers[k][1] + 1) for k in others], indexing="ij")
-    fixed_params, fixed_memory = costs.fixed(idx)
-    used_params, used_memory = fixed_params[:, None].astype(float), fixed_memory[:, None].copy()
-    for kind, count in zip(others, grids):
-        layer_params, layer_memory = costs.per_layer(kind, idx)
-        used_params = used_params + layer_params[:, None] * count.reshape(1, -1)
-        used_memory = used_memory + layer_memory[:, None] * count.reshape(1, -1)
-    last_params, last_memory = costs.per_layer(last, idx)
-    lo, hi = space.layers[last]
-    room = np.minimum(
-        np.floor((param_limit - used_params) / last_params[:, None]),
-        np.floor((memory_limit - used_memory) / last_memory[:, None]),
-    )
-    return int(np.clip(np.minimum(hi, room) - lo + 1, 0, None).sum())
 
 
 def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:

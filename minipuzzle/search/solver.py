@@ -295,6 +295,15 @@ def _pool_low(space: SearchSpace, budget: Budget, costs: LayerCosts, ch: _Chunk,
     return np.where(ch.fits, low, ch.n_max + 1)
 
 
+def count_feasible(space: SearchSpace, budget: Budget) -> int:
+    """How many layouts (widths x layer counts) of `space` fit `budget` (no scores needed)."""
+    total = 0
+    for ch in _chunks(space, budget, LayerCosts(space, budget)):
+        lo = space.layers[ch.last][0]
+        total += int(np.where(ch.fits, ch.n_max - lo + 1, 0).sum())
+    return total
+
+
 def count_pool(space: SearchSpace, budget: Budget, band: float = 0.0) -> int:
     """How many layouts of `space` are candidates under `budget`: in the band or maximal (see `in_pool`)."""
     check_band(band)
