@@ -79,6 +79,14 @@ def stdlib_text_files(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
+def stdlib_text_folder(folder: Path, count: int) -> Path:
+    """`folder` holding copies of the first `count` stdlib text files (a data folder a test may split)."""
+    folder.mkdir(parents=True)
+    for f in stdlib_text_files(count):
+        (folder / f.name).write_text(f.read_text())
+    return folder
+
+
 def make_tokenizer(vocab_size: int = 320, files: list[Path] | None = None):
     """A byte-level BPE tokenizer trained on a few stdlib files (deterministic, about a second)."""
     from minipuzzle.data import train_bpe_tokenizer

@@ -97,12 +97,9 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     same folder is refused."""
     if tiny_checkpoint.name != "model":
         pytest.skip("one weight style is enough for the runner")
-    from minipuzzle.testing import stdlib_text_files
+    from minipuzzle.testing import stdlib_text_folder
 
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for f in stdlib_text_files(6):
-        (texts / f.name).write_text(f.read_text())
+    texts = stdlib_text_folder(tmp_path / "texts", 6)
     held = sorted(p.name for p in texts.iterdir())[:1]
     doc = {
         "name": "tiny",
@@ -165,14 +162,11 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
 
     from minipuzzle import runner
     from minipuzzle.search import pipeline
-    from minipuzzle.testing import stdlib_text_files
+    from minipuzzle.testing import stdlib_text_folder
 
     if tiny_checkpoint.name != "model":
         pytest.skip("one weight style is enough for the runner")
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for f in stdlib_text_files(3):
-        (texts / f.name).write_text(f.read_text())
+    texts = stdlib_text_folder(tmp_path / "texts", 3)
     held_file = sorted(p.name for p in texts.iterdir())[0]
     calls = []
     monkeypatch.setattr(pipeline, "prune", lambda *a, **kw: calls.append((a, kw)))
