@@ -35,7 +35,6 @@ from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.distill import distill
 from minipuzzle.importance import score_model
 from minipuzzle.metrics import token_stats
-from minipuzzle.search.budget import make_budget
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.pipeline import PruneSettings, run_search
 from minipuzzle.search.plan import candidate_plan
@@ -156,7 +155,7 @@ def main() -> None:
     # Importance scores (MiniPuzzle depth metric) and block influence (the baseline's depth metric).
     scores = score_model(teacher, calib[:32], calib, axes=("depth", "ffn"), depth_metric="mse_hidden", progress=False)
     bi = score_model(teacher, calib[:32], None, axes=("depth",), depth_metric="block_influence", progress=False)
-    settings = PruneSettings(budget=make_budget(layout, target=str(RATIO)), axes=("depth", "ffn"),
+    settings = PruneSettings(target=str(RATIO), axes=("depth", "ffn"),
                              candidates=args.candidates)  # fmt: skip
     space, dmodel, cands = run_search(layout, scores, settings)
     plans = [candidate_plan(c, dmodel, scores) for c in cands]

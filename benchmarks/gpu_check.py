@@ -457,7 +457,7 @@ def part_scoring(rec: dict, s: Sizes, ckpt: Path, budget: float, probe: KernelPr
         t0 = time.perf_counter()
         scores = score_checkpoint(ckpt, ids[:rows], ids[:rows], **kw)
         total = time.perf_counter() - t0
-    timing = scores.meta["timing"]
+    timing = scores.meta.timing
     tokens = rows * s.score_seq
     rec.update(
         seconds_scoring=round(total, 2), width_seconds=timing["width_seconds"], depth_seconds=timing["depth_seconds"],

@@ -32,7 +32,6 @@ from minipuzzle.checkpoint import load_model, resolve_checkpoint  # noqa: E402
 from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
 from minipuzzle.importance import score_model  # noqa: E402
 from minipuzzle.metrics import forward_kl  # noqa: E402
-from minipuzzle.search.budget import make_budget  # noqa: E402
 from minipuzzle.search.pipeline import PruneSettings, run_search  # noqa: E402
 from minipuzzle.search.plan import candidate_plan  # noqa: E402
 from minipuzzle.surgery import prune_model  # noqa: E402
@@ -90,7 +89,7 @@ def main() -> None:
     axes = tuple(a.strip() for a in args.axes.split(","))
     scores = score_model(teacher, calib[:32] if "depth" in axes else None, calib, axes=list(axes),
                          depth_metric="mse_hidden", progress=False)  # fmt: skip
-    settings = PruneSettings(budget=make_budget(layout, target=str(RATIO)), axes=axes, candidates=1)
+    settings = PruneSettings(target=str(RATIO), axes=axes, candidates=1)
     _, dmodel, cands = run_search(layout, scores, settings)
     arch = candidate_plan(cands[0], dmodel, scores).target_layout(layout)
     results: dict = {

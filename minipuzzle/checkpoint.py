@@ -63,6 +63,20 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "c
         raise UserError(f"unknown dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}") from None
 
 
+def resolve_device(device: str | None = "auto", dtype: str | torch.dtype | None = "auto"):
+    """(torch.device, torch.dtype) for a stage: device None / "auto" is cuda when available, else the CPU; dtype
+    as `parse_dtype`. A bad name, or cuda on a machine without it, is a `UserError`."""
+    dev = "cuda" if device in (None, "auto") and torch.cuda.is_available() else device
+    dev = "cpu" if dev in (None, "auto") else dev
+    try:
+        dev_t = torch.device(dev)
+    except RuntimeError:
+        raise UserError(f"unknown device {dev!r} (use auto, cpu or cuda[:N])") from None
+    if dev_t.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {dev}: no CUDA device on this machine")
+    return dev_t, parse_dtype(dtype, dev_t)
+
+
 def native_name(name: str) -> str:
     """Map a remote-code weight name (`backbone.*`) to the native transformers name (`model.*`)."""
     if name.startswith("backbone."):

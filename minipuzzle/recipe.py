@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from minipuzzle.errors import UserError
-from minipuzzle.settings import DistillSettings, EvalSettings, PruneSettings, ScoreSettings, SettingsError
+from minipuzzle.settings import (
+    DeviceOptions,
+    DistillSettings,
+    EvalSettings,
+    PruneSettings,
+    ScoreSettings,
+    SettingsError,
+)
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 STAGES = ("score", "prune", "distill", "eval", "report")
@@ -25,16 +32,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSection(_Section):
-    """The teacher: a preset (56b, 8b, demo, ...), a checkpoint folder, or a cached hub id."""
+class ModelSection(DeviceOptions):
+    """The teacher: a preset (56b, 8b, demo, ...), a checkpoint folder, or a cached hub id; and the device and
+    compute dtype of every stage (the student trains in float32 under bf16 autocast on a GPU)."""
 
     source: str
     path: str | None = Field(None, description="local weights for a preset or hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype of scoring, the distillation teacher and evaluation "
-        "(auto: bfloat16 on a GPU, float32 on the CPU); the student trains in float32 under autocast"
-    )  # fmt: skip
-    device: str = Field("auto", description="cpu, cuda or auto (cuda when available), for every stage")
 
 
 class DataSection(_Section):
@@ -56,31 +59,26 @@ class DataSection(_Section):
         return sysconfig.get_paths()["stdlib"] if self.eval_source == "stdlib" else self.eval_source
 
 
-class SearchSection(_Section):
-    target: str | None = Field(None, description="parameter budget: 47b, 6.5e9, 0.8, 80%")
-    memory: str | None = Field(None, description="memory budget, e.g. 31.7GiB")
-    precision: Literal["bf16", "fp8", "fp4"] = "bf16"
-    kv_precision: Literal["bf16", "fp8", "fp4"] | None = None
-    context: int = Field(8192, ge=1)
-    batch: int = Field(1, ge=1)
-    axes: list[Literal["depth", "ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden"]] = ["depth", "ffn"]
-    steps: dict[str, int] = Field(default_factory=dict, description="width step per axis, e.g. {ffn: 1024}")
-    min_width: float = Field(0.5, gt=0, le=1, description="smallest width searched, as a fraction of the source's")
-    min_layers: float = Field(0.5, ge=0, le=1, description="fewest layers of each kind kept, as a fraction")
-    candidates: int = Field(3, ge=1, description="candidates ranked for real on held-out tokens")
-    band: float = Field(0.05, ge=0, le=1, description="layouts within this fraction below the budget are candidates")
-    rank_samples: int = Field(64, ge=1, description="held-out windows used to rank candidates")
-    candidate_distill_tokens: float = Field(0, ge=0, description="short distillation per candidate before choosing")
-    norm_compensation: bool = Field(
-        True, description="scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels"
-    )
+# Prune settings a run decides itself: the windows (the importance section), the device (the model section) and
+# the candidates' distillation steps (from candidate_distill_tokens).
+SEARCH_RUN_DECIDED = ("seq_len", "depth_samples", "width_samples", "stream", "seed", "device",
+                      "candidate_distill_steps")  # fmt: skip
 
-    @field_validator("axes")
-    @classmethod
-    def _axes_nonempty(cls, v):
-        if not v:
-            raise ValueError("at least one axis")
-        return v
+
+class SearchStage(PruneSettings):
+    """The recipe's search section: PruneSettings (budget, space, candidates, ranking), with the candidates'
+    distillation given in tokens. Unless set here, their LR and batch are the distill section's."""
+
+    candidate_distill_tokens: float = Field(0, ge=0, description="Short distillation per candidate before choosing.")
+
+    @model_validator(mode="after")
+    def _not_run_decided(self) -> SearchStage:
+        given = sorted(set(SEARCH_RUN_DECIDED) & self.model_fields_set)
+        if given:
+            raise ValueError(f"{given[0]} is set by the run (importance and model sections): remove it")
+        if self.target is None and self.memory is None:
+            raise ValueError("give a budget: target (parameters) and/or memory")
+        return self
 
 
 # Distillation settings a run decides itself: paths, data (the data section) and model.dtype / model.device.
@@ -114,16 +112,9 @@ class Recipe(_Section):
     model: ModelSection
     data: DataSection
     importance: ScoreSettings = ScoreSettings()
-    search: SearchSection
+    search: SearchStage
     distill: DistillStage | None = None
     eval: EvalSettings = EvalSettings()
-
-    @field_validator("search")
-    @classmethod
-    def _budget(cls, v: SearchSection):
-        if v.target is None and v.memory is None:
-            raise ValueError("give a budget: target (parameters) and/or memory")
-        return v
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -164,43 +155,22 @@ def parse_recipe(doc: dict[str, Any], where: str = "recipe") -> Recipe:
         raise UserError(f"{where}: {key}: {msg}{more}") from None
 
 
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a GPU is there, else 'cpu'; any other name as is."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def prune_settings(recipe: Recipe, source) -> PruneSettings:
-    """The `prune` stage's settings for `source` (a Layout): budget, space, samples, candidate distillation.
+def prune_settings(recipe: Recipe) -> PruneSettings:
+    """The `prune` stage's settings: the search section, with the importance section's windows, the model
+    section's device and the candidates' distillation steps from its token count.
 
     The dry-run plan and the runner both use this, so the plan prices exactly what the run does.
     """
-    from minipuzzle.search.budget import make_budget
+    from minipuzzle.checkpoint import resolve_device
 
     s, imp, d = recipe.search, recipe.importance, recipe.distill
-    settings = PruneSettings(
-        budget=make_budget(source, s.target, s.memory, s.precision, s.context, s.batch, s.kv_precision),
-        axes=tuple(s.axes),
-        steps=dict(s.steps),
-        min_width=s.min_width,
-        min_layers=s.min_layers,
-        candidates=s.candidates,
-        band=s.band,
-        seq_len=imp.seq_len,
-        depth_samples=imp.depth_samples,
-        width_samples=imp.width_samples,
-        held_out_samples=s.rank_samples,
-        stream=bool(imp.stream),
-        seed=imp.seed,
-        norm_compensation=s.norm_compensation,
-        device=resolve_device(recipe.model.device),
-    )
+    own = s.model_dump(exclude={"candidate_distill_tokens"}, exclude_unset=True)
+    if d is not None:  # the candidates train like the final student unless told otherwise
+        own = {"candidate_distill_lr": d.lr, "candidate_distill_batch": d.batch_size} | own
+    settings = PruneSettings(**own, seq_len=imp.seq_len, depth_samples=imp.depth_samples,
+                             width_samples=imp.width_samples, stream=bool(imp.stream), seed=imp.seed,
+                             device=str(resolve_device(recipe.model.device)[0]))  # fmt: skip
     if s.candidate_distill_tokens:
-        if d is not None:
-            settings.candidate_distill_batch, settings.candidate_distill_lr = d.batch_size, d.lr
         per_step = settings.candidate_distill_batch * settings.seq_len
         settings.candidate_distill_steps = max(1, -(-int(s.candidate_distill_tokens) // per_step))
     return settings
@@ -234,17 +204,18 @@ def _plan_stages(recipe: Recipe, source) -> list[dict[str, Any]]:
     from minipuzzle.search.pipeline import scoring_cost
 
     imp, srch, d, e = recipe.importance, recipe.search, recipe.distill, recipe.eval
-    settings = prune_settings(recipe, source)
+    settings = prune_settings(recipe)
+    budget = settings.budget_for(source)
     cost = scoring_cost(source, settings)
     # The student is not known before the search: bound it by the budget's parameter count when given.
-    student = min(source.num_params(), settings.budget.params or source.num_params())
+    student = min(source.num_params(), budget.params or source.num_params())
     train_flops_per_token = 6 * student + 2 * source.num_params()
     cand_tokens = srch.candidates * settings.candidate_distill_steps * settings.candidate_distill_batch * imp.seq_len
     stages: list[dict[str, Any]] = [
         {"stage": "score", "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
          "seq_len": imp.seq_len, "depth_metric": imp.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
-        {"stage": "prune", "budget": settings.budget.describe(), "axes": list(srch.axes),
-         "candidates": srch.candidates, "rank_tokens": srch.rank_samples * imp.seq_len,
+        {"stage": "prune", "budget": budget.describe(), "axes": list(srch.axes),
+         "candidates": srch.candidates, "rank_tokens": srch.held_out_samples * imp.seq_len,
          "candidate_distill_tokens": cand_tokens,
          "flops": cost["flops_ranking"] + cand_tokens * train_flops_per_token},
     ]  # fmt: skip

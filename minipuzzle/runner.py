@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minipuzzle.errors import UserError
-from minipuzzle.recipe import STAGES, Recipe, resolve_device
+from minipuzzle.recipe import STAGES, Recipe
 from minipuzzle.settings import DistillSettings
 
 STATE_FILE = "run.json"
@@ -138,16 +138,15 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
     m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
     score_to_folder(teacher, data.train, out, recipe.importance, axes=list(recipe.search.axes), split=data.split,
-                    text_column=data.column, device=resolve_device(m.device), dtype=None if m.dtype == "auto" else m.dtype,
+                    text_column=data.column, device=m.device, dtype=m.dtype,
                     overwrite=True, progress=progress)  # fmt: skip
 
 
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
-    from minipuzzle.checkpoint import Checkpoint
     from minipuzzle.recipe import prune_settings
     from minipuzzle.search.pipeline import prune
 
-    settings = prune_settings(recipe, Checkpoint(teacher).layout)
+    settings = prune_settings(recipe)
     # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_settings).
     held = data.held_out if data.separate_held_out else None
     prune(str(teacher), run_dir / "prune", settings, data.train, held_out_data=held, split=data.split,
@@ -166,7 +165,7 @@ def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path
     if not data.separate_held_out:
         # The prune stage ranked on the head of the training text: distillation takes at least those tokens as
         # its evaluation windows, which it never trains on.
-        need = -(-recipe.search.rank_samples * recipe.importance.seq_len // d.seq_len)
+        need = -(-recipe.search.held_out_samples * recipe.importance.seq_len // d.seq_len)
         run |= {"eval_data": None, "eval_every": d.eval_every or d.max_steps, "eval_windows": max(d.eval_windows, need)}
     return d.settings(**run)
 

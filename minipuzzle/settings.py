@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from minipuzzle.errors import UserError
-from minipuzzle.units import parse_count
+from minipuzzle.units import parse_bytes, parse_count
 
 # importance.depth.DEPTH_METRICS, named here so that the CLI and recipes check them without importing torch.
 DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence")
@@ -109,6 +109,24 @@ def parse_layer_pairs(text: str | None) -> list[tuple[int, int]]:
     return pairs
 
 
+class DataOptions(Settings):
+    """Where a stage's text comes from, typed alike to `score`, `prune` and `eval`."""
+
+    data: str | None = Field(None, description="Text: .txt/.jsonl/.parquet file, folder of text files, or datasets "
+                             "hub name.")  # fmt: skip
+    split: str = Field("train", description="Split of a hub dataset.")
+    text_column: str = Field("text", description="Text column of a table or hub dataset.")
+
+
+class DeviceOptions(Settings):
+    """Where and in what precision a stage computes, typed alike to `score` and `eval`."""
+
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available).")
+    dtype: Literal[DTYPE_NAMES] = Field(  # type: ignore[valid-type]
+        "auto", description="Compute dtype: float32, bfloat16, float16 or auto (bfloat16 on a GPU, float32 on the CPU)."
+    )
+
+
 class ScoreSettings(Settings):
     """Importance scoring: how many calibration windows of how many tokens, and which depth metric."""
 
@@ -146,12 +164,72 @@ class ScoreSettings(Settings):
         return v
 
 
-class PruneSettings(Settings):
-    """Everything `prune` needs besides the model, the data and the output."""
+class BudgetSettings(Settings):
+    """A budget as typed: a parameter target and/or an inference-memory limit at a precision, context and batch.
 
-    budget: Any = Field(description="a search.budget.Budget")
-    axes: tuple[str, ...] = ("depth", "ffn")
-    steps: dict[str, int] = Field(default_factory=dict, description="width step per axis, e.g. {ffn: 1024}")
+    `budget_for(source)` reads it against the source's layout (a fraction is a fraction of the source).
+    """
+
+    target: str | None = Field(
+        None, description="Parameter budget: a preset (47b), a count (6.5e9, 740972) or a fraction of the source "
+        "(0.8, 80%)."
+    )  # fmt: skip
+    memory: str | None = Field(None, description="Inference-memory budget (31.7GiB), at --precision, --context and "
+                               "--batch.")  # fmt: skip
+    precision: Literal["bf16", "fp16", "fp8", "fp4", "fp32"] = Field(
+        "bf16", description="Weight precision for --memory: bf16, fp8, fp4 (NVFP4)."
+    )
+    kv_precision: Literal["bf16", "fp16", "fp8", "fp4", "fp32"] | None = Field(
+        None, description="KV-cache precision (default: the weights')."
+    )
+    context: int = Field(8192, ge=1, description="Context length for --memory (8192, 128k, 1M).")
+    batch: int = Field(1, ge=1, description="Sequences held at once for --memory.")
+
+    @field_validator("target", "memory", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> str | None:
+        # YAML reads 0.83 or 6.5e9 as a number; the parsers take the text.
+        return None if v is None else str(v)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        try:
+            return v if v is None else (parse_bytes(v, "--memory") and v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _context(cls, v: Any) -> int:
+        from minipuzzle.units import parse_context
+
+        try:
+            return parse_context(v) if isinstance(v, str) else v
+        except UserError as e:
+            raise ValueError(str(e)) from None
+
+    def budget_for(self, source):
+        """The `search.budget.Budget` of these settings for `source` (a Layout); a `UserError` when no limit is
+        given or the source already meets them."""
+        from minipuzzle.search.budget import make_budget
+
+        if self.target is None and self.memory is None:
+            raise UserError("give a budget: --target (parameters) and/or --memory")
+        return make_budget(source, self.target, self.memory, self.precision, self.context, self.batch,
+                           self.kv_precision)  # fmt: skip
+
+
+class PruneSettings(BudgetSettings):
+    """Everything `prune` needs besides the model, the data and the output: the budget, the space searched, the
+    calibration and held-out windows, and the candidates' short distillation."""
+
+    axes: tuple[str, ...] = Field(
+        ("depth", "ffn"), description="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden."
+    )
+    steps: dict[str, int] = Field(
+        default_factory=dict, description="Width steps, e.g. ffn=1024,hidden=256 (default: scale with the model)."
+    )
     min_width: float = Field(0.5, gt=0, le=1, description="Smallest width searched, fraction of the source.")
     min_layers: float = Field(0.5, ge=0, le=1, description="Fewest layers of each kind kept, fraction.")
     candidates: int = Field(4, ge=1, description="Best candidates by predicted damage measured for real.")
@@ -177,12 +255,41 @@ class PruneSettings(Settings):
         True, description="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels."
     )
 
+    @field_validator("axes", mode="before")
+    @classmethod
+    def _axes(cls, v: Any) -> tuple[str, ...]:
+        from minipuzzle.search.space import parse_axes
+
+        try:
+            return parse_axes(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, v: Any) -> dict[str, int]:
+        return parse_steps(v) if isinstance(v, str) or v is None else v
+
     @field_validator("band")
     @classmethod
     def _band(cls, v: float) -> float:
         if not 0 <= v <= 1:
             raise ValueError(f"--band must be between 0 and 1 (a fraction of the budget, e.g. 0.05), got {v}")
         return v
+
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    """'ffn=1024,hidden=256' -> {'ffn': 1024, 'hidden': 256}; empty for None or ''."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, _, val = part.partition("=")
+        try:
+            out[key.strip()] = int(val)
+        except ValueError:
+            raise ValueError(f"cannot read --steps {part!r}: use AXIS=N, e.g. ffn=1024") from None
+    return out
 
 
 class DistillSettings(Settings):

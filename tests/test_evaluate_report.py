@@ -17,7 +17,6 @@ from minipuzzle.distill import distill
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import build_run_report, evaluate
 from minipuzzle.importance.folder import score_to_folder
-from minipuzzle.search.budget import Budget
 from minipuzzle.search.pipeline import PruneSettings, prune
 from minipuzzle.settings import DistillSettings, EvalSettings, ScoreSettings
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
@@ -90,7 +89,7 @@ def run_dir(tmp_path_factory, tokenizer, text_file):
     tpath = save_model(random_model(source, seed=5), run / "source", tokenizer=tokenizer)
     score_to_folder(tpath, str(text_file), run / "score", ScoreSettings(depth_samples=2, seq_len=24), axes=["depth"],
                     progress=False)  # fmt: skip
-    settings = PruneSettings(budget=Budget(params=int(source.num_params() * 0.8)), axes=("depth",), candidates=3,
+    settings = PruneSettings(target=str(int(source.num_params() * 0.8)), axes=("depth",), candidates=3,
                              seq_len=24, held_out_samples=2)  # fmt: skip
     prune(str(tpath), run / "prune", settings, str(text_file), scores_dir=str(run / "score"), progress=False)
     distill(DistillSettings(teacher=str(tpath), student=str(run / "prune"), data=str(text_file),

@@ -220,7 +220,7 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
     record(monkeypatch, seen, importance, "score_checkpoint", "calib", lambda a: torch.cat(a[1:3]))
     record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
     record(monkeypatch, seen, distill_pkg, "distill", "cfg", lambda a: a[0])
-    settings = pipeline.PruneSettings(budget=pipeline.Budget(params=int(tiny_layout().num_params() * 0.8)),
+    settings = pipeline.PruneSettings(target=str(int(tiny_layout().num_params() * 0.8)),
                                       candidates=1, seq_len=32, depth_samples=4, width_samples=40,
                                       held_out_samples=6, candidate_distill_steps=1,
                                       candidate_distill_batch=2)  # fmt: skip

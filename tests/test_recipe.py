@@ -29,7 +29,7 @@ def test_shipped_recipe_dry_run_offline(name):
 
 def test_56b_recipe_is_minipuzzle_as_published():
     r = load_recipe("nemotron-h-56b-to-47b")
-    assert r.search.axes == ["depth", "ffn"] and r.search.steps == {"ffn": 1024}
+    assert r.search.axes == ("depth", "ffn") and r.search.steps == {"ffn": 1024}
     assert r.search.min_width * 32768 == 24576
     assert (r.importance.depth_samples, r.importance.width_samples) == (128, 1024)
     assert (r.search.memory, r.search.precision, r.search.context) == ("31.7GiB", "fp4", 1048576)
@@ -41,16 +41,12 @@ def test_56b_recipe_is_minipuzzle_as_published():
 
 
 def test_recipe_norm_compensation_reaches_the_prune_settings():
-    from minipuzzle.arch import Layout
     from minipuzzle.recipe import prune_settings
 
-    source = Layout.from_config(
-        json.loads((RECIPES_DIR.parent / "minipuzzle/assets/demo-teacher/config.json").read_text())
-    )
     doc = _demo_doc()
-    assert prune_settings(parse_recipe(doc), source).norm_compensation is True
+    assert prune_settings(parse_recipe(doc)).norm_compensation is True
     doc["search"]["norm_compensation"] = False
-    assert prune_settings(parse_recipe(doc), source).norm_compensation is False
+    assert prune_settings(parse_recipe(doc)).norm_compensation is False
     doc["search"]["norm_compensation"] = "maybe"
     with pytest.raises(UserError, match=r"search\.norm_compensation"):
         parse_recipe(doc)
@@ -110,7 +106,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
             "target": "0.85",
             "axes": ["depth", "ffn"],
             "candidates": 2,
-            "rank_samples": 4,
+            "held_out_samples": 4,
             "candidate_distill_tokens": 256,
         },
         "distill": {
@@ -172,7 +168,7 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
     monkeypatch.setattr(pipeline, "prune", lambda *a, **kw: calls.append((a, kw)))
     doc = {"name": "t", "model": {"source": str(tiny_checkpoint)},
            "data": {"source": str(texts), "held_out_files": [held_file]},
-           "importance": {"seq_len": 64}, "search": {"target": "0.85", "rank_samples": 10},
+           "importance": {"seq_len": 64}, "search": {"target": "0.85", "held_out_samples": 10},
            "distill": {"max_steps": 3, "seq_len": 32, "eval_every": 0}}  # fmt: skip
     for data, separate in (({"source": str(texts), "held_out_files": [held_file]}, True),
                            ({"source": str(texts / held_file)}, False)):  # fmt: skip

@@ -8,11 +8,14 @@ from typing import Annotated
 import typer
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.settings import EvalSettings
+from minipuzzle.settings import DataOptions, DeviceOptions, EvalSettings
 
 
 # --tasks takes the shots inline (mmlu:5), so the list and the few-shot table are not options; --limit is read as
 # a float so that a fraction parses.
+@settings_command(DataOptions, into="text", helps={"data": "Held-out text: .txt/.jsonl/.parquet file, folder or "
+                                                         "datasets name."})  # fmt: skip
+@settings_command(DeviceOptions, into="compute")
 @settings_command(EvalSettings, exclude=("tasks", "num_fewshot"), defaults={"seq_len": 512},
                   aliases={"samples": ["--num-samples"]}, types_={"limit": float | None})  # fmt: skip
 def _eval_command(
@@ -21,16 +24,11 @@ def _eval_command(
         Path, typer.Option("--output", "-o", help="Report folder to write (report.json, report.md, PNGs).")
     ],
     teacher: Annotated[str | None, typer.Option(help="Teacher checkpoint: KL, agreement, side-by-side tables.")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="Held-out text: .txt/.jsonl/.parquet file, folder or datasets name.")
-    ] = None,
+    text: dict | None = None,
     tasks: Annotated[
         str | None, typer.Option(help="lm-eval tasks, comma-separated: names (mmlu:5), task .yaml files or folders.")
     ] = None,
-    split: Annotated[str, typer.Option(help="Dataset split when --data is a datasets name.")] = "train",
-    text_column: Annotated[str, typer.Option(help="Text column of a table dataset.")] = "text",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
+    compute: dict | None = None,
     precision: Annotated[
         str, typer.Option(help="Precision for the architecture memory figures: bf16, fp8, fp4.")
     ] = "bf16",
@@ -50,9 +48,14 @@ def _eval_command(
     from minipuzzle.evaluate.runner import evaluate
     from minipuzzle.units import parse_context
 
-    st = EvalSettings(tasks=[tasks] if tasks else [], **settings)
-    rep = evaluate(model, output, st, teacher_path=teacher, data=data, split=split, column=text_column, device=device,
-                   dtype=dtype, precision=precision, context=parse_context(context), overwrite=overwrite,
+    st, src, dev = (
+        EvalSettings(tasks=[tasks] if tasks else [], **settings),
+        DataOptions(**text),
+        DeviceOptions(**compute),
+    )
+    rep = evaluate(model, output, st, teacher_path=teacher, data=src.data, split=src.split, column=src.text_column,
+                   device=dev.device,
+                   dtype=dev.dtype, precision=precision, context=parse_context(context), overwrite=overwrite,
                    progress=True)  # fmt: skip
     con = Console()
     con.print(render_markdown(rep), markup=False, highlight=False)

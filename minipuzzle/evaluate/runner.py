@@ -16,20 +16,11 @@ from typing import Any
 import torch
 
 from minipuzzle.artifacts import DistillSummary, EvalReport, EvalSettingsUsed, Quality, SpeedResult, read_metrics
-from minipuzzle.checkpoint import parse_dtype
+from minipuzzle.checkpoint import resolve_device
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.harness import parse_tasks, run_tasks
 from minipuzzle.progress import track
 from minipuzzle.settings import EvalSettings
-
-
-def _device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device on this machine")
-    return dev
 
 
 def _checkpoint_dir(model: str | Path) -> Path:
@@ -130,8 +121,7 @@ def evaluate(
     check_output_dir(out, overwrite)
     if data is None and not specs and not st.speed:
         raise UserError("nothing to evaluate: pass --data, --tasks, or leave the speed measurement on")
-    dev = _device(device)
-    dt = parse_dtype(dtype, dev)
+    dev, dt = resolve_device(device, dtype)
     mpath, tpath = _checkpoint_dir(model_path), _checkpoint_dir(teacher_path) if teacher_path is not None else None
     tok = _tokenizer(mpath, *([tpath] if tpath else []))
     windows = None if data is None else token_windows(data, tok, st.seq_len, st.samples, st.seed, split=split,

@@ -9,7 +9,7 @@ import typer
 
 from minipuzzle.cli_options import settings_command
 from minipuzzle.importance.width import describe_aggs
-from minipuzzle.settings import ScoreSettings
+from minipuzzle.settings import DataOptions, DeviceOptions, ScoreSettings
 
 
 def register(app: typer.Typer) -> None:
@@ -17,25 +17,25 @@ def register(app: typer.Typer) -> None:
 
 
 # --width-agg lists the statistics, which live with the width scores.
+@settings_command(
+    DataOptions,
+    into="text",
+    required=("data",),
+    helps={"data": "Calibration text: .txt/.jsonl/.parquet, a folder, or a hub dataset."},
+)
+@settings_command(DeviceOptions, into="compute")
 @settings_command(ScoreSettings, helps={
     "width_agg": f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}",
 })  # fmt: skip
 def score(
     model: Annotated[str, typer.Argument(help="Checkpoint folder, preset or cached hub id.")],
-    data: Annotated[
-        str, typer.Option("--data", help="Calibration text: .txt/.jsonl/.parquet, a folder, or a hub dataset.")
-    ],
+    text: dict,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores.safetensors, scores.json, plots.")],
     samples: Annotated[int | None, typer.Option(help="Rows for both passes (overrides the two below).")] = None,
     axes: Annotated[
         str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")
     ] = "depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden",
-    split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "train",
-    text_column: Annotated[str, typer.Option(help="Text column of a table or hub dataset.")] = "text",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda[:N] (default: cuda when available).")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on GPU).")
-    ] = None,
+    compute: dict | None = None,
     model_path: Annotated[str | None, typer.Option(help="Local folder holding MODEL's weights.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write depth.png and width.png.")] = True,
@@ -46,16 +46,16 @@ def score(
 
     Example: minipuzzle score nvidia/Nemotron-H-8B-Base-8K --data calib.jsonl -o scores/8b --seq-len 4096
     """
-    from minipuzzle.checkpoint import resolve_checkpoint
-    from minipuzzle.importance.folder import resolve_device, score_to_folder
+    from minipuzzle.checkpoint import resolve_checkpoint, resolve_device
+    from minipuzzle.importance.folder import score_to_folder
 
     if samples is not None:
         settings |= {"depth_samples": samples, "width_samples": samples}
-    st = ScoreSettings(**settings)
-    resolve_device(device, dtype)  # a bad device or dtype is reported before the checkpoint is looked at
+    st, src, dev = ScoreSettings(**settings), DataOptions(**text), DeviceOptions(**compute)
+    resolve_device(dev.device, dev.dtype)  # a bad device is reported before the checkpoint is looked at
     path = resolve_checkpoint(model, model_path)
-    scores = score_to_folder(path, data, output, st, axes=axes.split(","), split=split, text_column=text_column,
-                             device=device, dtype=dtype, overwrite=overwrite, plots=plots, progress=True)  # fmt: skip
+    scores = score_to_folder(path, src.data, output, st, axes=axes.split(","), split=src.split, text_column=src.text_column,
+                             device=dev.device, dtype=dev.dtype, overwrite=overwrite, plots=plots, progress=True)  # fmt: skip
     _print_summary(scores, output)
 
 
@@ -67,7 +67,7 @@ def _print_summary(scores, output: Path) -> None:
 
     con = Console()
     if scores.depth is not None:
-        t = Table(title=f"least important layers by kind ({scores.meta['settings']['depth_metric']})")
+        t = Table(title=f"least important layers by kind ({scores.meta.settings.depth_metric})")
         t.add_column("kind")
         t.add_column("layers, least important first")
         for ch, name in KIND_NAMES.items():

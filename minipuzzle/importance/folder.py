@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.errors import UserError
+from minipuzzle.checkpoint import resolve_device
 from minipuzzle.importance.scores import Scores
 from minipuzzle.settings import ScoreSettings
 
@@ -17,20 +17,6 @@ from minipuzzle.settings import ScoreSettings
 def resume_dir_for(out: Path) -> Path:
     """Where an unfinished run keeps its partial sums: next to the output, hidden, removed on success."""
     return out.parent / f".{out.name}.resume"
-
-
-def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """Device (default: cuda when available) and dtype (default: float32 on CPU, bfloat16 on GPU)."""
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev_t = torch.device(dev)
-    except RuntimeError:
-        raise UserError(f"unknown device {dev!r} (use cpu or cuda[:N])") from None
-    if dev_t.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {dev} requested but CUDA is not available")
-    from minipuzzle.checkpoint import parse_dtype
-
-    return dev_t, parse_dtype(dtype, dev_t)
 
 
 def score_to_folder(
@@ -42,8 +28,8 @@ def score_to_folder(
     axes: Collection[str],
     split: str = "train",
     text_column: str = "text",
-    device: str | None = None,
-    dtype: str | None = None,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
     overwrite: bool = False,
     plots: bool = True,
     progress: bool = True,
@@ -76,7 +62,7 @@ def score_to_folder(
         settings.stream, dev, dt, resume, progress=progress, width_agg=settings.width_agg,
         batch_size=settings.batch_size,
     )  # fmt: skip
-    scores.meta["data"] = {
+    scores.meta.data = {
         "source": str(data),
         "split": split,
         "text_column": text_column,

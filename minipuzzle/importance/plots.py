@@ -33,7 +33,7 @@ def plot_scores(scores: Scores, folder: str | Path) -> list[Path]:
         if bool((d > 0).all()) and float(d.max() / d.min()) > 100:
             ax.set_yscale("log")
         ax.set_xlabel("layer")
-        ax.set_ylabel(str(scores.meta.get("settings", {}).get("depth_metric") or "depth score"))
+        ax.set_ylabel(str(scores.meta.settings.depth_metric if scores.meta.settings else "depth score"))
         ax.set_title("layer importance (drop one layer)")
         ax.legend(handles=handles)
         fig.tight_layout()

@@ -25,9 +25,9 @@ class Scores:
     depth: [num_layers] damage from dropping each layer alone (higher = more important).
     ffn[i]: [intermediate_size] for each MLP layer i. mamba_heads[i]: [mamba_num_heads] for each Mamba layer i.
     mamba_head_dim[i]: [mamba_head_dim]. attn_heads[i]: [num_attention_heads] for each attention layer i.
-    hidden: [hidden_size]. An axis that was not scored is empty / None. `meta` holds the fields of
-    `artifacts.ScoresMeta` but `pattern` and `summary` (both derived here); meta["groups"][axis]: the group count
-    of each grouped axis (`Axis.unit`), for the within-group order in the summary.
+    hidden: [hidden_size]. An axis that was not scored is empty / None. `meta` is how they were measured
+    (`artifacts.ScoresMeta`; its `pattern` and `summary` are filled by `info()` from the tensors); meta.groups[axis]:
+    the group count of each grouped axis (`Axis.unit`), for the within-group order in the summary.
     """
 
     pattern: str
@@ -37,7 +37,7 @@ class Scores:
     mamba_head_dim: dict[int, torch.Tensor] = field(default_factory=dict)
     attn_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: ScoresMeta = field(default_factory=ScoresMeta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -52,12 +52,12 @@ class Scores:
 
     def info(self) -> ScoresMeta:
         """scores.json of these scores: `meta` with the pattern and the summary of the tensors."""
-        return ScoresMeta(**{**self.meta, "pattern": self.pattern, "summary": self.summary()})
+        return self.meta.model_copy(update={"pattern": self.pattern, "summary": self.summary()})
 
     def save(self, folder: str | Path) -> None:
         """Write scores.safetensors and scores.json into `folder` (which must exist)."""
         folder = Path(folder)
-        info = self.info()  # a meta key ScoresMeta does not know fails here, before anything is written
+        info = self.info()
         save_file(self.tensors(), str(folder / "scores.safetensors"), metadata={"pattern": self.pattern})
         info.write(folder / "scores.json")
 
@@ -77,8 +77,8 @@ class Scores:
             raise UserError(f"cannot read scores {f}: {e}") from None
         meta_file = f.parent / "scores.json"
         info = ScoresMeta.read(meta_file) if meta_file.is_file() else ScoresMeta()
-        # The fields the file holds (not the defaults it left out); the summary is derived from the tensors.
-        s = cls(pattern=pattern or info.pattern, meta=info.model_dump(exclude_unset=True, exclude={"summary"}))
+        # The summary is derived from the tensors, so it is not carried.
+        s = cls(pattern=pattern or info.pattern, meta=info.model_copy(update={"summary": {}}))
         for k, t in tensors.items():
             axis, _, i = k.rpartition(".")
             if k in ("depth", "hidden"):
@@ -116,7 +116,7 @@ class Scores:
                 "ranking": {name: self.layer_ranking(ch) for ch, name in KIND_NAMES.items() if ch in self.pattern},
                 "least_important": self.layer_ranking()[::-1][:10],
             }
-        groups = self.meta.get("groups", {})
+        groups = self.meta.groups
         for axis in LAYER_AXES:
             per = getattr(self, axis)
             if not per:

@@ -13,6 +13,7 @@ import torch
 
 from minipuzzle.anatomy import AXES, LAYER_AXES, SEARCH_AXES, WIDTH_AXES
 from minipuzzle.arch import Layout
+from minipuzzle.artifacts import ScoresMeta, ScoringInfo
 from minipuzzle.errors import UserError
 from minipuzzle.importance.depth import check_metric, depth_scores, windows_digest
 from minipuzzle.importance.layerwise import LayerStack, open_stack
@@ -81,29 +82,28 @@ def score_stack(
             resume_dir=resume_dir, progress=progress,
         )  # fmt: skip
         timing["depth_seconds"] = round(time.perf_counter() - t0, 3)
-    scores.meta = {
-        "settings": _settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed),
-        "groups": {name: axis.unit(layout) for name, axis in AXES.items() if axis.group_field},
-        "timing": timing,
-        "higher_is_more_important": True,
-    }
+    scores.meta = ScoresMeta(
+        settings=_settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed),
+        groups={name: axis.unit(layout) for name, axis in AXES.items() if axis.group_field},
+        timing=timing,
+    )
     return scores
 
 
-def _settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed) -> dict[str, Any]:
+def _settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed) -> ScoringInfo:
     """scores.json's record of how the scores were made; windows [N, T] as `score_stack` got them."""
     depth, width = "depth" in axes, any(a != "depth" for a in axes)
-    return {
-        "axes": list(axes),
-        "depth_metric": depth_metric if depth else None,
-        "width_aggregation": width_agg if width else None,
-        "depth_samples": int(windows_depth.shape[0]) if depth else 0,
-        "width_samples": int(windows_width.shape[0]) if width else 0,
-        "seq_len": int((windows_depth if depth else windows_width).shape[1]),
-        "streamed": streamed,
-        "device": str(stack.device),
-        "dtype": str(stack.dtype).removeprefix("torch."),
-    }
+    return ScoringInfo(
+        axes=list(axes),
+        depth_metric=depth_metric if depth else None,
+        width_aggregation=width_agg if width else None,
+        depth_samples=int(windows_depth.shape[0]) if depth else 0,
+        width_samples=int(windows_width.shape[0]) if width else 0,
+        seq_len=int((windows_depth if depth else windows_width).shape[1]),
+        streamed=streamed,
+        device=str(stack.device),
+        dtype=str(stack.dtype).removeprefix("torch."),
+    )
 
 
 def _width_pass(stack, windows, axes, agg, batch_size, budget_bytes, resume_dir, progress) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def score_checkpoint(
         stack, windows_depth, windows_width, axes, depth_metric, streamed=streamed, resume_dir=resume_dir,
         progress=progress, **kwargs,
     )  # fmt: skip
-    scores.meta["checkpoint"] = str(path)
+    scores.meta.checkpoint = str(path)
     return scores
 
 

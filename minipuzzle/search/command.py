@@ -6,42 +6,10 @@ import json
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel, Field
 
 from minipuzzle.cli_options import settings_command
 from minipuzzle.errors import UserError
-from minipuzzle.settings import PruneSettings
-
-_TARGET = "Parameter budget: a preset (47b), a count (6.5e9, 740972) or a fraction of the source (0.8, 80%)."
-_MEMORY = "Inference-memory budget (31.7GiB), at --precision, --context and --batch."
-
-
-class BudgetOptions(BaseModel):
-    """The budget and the search space as typed to `search` and `prune` (one option per field); `_settings`
-    reads them into PruneSettings."""
-
-    target: str | None = Field(None, description=_TARGET)
-    memory: str | None = Field(None, description=_MEMORY)
-    precision: str = Field("bf16", description="Weight precision for --memory: bf16, fp8, fp4 (NVFP4).")
-    context: str = Field("8192", description="Context length for --memory (8192, 128k, 1M).")
-    batch: int = Field(1, description="Sequences held at once for --memory.")
-    kv_precision: str | None = Field(None, description="KV-cache precision (default: weights').")
-    axes: str = Field("depth,ffn", description="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")
-    step: str | None = Field(None, description="Width steps, e.g. ffn=1024,hidden=256 (default: scale with model).")
-
-
-def _steps(text: str | None) -> dict[str, int]:
-    """'ffn=1024,hidden=256' -> {'ffn': 1024, 'hidden': 256}."""
-    out = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, _, val = part.partition("=")
-        try:
-            out[key.strip()] = int(val)
-        except ValueError:
-            raise UserError(f"cannot read --step {part!r}: use AXIS=N, e.g. ffn=1024") from None
-    return out
+from minipuzzle.settings import BudgetSettings, DataOptions, PruneSettings
 
 
 def _samples(settings: dict, samples: int | None) -> dict:
@@ -55,31 +23,24 @@ def _samples(settings: dict, samples: int | None) -> dict:
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def _settings(options: dict, source, settings: dict) -> PruneSettings:
-    """PruneSettings from the BudgetOptions values as typed and the generated PruneSettings options."""
-    from minipuzzle.search.budget import make_budget
-    from minipuzzle.search.space import parse_axes
-    from minipuzzle.units import parse_context
-
-    b = BudgetOptions(**options)
-    budget = make_budget(source, b.target, b.memory, b.precision, parse_context(b.context), b.batch, b.kv_precision)
-    return PruneSettings(budget=budget, axes=parse_axes(b.axes), steps=_steps(b.step), **settings)
-
-
-# PruneSettings fields `search` takes; the rest (scoring, ranking, distillation) belong to `prune` only.
-SEARCH_FIELDS = ("min_width", "min_layers", "candidates", "band", "method")
-# Typed apart, as BudgetOptions: the budget, the axes and the steps.
-TYPED = ("budget", "axes", "steps")
+# PruneSettings fields `search` takes besides the budget; the rest (scoring, ranking, distillation) are `prune`'s.
+SEARCH_FIELDS = (*BudgetSettings.model_fields, "axes", "steps", "min_width", "min_layers", "candidates", "band",
+                 "method")  # fmt: skip
+# Typed as text on the command line ('depth,ffn', 'ffn=1024', '1M'); PruneSettings reads the text.
+AS_TEXT = dict(
+    types_={"axes": str, "steps": str | None, "context": str},
+    defaults={"axes": "depth,ffn", "steps": None, "context": "8192"},
+    aliases={"steps": ["--step"]},
+)
 
 
-@settings_command(BudgetOptions, into="budget")
-@settings_command(PruneSettings, exclude=TYPED + tuple(f for f in PruneSettings.model_fields if f not in SEARCH_FIELDS),
-                  defaults={"candidates": 8}, helps={"candidates": "How many best layouts to list."})  # fmt: skip
+@settings_command(PruneSettings, exclude=[f for f in PruneSettings.model_fields if f not in SEARCH_FIELDS],
+                  **AS_TEXT | {"defaults": AS_TEXT["defaults"] | {"candidates": 8}},
+                  helps={"candidates": "How many best layouts to list."})  # fmt: skip
 def search_cmd(
     model: Annotated[str, typer.Argument(help="Preset, checkpoint folder or hub id (only its config is read).")],
     scores: Annotated[str, typer.Option("--scores", help="Folder written by `minipuzzle score`.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Layout file to write (YAML).")],
-    budget: dict | None = None,
     settings: dict | None = None,
 ) -> None:
     """Find the layout with the least predicted damage under a budget and write it as a layout file.
@@ -92,25 +53,25 @@ def search_cmd(
     from minipuzzle.search.plan import candidate_plan, layout_document, write_layout_yaml
 
     _, layout = describe_model(model)
-    st = _settings(budget, layout, settings)
+    st = PruneSettings(**settings)
+    budget = st.budget_for(layout)  # a bad budget is reported before the scores are read
     sc = Scores.load(scores)
     space, dmodel, cands = run_search(layout, sc, st)
     plan = candidate_plan(cands[0], dmodel, sc)
-    doc = layout_document(plan, layout, st.budget, cands[0], {"candidates": [c.to_dict() for c in cands]})
+    doc = layout_document(plan, layout, budget, cands[0], {"candidates": [c.to_dict() for c in cands]})
     write_layout_yaml(doc, output)
     res = doc["result"]
     print(f"{res['params']:,} parameters, {res['layers']}, widths {res['widths']} -> {output}")
 
 
-@settings_command(BudgetOptions, into="budget")
-@settings_command(PruneSettings, exclude=TYPED, aliases={"held_out_samples": ["--held-out"]},
-                  types_={"depth_samples": int | None, "width_samples": int | None},
-                  defaults={"depth_samples": None, "width_samples": None})  # fmt: skip
+@settings_command(DataOptions, into="text", helps={"data": "Calibration text: file, folder or dataset."})
+@settings_command(PruneSettings, aliases=AS_TEXT["aliases"] | {"held_out_samples": ["--held-out"]},
+                  types_=AS_TEXT["types_"] | {"depth_samples": int | None, "width_samples": int | None},
+                  defaults=AS_TEXT["defaults"] | {"depth_samples": None, "width_samples": None})  # fmt: skip
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="Preset (56b), checkpoint folder or hub id.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="Output checkpoint folder.")] = None,
-    budget: dict | None = None,
-    data: Annotated[str | None, typer.Option(help="Calibration text: file, folder or dataset.")] = None,
+    text: dict | None = None,
     held_out_data: Annotated[
         str | None,
         typer.Option(help="Text to rank candidates on (default: the first windows of --data, never scored on)."),
@@ -131,13 +92,24 @@ def prune_cmd(
     """
     from minipuzzle.search import pipeline
 
+    st = PruneSettings(**_samples(settings, samples))
     layout = _source_layout(model, model_path, output, dry_run, overwrite)
-    st = _settings(budget, layout, _samples(settings, samples))
     if dry_run:
-        _print_dry_run(model, pipeline.dry_run(layout, st), st, as_json)
+        _print_dry_run(model, pipeline.dry_run(layout, st), st.budget_for(layout), st, as_json)
         return
-    rep = pipeline.prune(model, output, st, data, held_out_data=held_out_data, model_path=model_path,
-                         scores_dir=scores, overwrite=overwrite)  # fmt: skip
+    src = DataOptions(**text)
+    rep = pipeline.prune(
+        model,
+        output,
+        st,
+        src.data,
+        held_out_data=held_out_data,
+        split=src.split,
+        column=src.text_column,
+        model_path=model_path,
+        scores_dir=scores,
+        overwrite=overwrite,
+    )
     res = rep["chosen"]["result"]
     if as_json:
         print(json.dumps(res, indent=2))
@@ -160,12 +132,12 @@ def _source_layout(model: str, model_path: str | None, output: str | None, dry_r
     return Checkpoint(resolve_checkpoint(model, model_path)).layout
 
 
-def _print_dry_run(model: str, plan: dict, st, as_json: bool) -> None:
+def _print_dry_run(model: str, plan: dict, budget, st, as_json: bool) -> None:
     if as_json:
         print(json.dumps(plan, indent=2))
         return
     sp, c = plan["space"], plan["cost"]
-    print(f"{model}: {plan['source']['params']:,} parameters; budget {st.budget.describe()}")
+    print(f"{model}: {plan['source']['params']:,} parameters; budget {budget.describe()}")
     print(f"search space: axes {','.join(sp['axes'])}, {sp['size']:,} layouts; widths {sp['widths']}")
     print(f"layouts within the budget: {plan['feasible_layouts']:,}")
     print(

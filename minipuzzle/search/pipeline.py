@@ -11,7 +11,7 @@ import torch
 
 from minipuzzle.anatomy import AXES
 from minipuzzle.arch import Layout
-from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport, ScoresMeta
+from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import DamageModel
@@ -60,7 +60,7 @@ def dry_run(layout: Layout, settings: PruneSettings) -> dict:
     """The plan for `prune` without weights: search space, feasible layouts, smallest layout, scoring cost."""
     space = SearchSpace.build(layout, settings.axes, settings.steps, settings.min_width, settings.min_layers)
     small = smallest_layout(space)
-    b = settings.budget
+    b = settings.budget_for(layout)
     return {
         "source": {"params": layout.num_params(), "pattern": layout.pattern, **_mem(b, layout)},
         "budget": b.to_dict(),
@@ -81,7 +81,7 @@ def run_search(layout: Layout, scores, settings: PruneSettings, k: int | None = 
     """(space, damage model, candidates best first) for `layout` under the settings' budget."""
     space = SearchSpace.build(layout, settings.axes, settings.steps, settings.min_width, settings.min_layers)
     model = DamageModel(scores, space)
-    cands = search(space, settings.budget, model, k or settings.candidates, settings.method, band=settings.band)
+    cands = search(space, settings.budget_for(layout), model, k or settings.candidates, settings.method, band=settings.band)
     return space, model, cands
 
 
@@ -145,8 +145,9 @@ def prune(
 def check_budget(source: Layout, settings: PruneSettings) -> None:
     """Raise the user error of a budget that even the smallest layout of the search space misses."""
     space = SearchSpace.build(source, settings.axes, settings.steps, settings.min_width, settings.min_layers)
-    if not settings.budget.fits(smallest_layout(space)):
-        no_layout_fits(space, settings.budget)
+    budget = settings.budget_for(source)
+    if not budget.fits(smallest_layout(space)):
+        no_layout_fits(space, budget)
 
 
 def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scores_dir, progress: bool):
@@ -180,17 +181,18 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
     from minipuzzle.search.plan import layout_document
 
     best, src = rows[0].predicted_rank - 1, ckpt.layout
+    budget = settings.budget_for(src)
     held = windows["held_out"]
     held_source = (str(held_out_data) if held_out_data is not None
                    else f"the first {held} windows of {data} (not scored on; candidate distillation skips them)")  # fmt: skip
     return PruneReport(
-        model=str(model), checkpoint=str(ckpt.path), budget=settings.budget.to_dict(), space=space.describe(),
-        chosen=LayoutDoc(**layout_document(plans[best], src, settings.budget, cands[best])),
+        model=str(model), checkpoint=str(ckpt.path), budget=budget.to_dict(), space=space.describe(),
+        chosen=LayoutDoc(**layout_document(plans[best], src, budget, cands[best])),
         source_widths={name: axis.width(src) for name, axis in AXES.items()},
-        source_memory=settings.budget.memory_of(src), candidates=rows,
+        source_memory=budget.memory_of(src), candidates=rows,
         data=PruneData(source=str(data), seq_len=settings.seq_len, calibration_windows=windows["calibration"],
                        held_out_windows=held, held_out_source=held_source),
-        streamed=settings.stream, scores=ScoresMeta(**scores.meta),
+        streamed=settings.stream, scores=scores.meta,
     )  # fmt: skip
 
 
