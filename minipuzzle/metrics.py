@@ -9,9 +9,14 @@ every function returns sums over tokens, so chunk results add up.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+# Positions whose full-vocabulary logits exist at once when statistics are made from hidden states: 4096 x
+# 131072 float32 is 2 GiB per model, where a batch of 8 x 8192 tokens at once would be 34 GiB.
+LOGIT_CHUNK = 4096
 
 
 def kl_from_log_probs(p_logp: torch.Tensor, q_logp: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,10 +92,33 @@ class TokenStats:
 
     def add(self, logits: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
         t_logits = None if teacher_logits is None else teacher_logits[:, :-1].float()
-        sums = next_token_sums(logits[:, :-1].float(), ids[:, 1:], t_logits).tolist()
+        self._add_sums(next_token_sums(logits[:, :-1].float(), ids[:, 1:], t_logits), teacher_logits is not None)
+
+    def add_states(
+        self,
+        states: torch.Tensor,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        ids: torch.Tensor,
+        teacher_states: torch.Tensor | None = None,
+        teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        chunk: int = LOGIT_CHUNK,
+    ) -> None:
+        """Like `add`, from final (normed) hidden states [B, T, h] and the LM head that turns [n, h] into logits
+        [n, V]: logits are made `chunk` positions at a time, so a batch never holds [B, T, V]."""
+        h = states[:, :-1].reshape(-1, states.shape[-1])
+        th = None if teacher_states is None else teacher_states[:, :-1].reshape(-1, teacher_states.shape[-1])
+        targets = ids[:, 1:].reshape(-1).to(h.device)
+        for s in range(0, len(h), chunk):
+            t_logits = None if th is None else teacher_head(th[s : s + chunk]).float()
+            logits = head(h[s : s + chunk]).float()
+            self._add_sums(next_token_sums(logits, targets[s : s + chunk], t_logits.to(logits.device)
+                                           if t_logits is not None else None), th is not None)  # fmt: skip
+
+    def _add_sums(self, sums_t: torch.Tensor, with_teacher: bool) -> None:
+        sums = sums_t.tolist()
         self.loss += sums[0]
         self.accuracy += sums[2]
-        if teacher_logits is not None:
+        if with_teacher:
             self.with_teacher = True
             self.kl += sums[1]
             self.agreement += sums[3]
@@ -119,12 +147,18 @@ def token_stats(
 
     Returns loss (mean NLL, nats), perplexity (exp of loss), accuracy (argmax == next token) and, with a teacher,
     kl_to_teacher (mean over tokens of KL(teacher || model), nats) and agreement (argmax equal to the teacher's).
-    Logits are compared in float32 one batch at a time.
+    Logits are compared in float32, `LOGIT_CHUNK` positions at a time.
     """
     device = device or next(model.parameters()).device
     stats = TokenStats()
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size].to(device)
-        t_logits = teacher(ids, use_cache=False).logits if teacher is not None else None
-        stats.add(model(ids, use_cache=False).logits, ids, t_logits)
+        t_states = final_states(teacher, ids) if teacher is not None else None
+        stats.add_states(final_states(model, ids), model.lm_head, ids, t_states, getattr(teacher, "lm_head", None))
     return stats.result()
+
+
+def final_states(model, ids: torch.Tensor) -> torch.Tensor:
+    """The final normed hidden states [B, T, h] of a causal LM (what its `lm_head` turns into logits), without
+    the logits."""
+    return model.model(ids, use_cache=False).last_hidden_state

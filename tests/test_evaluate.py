@@ -74,6 +74,30 @@ def test_perplexity_is_exp_of_mean_token_loss(models, tokenizer, text_file):
     assert stats["perplexity"] == pytest.approx(token_stats(model, windows, batch_size=8)["perplexity"], rel=1e-6)
 
 
+def test_statistics_from_states_in_chunks_equal_full_logits_and_never_build_them(models, tokenizer, text_file):
+    from minipuzzle.metrics import TokenStats, final_states
+
+    teacher, student = load_model(models["teacher"]), load_model(models["student"])
+    ids = token_windows(text_file, tokenizer, 32, 3, seed=1)
+    full = TokenStats()
+    full.add(student(ids, use_cache=False).logits, ids, teacher(ids, use_cache=False).logits)
+    calls = []
+
+    def head(model):
+        def run(h):
+            calls.append(h.shape[0])
+            return model.lm_head(h)
+
+        return run
+
+    chunked = TokenStats()
+    chunked.add_states(final_states(student, ids), head(student), ids, final_states(teacher, ids), head(teacher),
+                       chunk=7)  # fmt: skip
+    assert chunked.result() == pytest.approx(full.result(), rel=1e-6)
+    assert full.result()["kl_to_teacher"] > 1e-4
+    assert max(calls) == 7 and sum(calls) == 2 * ids[:, 1:].numel()  # 93 positions, 7 at a time, both models
+
+
 def test_kl_to_itself_is_zero_and_to_a_pruned_model_is_not(models, tokenizer, text_file):
     teacher = load_model(models["teacher"])
     same = load_model(models["teacher"])  # a separate copy: equality must come from the weights, not identity

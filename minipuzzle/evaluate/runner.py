@@ -48,17 +48,18 @@ def _tokenizer(*paths: Path):
 def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int = 8, progress: bool = False) -> dict:
     """`metrics.token_stats` over windows [N, T] with a progress bar. With a teacher, its own loss, accuracy and
     perplexity come back under "teacher", from the same forward passes that give the KL (one teacher pass)."""
-    from minipuzzle.metrics import TokenStats
+    from minipuzzle.metrics import TokenStats, final_states
 
     stats, own = TokenStats(), TokenStats()
     device = next(model.parameters()).device
     label = "held-out text" + (" (with teacher)" if teacher is not None else "")
+    t_head = getattr(teacher, "lm_head", None)
     for start in track(range(0, len(windows), batch_size), label, progress):
         ids = windows[start : start + batch_size].to(device)
-        t_logits = teacher(ids, use_cache=False).logits if teacher is not None else None
-        stats.add(model(ids, use_cache=False).logits, ids, t_logits)
-        if t_logits is not None:
-            own.add(t_logits, ids)
+        t_states = final_states(teacher, ids) if teacher is not None else None
+        stats.add_states(final_states(model, ids), model.lm_head, ids, t_states, t_head)
+        if t_states is not None:
+            own.add_states(t_states, t_head, ids)
     out = stats.result()
     if teacher is not None:
         out["teacher"] = own.result()

@@ -22,10 +22,11 @@ def rank_key(stats: dict) -> tuple:
 def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int = 8, progress=None) -> list[dict]:
     """token_stats of each plan's pruned model against `model` on `windows` [N, T].
 
-    The parent runs once: its final hidden states [N, T, h] are kept (on the host) and turned into logits per batch
-    with its LM head, so k candidates cost k + 1 forward passes, not 2k.
+    The parent runs once: its final hidden states [N, T, h] are kept (on the host) and turned into logits with its
+    LM head `metrics.LOGIT_CHUNK` positions at a time, so k candidates cost k + 1 forward passes, not 2k, and no
+    batch holds full-vocabulary logits for all its tokens.
     """
-    from minipuzzle.metrics import TokenStats
+    from minipuzzle.metrics import TokenStats, final_states
     from minipuzzle.surgery import prune_model
 
     device = next(model.parameters()).device
@@ -36,7 +37,7 @@ def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int
         pruned = prune_model(model, plan)
         stats = TokenStats()
         for ids, h in zip(batches, parent_h):
-            stats.add(pruned(ids, use_cache=False).logits, ids, model.lm_head(h.to(device)))
+            stats.add_states(final_states(pruned, ids), pruned.lm_head, ids, h.to(device), model.lm_head)
         out.append(stats.result())
         del pruned
         if progress:
@@ -95,8 +96,8 @@ def measure_streamed(
             for rows, hn in iter_layerwise(stack, part, batch_size=batch_size):
                 for s in range(0, hn.shape[0], batch_size):
                     ids = part[rows][s : s + batch_size].to(device)
-                    t = parent.logits(teacher_h[rows.start + s : rows.start + s + len(ids)].to(device))
-                    st.add(stack.logits(hn[s : s + batch_size]), ids, t)
+                    t = teacher_h[rows.start + s : rows.start + s + len(ids)].to(device)
+                    st.add_states(hn[s : s + batch_size], stack.logits, ids, t, parent.logits)
             del stack
             if progress and g + group >= len(windows):
                 progress(1)
