@@ -1,5 +1,5 @@
 """Mixture-of-experts layouts (Nemotron 3): exact total and active counts against transformers, NVIDIA's published
-figures, config round trips in both styles, memory and FLOPs of the active experts."""
+figures, config round trips in both styles, memory and FLOPs of the active experts, and active-parameter budgets."""
 
 import json
 
@@ -10,6 +10,7 @@ from transformers import NemotronHConfig, NemotronHForCausalLM
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
+from minipuzzle.search.budget import Budget, make_budget, parse_target
 from minipuzzle.testing import random_model, run_cli, tiny_layout
 
 MiB = 2**20
@@ -211,3 +212,49 @@ def test_info_shows_total_and_active():
     code, out, _ = run_cli(["info", "8b", "--json"])
     rep = json.loads(out)
     assert "active_params" not in rep and "moe" not in rep["layers"] and "experts" not in rep["widths"]
+
+
+# ---- budgets on active parameters ---------------------------------------------------------------------------
+
+
+def test_active_budget_combines_with_total_and_memory():
+    src = get_preset("nano3").layout
+    budget = make_budget(src, target="24b", target_active="3b")
+    assert (budget.params, budget.active_params) == (24_000_000_000, 3_000_000_000)
+    assert budget.fits(NANO3_PRUNED_22B) and not budget.fits(src)
+    # Each limit binds on its own: the 22B layout is under 24B total but over a 2.9B active limit, and the
+    # source is under its own active count but over 24B total.
+    assert not make_budget(src, target="24b", target_active="2.9b").fits(NANO3_PRUNED_22B)
+    assert not Budget(params=24 * 10**9, active_params=4 * 10**9).fits(src)
+    assert Budget(active_params=4 * 10**9).fits(src)
+    mem = make_budget(src, target_active="3b", memory="40GiB")
+    assert mem.fits(NANO3_PRUNED_22B) == (NANO3_PRUNED_22B.memory("bf16")["total"] <= 40 * 2**30)
+    use = budget.usage(NANO3_PRUNED_22B)
+    assert use["active_params"] == NANO3_PRUNED_22B.num_active_params() and use["active_params_limit"] == 3 * 10**9
+    assert "active parameters" in budget.describe() and budget.to_dict()["active_params"] == 3 * 10**9
+
+
+def test_active_budget_parsing():
+    src = get_preset("nano3").layout
+    # A fraction is of the source's active count; a preset gives its active count.
+    assert parse_target("0.5", src, active=True) == src.num_active_params() // 2
+    assert parse_target("nano3", src, active=True) == src.num_active_params()
+    assert parse_target("3b", src, active=True) == 3 * 10**9
+    with pytest.raises(UserError, match="--target-active"):
+        make_budget(src, target_active="lots")
+    with pytest.raises(UserError, match="already meets"):
+        make_budget(src, target_active="4b")
+    with pytest.raises(UserError, match="positive"):
+        Budget(active_params=0)
+    # Dense models: every parameter is active, --target says it; budgets without the limit read as before.
+    with pytest.raises(UserError, match="dense"):
+        make_budget(get_preset("8b").layout, target_active="4b")
+    assert "active_params" not in make_budget(get_preset("8b").layout, target="4b").to_dict()
+
+
+def test_target_active_on_the_command_line():
+    code, _, err = run_cli(["prune", "8b", "--target-active", "3b", "--dry-run"])
+    assert code == 2 and "dense" in err and len(err.strip().splitlines()) == 1
+    # The budget parses on an MoE model; the search refuses it in one line until it has MoE axes.
+    code, _, err = run_cli(["prune", "nano3", "--target", "24b", "--target-active", "3b", "--dry-run"])
+    assert code == 2 and "mixture-of-experts" in err and len(err.strip().splitlines()) == 1

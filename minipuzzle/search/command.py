@@ -13,6 +13,10 @@ from minipuzzle.errors import UserError
 from minipuzzle.settings import PruneSettings
 
 _TARGET = "Parameter budget: a preset (47b), a count (6.5e9, 740972) or a fraction of the source (0.8, 80%)."
+_TARGET_ACTIVE = (
+    "Active-parameter budget of a mixture-of-experts model (what one token runs through), read as --target; "
+    "combines with --target and --memory."
+)
 _MEMORY = "Inference-memory budget (31.7GiB), at --precision, --context and --batch."
 
 
@@ -21,6 +25,7 @@ class BudgetOptions(BaseModel):
     reads them into PruneSettings."""
 
     target: str | None = Field(None, description=_TARGET)
+    target_active: str | None = Field(None, description=_TARGET_ACTIVE)
     memory: str | None = Field(None, description=_MEMORY)
     precision: str = Field("bf16", description="Weight precision for --memory: bf16, fp8, fp4 (NVFP4).")
     context: str = Field("8192", description="Context length for --memory (8192, 128k, 1M).")
@@ -62,7 +67,16 @@ def _settings(options: dict, source, settings: dict) -> PruneSettings:
     from minipuzzle.units import parse_context
 
     b = BudgetOptions(**options)
-    budget = make_budget(source, b.target, b.memory, b.precision, parse_context(b.context), b.batch, b.kv_precision)
+    budget = make_budget(
+        source,
+        b.target,
+        b.memory,
+        b.precision,
+        parse_context(b.context),
+        b.batch,
+        b.kv_precision,
+        target_active=b.target_active,
+    )
     return PruneSettings(budget=budget, axes=parse_axes(b.axes), steps=_steps(b.step), **settings)
 
 
