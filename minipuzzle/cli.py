@@ -105,7 +105,7 @@ def _root(
 ) -> None:
     """Prune, distil and evaluate Nemotron-H models.
 
-    Example: minipuzzle info 56b --precision fp4 --context 1M
+    Example: minipuzzle info 56b --precision fp4 --context 1M; minipuzzle info nano3-30b-a3b --json
     """
 
 
@@ -115,16 +115,21 @@ def gib(n: float) -> str:
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Preset (8b, 56b, 47b, 4b, nano-12b-v2, nano-9b-v2), folder or hub id.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Preset (8b, 56b, 47b, 4b, nano-12b-v2, nano-9b-v2, nano3-30b-a3b, super3-120b-a12b), folder or hub id."
+        ),
+    ],
     precision: Annotated[str, typer.Option(help="Weight precision: bf16, fp8 or fp4 (NVFP4, 4.5 bits).")] = "bf16",
     kv_precision: Annotated[str | None, typer.Option(help="KV-cache precision (default: the weights').")] = None,
     context: Annotated[str, typer.Option(help="Context length in tokens (8192, 128k, 1M).")] = "8192",
     batch: Annotated[int, typer.Option(help="Sequences held at once.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Architecture, exact parameter count, inference memory and FLOPs of a Nemotron-H model.
+    """Architecture, parameter count (and active count of MoE models), inference memory and FLOPs of a model.
 
-    Example: minipuzzle info 56b --precision fp4 --context 1M
+    Example: minipuzzle info 56b --precision fp4 --context 1M; minipuzzle info nano3-30b-a3b --json
     """
     from rich.console import Console
     from rich.table import Table
@@ -143,8 +148,11 @@ def info(
         return
     con = Console()
     con.print(f"[bold]{name}[/]  {rep['params'] / 1e9:.3f}B parameters ({rep['params']:,})")
+    if "active_params" in rep:
+        con.print(f"active per token: {rep['active_params'] / 1e9:.3f}B parameters ({rep['active_params']:,})")
     lc = rep["layers"]
-    con.print(f"layers: {rep['num_layers']} ({lc['mamba']} Mamba, {lc['mlp']} MLP, {lc['attention']} attention)")
+    moe = f", {lc['moe']} MoE" if "moe" in lc else ""
+    con.print(f"layers: {rep['num_layers']} ({lc['mamba']} Mamba, {lc['mlp']} MLP, {lc['attention']} attention{moe})")
     con.print(f"pattern: {rep['pattern']}")
     con.print("widths: " + ", ".join(f"{k} {v}" for k, v in rep["widths"].items()))
     t = Table(title=f"memory at {precision} weights, {rep['kv_precision']} KV, context {ctx:,}, batch {batch}")

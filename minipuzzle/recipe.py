@@ -76,8 +76,8 @@ class SearchStage(PruneSettings):
         given = sorted(set(SEARCH_RUN_DECIDED) & self.model_fields_set)
         if given:
             raise ValueError(f"{given[0]} is set by the run (importance and model sections): remove it")
-        if self.target is None and self.memory is None:
-            raise ValueError("give a budget: target (parameters) and/or memory")
+        if self.target is None and self.memory is None and self.target_active is None:
+            raise ValueError("give a budget: target (parameters), target_active and/or memory")
         return self
 
 

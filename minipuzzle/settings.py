@@ -174,6 +174,10 @@ class BudgetSettings(Settings):
         None, description="Parameter budget: a preset (47b), a count (6.5e9, 740972) or a fraction of the source "
         "(0.8, 80%)."
     )  # fmt: skip
+    target_active: str | None = Field(
+        None, description="Active-parameter budget of a mixture-of-experts model (what one token runs through), "
+        "read as --target; combines with --target and --memory."
+    )  # fmt: skip
     memory: str | None = Field(None, description="Inference-memory budget (31.7GiB), at --precision, --context and "
                                "--batch.")  # fmt: skip
     precision: Literal["bf16", "fp16", "fp8", "fp4", "fp32"] = Field(
@@ -185,7 +189,7 @@ class BudgetSettings(Settings):
     context: int = Field(8192, ge=1, description="Context length for --memory (8192, 128k, 1M).")
     batch: int = Field(1, ge=1, description="Sequences held at once for --memory.")
 
-    @field_validator("target", "memory", mode="before")
+    @field_validator("target", "target_active", "memory", mode="before")
     @classmethod
     def _text(cls, v: Any) -> str | None:
         # YAML reads 0.83 or 6.5e9 as a number; the parsers take the text.
@@ -214,10 +218,8 @@ class BudgetSettings(Settings):
         given or the source already meets them."""
         from minipuzzle.search.budget import make_budget
 
-        if self.target is None and self.memory is None:
-            raise UserError("give a budget: --target (parameters) and/or --memory")
         return make_budget(source, self.target, self.memory, self.precision, self.context, self.batch,
-                           self.kv_precision)  # fmt: skip
+                           self.kv_precision, target_active=self.target_active)  # fmt: skip
 
 
 class PruneSettings(BudgetSettings):

@@ -96,17 +96,8 @@ def test_remote_code_config_round_trip():
 def test_bad_configs():
     with pytest.raises(UserError, match="not a Nemotron-H"):
         Layout.from_config({"model_type": "llama", "hidden_size": 8})
-    with pytest.raises(UserError, match="mixture-of-experts"):
-        Layout.from_config(
-            {
-                "model_type": "nemotron_h",
-                "hidden_size": 8,
-                "hybrid_override_pattern": "ME",
-                "mamba_num_heads": 8,
-                "mamba_head_dim": 4,
-                "n_routed_experts": 8,
-            }
-        )
+    with pytest.raises(UserError, match="invalid Nemotron-H config"):
+        Layout.from_config({"model_type": "nemotron_h", "layers_block_type": ["mamba", "mixture"]})
 
 
 def test_info_json_and_text():

@@ -81,6 +81,9 @@ class SearchSpace:
     ) -> SearchSpace:
         """The space for `axes` with widths down to `min_width` and at least `min_layers` of each kind kept
         (fractions of the source). `steps` overrides the default step of an axis."""
+        if source.is_moe:
+            # Its layer counts and widths cover the dense kinds only; MoE layers would be silently kept whole.
+            raise UserError("searching layouts of mixture-of-experts models is not supported yet (no MoE search axes)")
         axes = parse_axes(axes)
         steps = dict(steps or {})
         for a in steps:
