@@ -76,6 +76,9 @@ AXES: dict[str, Axis] = {
         Axis("mamba_head_dim", "mamba_head_dim", MAMBA, "channel of every Mamba head"),
         Axis("attn_heads", "num_attention_heads", ATTENTION, "query head (within its KV group)", "num_key_value_heads"),
         Axis("hidden", "hidden_size", None, "residual-stream channel"),
+        Axis("experts", "n_routed_experts", MOE, "routed expert (within its router group)", "n_group"),
+        Axis("expert_ffn", "moe_intermediate_size", MOE, "channel of every routed expert"),
+        Axis("shared_ffn", "moe_shared_expert_intermediate_size", MOE, "shared-expert channel"),
     )
 }
 WIDTH_AXES = tuple(AXES)

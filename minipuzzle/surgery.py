@@ -61,6 +61,8 @@ class Plan:
     source layer of that axis's kind, the kept unit indices (ascending); None keeps everything on that axis.
     mamba_heads are global head indices, mamba_head_dim entries are channel indices within a head (the same in
     every head), attn_heads are query-head indices. hidden: kept hidden (residual-stream) channels, or None.
+    experts / expert_ffn / shared_ffn (MoE layers): kept routed experts, channels of every routed expert, channels
+    of the shared expert.
     norm_compensation: scale the kept weights of RMSNorms that lose input channels by sqrt(old_width / new_width).
     """
 
@@ -70,6 +72,9 @@ class Plan:
     mamba_head_dim: dict[int, list[int]] | None = None
     attn_heads: dict[int, list[int]] | None = None
     hidden: list[int] | None = None
+    experts: dict[int, list[int]] | None = None
+    expert_ffn: dict[int, list[int]] | None = None
+    shared_ffn: dict[int, list[int]] | None = None
     norm_compensation: bool = True
 
     @classmethod

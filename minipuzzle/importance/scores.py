@@ -37,6 +37,9 @@ class Scores:
     mamba_head_dim: dict[int, torch.Tensor] = field(default_factory=dict)
     attn_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     meta: ScoresMeta = field(default_factory=ScoresMeta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
