@@ -6,8 +6,9 @@ The model (simple on purpose, every term in the same unit: the depth score of a 
 * A kept layer whose units are cut loses the fraction f_i of its importance that the cut units carried
   (scores normalised to sum to 1 within the layer, so f_i = the summed normalised scores of the dropped units),
   and costs d_i * f_i: cutting every unit of a layer costs the same as dropping it.
-* Mamba layers cut on two axes keep (1 - f_heads)(1 - f_channels) of their importance. Cutting hidden channels
-  (fraction f_h of the hidden scores) scales every kept layer's value by (1 - f_h).
+* Mamba layers cut on two axes keep (1 - f_heads)(1 - f_channels) of their importance; mixture-of-experts layers
+  likewise (1 - f_experts)(1 - f_expert_channels)(1 - f_shared_channels). Cutting hidden channels (fraction f_h
+  of the hidden scores) scales every kept layer's value by (1 - f_h).
 * `weights[axis]` scales that axis's fraction (capped at 1) to trust an axis less or more; default 1.
 
 So damage = D - sum over kept layers of d_i (1 - f_i)(1 - f_h), with D = sum of all d_i; it is reported relative
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minipuzzle.anatomy import AXES, KINDS, WIDTH_AXES
+from minipuzzle.anatomy import AXES, WIDTH_AXES
 from minipuzzle.errors import UserError
 from minipuzzle.search.space import SearchSpace
 
@@ -55,7 +56,7 @@ class DamageModel:
         self.total = float(self.depth.sum()) or 1.0
         # Layers of each kind from most to least important: the solver keeps a prefix of this order.
         self.order: dict[str, list[int]] = {}
-        for kind in KINDS:
+        for kind in space.kinds:
             idx = np.array([i for i, ch in enumerate(src.pattern) if ch == kind], dtype=np.int64)
             self.order[kind] = idx[rank_desc(self.depth[idx])].tolist() if len(idx) else []
         # _dropped[axis][layer][width]: fraction of that layer's importance on the axis lost at that width (layer
@@ -79,7 +80,7 @@ class DamageModel:
             missing = [i for i in want if i not in per_layer]
             if missing:
                 raise UserError(f"the scores have no {axis} scores for layer {missing[0]}: re-run score")
-        full = widths[0]
+        full = AXES[axis].width(src)  # `--widths` lists need not hold the source's width
         out = {}
         for i, t in per_layer.items():
             s = np.clip(np.nan_to_num(as_float_array(t).reshape(-1), nan=0.0), 0.0, None)
@@ -128,10 +129,10 @@ class DamageModel:
     def damage(self, widths: dict[str, int], counts: dict[str, int]) -> float:
         """Relative predicted damage of keeping the top `counts[kind]` layers of each kind at `widths`."""
         vals = self.layer_values(widths)
-        kept = sum(float(vals[k][: counts.get(k, 0)].sum()) for k in KINDS)
+        kept = sum(float(vals[k][: counts.get(k, 0)].sum()) for k in self.order)
         return (self.total - kept) / self.total
 
     def kept_layers(self, counts: dict[str, int]) -> list[int]:
         """Source indices of the layers kept (top-ranked of each kind), ascending."""
-        return sorted(i for k in KINDS for i in self.order[k][: counts.get(k, 0)])
+        return sorted(i for k in self.order for i in self.order[k][: counts.get(k, 0)])
 

@@ -1,8 +1,9 @@
 """Find the layouts with the least predicted damage that fit a budget.
 
 Every layout is (one width per axis, a number of layers kept per kind); the layers kept are the top-ranked of each
-kind. For fixed widths, parameters and memory are linear in the layer counts, and the predicted damage is a sum
-over kept layers (see `damage`). Two exact methods:
+kind. For fixed widths, parameters, active parameters (mixture-of-experts models: a token runs
+`num_experts_per_tok` of the routed experts, which the space never cuts below) and memory are linear in the layer
+counts, and the predicted damage is a sum over kept layers (see `damage`). Two exact methods:
 
 * `enumerate` (small spaces): every width combination at once in numpy; for each, every count of all kinds but
   the most numerous, whose count is then the largest that fits (keeping a layer never adds damage).
@@ -11,7 +12,7 @@ over kept layers (see `damage`). Two exact methods:
   constraints, maximising the kept value. The next-best solutions come from no-good cuts.
 
 Candidates (the "pool") are the layouts that fit the budget and either lie in the band below it (use at least
-(1 - band) of the parameter limit or of the memory limit, whichever the budget has; with both, one of them
+(1 - band) of the parameter, active-parameter or memory limit, whichever the budget has; with several, one of them
 suffices, since only one of them binds) or are maximal (no kind can keep one more layer and no axis can take its
 next larger width). Maximal layouts below the band stay in: nothing bigger of the same kind fits, so they are not
 dominated, and coarse spaces (a tiny model, where one layer is more than the band) would otherwise have no
@@ -28,8 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minipuzzle.anatomy import AXES, KIND_NAMES, KINDS, WIDTH_AXES, axes_of_kind
-from minipuzzle.arch import PRECISION_BITS, Layout
+from minipuzzle.anatomy import AXES, KIND_NAMES, MOE, WIDTH_AXES, axes_of_kind
+from minipuzzle.arch import LAYER_KINDS, PRECISION_BITS, Layout
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import DamageModel
@@ -43,6 +44,8 @@ _CHUNK_POINTS = 2_000_000
 _MEM_SLACK = 16.0
 # Default band below the budget whose layouts are candidates (a fraction of each limit).
 DEFAULT_BAND = 0.05
+# What a layout costs and a budget may limit: parameters, active parameters (MoE), memory in bytes.
+RESOURCES = ("params", "active", "memory")
 
 
 def _cost_axes(kind: str) -> tuple[str, ...]:
@@ -60,17 +63,23 @@ class Candidate:
     params: int = 0
     memory: int | None = None
     extra: dict = field(default_factory=dict)
+    active_params: int | None = None  # mixture-of-experts layouts only
 
     def key(self) -> tuple:
-        return tuple(self.widths[a] for a in WIDTH_AXES) + tuple(self.counts[k] for k in KINDS)
+        return tuple(self.widths[a] for a in WIDTH_AXES) + tuple(self.counts.get(k, 0) for k in LAYER_KINDS)
 
     def to_dict(self) -> dict:
+        """JSON-ready; the MoE layer count, widths and active parameters only for mixture-of-experts layouts
+        (`counts` has an `E` entry exactly when the source has MoE layers)."""
+        moe = MOE in self.counts
         out = {
-            "widths": dict(self.widths),
-            "layers": {KIND_NAMES[kind]: self.counts[kind] for kind in KINDS},
+            "widths": {a: w for a, w in self.widths.items() if moe or AXES[a].kind != MOE},
+            "layers": {KIND_NAMES[kind]: self.counts[kind] for kind in LAYER_KINDS if kind in self.counts},
             "predicted_damage": self.damage,
             "params": self.params,
         }
+        if self.active_params is not None:
+            out["active_params"] = self.active_params
         if self.memory is not None:
             out["memory"] = self.memory
         out.update(self.extra)
@@ -78,7 +87,8 @@ class Candidate:
 
 
 class LayerCosts:
-    """Per-layer parameter and memory costs of each kind, tabulated over that kind's width options.
+    """Per-layer costs (`RESOURCES`: parameters, active parameters, memory) of each kind, tabulated over that
+    kind's width options.
 
     Options are indexed per axis (`idx[axis]`: an array of indices into `space.widths[axis]`, one per width
     combination), so a whole batch of combinations is costed at once.
@@ -88,45 +98,70 @@ class LayerCosts:
         self.space, self.budget = space, budget
         src = space.source
         self.weight_bytes = PRECISION_BITS[budget.precision.lower()] / 8
-        self.tables = {kind: self._tabulate(kind) for kind in KINDS}
-        self.fixed_params = np.array(
+        self.tables = {kind: self._tabulate(kind) for kind in space.kinds}
+        embedding = np.array(
             [src.replace(hidden_size=h).embedding_params() for h in space.widths["hidden"]], dtype=np.int64
         )
-        self.fixed_memory = self.fixed_params * self.weight_bytes + _MEM_SLACK
+        # Embeddings and LM head count whole in the active parameters too (`Layout.num_active_params`).
+        self.fixed_costs = {
+            "params": embedding,
+            "active": embedding,
+            "memory": embedding * self.weight_bytes + _MEM_SLACK,
+        }
 
-    def _tabulate(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """(params, memory) of one `kind` layer over the grid of its cost axes' options."""
+    def _tabulate(self, kind: str) -> dict[str, np.ndarray]:
+        """Per resource, the cost of one `kind` layer over the grid of its cost axes' options."""
         axes = _cost_axes(kind)
         shape = [len(self.space.widths[a]) for a in axes]
-        params = np.zeros(shape, dtype=np.int64)
-        memory = np.zeros(shape, dtype=np.float64)
+        table = {
+            "params": np.zeros(shape, dtype=np.int64),
+            "active": np.zeros(shape, dtype=np.int64),
+            "memory": np.zeros(shape, dtype=np.float64),
+        }
         for idx in np.ndindex(*shape):
             widths = {AXES[a].field: self.space.widths[a][j] for a, j in zip(axes, idx)}
             one = self.space.source.replace(pattern=kind, **widths)
-            params[idx] = one.layer_params(kind)
+            table["params"][idx] = one.layer_params(kind)
+            table["active"][idx] = one.layer_params(kind, active=True)
             # The state a layer adds (KV cache, SSM and conv state): two layers minus one, weights aside.
             m1, m2 = self.budget.memory_of(one), self.budget.memory_of(one.replace(pattern=kind * 2))
             state = (m2["total"] - m2["weights"]) - (m1["total"] - m1["weights"])
-            memory[idx] = params[idx] * self.weight_bytes + state
-        return params, memory
+            table["memory"][idx] = table["params"][idx] * self.weight_bytes + state
+        return table
 
-    def per_layer(self, kind: str, idx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(params, memory) of one layer of `kind` at the combos given by option indices `idx[axis]`."""
-        params, memory = self.tables[kind]
+    def per_layer(self, kind: str, idx: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per resource, the cost [C] of one layer of `kind` at the combos given by option indices `idx[axis]`."""
         key = tuple(idx[a] for a in _cost_axes(kind))
-        return params[key], memory[key]
+        return {res: table[key] for res, table in self.tables[kind].items()}
 
-    def fixed(self, idx: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(params, memory) of the embeddings, final norm and LM head at the combos `idx`."""
-        return self.fixed_params[idx["hidden"]], self.fixed_memory[idx["hidden"]]
+    def fixed(self, idx: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per resource, the cost [C] of the embeddings, final norm and LM head at the combos `idx`."""
+        return {res: table[idx["hidden"]] for res, table in self.fixed_costs.items()}
+
+    def total(self, idx: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per resource, the cost [C, G] of the layouts with widths `idx` [C] and `counts[kind]` layers
+        ([G] or [C, G], broadcast); memory as the linear model (with its slack)."""
+        fixed = self.fixed(idx)
+        out = {res: fixed[res][:, None].astype(np.float64) for res in RESOURCES}
+        for kind, count in counts.items():
+            layer = self.per_layer(kind, idx)
+            for res in RESOURCES:
+                out[res] = out[res] + layer[res][:, None] * count
+        return out
 
 
-def budget_limits(budget: Budget) -> tuple[float, float]:
-    """(parameter limit, memory limit in bytes), infinite where the budget sets none."""
-    return (
-        float(budget.params) if budget.params is not None else math.inf,
-        float(budget.memory) if budget.memory is not None else math.inf,
-    )
+def budget_limits(budget: Budget) -> dict[str, float]:
+    """The limit on each of `RESOURCES` (memory in bytes), infinite where the budget sets none."""
+    given = {"params": budget.params, "active": budget.active_params, "memory": budget.memory}
+    return {res: float(limit) if limit is not None else math.inf for res, limit in given.items()}
+
+
+def _within(limits: dict[str, float], costs: dict[str, np.ndarray]) -> np.ndarray:
+    """Where every cost is within its limit."""
+    ok = np.array(True)
+    for res, limit in limits.items():
+        ok = ok & (costs[res] <= limit)
+    return ok
 
 
 def _keep_values(model: DamageModel, kind: str, idx: dict[str, np.ndarray]) -> np.ndarray:
@@ -175,6 +210,7 @@ def search(
             continue
         lay = space.layout(cand.widths, cand.counts)
         cand.params = lay.num_params()
+        cand.active_params = lay.num_active_params() if lay.is_moe else None
         cand.memory = budget.memory_of(lay)["total"]
         cand.extra["method"] = method
         out.append(cand)
@@ -186,14 +222,17 @@ def search(
 def no_layout_fits(space: SearchSpace, budget: Budget):
     """Raise the UserError for a budget that even the smallest layout of `space` misses."""
     small = smallest_layout(space)
+    active = f"{small.num_active_params():,} active, " if budget.active_params is not None else ""
     raise UserError(
         f"no layout in the search space meets the budget ({budget.describe()}): the smallest has "
-        f"{small.num_params():,} parameters, {budget.memory_of(small)['total'] / 2**30:.2f} GiB; widen the space "
-        f"(--axes, --min-width, --min-layers) or relax the budget"
+        f"{small.num_params():,} parameters, {active}{budget.memory_of(small)['total'] / 2**30:.2f} GiB; widen the "
+        f"space (--axes, --min-width, --min-layers) or relax the budget"
     )
 
 
 def smallest_layout(space: SearchSpace) -> Layout:
+    """The narrowest widths and fewest layers of `space`: the least of every resource, active parameters included
+    (each is non-decreasing in every width and count)."""
     return space.layout({a: v[-1] for a, v in space.widths.items()}, {k: lo for k, (lo, _) in space.layers.items()})
 
 
@@ -210,56 +249,47 @@ class _Chunk:
     grids: list[np.ndarray]  # [G] counts of each of `others`
     others: list[str]
     last: str
-    used_params: np.ndarray  # [C, G] parameters without the `last` layers
-    used_memory: np.ndarray  # [C, G] memory (linear model, with slack) without the `last` layers
-    per: dict[str, tuple[np.ndarray, np.ndarray]]  # kind -> per-layer (params, memory) [C]
+    used: dict[str, np.ndarray]  # resource -> [C, G] cost without the `last` layers (memory: linear, with slack)
+    per: dict[str, dict[str, np.ndarray]]  # kind -> resource -> per-layer cost [C]
     n_max: np.ndarray  # [C, G] most `last` layers that fit (int, clipped to its range)
     fits: np.ndarray  # [C, G] bool: the point fits with at least the fewest `last` layers
 
 
 def _chunks(space: SearchSpace, budget: Budget, costs: LayerCosts, target: int = _CHUNK_POINTS):
     """Every (width combo, counts of all kinds but the most numerous) point of `space`, in `_Chunk`s."""
-    param_limit, memory_limit = budget_limits(budget)
+    limits = budget_limits(budget)
     shape = [len(space.widths[a]) for a in WIDTH_AXES]
     total = math.prod(shape)
-    kinds = [kd for kd in KINDS if space.layers[kd][1] > 0]
+    kinds = [kd for kd in space.kinds if space.layers[kd][1] > 0]
     last = max(kinds, key=lambda kd: space.layers[kd][1] - space.layers[kd][0])
     others = [kd for kd in kinds if kd != last]
     grids = np.meshgrid(*[np.arange(space.layers[kd][0], space.layers[kd][1] + 1) for kd in others], indexing="ij")
     grids = [grid.reshape(-1) for grid in grids] if others else []
     n_grid = len(grids[0]) if grids else 1
     step = max(1, target // n_grid)
+    lo, hi = space.layers[last]
     for start in range(0, total, step):
         flat = np.arange(start, min(total, start + step))
         idx = dict(zip(WIDTH_AXES, np.unravel_index(flat, shape)))
-        fixed_params, fixed_memory = costs.fixed(idx)
-        used_params = np.broadcast_to(fixed_params[:, None].astype(np.float64), (len(flat), n_grid)).copy()
-        used_memory = np.broadcast_to(fixed_memory[:, None], (len(flat), n_grid)).copy()
+        used = costs.total(idx, {kd: n[None, :] for kd, n in zip(others, grids)})
+        used = {res: np.broadcast_to(cost, (len(flat), n_grid)) for res, cost in used.items()}
         per = {kd: costs.per_layer(kd, idx) for kd in kinds}
-        for kd, n in zip(others, grids):
-            used_params += per[kd][0][:, None] * n[None, :]
-            used_memory += per[kd][1][:, None] * n[None, :]
-        lo, hi = space.layers[last]
-        last_params, last_memory = per[last]
         n_max = np.full((len(flat), n_grid), float(hi))
-        n_max = np.minimum(n_max, np.floor((param_limit - used_params) / last_params[:, None]))
-        n_max = np.minimum(n_max, np.floor((memory_limit - used_memory) / last_memory[:, None]))
+        for res, limit in limits.items():
+            n_max = np.minimum(n_max, np.floor((limit - used[res]) / per[last][res][:, None]))
         fits = n_max >= lo
         n_max = np.clip(n_max, lo, hi).astype(np.int64)
-        yield _Chunk(idx, grids, others, last, used_params, used_memory, per, n_max, fits)
+        yield _Chunk(idx, grids, others, last, used, per, n_max, fits)
 
 
 def _maximal(space: SearchSpace, budget: Budget, costs: LayerCosts, ch: _Chunk) -> np.ndarray:
     """[C, G] bool: the point with `n_max` layers of `last` is maximal (see `is_maximal`)."""
-    param_limit, memory_limit = budget_limits(budget)
-    last_params, last_memory = ch.per[ch.last]
-    total_params = ch.used_params + last_params[:, None] * ch.n_max
-    total_memory = ch.used_memory + last_memory[:, None] * ch.n_max
+    limits = budget_limits(budget)
+    last_cost = ch.per[ch.last]
+    totals = {res: ch.used[res] + last_cost[res][:, None] * ch.n_max for res in RESOURCES}
     ok = ch.fits.copy()
     for kd, n in zip(ch.others, ch.grids):
-        room = (total_params + ch.per[kd][0][:, None] <= param_limit) & (
-            total_memory + ch.per[kd][1][:, None] <= memory_limit
-        )
+        room = _within(limits, {res: totals[res] + ch.per[kd][res][:, None] for res in RESOURCES})
         ok &= ~(room & (n[None, :] < space.layers[kd][1]))
     counts = {kd: n[None, :] for kd, n in zip(ch.others, ch.grids)} | {ch.last: ch.n_max}
     for axis in WIDTH_AXES:
@@ -267,29 +297,21 @@ def _maximal(space: SearchSpace, budget: Budget, costs: LayerCosts, ch: _Chunk) 
             continue
         wider = dict(ch.idx)
         wider[axis] = np.maximum(ch.idx[axis] - 1, 0)  # options are largest first: one step wider
-        fixed_params, fixed_memory = costs.fixed(wider)
-        wider_params, wider_memory = fixed_params[:, None].astype(np.float64), fixed_memory[:, None]
-        for kd in counts:
-            layer_params, layer_memory = costs.per_layer(kd, wider)
-            wider_params = wider_params + layer_params[:, None] * counts[kd]
-            wider_memory = wider_memory + layer_memory[:, None] * counts[kd]
-        ok &= ~((ch.idx[axis] > 0)[:, None] & (wider_params <= param_limit) & (wider_memory <= memory_limit))
+        ok &= ~((ch.idx[axis] > 0)[:, None] & _within(limits, costs.total(wider, counts)))
     return ok
 
 
 def _pool_low(space: SearchSpace, budget: Budget, costs: LayerCosts, ch: _Chunk, band: float) -> np.ndarray:
     """[C, G] fewest `last` layers for which the point is in the pool: every count from it to `n_max` is (the band
     is contiguous in the count, and only `n_max` can be maximal). Above `n_max` where nothing is."""
-    param_limit, memory_limit = budget_limits(budget)
-    last_params, last_memory = ch.per[ch.last]
     lo = space.layers[ch.last][0]
     n_band = np.full(ch.n_max.shape, np.inf)
-    if param_limit < math.inf:
-        n_band = np.minimum(n_band, np.ceil(((1 - band) * param_limit - ch.used_params) / last_params[:, None]))
-    if memory_limit < math.inf:
-        # used_memory carries _MEM_SLACK bytes that the exact memory does not.
-        room = (1 - band) * memory_limit + _MEM_SLACK - ch.used_memory
-        n_band = np.minimum(n_band, np.ceil(room / last_memory[:, None]))
+    for res, limit in budget_limits(budget).items():
+        if limit == math.inf:
+            continue
+        # The linear memory model carries _MEM_SLACK bytes that the exact memory does not.
+        room = (1 - band) * limit + (_MEM_SLACK if res == "memory" else 0.0) - ch.used[res]
+        n_band = np.minimum(n_band, np.ceil(room / ch.per[ch.last][res][:, None]))
     low = np.maximum(n_band, lo)
     low = np.where(_maximal(space, budget, costs, ch), np.minimum(low, ch.n_max), low)
     return np.where(ch.fits, low, ch.n_max + 1)
@@ -333,7 +355,7 @@ def _enumerate(space, budget, model, costs: LayerCosts, k: int, band: float = 0.
                 break
             n_last = n_last[combo, grid]
             damage = (model.total - kept_others[combo, grid] - kept_values[ch.last][combo, n_last]) / model.total
-            params = ch.used_params[combo, grid] + ch.per[ch.last][0][combo] * n_last
+            params = ch.used["params"][combo, grid] + ch.per[ch.last]["params"][combo] * n_last
             for t in np.argsort(damage, kind="stable")[: k * 4]:
                 cand = _chunk_candidate(space, ch, combo[t], grid[t], int(n_last[t]), float(damage[t]))
                 entry = (-cand.damage, float(params[t]), tuple(-x for x in cand.key()), cand)
@@ -347,7 +369,7 @@ def _enumerate(space, budget, model, costs: LayerCosts, k: int, band: float = 0.
 def _chunk_candidate(space: SearchSpace, ch: _Chunk, combo: int, grid: int, n_last: int, damage: float) -> Candidate:
     """The candidate at width combo `combo`, counts `grid` of the other kinds and `n_last` layers of `last`."""
     widths = {ax: space.widths[ax][int(ch.idx[ax][combo])] for ax in WIDTH_AXES}
-    counts = {kd: int(space.layers[kd][1]) for kd in KINDS}
+    counts = {kd: int(space.layers[kd][1]) for kd in space.kinds}
     for kd, n in zip(ch.others, ch.grids):
         counts[kd] = int(n[grid])
     counts[ch.last] = n_last
@@ -365,6 +387,8 @@ def in_band(budget: Budget, layout: Layout, band: float) -> bool:
         return False
     if budget.params is not None and layout.num_params() >= (1 - band) * budget.params:
         return True
+    if budget.active_params is not None and layout.num_active_params() >= (1 - band) * budget.active_params:
+        return True
     return budget.memory is not None and budget.memory_of(layout)["total"] >= (1 - band) * budget.memory
 
 
@@ -378,7 +402,7 @@ def in_pool(space: SearchSpace, budget: Budget, widths: dict[str, int], counts: 
 
 def is_maximal(space: SearchSpace, budget: Budget, widths: dict[str, int], counts: dict[str, int]) -> bool:
     """No kind can keep one more layer and no axis can take its next larger width within `budget`."""
-    for kd in KINDS:
+    for kd in space.kinds:
         if counts[kd] < space.layers[kd][1]:
             if budget.fits(space.layout(widths, counts | {kd: counts[kd] + 1})):
                 return False
@@ -416,14 +440,15 @@ class _Option(NamedTuple):
     widths: dict[str, int]
     count: int
     params: float
+    active: float
     memory: float
     kept_value: float
 
 
 def _mip(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0) -> list[Candidate]:
     """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options."""
-    param_limit, memory_limit = budget_limits(budget)
-    kinds = [kd for kd in KINDS if space.layers[kd][1] > 0]
+    limits = budget_limits(budget)
+    kinds = [kd for kd in space.kinds if space.layers[kd][1] > 0]
     results: list[Candidate] = []
     bound = math.inf  # damage of the k-th best so far: hidden widths that cannot beat it are skipped
     for hidden_index, hidden in enumerate(space.widths["hidden"]):
@@ -431,13 +456,12 @@ def _mip(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0) -> 
         best_possible = sum(max(o.kept_value for o in options[kd]) for kd in kinds)
         if (model.total - best_possible) / model.total > bound:
             continue
-        room = (
-            param_limit - float(costs.fixed_params[hidden_index]),
-            memory_limit - float(costs.fixed_memory[hidden_index]),
-        )
+        fixed = costs.fixed({"hidden": np.array([hidden_index])})
+        room = {res: limit - float(fixed[res][0]) for res, limit in limits.items()}
         found = 0
         for widths, counts, damage in _MultipleChoice(options, room).solutions(model.total, bound, 20 * k):
             widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"hidden": hidden} | widths
+            counts = dict.fromkeys(space.kinds, 0) | counts
             if in_pool(space, budget, widths, counts, band):
                 results.append(Candidate(widths, counts, damage))
                 found += 1
@@ -462,19 +486,21 @@ def _mip_options(space, model, costs: LayerCosts, kind: str, hidden_index: int) 
     for combo in np.ndindex(*[len(space.widths[a]) for a in axes]):
         idx = {a: np.array([0]) for a in WIDTH_AXES} | {a: np.array([j]) for a, j in zip(axes, combo)}
         idx["hidden"] = np.array([hidden_index])
-        params, memory = costs.per_layer(kind, idx)
+        cost = {res: float(per[0]) for res, per in costs.per_layer(kind, idx).items()}
         kept = _keep_values(model, kind, idx)[0]
         widths = {a: space.widths[a][j] for a, j in zip(axes, combo)}
         for n in range(lo, hi + 1):
-            options.append(_Option(widths, n, float(params[0]) * n, float(memory[0]) * n, float(kept[n])))
+            options.append(
+                _Option(widths, n, cost["params"] * n, cost["active"] * n, cost["memory"] * n, float(kept[n]))
+            )
     return options
 
 
 class _MultipleChoice:
     """HiGHS program: one binary per option, exactly one option per kind, the summed costs within `room`
-    (parameters, memory), maximising the kept value."""
+    (per resource: parameters, active parameters, memory), maximising the kept value."""
 
-    def __init__(self, options: dict[str, list[_Option]], room: tuple[float, float]):
+    def __init__(self, options: dict[str, list[_Option]], room: dict[str, float]):
         import highspy
 
         self.highspy, self.options, self.kinds = highspy, options, list(options)
@@ -493,9 +519,9 @@ class _MultipleChoice:
         for kd in self.kinds:
             self._add_row(1.0, 1.0, self.cols[kd], np.ones(len(self.cols[kd])))
         every = [c for kd in self.kinds for c in self.cols[kd]]
-        for limit, cost in zip(room, ("params", "memory")):
+        for res, limit in room.items():
             if limit < highspy.kHighsInf:
-                coef = np.array([getattr(o, cost) for kd in self.kinds for o in options[kd]])
+                coef = np.array([getattr(o, res) for kd in self.kinds for o in options[kd]])
                 self._add_row(-highspy.kHighsInf, limit, every, coef)
 
     def _add_row(self, lower: float, upper: float, cols: list[int], coef: np.ndarray) -> None:
@@ -514,7 +540,7 @@ class _MultipleChoice:
             if damage > bound + 1e-12:
                 return
             widths = {a: w for o in picked for a, w in o.widths.items()}
-            counts = dict.fromkeys(KINDS, 0) | {kd: o.count for kd, o in zip(self.kinds, picked)}
+            counts = {kd: o.count for kd, o in zip(self.kinds, picked)}
             yield widths, counts, damage
             # No-good cut: this combination of options is excluded from the next solve.
             used = [self.cols[kd][chosen[kd]] for kd in self.kinds]

@@ -1,9 +1,18 @@
 """The search space: which widths each axis may take and how many layers of each kind may stay.
 
 Axes: `depth` (drop whole layers; the top-ranked layers of each kind stay) and the width axes of
-`minipuzzle.anatomy` (ffn, mamba_heads, mamba_head_dim, attn_heads, hidden), each a multiple of its `Axis.unit`
-(grouped axes keep the same count in every group). Widths are uniform across the layers of a kind so the result
-stays a plain Nemotron-H config. MiniPuzzle searched depth + ffn, the default here.
+`minipuzzle.anatomy` (ffn, mamba_heads, mamba_head_dim, attn_heads, hidden; on mixture-of-experts sources also
+experts, expert_ffn, shared_ffn), each a multiple of its `Axis.unit` (grouped axes keep the same count in every
+group). Widths are uniform across the layers of a kind so the result stays a plain Nemotron-H config. MiniPuzzle
+searched depth + ffn, the default here.
+
+Mixture-of-experts sources add a fourth layer kind, `E`, whose count is searched like the others. Their expert
+axes follow what serving needs: experts stay a multiple of `n_group` (the same count in every router group) and
+at least what the router needs (two per group, `num_experts_per_tok` within the `topk_group` groups it picks
+from), so `num_experts_per_tok` never has to change; FP8 / FP4 (NVFP4, scales per 16 values) kernels want expert
+widths in multiples of 16, so the default steps of `expert_ffn` and `shared_ffn` are multiples of 16 (every width
+searched is then one when the source's is: Nemotron 3's are); an explicit `--step` or `--widths` may choose
+otherwise.
 """
 
 from __future__ import annotations
@@ -13,8 +22,8 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from minipuzzle.anatomy import AXES, KINDS, SEARCH_AXES, WIDTH_AXES
-from minipuzzle.arch import Layout
+from minipuzzle.anatomy import AXES, KINDS, MOE, SEARCH_AXES, WIDTH_AXES
+from minipuzzle.arch import LAYER_KINDS, Layout
 from minipuzzle.errors import UserError
 
 DEFAULT_AXES = ("depth", "ffn")
@@ -22,6 +31,8 @@ DEFAULT_AXES = ("depth", "ffn")
 EVERY_WIDTH_LIMIT = 128
 # Otherwise the default step is about 1/32 of the width: the paper's FFN step, 1024 of 32768.
 DEFAULT_STEP_FRACTION = 1 / 32
+# FP8 / FP4 expert kernels work on blocks of 16 channels: the default steps of the expert widths are multiples of it.
+SERVING_MULTIPLE = {"expert_ffn": 16, "shared_ffn": 16}
 
 
 def parse_axes(axes: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -38,12 +49,34 @@ def parse_axes(axes: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(a for a in SEARCH_AXES if a in items)
 
 
+def search_kinds(layout: Layout) -> tuple[str, ...]:
+    """The layer kinds whose counts a search over `layout` decides: the dense ones, and `E` for MoE sources."""
+    return LAYER_KINDS if layout.is_moe else KINDS
+
+
+def layout_axes(layout: Layout) -> tuple[str, ...]:
+    """The width axes that describe `layout`: the MoE ones only when it has MoE layers (reports of dense models
+    name the dense axes alone)."""
+    return tuple(a for a in WIDTH_AXES if layout.is_moe or AXES[a].kind != MOE)
+
+
 def default_step(layout: Layout, axis: str) -> int:
-    """Step between searched widths: every valid width for small axes, else ~1/32 of the width in whole units."""
+    """Step between searched widths: every valid width for small axes, else ~1/32 of the width in whole units
+    (multiples of 16 for the expert widths: `SERVING_MULTIPLE`)."""
     full, unit = AXES[axis].width(layout), AXES[axis].unit(layout)
+    align = math.lcm(unit, SERVING_MULTIPLE.get(axis, 1))
     if full // unit <= EVERY_WIDTH_LIMIT:
+        return align
+    return max(align, round(full * DEFAULT_STEP_FRACTION / align) * align)
+
+
+def smallest_width(layout: Layout, axis: str) -> int:
+    """The narrowest width `layout` stays valid at on `axis`: one unit per group; for experts, what the router
+    needs without changing `num_experts_per_tok` (two per group, and top-k within the `topk_group` groups)."""
+    unit = AXES[axis].unit(layout)
+    if axis != "experts":
         return unit
-    return max(unit, round(full * DEFAULT_STEP_FRACTION / unit) * unit)
+    return unit * max(2, math.ceil(layout.num_experts_per_tok / layout.topk_group))
 
 
 def width_options(layout: Layout, axis: str, step: int | None = None, min_fraction: float = 0.5) -> list[int]:
@@ -52,8 +85,23 @@ def width_options(layout: Layout, axis: str, step: int | None = None, min_fracti
     step = default_step(layout, axis) if step is None else int(step)
     if step < 1 or step % unit:
         raise UserError(f"step {step} for {axis} must be a positive multiple of {unit}")
-    lowest = max(unit, math.ceil(full * min_fraction))
+    lowest = max(smallest_width(layout, axis), math.ceil(full * min_fraction))
     return [w for w in range(full, lowest - 1, -step) if w > 0 and w % unit == 0]
+
+
+def listed_widths(layout: Layout, axis: str, values: Iterable[int]) -> list[int]:
+    """An explicit list of widths for `axis` (`--widths`), checked and largest first: each a multiple of the
+    axis's unit, at least `smallest_width` and at most the source's width (pruning never widens)."""
+    full, unit, least = AXES[axis].width(layout), AXES[axis].unit(layout), smallest_width(layout, axis)
+    values = sorted({int(w) for w in values}, reverse=True)
+    if not values:
+        raise UserError(f"--widths {axis}= lists no width")
+    for w in values:
+        if w % unit or not least <= w <= full:
+            raise UserError(
+                f"--widths {axis}={w}: widths of {axis} must be multiples of {unit} from {least} to the source's {full}"
+            )
+    return values
 
 
 @dataclass
@@ -78,33 +126,37 @@ class SearchSpace:
         steps: dict[str, int] | None = None,
         min_width: float = 0.5,
         min_layers: float = 0.5,
+        widths: dict[str, Iterable[int]] | None = None,
     ) -> SearchSpace:
         """The space for `axes` with widths down to `min_width` and at least `min_layers` of each kind kept
-        (fractions of the source). `steps` overrides the default step of an axis."""
-        if source.is_moe:
-            # Its layer counts and widths cover the dense kinds only; MoE layers would be silently kept whole.
-            raise UserError("searching layouts of mixture-of-experts models is not supported yet (no MoE search axes)")
+        (fractions of the source). `steps` overrides the default step of an axis; `widths` lists an axis's widths
+        outright (`--widths expert_ffn=1536,1792,1856`), `min_width` aside."""
         axes = parse_axes(axes)
-        steps = dict(steps or {})
-        for a in steps:
-            if a not in WIDTH_AXES:
-                raise UserError(f"unknown axis {a!r} in --step: choose from {', '.join(WIDTH_AXES)}")
+        steps, listed = dict(steps or {}), dict(widths or {})
+        _check_width_options(source, axes, steps, listed)
         if not 0 < min_width <= 1 or not 0 <= min_layers <= 1:
             raise UserError("--min-width must be in (0, 1] and --min-layers in [0, 1]")
-        widths, used_steps = {}, {}
+        options, used_steps = {}, {}
         for a in WIDTH_AXES:
-            if a in axes and _axis_present(source, a):
+            if a in listed:
+                options[a] = listed_widths(source, a, listed[a])
+            elif a in axes and _axis_present(source, a):
                 used_steps[a] = steps.get(a, default_step(source, a))
-                widths[a] = width_options(source, a, used_steps[a], min_width)
+                options[a] = width_options(source, a, used_steps[a], min_width)
             else:
-                widths[a] = [AXES[a].width(source)]
+                options[a] = [AXES[a].width(source)]
         layers = {}
-        for kind in KINDS:
+        for kind in search_kinds(source):
             n = source.count(kind)
             lo = math.ceil(n * min_layers) if "depth" in axes else n
             # A kind the source has keeps at least one layer: a Nemotron-H without it is another architecture.
             layers[kind] = (max(lo, 1 if n else 0), n)
-        return cls(source, axes, widths, layers, used_steps)
+        return cls(source, axes, options, layers, used_steps)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The layer kinds whose counts are searched (`search_kinds` of the source)."""
+        return tuple(self.layers)
 
     def width_combos(self) -> Iterator[dict[str, int]]:
         """Every combination of widths, as {axis: width}."""
@@ -134,7 +186,8 @@ class SearchSpace:
         """JSON-ready summary (for reports and --dry-run)."""
         return {
             "axes": list(self.axes),
-            "widths": {a: _span(v) for a, v in self.widths.items() if a in self.axes},
+            # An axis whose layers the source lacks (ffn on Nemotron 3, which has no MLP layers) has one width.
+            "widths": {a: _span(v) for a, v in self.widths.items() if a in self.axes and _axis_present(self.source, a)},
             "steps": self.steps,
             "layers": {k: {"min": lo, "max": hi} for k, (lo, hi) in self.layers.items() if hi},
             "width_combinations": self.num_width_combos(),
@@ -148,7 +201,7 @@ def pattern_with_counts(pattern: str, counts: dict[str, int]) -> str:
 
     Costs depend only on the counts; the real kept layers are chosen by importance (`DamageModel.kept_layers`).
     """
-    seen = dict.fromkeys(KINDS, 0)
+    seen = dict.fromkeys(LAYER_KINDS, 0)
     out = []
     for ch in pattern:
         if seen[ch] < counts.get(ch, 0):
@@ -157,12 +210,33 @@ def pattern_with_counts(pattern: str, counts: dict[str, int]) -> str:
     return "".join(out)
 
 
+def _check_width_options(source: Layout, axes: tuple[str, ...], steps: dict, listed: dict) -> None:
+    """--step and --widths name width axes that the space searches on this source, each axis in one of them."""
+    for option, given in (("--step", steps), ("--widths", listed)):
+        for a in given:
+            if a not in WIDTH_AXES:
+                raise UserError(f"unknown axis {a!r} in {option}: choose from {', '.join(WIDTH_AXES)}")
+            if option == "--widths" and (a not in axes or not _axis_present(source, a)):
+                raise UserError(
+                    f"--widths gives {a}, which this search does not cut (add it to --axes; the model needs layers "
+                    f"it shapes)"
+                )
+    both = sorted(set(steps) & set(listed))
+    if both:
+        raise UserError(f"{both[0]} has both a --step and --widths: give one of them")
+
+
 def _axis_present(layout: Layout, axis: str) -> bool:
     kind = AXES[axis].kind
     return kind is None or layout.count(kind) > 0
 
 
 def _span(values: list[int]) -> dict:
+    """max, min, step and count of evenly spaced widths; an uneven list (`--widths`) gives its values instead of
+    a step."""
+    gaps = {a - b for a, b in zip(values, values[1:])}
+    if len(gaps) > 1:
+        return {"max": values[0], "min": values[-1], "values": list(values), "count": len(values)}
     if len(values) > 1:
         return {"max": values[0], "min": values[-1], "step": values[0] - values[1], "count": len(values)}
     return {"max": values[0], "min": values[0], "step": 0, "count": 1}
