@@ -227,11 +227,17 @@ class PruneSettings(BudgetSettings):
     calibration and held-out windows, and the candidates' short distillation."""
 
     axes: tuple[str, ...] = Field(
-        ("depth", "ffn"), description="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden."
-    )
+        ("depth", "ffn"), description="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden; on MoE models "
+        "also experts (a multiple of n_group, at least the router's top-k), expert_ffn and shared_ffn (multiples of "
+        "16 by default, for FP8/FP4 kernels)."
+    )  # fmt: skip
     steps: dict[str, int] = Field(
         default_factory=dict, description="Width steps, e.g. ffn=1024,hidden=256 (default: scale with the model)."
     )
+    widths: dict[str, list[int]] = Field(
+        default_factory=dict, description="Widths listed per axis instead of a step, e.g. "
+        "expert_ffn=1536,1792,1856,hidden=2048,2304 (a number belongs to the axis named before it)."
+    )  # fmt: skip
     min_width: float = Field(0.5, gt=0, le=1, description="Smallest width searched, fraction of the source.")
     min_layers: float = Field(0.5, ge=0, le=1, description="Fewest layers of each kind kept, fraction.")
     candidates: int = Field(4, ge=1, description="Best candidates by predicted damage measured for real.")
@@ -272,6 +278,11 @@ class PruneSettings(BudgetSettings):
     def _steps(cls, v: Any) -> dict[str, int]:
         return parse_steps(v) if isinstance(v, str) or v is None else v
 
+    @field_validator("widths", mode="before")
+    @classmethod
+    def _widths(cls, v: Any) -> dict[str, list[int]]:
+        return parse_width_lists(v) if isinstance(v, str) or v is None else v
+
     @field_validator("band")
     @classmethod
     def _band(cls, v: float) -> float:
@@ -291,6 +302,24 @@ def parse_steps(text: str | None) -> dict[str, int]:
             out[key.strip()] = int(val)
         except ValueError:
             raise ValueError(f"cannot read --steps {part!r}: use AXIS=N, e.g. ffn=1024") from None
+    return out
+
+
+def parse_width_lists(text: str | None) -> dict[str, list[int]]:
+    """'expert_ffn=1536,1792,hidden=2048,2304' -> {'expert_ffn': [1536, 1792], 'hidden': [2048, 2304]}: a bare
+    number belongs to the axis named before it; empty for None or ''."""
+    out: dict[str, list[int]] = {}
+    axis = None
+    for part in (text or "").split(","):
+        if "=" in part:
+            axis, _, part = part.partition("=")
+            axis = axis.strip()
+            out.setdefault(axis, [])
+        if not part.strip():
+            continue
+        if axis is None or not part.strip().isdigit():
+            raise ValueError(f"cannot read --widths {part.strip()!r}: use AXIS=W,W,..., e.g. expert_ffn=1536,1792,1856")
+        out[axis].append(int(part))
     return out
 
 

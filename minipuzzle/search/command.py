@@ -24,12 +24,12 @@ def _samples(settings: dict, samples: int | None) -> dict:
 
 
 # PruneSettings fields `search` takes besides the budget; the rest (scoring, ranking, distillation) are `prune`'s.
-SEARCH_FIELDS = (*BudgetSettings.model_fields, "axes", "steps", "min_width", "min_layers", "candidates", "band",
-                 "method")  # fmt: skip
+SEARCH_FIELDS = (*BudgetSettings.model_fields, "axes", "steps", "widths", "min_width", "min_layers", "candidates",
+                 "band", "method")  # fmt: skip
 # Typed as text on the command line ('depth,ffn', 'ffn=1024', '1M'); PruneSettings reads the text.
 AS_TEXT = dict(
-    types_={"axes": str, "steps": str | None, "context": str},
-    defaults={"axes": "depth,ffn", "steps": None, "context": "8192"},
+    types_={"axes": str, "steps": str | None, "widths": str | None, "context": str},
+    defaults={"axes": "depth,ffn", "steps": None, "widths": None, "context": "8192"},
     aliases={"steps": ["--step"]},
 )
 
@@ -136,8 +136,9 @@ def _print_dry_run(model: str, plan: dict, budget, st, as_json: bool) -> None:
     if as_json:
         print(json.dumps(plan, indent=2))
         return
-    sp, c = plan["space"], plan["cost"]
-    print(f"{model}: {plan['source']['params']:,} parameters; budget {budget.describe()}")
+    sp, c, src = plan["space"], plan["cost"], plan["source"]
+    active = f" ({src['active_params']:,} active)" if "active_params" in src else ""
+    print(f"{model}: {src['params']:,} parameters{active}; budget {budget.describe()}")
     print(f"search space: axes {','.join(sp['axes'])}, {sp['size']:,} layouts; widths {sp['widths']}")
     print(f"layouts within the budget: {plan['feasible_layouts']:,}")
     print(

@@ -23,7 +23,7 @@ from minipuzzle.search.solver import (
     search,
     smallest_layout,
 )
-from minipuzzle.search.space import SearchSpace
+from minipuzzle.search.space import SearchSpace, layout_axes
 from minipuzzle.settings import PruneSettings
 
 # Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
@@ -56,30 +56,39 @@ def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:
     }
 
 
+def build_space(layout: Layout, settings: PruneSettings) -> SearchSpace:
+    """The search space the settings describe over `layout`."""
+    return SearchSpace.build(
+        layout, settings.axes, settings.steps, settings.min_width, settings.min_layers, widths=settings.widths
+    )
+
+
 def dry_run(layout: Layout, settings: PruneSettings) -> dict:
     """The plan for `prune` without weights: search space, feasible layouts, smallest layout, scoring cost."""
-    space = SearchSpace.build(layout, settings.axes, settings.steps, settings.min_width, settings.min_layers)
+    space = build_space(layout, settings)
     small = smallest_layout(space)
     b = settings.budget_for(layout)
     return {
-        "source": {"params": layout.num_params(), "pattern": layout.pattern, **_mem(b, layout)},
+        "source": {"params": layout.num_params(), "pattern": layout.pattern, **_costs(b, layout)},
         "budget": b.to_dict(),
         "space": space.describe(),
         "feasible_layouts": count_feasible(space, b),
         "band": settings.band,
         "pool_layouts": count_pool(space, b, settings.band),
-        "smallest_layout": {"params": small.num_params(), **_mem(b, small)},
+        "smallest_layout": {"params": small.num_params(), **_costs(b, small)},
         "cost": scoring_cost(layout, settings),
     }
 
 
-def _mem(b: Budget, lay: Layout) -> dict:
-    return {"memory_bytes": b.memory_of(lay)["total"]} if b.memory is not None else {}
+def _costs(b: Budget, lay: Layout) -> dict:
+    """The active parameters of an MoE layout and the memory of a memory budget, where they apply."""
+    out = {"active_params": lay.num_active_params()} if lay.is_moe else {}
+    return out | ({"memory_bytes": b.memory_of(lay)["total"]} if b.memory is not None else {})
 
 
 def run_search(layout: Layout, scores, settings: PruneSettings, k: int | None = None):
     """(space, damage model, candidates best first) for `layout` under the settings' budget."""
-    space = SearchSpace.build(layout, settings.axes, settings.steps, settings.min_width, settings.min_layers)
+    space = build_space(layout, settings)
     model = DamageModel(scores, space)
     cands = search(space, settings.budget_for(layout), model, k or settings.candidates, settings.method, band=settings.band)
     return space, model, cands
@@ -144,7 +153,7 @@ def prune(
 
 def check_budget(source: Layout, settings: PruneSettings) -> None:
     """Raise the user error of a budget that even the smallest layout of the search space misses."""
-    space = SearchSpace.build(source, settings.axes, settings.steps, settings.min_width, settings.min_layers)
+    space = build_space(source, settings)
     budget = settings.budget_for(source)
     if not budget.fits(smallest_layout(space)):
         no_layout_fits(space, budget)
@@ -188,7 +197,7 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
     return PruneReport(
         model=str(model), checkpoint=str(ckpt.path), budget=budget.to_dict(), space=space.describe(),
         chosen=LayoutDoc(**layout_document(plans[best], src, budget, cands[best])),
-        source_widths={name: axis.width(src) for name, axis in AXES.items()},
+        source_widths={name: AXES[name].width(src) for name in layout_axes(src)},
         source_memory=budget.memory_of(src), candidates=rows,
         data=PruneData(source=str(data), seq_len=settings.seq_len, calibration_windows=windows["calibration"],
                        held_out_windows=held, held_out_source=held_source),
