@@ -97,6 +97,7 @@ class LayoutSummary(Artifact):
 class ResultLayout(LayoutSummary):
     layers: dict[str, int]
     widths: dict[str, int]
+    active_params: int | None = Field(None, exclude_if=lambda v: v is None)  # mixture-of-experts layouts only
     memory_bytes: dict[str, Any] | None = None
     predicted_damage: float | None = None
 
@@ -140,6 +141,7 @@ class CandidateRow(TokenFigures):
     layers: dict[str, int]
     predicted_damage: float
     params: int
+    active_params: int | None = Field(None, exclude_if=lambda v: v is None)  # mixture-of-experts layouts only
     memory: int | None = None
     method: str | None = None  # the solver that found it (search.solver)
     predicted_rank: int

@@ -1,7 +1,8 @@
 """From a chosen candidate to a surgery `Plan` (which layers and units stay), and the readable layout file.
 
 This is where units are chosen: the search fixes how many stay per axis, `candidate_plan` picks which (the
-top-scored ones, the same count in every group of a grouped axis such as Mamba heads); `surgery` then cuts them.
+top-scored ones, the same count in every group of a grouped axis such as Mamba heads or the routed experts of a
+router with `n_group` groups); `surgery` then cuts them.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from minipuzzle.anatomy import AXES, KIND_NAMES, KINDS, LAYER_AXES
+from minipuzzle.anatomy import AXES, KIND_NAMES, LAYER_AXES
 from minipuzzle.arch import Layout
 from minipuzzle.search.damage import DamageModel, as_float_array, rank_desc
 from minipuzzle.search.solver import Candidate
+from minipuzzle.search.space import layout_axes, search_kinds
 
 
 def candidate_plan(cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True):
@@ -38,17 +40,20 @@ def candidate_plan(cand: Candidate, model: DamageModel, scores, norm_compensatio
 
 
 def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = None, extra: dict | None = None):
-    """A human-readable dict: the resulting widths and counts first, then the plan's index lists."""
+    """A human-readable dict: the resulting widths and counts first, then the plan's index lists. The MoE layer
+    count, widths and active parameters appear for mixture-of-experts sources only."""
     target = plan.target_layout(source)
     doc = {
         "source": {"pattern": source.pattern, "params": source.num_params()},
         "result": {
             "pattern": target.pattern,
             "params": target.num_params(),
-            "layers": {KIND_NAMES[kind]: target.count(kind) for kind in KINDS},
-            "widths": {name: axis.width(target) for name, axis in AXES.items()},
+            "layers": {KIND_NAMES[kind]: target.count(kind) for kind in search_kinds(source)},
+            "widths": {name: AXES[name].width(target) for name in layout_axes(source)},
         },
     }
+    if source.is_moe:
+        doc["result"]["active_params"] = target.num_active_params()
     if budget is not None:
         doc["budget"] = budget.to_dict()
         if budget.memory is not None:
