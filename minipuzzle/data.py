@@ -122,13 +122,19 @@ def iter_tokens(tokenizer, documents: Iterable[str]) -> Iterator[list[int]]:
 
 
 def pack(token_lists: Iterable[list[int]], seq_len: int) -> Iterator[list[int]]:
-    """Concatenate token lists and cut them into consecutive windows of exactly `seq_len` tokens."""
-    buf: list[int] = []
+    """Concatenate token lists and cut them into consecutive windows of exactly `seq_len` tokens.
+
+    Linear in the number of tokens: each list is appended once to the carry-over of fewer than `seq_len` tokens
+    left by the previous ones, and windows are sliced at an offset.
+    """
+    carry: list[int] = []
     for ids in token_lists:
+        buf = carry  # a list of our own (the tail sliced off the previous buffer)
         buf.extend(ids)
-        while len(buf) >= seq_len:
-            yield buf[:seq_len]
-            buf = buf[seq_len:]
+        full = len(buf) - len(buf) % seq_len
+        for start in range(0, full, seq_len):
+            yield buf[start : start + seq_len]
+        carry = buf[full:]
 
 
 def token_windows(
