@@ -46,6 +46,10 @@ class DataSection(_Section):
     held_out_files: list[str] = Field(default_factory=list, description="file names of a folder kept for eval")
     eval_source: str | None = Field(None, description="held-out data (default: held_out_files of source)")
     eval_split: str = "validation"
+    streaming: bool | None = Field(
+        None, description="read tables and hub datasets with datasets' streaming=True (None: on); local text "
+        "files are read lazily either way. false loads them whole (cached, usable offline)"
+    )  # fmt: skip
 
     def resolved_source(self) -> str:
         return sysconfig.get_paths()["stdlib"] if self.source == "stdlib" else self.source

@@ -214,3 +214,39 @@ def test_score_reads_a_small_prefix_of_a_200mb_file(tmp_path, tiny_model, tokeni
     big.unlink()
     assert read < 3 * 2**20, f"read {read / 2**20:.1f} MiB of a {200} MiB file"
     assert scores.meta["data"]["windows_available_or_requested"] == 8
+
+
+class _Seen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("streaming", [False, True, None])
+def test_recipe_data_streaming_reaches_every_stage(streaming, tmp_path, tiny_model, tokenizer, text_file, monkeypatch):
+    import minipuzzle.data
+    from minipuzzle import runner
+    from minipuzzle.recipe import parse_recipe
+    from minipuzzle.testing import save_model
+
+    seen = []
+
+    def reader(*args, streaming="not passed", **kwargs):  # stands in for token_windows / head_split
+        seen.append(streaming)
+        raise _Seen
+
+    monkeypatch.setattr(minipuzzle.data, "token_windows", reader)
+    monkeypatch.setattr(minipuzzle.data, "head_split", reader)
+    teacher = save_model(tiny_model, tmp_path / "teacher", tokenizer=tokenizer)
+    recipe = parse_recipe({"name": "t", "model": {"source": str(teacher)}, "search": {"target": "0.8"},
+                           "data": {"source": str(text_file), "streaming": streaming}, "distill": {"max_steps": 1}})  # fmt: skip
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "prune").symlink_to(teacher)  # eval's first model
+    data = runner.prepare_data(recipe, run_dir / "data")
+    for stage in (runner._score, runner._prune, runner._eval):
+        with pytest.raises(_Seen):
+            stage(recipe, teacher, data, run_dir / "score" if stage is runner._score else run_dir, False)
+    assert seen == [streaming] * 3
+    assert runner.distill_settings(recipe, teacher, data, run_dir, False).streaming is (streaming is not False)
+    # The distill section's own setting wins.
+    own = parse_recipe(recipe.model_dump() | {"distill": {"max_steps": 1, "streaming": True}})
+    assert runner.distill_settings(own, teacher, data, run_dir, False).streaming is True
