@@ -5,10 +5,10 @@ Sources: a local .txt/.py/.md file, a folder of such files, a .jsonl/.json/.csv 
 EOS and packed into windows of `seq_len` tokens; a seeded permutation of a bounded pool of the first windows picks
 the windows, so the same arguments always give the same tensor.
 
-Everything is a stream: text files are read `TEXT_CHUNK_CHARS` characters at a time (folders file by file),
-tables and hub datasets go through `datasets` with `streaming=True` unless streaming is turned off, long
-documents are tokenized piece by piece, and window building stops once the pool is full. A 200 MB text file
-costs what its first few hundred kilobytes cost.
+Everything is a stream: text files are read lazily, a quarter of `TEXT_CHUNK_CHARS` characters at a time
+(folders file by file), tables and hub datasets go through `datasets` with `streaming=True` unless streaming is
+turned off, long documents are tokenized piece by piece, and window building stops once the pool is full. A
+200 MB text file costs what its first few hundred kilobytes cost.
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ def _text_files(folder: Path) -> list[Path]:
 
 
 def _read_text(path: Path) -> Iterator[str]:
-    """The text of `path` in reads of TEXT_CHUNK_CHARS characters (UTF-8, bad bytes replaced, newlines as \\n)."""
+    """The text of `path` in reads of a quarter of TEXT_CHUNK_CHARS characters (UTF-8, bad bytes replaced,
+    newlines as \\n): a piece is cut once more than TEXT_CHUNK_CHARS characters are read, so the first piece
+    costs 1.25 pieces of reading, not 2."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        while chunk := f.read(TEXT_CHUNK_CHARS):
+        while chunk := f.read(TEXT_CHUNK_CHARS // 4):
             yield chunk
 
 
@@ -255,14 +257,17 @@ def _first_windows(
     streaming: bool | None,
     exclude: Iterable[str] = (),
     include: Iterable[str] | None = None,
-) -> list[list[int]]:
-    """The first `limit` windows of `source` (all with None), reading and tokenizing no further than they need."""
+) -> torch.Tensor:
+    """The first `limit` windows of `source` (all with None), [N, seq_len] int64, reading and tokenizing no further
+    than they need."""
     docs = iter_document_pieces(source, split, column, streaming, exclude, include)
     windows = pack(itertools.chain.from_iterable(piece_tokens(tokenizer, d) for d in docs), seq_len)
     try:
-        return list(itertools.islice(windows, limit))
+        # A tensor per window as it comes: 8 bytes a token, where lists of Python ints hold ~36.
+        rows = [torch.tensor(w, dtype=torch.long) for w in itertools.islice(windows, limit)]
     finally:
         windows.close()  # closes the open file now, not when the generators are collected
+    return torch.stack(rows) if rows else torch.zeros(0, seq_len, dtype=torch.long)
 
 
 def token_windows(
@@ -291,11 +296,10 @@ def token_windows(
     limit = None if num_samples is None else POOL_FACTOR * max(num_samples, 1)
     if max_windows is not None:
         limit = max_windows if limit is None else min(limit, max_windows)
-    windows = _first_windows(source, tokenizer, seq_len, limit, split=split, column=column, streaming=streaming,
-                             exclude=exclude, include=include)  # fmt: skip
-    if not windows:
+    data = _first_windows(source, tokenizer, seq_len, limit, split=split, column=column, streaming=streaming,
+                          exclude=exclude, include=include)  # fmt: skip
+    if not len(data):
         raise UserError(f"data {source} is empty or shorter than one window of {seq_len} tokens")
-    data = torch.tensor(windows, dtype=torch.long)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     if num_samples is not None:
         order = order[:num_samples]
@@ -326,8 +330,7 @@ def head_split(
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     # 4 x num_head so that a full pool always holds the whole head (at most a quarter of the windows).
     limit = max(2, 4 * num_head, num_head + POOL_FACTOR * num_rest)
-    built = _first_windows(source, tokenizer, seq_len, limit, split=split, column=column, streaming=streaming)
-    windows = torch.tensor(built, dtype=torch.long).reshape(-1, seq_len)
+    windows = _first_windows(source, tokenizer, seq_len, limit, split=split, column=column, streaming=streaming)
     if len(windows) < 2:
         raise UserError(f"data {source} gives {len(windows)} window of {seq_len} tokens: need at least 2")
     n_head = min(num_head, max(1, len(windows) // 4))

@@ -212,7 +212,7 @@ def test_score_reads_a_small_prefix_of_a_200mb_file(tmp_path, tiny_model, tokeni
     scores = score_to_folder(ckpt, str(big), tmp_path / "scores", settings, **kw)
     read = _bytes_read() - before
     big.unlink()
-    assert read < 3 * 2**20, f"read {read / 2**20:.1f} MiB of a {200} MiB file"
+    assert read < 2**20, f"read {read / 2**20:.1f} MiB of a {200} MiB file"
     assert scores.meta["data"]["windows_available_or_requested"] == 8
 
 
