@@ -49,6 +49,10 @@ class DataSection(_Section):
     held_out_files: list[str] = Field(default_factory=list, description="file names of a folder kept for eval")
     eval_source: str | None = Field(None, description="held-out data (default: held_out_files of source)")
     eval_split: str = "validation"
+    streaming: bool | None = Field(
+        None, description="read tables and hub datasets with datasets' streaming=True (None: on); local text "
+        "files are read lazily either way. false loads them whole (cached, usable offline)"
+    )  # fmt: skip
 
     def resolved_source(self) -> str:
         return sysconfig.get_paths()["stdlib"] if self.source == "stdlib" else self.source
@@ -65,6 +69,13 @@ SEARCH_RUN_DECIDED = ("seq_len", "depth_samples", "width_samples", "stream", "se
                       "candidate_distill_steps")  # fmt: skip
 
 
+def _set_apart_from_default(section: BaseModel, names: tuple[str, ...]) -> list[str]:
+    """The fields of `names` a section sets to something other than their default (a dumped recipe, which holds
+    every field at its default, reads back)."""
+    fields = type(section).model_fields
+    return sorted(n for n in names if n in section.model_fields_set and getattr(section, n) != fields[n].get_default())
+
+
 class SearchStage(PruneSettings):
     """The recipe's search section: PruneSettings (budget, space, candidates, ranking), with the candidates'
     distillation given in tokens. Unless set here, their LR and batch are the distill section's."""
@@ -73,7 +84,7 @@ class SearchStage(PruneSettings):
 
     @model_validator(mode="after")
     def _not_run_decided(self) -> SearchStage:
-        given = sorted(set(SEARCH_RUN_DECIDED) & self.model_fields_set)
+        given = _set_apart_from_default(self, SEARCH_RUN_DECIDED)
         if given:
             raise ValueError(f"{given[0]} is set by the run (importance and model sections): remove it")
         if self.target is None and self.memory is None and self.target_active is None:
@@ -95,7 +106,7 @@ class DistillStage(DistillSettings):
 
     @model_validator(mode="after")
     def _not_run_decided(self) -> DistillStage:
-        given = sorted(set(RUN_DECIDED) & self.model_fields_set)
+        given = _set_apart_from_default(self, RUN_DECIDED)
         if given:
             raise ValueError(f"{given[0]} is set by the run (model and data sections): remove it")
         return self

@@ -33,6 +33,7 @@ class RunData:
     split: str = "train"
     eval_split: str = "train"
     column: str = "text"
+    streaming: bool | None = None  # data.streaming: every stage reads through it
 
     @property
     def separate_held_out(self) -> bool:
@@ -48,7 +49,7 @@ def prepare_data(recipe: Recipe, folder: Path) -> RunData:
     if not d.held_out_files:
         held = d.resolved_eval_source()
         eval_split = d.eval_split if d.eval_source is not None or not src.exists() else d.split
-        return RunData(str(src) if src.exists() else d.source, held, d.split, eval_split, d.text_column)
+        return RunData(str(src) if src.exists() else d.source, held, d.split, eval_split, d.text_column, d.streaming)
     if not src.is_dir():
         raise UserError(f"data.held_out_files needs data.source to be a folder, got {d.source}")
     missing = [f for f in d.held_out_files if not (src / f).is_file()]
@@ -70,7 +71,7 @@ def prepare_data(recipe: Recipe, folder: Path) -> RunData:
                 os.symlink(f.resolve(), dest)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-    return RunData(str(train), str(held), d.split, d.split, d.text_column)
+    return RunData(str(train), str(held), d.split, d.split, d.text_column, d.streaming)
 
 
 def _recipe_doc(recipe: Recipe) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
     m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
     score_to_folder(teacher, data.train, out, recipe.importance, axes=list(recipe.search.axes), split=data.split,
-                    text_column=data.column, device=m.device, dtype=m.dtype,
+                    text_column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
                     overwrite=True, progress=progress)  # fmt: skip
 
 
@@ -150,8 +151,8 @@ def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress
     # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_settings).
     held = data.held_out if data.separate_held_out else None
     prune(str(teacher), run_dir / "prune", settings, data.train, held_out_data=held, split=data.split,
-          held_out_split=data.eval_split, column=data.column, scores_dir=str(run_dir / "score"), overwrite=True,
-          progress=progress)  # fmt: skip
+          held_out_split=data.eval_split, column=data.column, streaming=data.streaming,
+          scores_dir=str(run_dir / "score"), overwrite=True, progress=progress)  # fmt: skip
 
 
 def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> DistillSettings:
@@ -162,6 +163,8 @@ def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path
            "output": str(run_dir / "distill"), "eval_data": data.held_out, "split": data.split,
            "text_column": data.column, "device": recipe.model.device, "teacher_dtype": recipe.model.dtype,
            "progress": progress}  # fmt: skip
+    if "streaming" not in d.model_fields_set:  # the distill section's own setting wins over data.streaming
+        run["streaming"] = data.streaming is not False
     if not data.separate_held_out:
         # The prune stage ranked on the head of the training text: distillation takes at least those tokens as
         # its evaluation windows, which it never trains on.
@@ -218,7 +221,7 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
         targets.insert(0, (run_dir / "prune", run_dir / "eval_pruned", False))
     for model, out, speed in targets:
         evaluate(model, out, e.model_copy(update={"speed": speed}), teacher_path=teacher, data=data.held_out,
-                 split=data.eval_split, column=data.column, device=m.device, dtype=m.dtype,
+                 split=data.eval_split, column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
                  precision=recipe.search.precision, context=recipe.search.context, overwrite=True,
                  progress=progress)  # fmt: skip
 

@@ -116,6 +116,10 @@ class DataOptions(Settings):
                              "hub name.")  # fmt: skip
     split: str = Field("train", description="Split of a hub dataset.")
     text_column: str = Field("text", description="Text column of a table or hub dataset.")
+    streaming: bool | None = Field(
+        None, description="Read table files and hub datasets as a stream (default: on); text files are always read "
+        "lazily."
+    )  # fmt: skip
 
 
 class DeviceOptions(Settings):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minipuzzle.data import iter_documents
+from minipuzzle.data import iter_documents, tokenize_document
 from minipuzzle.errors import UserError
 
 
@@ -63,9 +63,8 @@ class WindowStream:
         self._full_pass = self.state.pos == self.state.start
 
     def _tokens(self, doc: str) -> list[int]:
-        ids = self.tokenizer(doc, add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        return ids + [eos] if eos is not None else ids
+        # The pieces data.head_split tokenizes in: the head it holds out is exactly our first windows.
+        return tokenize_document(self.tokenizer, doc)
 
     def _open(self) -> None:
         """Position the document iterator after `pos.docs` documents and rebuild the current buffer."""

@@ -54,9 +54,8 @@ def _eval_command(
         DeviceOptions(**compute),
     )
     rep = evaluate(model, output, st, teacher_path=teacher, data=src.data, split=src.split, column=src.text_column,
-                   device=dev.device,
-                   dtype=dev.dtype, precision=precision, context=parse_context(context), overwrite=overwrite,
-                   progress=True)  # fmt: skip
+                   streaming=src.streaming, device=dev.device, dtype=dev.dtype, precision=precision,
+                   context=parse_context(context), overwrite=overwrite, progress=True)  # fmt: skip
     con = Console()
     con.print(render_markdown(rep), markup=False, highlight=False)
     con.print(f"[bold]report written to {output}[/] ({', '.join(['report.json', 'report.md', *rep['plots']])})")

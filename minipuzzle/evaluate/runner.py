@@ -98,6 +98,7 @@ def evaluate(
     data: str | Path | None = None,
     split: str = "train",
     column: str = "text",
+    streaming: bool | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     precision: str = "bf16",
@@ -109,7 +110,8 @@ def evaluate(
     `artifacts.EvalReport`); returns the report as a dict.
 
     data: held-out text (file, folder or datasets name; `split` and `column` of a table or hub dataset) cut into
-    `settings.samples` windows [N, seq_len] with the model's tokenizer. settings.tasks: lm-eval task names / YAML
+    `settings.samples` windows [N, seq_len] with the model's tokenizer (`streaming`: see `data.iter_documents`;
+    only the text the windows need is read). settings.tasks: lm-eval task names / YAML
     files / folders (see `harness.parse_tasks`), `settings.limit` examples each. Speed is measured on
     [speed_batch, speed_len] random tokens plus `decode_tokens` generated ones. precision/context: the setting the
     architecture memory and FLOPs figures are given for.
@@ -126,7 +128,7 @@ def evaluate(
     mpath, tpath = _checkpoint_dir(model_path), _checkpoint_dir(teacher_path) if teacher_path is not None else None
     tok = _tokenizer(mpath, *([tpath] if tpath else []))
     windows = None if data is None else token_windows(data, tok, st.seq_len, st.samples, st.seed, split=split,
-                                                      column=column)  # fmt: skip
+                                                      column=column, streaming=streaming)  # fmt: skip
     model, teacher = _load_pair(mpath, tpath, dt, dev)
     rep = EvalReport(
         model=str(model_path), teacher=str(teacher_path) if teacher_path is not None else None,

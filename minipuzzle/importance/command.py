@@ -54,8 +54,9 @@ def score(
     st, src, dev = ScoreSettings(**settings), DataOptions(**text), DeviceOptions(**compute)
     resolve_device(dev.device, dev.dtype)  # a bad device is reported before the checkpoint is looked at
     path = resolve_checkpoint(model, model_path)
-    scores = score_to_folder(path, src.data, output, st, axes=axes.split(","), split=src.split, text_column=src.text_column,
-                             device=dev.device, dtype=dev.dtype, overwrite=overwrite, plots=plots, progress=True)  # fmt: skip
+    scores = score_to_folder(path, src.data, output, st, axes=axes.split(","), split=src.split,
+                             text_column=src.text_column, streaming=src.streaming, device=dev.device, dtype=dev.dtype,
+                             overwrite=overwrite, plots=plots, progress=True)  # fmt: skip
     _print_summary(scores, output)
 
 

@@ -28,14 +28,16 @@ def score_to_folder(
     axes: Collection[str],
     split: str = "train",
     text_column: str = "text",
+    streaming: bool | None = None,
     device: str | None = "auto",
     dtype: str | None = "auto",
     overwrite: bool = False,
     plots: bool = True,
     progress: bool = True,
 ) -> Scores:
-    """Score `checkpoint` on windows of `data` (`split` and `text_column` of a table or hub dataset) and write the
-    scores folder at `output` atomically.
+    """Score `checkpoint` on windows of `data` (`split` and `text_column` of a table or hub dataset; `streaming`: see
+    `data.iter_documents`) and write the scores folder at `output` atomically. Only the text the windows need is
+    read.
 
     The first `settings.depth_samples` windows [N, seq_len] feed the drop-one-layer pass and the first
     `settings.width_samples` the width pass (the same seeded choice of windows). Rerunning after an interruption
@@ -54,7 +56,7 @@ def score_to_folder(
     n_depth = settings.depth_samples if "depth" in axis_list else 0
     n_width = settings.width_samples if any(a != "depth" for a in axis_list) else 0
     windows = token_windows(data, tokenizer, settings.seq_len, max(n_depth, n_width), settings.seed, split=split,
-                            column=text_column)  # fmt: skip
+                            column=text_column, streaming=streaming)  # fmt: skip
     w_depth, w_width = windows[:n_depth], windows[:n_width]
     resume = resume_dir_for(output)
     scores = score_checkpoint(

@@ -106,6 +106,7 @@ def prune_cmd(
         held_out_data=held_out_data,
         split=src.split,
         column=src.text_column,
+        streaming=src.streaming,
         model_path=model_path,
         scores_dir=scores,
         overwrite=overwrite,

@@ -104,6 +104,7 @@ def prune(
     split: str = "train",
     held_out_split: str | None = None,
     column: str = "text",
+    streaming: bool | None = None,
     model_path: str | None = None,
     scores_dir: str | None = None,
     overwrite: bool = False,
@@ -113,7 +114,8 @@ def prune(
     to `out`.
 
     Candidates are ranked on `held_out_data` (split `held_out_split`, default `split`), or, without it, on the
-    first windows of `data`, which scoring and candidate distillation never see. Returns the report as a dict.
+    first windows of `data`, which scoring and candidate distillation never see. `streaming` (None: on) reads
+    tables and hub datasets with `datasets` streaming (`data.iter_documents`). Returns the report as a dict.
     Every user error is raised before anything is written.
     """
     from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
@@ -129,7 +131,7 @@ def prune(
         raise UserError("prune needs calibration text: pass --data FILE|FOLDER|DATASET")
     held_split = held_out_split or split
     tok = load_tokenizer(path)
-    held, calib = _windows(data, held_out_data, tok, settings, split, held_split, column, scores_dir is None)
+    held, calib = _windows(data, held_out_data, tok, settings, split, held_split, column, scores_dir is None, streaming)
     with _timed(timing, "scoring_seconds" if scores_dir is None else None):
         scores = load_or_score(path, calib, settings, scores_dir, progress)
     with _timed(timing, "search_seconds"):
@@ -227,20 +229,20 @@ def _timed(timing: dict, key: str | None):
         timing[key] = round(time.perf_counter() - t, 3)
 
 
-def _windows(data, held_out_data, tok, settings: PruneSettings, split, held_split, column, score: bool):
+def _windows(data, held_out_data, tok, settings: PruneSettings, split, held_split, column, score: bool, streaming):
     """(held-out windows [H, T], calibration windows [C, T]; C = 0 when nothing is scored here)."""
     from minipuzzle.data import head_split, token_windows
 
     n_score = max(settings.depth_samples, settings.width_samples) if score else 0
-    T, seed = settings.seq_len, settings.seed
+    T, seed, kw = settings.seq_len, settings.seed, {"column": column, "streaming": streaming}
     if held_out_data is None:
-        return head_split(data, tok, T, settings.held_out_samples, n_score, seed, split=split, column=column)
+        return head_split(data, tok, T, settings.held_out_samples, n_score, seed, split=split, **kw)
     if str(Path(held_out_data).resolve()) == str(Path(data).resolve()) and held_split == split:
         raise UserError(f"--held-out-data {held_out_data} is the same text as --data: rank on text not scored on")
-    held = token_windows(held_out_data, tok, T, settings.held_out_samples, seed, split=held_split, column=column)
+    held = token_windows(held_out_data, tok, T, settings.held_out_samples, seed, split=held_split, **kw)
     if not score:
         return held, torch.zeros(0, T, dtype=torch.long)
-    return held, token_windows(data, tok, T, n_score, seed, split=split, column=column)
+    return held, token_windows(data, tok, T, n_score, seed, split=split, **kw)
 
 
 def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progress: bool) -> list[dict]:
