@@ -19,7 +19,7 @@ LAYOUT = tiny_moe_layout()  # "ME*EM-": MoE layers 1 and 3, 8 experts in 2 group
 EVERY = list(range(LAYOUT.num_layers))
 WINDOWS = torch.randint(0, LAYOUT.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
 NEVER = {1: [1, 6], 3: [0, 5]}  # one expert per router group
-DEAD = {"expert_ffn": {1: [0, 1, 2, 3], 3: [28, 29, 30, 31]}, "shared_ffn": {1: [5, 6], 3: list(range(8))}}
+DEAD = {"expert_ffn": {1: [0, 1, 2, 3], 3: [28, 29, 30, 31]}, "shared_ffn": {1: [5, 6, 40, 47], 3: [0, 1, 2, 3]}}
 MOE_AXES = ["experts", "expert_ffn", "shared_ffn"]
 ALL_AXES = ["depth", "ffn", "mamba_heads", "mamba_head_dim", "attn_heads", "hidden", *MOE_AXES]
 
@@ -144,10 +144,41 @@ def test_score_command_on_a_moe_checkpoint(tmp_path, text_file, tokenizer):
     meta = json.loads((out / "scores.json").read_text())
     assert meta["settings"]["expert_estimator"] == "router_load"
     assert meta["summary"]["experts"]["layers"] == [1, 3] and meta["summary"]["experts"]["exact_zeros"] == 4
-    assert meta["summary"]["expert_ffn"]["exact_zeros"] == 8 and meta["summary"]["shared_ffn"]["exact_zeros"] == 10
+    assert meta["summary"]["expert_ffn"]["exact_zeros"] == 8 and meta["summary"]["shared_ffn"]["exact_zeros"] == 8
     assert (out / "depth.png").is_file()
     code, _, err = run_cli(["score", str(path), "--data", str(text_file), "-o", str(tmp_path / "x"),
                             "--expert-estimator", "votes"])  # fmt: skip
     assert code == 2 and "expert" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(UserError, match="unknown expert estimator"):
         score_model(planted_model(), None, WINDOWS, ["experts"], progress=False, expert_estimator="votes")
+
+
+def test_scores_find_exactly_the_planted_units_and_cutting_them_keeps_the_logits(tmp_path):
+    """Scores -> plan -> `minipuzzle cut`: the least important expert of every router group, the zero-scored
+    expert and shared-expert channels and the least important layer are exactly the planted ones, and the model
+    cut to them computes the same logits."""
+    model = planted_model()
+    s = score_model(model, WINDOWS, WINDOWS, ["depth", *MOE_AXES], progress=False)
+    groups = LAYOUT.n_group
+    plan = Plan(
+        layers=[i for i in EVERY if i != int(s.depth.argmin())],
+        experts={i: sorted(s.group_order(t, groups)[:, :-1].flatten().tolist()) for i, t in s.experts.items()},
+        expert_ffn={i: torch.where(t > 0)[0].tolist() for i, t in s.expert_ffn.items()},
+        shared_ffn={i: torch.where(t > 0)[0].tolist() for i, t in s.shared_ffn.items()},
+    )
+    assert plan.layers == [i for i in EVERY if i != 4]
+    assert plan.experts == {i: _keep(8, dead) for i, dead in NEVER.items()}
+    for axis in ("expert_ffn", "shared_ffn"):
+        width = 32 if axis == "expert_ffn" else 48
+        assert getattr(plan, axis) == {i: _keep(width, dead) for i, dead in DEAD[axis].items()}
+    src = save_model(model, tmp_path / "src", style="backbone")
+    (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
+    code, _, err = run_cli(["cut", str(src), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")])
+    assert code == 0, err
+    from minipuzzle.checkpoint import load_model
+
+    cut = load_model(tmp_path / "out")
+    assert cut.num_parameters() == plan.target_layout(LAYOUT).num_params() < model.num_parameters()
+    with torch.no_grad():
+        ref, got = model(WINDOWS).logits, cut(WINDOWS).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-6

@@ -209,3 +209,15 @@ def test_cut_command_on_a_moe_checkpoint(tmp_path):
     assert code == 0, err
     assert Plan.from_dict(json.loads((tmp_path / "out" / "prune_plan.json").read_text())["plan"]) == plan
     assert rel_err(logits(load_model(tmp_path / "out")), logits(model)) < 1e-4
+
+
+def test_candidate_ranking_streams_moe_checkpoints(tmp_path):
+    """Ranking a candidate cuts the source's merged expert tensors layer by layer (`search.ranking.PrunedStack`):
+    the same statistics as pruning the model in memory."""
+    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+
+    model = model_for("latent")
+    src = save_model(model, tmp_path / "src", style="backbone")
+    candidates = [plans(LAYOUTS["latent"])[axis] for axis in ("experts", "all")]
+    ids = IDS[:, :20]
+    assert measure_streamed(src, candidates, ids) == measure_in_memory(model, candidates, ids)
