@@ -265,17 +265,11 @@ class Cutter:
             return _apply(t, (self.hidden, None, self.hidden_scale))
         if i not in self._layer_cuts:
             self._layer_cuts = {i: self._kind_cuts[self.src.pattern[i]](i)}  # tensors come layer by layer
-        part = expert_part(name)
-        if part is not None:  # one expert's tensor: cut like every other expert (its name says if it stays)
-            rest = part[0].removeprefix(f"model.layers.{i}.") + ".weight"
-        elif is_merged_experts(name):
-            rest += ".weight"
-        how = self._layer_cuts[i].get(rest.removeprefix("mixer.")) if rest.startswith("mixer.") else None
-        if how is None or (part is None and is_merged_experts(name) and t.ndim != 3):
+        merged = is_merged_experts(name)
+        how = self._layer_cuts[i].get(_cut_key(name, rest))
+        if how is None or (merged and t.ndim != 3):
             raise UserError(f"unexpected weight {name} for a {self.src.pattern[i]!r} layer")
-        if is_merged_experts(name):
-            return _apply_experts(t, self._kept("experts", i), how)
-        return _apply(t, how)
+        return _apply_experts(t, self._kept("experts", i), how) if merged else _apply(t, how)
 
     def _kept(self, axis: str, i: int) -> torch.Tensor | None:
         """Kept units of layer axis `axis` in layer `i` as an index tensor, None when all stay."""
@@ -330,6 +324,19 @@ class Cutter:
             "experts.up_proj.weight": (width, routed, 1.0),
             "experts.down_proj.weight": (routed, width, 1.0),
         }
+
+
+def _cut_key(name: str, rest: str) -> str | None:
+    """Where a layer's cuts hold the cut of tensor `name` (`rest`: its name within the layer): its name under
+    `mixer.`, and for routed experts, merged or one tensor per expert, the cut of one expert's matrix
+    (`experts.up_proj.weight`: every expert is cut alike; whether one stays is `Cutter.output_name`'s business)."""
+    if not rest.startswith("mixer."):
+        return None
+    part = expert_part(name)
+    if part is not None:
+        return f"experts.{part[0].rpartition('.')[2]}.weight"
+    rest = rest.removeprefix("mixer.")
+    return rest + ".weight" if is_merged_experts(name) else rest
 
 
 def _linear_cuts(**projections: tuple[torch.Tensor | None, torch.Tensor | None]) -> dict[str, Cut]:
