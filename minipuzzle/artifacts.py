@@ -62,6 +62,8 @@ class ScoringInfo(Artifact):
     streamed: bool
     device: str
     dtype: str
+    # How routed experts were scored (importance.experts.EXPERT_ESTIMATORS); None without MoE expert scores.
+    expert_estimator: str | None = None
 
 
 class ScoresMeta(Artifact):

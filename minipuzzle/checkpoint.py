@@ -4,6 +4,11 @@ Reading never builds the model: a 56B checkpoint is a set of safetensors shards,
 (scoring, surgery) asks for one tensor or one layer at a time. Both weight-name styles are accepted (NVIDIA's
 remote-code `backbone.*` and transformers' native `model.*`); everything is returned under native names and
 everything written is native, so the output loads with `AutoModelForCausalLM.from_pretrained` without remote code.
+
+Routed experts of mixture-of-experts layers live in memory as two 3-D tensors per layer (`mixer.experts.up_proj`
+[E, width, in], `mixer.experts.down_proj` [E, in, width]) but on disk, as transformers' `save_pretrained` and the
+hub checkpoints store them, as one 2-D tensor per expert (`mixer.experts.{j}.up_proj.weight`); transformers merges
+them on load. `Checkpoint` reads either form and answers to both names; `ShardWriter` writes the per-expert form.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -84,6 +90,33 @@ def native_name(name: str) -> str:
     return name
 
 
+# A merged (in-memory) routed-experts tensor, and one expert's tensor as stored on disk.
+_MERGED_EXPERTS_RE = re.compile(r"^(.+\.mixer\.experts)\.(up_proj|down_proj)$")
+_PER_EXPERT_RE = re.compile(r"^(.+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+
+
+def expert_part(name: str) -> tuple[str, int] | None:
+    """(merged name, expert index) of a per-expert name (`...experts.3.up_proj.weight` -> (`...experts.up_proj`,
+    3)); None for any other name."""
+    m = _PER_EXPERT_RE.match(name)
+    return (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else None
+
+
+def is_merged_experts(name: str) -> bool:
+    """True for a routed-experts tensor in its in-memory 3-D form (`...mixer.experts.up_proj`)."""
+    return _MERGED_EXPERTS_RE.match(name) is not None
+
+
+def split_experts(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A merged routed-experts tensor [E, ...] as E per-expert (name, tensor) pairs, the on-disk form; any other
+    tensor as itself."""
+    m = _MERGED_EXPERTS_RE.match(name)
+    if m is None or t.ndim != 3:
+        return [(name, t)]
+    # Copies, not views: safetensors refuses to write tensors that share memory.
+    return [(f"{m.group(1)}.{j}.{m.group(2)}.weight", t[j].clone()) for j in range(t.shape[0])]
+
+
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
@@ -91,8 +124,11 @@ def layer_prefix(i: int) -> str:
 class Checkpoint:
     """A safetensors checkpoint folder (single file or sharded with an index), read lazily.
 
-    `keys()` are native names; `get(name)` reads one tensor from its shard. `config` is config.json as
-    transformers reads it (a `NemotronHConfig`) and `layout` the architecture in it. Raises `UserError` for a missing folder, a corrupt shard or a config that is not Nemotron-H.
+    `keys()` are native names as stored (routed experts one tensor per expert, when stored so); `get(name)` reads
+    one tensor from its shard, and also answers to a merged routed-experts name (`...mixer.experts.up_proj`) by
+    stacking the experts' tensors. `state_dict()` and `layer_state(i)` use the model's own names (merged experts).
+    `config` is config.json as transformers reads it (a `NemotronHConfig`) and `layout` the architecture in it.
+    Raises `UserError` for a missing folder, a corrupt shard or a config that is not Nemotron-H.
     """
 
     def __init__(self, path: str | Path):
@@ -126,17 +162,41 @@ class Checkpoint:
                 for stored in _read_header(f):  # also validates the header: fail before any work is done
                     self._add(stored, f)
         self._handles: dict[Path, Any] = {}
+        self._experts = self._expert_groups()
 
     def _add(self, stored: str, file: Path) -> None:
         name = native_name(stored)
         self._files[name] = file
         self._stored[name] = stored
 
+    def _expert_groups(self) -> dict[str, list[str]]:
+        """Merged routed-experts name -> its per-expert stored names in expert order (for experts stored apart)."""
+        parts: dict[str, dict[int, str]] = {}
+        for name in self._files:
+            got = expert_part(name)
+            if got is not None:
+                parts.setdefault(got[0], {})[got[1]] = name
+        groups = {}
+        for merged, by_index in parts.items():
+            if sorted(by_index) != list(range(len(by_index))):
+                raise UserError(f"checkpoint {self.path} stores experts {sorted(by_index)} of {merged}: not 0..n-1")
+            groups[merged] = [by_index[j] for j in range(len(by_index))]
+        return groups
+
     def keys(self) -> list[str]:
+        """Native names as stored."""
         return list(self._files)
 
+    def module_keys(self) -> list[str]:
+        """Native names as the model names its tensors: per-expert tensors under their merged name, once."""
+        out: dict[str, None] = {}
+        for name in self._files:
+            got = expert_part(name)
+            out[got[0] if got else name] = None
+        return list(out)
+
     def __contains__(self, name: str) -> bool:
-        return name in self._files
+        return name in self._files or name in self._experts
 
     def _handle(self, file: Path):
         h = self._handles.get(file)
@@ -150,6 +210,8 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor by native name, read from its shard (only that tensor is loaded)."""
+        if name not in self._files and name in self._experts:
+            return torch.stack([self.get(part) for part in self._experts[name]])
         if name not in self._files:
             raise KeyError(name)
         try:
@@ -160,19 +222,24 @@ class Checkpoint:
             raise UserError(f"cannot read tensor {name} from {self._files[name]}: {e}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._files and name in self._experts:
+            return (len(self._experts[name]), *self.shape(self._experts[name][0]))
         return tuple(self._handle(self._files[name]).get_slice(self._stored[name]).get_shape())
 
     def layer_keys(self, i: int) -> list[str]:
+        """Layer i's tensors under the model's names (merged routed experts)."""
         pre = layer_prefix(i)
-        return [k for k in self._files if k.startswith(pre)]
+        return [k for k in self.module_keys() if k.startswith(pre)]
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
-        """All tensors of layer i, with names relative to the layer (`norm.weight`, `mixer.in_proj.weight`)."""
+        """All tensors of layer i, with names relative to the layer (`norm.weight`, `mixer.in_proj.weight`,
+        `mixer.experts.up_proj` [E, width, in] with the experts merged)."""
         pre = layer_prefix(i)
         return {k[len(pre) :]: self.get(k) for k in self.layer_keys(i)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: self.get(k) for k in self._files}
+        """Every tensor under the model's names (merged routed experts), as `model.state_dict()` has them."""
+        return {k: self.get(k) for k in self.module_keys()}
 
     def dtype(self) -> torch.dtype:
         return self.get("model.norm_f.weight").dtype if "model.norm_f.weight" in self else torch.float32
@@ -283,18 +350,28 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 class ShardWriter:
     """Write tensors into numbered safetensors shards of at most `max_shard_bytes`, then the index.
 
-    Tensors are buffered only until a shard is full, so streaming writers hold about one shard in memory.
+    Tensors are buffered only until a shard is full, so streaming writers hold about one shard in memory. Merged
+    routed-experts tensors are written one per expert (`split_experts`), as transformers and the hub store them,
+    unless `split_experts` is False.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9):
+    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9, split_experts: bool = True):
         self.folder = Path(folder)
         self.max = max_shard_bytes
+        self.split = split_experts
         self._buf: dict[str, torch.Tensor] = {}
         self._buf_bytes = 0
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.split and is_merged_experts(name):
+            for part, t in split_experts(name, tensor):
+                self._add(part, t)
+        else:
+            self._add(name, tensor)
+
+    def _add(self, name: str, tensor: torch.Tensor) -> None:
         n = tensor.numel() * tensor.element_size()
         if self._buf and self._buf_bytes + n > self.max:
             self._flush()
@@ -427,7 +504,7 @@ def load_model(
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     model = build_model(ckpt.layout, ckpt.config)
     expected = set(model.state_dict())
-    have = set(ckpt.keys())
+    have = set(ckpt.module_keys())
     missing = sorted(expected - have)
     if missing == ["lm_head.weight"] and ckpt.layout.tie_word_embeddings:
         # A tied checkpoint may omit the head; transformers' NemotronH keeps a separate one, so fill it in.

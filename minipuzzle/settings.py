@@ -25,6 +25,8 @@ from minipuzzle.units import parse_bytes, parse_count
 DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence")
 # importance.width.DEFAULT_AGG, named here for the same reason.
 DEFAULT_WIDTH_AGG = "abs_mean,l2"
+# importance.experts.EXPERT_ESTIMATORS (its default first), named here for the same reason.
+EXPERT_ESTIMATORS = ("removal", "router_load", "output_norm")
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 # A warmup may take at most this share of the run. A longer one (the default 100 steps on a 60-step run) leaves
@@ -144,6 +146,10 @@ class ScoreSettings(Settings):
     width_agg: str = Field(
         DEFAULT_WIDTH_AGG, description="Width statistic SEQ,ROWS: over each row's tokens, then over rows."
     )
+    expert_estimator: Literal[EXPERT_ESTIMATORS] = Field(  # type: ignore[valid-type]
+        "removal", description="Routed experts of MoE layers: removal (output change when the expert is removed and "
+        "tokens re-routed), router_load (routing weight) or output_norm (weighted output norm)."
+    )  # fmt: skip
     stream: bool | None = Field(None, description="Read layers one at a time (default: when the model does not fit).")
     seed: int = Field(0, description="Seed for choosing calibration windows.")
     batch_size: int = Field(8, ge=1, description="Rows per forward call.")

@@ -8,6 +8,14 @@ Removing channels from an RMSNorm's input changes its mean square even when they
 sqrt(old_width / new_width): removing units that contribute nothing then leaves the logits unchanged up to the
 norm's epsilon. Switched off, the kept weights are copied as they are.
 
+Mixture-of-experts layers: removing routed experts cuts their router rows, their `e_score_correction_bias`
+entries and their weights (merged [E, ...] tensors on dim 0; per-expert tensors as stored on disk are dropped and the
+kept ones renumbered 0..n-1). The router's `n_group` groups are contiguous blocks of experts, and a plan keeps the
+same number in each (like query heads in their KV groups), so the kept experts of old group g form new group g:
+`n_group`, `topk_group` and `num_experts_per_tok` stay, the group view of the router still works and, when the
+removed experts were never among a group's two best nor chosen, routing is unchanged. A plan that leaves a group
+fewer than two experts (the router ranks groups by their best two) or too few for the top-k is refused.
+
 Two modes that call the same per-tensor function, so they agree bit for bit: in memory (`prune_state_dict`,
 `prune_model`) and streamed from the source shards to the output shards (`prune_checkpoint`), holding about one
 tensor at a time.
@@ -29,6 +37,7 @@ from minipuzzle.anatomy import (
     LAYER_AXES,
     MAMBA,
     MLP,
+    MOE,
     attention_rows,
     mamba_channels,
     mamba_conv_slices,
@@ -41,6 +50,8 @@ from minipuzzle.checkpoint import (
     atomic_dir,
     build_model,
     copy_tokenizer,
+    expert_part,
+    is_merged_experts,
     model_state_dict,
     native_name,
     write_config,
@@ -61,8 +72,9 @@ class Plan:
     source layer of that axis's kind, the kept unit indices (ascending); None keeps everything on that axis.
     mamba_heads are global head indices, mamba_head_dim entries are channel indices within a head (the same in
     every head), attn_heads are query-head indices. hidden: kept hidden (residual-stream) channels, or None.
-    experts / expert_ffn / shared_ffn (MoE layers): kept routed experts, channels of every routed expert, channels
-    of the shared expert.
+    experts / expert_ffn / shared_ffn (MoE layers): kept routed experts (the same count in each of the router's
+    `n_group` contiguous groups, at least two per group and enough for `num_experts_per_tok`), channels of every
+    routed expert (the same in each), channels of the shared expert.
     norm_compensation: scale the kept weights of RMSNorms that lose input channels by sqrt(old_width / new_width).
     """
 
@@ -127,6 +139,8 @@ class Plan:
             raise UserError(f"plan layers must be ascending, unique and within 0..{last}")
         for axis in LAYER_AXES:
             self._check_layer_axis(layout, axis)
+        if layout.is_moe:
+            self._check_router(layout)
         if self.hidden is not None:
             _check_indices(self.hidden, layout.hidden_size, "hidden")
 
@@ -152,6 +166,22 @@ class Plan:
             raise UserError(
                 f"plan keeps different numbers of {name} per layer ({sorted(counts)}): widths must be uniform"
             )
+
+    def _check_router(self, layout: Layout) -> None:
+        """Kept experts still make a router: two per group at least, enough in `topk_group` groups for the top-k."""
+        groups, top_k, top_groups = layout.n_group, layout.num_experts_per_tok, layout.topk_group
+        for i, keep in sorted((self.experts or {}).items()):
+            per_group = len(keep) // groups
+            if per_group < 2:
+                raise UserError(
+                    f"layer {i} keeps {per_group} expert(s) in each of its {groups} router groups: the router ranks "
+                    f"groups by their two best experts, so keep at least {2 * groups}"
+                )
+            if top_k > top_groups * per_group:
+                raise UserError(
+                    f"layer {i} keeps {len(keep)} experts, too few for num_experts_per_tok {top_k} from "
+                    f"{top_groups} of {groups} groups: keep at least {-(-top_k // top_groups) * groups}"
+                )
 
     def target_layout(self, layout: Layout) -> Layout:
         """The layout of the pruned model."""
@@ -194,17 +224,32 @@ class Cutter:
         self.hidden = None if plan.hidden is None or len(plan.hidden) == h else torch.tensor(plan.hidden)
         self.hidden_scale = math.sqrt(h / self.dst.hidden_size) if plan.norm_compensation else 1.0
         self._layer_cuts: dict[int, dict[str, Cut]] = {}
-        self._kind_cuts = {MLP: self._mlp_cuts, ATTENTION: self._attention_cuts, MAMBA: self._mamba_cuts}
+        self._kind_cuts = {
+            MLP: self._mlp_cuts, ATTENTION: self._attention_cuts, MAMBA: self._mamba_cuts, MOE: self._moe_cuts
+        }  # fmt: skip
 
     def output_name(self, name: str) -> str | None:
-        """Native name of `name` in the pruned model, or None when its layer is dropped."""
+        """Native name of `name` in the pruned model, or None when its layer (or, for one routed expert's tensor
+        as stored on disk, its expert) is dropped."""
         m = _LAYER_RE.match(name)
         if not m:
             return name
         i = int(m.group(1))
         if i not in self.new_index:
             return None
+        part = expert_part(name)
+        if part is not None:
+            new_j = self._expert_numbers(i).get(part[1])
+            if new_j is None:
+                return None
+            proj = part[0].rpartition(".")[2]
+            return f"model.layers.{self.new_index[i]}.mixer.experts.{new_j}.{proj}.weight"
         return f"model.layers.{self.new_index[i]}.{m.group(2)}"
+
+    def _expert_numbers(self, i: int) -> dict[int, int]:
+        """Kept routed experts of layer i: source index -> index in the pruned layer."""
+        kept = self.plan.kept("experts", i, self.src.n_routed_experts)
+        return {old: new for new, old in enumerate(kept)}
 
     def cut(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Slice one tensor (native source name) to the plan."""
@@ -220,10 +265,11 @@ class Cutter:
             return _apply(t, (self.hidden, None, self.hidden_scale))
         if i not in self._layer_cuts:
             self._layer_cuts = {i: self._kind_cuts[self.src.pattern[i]](i)}  # tensors come layer by layer
-        how = self._layer_cuts[i].get(rest.removeprefix("mixer.")) if rest.startswith("mixer.") else None
-        if how is None:
+        merged = is_merged_experts(name)
+        how = self._layer_cuts[i].get(_cut_key(name, rest))
+        if how is None or (merged and t.ndim != 3):
             raise UserError(f"unexpected weight {name} for a {self.src.pattern[i]!r} layer")
-        return _apply(t, how)
+        return _apply_experts(t, self._kept("experts", i), how) if merged else _apply(t, how)
 
     def _kept(self, axis: str, i: int) -> torch.Tensor | None:
         """Kept units of layer axis `axis` in layer `i` as an index tensor, None when all stay."""
@@ -261,6 +307,37 @@ class Cutter:
         projections = _linear_cuts(in_proj=(in_proj, hid), conv1d=(conv, None), out_proj=(hid, inner))
         return {**projections, **per_head, "norm.weight": (inner, None, norm_scale)}
 
+    def _moe_cuts(self, i: int) -> dict[str, Cut]:
+        """Router rows and correction bias follow the kept experts; `experts.*.weight` is the cut of one expert's
+        [out, in] matrix (every kept expert is cut alike). The routed experts read and write the hidden size, or
+        the latent space when `moe_latent_size` is set (then the latent projections carry the hidden cut)."""
+        experts, hid = self._kept("experts", i), self.hidden
+        width, shared = self._kept("expert_ffn", i), self._kept("shared_ffn", i)
+        latent = self.src.moe_latent_size is not None
+        routed = None if latent else hid
+        cuts = _linear_cuts(**{"shared_experts.up_proj": (shared, hid), "shared_experts.down_proj": (hid, shared)})
+        if latent:
+            cuts |= _linear_cuts(fc1_latent_proj=(None, hid), fc2_latent_proj=(hid, None))
+        return cuts | {
+            "gate.weight": (experts, hid, 1.0),
+            "gate.e_score_correction_bias": (experts, None, 1.0),
+            "experts.up_proj.weight": (width, routed, 1.0),
+            "experts.down_proj.weight": (routed, width, 1.0),
+        }
+
+
+def _cut_key(name: str, rest: str) -> str | None:
+    """Where a layer's cuts hold the cut of tensor `name` (`rest`: its name within the layer): its name under
+    `mixer.`, and for routed experts, merged or one tensor per expert, the cut of one expert's matrix
+    (`experts.up_proj.weight`: every expert is cut alike; whether one stays is `Cutter.output_name`'s business)."""
+    if not rest.startswith("mixer."):
+        return None
+    part = expert_part(name)
+    if part is not None:
+        return f"experts.{part[0].rpartition('.')[2]}.weight"
+    rest = rest.removeprefix("mixer.")
+    return rest + ".weight" if is_merged_experts(name) else rest
+
 
 def _linear_cuts(**projections: tuple[torch.Tensor | None, torch.Tensor | None]) -> dict[str, Cut]:
     """The cuts of projections given as name=(kept outputs, kept inputs): `name.weight` (out, in) keeps both,
@@ -278,6 +355,15 @@ def _apply(t: torch.Tensor, how: Cut) -> torch.Tensor:
     out = t if rows is None else t.index_select(0, rows)
     out = out if cols is None else out.index_select(1, cols)
     return out if scale == 1.0 else (out.float() * scale).to(t.dtype)
+
+
+def _apply_experts(t: torch.Tensor, experts: torch.Tensor | None, how: Cut) -> torch.Tensor:
+    """A merged routed-experts tensor [E, out, in] with only the kept experts, each cut as `how` cuts one [out, in]
+    matrix (unscaled)."""
+    rows, cols, _ = how
+    out = t if experts is None else t.index_select(0, experts)
+    out = out if rows is None else out.index_select(1, rows)
+    return out if cols is None else out.index_select(2, cols)
 
 
 def _at(block: slice, index: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from minipuzzle import anatomy
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import ShardWriter, atomic_dir, model_state_dict, write_config
+from minipuzzle.checkpoint import ShardWriter, atomic_dir, is_merged_experts, model_state_dict, write_config
 
 
 def tiny_layout(**overrides) -> Layout:
@@ -37,6 +37,21 @@ def tiny_layout(**overrides) -> Layout:
     return Layout(**base)
 
 
+def tiny_moe_layout(**overrides) -> Layout:
+    """A small mixture-of-experts layout (Nemotron 3 in miniature) with every layer kind: 8 routed experts of width
+    32 in 2 router groups, the top 2 chosen from the best group, a shared expert of width 48."""
+    moe = dict(
+        pattern="ME*EM-",
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=48,
+        n_group=2,
+        topk_group=1,
+    )
+    return tiny_layout(**{**moe, **overrides})
+
+
 def tiny_config(layout: Layout | None = None, **config_overrides) -> dict:
     """Native config dict for a tiny model (small chunk size so the chunked SSM scan is exercised)."""
     layout = layout or tiny_layout()
@@ -49,7 +64,8 @@ def random_model(layout: Layout | None = None, seed: int = 0, config: dict | Non
     """A `NemotronHForCausalLM` in float32 with every parameter random, norms included.
 
     The default init sets norm weights to one and D to one; randomising them makes tests sensitive to slicing
-    mistakes that an all-ones vector would hide.
+    mistakes that an all-ones vector would hide. For the same reason the routers' `e_score_correction_bias`
+    buffers (zeros by default) are random; routed experts [E, out, in] are initialised like E linear layers.
     """
     from transformers import NemotronHForCausalLM
 
@@ -65,9 +81,13 @@ def random_model(layout: Layout | None = None, seed: int = 0, config: dict | Non
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 - 1.0)
             elif p.ndim == 1:
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
-            else:
-                fan_in = p.shape[-1] if p.ndim == 2 else p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) * scale / fan_in**0.5 * (2.0 if p.ndim != 2 else 1.0))
+            elif p.ndim == 2 or is_merged_experts(name):
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / p.shape[-1] ** 0.5)
+            else:  # the depthwise conv (channels, 1, kernel)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / p[0].numel() ** 0.5 * 2.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
     model.eval()
     return model
 
@@ -102,11 +122,14 @@ def save_model(
     tokenizer=None,
     max_shard_bytes: int = 2**40,
     overwrite: bool = False,
+    split_experts: bool = True,
 ) -> Path:
     """Save a model as safetensors with native (`model.*`) or remote-code (`backbone.*`) weight names.
 
     The remote-code style also writes a remote-code config (hybrid_override_pattern, mamba_* keys), as NVIDIA's
-    hub checkpoints have, so both readers are exercised.
+    hub checkpoints have, so both readers are exercised. Routed experts are stored one tensor per expert, as
+    transformers' `save_pretrained` and the hub store them, or with `split_experts=False` as the model's merged
+    3-D tensors.
     """
     layout = Layout.from_config(model.config)
     if style == "backbone":
@@ -120,7 +143,7 @@ def save_model(
         cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"}
         cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     with atomic_dir(path, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
+        writer = ShardWriter(tmp, max_shard_bytes, split_experts)
         for name, t in model_state_dict(model).items():
             if style == "backbone" and name.startswith("model."):
                 name = "backbone." + name[len("model.") :]
@@ -157,34 +180,60 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+# A router correction bias that keeps an expert out of every token's choice: sigmoid scores lie in [0, 1], so with
+# at least two live experts in its group, the planted one is never among the group's best two (whose sum ranks
+# the groups) nor among the top-k.
+NEVER_CHOSEN_BIAS = -1e4
+
+
 @torch.no_grad()
 def plant_dead_units(model, plan) -> None:
     """Zero every weight into and out of the units that `plan` removes, in place.
 
     Afterwards the removed units contribute nothing, so pruning `model` by `plan` must leave its logits unchanged
     (up to the norm epsilon): the property the surgery and search tests check.
-    Dropped layers get a zero output projection (the block becomes the identity).
+    Dropped layers get a zero output projection (the block becomes the identity). Removed routed experts are made
+    never chosen instead (router row zero, correction bias `NEVER_CHOSEN_BIAS`): their weights stay random, since
+    an expert the router never picks never runs.
     """
     layout = Layout.from_config(model.config)
     dead_hidden = sorted(set(range(layout.hidden_size)) - set(plan.hidden or range(layout.hidden_size)))
     base = model.model
     for i, block in enumerate(base.layers):
         mixer, kind = block.mixer, layout.pattern[i]
-        out_proj = getattr(mixer, _OUTPUT_PROJECTIONS[kind])
+        outputs, inputs = _hidden_weights(mixer, kind)
         if i not in plan.layers:
-            out_proj.weight.zero_()
+            for w, _ in outputs:
+                w.zero_()
             continue
         _DEAD_UNIT_PLANTERS[kind](mixer, layout, plan, i)
         if dead_hidden:
-            out_proj.weight[dead_hidden] = 0
-            for name, p in mixer.named_parameters():
-                if p.ndim == 2 and name.split(".")[0] != _OUTPUT_PROJECTIONS[kind]:
-                    p[:, dead_hidden] = 0
+            for w, dim in outputs + inputs:
+                w.index_fill_(dim, torch.tensor(dead_hidden), 0)
             block.norm.weight[dead_hidden] = 0
     if dead_hidden:
         base.embeddings.weight[:, dead_hidden] = 0
         base.norm_f.weight[dead_hidden] = 0
         model.lm_head.weight[:, dead_hidden] = 0
+
+
+def _hidden_weights(mixer, kind: str) -> tuple[list, list]:
+    """The weights (and biases) of a mixer that write into the residual stream and the weights that read it, as
+    (tensor, the dim of the hidden size)."""
+    if kind != anatomy.MOE:
+        out = _OUTPUT_PROJECTIONS[kind]
+        inputs = [(p, 1) for name, p in mixer.named_parameters() if p.ndim == 2 and name.split(".")[0] != out]
+        return _writes(getattr(mixer, out)), inputs
+    outputs = _writes(mixer.shared_experts.down_proj)
+    inputs = [(mixer.gate.weight, 1), (mixer.shared_experts.up_proj.weight, 1)]
+    if isinstance(mixer.fc1_latent_proj, torch.nn.Linear):  # the routed experts work in the latent space
+        return outputs + _writes(mixer.fc2_latent_proj), inputs + [(mixer.fc1_latent_proj.weight, 1)]
+    return outputs + [(mixer.experts.down_proj, 1)], inputs + [(mixer.experts.up_proj, 2)]
+
+
+def _writes(linear) -> list:
+    """A linear layer's weight rows and bias entries, as (tensor, the dim of its outputs)."""
+    return [(linear.weight, 0)] + ([(linear.bias, 0)] if linear.bias is not None else [])
 
 
 def _dropped(plan, axis: str, layer: int, layout: Layout) -> list[int]:
@@ -225,5 +274,22 @@ def _plant_mamba(mixer, layout: Layout, plan, i: int) -> None:
     mixer.out_proj.weight[:, dead] = 0
 
 
+def _plant_moe(mixer, layout: Layout, plan, i: int) -> None:
+    never = _dropped(plan, "experts", i, layout)
+    mixer.gate.weight[never] = 0
+    mixer.gate.e_score_correction_bias[never] = NEVER_CHOSEN_BIAS
+    dead = _dropped(plan, "expert_ffn", i, layout)  # the same channels of every routed expert
+    mixer.experts.up_proj[:, dead] = 0
+    mixer.experts.down_proj[:, :, dead] = 0
+    shared = _dropped(plan, "shared_ffn", i, layout)
+    mixer.shared_experts.up_proj.weight[shared] = 0
+    mixer.shared_experts.down_proj.weight[:, shared] = 0
+
+
 _OUTPUT_PROJECTIONS = {anatomy.MAMBA: "out_proj", anatomy.ATTENTION: "o_proj", anatomy.MLP: "down_proj"}
-_DEAD_UNIT_PLANTERS = {anatomy.MAMBA: _plant_mamba, anatomy.ATTENTION: _plant_attention, anatomy.MLP: _plant_mlp}
+_DEAD_UNIT_PLANTERS = {
+    anatomy.MAMBA: _plant_mamba,
+    anatomy.ATTENTION: _plant_attention,
+    anatomy.MLP: _plant_mlp,
+    anatomy.MOE: _plant_moe,
+}

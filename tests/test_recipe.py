@@ -226,9 +226,12 @@ def test_recipe_refuses_distill_fields_the_run_decides(key, value):
 
 def test_settings_name_the_depth_metrics_and_width_statistic_scoring_knows():
     from minipuzzle.importance.depth import DEPTH_METRICS
+    from minipuzzle.importance.experts import DEFAULT_EXPERT_ESTIMATOR, EXPERT_ESTIMATORS
     from minipuzzle.importance.width import DEFAULT_AGG
     from minipuzzle.settings import DEFAULT_WIDTH_AGG
     from minipuzzle.settings import DEPTH_METRICS as NAMED
+    from minipuzzle.settings import EXPERT_ESTIMATORS as ESTIMATORS
 
     assert NAMED == tuple(DEPTH_METRICS)
     assert DEFAULT_WIDTH_AGG == DEFAULT_AGG
+    assert ESTIMATORS == tuple(EXPERT_ESTIMATORS) and ESTIMATORS[0] == DEFAULT_EXPERT_ESTIMATOR

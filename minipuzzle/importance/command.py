@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from minipuzzle.anatomy import SEARCH_AXES
 from minipuzzle.cli_options import settings_command
 from minipuzzle.importance.width import describe_aggs
 from minipuzzle.settings import DataOptions, DeviceOptions, ScoreSettings
@@ -33,8 +34,8 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for scores.safetensors, scores.json, plots.")],
     samples: Annotated[int | None, typer.Option(help="Rows for both passes (overrides the two below).")] = None,
     axes: Annotated[
-        str, typer.Option(help="Comma-separated: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden.")
-    ] = "depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden",
+        str, typer.Option(help=f"Comma-separated, from {','.join(SEARCH_AXES)}; those the model lacks score nothing.")
+    ] = ",".join(SEARCH_AXES),
     compute: dict | None = None,
     model_path: Annotated[str | None, typer.Option(help="Local folder holding MODEL's weights.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
@@ -43,6 +44,9 @@ def score(
 ) -> None:
     """Score the importance of every layer, FFN channel, Mamba head and head channel, attention head and hidden
     channel of a Nemotron-H checkpoint. Rerunning an interrupted run resumes it.
+
+    Mixture-of-experts checkpoints (Nemotron 3) also score every routed expert (--expert-estimator), expert
+    channel and shared-expert channel.
 
     Example: minipuzzle score nvidia/Nemotron-H-8B-Base-8K --data calib.jsonl -o scores/8b --seq-len 4096
     """

@@ -62,7 +62,7 @@ def score_to_folder(
     scores = score_checkpoint(
         checkpoint, w_depth if n_depth else None, w_width if n_width else None, axis_list, settings.depth_metric,
         settings.stream, dev, dt, resume, progress=progress, width_agg=settings.width_agg,
-        batch_size=settings.batch_size,
+        expert_estimator=settings.expert_estimator, batch_size=settings.batch_size,
     )  # fmt: skip
     scores.meta.data = {
         "source": str(data),

@@ -113,6 +113,10 @@ class StreamedStack(LayerStack):
         # one transformers picks, so streamed and in-memory attention run the same kernel.
         if getattr(self.config, "_attn_implementation", None) is None:
             self.config._attn_implementation = attn_implementation
+        # Likewise for routed experts: a NemotronH model picks grouped_mm, a block built alone would get none (and
+        # transformers' eager loop, which sums in another order).
+        if getattr(self.config, "_experts_implementation", None) is None:
+            self.config._experts_implementation = "grouped_mm"
         self.device, self.dtype = torch.device(device), dtype
         self.embed_weight, self.head_weight = embed_weight, head_weight
         self._norm_f = _build(lambda: _rmsnorm(self.config), {"weight": norm_f_weight})

@@ -9,7 +9,7 @@ import torch
 from minipuzzle.anatomy import KIND_NAMES, LAYER_AXES
 from minipuzzle.importance.scores import Scores
 
-KIND_COLOURS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green"}
+KIND_COLOURS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green", "E": "tab:purple"}
 
 
 def plot_scores(scores: Scores, folder: str | Path) -> list[Path]:

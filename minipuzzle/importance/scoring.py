@@ -16,6 +16,7 @@ from minipuzzle.arch import Layout
 from minipuzzle.artifacts import ScoresMeta, ScoringInfo
 from minipuzzle.errors import UserError
 from minipuzzle.importance.depth import check_metric, depth_scores, windows_digest
+from minipuzzle.importance.experts import DEFAULT_EXPERT_ESTIMATOR, check_estimator
 from minipuzzle.importance.layerwise import LayerStack, open_stack
 from minipuzzle.importance.scores import Scores
 from minipuzzle.importance.width import DEFAULT_AGG, parse_agg, width_scores
@@ -49,6 +50,7 @@ def score_stack(
     *,
     streamed: bool = False,
     width_agg: str = DEFAULT_AGG,
+    expert_estimator: str = DEFAULT_EXPERT_ESTIMATOR,
     batch_size: int = 8,
     budget_bytes: int | None = None,
     resume_dir: str | Path | None = None,
@@ -56,12 +58,14 @@ def score_stack(
 ) -> Scores:
     """Score every requested axis of the model behind `stack`.
 
-    windows_depth [N, T] feeds the drop-one-layer pass, windows_width [M, T] the hooked width pass. With
-    `resume_dir`, finished width scores and partial depth sums are kept there and reused by a rerun.
+    windows_depth [N, T] feeds the drop-one-layer pass, windows_width [M, T] the hooked width pass, which scores
+    routed experts with `expert_estimator` (`importance.experts.EXPERT_ESTIMATORS`). With `resume_dir`, finished
+    width scores and partial depth sums are kept there and reused by a rerun.
     """
     axes = check_axes(axes)
     check_metric(depth_metric)
     parse_agg(width_agg)
+    check_estimator(expert_estimator)
     cfg = stack.config
     layout = Layout.from_config(cfg)
     width_axes = [a for a in axes if a != "depth"]
@@ -71,7 +75,8 @@ def score_stack(
     timing: dict[str, float] = {}
     if width_axes:
         t0 = time.perf_counter()
-        got = _width_pass(stack, windows_width, width_axes, width_agg, batch_size, budget_bytes, resume_dir, progress)
+        how = {"agg": width_agg, "expert_estimator": expert_estimator}
+        got = _width_pass(stack, windows_width, width_axes, how, batch_size, budget_bytes, resume_dir, progress)
         for axis in width_axes:
             setattr(scores, axis, dict(got[axis]) if axis in LAYER_AXES else got[axis])
         timing["width_seconds"] = round(time.perf_counter() - t0, 3)
@@ -83,20 +88,25 @@ def score_stack(
         )  # fmt: skip
         timing["depth_seconds"] = round(time.perf_counter() - t0, 3)
     scores.meta = ScoresMeta(
-        settings=_settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed),
+        settings=_settings_meta(
+            stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed, expert_estimator
+        ),
         groups={name: axis.unit(layout) for name, axis in AXES.items() if axis.group_field},
         timing=timing,
     )
     return scores
 
 
-def _settings_meta(stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed) -> ScoringInfo:
+def _settings_meta(
+    stack, windows_depth, windows_width, axes, depth_metric, width_agg, streamed, expert_estimator
+) -> ScoringInfo:
     """scores.json's record of how the scores were made; windows [N, T] as `score_stack` got them."""
     depth, width = "depth" in axes, any(a != "depth" for a in axes)
     return ScoringInfo(
         axes=list(axes),
         depth_metric=depth_metric if depth else None,
         width_aggregation=width_agg if width else None,
+        expert_estimator=expert_estimator if "experts" in axes and stack.pattern.count("E") else None,
         depth_samples=int(windows_depth.shape[0]) if depth else 0,
         width_samples=int(windows_width.shape[0]) if width else 0,
         seq_len=int((windows_depth if depth else windows_width).shape[1]),
@@ -106,14 +116,16 @@ def _settings_meta(stack, windows_depth, windows_width, axes, depth_metric, widt
     )
 
 
-def _width_pass(stack, windows, axes, agg, batch_size, budget_bytes, resume_dir, progress) -> dict[str, Any]:
-    """`width_scores` of `axes`, reused from `resume_dir` when a finished pass with the same inputs is there."""
-    fingerprint = {"axes": axes, "agg": agg, "windows": windows_digest(windows), "pattern": stack.pattern}
+def _width_pass(stack, windows, axes, how, batch_size, budget_bytes, resume_dir, progress) -> dict[str, Any]:
+    """`width_scores` of `axes` (`how`: agg and expert_estimator), reused from `resume_dir` when a finished pass
+    with the same inputs is there."""
+    fingerprint = {"axes": axes, **how, "windows": windows_digest(windows), "pattern": stack.pattern}
     got = _load_width(resume_dir, fingerprint)
     if got is None:
         got = width_scores(
-            stack, windows, axes, agg, batch_size=batch_size, budget_bytes=budget_bytes, progress=progress
-        )
+            stack, windows, axes, how["agg"], expert_estimator=how["expert_estimator"], batch_size=batch_size,
+            budget_bytes=budget_bytes, progress=progress,
+        )  # fmt: skip
         _save_width(resume_dir, fingerprint, got, stack.pattern)
     return got
 

@@ -15,6 +15,9 @@ forward hooks on the block's submodules:
   token, computed through the head's Gram matrix W_o,h^T W_o,h so the [heads x hidden] outputs never exist. The
   per-token norm is already non-negative, so every sequence statistic sees the head's output magnitude.
 - Hidden channel: every RMSNorm output (each block's pre-norm and norm_f), aggregated per norm, summed over norms.
+- Mixture-of-experts layers (`importance/experts.py`): routed experts by per-token contributions under an
+  estimator (`removal` by default, `router_load`, `output_norm`), expert channels by the routed relu^2 hidden
+  units summed over each token's experts, shared-expert channels by the input of its down_proj (like FFN).
 
 A unit whose weights in and out are zero produces exact zeros in the activation read, so it scores exactly 0.
 """
@@ -27,9 +30,15 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from minipuzzle.anatomy import ATTENTION, LAYER_AXES, MAMBA, MLP, WIDTH_AXES, mamba_in_proj_slices
+from minipuzzle.anatomy import ATTENTION, LAYER_AXES, MAMBA, MLP, MOE, WIDTH_AXES, mamba_in_proj_slices
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
+from minipuzzle.importance.experts import (
+    DEFAULT_EXPERT_ESTIMATOR,
+    check_estimator,
+    expert_channels,
+    expert_contributions,
+)
 from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, rows_per_chunk
 from minipuzzle.progress import progress_bar
 
@@ -118,11 +127,16 @@ class WidthCollector:
     """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`.
 
     Aggregates are keyed (axis, source layer), except the Mamba x block, which both Mamba axes read ("mamba_x").
+    `expert_estimator` names how routed experts are scored (`importance.experts.EXPERT_ESTIMATORS`).
     """
 
-    def __init__(self, layout: Layout, axes: Collection[str], seq: str = "abs_mean", rows: str = "l2"):
+    def __init__(
+        self, layout: Layout, axes: Collection[str], seq: str = "abs_mean", rows: str = "l2",
+        expert_estimator: str = DEFAULT_EXPERT_ESTIMATOR,
+    ):  # fmt: skip
         self.layout, self.axes = layout, set(axes)
         self.seq, self.rows = seq, rows
+        self.expert_estimator = check_estimator(expert_estimator)
         self.acc: dict[tuple[str, int], Aggregate] = {}
 
     def _agg(self, key: tuple[str, int]) -> Aggregate:
@@ -145,6 +159,8 @@ class WidthCollector:
             )
         if kind == ATTENTION and "attn_heads" in self.axes:
             handles.append(mixer.o_proj.register_forward_pre_hook(self._attention_hook(i, mixer)))
+        if kind == MOE:
+            handles += self._moe_hooks(i, mixer)
         try:
             yield
         finally:
@@ -164,13 +180,43 @@ class WidthCollector:
 
         return record
 
+    def _moe_hooks(self, i: int, mixer: nn.Module) -> list:
+        """Hooks on an MoE mixer: the shared expert's down_proj input; the router's logits and the routed experts'
+        input, choice and output, which feed `experts` and `expert_ffn`."""
+        handles = []
+        if "shared_ffn" in self.axes:
+            handles.append(
+                mixer.shared_experts.down_proj.register_forward_pre_hook(
+                    lambda m, a: self._agg(("shared_ffn", i)).add(a[0])
+                )
+            )
+        if not self.axes & {"experts", "expert_ffn"}:
+            return handles
+        seen: dict[str, object] = {}
+
+        def on_gate(m, args, out):  # the router sees [B, T, h]; the experts get its tokens flattened
+            seen["shape"], seen["logits"] = args[0].shape[:-1], out[0]
+
+        def on_experts(m, args, routed):
+            x, idx, w = args
+            if "experts" in self.axes:
+                c = expert_contributions(mixer, self.expert_estimator, seen["logits"], x, idx, w, routed)
+                self._agg(("experts", i)).add(c.view(*seen["shape"], -1))
+            if "expert_ffn" in self.axes:
+                self._agg(("expert_ffn", i)).add(expert_channels(mixer, x, idx, w).view(*seen["shape"], -1))
+
+        handles.append(mixer.gate.register_forward_hook(on_gate))
+        handles.append(mixer.experts.register_forward_hook(on_experts))
+        return handles
+
     def add_final_norm(self, hn: torch.Tensor) -> None:
         if "hidden" in self.axes:
             self._agg(("hidden", -1)).add(hn)
 
     def results(self) -> dict[str, object]:
         """{'ffn': {i: [I]}, 'mamba_heads': {i: [H]}, 'mamba_head_dim': {i: [P]}, 'attn_heads': {i: [Hq]},
-        'hidden': [h]} as float32."""
+        'experts': {i: [E]}, 'expert_ffn': {i: [moe width]}, 'shared_ffn': {i: [shared width]}, 'hidden': [h]} as
+        float32."""
         out: dict[str, object] = {a: {} for a in LAYER_AXES}
         hidden = None
         for (name, i), agg in sorted(self.acc.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -196,6 +242,7 @@ def width_scores(
     axes: Collection[str] = WIDTH_AXES,
     agg: str = DEFAULT_AGG,
     *,
+    expert_estimator: str = DEFAULT_EXPERT_ESTIMATOR,
     batch_size: int = 8,
     chunk_rows: int | None = None,
     budget_bytes: int | None = None,
@@ -203,7 +250,7 @@ def width_scores(
 ) -> dict[str, object]:
     """Width scores of every axis in `axes` from one pass over `windows` [N, T]; see `WidthCollector.results`."""
     seq, rows = parse_agg(agg)
-    collector = WidthCollector(Layout.from_config(stack.config), axes, seq, rows)
+    collector = WidthCollector(Layout.from_config(stack.config), axes, seq, rows, expert_estimator)
     n, t = windows.shape
     r = chunk_rows or rows_per_chunk(n, t, stack.hidden_size, 2, stack.dtype, budget_bytes, stack.device)
     chunks = -(-n // r)
