@@ -134,7 +134,9 @@ class HardwareOptions(BaseModel):
         None, description="Memory of one GPU to plan for, e.g. 80GiB (default: the recipe's hardware section, "
         "else this machine's)."
     )  # fmt: skip
-    gpus: int | None = Field(None, description="GPUs per node to plan for (default: the recipe's, else this machine's).")
+    gpus: int | None = Field(
+        None, description="GPUs per node to plan for (default: the recipe's, else this machine's)."
+    )
 
 
 def resolve(section: Hardware | None = None, options: dict | HardwareOptions | None = None) -> Hardware:

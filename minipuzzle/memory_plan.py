@@ -37,7 +37,7 @@ from typing import Literal
 from pydantic import BaseModel, computed_field
 
 from minipuzzle.anatomy import ATTENTION, MAMBA, MLP
-from minipuzzle.arch import Layout
+from minipuzzle.arch import DTYPE_BYTES, Layout
 from minipuzzle.hardware import Hardware, gib
 
 # A part may use this share of a device's memory (and of a node's RAM). The rest is the CUDA context and NCCL's
@@ -61,7 +61,6 @@ DEPTH_LOGITS_SLICE = 2**26
 RANK_HOST_BYTES = 8 * 2**30
 # surgery.prune_checkpoint's default `max_shard_bytes`: one output shard is buffered before it is written.
 SHARD_BYTES = 5 * 10**9
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class Geometry(BaseModel):
@@ -314,10 +313,9 @@ def _fit_rows(make, hw: Hardware, batch: int, n_rows: int) -> tuple[Memory, int,
     (at most `n_rows`). Without a fit: micro = rows = 1, which the caller reports as not fitting."""
     for micro in _powers_of_two(min(batch, n_rows)):
         mem = make(micro, micro)
-        room = _room(mem, hw)
-        if room >= 0 and _problem(mem, hw) is None:
+        if _problem(mem, hw) is None:
             per_row = max(1, _need(make(micro, micro + 1), hw) - _need(mem, hw))
-            rows = min(n_rows, micro + room // per_row)
+            rows = min(n_rows, micro + _room(mem, hw) // per_row)
             return make(micro, rows), micro, rows
     return make(1, 1), 1, 1
 
@@ -356,7 +354,8 @@ def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_s
     logits bytes) of each scoring pass.
 
     Depth (`importance.depth`): the full state plus one per dropped layer (L + 1; block_influence keeps one).
-    mse_hidden compares final norms in float32 (three [T, h] float32 tensors per row); the logit metrics keep the
+    mse_hidden compares final norms: the full model's (b h), a float32 difference (4 h), its float64 copy and
+    square (16 h); block_influence compares each block's input and output in float32; the logit metrics keep the
     final norms of every dropped state of a batch (L x h) and 2**26-value logits slices (`EVAL_LOGIT_BUFFERS`).
     Width (`importance.width`): the state and its final norm (2); each hook copies the tensor it reads to float32
     and takes its absolute value (two float32 copies): the norm output (hidden), down_proj's input (ffn), the x
@@ -365,7 +364,7 @@ def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_s
     h, n = layout.hidden_size, layout.num_layers
     out = []
     if "depth" in axes:
-        after = {"mse_hidden": 12 * h, "block_influence": 8 * h}.get(metric, n * h * b)
+        after = {"mse_hidden": (b + 20) * h, "block_influence": (b + 8) * h}.get(metric, n * h * b)
         logits = 0 if metric in ("mse_hidden", "block_influence") else EVAL_LOGIT_BUFFERS * DEPTH_LOGITS_SLICE * 4
         out.append(("depth pass", depth_samples, 1 if metric == "block_influence" else n + 1, {}, after, logits))
     width = [a for a in axes if a != "depth"]
@@ -557,7 +556,8 @@ def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int)
 
 class TodayLaunch(BaseModel):
     """How today's code launches a training part: `processes` (torchrun's, 1 for in-process), the recipe's
-    grad_accum and checkpointing, and weights it keeps besides the pair (candidate ranking's float32 teacher)."""
+    grad_accum and checkpointing, and weights it keeps besides the pair (candidate distillation's float32 teacher,
+    kept for measuring each candidate)."""
 
     processes: int = 1
     grad_accum: int = 1
@@ -603,10 +603,12 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
                   global_batch: int, loss_chunk: int = 4096, dtype: str | None = None, stored_bytes: int = 2,
                   today: TodayLaunch | None = None) -> Part:  # fmt: skip
     """A distillation's geometry: every device is a data-parallel rank (one process per GPU, as many as divide
-    the batch: `data_parallel_ranks`; the CPU is one process); FSDP2 gathers the student in bf16 on GPUs (float32 master weights, float32 gradient reduction) and
-    shards per node when one node holds the step, else across all nodes; activation checkpointing only when no
-    micro-batch fits without it; the micro-batch is the largest power of two dividing global_batch / ranks that
-    fits, and grad_accum = global_batch / (micro x ranks).
+    the batch: `data_parallel_ranks`; the CPU is one process); FSDP2 gathers the student in bf16 on GPUs (float32
+    master weights, float32 gradient reduction) and shards per node when one node holds the step, else across all
+    nodes; activation checkpointing only when no micro-batch fits without it; the micro-batch is the largest power
+    of two dividing global_batch / ranks that fits, and grad_accum = global_batch / (micro x ranks).
+
+    Today's loop (`today`) is planned too and attached when it does not fit (`_training_today`).
     """
     dt = default_dtype(hw, dtype)
     ranks = data_parallel_ranks(hw, global_batch)
@@ -731,7 +733,9 @@ def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape
         plan = _part("eval", name, geo, mem, hw)
         t_mem, t_micro = today[name]
         t_geo = Geometry(dtype=dt, micro_batch=t_micro, logits_chunk=None)
-        note = f"teacher and student whole on one device, batch {t_micro}" if teacher is not None else f"batch {t_micro}"
+        note = (
+            f"teacher and student whole on one device, batch {t_micro}" if teacher is not None else f"batch {t_micro}"
+        )
         out.append(_with_today(plan, _part("eval", name, t_geo, t_mem, hw, note=note)))
     return StagePlan(stage="eval", parts=out)
 
@@ -766,8 +770,10 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
         parts = [plan_ranking(teacher, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
                               dtype=dt, stored_bytes=stored_bytes, stream=ps.stream)]  # fmt: skip
         if ps.candidate_distill_steps:
-            today = TodayLaunch(extra_weights=4 * teacher.num_params(),
-                                note="in the prune process on one device, one micro-batch, a float32 teacher kept")
+            today = TodayLaunch(
+                extra_weights=4 * teacher.num_params(),
+                note="in the prune process on one device, one micro-batch, a float32 teacher kept",
+            )
             parts.append(plan_training("prune", "candidate distillation", teacher, bound, hw, seq_len=ps.seq_len,
                                        global_batch=ps.candidate_distill_batch, dtype=dt, stored_bytes=stored_bytes,
                                        loss_chunk=DistillSettings.model_fields["loss_chunk"].default, today=today))  # fmt: skip

@@ -236,4 +236,3 @@ def test_one_24gib_gpu_is_refused_in_one_line_before_anything_is_written(tmp_pat
     assert json.loads(out_json)["memory"]["hardware_text"] == "8 GPUs of 80 GiB"
     code, text, _ = run_cli(["run", str(recipe), "--dry-run"])
     assert code == 0 and "does not fit" in text and "a run would be refused" in text
-
