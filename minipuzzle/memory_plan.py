@@ -15,15 +15,14 @@ decides whether it fits, the part carries `today`: the same accounting for what 
 executes today's code, so `RunPlan.refusal()` refuses such a part too. The differences counted (they go away as
 the stages obey their plans, issue 12 item 3):
 
-- candidate ranking runs in memory unless `importance.stream` is set, always in float32, and builds full
-  [batch, seq, vocab] float32 logits (`search.ranking`);
+- candidate ranking runs in memory unless `importance.stream` is set, and always in float32 (`search.ranking`);
 - candidate distillation runs in the prune process on one device, the whole candidate batch as one micro-batch,
   next to a float32 teacher kept for measuring (`candidates.distill_candidates`);
 - distillation under torchrun gathers float32 parameters (`distill.parallel.shard` sets no bf16 `param_dtype`),
   so the student's residual stream and its checkpointed block inputs are float32, and its micro-batch is
   batch_size / (processes x grad_accum) of the recipe's launch (`distill.loop._run`);
-- eval loads teacher and student whole on one device and builds full-vocabulary logits of `eval.batch_size`
-  windows at once, in its own forward passes and in lm-eval's (`evaluate.runner`).
+- eval loads teacher and student whole on one device and runs `eval.batch_size` windows at once, lm-eval's
+  full-vocabulary logits included (`evaluate.runner`).
 
 Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; on CUDA the
 fused Mamba kernels of the `gpu` extra run (mamba-ssm keeps only the in_proj output and the scan output for the
@@ -36,9 +35,10 @@ from typing import Literal
 
 from pydantic import BaseModel, computed_field
 
-from minipuzzle.anatomy import ATTENTION, MAMBA, MLP
+from minipuzzle.anatomy import ATTENTION, MAMBA, MLP, MOE
 from minipuzzle.arch import DTYPE_BYTES, Layout
 from minipuzzle.hardware import Hardware, gib
+from minipuzzle.metrics import LOGIT_CHUNK
 
 # A part may use this share of a device's memory (and of a node's RAM). The rest is the CUDA context and NCCL's
 # buffers (about 1 GiB) and the caching allocator's fragmentation, which grows with many differently sized
@@ -52,9 +52,6 @@ TRAIN_LOGIT_BUFFERS = 7
 # Float32 [tokens, vocab] buffers alive in metrics.next_token_sums with a teacher: both logits, both log-softmaxes,
 # and the two temporaries of kl_from_log_probs.
 EVAL_LOGIT_BUFFERS = 6
-# Tokens per logits chunk where a stage should chunk its logits (ranking, eval): the distillation's default
-# loss_chunk, 2 GiB per float32 buffer at a 131072-token vocabulary.
-LOGITS_CHUNK = 4096
 # importance.depth._logit_sums sizes each logits slice to 2**26 values (256 MiB in float32).
 DEPTH_LOGITS_SLICE = 2**26
 # search.ranking.measure_streamed's default `host_bytes`: the parent's final states kept per group of windows.
@@ -206,8 +203,9 @@ def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool =
     """Bytes per token autograd keeps for the backward of one block of `kind`, computing in `b`-byte floats.
 
     Every block: RMSNorm keeps its float32 input and normalised output (8 h) and the projection its input (b h).
-    MLP: relu's output and its square (down_proj's input), b x 2 x ffn. Attention (SDPA's flash/efficient path):
-    q, k, v, the output (read by o_proj as is) and a float32 log-sum-exp per head. Mamba with the fused kernels
+    MLP: relu's output and its square (down_proj's input), b x 2 x ffn. MoE: `_moe_saved`. Attention (SDPA's
+    flash/efficient path): q, k, v, the output (read by o_proj as is) and a float32 log-sum-exp per head. Mamba
+    with the fused kernels
     (mamba_ssm's split-conv1d-scan): in_proj's output [z|xBC|dt] and the scan output (I), a float32 rstd per group;
     the conv, the gated norm and out_proj's input are recomputed. Mamba without them: in_proj's output, the conv
     output twice (padded, then activated) and the PyTorch scan's tensors (`_scan_fallback`).
@@ -216,6 +214,8 @@ def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool =
     norm = (8 + b) * h
     if kind == MLP:
         return norm + 2 * b * layout.intermediate_size
+    if kind == MOE:
+        return norm + _moe_saved(layout, b)
     if kind == ATTENTION:
         q, kv = layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
         return norm + b * (2 * q + 2 * kv) + 4 * layout.num_attention_heads
@@ -227,14 +227,16 @@ def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool =
 def forward_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True) -> int:
     """Peak bytes per token alive inside one block's forward without autograd (scoring, ranking, eval, the
     teacher): the block's input and output (2 b h), RMSNorm's float32 temporaries and output ((8 + b) h), then
-    MLP: up_proj's output, relu and its square (3 b ffn); attention: q, k, v, the SDPA output and its reshaped
-    copy; Mamba with kernels: in_proj's output, the conv output, the scan output (b (rows + conv + I)), the scan's
-    float32 chunk states and the gated norm's float32 temporaries (three [T, I] at once: 12 I); without kernels, the PyTorch
-    scan's tensors, which stay referenced until it returns."""
+    MLP: up_proj's output, relu and its square (3 b ffn); MoE: `_moe_forward`; attention: q, k, v, the SDPA
+    output and its reshaped copy; Mamba with kernels: in_proj's output, the conv output, the scan output
+    (b (rows + conv + I)), the scan's float32 chunk states and the gated norm's float32 temporaries (three [T, I]
+    at once: 12 I); without kernels, the PyTorch scan's tensors, which stay referenced until it returns."""
     h = layout.hidden_size
     base = 2 * b * h + (8 + b) * h
     if kind == MLP:
         return base + 3 * b * layout.intermediate_size
+    if kind == MOE:
+        return base + _moe_forward(layout, b)
     if kind == ATTENTION:
         q, kv = layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
         return base + b * (3 * q + 2 * kv)
@@ -243,6 +245,34 @@ def forward_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool
         states = 4 * layout.mamba_num_heads * layout.mamba_head_dim * layout.ssm_state_size // MAMBA_CHUNK
         return base + b * (layout.mamba_in_proj_rows + layout.mamba_conv_dim + i) + states + 12 * i
     return base + b * (layout.mamba_in_proj_rows + 2 * layout.mamba_conv_dim) + _scan_fallback(layout)
+
+
+def _moe_saved(layout: Layout, b: int) -> int:
+    """Bytes per token a mixture-of-experts mixer keeps for the backward beyond its RMSNorm (transformers'
+    `NemotronHExperts` runs each routed expert on the tokens that chose it): per routed expert a token runs, its
+    gathered input and weighted output (2 x expert input width) and relu's output and its square (2 x width); the
+    shared expert's two (2 x its width); the router's float32 scores and mask (5 E), its float32 copy of the
+    input when computing in bf16, and its int64 choices; with a latent space, fc2's input."""
+    d, k, e = layout.moe_expert_input, layout.num_experts_per_tok, layout.n_routed_experts
+    routed = k * (2 * d + 2 * layout.moe_intermediate_size) + 2 * layout.moe_shared_expert_intermediate_size
+    latent = d if layout.moe_latent_size is not None else 0
+    router = 5 * e + 40 * k + (4 * layout.hidden_size if b != 4 else 0)
+    return b * (routed + latent) + router
+
+
+def _moe_forward(layout: Layout, b: int) -> int:
+    """Peak bytes per token of a mixture-of-experts mixer's forward without autograd beyond its RMSNorm: the
+    router's float32 input copy, scores (3 E) and int64 one-hot choices (k x (E + 1)), the float32 sum of the
+    experts' outputs (one expert input width), and the larger of one expert's pass (at most every token: its
+    input, relu's output, its square and its output) and the shared expert's (3 x its width)."""
+    d, k, e, w = (
+        layout.moe_expert_input,
+        layout.num_experts_per_tok,
+        layout.n_routed_experts,
+        layout.moe_intermediate_size,
+    )
+    router = 4 * layout.hidden_size + 12 * e + 8 * k * (e + 1)
+    return router + 4 * d + b * max(2 * d + 2 * w, 3 * layout.moe_shared_expert_intermediate_size)
 
 
 def _max_kind(layout: Layout, per_token, b: int, kernels: bool) -> int:
@@ -370,10 +400,11 @@ def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_s
     width = [a for a in axes if a != "depth"]
     if width:
         hidden = 8 * h if "hidden" in width else 0
-        q = layout.num_attention_heads * layout.head_dim
-        hooks = {MLP: hidden + (8 * layout.intermediate_size if "ffn" in width else 0),
-                 MAMBA: hidden + (8 * layout.mamba_intermediate if {"mamba_heads", "mamba_head_dim"} & set(width) else 0),
-                 ATTENTION: hidden + (8 * q if "attn_heads" in width else 0)}  # fmt: skip
+        read = {MLP: ("ffn", layout.intermediate_size), MAMBA: ("mamba_heads", layout.mamba_intermediate),
+                ATTENTION: ("attn_heads", layout.num_attention_heads * layout.head_dim)}  # fmt: skip
+        if "mamba_head_dim" in width:  # reads the same x block as mamba_heads
+            width.append("mamba_heads")
+        hooks = {kind: hidden + (8 * c if axis in width else 0) for kind, (axis, c) in read.items()}
         out.append(("width pass", width_samples, 2, hooks, hidden, 0))
     return out
 
@@ -432,35 +463,35 @@ def plan_ranking(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, ba
                  dtype: str | None = None, stored_bytes: int = 2, stream: bool = False) -> Part:  # fmt: skip
     """Candidate ranking as it should run: parent and candidates streamed layer by layer on one device in the
     compute dtype (`ranking.measure_streamed`: each candidate cuts its own embeddings and head, so two sets are
-    resident), logits `LOGITS_CHUNK` tokens at a time, the parent's final states [group, T, h] kept on the host
+    resident), logits `LOGIT_CHUNK` tokens at a time, the parent's final states [group, T, h] kept on the host
     for groups of windows within `RANK_HOST_BYTES`.
 
     Today (`search.pipeline.rank`): in float32, the whole parent plus each cut candidate in memory unless `stream`,
-    the parent's final states of all held-out windows on the host, and full [batch_size, T, V] float32 logits.
+    with the parent's final states of all held-out windows on the host.
     """
     dt = default_dtype(hw, dtype)
     b = dtype_bytes(dt)
     t, v, h, windows = seq_len, layout.vocab_size, layout.hidden_size, samples * seq_len * 8
 
-    def make_for(b: int, streamed: bool, logits_tokens, group: int):
+    def make_for(b: int, streamed: bool, group: int):
         host = group * t * h * b + _read_host(layout, stored_bytes, streamed) + windows
         return lambda micro, rows: _layerwise(
             layout, hw, b=b, streamed=streamed, rows=rows, micro=micro, seq_len=t, states=2, copies=2, host=host,
-            logits=EVAL_LOGIT_BUFFERS * logits_tokens(micro) * v * 4 + logits_tokens(micro) * v * b)  # fmt: skip
+            logits=min(LOGIT_CHUNK, micro * t) * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
 
     group = max(1, min(samples, RANK_HOST_BYTES // (t * h * b)))
-    make = make_for(b, True, lambda micro: min(LOGITS_CHUNK, micro * t), group)
+    make = make_for(b, True, group)
     mem, micro, rows = _fit_rows(make, hw, batch_size, group)
-    geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, logits_chunk=min(LOGITS_CHUNK, t))
+    geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, logits_chunk=min(LOGIT_CHUNK, t))
     plan = _part("prune", "ranking", geo, mem, hw)
     group_today = max(1, min(samples, RANK_HOST_BYTES // (t * h * 4))) if stream else samples
-    make_today = make_for(4, stream, lambda micro: micro * t, group_today)
+    make_today = make_for(4, stream, group_today)
     rows_today = _rows_today(make_today, hw, group_today, 2 * t * h * 4) if stream else group_today
-    today_geo = Geometry(dtype="float32", streaming=stream, micro_batch=batch_size, rows_per_chunk=rows_today if stream else None,
-                         logits_chunk=t)  # fmt: skip
-    what = "streamed" if stream else "whole parent and candidate in memory"
+    today_geo = Geometry(dtype="float32", streaming=stream, micro_batch=batch_size,
+                         rows_per_chunk=rows_today if stream else None, logits_chunk=min(LOGIT_CHUNK, t))  # fmt: skip
+    what = "streamed" if stream else "the whole parent and a cut candidate in memory"
     today = _part("prune", "ranking", today_geo, make_today(batch_size, rows_today if stream else 0), hw,
-                  note=f"float32, {what}, [{batch_size}, {t}, {v}] float32 logits")  # fmt: skip
+                  note=f"float32, {what}")  # fmt: skip
     return _with_today(plan, today)
 
 
@@ -675,13 +706,14 @@ class EvalShape(BaseModel):
     decode_tokens: int = 32
 
 
-def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: int, chunked: bool,
+def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: int, fit: bool,
                 host: int) -> list[tuple[str, Memory, int]]:  # fmt: skip
     """(name, memory, batch) of each eval part with both models spread over `k` devices (a device map places
-    whole layers, so each device may hold one layer more than its share); `chunked`: held-out logits
-    `LOGITS_CHUNK` tokens at a time (as `DistillObjective.evaluate_sums` does), else whole windows at once (as
-    `runner.held_out_stats` does today). lm-eval (HFLM) always builds [batch, T, V] logits and their float32
-    log-softmax; requests are counted at eval.seq_len tokens, an upper bound (most tasks are far shorter)."""
+    whole layers, so each device may hold one layer more than its share); `fit`: the largest power-of-two batch
+    that fits, else `ev.batch_size` (as today). Held-out statistics come from both models' final hidden states,
+    logits `LOGIT_CHUNK` positions at a time (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds
+    [batch, T, V] logits and their float32 log-softmax; requests are counted at eval.seq_len tokens, an upper
+    bound (most tasks are far shorter)."""
     b, kernels = dtype_bytes(dt), hw.device == "cuda"
     total = sum(m.num_params() for m in models) * b
     weights = total if k == 1 else -(-total // k) + max(largest_block(m) for m in models) * b
@@ -689,7 +721,7 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
     fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
 
     def held_out(micro: int) -> Memory:
-        n = min(LOGITS_CHUNK, micro * t) if chunked else micro * t
+        n = min(LOGIT_CHUNK, micro * t)
         return Memory(weights=weights, activations=micro * t * (len(models) * h * b + fwd), host_buffers=host,
                       logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
 
@@ -697,15 +729,15 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
         return Memory(weights=weights, activations=micro * t * fwd, logits=micro * t * v * (b + 8), host_buffers=host)
 
     def pick(make, limit: int) -> tuple[Memory, int]:
-        return _fit_micro(make, hw, limit) if chunked else (make(ev.batch_size), ev.batch_size)
+        return _fit_micro(make, hw, limit) if fit else (make(ev.batch_size), ev.batch_size)
 
     out = [("held-out", *pick(held_out, min(ev.batch_size, ev.samples)))]
     if ev.tasks:
         out.append(("tasks", *pick(tasks, ev.batch_size)))
     if ev.speed:
         sl, sb = ev.speed_len or t, ev.speed_batch
-        cache = max(sum(m.memory(_precision(dt), sl + ev.decode_tokens, sb)[x] for x in ("kv_cache", "ssm_state",
-                                                                                     "conv_state")) for m in models)  # fmt: skip
+        mems = [m.memory(_precision(dt), sl + ev.decode_tokens, sb) for m in models]
+        cache = max(m["kv_cache"] + m["ssm_state"] + m["conv_state"] for m in mems)
         out.append(("speed", Memory(weights=weights, activations=sb * sl * fwd + cache, host_buffers=host,
                                     logits=sb * sl * v * (b + 4)), sb))  # fmt: skip
     return out
@@ -715,8 +747,8 @@ def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape
               stored_bytes: int = 2) -> StagePlan:  # fmt: skip
     """Evaluation of `model` against `teacher`, both loaded (the report compares them in one run): spread over
     as few of one node's GPUs as hold every part (a device map), the largest power-of-two batch that fits, and
-    held-out logits in chunks. Today (`evaluate.runner.evaluate`): both whole on one device, `batch_size` windows'
-    full-vocabulary logits at once."""
+    held-out logits in chunks. Today (`evaluate.runner.evaluate`): both whole on one device, `batch_size` windows
+    at once (lm-eval's full-vocabulary logits included)."""
     dt = default_dtype(hw, dtype)
     models = [model] + ([teacher] if teacher is not None else [])
     host = _read_host(model, stored_bytes, False) + ev.samples * ev.seq_len * 8
@@ -729,7 +761,7 @@ def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape
     out = []
     for name, mem, micro in parts:
         geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro,
-                       logits_chunk=min(LOGITS_CHUNK, ev.seq_len) if name == "held-out" else None)  # fmt: skip
+                       logits_chunk=min(LOGIT_CHUNK, ev.seq_len) if name == "held-out" else None)  # fmt: skip
         plan = _part("eval", name, geo, mem, hw)
         t_mem, t_micro = today[name]
         t_geo = Geometry(dtype=dt, micro_batch=t_micro, logits_chunk=None)
@@ -766,7 +798,7 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
                                  depth_metric=imp.depth_metric, axes=tuple(recipe.search.axes), stream=imp.stream,
                                  dtype=dt, stored_bytes=stored_bytes))  # fmt: skip
     if "prune" not in skip:
-        ps = prune_settings(recipe, teacher)
+        ps = prune_settings(recipe)
         parts = [plan_ranking(teacher, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
                               dtype=dt, stored_bytes=stored_bytes, stream=ps.stream)]  # fmt: skip
         if ps.candidate_distill_steps:

@@ -172,17 +172,20 @@ def test_cpu_plans_count_host_buffers_against_the_one_memory():
         assert p.device_total == p.memory.device_total + p.memory.host_buffers
 
 
-@pytest.mark.parametrize("kind", ["M", "-", "*"])
-def test_saved_activations_match_what_autograd_keeps(kind):
-    """saved_bytes_per_token on the CPU path (float32, transformers' PyTorch scan) against the bytes of the tensors
-    autograd saves for one block of a tiny model, parameters excluded, each storage counted once."""
+@pytest.mark.parametrize("kind, latent", [("M", None), ("-", None), ("*", None), ("E", None), ("E", 48)])
+def test_saved_activations_match_what_autograd_keeps(kind, latent):
+    """saved_bytes_per_token on the CPU path (float32, transformers' PyTorch scan and expert loop) against the bytes
+    of the tensors autograd saves for one block of a tiny model, parameters excluded, each storage counted once."""
     from minipuzzle.arch import Layout
     from minipuzzle.importance.layerwise import block_forward
     from minipuzzle.memory_plan import MAMBA_CHUNK
     from minipuzzle.testing import random_model, tiny_config
 
+    moe = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, n_group=2, topk_group=1,
+               moe_shared_expert_intermediate_size=160, moe_latent_size=latent)  # fmt: skip
     layout = Layout(pattern=kind, hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
-                    head_dim=16, mamba_num_heads=12, mamba_head_dim=10, n_groups=2, ssm_state_size=24, vocab_size=64)  # fmt: skip
+                    head_dim=16, mamba_num_heads=12, mamba_head_dim=10, n_groups=2, ssm_state_size=24, vocab_size=64,
+                    **moe)  # fmt: skip
     model = random_model(layout, config=tiny_config(layout, chunk_size=MAMBA_CHUNK)).train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
