@@ -327,6 +327,16 @@ def _with_today(plan: Part, today: Part) -> Part:
     return plan if today.fits or not plan.fits else plan.model_copy(update={"today": today})
 
 
+def host_device(hw: Hardware) -> Hardware | None:
+    """The host as the one device: where a part told `device: cpu` runs on a GPU machine. None when the host's
+    RAM is unknown (such a part is then not checked)."""
+    if hw.device == "cpu":
+        return hw
+    if hw.host_memory is None:
+        return None
+    return Hardware(device="cpu", gpu_memory=hw.host_memory, host_memory=hw.host_memory)
+
+
 def _powers_of_two(n: int, divisors_of: int | None = None) -> list[int]:
     """Powers of two <= n, largest first; with `divisors_of`, only those dividing it."""
     out, p = [], 1
@@ -411,44 +421,47 @@ def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_s
 
 def plan_score(layout: Layout, hw: Hardware, *, seq_len: int, depth_samples: int, width_samples: int,
                batch_size: int = 8, depth_metric: str = "mse_hidden", axes=("depth", "ffn"),
-               stream: bool | None = None, dtype: str | None = None, stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+               stream: bool | None = None, dtype: str | None = None, stored_bytes: int = 2,
+               today_dtype: str | None = None, stage: str = "score") -> list[Part]:  # fmt: skip
     """Importance scoring on one device (`score_to_folder` runs one process): streamed from the shards when the
     whole model and one window's residual states would not fit, the largest power-of-two forward batch <=
-    `batch_size` that fits, and as many rows per chunk as the rest of the memory holds.
+    `batch_size` that fits, and as many rows per chunk as the rest of the memory holds. One part per pass.
 
     Today's code streams when the checkpoint exceeds 70 % of the device's free memory (`stream` unset), forwards
-    `batch_size` rows at once and sizes its row chunks to 40 % of the free memory (`layerwise.rows_per_chunk`).
+    `batch_size` rows at once and sizes its row chunks to 40 % of the free memory (`layerwise.rows_per_chunk`), in
+    `today_dtype` (default: `dtype`; prune's own scoring runs in float32).
     """
     dt = default_dtype(hw, dtype)
-    b = dtype_bytes(dt)
-    passes = _score_passes(layout, axes, depth_metric, depth_samples, width_samples, b)
     windows = max(depth_samples if "depth" in axes else 0, width_samples) * seq_len * 8
 
-    def maker(streamed: bool, n_rows: int, states: int, hooks: dict[str, int], after: int, logits: int):
+    def maker(dt: str, streamed: bool, pas):
+        b = dtype_bytes(dt)
+        _, _, states, hooks, after, logits = pas
         host = _read_host(layout, stored_bytes, streamed) + windows
         return lambda micro, rows: _layerwise(layout, hw, b=b, streamed=streamed, rows=rows, micro=micro,
                                               seq_len=seq_len, states=states, hooks=hooks, after=after, logits=logits,
                                               host=host)  # fmt: skip
 
-    def fits_whole(p) -> bool:
-        return _problem(maker(False, *p[1:])(1, 1), hw) is None
+    def passes(dt: str):
+        return _score_passes(layout, axes, depth_metric, depth_samples, width_samples, dtype_bytes(dt))
 
-    streamed = stream if stream is not None else not all(fits_whole(p) for p in passes)
-    today_streamed = stream if stream is not None else layout.num_params() * b > 0.7 * hw.gpu_memory
+    whole_fits = all(_problem(maker(dt, False, pas)(1, 1), hw) is None for pas in passes(dt))
+    streamed = stream if stream is not None else not whole_fits
+    t_dt = default_dtype(hw, today_dtype or dt)
+    t_streamed = stream if stream is not None else layout.num_params() * dtype_bytes(t_dt) > 0.7 * hw.gpu_memory
     parts = []
-    for name, n_rows, states, hooks, after, logits in passes:
-        make = maker(streamed, n_rows, states, hooks, after, logits)
-        mem, micro, rows = _fit_rows(make, hw, batch_size, n_rows)
-        geo = Geometry(dtype=dt, streaming=streamed, micro_batch=micro, rows_per_chunk=rows)
-        plan = _part("score", name, geo, mem, hw)
-        make_today = maker(today_streamed, n_rows, states, hooks, after, logits)
-        rows_today = _rows_today(make_today, hw, n_rows, states * seq_len * layout.hidden_size * b)
-        geo_today = geo.model_copy(update={"streaming": today_streamed, "micro_batch": min(batch_size, rows_today),
-                                           "rows_per_chunk": rows_today})  # fmt: skip
-        today = _part("score", name, geo_today, make_today(min(batch_size, rows_today), rows_today), hw,
-                      note=f"forward batch {batch_size}, row chunks sized to 40 % of free memory")  # fmt: skip
+    for pas, t_pas in zip(passes(dt), passes(t_dt)):
+        name, n_rows, states = pas[:3]
+        mem, micro, rows = _fit_rows(maker(dt, streamed, pas), hw, batch_size, n_rows)
+        plan = _part(stage, name, Geometry(dtype=dt, streaming=streamed, micro_batch=micro, rows_per_chunk=rows),
+                     mem, hw)  # fmt: skip
+        make = maker(t_dt, t_streamed, t_pas)
+        rows = _rows_today(make, hw, n_rows, states * seq_len * layout.hidden_size * dtype_bytes(t_dt))
+        geo = Geometry(dtype=t_dt, streaming=t_streamed, micro_batch=min(batch_size, rows), rows_per_chunk=rows)
+        today = _part(stage, name, geo, make(geo.micro_batch, rows), hw,
+                      note=f"{t_dt}, forward batch {batch_size}, row chunks sized to 40 % of free memory")  # fmt: skip
         parts.append(_with_today(plan, today))
-    return StagePlan(stage="score", parts=parts)
+    return parts
 
 
 def _rows_today(make, hw: Hardware, n_rows: int, per_row: int) -> int:
@@ -460,38 +473,43 @@ def _rows_today(make, hw: Hardware, n_rows: int, per_row: int) -> int:
 
 
 def plan_ranking(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, batch_size: int = 8,
-                 dtype: str | None = None, stored_bytes: int = 2, stream: bool = False) -> Part:  # fmt: skip
+                 dtype: str | None = None, stored_bytes: int = 2, stream: bool = False,
+                 today_on_host: bool = False) -> Part:  # fmt: skip
     """Candidate ranking as it should run: parent and candidates streamed layer by layer on one device in the
     compute dtype (`ranking.measure_streamed`: each candidate cuts its own embeddings and head, so two sets are
     resident), logits `LOGIT_CHUNK` tokens at a time, the parent's final states [group, T, h] kept on the host
     for groups of windows within `RANK_HOST_BYTES`.
 
     Today (`search.pipeline.rank`): in float32, the whole parent plus each cut candidate in memory unless `stream`,
-    with the parent's final states of all held-out windows on the host.
+    with the parent's final states of all held-out windows on the host; `today_on_host`: on the CPU of a GPU
+    machine (`prune --device cpu`, its default).
     """
     dt = default_dtype(hw, dtype)
     b = dtype_bytes(dt)
     t, v, h, windows = seq_len, layout.vocab_size, layout.hidden_size, samples * seq_len * 8
 
-    def make_for(b: int, streamed: bool, group: int):
+    def make_for(hw: Hardware, b: int, streamed: bool, group: int):
         host = group * t * h * b + _read_host(layout, stored_bytes, streamed) + windows
         return lambda micro, rows: _layerwise(
             layout, hw, b=b, streamed=streamed, rows=rows, micro=micro, seq_len=t, states=2, copies=2, host=host,
             logits=min(LOGIT_CHUNK, micro * t) * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
 
     group = max(1, min(samples, RANK_HOST_BYTES // (t * h * b)))
-    make = make_for(b, True, group)
-    mem, micro, rows = _fit_rows(make, hw, batch_size, group)
+    mem, micro, rows = _fit_rows(make_for(hw, b, True, group), hw, batch_size, group)
     geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, logits_chunk=min(LOGIT_CHUNK, t))
     plan = _part("prune", "ranking", geo, mem, hw)
-    group_today = max(1, min(samples, RANK_HOST_BYTES // (t * h * 4))) if stream else samples
-    make_today = make_for(4, stream, group_today)
-    rows_today = _rows_today(make_today, hw, group_today, 2 * t * h * 4) if stream else group_today
-    today_geo = Geometry(dtype="float32", streaming=stream, micro_batch=batch_size,
-                         rows_per_chunk=rows_today if stream else None, logits_chunk=min(LOGIT_CHUNK, t))  # fmt: skip
-    what = "streamed" if stream else "the whole parent and a cut candidate in memory"
-    today = _part("prune", "ranking", today_geo, make_today(batch_size, rows_today if stream else 0), hw,
-                  note=f"float32, {what}")  # fmt: skip
+    thw = host_device(hw) if today_on_host else hw
+    if thw is None:
+        return plan
+    group = max(1, min(samples, RANK_HOST_BYTES // (t * h * 4))) if stream else samples
+    make = make_for(thw, 4, stream, group)
+    rows = _rows_today(make, thw, group, 2 * t * h * 4) if stream else None
+    geo = Geometry(dtype="float32", streaming=stream, micro_batch=batch_size, rows_per_chunk=rows,
+                   logits_chunk=min(LOGIT_CHUNK, t))  # fmt: skip
+    what = ("streamed" if stream else "the whole parent and a cut candidate in memory") + (
+        " on the CPU" if today_on_host else ""
+    )
+    today = _part("prune", "ranking", geo, make(batch_size, rows or 0), thw, note=f"float32, {what}")
     return _with_today(plan, today)
 
 
@@ -587,13 +605,14 @@ def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int)
 
 class TodayLaunch(BaseModel):
     """How today's code launches a training part: `processes` (torchrun's, 1 for in-process), the recipe's
-    grad_accum and checkpointing, and weights it keeps besides the pair (candidate distillation's float32 teacher,
-    kept for measuring each candidate)."""
+    grad_accum and checkpointing, weights it keeps besides the pair (candidate distillation's float32 teacher,
+    kept for measuring each candidate), and `on_host`: it runs on the CPU of a GPU machine (`--device cpu`)."""
 
     processes: int = 1
     grad_accum: int = 1
     checkpointing: bool = False
     extra_weights: int = 0
+    on_host: bool = False
     note: str
 
 
@@ -655,8 +674,9 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
         part = _part(stage, name, geo, mem, hw, note=note)
         if part.fits:
             break
-    if today is not None:
-        part = _with_today(part, _training_today(stage, name, teacher, student, hw, today, seq_len=seq_len,
+    thw = host_device(hw) if today is not None and today.on_host else hw
+    if today is not None and thw is not None:
+        part = _with_today(part, _training_today(stage, name, teacher, student, thw, today, seq_len=seq_len,
                                                  global_batch=global_batch, loss_chunk=loss_chunk, dt=dt, host=host))  # fmt: skip
     return part
 
@@ -699,6 +719,7 @@ class EvalShape(BaseModel):
     seq_len: int
     samples: int
     batch_size: int
+    held_out: bool = True
     tasks: bool = False
     speed: bool = True
     speed_batch: int = 1
@@ -731,7 +752,7 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
     def pick(make, limit: int) -> tuple[Memory, int]:
         return _fit_micro(make, hw, limit) if fit else (make(ev.batch_size), ev.batch_size)
 
-    out = [("held-out", *pick(held_out, min(ev.batch_size, ev.samples)))]
+    out = [("held-out", *pick(held_out, min(ev.batch_size, ev.samples)))] if ev.held_out else []
     if ev.tasks:
         out.append(("tasks", *pick(tasks, ev.batch_size)))
     if ev.speed:
@@ -772,7 +793,73 @@ def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape
     return StagePlan(stage="eval", parts=out)
 
 
-# ---- a recipe -----------------------------------------------------------------------------------------------------
+# ---- stages from their settings, a recipe ---------------------------------------------------------------------------
+
+
+def score_stage(
+    layout: Layout, hw: Hardware, st, *, axes, dtype: str | None = None, stored_bytes: int = 2
+) -> StagePlan:
+    """The score stage for `st` (a `settings.ScoreSettings`) over `axes`."""
+    return StagePlan(stage="score", parts=plan_score(
+        layout, hw, seq_len=st.seq_len, depth_samples=st.depth_samples, width_samples=st.width_samples,
+        batch_size=st.batch_size, depth_metric=st.depth_metric, axes=tuple(axes), stream=st.stream, dtype=dtype,
+        stored_bytes=stored_bytes))  # fmt: skip
+
+
+def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = None, dtype: str | None = None,
+                stored_bytes: int = 2, scoring: bool = False) -> StagePlan:  # fmt: skip
+    """The prune stage for `ps` (a `settings.PruneSettings`): its own scoring when it has no scores folder
+    (`scoring`; in float32 today), candidate ranking, candidate distillation when it has steps, the cut. Today it
+    computes on `ps.device`: the CPU of a GPU machine unless told otherwise (a recipe passes its model's device).
+    `student` bounds the candidates (default: the source itself)."""
+    from minipuzzle.settings import DistillSettings
+
+    on_host = ps.device == "cpu" and hw.device == "cuda"
+    parts = []
+    if scoring:
+        parts += plan_score(layout, hw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
+                            width_samples=ps.width_samples, batch_size=ps.batch_size, axes=tuple(ps.axes),
+                            stream=ps.stream, dtype=dtype, stored_bytes=stored_bytes, today_dtype="float32",
+                            stage="prune")  # fmt: skip
+    parts.append(plan_ranking(layout, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
+                              dtype=dtype, stored_bytes=stored_bytes, stream=ps.stream, today_on_host=on_host))  # fmt: skip
+    if ps.candidate_distill_steps:
+        where = "the CPU" if on_host else "one device"
+        today = TodayLaunch(extra_weights=4 * layout.num_params(), on_host=on_host,
+                            note=f"in the prune process on {where}, one micro-batch, a float32 teacher kept")  # fmt: skip
+        parts.append(plan_training("prune", "candidate distillation", layout, student or layout, hw,
+                                   seq_len=ps.seq_len, global_batch=ps.candidate_distill_batch, dtype=dtype,
+                                   stored_bytes=stored_bytes, today=today,
+                                   loss_chunk=DistillSettings.model_fields["loss_chunk"].default))  # fmt: skip
+    parts.append(plan_cut(layout, hw, stored_bytes=stored_bytes))
+    return StagePlan(stage="prune", parts=parts)
+
+
+def distill_stage(teacher: Layout, student: Layout, hw: Hardware, ds, today: TodayLaunch, *,
+                  stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+    """The distill stage for `ds` (a `settings.DistillSettings`), launched today as `today` says."""
+    return StagePlan(stage="distill", parts=[plan_training(
+        "distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
+        loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, today=today)])  # fmt: skip
+
+
+def eval_stage(model: Layout, teacher: Layout | None, hw: Hardware, es, *, held_out: bool = True,
+               dtype: str | None = None, stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+    """The eval stage for `es` (a `settings.EvalSettings`); `held_out`: there is held-out text."""
+    ev = EvalShape(seq_len=es.seq_len, samples=es.samples, batch_size=es.batch_size, held_out=held_out,
+                   tasks=bool(es.tasks), speed=es.speed, speed_batch=es.speed_batch, speed_len=es.speed_len,
+                   decode_tokens=es.decode_tokens)  # fmt: skip
+    return plan_eval(model, teacher, hw, ev, dtype=dtype, stored_bytes=stored_bytes)
+
+
+def check(hw: Hardware, *stages: StagePlan) -> None:
+    """Raise `UserError` with the one line of the first part of `stages` that cannot run on `hw`."""
+    from minipuzzle.errors import UserError
+
+    refusal = RunPlan(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw),
+                      stages=list(stages)).refusal()  # fmt: skip
+    if refusal is not None:
+        raise UserError(refusal)
 
 
 def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout | None = None,
@@ -785,43 +872,24 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
     stages already finished.
     """
     from minipuzzle.recipe import prune_settings
-    from minipuzzle.settings import DistillSettings
 
-    hw, m = hardware, recipe.model
-    dt = default_dtype(hw, m.dtype)
-    bound = student or teacher
-    stages: list[StagePlan] = []
-    if "score" not in skip:
-        imp = recipe.importance
-        stages.append(plan_score(teacher, hw, seq_len=imp.seq_len, depth_samples=imp.depth_samples,
-                                 width_samples=imp.width_samples, batch_size=imp.batch_size,
-                                 depth_metric=imp.depth_metric, axes=tuple(recipe.search.axes), stream=imp.stream,
-                                 dtype=dt, stored_bytes=stored_bytes))  # fmt: skip
-    if "prune" not in skip:
-        ps = prune_settings(recipe)
-        parts = [plan_ranking(teacher, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
-                              dtype=dt, stored_bytes=stored_bytes, stream=ps.stream)]  # fmt: skip
-        if ps.candidate_distill_steps:
-            today = TodayLaunch(
-                extra_weights=4 * teacher.num_params(),
-                note="in the prune process on one device, one micro-batch, a float32 teacher kept",
-            )
-            parts.append(plan_training("prune", "candidate distillation", teacher, bound, hw, seq_len=ps.seq_len,
-                                       global_batch=ps.candidate_distill_batch, dtype=dt, stored_bytes=stored_bytes,
-                                       loss_chunk=DistillSettings.model_fields["loss_chunk"].default, today=today))  # fmt: skip
-        parts.append(plan_cut(teacher, hw, stored_bytes=stored_bytes))
-        stages.append(StagePlan(stage="prune", parts=parts))
-    d = recipe.distill
-    if d is not None and "distill" not in skip:
-        stages.append(StagePlan(stage="distill", parts=[plan_training(
-            "distill", "distill", teacher, bound, hw, seq_len=d.seq_len, global_batch=d.batch_size,
-            loss_chunk=d.loss_chunk, dtype=dt, stored_bytes=stored_bytes, today=_distill_today(d))]))  # fmt: skip
-    if "eval" not in skip:
-        e = recipe.eval
-        ev = EvalShape(seq_len=e.seq_len, samples=e.samples, batch_size=e.batch_size, tasks=bool(e.tasks),
-                       speed=e.speed, speed_batch=e.speed_batch, speed_len=e.speed_len, decode_tokens=e.decode_tokens)  # fmt: skip
-        stages.append(plan_eval(bound, teacher, hw, ev, dtype=dt, stored_bytes=stored_bytes))
-    return RunPlan(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw), stages=stages)
+    hw, bound = hardware, student or teacher
+    dt = default_dtype(hw, recipe.model.dtype)
+    # The run resolves model.device "auto" on the machine it runs on: the one planned for, not this one.
+    device = "cpu" if recipe.model.device == "cpu" else hw.device
+    kw = {"dtype": dt, "stored_bytes": stored_bytes}
+    stages = {
+        "score": lambda: score_stage(teacher, hw, recipe.importance, axes=recipe.search.axes, **kw),
+        "prune": lambda: prune_stage(teacher, hw, prune_settings(recipe).model_copy(update={"device": device}),
+                                     student=bound, **kw),
+        "distill": lambda: distill_stage(teacher, bound, hw, recipe.distill.model_copy(update={"teacher_dtype": dt}),
+                                         _distill_today(recipe.distill), stored_bytes=stored_bytes),
+        "eval": lambda: eval_stage(bound, teacher, hw, recipe.eval, **kw),
+    }  # fmt: skip
+    if recipe.distill is None:
+        del stages["distill"]
+    planned = [make() for name, make in stages.items() if name not in skip]
+    return RunPlan(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw), stages=planned)
 
 
 def _distill_today(d) -> TodayLaunch:

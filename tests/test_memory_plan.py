@@ -123,9 +123,9 @@ def _torchrun_8x8():
 def test_score_56b_streams_on_one_h100():
     """Depth scoring keeps L + 1 = 119 residual states [8192, 8192] in bf16 per window (16 GB): the 56B (113 GB in
     bf16) streams, one layer at a time."""
-    sp = plan_score(PRESETS["56b"].layout, CLUSTER, seq_len=T, depth_samples=128, width_samples=1024, dtype="bfloat16")
-    depth, width = sp.parts
-    assert sp.fits and depth.geometry.streaming and width.geometry.streaming
+    depth, width = plan_score(PRESETS["56b"].layout, CLUSTER, seq_len=T, depth_samples=128, width_samples=1024,
+                              dtype="bfloat16")  # fmt: skip
+    assert depth.fits and width.fits and depth.geometry.streaming and width.geometry.streaming
     rows, micro = depth.geometry.rows_per_chunk, depth.geometry.micro_batch
     assert depth.memory.weights == (RESIDENT + MLP56) * 2
     per_row = (LAYERS56 + 1) * T * H * 2
@@ -166,8 +166,7 @@ def test_eval_47b_against_56b_spreads_over_four_gpus():
 
 def test_cpu_plans_count_host_buffers_against_the_one_memory():
     hw = Hardware(device="cpu", gpu_memory="64GiB", host_memory="64GiB")
-    sp = plan_score(PRESETS["8b"].layout, hw, seq_len=512, depth_samples=8, width_samples=8)
-    for p in sp.parts:
+    for p in plan_score(PRESETS["8b"].layout, hw, seq_len=512, depth_samples=8, width_samples=8):
         assert p.geometry.dtype == "float32"
         assert p.device_total == p.memory.device_total + p.memory.host_buffers
 
