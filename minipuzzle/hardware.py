@@ -84,11 +84,11 @@ class Hardware(BaseModel):
 
 
 def gib(n: float) -> str:
-    """Bytes as '80 GiB', '23.5 GiB', '512 MiB' (binary units, as GPU memory is quoted)."""
+    """Bytes as '80 GiB', '23.5 GiB', '512 MiB', '64 KiB' (binary units, as GPU memory is quoted)."""
     if n >= 2**30:
         v = n / 2**30
         return f"{v:.0f} GiB" if v == int(v) or v >= 100 else f"{v:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 or n == 0 else f"{n / 2**10:.0f} KiB"
 
 
 def host_ram() -> int:
@@ -131,12 +131,10 @@ class HardwareOptions(BaseModel):
     """`--gpu-memory` / `--gpus` as typed to `run` and the stage commands (one option per field)."""
 
     gpu_memory: str | None = Field(
-        None, description="Memory of one GPU to plan for, e.g. 80GiB (default: the recipe's hardware section, "
-        "else this machine's)."
+        None, description="Memory of one GPU to plan for, e.g. 80GiB (default: this machine's; `run` reads a "
+        "recipe's hardware section first)."
     )  # fmt: skip
-    gpus: int | None = Field(
-        None, description="GPUs per node to plan for (default: the recipe's, else this machine's)."
-    )
+    gpus: int | None = Field(None, description="GPUs per node to plan for (default: as --gpu-memory).")
 
 
 def resolve(section: Hardware | None = None, options: dict | HardwareOptions | None = None) -> Hardware:

@@ -852,6 +852,27 @@ def eval_stage(model: Layout, teacher: Layout | None, hw: Hardware, es, *, held_
     return plan_eval(model, teacher, hw, ev, dtype=dtype, stored_bytes=stored_bytes)
 
 
+def model_facts(model: str, model_path: str | None = None) -> tuple[Layout, int]:
+    """(layout, bytes per stored weight) of a preset, checkpoint folder or cached hub id, read from its config, so
+    a preset needs no weights; 2 (bf16, as NVIDIA publishes) where the weights are not here."""
+    from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
+    from minipuzzle.errors import UserError
+    from minipuzzle.presets import describe_model
+
+    _, layout = describe_model(model, model_path)
+    try:
+        path = resolve_checkpoint(model, model_path)
+        return layout, Checkpoint(path).dtype().itemsize if (path / "config.json").is_file() else 2
+    except UserError:
+        return layout, 2
+
+
+def for_device(hw: Hardware, device: str | None) -> Hardware | None:
+    """The hardware a command runs on: the host when its --device is cpu on a GPU machine (None when the host's
+    RAM is unknown), else `hw`."""
+    return host_device(hw) if device == "cpu" and hw.device == "cuda" else hw
+
+
 def check(hw: Hardware, *stages: StagePlan) -> None:
     """Raise `UserError` with the one line of the first part of `stages` that cannot run on `hw`."""
     from minipuzzle.errors import UserError

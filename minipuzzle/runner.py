@@ -139,28 +139,14 @@ def check_memory(recipe: Recipe, run_dir: Path, done: list[str], hardware: Hardw
     weights are looked for); once prune has written the student, distillation and eval are planned for it
     rather than for the teacher's layout."""
     from minipuzzle.checkpoint import Checkpoint
-    from minipuzzle.memory_plan import plan_recipe
-    from minipuzzle.presets import describe_model
+    from minipuzzle.memory_plan import model_facts, plan_recipe
 
-    _, layout = describe_model(recipe.model.source, recipe.model.path)
+    layout, stored = model_facts(recipe.model.source, recipe.model.path)
     pruned = run_dir / "prune"
     student = Checkpoint(pruned).layout if (pruned / "config.json").is_file() else None
-    plan = plan_recipe(recipe, layout, hardware, student=student, stored_bytes=_stored_bytes(recipe), skip=tuple(done))
-    refusal = plan.refusal()
+    refusal = plan_recipe(recipe, layout, hardware, student=student, stored_bytes=stored, skip=tuple(done)).refusal()
     if refusal is not None:
         raise UserError(refusal)
-
-
-def _stored_bytes(recipe: Recipe) -> int:
-    """Bytes per weight of the teacher's checkpoint as stored; 2 (bf16, as NVIDIA publishes) when its weights
-    are not here yet."""
-    from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
-
-    try:
-        path = resolve_checkpoint(recipe.model.source, recipe.model.path)
-        return Checkpoint(path).dtype().itemsize if (path / "config.json").is_file() else 2
-    except UserError:
-        return 2
 
 
 def final_model(recipe: Recipe, run_dir: Path) -> Path:

@@ -238,3 +238,55 @@ def test_one_24gib_gpu_is_refused_in_one_line_before_anything_is_written(tmp_pat
     assert json.loads(out_json)["memory"]["hardware_text"] == "8 GPUs of 80 GiB"
     code, text, _ = run_cli(["run", str(recipe), "--dry-run"])
     assert code == 0 and "does not fit" in text and "a run would be refused" in text
+
+
+def test_prune_on_the_cpu_of_a_gpu_machine_is_checked_against_its_ram():
+    """`prune --device cpu` (its default) on a GPU machine ranks on the host: today's float32 parent and cut
+    candidate (2 x 8.101e9 x 4 bytes for the 8B, DESIGN.md) against the node's RAM, the plan against its GPUs."""
+    from minipuzzle.memory_plan import prune_stage
+    from minipuzzle.settings import PruneSettings
+
+    hw = Hardware(gpu_memory="80GiB", gpus_per_node=8, host_memory="32GiB")
+    ps = PruneSettings(target="4b", device="cpu", seq_len=4096, held_out_samples=16)
+    ranking, cut = prune_stage(PRESETS["8b"].layout, hw, ps).parts
+    assert ranking.fits and cut.fits and ranking.geometry.streaming
+    assert ranking.today.memory.weights == pytest.approx(2 * 8.101e9 * 4, rel=2e-4)
+    assert "on the CPU" in ranking.today.note and "the CPU with 32 GiB of RAM" in ranking.today.problem
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_checkpoint):
+    if tiny_checkpoint.name != "model":
+        pytest.skip("one weight style is enough for the commands")
+    return str(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("command", ["score", "prune", "distill", "eval"])
+def test_stage_commands_refuse_what_cannot_fit(command, tmp_path, tiny_model_dir, text_file):
+    """Each stage command takes --gpu-memory / --gpus and refuses a plan that cannot fit in one line, exit 2,
+    before anything is written (the same commands run on this machine's memory in their own tests)."""
+    out = tmp_path / "out"
+    args = {
+        "score": ["score", tiny_model_dir, "--data", str(text_file), "--samples", "2", "--seq-len", "32"],
+        "prune": ["prune", tiny_model_dir, "--target", "0.8", "--data", str(text_file), "--seq-len", "32"],
+        "distill": [
+            "distill",
+            "--teacher",
+            tiny_model_dir,
+            "--student",
+            tiny_model_dir,
+            "--data",
+            str(text_file),
+            "--max-steps",
+            "1",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+        ],  # fmt: skip
+        "eval": ["eval", tiny_model_dir, "--data", str(text_file), "--seq-len", "32", "--num-samples", "2"],
+    }[command]
+    code, _, err = run_cli([*args, "-o", str(out), "--gpu-memory", "64KiB", "--gpus", "1"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {command}") and "does not fit" in err and "1 GPU of 64 KiB" in err
+    assert not out.exists()
