@@ -55,15 +55,19 @@ def distill(settings: dict[str, Any], hardware: dict[str, Any] | None = None) ->
 
 def _check_memory(cfg: DistillSettings, hardware: dict[str, Any] | None) -> None:
     """Refuse (one line, on every process) a distillation whose memory plan does not fit: the plan's geometry,
-    and this launch's (WORLD_SIZE processes, --grad-accum, --activation-checkpointing)."""
+    and this launch's (WORLD_SIZE processes, --grad-accum, --activation-checkpointing). Under torchrun on GPUs the
+    launch says how many nodes and GPUs per node there are (unless --gpus does)."""
     from minipuzzle.hardware import resolve
     from minipuzzle.memory_plan import TodayLaunch, check, distill_stage, model_facts
 
     cfg.check_paths()
     hw = resolve(None, hardware)
+    procs = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(procs)))
+    if procs > 1 and hw.device == "cuda" and not (hardware or {}).get("gpus"):
+        hw = hw.model_copy(update={"gpus_per_node": local, "nodes": max(1, procs // local)})
     teacher, stored = model_facts(cfg.teacher)
     student, _ = model_facts(cfg.student)
-    procs = int(os.environ.get("WORLD_SIZE", "1"))
     launch = TodayLaunch(processes=procs, grad_accum=cfg.grad_accum, checkpointing=cfg.activation_checkpointing,
                          on_host=cfg.device == "cpu", note=f"{procs} process(es), --grad-accum {cfg.grad_accum}")  # fmt: skip
     check(hw, distill_stage(teacher, student, hw, cfg, launch, stored_bytes=stored))
