@@ -15,7 +15,9 @@ decides whether it fits, the part carries `today`: the same accounting for what 
 executes today's code, so `RunPlan.refusal()` refuses such a part too. The differences counted (they go away as
 the stages obey their plans, issue 12 item 3):
 
-- candidate ranking runs in memory unless `importance.stream` is set, and always in float32 (`search.ranking`);
+- candidate ranking runs in memory unless `importance.stream` (`prune --stream`) is set, and always in float32
+  (`search.ranking`); `prune` without scores scores in float32 too, and the `prune` command computes on the CPU
+  unless told `--device cuda`;
 - candidate distillation runs in the prune process on one device, the whole candidate batch as one micro-batch,
   next to a float32 teacher kept for measuring (`candidates.distill_candidates`);
 - distillation under torchrun gathers float32 parameters (`distill.parallel.shard` sets no bf16 `param_dtype`),
@@ -40,9 +42,9 @@ from minipuzzle.arch import DTYPE_BYTES, Layout
 from minipuzzle.hardware import Hardware, gib
 from minipuzzle.metrics import LOGIT_CHUNK
 
-# A part may use this share of a device's memory (and of a node's RAM). The rest is the CUDA context and NCCL's
-# buffers (about 1 GiB) and the caching allocator's fragmentation, which grows with many differently sized
-# tensors (measured peaks reserve 5-10 % above what is allocated).
+# A part may use this share of a device's memory (and of a node's RAM). The rest is for the CUDA context, NCCL's
+# buffers and the caching allocator's fragmentation; the share is a judgement, not a measurement (issue 12 item 5
+# measures the plan's predictions against peaks).
 USABLE = 0.9
 # transformers' NemotronHConfig.chunk_size, which NVIDIA's Nemotron-H configs keep: the PyTorch scan's chunk.
 MAMBA_CHUNK = 128
