@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from minipuzzle.errors import UserError
+from minipuzzle.hardware import Hardware
 from minipuzzle.settings import (
     DeviceOptions,
     DistillSettings,
@@ -126,6 +127,7 @@ class Recipe(_Section):
     search: SearchStage
     distill: DistillStage | None = None
     eval: EvalSettings = EvalSettings()
+    hardware: Hardware | None = Field(None, description="devices and memory to plan for (default: this machine's)")
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -187,12 +189,16 @@ def prune_settings(recipe: Recipe) -> PruneSettings:
     return settings
 
 
-def plan_run(recipe: Recipe) -> dict[str, Any]:
-    """The stages of a run with their budgets, token counts and estimated cost, computed offline.
+def plan_run(recipe: Recipe, hardware: Hardware | None = None) -> dict[str, Any]:
+    """The stages of a run with their budgets, token counts and estimated cost, and the memory plan of every stage
+    on `hardware` (default: the recipe's hardware section, else this machine), computed offline.
 
     Scoring and ranking are priced by `search.pipeline.scoring_cost`; training costs 6 x student + 2 x teacher
-    parameters FLOPs per token. GPU-hours use the same assumed H100 throughput as `prune --dry-run`.
+    parameters FLOPs per token. GPU-hours use the same assumed H100 throughput as `prune --dry-run`. The memory
+    plan is `memory_plan.plan_recipe`'s; "refusal" is the line a run would be refused with (None: it fits).
     """
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import plan_recipe
     from minipuzzle.presets import describe_model
     from minipuzzle.search.pipeline import H100_FLOPS
 
@@ -200,6 +206,7 @@ def plan_run(recipe: Recipe) -> dict[str, Any]:
     stages = _plan_stages(recipe, source)
     for st in stages:
         st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
+    memory = plan_recipe(recipe, source, hardware or resolve(recipe.hardware))
     return {
         "recipe": recipe.name,
         "model": name,
@@ -207,6 +214,8 @@ def plan_run(recipe: Recipe) -> dict[str, Any]:
         "stages": stages,
         "total_gpu_hours": sum(st["gpu_hours"] for st in stages),
         "assumption": f"one H100 sustaining {H100_FLOPS / 1e12:.0f} TFLOP/s (about 40% of its bf16 peak)",
+        "memory": memory.model_dump(mode="json"),
+        "refusal": memory.refusal(),
     }
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from minipuzzle.cli_options import settings_command
+from minipuzzle.hardware import HardwareOptions
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
+    @settings_command(HardwareOptions, into="hardware")
     def run_recipe(
         recipe: Annotated[
             str, typer.Argument(help="Recipe file, or a shipped recipe's name (demo, nemotron-h-56b-to-47b).")
@@ -20,37 +24,85 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--dry-run", help="Validate and print the plan offline; run nothing.")
         ] = False,
         as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
+        hardware: dict | None = None,
     ) -> None:
         """Run score -> prune -> distill -> eval -> report as a recipe says; rerun the same command to resume.
+
+        Every stage is planned against the hardware (the recipe's hardware section, --gpu-memory / --gpus, else
+        this machine) before anything runs; a stage that cannot fit is refused.
 
         Example: minipuzzle run demo            (the demo teacher, end to end on CPU in minutes)
         Example: minipuzzle run recipes/nemotron-h-56b-to-47b.yaml --dry-run
         """
         from rich.console import Console
-        from rich.table import Table
 
+        from minipuzzle.hardware import resolve
         from minipuzzle.recipe import load_recipe, plan_run
 
         rec = load_recipe(recipe)
+        hw = resolve(rec.hardware, hardware)
         con = Console()
         if dry_run:
-            plan = plan_run(rec)
+            plan = plan_run(rec, hw)
             if as_json:
                 print(json.dumps(plan, indent=2, default=str))
                 return
-            con.print(f"[bold]{rec.name}[/]: {rec.description}")
-            con.print(f"model {plan['model']} ({plan['source_params'] / 1e9:.3f}B parameters)")
-            t = Table(title=f"stages (GPU-hours assume {plan['assumption']})")
-            for col in ("stage", "what", "FLOPs", "GPU-hours"):
-                t.add_column(col, justify="right" if col in ("FLOPs", "GPU-hours") else "left")
-            for s in plan["stages"]:
-                what = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("stage", "flops", "gpu_hours"))
-                t.add_row(s["stage"], what, f"{s['flops']:.2e}", f"{s['gpu_hours']:.2f}")
-            con.print(t)
-            con.print(f"total: {plan['total_gpu_hours']:.1f} GPU-hours")
+            _print_plan(con, rec, plan)
             return
         from minipuzzle.runner import run
 
         run_dir = output or Path("runs") / rec.name
-        report = run(rec, run_dir, log=lambda m: con.print(m, markup=False, highlight=False))
+        report = run(rec, run_dir, log=lambda m: con.print(m, markup=False, highlight=False), hardware=hw)
         con.print(f"[bold green]report:[/] {report}")
+
+
+def _print_plan(con, rec, plan: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    con.print(f"[bold]{rec.name}[/]: {rec.description}")
+    con.print(f"model {plan['model']} ({plan['source_params'] / 1e9:.3f}B parameters)")
+    t = Table(title=f"stages (GPU-hours assume {plan['assumption']})")
+    for col in ("stage", "what", "FLOPs", "GPU-hours"):
+        t.add_column(col, justify="right" if col in ("FLOPs", "GPU-hours") else "left")
+    for s in plan["stages"]:
+        what = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("stage", "flops", "gpu_hours"))
+        t.add_row(s["stage"], what, f"{s['flops']:.2e}", f"{s['gpu_hours']:.2f}")
+    con.print(t)
+    con.print(f"total: {plan['total_gpu_hours']:.1f} GPU-hours")
+    _print_memory(con, plan["memory"])
+    if plan["refusal"]:
+        con.print(f"[bold red]a run would be refused:[/] {plan['refusal']}", highlight=False)
+
+
+def _print_memory(con, memory: dict[str, Any]) -> None:
+    """The memory plan as a table: one row per part, bytes per device (host: per node); then what today's code
+    would hold where that does not fit."""
+    from rich.table import Table
+
+    from minipuzzle.hardware import gib
+    from minipuzzle.memory_plan import Geometry
+
+    t = Table(title=f"memory per device on {memory['hardware_text']} ({gib(memory['usable_device_bytes'])} usable)")
+    for col in ("stage", "launch", "weights", "optim.", "activ.", "logits", "device", "host", ""):
+        t.add_column(col, justify="left" if col in ("stage", "launch", "") else "right")
+    notes = []
+    for st in memory["stages"]:
+        for p in st["parts"]:
+            m = p["memory"]
+            states = m["master_weights"] + m["optimizer_state"] + m["gradients"]
+            status = "fits" if p["fits"] else "[red]does not fit[/]"
+            if p["fits"] and p["today"] is not None:
+                status = "fits [red](not today)[/]"
+                notes.append(f"{_label(p)} today: {p['today']['note']}: {p['today']['problem']}")
+            name = p["stage"] if p["name"] == p["stage"] else f"{p['stage']}: {p['name']}"
+            t.add_row(name, Geometry(**p["geometry"]).describe(), gib(m["weights"]), gib(states), gib(m["activations"]),
+                      gib(m["logits"]), gib(p["device_total"]), gib(m["host_buffers"]), status)  # fmt: skip
+    con.print(t)
+    con.print("optim.: master weights, optimizer state and gradients; device: the total per device; host: per node. "
+              "JSON (--json) has every term.", highlight=False)  # fmt: skip
+    for n in notes:
+        con.print(n, highlight=False, markup=False)
+
+
+def _label(p: dict[str, Any]) -> str:
+    return p["stage"] if p["name"] == p["stage"] else f"{p['stage']} ({p['name']})"

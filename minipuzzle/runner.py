@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minipuzzle.errors import UserError
+from minipuzzle.hardware import Hardware, resolve
 from minipuzzle.recipe import STAGES, Recipe
 from minipuzzle.settings import DistillSettings
 
@@ -94,11 +95,17 @@ def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / STATE_FILE)
 
 
-def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Execute `recipe` into `run_dir`; returns the path of the run's HTML report."""
+def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = print, progress: bool = True,
+        hardware: Hardware | None = None) -> Path:  # fmt: skip
+    """Execute `recipe` into `run_dir`; returns the path of the run's HTML report.
+
+    Before anything is written, every stage still to run is planned on `hardware` (default: the recipe's hardware
+    section, else this machine): one that cannot fit is refused (`UserError`, one line)."""
     from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
 
     run_dir = Path(run_dir)
+    done = _load_state(run_dir, recipe)["done"] if (run_dir / STATE_FILE).is_file() else []
+    check_memory(recipe, run_dir, done, hardware or resolve(recipe.hardware))
     teacher = resolve_checkpoint(recipe.model.source, recipe.model.path)
     Checkpoint(teacher)  # fail on a bad checkpoint before creating anything
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +131,23 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
         _save_state(run_dir, state)
         log(f"[{name}] finished")
     return run_dir / "report.html"
+
+
+def check_memory(recipe: Recipe, run_dir: Path, done: list[str], hardware: Hardware) -> None:
+    """Raise the one-line `UserError` of the first unfinished stage that cannot fit `hardware`.
+
+    Planned from the model's config (a preset needs no weights, so a run that cannot fit is refused before its
+    weights are looked for); once prune has written the student, distillation and eval are planned for it
+    rather than for the teacher's layout."""
+    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.memory_plan import model_facts, plan_recipe
+
+    layout, stored = model_facts(recipe.model.source, recipe.model.path)
+    pruned = run_dir / "prune"
+    student = Checkpoint(pruned).layout if (pruned / "config.json").is_file() else None
+    refusal = plan_recipe(recipe, layout, hardware, student=student, stored_bytes=stored, skip=tuple(done)).refusal()
+    if refusal is not None:
+        raise UserError(refusal)
 
 
 def final_model(recipe: Recipe, run_dir: Path) -> Path:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from minipuzzle.cli_options import settings_command
+from minipuzzle.hardware import HardwareOptions
 from minipuzzle.settings import DataOptions, DeviceOptions, EvalSettings
 
 
@@ -16,6 +17,7 @@ from minipuzzle.settings import DataOptions, DeviceOptions, EvalSettings
 @settings_command(DataOptions, into="text", helps={"data": "Held-out text: .txt/.jsonl/.parquet file, folder or "
                                                          "datasets name."})  # fmt: skip
 @settings_command(DeviceOptions, into="compute")
+@settings_command(HardwareOptions, into="hardware")
 @settings_command(EvalSettings, exclude=("tasks", "num_fewshot"), defaults={"seq_len": 512},
                   aliases={"samples": ["--num-samples"]}, types_={"limit": float | None})  # fmt: skip
 def _eval_command(
@@ -29,6 +31,7 @@ def _eval_command(
         str | None, typer.Option(help="lm-eval tasks, comma-separated: names (mmlu:5), task .yaml files or folders.")
     ] = None,
     compute: dict | None = None,
+    hardware: dict | None = None,
     precision: Annotated[
         str, typer.Option(help="Precision for the architecture memory figures: bf16, fp8, fp4.")
     ] = "bf16",
@@ -39,6 +42,8 @@ def _eval_command(
     settings: dict | None = None,
 ) -> None:
     """Evaluate a model (and its teacher): held-out perplexity, KL and agreement, lm-eval tasks, speed, memory.
+
+    Refused before it starts when its memory plan does not fit (this machine, or --gpu-memory / --gpus).
 
     Example: minipuzzle eval runs/47b/distill --teacher runs/56b --data val.jsonl --tasks mmlu:5,arc_challenge:25 --limit 200 -o runs/47b/eval
     """
@@ -53,12 +58,27 @@ def _eval_command(
         DataOptions(**text),
         DeviceOptions(**compute),
     )
+    _check_memory(model, teacher, st, src.data is not None, dev, hardware)
     rep = evaluate(model, output, st, teacher_path=teacher, data=src.data, split=src.split, column=src.text_column,
                    streaming=src.streaming, device=dev.device, dtype=dev.dtype, precision=precision,
                    context=parse_context(context), overwrite=overwrite, progress=True)  # fmt: skip
     con = Console()
     con.print(render_markdown(rep), markup=False, highlight=False)
     con.print(f"[bold]report written to {output}[/] ({', '.join(['report.json', 'report.md', *rep['plots']])})")
+
+
+def _check_memory(model: str, teacher: str | None, st: EvalSettings, held_out: bool, dev: DeviceOptions,
+                  hardware: dict | None) -> None:  # fmt: skip
+    """Refuse (one line) an evaluation whose memory plan does not fit the device it would run on."""
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import check, eval_stage, for_device, model_facts
+
+    hw = for_device(resolve(None, hardware), dev.device)
+    if hw is None:  # told --device cpu on a GPU machine whose RAM is unknown
+        return
+    layout, stored = model_facts(model)
+    t_layout = model_facts(teacher)[0] if teacher is not None else None
+    check(hw, eval_stage(layout, t_layout, hw, st, held_out=held_out, dtype=dev.dtype, stored_bytes=stored))
 
 
 def _report_command(

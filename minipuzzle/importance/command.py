@@ -9,6 +9,7 @@ import typer
 
 from minipuzzle.anatomy import SEARCH_AXES
 from minipuzzle.cli_options import settings_command
+from minipuzzle.hardware import HardwareOptions
 from minipuzzle.importance.width import describe_aggs
 from minipuzzle.settings import DataOptions, DeviceOptions, ScoreSettings
 
@@ -25,6 +26,7 @@ def register(app: typer.Typer) -> None:
     helps={"data": "Calibration text: .txt/.jsonl/.parquet, a folder, or a hub dataset."},
 )
 @settings_command(DeviceOptions, into="compute")
+@settings_command(HardwareOptions, into="hardware")
 @settings_command(ScoreSettings, helps={
     "width_agg": f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}",
 })  # fmt: skip
@@ -37,6 +39,7 @@ def score(
         str, typer.Option(help=f"Comma-separated, from {','.join(SEARCH_AXES)}; those the model lacks score nothing.")
     ] = ",".join(SEARCH_AXES),
     compute: dict | None = None,
+    hardware: dict | None = None,
     model_path: Annotated[str | None, typer.Option(help="Local folder holding MODEL's weights.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write depth.png and width.png.")] = True,
@@ -46,7 +49,8 @@ def score(
     channel of a Nemotron-H checkpoint. Rerunning an interrupted run resumes it.
 
     Mixture-of-experts checkpoints (Nemotron 3) also score every routed expert (--expert-estimator), expert
-    channel and shared-expert channel.
+    channel and shared-expert channel. Refused before it starts when its memory plan does not fit the device (this
+    machine's, or --gpu-memory).
 
     Example: minipuzzle score nvidia/Nemotron-H-8B-Base-8K --data calib.jsonl -o scores/8b --seq-len 4096
     """
@@ -58,10 +62,22 @@ def score(
     st, src, dev = ScoreSettings(**settings), DataOptions(**text), DeviceOptions(**compute)
     resolve_device(dev.device, dev.dtype)  # a bad device is reported before the checkpoint is looked at
     path = resolve_checkpoint(model, model_path)
+    _check_memory(str(path), st, axes.split(","), dev, hardware)
     scores = score_to_folder(path, src.data, output, st, axes=axes.split(","), split=src.split,
                              text_column=src.text_column, streaming=src.streaming, device=dev.device, dtype=dev.dtype,
                              overwrite=overwrite, plots=plots, progress=True)  # fmt: skip
     _print_summary(scores, output)
+
+
+def _check_memory(path: str, st: ScoreSettings, axes: list[str], dev: DeviceOptions, hardware: dict) -> None:
+    """Refuse (one line) a scoring run whose memory plan does not fit the device it would run on."""
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import check, for_device, model_facts, score_stage
+
+    hw = for_device(resolve(None, hardware), dev.device)
+    if hw is not None:  # None: told --device cpu on a GPU machine whose RAM is unknown
+        layout, stored = model_facts(path)
+        check(hw, score_stage(layout, hw, st, axes=axes, dtype=dev.dtype, stored_bytes=stored))
 
 
 def _print_summary(scores, output: Path) -> None:

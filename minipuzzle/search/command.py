@@ -9,6 +9,7 @@ import typer
 
 from minipuzzle.cli_options import settings_command
 from minipuzzle.errors import UserError
+from minipuzzle.hardware import HardwareOptions
 from minipuzzle.settings import BudgetSettings, DataOptions, PruneSettings
 
 
@@ -65,6 +66,7 @@ def search_cmd(
 
 
 @settings_command(DataOptions, into="text", helps={"data": "Calibration text: file, folder or dataset."})
+@settings_command(HardwareOptions, into="hardware")
 @settings_command(PruneSettings, aliases=AS_TEXT["aliases"] | {"held_out_samples": ["--held-out"]},
                   types_=AS_TEXT["types_"] | {"depth_samples": int | None, "width_samples": int | None},
                   defaults=AS_TEXT["defaults"] | {"depth_samples": None, "width_samples": None})  # fmt: skip
@@ -84,9 +86,12 @@ def prune_cmd(
     dry_run: Annotated[bool, typer.Option(help="Plan offline: space, feasible layouts, scoring cost.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    hardware: dict | None = None,
     settings: dict | None = None,
 ) -> None:
     """Prune a Nemotron-H checkpoint to a budget: score, search, rank candidates, cut the best.
+
+    Refused before it starts when its memory plan does not fit (this machine, or --gpu-memory / --gpus).
 
     Example: minipuzzle prune 56b --memory 31.7GiB --precision fp4 --context 1M --data calib/ -o nemotron-47b
     """
@@ -97,6 +102,7 @@ def prune_cmd(
     if dry_run:
         _print_dry_run(model, pipeline.dry_run(layout, st), st.budget_for(layout), st, as_json)
         return
+    _check_memory(model, model_path, st, scores is None, hardware)
     src = DataOptions(**text)
     rep = pipeline.prune(
         model,
@@ -116,6 +122,17 @@ def prune_cmd(
         print(json.dumps(res, indent=2))
     else:
         print(f"{res['params']:,} parameters, layers {res['layers']}, widths {res['widths']} -> {output}")
+
+
+def _check_memory(model: str, model_path: str | None, st: PruneSettings, scoring: bool, hardware: dict) -> None:
+    """Refuse (one line) a prune whose memory plan (its own scoring without --scores, ranking, candidate
+    distillation, the cut) does not fit the hardware."""
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import check, model_facts, prune_stage
+
+    hw = resolve(None, hardware)
+    layout, stored = model_facts(model, model_path)
+    check(hw, prune_stage(layout, hw, st, stored_bytes=stored, scoring=scoring))
 
 
 def _source_layout(model: str, model_path: str | None, output: str | None, dry_run: bool, overwrite: bool):

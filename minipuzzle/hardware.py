@@ -1,0 +1,145 @@
+"""The machine a run plans against: how many devices, how much memory each has, how much host memory each node has.
+
+Recipes give it as a `hardware:` section (`{gpu_memory: 80GiB, gpus_per_node: 8, nodes: 8}`), commands as
+`--gpu-memory` / `--gpus`; without either, `detect()` reads this machine: its CUDA devices and their memory, or,
+with none, the CPU as one device whose memory is the host's RAM. Sizes are read by `units.parse_bytes`, so a recipe
+may write `80GiB`, `80GB` or a byte count.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from minipuzzle.errors import UserError
+from minipuzzle.units import parse_bytes
+
+
+def _size(value: object, what: str) -> int:
+    """A size field as bytes; a ValueError (not a UserError) so that pydantic names the key it came from."""
+    try:
+        return parse_bytes(value, what)  # type: ignore[arg-type]
+    except UserError as e:
+        raise ValueError(str(e)) from None
+
+
+class Hardware(BaseModel):
+    """Devices and memory: `gpus_per_node` devices of `gpu_memory` bytes on each of `nodes` nodes.
+
+    `device` is "cuda" for GPUs, "cpu" when the CPU is the one device (then `gpu_memory` is the host's RAM, and
+    what a stage keeps "on the host" shares that memory). `host_memory` is the RAM of one node; None means unknown,
+    and the plan then reports host buffers without checking them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["cuda", "cpu"] = Field("cuda", description="cuda (GPUs) or cpu (the CPU is the one device)")
+    gpu_memory: int = Field(description="memory of one device, e.g. 80GiB")
+    gpus_per_node: int = Field(1, ge=1, description="devices per node")
+    nodes: int = Field(1, ge=1, description="nodes")
+    host_memory: int | None = Field(None, description="RAM of one node, e.g. 2TiB (unchecked when not given)")
+
+    @field_validator("gpu_memory", mode="before")
+    @classmethod
+    def _gpu_memory(cls, v: object) -> int:
+        return _size(v, "gpu_memory")
+
+    @field_validator("host_memory", mode="before")
+    @classmethod
+    def _host_memory(cls, v: object) -> int | None:
+        return None if v is None else _size(v, "host_memory")
+
+    @property
+    def devices(self) -> int:
+        """Devices of all nodes together."""
+        return self.gpus_per_node * self.nodes
+
+    def describe(self) -> str:
+        """'8 x 8 GPUs of 80 GiB', '1 CPU device of 23.5 GiB' (one line, for tables and errors)."""
+        mem = gib(self.gpu_memory)
+        if self.device == "cpu":
+            return f"the CPU with {mem} of RAM"
+        nodes = f"{self.nodes} nodes x " if self.nodes > 1 else ""
+        return f"{nodes}{self.gpus_per_node} GPU{'s' if self.gpus_per_node > 1 else ''} of {mem}"
+
+    def override(self, gpu_memory: str | int | None = None, gpus: int | None = None) -> Hardware:
+        """This hardware with `--gpu-memory` / `--gpus` (GPUs per node) applied. Naming either on a machine
+        detected as CPU-only plans for GPUs instead (e.g. a dry run on a laptop for a cluster), whose host memory
+        is then unknown."""
+        if gpu_memory is None and gpus is None:
+            return self
+        if gpus is not None and gpus < 1:
+            raise UserError(f"--gpus must be at least 1, got {gpus}")
+        changes: dict[str, object] = {"device": "cuda"}
+        if self.device == "cpu":  # this machine's RAM says nothing about the GPU machine planned for
+            changes["host_memory"] = None
+        if gpu_memory is not None:
+            changes["gpu_memory"] = parse_bytes(gpu_memory, "--gpu-memory")
+        if gpus is not None:
+            changes["gpus_per_node"] = gpus
+        return self.model_copy(update=changes)
+
+
+def gib(n: float) -> str:
+    """Bytes as '80 GiB', '23.5 GiB', '512 MiB', '64 KiB' (binary units, as GPU memory is quoted)."""
+    if n >= 2**30:
+        v = n / 2**30
+        return f"{v:.0f} GiB" if v == int(v) or v >= 100 else f"{v:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 or n == 0 else f"{n / 2**10:.0f} KiB"
+
+
+def host_ram() -> int:
+    """This machine's RAM in bytes: /proc/meminfo's MemTotal (os.sysconf elsewhere), lowered to the cgroup's memory
+    limit when the process runs in a container that has one."""
+    total = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    if not total:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))  # "max" (v2) or a huge number (v1) means no limit
+    return total
+
+
+def detect() -> Hardware:
+    """This machine: its CUDA devices (the smallest one's memory: every rank must fit) and host RAM; with no CUDA
+    device, the CPU as one device with the host's RAM."""
+    import torch
+
+    ram = host_ram()
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        n = torch.cuda.device_count()
+        mem = min(torch.cuda.get_device_properties(i).total_memory for i in range(n))
+        return Hardware(device="cuda", gpu_memory=mem, gpus_per_node=n, nodes=1, host_memory=ram)
+    return Hardware(device="cpu", gpu_memory=ram, gpus_per_node=1, nodes=1, host_memory=ram)
+
+
+class HardwareOptions(BaseModel):
+    """`--gpu-memory` / `--gpus` as typed to `run` and the stage commands (one option per field)."""
+
+    gpu_memory: str | None = Field(
+        None, description="Memory of one GPU to plan for, e.g. 80GiB (default: this machine's; `run` reads a "
+        "recipe's hardware section first)."
+    )  # fmt: skip
+    gpus: int | None = Field(None, description="GPUs per node to plan for (default: as --gpu-memory).")
+
+
+def resolve(section: Hardware | None = None, options: dict | HardwareOptions | None = None) -> Hardware:
+    """The hardware a command plans for: `section` (a recipe's) or, without one, this machine (`detect`), with
+    the command's `--gpu-memory` / `--gpus` applied."""
+    opts = options if isinstance(options, HardwareOptions) else HardwareOptions(**(options or {}))
+    base = section if section is not None else detect()
+    return base.override(opts.gpu_memory, opts.gpus)

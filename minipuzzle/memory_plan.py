@@ -1,0 +1,923 @@
+"""Memory plans: what every stage of a run holds on each device, and the launch geometry that makes it fit,
+computed from the layouts and the hardware before anything runs.
+
+A `RunPlan` has one `StagePlan` per stage (score, prune, distill, eval). A stage has one `Part` per phase that runs
+on its own (prune: candidate ranking, candidate distillation, the cut): a part's memory is freed before the next
+starts, so a stage fits when each part does. A part says how it is launched (`Geometry`: devices, FSDP2 sharding,
+micro-batch and grad-accum, streaming, activation checkpointing, row and logits chunks) and what one device holds
+at the part's peak (`Memory`, bytes): weights, float32 master weights, optimizer state, gradients, activations
+(for training, with and without checkpointing), logits chunks; and the host buffers of streaming (bytes per node).
+It fits when the device total is within `USABLE` of a device's memory and the host buffers within `USABLE` of a
+node's RAM (when known). On a CPU-only machine device and host are one memory, so both count against it.
+
+The plan is the geometry a stage *should* use. Where today's code runs a stage differently and the difference
+decides whether it fits, the part carries `today`: the same accounting for what the code does now. `minipuzzle run`
+executes today's code, so `RunPlan.refusal()` refuses such a part too. The differences counted (they go away as
+the stages obey their plans, issue 12 item 3):
+
+- candidate ranking runs in memory unless `importance.stream` (`prune --stream`) is set, and always in float32
+  (`search.ranking`); `prune` without scores scores in float32 too, and the `prune` command computes on the CPU
+  unless told `--device cuda`;
+- candidate distillation runs in the prune process on one device, the whole candidate batch as one micro-batch,
+  next to a float32 teacher kept for measuring (`candidates.distill_candidates`);
+- distillation under torchrun gathers float32 parameters (`distill.parallel.shard` sets no bf16 `param_dtype`),
+  so the student's residual stream and its checkpointed block inputs are float32, and its micro-batch is
+  batch_size / (processes x grad_accum) of the recipe's launch (`distill.loop._run`);
+- eval loads teacher and student whole on one device and runs `eval.batch_size` windows at once, lm-eval's
+  full-vocabulary logits included (`evaluate.runner`).
+
+Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; on CUDA the
+fused Mamba kernels of the `gpu` extra run (mamba-ssm keeps only the in_proj output and the scan output for the
+backward), on the CPU transformers' PyTorch chunked scan (which keeps every [chunk x chunk] segment sum).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, computed_field
+
+from minipuzzle.anatomy import ATTENTION, MAMBA, MLP, MOE
+from minipuzzle.arch import DTYPE_BYTES, Layout
+from minipuzzle.hardware import Hardware, gib
+from minipuzzle.metrics import LOGIT_CHUNK
+
+# A part may use this share of a device's memory (and of a node's RAM). The rest is for the CUDA context, NCCL's
+# buffers and the caching allocator's fragmentation; the share is a judgement, not a measurement (issue 12 item 5
+# measures the plan's predictions against peaks).
+USABLE = 0.9
+# transformers' NemotronHConfig.chunk_size, which NVIDIA's Nemotron-H configs keep: the PyTorch scan's chunk.
+MAMBA_CHUNK = 128
+# Float32 [tokens, vocab] buffers alive at once in distill.losses._forward_kl_chunk: student and teacher logits,
+# both log-softmaxes, p, then exp(s_logp) - p and its scaled copy while the previous ones are still referenced.
+TRAIN_LOGIT_BUFFERS = 7
+# Float32 [tokens, vocab] buffers alive in metrics.next_token_sums with a teacher: both logits, both log-softmaxes,
+# and the two temporaries of kl_from_log_probs.
+EVAL_LOGIT_BUFFERS = 6
+# importance.depth._logit_sums sizes each logits slice to 2**26 values (256 MiB in float32).
+DEPTH_LOGITS_SLICE = 2**26
+# search.ranking.measure_streamed's default `host_bytes`: the parent's final states kept per group of windows.
+RANK_HOST_BYTES = 8 * 2**30
+# surgery.prune_checkpoint's default `max_shard_bytes`: one output shard is buffered before it is written.
+SHARD_BYTES = 5 * 10**9
+
+
+class Geometry(BaseModel):
+    """How a part is launched. `micro_batch` is sequences per forward on one device; `grad_accum` micro-batches
+    per optimizer step, so micro_batch x grad_accum x data-parallel ranks = `global_batch` (training only)."""
+
+    devices: int = 1
+    nodes: int = 1
+    sharding: Literal["none", "full", "per_node", "device_map"] = "none"
+    dtype: str = "bfloat16"
+    streaming: bool = False
+    micro_batch: int = 1
+    grad_accum: int | None = None
+    global_batch: int | None = None
+    activation_checkpointing: bool | None = None
+    rows_per_chunk: int | None = None
+    logits_chunk: int | None = None
+
+    def describe(self) -> str:
+        """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
+        out = [f"{self.devices} dev"]
+        out[0] += {"full": " FSDP2", "per_node": " FSDP2/node", "device_map": " device map"}.get(self.sharding, "")
+        out.append({"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(self.dtype, self.dtype))
+        if self.grad_accum is not None:
+            out.append(f"micro {self.micro_batch} x {self.grad_accum}")
+        else:
+            out.append(f"batch {self.micro_batch}")
+        if self.rows_per_chunk is not None:
+            out.append(f"{self.rows_per_chunk} rows")
+        if self.streaming:
+            out.append("streamed")
+        if self.activation_checkpointing:
+            out.append("ckpt")
+        return ", ".join(out)
+
+
+class Memory(BaseModel):
+    """Bytes one device holds at the part's peak; `host_buffers` is bytes of one node's RAM.
+
+    weights: what the compute reads (bf16 copies, gathered FSDP2 units, the streamed layer); master_weights: the
+    float32 weights the optimizer updates; optimizer_state: AdamW's two float32 moments; gradients; activations:
+    the counted figure (with checkpointing where the geometry has it on; `activations_checkpointed` and
+    `activations_full` give both for training); logits: the float32 logits buffers alive at once.
+    """
+
+    weights: int = 0
+    master_weights: int = 0
+    optimizer_state: int = 0
+    gradients: int = 0
+    activations: int = 0
+    activations_checkpointed: int | None = None
+    activations_full: int | None = None
+    logits: int = 0
+    host_buffers: int = 0
+
+    @property
+    def device_total(self) -> int:
+        return (self.weights + self.master_weights + self.optimizer_state + self.gradients + self.activations
+                + self.logits)  # fmt: skip
+
+
+class Part(BaseModel):
+    """One phase of a stage: its geometry, its memory, and whether that fits the hardware."""
+
+    stage: str
+    name: str
+    geometry: Geometry
+    memory: Memory
+    device_total: int
+    fits: bool
+    problem: str | None = None
+    note: str | None = None
+    today: Part | None = None
+
+    @computed_field
+    @property
+    def runnable(self) -> bool:
+        """The plan fits and so does what today's code holds (when that differs)."""
+        return self.fits and (self.today is None or self.today.fits)
+
+
+class StagePlan(BaseModel):
+    stage: str
+    parts: list[Part]
+
+    @computed_field
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.parts)
+
+
+class RunPlan(BaseModel):
+    """The plan of every stage of a run on `hardware` (stages already finished may be left out)."""
+
+    hardware: Hardware
+    hardware_text: str
+    usable_device_bytes: int
+    stages: list[StagePlan]
+
+    def refusal(self) -> str | None:
+        """One line naming the first part that cannot run (its stage, what it needs, what the hardware has), or
+        None when every part fits."""
+        for st in self.stages:
+            for p in st.parts:
+                if not p.fits:
+                    return f"{_label(p)} does not fit: {p.problem}"
+                if p.today is not None and not p.today.fits:
+                    return (f"{_label(p)} does not fit as the code runs it today ({p.today.note}): "
+                            f"{p.today.problem}; the plan ({p.geometry.describe()}) needs {gib(p.device_total)}")  # fmt: skip
+        return None
+
+
+Part.model_rebuild()
+
+
+def _label(p: Part) -> str:
+    return p.stage if p.name == p.stage else f"{p.stage} ({p.name})"
+
+
+# ---- per-layer terms ----------------------------------------------------------------------------------------------
+
+
+def dtype_bytes(dtype: str) -> int:
+    return DTYPE_BYTES[dtype]
+
+
+def largest_block(layout: Layout) -> int:
+    """Parameters of the largest layer: the unit FSDP2 gathers at once, the layer a streamed pass holds."""
+    return max(layout.layer_params(kind) for kind in set(layout.pattern))
+
+
+def _scan_fallback(layout: Layout) -> int:
+    """Bytes per token transformers' PyTorch chunked scan (`mamba2_chunk_scan`) keeps, all float32: the segment
+    sums L, the C.B scores G and their product M ([chunk x heads] each), B and C repeated to every head and cut into
+    chunks (and their einsum copies: 5 x heads x state), the chunk states (2 x heads x head_dim x state / chunk),
+    x, dt.x, Y_diag, Y_off, the output and the gated norm's float32 tensors (9 x I), and per-head dt and A terms.
+    Counted from the tensors autograd saves for one block (tests/test_memory_plan.py measures them)."""
+    hp, n, p, i = layout.mamba_num_heads, layout.ssm_state_size, layout.mamba_head_dim, layout.mamba_intermediate
+    return 4 * (3 * MAMBA_CHUNK * hp + 5 * hp * n + 2 * hp * p * n // MAMBA_CHUNK + 9 * i + 5 * hp)
+
+
+def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True) -> int:
+    """Bytes per token autograd keeps for the backward of one block of `kind`, computing in `b`-byte floats.
+
+    Every block: RMSNorm keeps its float32 input and normalised output (8 h) and the projection its input (b h).
+    MLP: relu's output and its square (down_proj's input), b x 2 x ffn. MoE: `_moe_saved`. Attention (SDPA's
+    flash/efficient path): q, k, v, the output (read by o_proj as is) and a float32 log-sum-exp per head. Mamba
+    with the fused kernels
+    (mamba_ssm's split-conv1d-scan): in_proj's output [z|xBC|dt] and the scan output (I), a float32 rstd per group;
+    the conv, the gated norm and out_proj's input are recomputed. Mamba without them: in_proj's output, the conv
+    output twice (padded, then activated) and the PyTorch scan's tensors (`_scan_fallback`).
+    """
+    h = layout.hidden_size
+    norm = (8 + b) * h
+    if kind == MLP:
+        return norm + 2 * b * layout.intermediate_size
+    if kind == MOE:
+        return norm + _moe_saved(layout, b)
+    if kind == ATTENTION:
+        q, kv = layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
+        return norm + b * (2 * q + 2 * kv) + 4 * layout.num_attention_heads
+    if kernels:
+        return norm + b * (layout.mamba_in_proj_rows + layout.mamba_intermediate) + 4 * layout.n_groups
+    return norm + b * (layout.mamba_in_proj_rows + 2 * layout.mamba_conv_dim) + _scan_fallback(layout)
+
+
+def forward_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True) -> int:
+    """Peak bytes per token alive inside one block's forward without autograd (scoring, ranking, eval, the
+    teacher): the block's input and output (2 b h), RMSNorm's float32 temporaries and output ((8 + b) h), then
+    MLP: up_proj's output, relu and its square (3 b ffn); MoE: `_moe_forward`; attention: q, k, v, the SDPA
+    output and its reshaped copy; Mamba with kernels: in_proj's output, the conv output, the scan output
+    (b (rows + conv + I)), the scan's float32 chunk states and the gated norm's float32 temporaries (three [T, I]
+    at once: 12 I); without kernels, the PyTorch scan's tensors, which stay referenced until it returns."""
+    h = layout.hidden_size
+    base = 2 * b * h + (8 + b) * h
+    if kind == MLP:
+        return base + 3 * b * layout.intermediate_size
+    if kind == MOE:
+        return base + _moe_forward(layout, b)
+    if kind == ATTENTION:
+        q, kv = layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
+        return base + b * (3 * q + 2 * kv)
+    i = layout.mamba_intermediate
+    if kernels:
+        states = 4 * layout.mamba_num_heads * layout.mamba_head_dim * layout.ssm_state_size // MAMBA_CHUNK
+        return base + b * (layout.mamba_in_proj_rows + layout.mamba_conv_dim + i) + states + 12 * i
+    return base + b * (layout.mamba_in_proj_rows + 2 * layout.mamba_conv_dim) + _scan_fallback(layout)
+
+
+def _moe_saved(layout: Layout, b: int) -> int:
+    """Bytes per token a mixture-of-experts mixer keeps for the backward beyond its RMSNorm (transformers'
+    `NemotronHExperts` runs each routed expert on the tokens that chose it): per routed expert a token runs, its
+    gathered input and weighted output (2 x expert input width) and relu's output and its square (2 x width); the
+    shared expert's two (2 x its width); the router's float32 scores and mask (5 E), its float32 copy of the
+    input when computing in bf16, and its int64 choices; with a latent space, fc2's input."""
+    d, k, e = layout.moe_expert_input, layout.num_experts_per_tok, layout.n_routed_experts
+    routed = k * (2 * d + 2 * layout.moe_intermediate_size) + 2 * layout.moe_shared_expert_intermediate_size
+    latent = d if layout.moe_latent_size is not None else 0
+    router = 5 * e + 40 * k + (4 * layout.hidden_size if b != 4 else 0)
+    return b * (routed + latent) + router
+
+
+def _moe_forward(layout: Layout, b: int) -> int:
+    """Peak bytes per token of a mixture-of-experts mixer's forward without autograd beyond its RMSNorm: the
+    router's float32 input copy, scores (3 E) and int64 one-hot choices (k x (E + 1)), the float32 sum of the
+    experts' outputs (one expert input width), and the larger of one expert's pass (at most every token: its
+    input, relu's output, its square and its output) and the shared expert's (3 x its width)."""
+    d, k, e, w = (
+        layout.moe_expert_input,
+        layout.num_experts_per_tok,
+        layout.n_routed_experts,
+        layout.moe_intermediate_size,
+    )
+    router = 4 * layout.hidden_size + 12 * e + 8 * k * (e + 1)
+    return router + 4 * d + b * max(2 * d + 2 * w, 3 * layout.moe_shared_expert_intermediate_size)
+
+
+def _max_kind(layout: Layout, per_token, b: int, kernels: bool) -> int:
+    return max(per_token(layout, kind, b, kernels) for kind in set(layout.pattern))
+
+
+# ---- fitting ------------------------------------------------------------------------------------------------------
+
+
+def default_dtype(hw: Hardware, requested: str | None = None) -> str:
+    """The compute dtype: `requested` (a recipe's model.dtype) unless auto; bfloat16 on GPUs, float32 on the CPU
+    (what `checkpoint.parse_dtype` picks for "auto")."""
+    aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+    if requested not in (None, "auto"):
+        return aliases.get(requested, requested)
+    return "bfloat16" if hw.device == "cuda" else "float32"
+
+
+def usable(hw: Hardware) -> int:
+    return int(USABLE * hw.gpu_memory)
+
+
+def _need(mem: Memory, hw: Hardware) -> int:
+    """What counts against a device: on a CPU-only machine the host buffers share its memory."""
+    return mem.device_total + (mem.host_buffers if hw.device == "cpu" else 0)
+
+
+def _room(mem: Memory, hw: Hardware) -> int:
+    return usable(hw) - _need(mem, hw)
+
+
+def _problem(mem: Memory, hw: Hardware) -> str | None:
+    need = _need(mem, hw)
+    if need > usable(hw):
+        where = "" if hw.device == "cpu" else " per device"
+        return f"needs {gib(need)}{where}, the hardware has {hw.describe()} ({gib(usable(hw))} usable)"
+    if hw.device == "cuda" and hw.host_memory is not None and mem.host_buffers > USABLE * hw.host_memory:
+        return (f"needs {gib(mem.host_buffers)} of host memory per node, the hardware has "
+                f"{gib(hw.host_memory)} ({gib(USABLE * hw.host_memory)} usable)")  # fmt: skip
+    return None
+
+
+def _part(stage: str, name: str, geometry: Geometry, mem: Memory, hw: Hardware, note: str | None = None) -> Part:
+    problem = _problem(mem, hw)
+    return Part(stage=stage, name=name, geometry=geometry, memory=mem, device_total=_need(mem, hw),
+                fits=problem is None, problem=problem, note=note)  # fmt: skip
+
+
+def _with_today(plan: Part, today: Part) -> Part:
+    """Attach what today's code holds when the plan fits and that does not (a difference that fits does not
+    matter here, and a plan that does not fit is refused for itself)."""
+    return plan if today.fits or not plan.fits else plan.model_copy(update={"today": today})
+
+
+def host_device(hw: Hardware) -> Hardware | None:
+    """The host as the one device: where a part told `device: cpu` runs on a GPU machine. None when the host's
+    RAM is unknown (such a part is then not checked)."""
+    if hw.device == "cpu":
+        return hw
+    if hw.host_memory is None:
+        return None
+    return Hardware(device="cpu", gpu_memory=hw.host_memory, host_memory=hw.host_memory)
+
+
+def _powers_of_two(n: int, divisors_of: int | None = None) -> list[int]:
+    """Powers of two <= n, largest first; with `divisors_of`, only those dividing it."""
+    out, p = [], 1
+    while p <= n:
+        if divisors_of is None or divisors_of % p == 0:
+            out.append(p)
+        p *= 2
+    return out[::-1] or [1]
+
+
+def _fit_rows(make, hw: Hardware, batch: int, n_rows: int) -> tuple[Memory, int, int]:
+    """(memory, micro, rows) of a layer-by-layer pass: the largest power-of-two forward batch `micro` <= batch
+    for which `make(micro, rows=micro)` fits, then as many residual-stream rows per chunk as the room left holds
+    (at most `n_rows`). Without a fit: micro = rows = 1, which the caller reports as not fitting."""
+    for micro in _powers_of_two(min(batch, n_rows)):
+        mem = make(micro, micro)
+        if _problem(mem, hw) is None:
+            per_row = max(1, _need(make(micro, micro + 1), hw) - _need(mem, hw))
+            rows = min(n_rows, micro + _room(mem, hw) // per_row)
+            return make(micro, rows), micro, rows
+    return make(1, 1), 1, 1
+
+
+def _read_host(layout: Layout, stored: int, streamed: bool) -> int:
+    """Host bytes of reading a checkpoint: a streamed pass reads one layer whole from the shards (and the
+    embeddings when it opens); a load reads one tensor at a time, the largest being the embeddings [V, h]."""
+    emb = layout.vocab_size * layout.hidden_size
+    return stored * (max(largest_block(layout), emb) if streamed else emb)
+
+
+def _layerwise(layout: Layout, hw: Hardware, *, b: int, streamed: bool, rows: int, micro: int, seq_len: int,
+               states: int, hooks: dict[str, int] | None = None, after: int = 0, logits: int = 0, host: int = 0,
+               copies: int = 1) -> Memory:  # fmt: skip
+    """A pass that runs windows through the layers one layer at a time (`importance.layerwise.iter_layerwise`,
+    depth scores): `rows` windows of residual stream in `states` copies of [T, h] each, plus the largest of one
+    block's forward over `micro` rows (with `hooks[kind]` bytes per token of the hooks it runs) and `after`, the
+    bytes per token of what the pass computes once the walk is done. Streamed, the weights are the resident
+    embeddings, final norm and head (`copies` of them: a pruned candidate cuts its own) and one block; otherwise
+    the whole model (`copies` times: ranking in memory builds each candidate next to its parent)."""
+    h, kernels, hooks = layout.hidden_size, hw.device == "cuda", hooks or {}
+    if streamed:
+        weights = (copies * layout.embedding_params() + largest_block(layout)) * b
+    else:
+        weights = copies * layout.num_params() * b
+    block = max(forward_bytes_per_token(layout, kind, b, kernels) + hooks.get(kind, 0) for kind in set(layout.pattern))
+    act = rows * states * seq_len * h * b + micro * seq_len * max(block, after)
+    return Memory(weights=weights, activations=act, logits=logits, host_buffers=host)
+
+
+# ---- score --------------------------------------------------------------------------------------------------------
+
+
+def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_samples: int, b: int):
+    """(name, rows, residual states per row, hook bytes per token by kind, bytes per token after the walk,
+    logits bytes) of each scoring pass.
+
+    Depth (`importance.depth`): the full state plus one per dropped layer (L + 1; block_influence keeps one).
+    mse_hidden compares final norms: the full model's (b h), a float32 difference (4 h), its float64 copy and
+    square (16 h); block_influence compares each block's input and output in float32; the logit metrics keep the
+    final norms of every dropped state of a batch (L x h) and 2**26-value logits slices (`EVAL_LOGIT_BUFFERS`).
+    Width (`importance.width`): the state and its final norm (2); each hook copies the tensor it reads to float32
+    and takes its absolute value (two float32 copies): the norm output (hidden), down_proj's input (ffn), the x
+    block of in_proj's output (Mamba axes), o_proj's input (attention heads).
+    """
+    h, n = layout.hidden_size, layout.num_layers
+    out = []
+    if "depth" in axes:
+        after = {"mse_hidden": (b + 20) * h, "block_influence": (b + 8) * h}.get(metric, n * h * b)
+        logits = 0 if metric in ("mse_hidden", "block_influence") else EVAL_LOGIT_BUFFERS * DEPTH_LOGITS_SLICE * 4
+        out.append(("depth pass", depth_samples, 1 if metric == "block_influence" else n + 1, {}, after, logits))
+    width = [a for a in axes if a != "depth"]
+    if width:
+        hidden = 8 * h if "hidden" in width else 0
+        read = {MLP: ("ffn", layout.intermediate_size), MAMBA: ("mamba_heads", layout.mamba_intermediate),
+                ATTENTION: ("attn_heads", layout.num_attention_heads * layout.head_dim)}  # fmt: skip
+        if "mamba_head_dim" in width:  # reads the same x block as mamba_heads
+            width.append("mamba_heads")
+        hooks = {kind: hidden + (8 * c if axis in width else 0) for kind, (axis, c) in read.items()}
+        out.append(("width pass", width_samples, 2, hooks, hidden, 0))
+    return out
+
+
+def plan_score(layout: Layout, hw: Hardware, *, seq_len: int, depth_samples: int, width_samples: int,
+               batch_size: int = 8, depth_metric: str = "mse_hidden", axes=("depth", "ffn"),
+               stream: bool | None = None, dtype: str | None = None, stored_bytes: int = 2,
+               today_dtype: str | None = None, stage: str = "score") -> list[Part]:  # fmt: skip
+    """Importance scoring on one device (`score_to_folder` runs one process): streamed from the shards when the
+    whole model and one window's residual states would not fit, the largest power-of-two forward batch <=
+    `batch_size` that fits, and as many rows per chunk as the rest of the memory holds. One part per pass.
+
+    Today's code streams when the checkpoint exceeds 70 % of the device's free memory (`stream` unset), forwards
+    `batch_size` rows at once and sizes its row chunks to 40 % of the free memory (`layerwise.rows_per_chunk`), in
+    `today_dtype` (default: `dtype`; prune's own scoring runs in float32).
+    """
+    dt = default_dtype(hw, dtype)
+    windows = max(depth_samples if "depth" in axes else 0, width_samples) * seq_len * 8
+
+    def maker(dt: str, streamed: bool, pas):
+        b = dtype_bytes(dt)
+        _, _, states, hooks, after, logits = pas
+        host = _read_host(layout, stored_bytes, streamed) + windows
+        return lambda micro, rows: _layerwise(layout, hw, b=b, streamed=streamed, rows=rows, micro=micro,
+                                              seq_len=seq_len, states=states, hooks=hooks, after=after, logits=logits,
+                                              host=host)  # fmt: skip
+
+    def passes(dt: str):
+        return _score_passes(layout, axes, depth_metric, depth_samples, width_samples, dtype_bytes(dt))
+
+    whole_fits = all(_problem(maker(dt, False, pas)(1, 1), hw) is None for pas in passes(dt))
+    streamed = stream if stream is not None else not whole_fits
+    t_dt = default_dtype(hw, today_dtype or dt)
+    t_streamed = stream if stream is not None else layout.num_params() * dtype_bytes(t_dt) > 0.7 * hw.gpu_memory
+    parts = []
+    for pas, t_pas in zip(passes(dt), passes(t_dt)):
+        name, n_rows, states = pas[:3]
+        mem, micro, rows = _fit_rows(maker(dt, streamed, pas), hw, batch_size, n_rows)
+        plan = _part(stage, name, Geometry(dtype=dt, streaming=streamed, micro_batch=micro, rows_per_chunk=rows),
+                     mem, hw)  # fmt: skip
+        make = maker(t_dt, t_streamed, t_pas)
+        rows = _rows_today(make, hw, n_rows, states * seq_len * layout.hidden_size * dtype_bytes(t_dt))
+        geo = Geometry(dtype=t_dt, streaming=t_streamed, micro_batch=min(batch_size, rows), rows_per_chunk=rows)
+        today = _part(stage, name, geo, make(geo.micro_batch, rows), hw,
+                      note=f"{t_dt}, forward batch {batch_size}, row chunks sized to 40 % of free memory")  # fmt: skip
+        parts.append(_with_today(plan, today))
+    return parts
+
+
+def _rows_today(make, hw: Hardware, n_rows: int, per_row: int) -> int:
+    """`layerwise.rows_per_chunk` as today's passes call it: 40 % of the memory left free by the weights."""
+    return max(1, min(n_rows, int(0.4 * (hw.gpu_memory - make(1, 1).weights)) // per_row))
+
+
+# ---- prune: ranking and the cut -----------------------------------------------------------------------------------
+
+
+def plan_ranking(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, batch_size: int = 8,
+                 dtype: str | None = None, stored_bytes: int = 2, stream: bool = False,
+                 today_on_host: bool = False) -> Part:  # fmt: skip
+    """Candidate ranking as it should run: parent and candidates streamed layer by layer on one device in the
+    compute dtype (`ranking.measure_streamed`: each candidate cuts its own embeddings and head, so two sets are
+    resident), logits `LOGIT_CHUNK` tokens at a time, the parent's final states [group, T, h] kept on the host
+    for groups of windows within `RANK_HOST_BYTES`.
+
+    Today (`search.pipeline.rank`): in float32, the whole parent plus each cut candidate in memory unless `stream`,
+    with the parent's final states of all held-out windows on the host; `today_on_host`: on the CPU of a GPU
+    machine (`prune --device cpu`, its default).
+    """
+    dt = default_dtype(hw, dtype)
+    b = dtype_bytes(dt)
+    t, v, h, windows = seq_len, layout.vocab_size, layout.hidden_size, samples * seq_len * 8
+
+    def make_for(hw: Hardware, b: int, streamed: bool, group: int):
+        host = group * t * h * b + _read_host(layout, stored_bytes, streamed) + windows
+        return lambda micro, rows: _layerwise(
+            layout, hw, b=b, streamed=streamed, rows=rows, micro=micro, seq_len=t, states=2, copies=2, host=host,
+            logits=min(LOGIT_CHUNK, micro * t) * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
+
+    group = max(1, min(samples, RANK_HOST_BYTES // (t * h * b)))
+    mem, micro, rows = _fit_rows(make_for(hw, b, True, group), hw, batch_size, group)
+    geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, logits_chunk=min(LOGIT_CHUNK, t))
+    plan = _part("prune", "ranking", geo, mem, hw)
+    thw = host_device(hw) if today_on_host else hw
+    if thw is None:
+        return plan
+    group = max(1, min(samples, RANK_HOST_BYTES // (t * h * 4))) if stream else samples
+    make = make_for(thw, 4, stream, group)
+    rows = _rows_today(make, thw, group, 2 * t * h * 4) if stream else None
+    geo = Geometry(dtype="float32", streaming=stream, micro_batch=batch_size, rows_per_chunk=rows,
+                   logits_chunk=min(LOGIT_CHUNK, t))  # fmt: skip
+    what = ("streamed" if stream else "the whole parent and a cut candidate in memory") + (
+        " on the CPU" if today_on_host else ""
+    )
+    today = _part("prune", "ranking", geo, make(batch_size, rows or 0), thw, note=f"float32, {what}")
+    return _with_today(plan, today)
+
+
+def plan_cut(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
+    """Cutting the chosen layout (`surgery.prune_checkpoint`) on the host: one tensor read and its cut copy (the
+    largest is the embeddings), plus the output shard being filled (`SHARD_BYTES`)."""
+    host = SHARD_BYTES + 2 * layout.vocab_size * layout.hidden_size * stored_bytes
+    geo = Geometry(devices=0 if hw.device == "cuda" else 1, dtype=_stored_name(stored_bytes), streaming=True)
+    return _part("prune", "cut", geo, Memory(host_buffers=host), hw)
+
+
+def _stored_name(stored_bytes: int) -> str:
+    return "float32" if stored_bytes == 4 else "bfloat16"
+
+
+# ---- training: distillation and candidate distillation ------------------------------------------------------------
+
+
+class Launch(BaseModel):
+    """How a training part runs: `shards` FSDP2 shards (1: one process holds everything), `micro` sequences per
+    forward, `gather_bytes` the dtype FSDP2 gathers the student's parameters in (it is also the residual stream's:
+    the embeddings' output), `teacher_bytes` the teacher's dtype, `compute_bytes` the matmul dtype (bf16 under
+    autocast on GPUs), `autocast_cache`: autocast keeps a bf16 copy of every float32 weight of an unsharded student."""
+
+    shards: int
+    micro: int
+    checkpointing: bool
+    gather_bytes: int
+    teacher_bytes: int
+    compute_bytes: int
+    autocast_cache: bool = False
+    extra_weights: int = 0
+
+
+def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int]:
+    """Weights, master weights, optimizer state and gradients on one device.
+
+    Sharded (FSDP2, `distill.parallel.shard`): the student's float32 parameters, AdamW moments and float32
+    gradients are split over the shards (4 + 8 + 4 bytes per parameter / shards), the teacher's parameters too.
+    Gathered at once: the root unit (embeddings, final norms and heads of both models, kept for the whole step),
+    and two blocks of each model (the one running and the one prefetched); a block's unsharded gradients in the
+    gathered dtype plus FSDP2's float32 reduce-scatter buffer; and the chunked loss's head-gradient accumulator
+    [V, h] (`losses._HeadLoss`). Unsharded: the whole teacher, the float32 student, its moments and gradients, the
+    accumulator in float32, and autocast's bf16 copy of the student's weights on a GPU.
+    """
+    ps, pt, vh = student.num_params(), teacher.num_params(), student.vocab_size * student.hidden_size
+    if ln.shards == 1:
+        weights = pt * ln.teacher_bytes + (2 * ps if ln.autocast_cache else 0)
+        return {"weights": weights + ln.extra_weights, "master_weights": 4 * ps, "optimizer_state": 8 * ps,
+                "gradients": 4 * ps + 4 * vh}  # fmt: skip
+    root = student.embedding_params() * ln.gather_bytes + teacher.embedding_params() * ln.teacher_bytes
+    units = 2 * (largest_block(student) * ln.gather_bytes + largest_block(teacher) * ln.teacher_bytes)
+    grads = 4 * ps // ln.shards + largest_block(student) * (ln.gather_bytes + 4) + vh * ln.gather_bytes
+    return {"weights": pt * ln.teacher_bytes // ln.shards + root + units + ln.extra_weights,
+            "master_weights": 4 * ps // ln.shards, "optimizer_state": 8 * ps // ln.shards, "gradients": grads}  # fmt: skip
+
+
+def _train_activations(teacher: Layout, student: Layout, ln: Launch, seq_len: int, kernels: bool) -> tuple[int, int]:
+    """(checkpointed, full) activation bytes of one micro-batch of `ln.micro` sequences.
+
+    Checkpointed (one checkpoint per block, non-reentrant): every block's input [T, h] in the residual dtype, plus
+    one block recomputed in the backward: its saved tensors and as many again for their gradients. Full: every
+    block's saved tensors plus one block's gradients. Both add the final hidden states of both models and the
+    gradient of the student's ([T, h] each, `losses._HeadLoss`) and the teacher's forward, which runs while the
+    student's activations are kept.
+    """
+    tokens, h, r = ln.micro * seq_len, student.hidden_size, ln.gather_bytes
+    saved = [saved_bytes_per_token(student, kind, ln.compute_bytes, kernels) for kind in student.pattern]
+    common = h * (2 * r + ln.teacher_bytes) + _max_kind(teacher, forward_bytes_per_token, ln.teacher_bytes, kernels)
+    checkpointed = student.num_layers * h * r + 2 * max(saved)
+    full = sum(saved) + max(saved)
+    return tokens * (checkpointed + common), tokens * (full + common)
+
+
+def _train_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *, seq_len: int, loss_chunk: int,
+                  host: int) -> Memory:  # fmt: skip
+    """One device's memory for a training micro-step; logits: `TRAIN_LOGIT_BUFFERS` float32 [chunk, V] buffers of
+    the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens."""
+    ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.device == "cuda")
+    logits = TRAIN_LOGIT_BUFFERS * min(loss_chunk, ln.micro * seq_len) * student.vocab_size * 4
+    return Memory(**_train_states(teacher, student, ln), activations=ckpt if ln.checkpointing else full,
+                  activations_checkpointed=ckpt, activations_full=full, logits=logits, host_buffers=host)  # fmt: skip
+
+
+def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int) -> int:
+    """Host bytes per node: each process reads every tensor whole before keeping its shard (the embeddings
+    [V, h] are the largest), and the final save gathers the whole student on rank 0's host in float32
+    (`loop._write_final`, cpu_offload) and casts it to the stored dtype. The two happen at different times."""
+    read = procs_per_node * student.vocab_size * student.hidden_size * stored
+    gather = 4 * student.num_params() if hw.device == "cuda" else 0
+    return max(read, gather + (stored * student.num_params() if stored != 4 else 0))
+
+
+class TodayLaunch(BaseModel):
+    """How today's code launches a training part: `processes` (torchrun's, 1 for in-process), the recipe's
+    grad_accum and checkpointing, weights it keeps besides the pair (candidate distillation's float32 teacher,
+    kept for measuring each candidate), and `on_host`: it runs on the CPU of a GPU machine (`--device cpu`)."""
+
+    processes: int = 1
+    grad_accum: int = 1
+    checkpointing: bool = False
+    extra_weights: int = 0
+    on_host: bool = False
+    note: str
+
+
+def data_parallel_ranks(hw: Hardware, global_batch: int) -> int:
+    """Devices a distillation uses: the most that divide the global batch, in whole nodes beyond one node (every
+    rank takes the same share of each batch). The CPU is one process."""
+    if hw.device == "cpu":
+        return 1
+    g = hw.gpus_per_node
+    return next(d for d in range(hw.devices, 0, -1) if global_batch % d == 0 and (d <= g or d % g == 0))
+
+
+def _sharding_options(hw: Hardware, ranks: int) -> list[str]:
+    """FSDP2 over one node's GPUs when that holds the step (less traffic between nodes), else over all ranks."""
+    if ranks == 1:
+        return ["none"]
+    return ["per_node", "full"] if ranks > hw.gpus_per_node else ["full"]
+
+
+def _shards(sharding: str, hw: Hardware, ranks: int) -> int:
+    return {"none": 1, "per_node": hw.gpus_per_node, "full": ranks}[sharding]
+
+
+def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str):
+    """(sharding, Launch) in order of preference: without checkpointing before with it (recomputing costs a
+    third more compute), sharded per node before across nodes, larger micro-batches first."""
+    cuda = hw.device == "cuda"
+    for ckpt in (False, True):
+        for sharding in _sharding_options(hw, ranks):
+            shards = _shards(sharding, hw, ranks)
+            for micro in _powers_of_two(per_rank, per_rank):
+                yield sharding, Launch(shards=shards, micro=micro, checkpointing=ckpt, teacher_bytes=dtype_bytes(dt),
+                                       gather_bytes=2 if cuda and shards > 1 else 4, compute_bytes=2 if cuda else 4,
+                                       autocast_cache=cuda and shards == 1)  # fmt: skip
+
+
+def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, *, seq_len: int,
+                  global_batch: int, loss_chunk: int = 4096, dtype: str | None = None, stored_bytes: int = 2,
+                  today: TodayLaunch | None = None) -> Part:  # fmt: skip
+    """A distillation's geometry: every device is a data-parallel rank (one process per GPU, as many as divide
+    the batch: `data_parallel_ranks`; the CPU is one process); FSDP2 gathers the student in bf16 on GPUs (float32
+    master weights, float32 gradient reduction) and shards per node when one node holds the step, else across all
+    nodes; activation checkpointing only when no micro-batch fits without it; the micro-batch is the largest power
+    of two dividing global_batch / ranks that fits, and grad_accum = global_batch / (micro x ranks).
+
+    Today's loop (`today`) is planned too and attached when it does not fit (`_training_today`).
+    """
+    dt = default_dtype(hw, dtype)
+    ranks = data_parallel_ranks(hw, global_batch)
+    host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes)
+    base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch)
+    note = None if ranks in (1, hw.devices) else f"{ranks} of the {hw.devices} devices: ranks must divide the batch"
+    per_rank, part = global_batch // ranks, None
+    for sharding, ln in _launch_options(hw, ranks, per_rank, dt):
+        mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
+        geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
+                                      "activation_checkpointing": ln.checkpointing,
+                                      "logits_chunk": min(loss_chunk, ln.micro * seq_len)})  # fmt: skip
+        part = _part(stage, name, geo, mem, hw, note=note)
+        if part.fits:
+            break
+    thw = host_device(hw) if today is not None and today.on_host else hw
+    if today is not None and thw is not None:
+        part = _with_today(part, _training_today(stage, name, teacher, student, thw, today, seq_len=seq_len,
+                                                 global_batch=global_batch, loss_chunk=loss_chunk, dt=dt, host=host))  # fmt: skip
+    return part
+
+
+def _training_today(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, today: TodayLaunch, *,
+                    seq_len: int, global_batch: int, loss_chunk: int, dt: str, host: int) -> Part:  # fmt: skip
+    """What today's loop holds: `today.processes` FSDP2 shards gathering float32 parameters (or one process with
+    the float32 student and autocast), micro-batch = global_batch / (processes x grad_accum)."""
+    cuda, procs = hw.device == "cuda", today.processes
+    micro = max(1, global_batch // (procs * today.grad_accum))
+    ln = Launch(shards=procs, micro=micro, checkpointing=today.checkpointing, gather_bytes=4,
+                teacher_bytes=dtype_bytes(dt), compute_bytes=2 if cuda else 4, autocast_cache=cuda and procs == 1,
+                extra_weights=today.extra_weights)  # fmt: skip
+    mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
+    geo = Geometry(devices=procs, nodes=max(1, procs // hw.gpus_per_node), dtype=dt, global_batch=global_batch,
+                   sharding="full" if procs > 1 else "none", micro_batch=micro, grad_accum=today.grad_accum,
+                   activation_checkpointing=today.checkpointing, logits_chunk=min(loss_chunk, micro * seq_len))  # fmt: skip
+    return _part(stage, name, geo, mem, hw, note=today.note)
+
+
+# ---- eval ---------------------------------------------------------------------------------------------------------
+
+
+def _fit_micro(make, hw: Hardware, batch: int) -> tuple[Memory, int]:
+    """The largest power-of-two batch <= `batch` whose memory `make(batch)` fits (1 when none does)."""
+    for micro in _powers_of_two(batch):
+        mem = make(micro)
+        if _problem(mem, hw) is None:
+            return mem, micro
+    return make(1), 1
+
+
+def _precision(dt: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dt]
+
+
+class EvalShape(BaseModel):
+    """The eval settings a plan needs (`settings.EvalSettings` plus whether there are lm-eval tasks)."""
+
+    seq_len: int
+    samples: int
+    batch_size: int
+    held_out: bool = True
+    tasks: bool = False
+    speed: bool = True
+    speed_batch: int = 1
+    speed_len: int | None = None
+    decode_tokens: int = 32
+
+
+def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: int, fit: bool,
+                host: int) -> list[tuple[str, Memory, int]]:  # fmt: skip
+    """(name, memory, batch) of each eval part with both models spread over `k` devices (a device map places
+    whole layers, so each device may hold one layer more than its share); `fit`: the largest power-of-two batch
+    that fits, else `ev.batch_size` (as today). Held-out statistics come from both models' final hidden states,
+    logits `LOGIT_CHUNK` positions at a time (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds
+    [batch, T, V] logits and their float32 log-softmax; requests are counted at eval.seq_len tokens, an upper
+    bound (most tasks are far shorter)."""
+    b, kernels = dtype_bytes(dt), hw.device == "cuda"
+    total = sum(m.num_params() for m in models) * b
+    weights = total if k == 1 else -(-total // k) + max(largest_block(m) for m in models) * b
+    v, h, t = models[0].vocab_size, models[0].hidden_size, ev.seq_len
+    fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
+
+    def held_out(micro: int) -> Memory:
+        n = min(LOGIT_CHUNK, micro * t)
+        return Memory(weights=weights, activations=micro * t * (len(models) * h * b + fwd), host_buffers=host,
+                      logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
+
+    def tasks(micro: int) -> Memory:
+        return Memory(weights=weights, activations=micro * t * fwd, logits=micro * t * v * (b + 8), host_buffers=host)
+
+    def pick(make, limit: int) -> tuple[Memory, int]:
+        return _fit_micro(make, hw, limit) if fit else (make(ev.batch_size), ev.batch_size)
+
+    out = [("held-out", *pick(held_out, min(ev.batch_size, ev.samples)))] if ev.held_out else []
+    if ev.tasks:
+        out.append(("tasks", *pick(tasks, ev.batch_size)))
+    if ev.speed:
+        sl, sb = ev.speed_len or t, ev.speed_batch
+        mems = [m.memory(_precision(dt), sl + ev.decode_tokens, sb) for m in models]
+        cache = max(m["kv_cache"] + m["ssm_state"] + m["conv_state"] for m in mems)
+        out.append(("speed", Memory(weights=weights, activations=sb * sl * fwd + cache, host_buffers=host,
+                                    logits=sb * sl * v * (b + 4)), sb))  # fmt: skip
+    return out
+
+
+def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape, *, dtype: str | None = None,
+              stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+    """Evaluation of `model` against `teacher`, both loaded (the report compares them in one run): spread over
+    as few of one node's GPUs as hold every part (a device map), the largest power-of-two batch that fits, and
+    held-out logits in chunks. Today (`evaluate.runner.evaluate`): both whole on one device, `batch_size` windows
+    at once (lm-eval's full-vocabulary logits included)."""
+    dt = default_dtype(hw, dtype)
+    models = [model] + ([teacher] if teacher is not None else [])
+    host = _read_host(model, stored_bytes, False) + ev.samples * ev.seq_len * 8
+    most = hw.gpus_per_node if hw.device == "cuda" else 1
+    for k in range(1, most + 1):
+        parts = _eval_parts(models, hw, ev, dt, k, True, host)
+        if all(_problem(mem, hw) is None for _, mem, _ in parts):
+            break
+    today = {n: (mem, micro) for n, mem, micro in _eval_parts(models, hw, ev, dt, 1, False, host)}
+    out = []
+    for name, mem, micro in parts:
+        geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro,
+                       logits_chunk=min(LOGIT_CHUNK, ev.seq_len) if name == "held-out" else None)  # fmt: skip
+        plan = _part("eval", name, geo, mem, hw)
+        t_mem, t_micro = today[name]
+        t_geo = Geometry(dtype=dt, micro_batch=t_micro, logits_chunk=None)
+        note = (
+            f"teacher and student whole on one device, batch {t_micro}" if teacher is not None else f"batch {t_micro}"
+        )
+        out.append(_with_today(plan, _part("eval", name, t_geo, t_mem, hw, note=note)))
+    return StagePlan(stage="eval", parts=out)
+
+
+# ---- stages from their settings, a recipe ---------------------------------------------------------------------------
+
+
+def score_stage(
+    layout: Layout, hw: Hardware, st, *, axes, dtype: str | None = None, stored_bytes: int = 2
+) -> StagePlan:
+    """The score stage for `st` (a `settings.ScoreSettings`) over `axes`."""
+    return StagePlan(stage="score", parts=plan_score(
+        layout, hw, seq_len=st.seq_len, depth_samples=st.depth_samples, width_samples=st.width_samples,
+        batch_size=st.batch_size, depth_metric=st.depth_metric, axes=tuple(axes), stream=st.stream, dtype=dtype,
+        stored_bytes=stored_bytes))  # fmt: skip
+
+
+def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = None, dtype: str | None = None,
+                stored_bytes: int = 2, scoring: bool = False) -> StagePlan:  # fmt: skip
+    """The prune stage for `ps` (a `settings.PruneSettings`): its own scoring when it has no scores folder
+    (`scoring`; in float32 today), candidate ranking, candidate distillation when it has steps, the cut. Today it
+    computes on `ps.device`: the CPU of a GPU machine unless told otherwise (a recipe passes its model's device).
+    `student` bounds the candidates (default: the source itself)."""
+    from minipuzzle.settings import DistillSettings
+
+    on_host = ps.device == "cpu" and hw.device == "cuda"
+    parts = []
+    if scoring:
+        parts += plan_score(layout, hw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
+                            width_samples=ps.width_samples, batch_size=ps.batch_size, axes=tuple(ps.axes),
+                            stream=ps.stream, dtype=dtype, stored_bytes=stored_bytes, today_dtype="float32",
+                            stage="prune")  # fmt: skip
+    parts.append(plan_ranking(layout, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
+                              dtype=dtype, stored_bytes=stored_bytes, stream=ps.stream, today_on_host=on_host))  # fmt: skip
+    if ps.candidate_distill_steps:
+        where = "the CPU" if on_host else "one device"
+        today = TodayLaunch(extra_weights=4 * layout.num_params(), on_host=on_host,
+                            note=f"in the prune process on {where}, one micro-batch, a float32 teacher kept")  # fmt: skip
+        parts.append(plan_training("prune", "candidate distillation", layout, student or layout, hw,
+                                   seq_len=ps.seq_len, global_batch=ps.candidate_distill_batch, dtype=dtype,
+                                   stored_bytes=stored_bytes, today=today,
+                                   loss_chunk=DistillSettings.model_fields["loss_chunk"].default))  # fmt: skip
+    parts.append(plan_cut(layout, hw, stored_bytes=stored_bytes))
+    return StagePlan(stage="prune", parts=parts)
+
+
+def distill_stage(teacher: Layout, student: Layout, hw: Hardware, ds, today: TodayLaunch, *,
+                  stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+    """The distill stage for `ds` (a `settings.DistillSettings`), launched today as `today` says."""
+    return StagePlan(stage="distill", parts=[plan_training(
+        "distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
+        loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, today=today)])  # fmt: skip
+
+
+def eval_stage(model: Layout, teacher: Layout | None, hw: Hardware, es, *, held_out: bool = True,
+               dtype: str | None = None, stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+    """The eval stage for `es` (a `settings.EvalSettings`); `held_out`: there is held-out text."""
+    ev = EvalShape(seq_len=es.seq_len, samples=es.samples, batch_size=es.batch_size, held_out=held_out,
+                   tasks=bool(es.tasks), speed=es.speed, speed_batch=es.speed_batch, speed_len=es.speed_len,
+                   decode_tokens=es.decode_tokens)  # fmt: skip
+    return plan_eval(model, teacher, hw, ev, dtype=dtype, stored_bytes=stored_bytes)
+
+
+def model_facts(model: str, model_path: str | None = None) -> tuple[Layout, int]:
+    """(layout, bytes per stored weight) of a preset, checkpoint folder or cached hub id, read from its config, so
+    a preset needs no weights; 2 (bf16, as NVIDIA publishes) where the weights are not here."""
+    from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
+    from minipuzzle.errors import UserError
+    from minipuzzle.presets import describe_model
+
+    _, layout = describe_model(model, model_path)
+    try:
+        path = resolve_checkpoint(model, model_path)
+        return layout, Checkpoint(path).dtype().itemsize if (path / "config.json").is_file() else 2
+    except UserError:
+        return layout, 2
+
+
+def for_device(hw: Hardware, device: str | None) -> Hardware | None:
+    """The hardware a command runs on: the host when its --device is cpu on a GPU machine (None when the host's
+    RAM is unknown), else `hw`."""
+    return host_device(hw) if device == "cpu" and hw.device == "cuda" else hw
+
+
+def check(hw: Hardware, *stages: StagePlan) -> None:
+    """Raise `UserError` with the one line of the first part of `stages` that cannot run on `hw`."""
+    from minipuzzle.errors import UserError
+
+    refusal = RunPlan(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw),
+                      stages=list(stages)).refusal()  # fmt: skip
+    if refusal is not None:
+        raise UserError(refusal)
+
+
+def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout | None = None,
+                stored_bytes: int = 2, skip: tuple[str, ...] = ()) -> RunPlan:  # fmt: skip
+    """The plan of every stage of `recipe` (a `recipe.Recipe`) for the teacher `teacher` on `hardware`.
+
+    The student is not known before prune has run: until then distillation and eval are planned for the teacher's
+    own layout, an upper bound (a pruned layout has at most its parent's layers and widths, so every term is at
+    most the parent's). `stored_bytes`: the checkpoint's dtype (published Nemotron-H weights are bf16). `skip`:
+    stages already finished.
+    """
+    from minipuzzle.recipe import prune_settings
+
+    hw, bound = hardware, student or teacher
+    dt = default_dtype(hw, recipe.model.dtype)
+    # The run resolves model.device "auto" on the machine it runs on: the one planned for, not this one.
+    device = "cpu" if recipe.model.device == "cpu" else hw.device
+    kw = {"dtype": dt, "stored_bytes": stored_bytes}
+    stages = {
+        "score": lambda: score_stage(teacher, hw, recipe.importance, axes=recipe.search.axes, **kw),
+        "prune": lambda: prune_stage(teacher, hw, prune_settings(recipe).model_copy(update={"device": device}),
+                                     student=bound, **kw),
+        "distill": lambda: distill_stage(teacher, bound, hw, recipe.distill.model_copy(update={"teacher_dtype": dt}),
+                                         _distill_today(recipe.distill), stored_bytes=stored_bytes),
+        "eval": lambda: eval_stage(bound, teacher, hw, recipe.eval, **kw),
+    }  # fmt: skip
+    if recipe.distill is None:
+        del stages["distill"]
+    planned = [make() for name, make in stages.items() if name not in skip]
+    return RunPlan(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw), stages=planned)
+
+
+def _distill_today(d) -> TodayLaunch:
+    """The recipe's distill launch as `runner._distill` runs it (a `recipe.DistillStage`)."""
+    procs = 1 if d.launcher == "local" else d.nnodes * d.nproc_per_node
+    how = "in process" if procs == 1 else f"torchrun {d.nnodes} x {d.nproc_per_node}, float32 parameters gathered"
+    return TodayLaunch(processes=procs, grad_accum=d.grad_accum, checkpointing=d.activation_checkpointing,
+                       note=f"{how}, micro-batch {max(1, d.batch_size // (procs * d.grad_accum))}")  # fmt: skip
