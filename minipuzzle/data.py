@@ -188,18 +188,16 @@ def iter_documents(
         yield "".join(reads)
 
 
-def iter_document_pieces(
-    source: str | Path,
-    split: str = "train",
-    column: str = "text",
-    streaming: bool | None = None,
-    exclude: Iterable[str] = (),
-    include: Iterable[str] | None = None,
-) -> Iterator[Iterator[str]]:
-    """Like `iter_documents`, but each document is an iterator of its pieces (`split_text`), read lazily: consume
-    a document's pieces before taking the next document."""
-    for reads in _raw_documents(source, split, column, streaming, exclude, include):
+def iter_document_pieces(source: str | Path, *args, **kwargs) -> Iterator[Iterator[str]]:
+    """Like `iter_documents` (same arguments), but each document is an iterator of its pieces (`split_text`), read
+    lazily: consume a document's pieces before taking the next document."""
+    for reads in _raw_documents(source, *_document_args(*args, **kwargs)):
         yield split_text(reads)
+
+
+def _document_args(split: str = "train", column: str = "text", streaming: bool | None = None,
+                   exclude: Iterable[str] = (), include: Iterable[str] | None = None) -> tuple:  # fmt: skip
+    return split, column, streaming, exclude, include
 
 
 def _load_dataset(path: str, *, name: str, **kwargs):

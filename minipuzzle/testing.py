@@ -40,15 +40,8 @@ def tiny_layout(**overrides) -> Layout:
 def tiny_moe_layout(**overrides) -> Layout:
     """A small mixture-of-experts layout (Nemotron 3 in miniature) with every layer kind: 8 routed experts of width
     32 in 2 router groups, the top 2 chosen from the best group, a shared expert of width 48."""
-    moe = dict(
-        pattern="ME*EM-",
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=48,
-        n_group=2,
-        topk_group=1,
-    )
+    moe = {"pattern": "ME*EM-", "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+           "moe_shared_expert_intermediate_size": 48, "n_group": 2, "topk_group": 1}  # fmt: skip
     return tiny_layout(**{**moe, **overrides})
 
 
