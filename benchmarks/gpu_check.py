@@ -569,6 +569,7 @@ def _run_distill(rec, s: Sizes, teacher: Path, student: Path, out: Path, accum: 
                precision="teacher bf16; student float32 master weights under bf16 autocast (the loop's design)"
                if s.device == "cuda" else "float32 (CPU)",
                data="Python standard library through the demo tokenizer (4096 tokens)")  # fmt: skip
+    _record_plan(rec, cfg)
     with peak_memory(s.device) as mem, _sigterm_after(max(budget - 30, 5)):
         try:
             distill(cfg)
@@ -587,6 +588,18 @@ def _run_distill(rec, s: Sizes, teacher: Path, student: Path, out: Path, accum: 
     rec["step_tokens_per_s"] = [round(x["tokens_per_s"], 1) for x in steps]
     rec["tokens_per_s"] = len(warm) * cfg.tokens_per_step / sum(cfg.tokens_per_step / x["tokens_per_s"] for x in warm)
     rec["loss_first_last"] = [steps[0]["loss"], steps[-1]["loss"]]
+
+
+def _record_plan(rec: dict, cfg) -> None:
+    """The memory plan of this one-process run (what `distill` checks before it starts) beside the measured peak;
+    the multi-process FSDP2 path (bf16 gathers, float32 masters) is the gpu test
+    test_distill_gpu.py::test_fsdp2_gathers_the_student_in_bf16_and_keeps_float32_master_weights."""
+    from minipuzzle.distill.launch import plan_for
+    from minipuzzle.hardware import detect
+
+    part = plan_for(cfg, detect(), 1)
+    rec["plan"] = {"launch": part.geometry.describe(), "fits": part.fits, "predicted_device_bytes": part.device_total,
+                   "predicted_device_gib": gib(part.device_total)}  # fmt: skip
 
 
 @contextlib.contextmanager

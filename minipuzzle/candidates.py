@@ -1,44 +1,117 @@
 """Short distillation of each ranked prune candidate before the final choice (MiniPuzzle distils every
 candidate briefly; ranks changed after it). Lives outside `search` so that the search does not depend on
-distillation."""
+distillation.
+
+Each candidate is distilled like the distill stage (`distill.launch`): in this process when its memory plan needs
+one device, else under torchrun on the plan's devices (on this node; over several nodes a script is written for
+every node and prune is rerun once it has run). The parent, in the plan's compute dtype, measures each distilled
+candidate; it stays loaded between candidates only when the plan has room for it beside the training.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from minipuzzle.hardware import Hardware
+
 
 def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, settings, progress: bool,
-                       skip: int = 0, split: str = "train", column: str = "text") -> list[dict]:  # fmt: skip
+                       skip: int = 0, split: str = "train", column: str = "text", *, streaming: bool | None = None,
+                       work_dir: Path | None = None, hardware: Hardware | None = None,
+                       log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     """Cut each plan from `ckpt`, distil it for `settings.candidate_distill_steps` on `data`, and return its
     `metrics.token_stats` against the parent on `held` [H, T].
 
     `skip`: held-out windows at the head of `data` (see `data.head_split`); distillation takes them as its
-    evaluation windows, which it never trains on, and evaluates on them once, at the last step. The winner is
-    still written undistilled: the final distillation stage starts from the cut weights.
+    evaluation windows, which it never trains on, and evaluates on them once, at the last step. `streaming`: as
+    `data.streaming` (None: on). `work_dir`: where cuts and distilled candidates are kept (a rerun reuses the
+    finished ones; default: a temporary folder). `hardware`: what the plan is made for (default: this machine).
+    The winner is still written undistilled: the final distillation stage starts from the cut weights.
     """
-    from minipuzzle.checkpoint import load_model
-    from minipuzzle.distill import distill
+    from minipuzzle.checkpoint import Checkpoint, load_model, parse_dtype
+    from minipuzzle.hardware import detect
+    from minipuzzle.memory_plan import default_dtype, for_device
     from minipuzzle.metrics import token_stats
+
+    hw = for_device(hardware or detect(), settings.device) or Hardware(device="cpu", gpu_memory=2**62)
+    dtype = parse_dtype(default_dtype(hw), torch.device(settings.device))
+    out, teacher = [], None
+    with _folder(work_dir) as work:
+        for i, plan in enumerate(plans):
+            cfg = _settings(ckpt, plan, work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
+            part = _run(cfg, ckpt, hw, settings, work, log)
+            if teacher is None:
+                teacher = load_model(ckpt, dtype=dtype, device=settings.device)
+            student = load_model(Checkpoint(cfg.output_path), dtype=dtype, device=settings.device)
+            out.append(token_stats(student, held, teacher=teacher, batch_size=settings.batch_size))
+            del student
+            if not part.geometry.keep_teacher:
+                teacher = None  # the next candidate's training needs the memory
+                _free(settings.device)
+    if work_dir is not None:  # every candidate is measured: nothing left to resume
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return out
+
+
+def _settings(ckpt, plan, cut_dir: Path, path, data, settings, progress, skip, split, column, streaming):
+    """The DistillSettings of one candidate, its cut written to `cut_dir` (kept when a rerun finds it)."""
     from minipuzzle.settings import DistillSettings
     from minipuzzle.surgery import prune_checkpoint
 
+    if not (cut_dir / "config.json").is_file():
+        prune_checkpoint(ckpt, plan, cut_dir, progress=False, overwrite=True)
     steps = settings.candidate_distill_steps
-    out = []
+    return DistillSettings(
+        teacher=str(path), student=str(cut_dir), data=str(data), output=str(cut_dir) + "-distilled",
+        max_steps=steps, seq_len=settings.seq_len, batch_size=settings.candidate_distill_batch,
+        lr=settings.candidate_distill_lr, warmup=max(1, steps // 10), save_every=0,
+        eval_every=steps if skip else 0, eval_windows=skip, split=split, text_column=column,
+        streaming=streaming is not False, seed=settings.seed, device=settings.device, progress=progress,
+    )  # fmt: skip
+
+
+def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log):
+    """Distil one candidate as its memory plan says; returns the plan's part."""
+    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.distill import distill
+    from minipuzzle.distill.launch import launch, nodes_and_procs, planned
+    from minipuzzle.distill.loop import finished
+    from minipuzzle.errors import UserError
+    from minipuzzle.memory_plan import default_dtype, plan_candidate_distill
+
+    part = plan_candidate_distill(ckpt.layout, Checkpoint(cfg.student).layout, hw, settings, dtype=default_dtype(hw))
+    if not part.fits:
+        raise UserError(f"prune (candidate distillation) does not fit: {part.problem}")
+    if part.geometry.devices == 1:
+        distill(cfg, hardware=hw)
+        return part
+    nnodes, nproc = nodes_and_procs(part, hw)
+    launch_hw = hw.model_copy(update={"nodes": nnodes, "gpus_per_node": nproc})
+    cfg = planned(cfg, launch_hw, nnodes * nproc)[0]
+    if not finished(cfg.output_path, cfg):
+        launch(cfg, nnodes, nproc, work / "candidates_torchrun.sh", log, then="rerun prune to continue")
+    return part
+
+
+@contextlib.contextmanager
+def _folder(work_dir: Path | None):
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(work_dir)
+        return
     with tempfile.TemporaryDirectory(prefix="minipuzzle-candidates-") as work:
-        teacher = load_model(ckpt, dtype=torch.float32, device=settings.device)
-        for i, plan in enumerate(plans):
-            cut = prune_checkpoint(ckpt, plan, Path(work) / f"cand{i}", progress=False)
-            cfg = DistillSettings(
-                teacher=str(path), student=str(cut), data=str(data), output=str(Path(work) / f"cand{i}-distilled"),
-                max_steps=steps, seq_len=settings.seq_len, batch_size=settings.candidate_distill_batch,
-                lr=settings.candidate_distill_lr, warmup=max(1, steps // 10), save_every=0,
-                eval_every=steps if skip else 0, eval_windows=skip, split=split, text_column=column,
-                seed=settings.seed, device=settings.device, progress=progress,
-            )  # fmt: skip
-            student = load_model(distill(cfg), dtype=torch.float32, device=settings.device)
-            out.append(token_stats(student, held, teacher=teacher, batch_size=settings.batch_size))
-            del student
-    return out
+        yield Path(work)
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -18,17 +18,17 @@ the stages obey their plans, issue 12 item 3):
 - candidate ranking runs in memory unless `importance.stream` (`prune --stream`) is set, and always in float32
   (`search.ranking`); `prune` without scores scores in float32 too, and the `prune` command computes on the CPU
   unless told `--device cuda`;
-- candidate distillation runs in the prune process on one device, the whole candidate batch as one micro-batch,
-  next to a float32 teacher kept for measuring (`candidates.distill_candidates`);
-- distillation under torchrun gathers float32 parameters (`distill.parallel.shard` sets no bf16 `param_dtype`),
-  so the student's residual stream and its checkpointed block inputs are float32, and its micro-batch is
-  batch_size / (processes x grad_accum) of the recipe's launch (`distill.loop._run`);
 - eval loads teacher and student whole on one device and runs `eval.batch_size` windows at once, lm-eval's
   full-vocabulary logits included (`evaluate.runner`).
 
 Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; on CUDA the
 fused Mamba kernels of the `gpu` extra run (mamba-ssm keeps only the in_proj output and the scan output for the
 backward), on the CPU transformers' PyTorch chunked scan (which keeps every [chunk x chunk] segment sum).
+
+Distillation and candidate distillation have no `today`: `distill.loop` runs the geometry `plan_distill` chooses
+(its micro-batch, grad-accum, checkpointing and FSDP2 sharding, parameters gathered in bf16 on GPUs), and
+candidates are distilled through the same launcher (torchrun when the plan needs more devices than the prune
+process has).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class Geometry(BaseModel):
     activation_checkpointing: bool | None = None
     rows_per_chunk: int | None = None
     logits_chunk: int | None = None
+    keep_teacher: bool | None = None
 
     def describe(self) -> str:
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
@@ -605,19 +606,6 @@ def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int)
     return max(read, gather + (stored * student.num_params() if stored != 4 else 0))
 
 
-class TodayLaunch(BaseModel):
-    """How today's code launches a training part: `processes` (torchrun's, 1 for in-process), the recipe's
-    grad_accum and checkpointing, weights it keeps besides the pair (candidate distillation's float32 teacher,
-    kept for measuring each candidate), and `on_host`: it runs on the CPU of a GPU machine (`--device cpu`)."""
-
-    processes: int = 1
-    grad_accum: int = 1
-    checkpointing: bool = False
-    extra_weights: int = 0
-    on_host: bool = False
-    note: str
-
-
 def data_parallel_ranks(hw: Hardware, global_batch: int) -> int:
     """Devices a distillation uses: the most that divide the global batch, in whole nodes beyond one node (every
     rank takes the same share of each batch). The CPU is one process."""
@@ -635,17 +623,34 @@ def _sharding_options(hw: Hardware, ranks: int) -> list[str]:
 
 
 def _shards(sharding: str, hw: Hardware, ranks: int) -> int:
-    return {"none": 1, "per_node": hw.gpus_per_node, "full": ranks}[sharding]
+    return {"none": 1, "per_node": min(ranks, hw.gpus_per_node), "full": ranks}[sharding]
 
 
-def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str):
+class Fixed(BaseModel):
+    """Launch choices a user made (None: the plan chooses): processes (a torchrun launch's world size), grad_accum,
+    activation checkpointing, FSDP2 sharding ("full" or "per_node")."""
+
+    ranks: int | None = None
+    grad_accum: int | None = None
+    checkpointing: bool | None = None
+    sharding: str | None = None
+
+
+def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str, fixed: Fixed):
     """(sharding, Launch) in order of preference: without checkpointing before with it (recomputing costs a
-    third more compute), sharded per node before across nodes, larger micro-batches first."""
+    third more compute), sharded per node before across nodes, larger micro-batches first; `fixed` narrows each."""
     cuda = hw.device == "cuda"
-    for ckpt in (False, True):
-        for sharding in _sharding_options(hw, ranks):
+    ckpts = (False, True) if fixed.checkpointing is None else (fixed.checkpointing,)
+    shardings = _sharding_options(hw, ranks)
+    if fixed.sharding is not None and ranks > 1:
+        shardings = [fixed.sharding if ranks > hw.gpus_per_node else "full"]
+    micros = _powers_of_two(per_rank, per_rank) if fixed.grad_accum is None else [per_rank // fixed.grad_accum]
+    for ckpt in ckpts:
+        for sharding in shardings:
             shards = _shards(sharding, hw, ranks)
-            for micro in _powers_of_two(per_rank, per_rank):
+            for micro in micros:
+                # FSDP2 gathers the student in bf16 on GPUs (distill.parallel.shard's MixedPrecisionPolicy);
+                # one process trains its float32 student under bf16 autocast, which caches bf16 copies.
                 yield sharding, Launch(shards=shards, micro=micro, checkpointing=ckpt, teacher_bytes=dtype_bytes(dt),
                                        gather_bytes=2 if cuda and shards > 1 else 4, compute_bytes=2 if cuda else 4,
                                        autocast_cache=cuda and shards == 1)  # fmt: skip
@@ -653,22 +658,25 @@ def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str):
 
 def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, *, seq_len: int,
                   global_batch: int, loss_chunk: int = 4096, dtype: str | None = None, stored_bytes: int = 2,
-                  today: TodayLaunch | None = None) -> Part:  # fmt: skip
-    """A distillation's geometry: every device is a data-parallel rank (one process per GPU, as many as divide
-    the batch: `data_parallel_ranks`; the CPU is one process); FSDP2 gathers the student in bf16 on GPUs (float32
-    master weights, float32 gradient reduction) and shards per node when one node holds the step, else across all
-    nodes; activation checkpointing only when no micro-batch fits without it; the micro-batch is the largest power
-    of two dividing global_batch / ranks that fits, and grad_accum = global_batch / (micro x ranks).
-
-    Today's loop (`today`) is planned too and attached when it does not fit (`_training_today`).
+                  fixed: Fixed | None = None, extra_weights: int = 0) -> Part:  # fmt: skip
+    """A distillation's geometry, as `distill.loop` runs it: every device is a data-parallel rank (one process
+    per GPU, as many as divide the batch: `data_parallel_ranks`; the CPU is one process; `fixed.ranks` when the
+    launch is given); FSDP2 gathers the student in bf16 on GPUs (float32 master weights, float32 gradient
+    reduction) and shards per node (HSDP) when one node holds the step, else across all nodes; activation
+    checkpointing only when no micro-batch fits without it; the micro-batch is the largest power of two dividing
+    global_batch / ranks that fits, and grad_accum = global_batch / (micro x ranks). `fixed` holds the choices the
+    user made; `extra_weights`: bytes kept on each device besides the pair. Without a fit, the last option tried
+    (the smallest micro-batch), which does not fit.
     """
+    fixed = fixed or Fixed()
     dt = default_dtype(hw, dtype)
-    ranks = data_parallel_ranks(hw, global_batch)
+    ranks = fixed.ranks or data_parallel_ranks(hw, global_batch)
     host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes)
     base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch)
     note = None if ranks in (1, hw.devices) else f"{ranks} of the {hw.devices} devices: ranks must divide the batch"
-    per_rank, part = global_batch // ranks, None
-    for sharding, ln in _launch_options(hw, ranks, per_rank, dt):
+    per_rank, part = max(1, global_batch // ranks), None
+    for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
+        ln.extra_weights = extra_weights
         mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
@@ -676,27 +684,37 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
         part = _part(stage, name, geo, mem, hw, note=note)
         if part.fits:
             break
-    thw = host_device(hw) if today is not None and today.on_host else hw
-    if today is not None and thw is not None:
-        part = _with_today(part, _training_today(stage, name, teacher, student, thw, today, seq_len=seq_len,
-                                                 global_batch=global_batch, loss_chunk=loss_chunk, dt=dt, host=host))  # fmt: skip
+    assert part is not None
     return part
 
 
-def _training_today(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, today: TodayLaunch, *,
-                    seq_len: int, global_batch: int, loss_chunk: int, dt: str, host: int) -> Part:  # fmt: skip
-    """What today's loop holds: `today.processes` FSDP2 shards gathering float32 parameters (or one process with
-    the float32 student and autocast), micro-batch = global_batch / (processes x grad_accum)."""
-    cuda, procs = hw.device == "cuda", today.processes
-    micro = max(1, global_batch // (procs * today.grad_accum))
-    ln = Launch(shards=procs, micro=micro, checkpointing=today.checkpointing, gather_bytes=4,
-                teacher_bytes=dtype_bytes(dt), compute_bytes=2 if cuda else 4, autocast_cache=cuda and procs == 1,
-                extra_weights=today.extra_weights)  # fmt: skip
-    mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
-    geo = Geometry(devices=procs, nodes=max(1, procs // hw.gpus_per_node), dtype=dt, global_batch=global_batch,
-                   sharding="full" if procs > 1 else "none", micro_batch=micro, grad_accum=today.grad_accum,
-                   activation_checkpointing=today.checkpointing, logits_chunk=min(loss_chunk, micro * seq_len))  # fmt: skip
-    return _part(stage, name, geo, mem, hw, note=today.note)
+def plan_distill(teacher: Layout, student: Layout, hw: Hardware, ds, *, processes: int | None = None,
+                 stored_bytes: int = 2) -> Part:  # fmt: skip
+    """The distill stage's part for `ds` (a `settings.DistillSettings`): its grad_accum, activation_checkpointing
+    and sharding where set (None: the plan's), on `processes` ranks when the launch fixes them."""
+    fixed = Fixed(ranks=processes, grad_accum=ds.grad_accum, checkpointing=ds.activation_checkpointing,
+                  sharding=ds.sharding)  # fmt: skip
+    return plan_training("distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
+                         loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, fixed=fixed)  # fmt: skip
+
+
+def plan_candidate_distill(parent: Layout, student: Layout, hw: Hardware, ps, *, dtype: str | None = None,
+                           stored_bytes: int = 2) -> Part:  # fmt: skip
+    """Candidate distillation (`candidates.distill_candidates`) for `ps` (a `settings.PruneSettings`), launched
+    like the distill stage. In one process the parent, loaded in the compute dtype to measure each candidate,
+    stays resident beside the training pair when that fits (geometry.keep_teacher); otherwise (and always when
+    torchrun runs the distillation on the devices) it is loaded for each measurement and freed after it."""
+    from minipuzzle.settings import DistillSettings
+
+    kw = dict(seq_len=ps.seq_len, global_batch=ps.candidate_distill_batch, dtype=dtype, stored_bytes=stored_bytes,
+              loss_chunk=DistillSettings.model_fields["loss_chunk"].default)  # fmt: skip
+    part = plan_training("prune", "candidate distillation", parent, student, hw, **kw)
+    if part.geometry.devices == 1 and part.fits:
+        extra = parent.num_params() * dtype_bytes(default_dtype(hw, dtype))
+        kept = plan_training("prune", "candidate distillation", parent, student, hw, extra_weights=extra, **kw)
+        if kept.fits:
+            part = kept.model_copy(update={"geometry": kept.geometry.model_copy(update={"keep_teacher": True})})
+    return part
 
 
 # ---- eval ---------------------------------------------------------------------------------------------------------
@@ -811,10 +829,10 @@ def score_stage(
 def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = None, dtype: str | None = None,
                 stored_bytes: int = 2, scoring: bool = False) -> StagePlan:  # fmt: skip
     """The prune stage for `ps` (a `settings.PruneSettings`): its own scoring when it has no scores folder
-    (`scoring`; in float32 today), candidate ranking, candidate distillation when it has steps, the cut. Today it
-    computes on `ps.device`: the CPU of a GPU machine unless told otherwise (a recipe passes its model's device).
-    `student` bounds the candidates (default: the source itself)."""
-    from minipuzzle.settings import DistillSettings
+    (`scoring`; in float32 today), candidate ranking, candidate distillation when it has steps (on the host as one
+    device when `ps.device` is cpu on a GPU machine), the cut. Today scoring and ranking compute on `ps.device`: the
+    CPU of a GPU machine unless told otherwise (a recipe passes its model's device). `student` bounds the
+    candidates (default: the source itself)."""
 
     on_host = ps.device == "cpu" and hw.device == "cuda"
     parts = []
@@ -826,23 +844,19 @@ def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = No
     parts.append(plan_ranking(layout, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
                               dtype=dtype, stored_bytes=stored_bytes, stream=ps.stream, today_on_host=on_host))  # fmt: skip
     if ps.candidate_distill_steps:
-        where = "the CPU" if on_host else "one device"
-        today = TodayLaunch(extra_weights=4 * layout.num_params(), on_host=on_host,
-                            note=f"in the prune process on {where}, one micro-batch, a float32 teacher kept")  # fmt: skip
-        parts.append(plan_training("prune", "candidate distillation", layout, student or layout, hw,
-                                   seq_len=ps.seq_len, global_batch=ps.candidate_distill_batch, dtype=dtype,
-                                   stored_bytes=stored_bytes, today=today,
-                                   loss_chunk=DistillSettings.model_fields["loss_chunk"].default))  # fmt: skip
+        chw = for_device(hw, ps.device)
+        if chw is not None:
+            parts.append(plan_candidate_distill(layout, student or layout, chw, ps, dtype=dtype,
+                                                stored_bytes=stored_bytes))  # fmt: skip
     parts.append(plan_cut(layout, hw, stored_bytes=stored_bytes))
     return StagePlan(stage="prune", parts=parts)
 
 
-def distill_stage(teacher: Layout, student: Layout, hw: Hardware, ds, today: TodayLaunch, *,
+def distill_stage(teacher: Layout, student: Layout, hw: Hardware, ds, *, processes: int | None = None,
                   stored_bytes: int = 2) -> StagePlan:  # fmt: skip
-    """The distill stage for `ds` (a `settings.DistillSettings`), launched today as `today` says."""
-    return StagePlan(stage="distill", parts=[plan_training(
-        "distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
-        loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, today=today)])  # fmt: skip
+    """The distill stage for `ds` (a `settings.DistillSettings`) on `processes` ranks when the launch fixes them."""
+    return StagePlan(stage="distill", parts=[plan_distill(teacher, student, hw, ds, processes=processes,
+                                                          stored_bytes=stored_bytes)])  # fmt: skip
 
 
 def eval_stage(model: Layout, teacher: Layout | None, hw: Hardware, es, *, held_out: bool = True,
@@ -906,7 +920,7 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
         "prune": lambda: prune_stage(teacher, hw, prune_settings(recipe).model_copy(update={"device": device}),
                                      student=bound, **kw),
         "distill": lambda: distill_stage(teacher, bound, hw, recipe.distill.model_copy(update={"teacher_dtype": dt}),
-                                         _distill_today(recipe.distill), stored_bytes=stored_bytes),
+                                         processes=recipe_processes(recipe.distill, hw), stored_bytes=stored_bytes),
         "eval": lambda: eval_stage(bound, teacher, hw, recipe.eval, **kw),
     }  # fmt: skip
     if recipe.distill is None:
@@ -915,9 +929,11 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
     return RunPlan(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw), stages=planned)
 
 
-def _distill_today(d) -> TodayLaunch:
-    """The recipe's distill launch as `runner._distill` runs it (a `recipe.DistillStage`)."""
-    procs = 1 if d.launcher == "local" else d.nnodes * d.nproc_per_node
-    how = "in process" if procs == 1 else f"torchrun {d.nnodes} x {d.nproc_per_node}, float32 parameters gathered"
-    return TodayLaunch(processes=procs, grad_accum=d.grad_accum, checkpointing=d.activation_checkpointing,
-                       note=f"{how}, micro-batch {max(1, d.batch_size // (procs * d.grad_accum))}")  # fmt: skip
+def recipe_processes(d, hw: Hardware) -> int | None:
+    """The processes a recipe's distill section (a `recipe.DistillStage`) launches: 1 with the local launcher,
+    nnodes x nproc_per_node where given, else None (the plan's)."""
+    if d.launcher == "local":
+        return 1
+    if d.nnodes is None and d.nproc_per_node is None:
+        return None
+    return (d.nnodes or 1) * (d.nproc_per_node or hw.gpus_per_node)

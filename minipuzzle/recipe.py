@@ -99,11 +99,13 @@ RUN_DECIDED = ("teacher", "student", "data", "output", "eval_data", "split", "te
 
 
 class DistillStage(DistillSettings):
-    """The recipe's distill section: DistillSettings, plus how to launch it."""
+    """The recipe's distill section: DistillSettings, plus how to launch it. Unset, the launch (torchrun over
+    the memory plan's devices, or in process when one suffices), grad_accum, activation_checkpointing and
+    sharding are the plan's (`runner.distill_settings`)."""
 
-    launcher: Literal["local", "torchrun"] = "local"
-    nnodes: int = Field(1, ge=1)
-    nproc_per_node: int = Field(1, ge=1)
+    launcher: Literal["auto", "local", "torchrun"] = "auto"
+    nnodes: int | None = Field(None, ge=1)
+    nproc_per_node: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _not_run_decided(self) -> DistillStage:
@@ -207,6 +209,8 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None) -> dict[str, Any]
     for st in stages:
         st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
     memory = plan_recipe(recipe, source, hardware or resolve(recipe.hardware))
+    for st, planned in ((st, p) for st in stages for p in memory.stages if st["stage"] == p.stage == "distill"):
+        st["gpus"] = planned.parts[0].geometry.devices  # the launch's when the recipe gives it, else the plan's
     return {
         "recipe": recipe.name,
         "model": name,
@@ -242,9 +246,10 @@ def _plan_stages(recipe: Recipe, source) -> list[dict[str, Any]]:
     if d is not None:
         tokens = d.max_steps * d.batch_size * d.seq_len
         stages.append({"stage": "distill", "steps": d.max_steps, "tokens": tokens, "seq_len": d.seq_len,
-                       "batch_size": d.batch_size, "launcher": d.launcher, "gpus": d.nnodes * d.nproc_per_node,
+                       "batch_size": d.batch_size, "launcher": d.launcher,
                        "flops": tokens * train_flops_per_token})  # fmt: skip
     fwd = source.flops_per_token(e.seq_len)["prefill"]
     stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
     stages.append({"stage": "report", "flops": 0})
     return stages
+

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,7 +113,7 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
     stages: dict[str, Callable[[], None]] = {
         "score": lambda: _score(recipe, teacher, data, run_dir / "score", progress),
         "prune": lambda: _prune(recipe, teacher, data, run_dir, progress),
-        "distill": lambda: _distill(recipe, teacher, data, run_dir, log, progress),
+        "distill": lambda: _distill(recipe, teacher, data, run_dir, log, progress, hardware),
         "eval": lambda: _eval(recipe, teacher, data, run_dir, progress),
         "report": lambda: _report(run_dir),
     }
@@ -179,8 +177,14 @@ def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress
           scores_dir=str(run_dir / "score"), overwrite=True, progress=progress)  # fmt: skip
 
 
-def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> DistillSettings:
-    """The recipe's distill section with the run's paths, data, device and teacher dtype filled in."""
+def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool,
+                     hardware: Hardware | None = None) -> DistillSettings:  # fmt: skip
+    """The recipe's distill section with the run's paths, data, device and teacher dtype filled in, and its
+    geometry (grad_accum, activation_checkpointing, sharding) from the memory plan on `hardware` (default: the
+    recipe's hardware section, else this machine) for the stage's launch, where the section leaves it unset.
+    Raises `UserError` (one line) when the plan does not fit, the section's own choices included."""
+    from minipuzzle.distill.launch import planned
+
     d = recipe.distill
     assert d is not None
     run = {"teacher": str(teacher), "student": str(run_dir / "prune"), "data": data.train,
@@ -194,44 +198,57 @@ def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path
         # its evaluation windows, which it never trains on.
         need = -(-recipe.search.held_out_samples * recipe.importance.seq_len // d.seq_len)
         run |= {"eval_data": None, "eval_every": d.eval_every or d.max_steps, "eval_windows": max(d.eval_windows, need)}
-    return d.settings(**run)
+    return planned(d.settings(**run), *_distill_hardware(recipe, hardware))[0]
 
 
-def torchrun_command(settings: DistillSettings, nnodes: int, nproc_per_node: int) -> list[str]:
-    """The `torchrun ... minipuzzle distill ...` command line that runs `settings` on every process."""
-    from minipuzzle.cli_options import settings_flags
-
-    cmd = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}"]
-    if nnodes > 1:
-        cmd += ["--rdzv_backend=c10d", "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT"]
-    # max_steps already holds what a token budget asked for.
-    return cmd + ["-m", "minipuzzle.cli", "distill", *settings_flags(settings, exclude=("tokens",))]
-
-
-def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, progress: bool) -> None:
-    from minipuzzle.distill import distill
+def _distill_hardware(recipe: Recipe, hardware: Hardware | None) -> tuple[Hardware, int | None]:
+    """(hardware, processes) the distill stage plans for: the recipe's launch where it gives one (its nodes and
+    GPUs per node), else the plan's choice of the hardware's devices."""
+    from minipuzzle.memory_plan import for_device, recipe_processes
 
     d = recipe.distill
     assert d is not None
-    cfg = distill_settings(recipe, teacher, data, run_dir, progress)
-    if d.launcher == "local" or (d.nnodes == 1 and d.nproc_per_node == 1):
+    hw = hardware or resolve(recipe.hardware)
+    procs = recipe_processes(d, hw)
+    if procs is not None and procs > 1 and hw.device == "cuda":
+        per_node = d.nproc_per_node or hw.gpus_per_node
+        hw = hw.model_copy(update={"gpus_per_node": per_node, "nodes": max(1, procs // per_node)})
+    return for_device(hw, recipe.model.device) or hw, procs
+
+
+def distill_launch(recipe: Recipe, cfg: DistillSettings, hardware: Hardware | None = None) -> tuple[int, int]:
+    """(nnodes, nproc_per_node) of the distill stage: the recipe's launch where given, else the memory plan's
+    devices (whole nodes beyond one)."""
+    from minipuzzle.distill.launch import nodes_and_procs, plan_for
+
+    d = recipe.distill
+    assert d is not None
+    if d.launcher == "local":
+        return 1, 1
+    hw, procs = _distill_hardware(recipe, hardware)
+    if procs is not None:
+        return d.nnodes or 1, procs // (d.nnodes or 1)
+    return nodes_and_procs(plan_for(cfg, hw, None), hw)
+
+
+def torchrun_command(settings: DistillSettings, nnodes: int, nproc_per_node: int) -> list[str]:
+    """The `torchrun ... minipuzzle distill ...` command line of the distill stage (`distill.launch`)."""
+    from minipuzzle.distill import launch
+
+    return launch.torchrun_command(settings, nnodes, nproc_per_node)
+
+
+def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, progress: bool,
+             hardware: Hardware | None) -> None:  # fmt: skip
+    from minipuzzle.distill import distill
+    from minipuzzle.distill.launch import launch
+
+    cfg = distill_settings(recipe, teacher, data, run_dir, progress, hardware)
+    nnodes, nproc = distill_launch(recipe, cfg, hardware)
+    if nnodes * nproc == 1:
         distill(cfg)
         return
-    cmd = torchrun_command(cfg, d.nnodes, d.nproc_per_node)
-    if d.nnodes == 1:
-        log("[distill] " + shlex.join(cmd))
-        done = subprocess.run(cmd, check=False)
-        if done.returncode != 0:
-            raise UserError(f"distillation under torchrun exited with code {done.returncode}; rerun to resume")
-        return
-    script = run_dir / "distill_torchrun.sh"
-    script.write_text("#!/usr/bin/env bash\n# Run on every node, then rerun `minipuzzle run` to continue.\n"
-                      + " ".join(cmd) + "\n")  # fmt: skip
-    script.chmod(0o755)
-    raise UserError(
-        f"distillation needs {d.nnodes} nodes: launch {script} on each node (it resumes from its checkpoints), "
-        f"then rerun this command to continue with eval"
-    )
+    launch(cfg, nnodes, nproc, run_dir / "distill_torchrun.sh", log, then="rerun this command to continue with eval")
 
 
 def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:

@@ -349,7 +349,9 @@ class DistillSettings(Settings):
     tokens: int | None = Field(None, ge=1, description="Token budget (63B, 7e9): sets --max-steps.")
     seq_len: int = Field(8192, ge=2, description="Tokens per sequence.")
     batch_size: int = Field(8, ge=1, description="Global batch in sequences (all processes together).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per step on each process.")
+    grad_accum: int | None = Field(
+        None, ge=1, description="Micro-batches per step on each process (default: the memory plan's)."
+    )
     lr: float = Field(1e-4, gt=0, allow_inf_nan=False, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR of the cosine schedule, as a fraction.")
     warmup: int = Field(100, ge=0, description="Linear warmup steps (capped at 10% of the run, with a note).")
@@ -383,7 +385,13 @@ class DistillSettings(Settings):
         "auto", description="auto (bf16 on CUDA, else float32), float32, bfloat16."
     )
     autocast: bool = Field(True, description="bf16 autocast for the student on CUDA (weights stay float32).")
-    activation_checkpointing: bool = Field(False, description="Recompute student activations.")
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute student activations (default: when the memory plan needs it)."
+    )
+    sharding: Literal["full", "per_node"] | None = Field(
+        None, description="FSDP2 over all processes (full) or within each node, replicated across nodes (per_node, "
+        "HSDP); default: the memory plan's."
+    )  # fmt: skip
     attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2.")
     overwrite: bool = Field(False, description="Replace a non-empty output folder.")
     progress: bool = Field(False, description="Show a progress bar.")
@@ -401,7 +409,7 @@ class DistillSettings(Settings):
 
     @model_validator(mode="after")
     def _steps(self) -> DistillSettings:
-        if self.batch_size % self.grad_accum:
+        if self.grad_accum is not None and self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --grad-accum {self.grad_accum}")
         if self.tokens is not None:
             steps = math.ceil(self.tokens / (self.batch_size * self.seq_len))

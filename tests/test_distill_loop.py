@@ -52,7 +52,9 @@ def test_heldout_kl_falls_and_output_is_a_standard_checkpoint(pair, tmp_path):
     # distill.json is the typed DistillState of this run; a key it does not know makes it no proof of a finished
     # run: the rerun refuses the non-empty folder instead of returning it.
     done = DistillState.read(out / "distill.json")
-    assert done.config == cfg and done.trajectory == cfg.trajectory() and done.warmup_steps == 1
+    # The plan's geometry is what ran: on the CPU one micro-batch of the whole batch, no recomputation.
+    ran = cfg.model_copy(update={"grad_accum": 1, "activation_checkpointing": False, "sharding": "full"})
+    assert done.config == ran and done.trajectory == ran.trajectory() and done.warmup_steps == 1
     doc = json.loads((out / "distill.json").read_text())
     (out / "distill.json").write_text(json.dumps({**doc, "finished": True}))
     with pytest.raises(UserError, match="finished: unknown key"):

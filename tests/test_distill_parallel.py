@@ -21,13 +21,13 @@ STEPS = 8
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _args(pair, out: Path) -> list[str]:
+def _args(pair, out: Path, *more: str) -> list[str]:
     teacher, student, data = pair
     # 3 held-out windows over 2 processes: uneven evaluation shards must still agree.
     return ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "-o", str(out),
             "--max-steps", str(STEPS), "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2",
             "--save-every", "2", "--eval-every", "2", "--eval-windows", "3", "--loss-chunk", "40",
-            "--no-progress"]  # fmt: skip
+            "--no-progress", *more]  # fmt: skip
 
 
 def _records(path: Path) -> dict[tuple[str, int], dict]:
@@ -36,14 +36,17 @@ def _records(path: Path) -> dict[tuple[str, int], dict]:
 
 
 def test_fsdp2_two_processes_match_one_and_resume_on_one(pair, tmp_path):
+    """One process takes the plan's geometry (the whole batch of 4 at once); two processes are told --grad-accum
+    2 (one sequence per micro-step each) and must end with the same weights."""
     ref_out, out = tmp_path / "ref", tmp_path / "out"
     assert run_cli(_args(pair, ref_out))[0] == 0
     ref = _records(ref_out / "metrics.jsonl")
+    assert json.loads((ref_out / "distill.json").read_text())["config"]["grad_accum"] == 1
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "minipuzzle.cli"]
     proc = subprocess.Popen(
-        cmd + _args(pair, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd + _args(pair, out, "--grad-accum", "2"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     ck = tmp_path / "out.partial" / "checkpoints"
     deadline = time.time() + 150
@@ -68,7 +71,7 @@ def test_fsdp2_two_processes_match_one_and_resume_on_one(pair, tmp_path):
                 assert rec[field] == pytest.approx(ref[key][field], rel=1e-4, abs=1e-6), (key, field)
 
     # One process resumes the sharded checkpoint and ends where the single-process run ended.
-    code, _, err = run_cli(_args(pair, out))
+    code, _, err = run_cli(_args(pair, out, "--grad-accum", "2"))
     assert code == 0, err[-2000:]
     a, b = load_file(ref_out / "model.safetensors"), load_file(out / "model.safetensors")
     # Float sums in another order differ by ~1e-7; Adam divides by sqrt(v), so on an embedding row of a token

@@ -187,7 +187,7 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
             assert cfg.eval_windows * cfg.seq_len >= 10 * 64 and cfg.eval_windows == math.ceil(10 * 64 / 32)
 
 
-def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_path):
+def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_path, pair):
     """The distill section is DistillSettings (hidden_map and all); the torchrun command generated from the
     settings parses back, through the real `distill` command, to the same settings."""
 
@@ -202,7 +202,8 @@ def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_
     doc["model"] |= {"dtype": "bfloat16", "device": "cpu"}
     recipe = parse_recipe(doc)
     rd = runner.RunData(train="train-dir", held_out="held-dir")
-    settings = runner.distill_settings(recipe, Path("teacher-dir"), rd, tmp_path, progress=False)
+    (tmp_path / "prune").symlink_to(pair[1])
+    settings = runner.distill_settings(recipe, pair[0], rd, tmp_path, progress=False)
     assert settings.max_steps == 20 and settings.layer_pairs() == [(0, 0), (1, 2)] and settings.beta2 == 0.99
     assert (settings.teacher_dtype, settings.device, settings.eval_data) == ("bfloat16", "cpu", "held-dir")
     cmd = runner.torchrun_command(settings, 1, 4)

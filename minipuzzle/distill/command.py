@@ -34,18 +34,19 @@ def distill(settings: dict[str, Any], hardware: dict[str, Any] | None = None) ->
     resumes. The result is a standard checkpoint at OUTPUT with metrics.jsonl. Multi-GPU: launch with
     torchrun (FSDP2), e.g. `torchrun --nproc_per_node 8 -m minipuzzle.cli distill ...`.
 
-    Refused before it starts when its memory plan does not fit (this machine, or --gpu-memory / --gpus).
+    Runs in its memory plan's geometry (this machine, or --gpu-memory / --gpus; under torchrun, the launch's
+    processes): --grad-accum, --activation-checkpointing and --sharding default to the plan's choice; a run whose
+    plan does not fit, the choices given included, is refused before it starts.
 
     Example: minipuzzle distill --teacher 56b-dir --student 47b-pruned --data corpus.jsonl -o 47b-distilled
-    --tokens 7B --seq-len 8192 --batch-size 768 --grad-accum 12
+    --tokens 7B --seq-len 8192 --batch-size 768
     """
     from minipuzzle.distill.loop import Preempted
     from minipuzzle.distill.loop import distill as run
 
     cfg = DistillSettings(**settings)
-    _check_memory(cfg, hardware)
     try:
-        out = run(cfg)
+        out = run(cfg, _hardware(hardware))
     except Preempted as e:
         print(str(e), file=sys.stderr)
         raise typer.Exit(code=143) from None
@@ -53,24 +54,13 @@ def distill(settings: dict[str, Any], hardware: dict[str, Any] | None = None) ->
         print(f"distilled student written to {out}")
 
 
-def _check_memory(cfg: DistillSettings, hardware: dict[str, Any] | None) -> None:
-    """Refuse (one line, on every process) a distillation whose memory plan does not fit: the plan's geometry,
-    and this launch's (WORLD_SIZE processes, --grad-accum, --activation-checkpointing). Under torchrun on GPUs the
-    launch says how many nodes and GPUs per node there are (unless --gpus does)."""
+def _hardware(hardware: dict[str, Any] | None):
+    """The hardware this run plans for: this machine (or --gpu-memory / --gpus); under torchrun on GPUs the
+    launch's nodes and GPUs per node unless --gpus says so."""
+    from minipuzzle.distill.launch import launch_hardware
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import TodayLaunch, check, distill_stage, model_facts
 
-    cfg.check_paths()
-    hw = resolve(None, hardware)
-    procs = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(procs)))
-    if procs > 1 and hw.device == "cuda" and not (hardware or {}).get("gpus"):
-        hw = hw.model_copy(update={"gpus_per_node": local, "nodes": max(1, procs // local)})
-    teacher, stored = model_facts(cfg.teacher)
-    student, _ = model_facts(cfg.student)
-    launch = TodayLaunch(processes=procs, grad_accum=cfg.grad_accum, checkpointing=cfg.activation_checkpointing,
-                         on_host=cfg.device == "cpu", note=f"{procs} process(es), --grad-accum {cfg.grad_accum}")  # fmt: skip
-    check(hw, distill_stage(teacher, student, hw, cfg, launch, stored_bytes=stored))
+    return launch_hardware(resolve(None, hardware), explicit_gpus=bool((hardware or {}).get("gpus")))
 
 
 def register(app: typer.Typer) -> None:

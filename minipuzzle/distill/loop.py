@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import signal
 import sys
@@ -25,10 +26,11 @@ import torch
 from minipuzzle.artifacts import DistillState
 from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, resolve_checkpoint, save_state_dict
 from minipuzzle.data import load_tokenizer
-from minipuzzle.distill import parallel, state
+from minipuzzle.distill import launch, parallel, state
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
+from minipuzzle.hardware import Hardware
 from minipuzzle.progress import ProgressBar
 from minipuzzle.settings import DistillSettings
 
@@ -114,7 +116,7 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
         chunk=cfg.loss_chunk,
     )
     if d.enabled:
-        parallel.shard(objective, d)
+        parallel.shard(objective, d, cfg.sharding or "full", _param_dtype(cfg, d))
         parallel.fill_sharded(student, s_ckpt, d)
         parallel.fill_sharded(teacher, t_ckpt, d)
     return objective
@@ -155,14 +157,17 @@ def finished(out: Path, cfg: DistillSettings) -> bool:
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
-def distill(config: DistillSettings) -> Path:
+def distill(config: DistillSettings, hardware: Hardware | None = None) -> Path:
     """Distil `config.teacher` into `config.student`; returns OUT, a standard checkpoint with metrics.jsonl.
 
-    Raises UserError for bad input (before anything is written), Diverged on a NaN/inf loss (the last good
-    checkpoint stays in OUT.partial), Preempted after saving on SIGTERM.
+    Run in the geometry of its memory plan on `hardware` (default: this machine, under torchrun the launch's
+    nodes and GPUs per node) for this launch's processes: grad_accum, activation_checkpointing and sharding left
+    None take the plan's choice. Raises UserError for bad input or a plan that does not fit (before anything is
+    written), Diverged on a NaN/inf loss (the last good checkpoint stays in OUT.partial), Preempted after saving
+    on SIGTERM.
     """
-    cfg = config
-    cfg.check_paths()
+    config.check_paths()
+    cfg = with_plan(config, hardware)
     out = cfg.output_path
     if finished(out, cfg):
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
@@ -173,6 +178,21 @@ def distill(config: DistillSettings) -> Path:
         return _run(cfg, d)
     finally:
         parallel.shutdown(d)
+
+
+def with_plan(cfg: DistillSettings, hardware: Hardware | None = None) -> DistillSettings:
+    """`cfg` with its geometry (grad_accum, activation_checkpointing, sharding) from the memory plan for this
+    launch's WORLD_SIZE processes; refused (UserError, one line) when it does not fit. A run told --device cpu on
+    a GPU machine plans on the host (unchecked when the host's RAM is unknown: then one micro-batch per process,
+    no checkpointing)."""
+    from minipuzzle.hardware import detect
+    from minipuzzle.memory_plan import for_device
+
+    hw = for_device(hardware or launch.launch_hardware(detect()), cfg.device)
+    if hw is None:
+        fill = {"grad_accum": 1, "activation_checkpointing": False, "sharding": "full"}
+        return cfg.model_copy(update={k: v for k, v in fill.items() if getattr(cfg, k) is None})
+    return launch.planned(cfg, hw, int(os.environ.get("WORLD_SIZE", "1")))[0]
 
 
 def _run(cfg: DistillSettings, d: parallel.Dist) -> Path:
@@ -358,6 +378,12 @@ def _diverged_msg(what: str, value: float, step: int, run_dir: Path) -> str:
     last = state.latest_checkpoint(run_dir)
     kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
     return f"{what} is {value} at step {step}: stopped; {kept}; lower --lr or check the data"
+
+
+def _param_dtype(cfg: DistillSettings, d: parallel.Dist) -> torch.dtype | None:
+    """FSDP2 gathers the student's float32 master weights in bf16 on CUDA (what autocast would compute in anyway,
+    at half the gathered memory); on the CPU (gloo, the tests) in float32."""
+    return torch.bfloat16 if d.device.type == "cuda" and cfg.autocast else None
 
 
 def _autocast(cfg: DistillSettings, d: parallel.Dist):

@@ -108,18 +108,33 @@ def build_meta(ckpt: Checkpoint, dtype: torch.dtype):
     return build_model(ckpt.layout, ckpt.config).to(dtype)
 
 
-def shard(objective, d: Dist) -> None:
-    """FSDP2: one unit per block of each model, the rest owned by the objective (the root)."""
+def mesh(d: Dist, sharding: str = "full"):
+    """FSDP2's device mesh: all ranks in one dimension ("full"), or, "per_node", nodes x LOCAL_WORLD_SIZE with
+    parameters sharded within a node and replicated across nodes (HSDP: gathers stay on the node's links)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(d.world)))
+    if sharding == "per_node" and 1 <= local < d.world and d.world % local == 0:
+        return init_device_mesh(d.device.type, (d.world // local, local), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(d.device.type, (d.world,))
+
+
+def shard(objective, d: Dist, sharding: str = "full", param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: one unit per block of each model, the rest owned by the objective (the root).
+
+    `param_dtype` (bf16 on GPUs): the student's blocks and the root are gathered in it, so the forward and the
+    saved activations are bf16 while the sharded master weights, the optimizer and the gradient reduction stay
+    float32. The teacher's blocks are gathered in their own dtype. None: gathered as stored (float32 on the CPU).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(d.device.type, (d.world,))
-    # Gradients are reduced in float32 even when the forward runs in bf16 under autocast.
-    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    for model in (objective.student, objective.teacher):
+    m = mesh(d, sharding)
+    student_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    teacher_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for model, mp in ((objective.student, student_mp), (objective.teacher, teacher_mp)):
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(objective, mesh=mesh, mp_policy=mp)
+            fully_shard(layer, mesh=m, mp_policy=mp)
+    fully_shard(objective, mesh=m, mp_policy=student_mp)
 
 
 @torch.no_grad()

@@ -144,7 +144,8 @@ def prune(
 
         skip = 0 if held_out_data is not None else len(held)  # the head of `data` that distillation must skip
         with _timed(timing, "candidate_distill_seconds"):
-            after = distill_candidates(path, ckpt, plans, held, data, settings, progress, skip, split, column)
+            after = distill_candidates(path, ckpt, plans, held, data, settings, progress, skip, split, column,
+                                       streaming=streaming, work_dir=Path(str(out) + ".candidates"))
         stats = [{**a, "before_distill": b} for a, b in zip(after, stats)]  # rank on the distilled figures
     rows = ranked_rows(cands, stats)
     windows = {"calibration": len(calib), "held_out": len(held)}
