@@ -1,0 +1,89 @@
+"""distill and eval on tiny mixture-of-experts (Nemotron 3) checkpoints: the routers stay float32 and their
+correction bias is filled from the checkpoint under FSDP2 (2 gloo processes agree with one), a MoE student
+distils and loads natively, and `eval` reports KL, perplexity, an lm-eval task and speed against the teacher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipuzzle.arch import Layout
+from minipuzzle.checkpoint import Checkpoint, load_model
+from minipuzzle.distill import parallel
+from minipuzzle.distill.toy import make_pair
+from minipuzzle.testing import run_cli, tiny_moe_layout
+
+TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
+STEPS = 4
+BIAS = "mixer.gate.e_score_correction_bias"
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory, tokenizer):
+    """teacher/ ("ME*EM-") and student/ (its layer 4, a Mamba layer, dropped: "ME*E-") and data.txt."""
+    return make_pair(tmp_path_factory.mktemp("moe"), tokenizer, layout=tiny_moe_layout(), drop=(4,))
+
+
+def _records(path: Path) -> dict[tuple[str, int], dict]:
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(r["type"], r["step"]): r for r in recs}
+
+
+def _distill_args(pair, out: Path) -> list[str]:
+    teacher, student, data = pair
+    return ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "-o", str(out),
+            "--max-steps", str(STEPS), "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1",
+            "--save-every", "0", "--eval-every", "2", "--eval-windows", "2", "--no-progress"]  # fmt: skip
+
+
+def test_routers_stay_float32_when_the_model_loads_in_bf16(moe_pair):
+    ckpt = Checkpoint(moe_pair[0])
+    for model in (load_model(ckpt, dtype=torch.bfloat16), parallel.build_meta(ckpt, torch.bfloat16)):
+        dtypes = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        router = {n for n in dtypes if ".mixer.gate." in n}
+        assert len(router) == 4  # weight and correction bias of the two MoE layers
+        assert all(dtypes[n] == torch.float32 for n in router)
+        assert all(dt == torch.bfloat16 for n, dt in dtypes.items() if n not in router)
+    loaded = load_model(ckpt, dtype=torch.bfloat16)
+    assert torch.equal(loaded.get_parameter("model.layers.1.mixer.gate.weight"), ckpt.get("model.layers.1.mixer.gate.weight"))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_moe_student_distils_under_fsdp2_like_one_process(moe_pair, tmp_path):
+    from transformers import NemotronHForCausalLM
+
+    ref_out, out = tmp_path / "one", tmp_path / "two"
+    code, _, err = run_cli(_distill_args(moe_pair, ref_out))
+    assert code == 0, err[-2000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "minipuzzle.cli"]
+    run = subprocess.run(cmd + _distill_args(moe_pair, out), env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+
+    # The teacher's and student's routers were filled from their checkpoints (a correction bias left as
+    # `to_empty` found it would route tokens elsewhere): every logged loss agrees with one process.
+    one, two = _records(ref_out / "metrics.jsonl"), _records(out / "metrics.jsonl")
+    assert set(two) == set(one)
+    for key, rec in two.items():
+        for field in ("loss", "kl", "kl_to_teacher", "agreement"):
+            if field in rec:
+                assert rec[field] == pytest.approx(one[key][field], rel=1e-4, abs=1e-6), (key, field)
+    train = [two[("train", s)]["loss"] for s in range(1, STEPS + 1)]
+    assert train[-1] < train[0]
+    assert two[("eval", STEPS)]["kl_to_teacher"] < two[("eval", 2)]["kl_to_teacher"]
+
+    # The correction bias is a buffer: no gradient, AdamW never sees it, so the student keeps its own exactly.
+    student, saved = Checkpoint(moe_pair[1]), Checkpoint(out)
+    assert saved.layout == student.layout
+    for i in (1, 3):
+        name = f"model.layers.{i}.{BIAS}"
+        assert torch.equal(saved.get(name), student.get(name))
+    assert not torch.equal(saved.get("model.layers.1.mixer.experts.up_proj"),
+                           student.get("model.layers.1.mixer.experts.up_proj"))  # fmt: skip
+    model = NemotronHForCausalLM.from_pretrained(out)
+    assert Layout.from_config(model.config) == student.layout
+    assert torch.equal(model.get_buffer(f"model.layers.3.{BIAS}"), student.get(f"model.layers.3.{BIAS}"))
