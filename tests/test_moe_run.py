@@ -48,8 +48,8 @@ def test_routers_stay_float32_when_the_model_loads_in_bf16(moe_pair):
         assert len(router) == 4  # weight and correction bias of the two MoE layers
         assert all(dtypes[n] == torch.float32 for n in router)
         assert all(dt == torch.bfloat16 for n, dt in dtypes.items() if n not in router)
-    loaded = load_model(ckpt, dtype=torch.bfloat16)
-    assert torch.equal(loaded.get_parameter("model.layers.1.mixer.gate.weight"), ckpt.get("model.layers.1.mixer.gate.weight"))
+    name = "model.layers.1.mixer.gate.weight"
+    assert torch.equal(load_model(ckpt, dtype=torch.bfloat16).get_parameter(name), ckpt.get(name))
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -87,3 +87,34 @@ def test_moe_student_distils_under_fsdp2_like_one_process(moe_pair, tmp_path):
     model = NemotronHForCausalLM.from_pretrained(out)
     assert Layout.from_config(model.config) == student.layout
     assert torch.equal(model.get_buffer(f"model.layers.3.{BIAS}"), student.get(f"model.layers.3.{BIAS}"))
+
+
+def test_cli_eval_on_a_moe_checkpoint_against_its_teacher(moe_pair, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "ds_cache"), raising=False)
+    teacher, student, data = moe_pair
+    out = tmp_path / "rep"
+    args = ["eval", str(student), "--teacher", str(teacher), "--data", str(data), "--seq-len", "24", "--samples", "3",
+            "--tasks", str(TASKS / "tiny_code_mc.yaml"), "--limit", "4", "--speed-batch", "1", "--speed-len", "8",
+            "--decode-tokens", "2", "--speed-repeats", "1", "-o", str(out)]  # fmt: skip
+    code, _, err = run_cli(args)
+    assert code == 0, err[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["kl_to_teacher"] > 1e-4 and 0.0 <= rep["agreement"] < 1.0 and rep["perplexity"] > 1
+    assert rep["teacher_quality"]["perplexity"] > 1
+    assert 0.0 <= rep["tasks"]["tiny_code_mc"]["acc"] <= 1.0 and rep["task_samples"]["tiny_code_mc"] == 4
+    assert rep["speed"]["model"]["decode_tokens_per_s"] > 0 and rep["speed"]["teacher"]["prefill_tokens_per_s"] > 0
+    arch = rep["architecture"]
+    s_layout, t_layout = Checkpoint(student).layout, Checkpoint(teacher).layout
+    assert arch["model"]["params"] == s_layout.num_params() and arch["teacher"]["params"] == t_layout.num_params()
+    # Only the chosen experts run: the active count is what the report's FLOPs follow.
+    assert arch["model"]["active_params"] == s_layout.num_active_params() < arch["model"]["params"]
+    # The teacher against itself: KL zero, every greedy token agrees (routing is deterministic).
+    code, _, err = run_cli(["eval", str(teacher), "--teacher", str(teacher), "--data", str(data), "--seq-len", "24",
+                            "--samples", "3", "--no-speed", "-o", str(tmp_path / "self")])  # fmt: skip
+    assert code == 0, err[-2000:]
+    self_rep = json.loads((tmp_path / "self" / "report.json").read_text())
+    assert self_rep["kl_to_teacher"] == pytest.approx(0.0, abs=1e-7) and self_rep["agreement"] == 1.0
