@@ -60,6 +60,11 @@ from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# transformers runs routed experts with torch._grouped_mm, whose strides must be multiples of 16 bytes: in bf16
+# (Nemotron 3's dtype) the expert width and the width experts read must be multiples of 8, or the forward raises.
+GROUPED_MM_MULTIPLE = 8
+# FP8 / FP4 expert kernels (vLLM, TensorRT-LLM) work on blocks of 16 channels; the search's default steps keep it.
+SERVING_EXPERT_MULTIPLE = 16
 # How one tensor is cut: kept rows, kept columns (None keeps all) and a factor for the kept values.
 Cut = tuple[torch.Tensor | None, torch.Tensor | None, float]
 
@@ -143,6 +148,23 @@ class Plan:
             self._check_router(layout)
         if self.hidden is not None:
             _check_indices(self.hidden, layout.hidden_size, "hidden")
+        self._check_expert_strides(layout)
+
+    def _check_expert_strides(self, layout: Layout) -> None:
+        """A width that the routed experts' grouped matmul cannot run is refused when the plan changes it (a
+        source that already has one is the user's to keep)."""
+        dst = self._target(layout)
+        if not dst.is_moe:
+            return
+        widths = (("routed experts' width", layout.moe_intermediate_size, dst.moe_intermediate_size),
+                  ("width the experts read (hidden)", layout.moe_expert_input, dst.moe_expert_input))  # fmt: skip
+        for what, old, new in widths:
+            if new != old and new % GROUPED_MM_MULTIPLE:
+                m = GROUPED_MM_MULTIPLE
+                raise UserError(
+                    f"plan cuts the {what} to {new}: transformers' grouped expert matmul needs a multiple of {m} "
+                    f"(16-byte strides in bf16); keep {new // m * m or m} or {-(-new // m) * m}"
+                )
 
     def _check_layer_axis(self, layout: Layout, name: str) -> None:
         """Indices valid, uniform width over the kept layers of the axis's kind, equal counts in every group."""
@@ -186,7 +208,9 @@ class Plan:
     def target_layout(self, layout: Layout) -> Layout:
         """The layout of the pruned model."""
         self.validate(layout)
+        return self._target(layout)
 
+    def _target(self, layout: Layout) -> Layout:
         def width(name: str) -> int:
             axis = AXES[name]
             for i in self.layers:
@@ -199,6 +223,15 @@ class Plan:
             hidden_size=layout.hidden_size if self.hidden is None else len(self.hidden),
             **{AXES[name].field: width(name) for name in LAYER_AXES},
         )
+
+    def serving_notes(self, layout: Layout) -> list[str]:
+        """Widths the pruned model runs with in transformers but that FP8 / FP4 expert kernels cannot serve."""
+        dst, m = self.target_layout(layout), SERVING_EXPERT_MULTIPLE
+        cut = dst.is_moe and dst.moe_intermediate_size != layout.moe_intermediate_size
+        if cut and dst.moe_intermediate_size % m:
+            return [f"routed experts' width {dst.moe_intermediate_size} is not a multiple of {m}: FP8 / FP4 "
+                    f"expert kernels (vLLM, TensorRT-LLM) need one; bf16 serving is unaffected"]  # fmt: skip
+        return []
 
 
 def _check_indices(idx: list[int], full: int, what: str) -> None:

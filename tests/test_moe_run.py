@@ -1,6 +1,7 @@
 """distill and eval on tiny mixture-of-experts (Nemotron 3) checkpoints: the routers stay float32 and their
 correction bias is filled from the checkpoint under FSDP2 (2 gloo processes agree with one), a MoE student
-distils and loads natively, and `eval` reports KL, perplexity, an lm-eval task and speed against the teacher."""
+distils and loads natively, `eval` reports KL, perplexity, an lm-eval task and speed against the teacher, and
+`cut` refuses expert widths that transformers' grouped expert matmul cannot run."""
 
 import json
 import os
@@ -15,7 +16,9 @@ from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import Checkpoint, load_model
 from minipuzzle.distill import parallel
 from minipuzzle.distill.toy import make_pair
-from minipuzzle.testing import run_cli, tiny_moe_layout
+from minipuzzle.errors import UserError
+from minipuzzle.surgery import Plan
+from minipuzzle.testing import random_model, run_cli, tiny_moe_layout
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 STEPS = 4
@@ -118,3 +121,47 @@ def test_cli_eval_on_a_moe_checkpoint_against_its_teacher(moe_pair, tmp_path, mo
     assert code == 0, err[-2000:]
     self_rep = json.loads((tmp_path / "self" / "report.json").read_text())
     assert self_rep["kl_to_teacher"] == pytest.approx(0.0, abs=1e-7) and self_rep["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("width", [29, 28])
+def test_transformers_grouped_expert_matmul_needs_widths_in_multiples_of_8_in_bf16(width):
+    """Why `cut` refuses such widths: the pruned checkpoint would load, then fail on its first forward."""
+    model = random_model(tiny_moe_layout(moe_intermediate_size=width)).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
+        model(torch.randint(0, 320, (1, 8)))
+
+
+def test_cut_refuses_expert_widths_the_grouped_matmul_cannot_run(moe_pair, tmp_path):
+    teacher = moe_pair[0]
+    layout = Checkpoint(teacher).layout
+    moe = [i for i, k in enumerate(layout.pattern) if k == "E"]
+
+    def cut(width: int, out: Path):
+        plan = Plan(layers=list(range(layout.num_layers)), expert_ffn={i: list(range(width)) for i in moe})
+        (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
+        return run_cli(["cut", str(teacher), "--plan", str(tmp_path / "plan.json"), "-o", str(out)])
+
+    code, _, err = cut(29, tmp_path / "bad")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "routed experts' width to 29" in err and "multiple of 8" in err and "keep 24 or 32" in err
+    assert not (tmp_path / "bad").exists()
+    # 24 runs in transformers (bf16 included) but not in FP8 / FP4 expert kernels: written, with a note.
+    code, out, err = cut(24, tmp_path / "ok")
+    assert code == 0, err
+    assert "not a multiple of 16" in err
+    model = load_model(tmp_path / "ok", dtype=torch.bfloat16)
+    assert model.config.moe_intermediate_size == 24
+    assert torch.isfinite(model(torch.randint(0, 320, (1, 8))).logits).all()
+    # Hidden channels feed the experts too: a hidden width of 60 is refused on a MoE model.
+    with pytest.raises(UserError, match="width the experts read"):
+        Plan(layers=list(range(layout.num_layers)), hidden=list(range(60))).validate(layout)
+
+
+@pytest.mark.parametrize("command", ["prune", "search"])
+def test_help_states_the_divisibility_rules(command):
+    code, out, _ = run_cli([command, "--help"])
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0
+    for rule in ("multiple of the Mamba groups (n_groups)", "experts of the router groups (n_group",
+                 "multiples of 16 by default (FP8/FP4 expert kernels)", "multiples of 8 (transformers' grouped"):  # fmt: skip
+        assert rule in text, (command, rule)
