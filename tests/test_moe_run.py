@@ -165,3 +165,23 @@ def test_help_states_the_divisibility_rules(command):
     for rule in ("multiple of the Mamba groups (n_groups)", "experts of the router groups (n_group",
                  "multiples of 16 by default (FP8/FP4 expert kernels)", "multiples of 8 (transformers' grouped"):  # fmt: skip
         assert rule in text, (command, rule)
+
+
+def test_nano3_recipe_searches_the_published_space_and_plans_on_4_nodes():
+    from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
+    from minipuzzle.recipe import load_recipe, plan_run, prune_settings
+    from minipuzzle.search.pipeline import build_space
+
+    r = load_recipe("nemotron-3-nano-30b-to-22b")
+    src = get_preset(r.model.source).layout
+    st = prune_settings(r)
+    space, budget = build_space(src, st), st.budget_for(src)
+    assert space.widths["hidden"] == [2688, 2560, 2304, 2048] and space.widths["expert_ffn"] == [1856, 1792, 1536]
+    assert space.widths["experts"] == [128, 120, 112, 104, 96] and space.widths["shared_ffn"][-1] == 2816
+    assert space.widths["mamba_heads"] == [64, 56, 48] and space.widths["mamba_head_dim"] == [64, 56, 48]
+    assert space.num_width_combos() == 2700  # x 4 published depths = the published 10,800 layouts
+    assert budget.fits(NANO3_PRUNED_22B) and not budget.fits(src)
+    assert r.distill.tokens == 100e9
+    plan = plan_run(r)
+    assert plan["memory"]["hardware"]["nodes"] == 4
+    assert all(s["fits"] for s in plan["memory"]["stages"])
