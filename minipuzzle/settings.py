@@ -242,7 +242,7 @@ class PruneSettings(BudgetSettings):
         "and divisible as serving needs: mamba_heads a multiple of the Mamba groups (n_groups), attn_heads of the "
         "KV heads, experts of the router groups (n_group; at least the router's top-k); expert_ffn and shared_ffn "
         "in multiples of 16 by default (FP8/FP4 expert kernels); on MoE models expert_ffn and hidden must be "
-        "multiples of 8 (transformers' grouped expert matmul)."
+        "multiples of 8 in bf16, 4 in float32 (transformers' grouped expert matmul)."
     )  # fmt: skip
     steps: dict[str, int] = Field(
         default_factory=dict, description="Width steps, e.g. ffn=1024,hidden=256 (default: scale with the model)."

@@ -60,9 +60,9 @@ from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-# transformers runs routed experts with torch._grouped_mm, whose strides must be multiples of 16 bytes: in bf16
-# (Nemotron 3's dtype) the expert width and the width experts read must be multiples of 8, or the forward raises.
-GROUPED_MM_MULTIPLE = 8
+# transformers runs routed experts with torch._grouped_mm, whose strides must be multiples of 16 bytes: the expert
+# width and the width experts read must be multiples of 8 in bf16 (Nemotron 3's dtype), 4 in float32.
+GROUPED_MM_BYTES = 16
 # FP8 / FP4 expert kernels (vLLM, TensorRT-LLM) work on blocks of 16 channels; the search's default steps keep it.
 SERVING_EXPERT_MULTIPLE = 16
 # How one tensor is cut: kept rows, kept columns (None keeps all) and a factor for the kept values.
@@ -148,22 +148,21 @@ class Plan:
             self._check_router(layout)
         if self.hidden is not None:
             _check_indices(self.hidden, layout.hidden_size, "hidden")
-        self._check_expert_strides(layout)
 
-    def _check_expert_strides(self, layout: Layout) -> None:
-        """A width that the routed experts' grouped matmul cannot run is refused when the plan changes it (a
-        source that already has one is the user's to keep)."""
-        dst = self._target(layout)
+    def check_expert_strides(self, layout: Layout, dtype: torch.dtype) -> None:
+        """Refuse a width that transformers' grouped expert matmul cannot run in `dtype` (the output's), when the
+        plan changes it: a source that already has one is the user's to keep."""
+        dst, m = self.target_layout(layout), max(1, GROUPED_MM_BYTES // dtype.itemsize)
         if not dst.is_moe:
             return
         widths = (("routed experts' width", layout.moe_intermediate_size, dst.moe_intermediate_size),
                   ("width the experts read (hidden)", layout.moe_expert_input, dst.moe_expert_input))  # fmt: skip
         for what, old, new in widths:
-            if new != old and new % GROUPED_MM_MULTIPLE:
-                m = GROUPED_MM_MULTIPLE
+            if new != old and new % m:
                 raise UserError(
                     f"plan cuts the {what} to {new}: transformers' grouped expert matmul needs a multiple of {m} "
-                    f"(16-byte strides in bf16); keep {new // m * m or m} or {-(-new // m) * m}"
+                    f"in {str(dtype).removeprefix('torch.')} (16-byte strides); keep {new // m * m or m} or "
+                    f"{-(-new // m) * m}"
                 )
 
     def _check_layer_axis(self, layout: Layout, name: str) -> None:
@@ -429,6 +428,7 @@ def prune_state_dict(
 def prune_model(model, plan: Plan):
     """A new, smaller `NemotronHForCausalLM` with the weights of `model` cut to `plan` (same dtype and device)."""
     layout = Layout.from_config(model.config)
+    plan.check_expert_strides(layout, next(model.parameters()).dtype)
     new_layout, state = prune_state_dict(model_state_dict(model), layout, plan)
     new = build_model(new_layout, model.config.to_dict())
     new.load_state_dict(state, strict=True, assign=True)
@@ -452,6 +452,7 @@ def prune_checkpoint(
     config; it is written to a temporary folder and renamed into place.
     """
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    plan.check_expert_strides(ckpt.layout, ckpt.dtype())
     cutter = Cutter(ckpt.layout, plan)
     names = [n for n in ckpt.keys() if cutter.output_name(n) is not None]
     with atomic_dir(out, overwrite) as tmp:

@@ -42,9 +42,9 @@ def register(app: typer.Typer) -> None:
         if norm_compensation is not None:
             p.norm_compensation = norm_compensation
         dst = p.target_layout(src.layout)
+        out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_bytes(max_shard_size, "--max-shard-size"))
         for note in p.serving_notes(src.layout):
             print(f"note: {note}", file=sys.stderr)
-        out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_bytes(max_shard_size, "--max-shard-size"))
         print(
             f"wrote {out}: {dst.num_layers} layers ({dst.pattern}), "
             f"{dst.num_params():,} parameters (from {src.layout.num_params():,})"

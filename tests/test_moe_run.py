@@ -18,7 +18,7 @@ from minipuzzle.distill import parallel
 from minipuzzle.distill.toy import make_pair
 from minipuzzle.errors import UserError
 from minipuzzle.surgery import Plan
-from minipuzzle.testing import random_model, run_cli, tiny_moe_layout
+from minipuzzle.testing import random_model, run_cli, save_model, tiny_moe_layout
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 STEPS = 4
@@ -132,29 +132,34 @@ def test_transformers_grouped_expert_matmul_needs_widths_in_multiples_of_8_in_bf
 
 
 def test_cut_refuses_expert_widths_the_grouped_matmul_cannot_run(moe_pair, tmp_path):
+    """Multiples of 16 bytes: 4 channels in float32 (the tiny checkpoints), 8 in bf16 (Nemotron 3's)."""
     teacher = moe_pair[0]
     layout = Checkpoint(teacher).layout
     moe = [i for i, k in enumerate(layout.pattern) if k == "E"]
+    bf16 = save_model(load_model(teacher, dtype=torch.bfloat16), tmp_path / "bf16")
 
-    def cut(width: int, out: Path):
+    def cut(src: Path, width: int, out: Path):
         plan = Plan(layers=list(range(layout.num_layers)), expert_ffn={i: list(range(width)) for i in moe})
         (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
-        return run_cli(["cut", str(teacher), "--plan", str(tmp_path / "plan.json"), "-o", str(out)])
+        return run_cli(["cut", str(src), "--plan", str(tmp_path / "plan.json"), "-o", str(out)])
 
-    code, _, err = cut(29, tmp_path / "bad")
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "routed experts' width to 29" in err and "multiple of 8" in err and "keep 24 or 32" in err
-    assert not (tmp_path / "bad").exists()
+    for src, width, needle in ((teacher, 29, "multiple of 4 in float32 (16-byte strides); keep 28 or 32"),
+                               (bf16, 28, "multiple of 8 in bfloat16 (16-byte strides); keep 24 or 32")):  # fmt: skip
+        code, _, err = cut(src, width, tmp_path / "bad")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"routed experts' width to {width}" in err and needle in err
+        assert not (tmp_path / "bad").exists()
     # 24 runs in transformers (bf16 included) but not in FP8 / FP4 expert kernels: written, with a note.
-    code, out, err = cut(24, tmp_path / "ok")
+    code, out, err = cut(bf16, 24, tmp_path / "ok")
     assert code == 0, err
     assert "not a multiple of 16" in err
-    model = load_model(tmp_path / "ok", dtype=torch.bfloat16)
+    model = load_model(tmp_path / "ok", dtype=None)
     assert model.config.moe_intermediate_size == 24
+    assert model.get_parameter("model.norm_f.weight").dtype == torch.bfloat16
     assert torch.isfinite(model(torch.randint(0, 320, (1, 8))).logits).all()
-    # Hidden channels feed the experts too: a hidden width of 60 is refused on a MoE model.
+    # Hidden channels feed the experts too: a hidden width of 60 is refused in bf16 on a MoE model.
     with pytest.raises(UserError, match="width the experts read"):
-        Plan(layers=list(range(layout.num_layers)), hidden=list(range(60))).validate(layout)
+        Plan(layers=list(range(layout.num_layers)), hidden=list(range(60))).check_expert_strides(layout, torch.bfloat16)
 
 
 @pytest.mark.parametrize("command", ["prune", "search"])
@@ -163,7 +168,7 @@ def test_help_states_the_divisibility_rules(command):
     text = " ".join(out.replace("│", " ").split())
     assert code == 0
     for rule in ("multiple of the Mamba groups (n_groups)", "experts of the router groups (n_group",
-                 "multiples of 16 by default (FP8/FP4 expert kernels)", "multiples of 8 (transformers' grouped"):  # fmt: skip
+                 "multiples of 16 by default (FP8/FP4 expert kernels)", "multiples of 8 in bf16, 4 in float32 (transformers' grouped"):  # fmt: skip
         assert rule in text, (command, rule)
 
 
