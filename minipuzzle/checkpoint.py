@@ -492,6 +492,16 @@ def build_model(layout: Layout, base_config: dict[str, Any] | Any | None = None,
         return NemotronHForCausalLM(cfg)
 
 
+def keeps_float32(model, name: str) -> bool:
+    """True for a tensor that transformers keeps in float32 whatever dtype the model loads in.
+
+    NemotronH names the MoE router's weight and `e_score_correction_bias` (`_keep_in_fp32_modules_strict`):
+    sigmoid scores plus a small bias choose the experts, and bf16 rounding of either changes which are chosen.
+    """
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    return any(k in name for k in keep)
+
+
 def load_model(
     source: str | Path | Checkpoint,
     dtype: torch.dtype | None = torch.float32,
@@ -499,7 +509,8 @@ def load_model(
 ):
     """Load a checkpoint (either weight-name style) as a native `NemotronHForCausalLM` in eval mode.
 
-    Built on the meta device and filled tensor by tensor, so no random initialisation is paid for.
+    Built on the meta device and filled tensor by tensor, so no random initialisation is paid for. Tensors in
+    `dtype`, except those transformers keeps in float32 (`keeps_float32`: the MoE routers).
     """
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     model = build_model(ckpt.layout, ckpt.config)
@@ -515,7 +526,7 @@ def load_model(
     for k in expected & have:
         t = ckpt.get(k if k in ckpt else "model.embeddings.weight")
         if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
+            t = t.to(torch.float32 if keeps_float32(model, k) else dtype)
         state[k] = t.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()

@@ -237,9 +237,12 @@ class PruneSettings(BudgetSettings):
     calibration and held-out windows, and the candidates' short distillation."""
 
     axes: tuple[str, ...] = Field(
-        ("depth", "ffn"), description="Axes: depth,ffn,mamba_heads,mamba_head_dim,attn_heads,hidden; on MoE models "
-        "also experts (a multiple of n_group, at least the router's top-k), expert_ffn and shared_ffn (multiples of "
-        "16 by default, for FP8/FP4 kernels)."
+        ("depth", "ffn"), description="Comma-separated axes from: depth, ffn, mamba_heads, mamba_head_dim, "
+        "attn_heads, hidden; on MoE models also experts, expert_ffn, shared_ffn. Widths stay uniform across layers "
+        "and divisible as serving needs: mamba_heads a multiple of the Mamba groups (n_groups), attn_heads of the "
+        "KV heads, experts of the router groups (n_group; at least the router's top-k); expert_ffn and shared_ffn "
+        "in multiples of 16 by default (FP8/FP4 expert kernels); on MoE models expert_ffn and hidden must be "
+        "multiples of 8 in bf16, 4 in float32 (transformers' grouped expert matmul)."
     )  # fmt: skip
     steps: dict[str, int] = Field(
         default_factory=dict, description="Width steps, e.g. ffn=1024,hidden=256 (default: scale with the model)."

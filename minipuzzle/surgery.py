@@ -60,6 +60,11 @@ from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# transformers runs routed experts with torch._grouped_mm, whose strides must be multiples of 16 bytes: the expert
+# width and the width experts read must be multiples of 8 in bf16 (Nemotron 3's dtype), 4 in float32.
+GROUPED_MM_BYTES = 16
+# FP8 / FP4 expert kernels (vLLM, TensorRT-LLM) work on blocks of 16 channels; the search's default steps keep it.
+SERVING_EXPERT_MULTIPLE = 16
 # How one tensor is cut: kept rows, kept columns (None keeps all) and a factor for the kept values.
 Cut = tuple[torch.Tensor | None, torch.Tensor | None, float]
 
@@ -144,6 +149,22 @@ class Plan:
         if self.hidden is not None:
             _check_indices(self.hidden, layout.hidden_size, "hidden")
 
+    def check_expert_strides(self, layout: Layout, dtype: torch.dtype) -> None:
+        """Refuse a width that transformers' grouped expert matmul cannot run in `dtype` (the output's), when the
+        plan changes it: a source that already has one is the user's to keep."""
+        dst, m = self.target_layout(layout), max(1, GROUPED_MM_BYTES // dtype.itemsize)
+        if not dst.is_moe:
+            return
+        widths = (("routed experts' width", layout.moe_intermediate_size, dst.moe_intermediate_size),
+                  ("width the experts read (hidden)", layout.moe_expert_input, dst.moe_expert_input))  # fmt: skip
+        for what, old, new in widths:
+            if new != old and new % m:
+                raise UserError(
+                    f"plan cuts the {what} to {new}: transformers' grouped expert matmul needs a multiple of {m} "
+                    f"in {str(dtype).removeprefix('torch.')} (16-byte strides); keep {new // m * m or m} or "
+                    f"{-(-new // m) * m}"
+                )
+
     def _check_layer_axis(self, layout: Layout, name: str) -> None:
         """Indices valid, uniform width over the kept layers of the axis's kind, equal counts in every group."""
         axis = AXES[name]
@@ -186,7 +207,9 @@ class Plan:
     def target_layout(self, layout: Layout) -> Layout:
         """The layout of the pruned model."""
         self.validate(layout)
+        return self._target(layout)
 
+    def _target(self, layout: Layout) -> Layout:
         def width(name: str) -> int:
             axis = AXES[name]
             for i in self.layers:
@@ -199,6 +222,15 @@ class Plan:
             hidden_size=layout.hidden_size if self.hidden is None else len(self.hidden),
             **{AXES[name].field: width(name) for name in LAYER_AXES},
         )
+
+    def serving_notes(self, layout: Layout) -> list[str]:
+        """Widths the pruned model runs with in transformers but that FP8 / FP4 expert kernels cannot serve."""
+        dst, m = self.target_layout(layout), SERVING_EXPERT_MULTIPLE
+        cut = dst.is_moe and dst.moe_intermediate_size != layout.moe_intermediate_size
+        if cut and dst.moe_intermediate_size % m:
+            return [f"routed experts' width {dst.moe_intermediate_size} is not a multiple of {m}: FP8 / FP4 "
+                    f"expert kernels (vLLM, TensorRT-LLM) need one; bf16 serving is unaffected"]  # fmt: skip
+        return []
 
 
 def _check_indices(idx: list[int], full: int, what: str) -> None:
@@ -396,6 +428,7 @@ def prune_state_dict(
 def prune_model(model, plan: Plan):
     """A new, smaller `NemotronHForCausalLM` with the weights of `model` cut to `plan` (same dtype and device)."""
     layout = Layout.from_config(model.config)
+    plan.check_expert_strides(layout, next(model.parameters()).dtype)
     new_layout, state = prune_state_dict(model_state_dict(model), layout, plan)
     new = build_model(new_layout, model.config.to_dict())
     new.load_state_dict(state, strict=True, assign=True)
@@ -419,6 +452,7 @@ def prune_checkpoint(
     config; it is written to a temporary folder and renamed into place.
     """
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
+    plan.check_expert_strides(ckpt.layout, ckpt.dtype())
     cutter = Cutter(ckpt.layout, plan)
     names = [n for n in ckpt.keys() if cutter.output_name(n) is not None]
     with atomic_dir(out, overwrite) as tmp:

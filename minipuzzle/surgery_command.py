@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +43,8 @@ def register(app: typer.Typer) -> None:
             p.norm_compensation = norm_compensation
         dst = p.target_layout(src.layout)
         out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_bytes(max_shard_size, "--max-shard-size"))
+        for note in p.serving_notes(src.layout):
+            print(f"note: {note}", file=sys.stderr)
         print(
             f"wrote {out}: {dst.num_layers} layers ({dst.pattern}), "
             f"{dst.num_params():,} parameters (from {src.layout.num_params():,})"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipuzzle.checkpoint import Checkpoint, build_model, load_model
+from minipuzzle.checkpoint import Checkpoint, build_model, keeps_float32, load_model
 from minipuzzle.errors import UserError
 
 
@@ -104,8 +104,19 @@ def load_local(ckpt: Checkpoint, dtype: torch.dtype, d: Dist):
 
 
 def build_meta(ckpt: Checkpoint, dtype: torch.dtype):
-    """The model on the meta device, in `dtype`, to be sharded before any memory is allocated."""
-    return build_model(ckpt.layout, ckpt.config).to(dtype)
+    """The model on the meta device, in `dtype`, to be sharded before any memory is allocated.
+
+    The MoE routers' weight and correction bias stay float32, as `load_model` and transformers keep them. Under
+    FSDP2 that mixes dtypes inside a block, which fully_shard accepts only for parameters without gradients: the
+    teacher (frozen) may be bf16, the student is all float32.
+    """
+    model = build_model(ckpt.layout, ckpt.config).to(dtype)
+    for mod_name, mod in model.named_modules():
+        for table in (mod._parameters, mod._buffers):
+            for n, t in table.items():
+                if t is not None and keeps_float32(model, f"{mod_name}.{n}") and t.dtype != torch.float32:
+                    t.data = t.data.float()  # meta: no data is converted
+    return model
 
 
 def mesh(d: Dist, sharding: str = "full"):
@@ -139,15 +150,18 @@ def shard(objective, d: Dist, sharding: str = "full", param_dtype: torch.dtype |
 
 @torch.no_grad()
 def fill_sharded(model, ckpt: Checkpoint, d: Dist) -> None:
-    """Materialise a sharded meta model on the device and copy each rank's shard of every tensor into it.
+    """Materialise a sharded meta model on the device and fill every parameter and buffer from the checkpoint.
 
     Each tensor is read whole from its safetensors shard (one at a time), cut the way FSDP2 cuts it (dim 0,
-    torch.chunk) and only this rank's piece is kept.
+    torch.chunk) and only this rank's piece is kept: routed experts [E, out, in] are cut by expert. Buffers are
+    not sharded (fully_shard leaves them whole on every rank) but `to_empty` leaves them uninitialised like the
+    parameters, so they are copied whole: the MoE routers' `e_score_correction_bias` [E] is one.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=d.device)
-    names = dict(model.named_parameters())
+    persistent = set(model.state_dict())
+    names = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in persistent}}
     missing = [n for n in names if n not in ckpt]
     if missing:
         raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
