@@ -77,6 +77,8 @@ class Geometry(BaseModel):
     activation_checkpointing: bool | None = None
     rows_per_chunk: int | None = None
     logits_chunk: int | None = None
+    # Streamed ranking: windows whose parent final states the host keeps at once (`ranking.measure_streamed`).
+    host_group: int | None = None
 
     def describe(self) -> str:
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
@@ -349,11 +351,16 @@ def _powers_of_two(n: int, divisors_of: int | None = None) -> list[int]:
     return out[::-1] or [1]
 
 
+def _batches(n: int) -> list[int]:
+    """Forward batches to try, largest first: `n` as asked, then the powers of two below it."""
+    return [n] + [p for p in _powers_of_two(n) if p < n]
+
+
 def _fit_rows(make, hw: Hardware, batch: int, n_rows: int) -> tuple[Memory, int, int]:
-    """(memory, micro, rows) of a layer-by-layer pass: the largest power-of-two forward batch `micro` <= batch
-    for which `make(micro, rows=micro)` fits, then as many residual-stream rows per chunk as the room left holds
-    (at most `n_rows`). Without a fit: micro = rows = 1, which the caller reports as not fitting."""
-    for micro in _powers_of_two(min(batch, n_rows)):
+    """(memory, micro, rows) of a layer-by-layer pass: the largest forward batch `micro` <= batch (as asked, else
+    a power of two) for which `make(micro, rows=micro)` fits, then as many residual-stream rows per chunk as the
+    room left holds (at most `n_rows`). Without a fit: micro = rows = 1, which the caller reports as not fitting."""
+    for micro in _batches(min(batch, n_rows)):
         mem = make(micro, micro)
         if _problem(mem, hw) is None:
             per_row = max(1, _need(make(micro, micro + 1), hw) - _need(mem, hw))
@@ -424,95 +431,82 @@ def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_s
 def plan_score(layout: Layout, hw: Hardware, *, seq_len: int, depth_samples: int, width_samples: int,
                batch_size: int = 8, depth_metric: str = "mse_hidden", axes=("depth", "ffn"),
                stream: bool | None = None, dtype: str | None = None, stored_bytes: int = 2,
-               today_dtype: str | None = None, stage: str = "score") -> list[Part]:  # fmt: skip
+               stage: str = "score") -> list[Part]:  # fmt: skip
     """Importance scoring on one device (`score_to_folder` runs one process): streamed from the shards when the
-    whole model and one window's residual states would not fit, the largest power-of-two forward batch <=
-    `batch_size` that fits, and as many rows per chunk as the rest of the memory holds. One part per pass.
-
-    Today's code streams when the checkpoint exceeds 70 % of the device's free memory (`stream` unset), forwards
-    `batch_size` rows at once and sizes its row chunks to 40 % of the free memory (`layerwise.rows_per_chunk`), in
-    `today_dtype` (default: `dtype`; prune's own scoring runs in float32).
-    """
+    whole model and one window's residual states would not fit (`stream` forces either), the largest forward batch
+    <= `batch_size` that fits, and as many rows per chunk as the rest of the memory holds. One part per pass; the
+    scoring code runs what `score_launch` reads from them."""
     dt = default_dtype(hw, dtype)
+    b = dtype_bytes(dt)
     windows = max(depth_samples if "depth" in axes else 0, width_samples) * seq_len * 8
 
-    def maker(dt: str, streamed: bool, pas):
-        b = dtype_bytes(dt)
+    def maker(streamed: bool, pas):
         _, _, states, hooks, after, logits = pas
         host = _read_host(layout, stored_bytes, streamed) + windows
         return lambda micro, rows: _layerwise(layout, hw, b=b, streamed=streamed, rows=rows, micro=micro,
                                               seq_len=seq_len, states=states, hooks=hooks, after=after, logits=logits,
                                               host=host)  # fmt: skip
 
-    def passes(dt: str):
-        return _score_passes(layout, axes, depth_metric, depth_samples, width_samples, dtype_bytes(dt))
-
-    whole_fits = all(_problem(maker(dt, False, pas)(1, 1), hw) is None for pas in passes(dt))
+    passes = _score_passes(layout, axes, depth_metric, depth_samples, width_samples, b)
+    whole_fits = all(_problem(maker(False, pas)(1, 1), hw) is None for pas in passes)
     streamed = stream if stream is not None else not whole_fits
-    t_dt = default_dtype(hw, today_dtype or dt)
-    t_streamed = stream if stream is not None else layout.num_params() * dtype_bytes(t_dt) > 0.7 * hw.gpu_memory
     parts = []
-    for pas, t_pas in zip(passes(dt), passes(t_dt)):
-        name, n_rows, states = pas[:3]
-        mem, micro, rows = _fit_rows(maker(dt, streamed, pas), hw, batch_size, n_rows)
-        plan = _part(stage, name, Geometry(dtype=dt, streaming=streamed, micro_batch=micro, rows_per_chunk=rows),
-                     mem, hw)  # fmt: skip
-        make = maker(t_dt, t_streamed, t_pas)
-        rows = _rows_today(make, hw, n_rows, states * seq_len * layout.hidden_size * dtype_bytes(t_dt))
-        geo = Geometry(dtype=t_dt, streaming=t_streamed, micro_batch=min(batch_size, rows), rows_per_chunk=rows)
-        today = _part(stage, name, geo, make(geo.micro_batch, rows), hw,
-                      note=f"{t_dt}, forward batch {batch_size}, row chunks sized to 40 % of free memory")  # fmt: skip
-        parts.append(_with_today(plan, today))
+    for pas in passes:
+        mem, micro, rows = _fit_rows(maker(streamed, pas), hw, batch_size, pas[1])
+        geo = Geometry(dtype=dt, streaming=streamed, micro_batch=micro, rows_per_chunk=rows)
+        parts.append(_part(stage, pas[0], geo, mem, hw))
     return parts
 
 
-def _rows_today(make, hw: Hardware, n_rows: int, per_row: int) -> int:
-    """`layerwise.rows_per_chunk` as today's passes call it: 40 % of the memory left free by the weights."""
-    return max(1, min(n_rows, int(0.4 * (hw.gpu_memory - make(1, 1).weights)) // per_row))
+def score_launch(layout: Layout, parts: list[Part], *, seq_len: int, depth_metric: str = "mse_hidden") -> dict:
+    """What scoring takes from its plan's passes: {"stream", "batch_size", "budget_bytes", "dtype"}. The budget is
+    the residual-stream bytes of each pass's planned rows (`layerwise.rows_per_chunk` divides it by a row's
+    states again), the smallest over the passes, so no pass holds more rows than planned."""
+    dt = parts[0].geometry.dtype
+    states = {name: n for name, _, n, *_ in _score_passes(layout, ("depth", "ffn"), depth_metric, 1, 1, 2)}
+    row = seq_len * layout.hidden_size * dtype_bytes(dt)
+    budget = min(p.geometry.rows_per_chunk * states[p.name] * row for p in parts)
+    return {"stream": parts[0].geometry.streaming, "batch_size": min(p.geometry.micro_batch for p in parts),
+            "budget_bytes": budget, "dtype": dt}  # fmt: skip
 
 
 # ---- prune: ranking and the cut -----------------------------------------------------------------------------------
 
 
 def plan_ranking(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, batch_size: int = 8,
-                 dtype: str | None = None, stored_bytes: int = 2, stream: bool = False,
-                 today_on_host: bool = False) -> Part:  # fmt: skip
-    """Candidate ranking as it should run: parent and candidates streamed layer by layer on one device in the
-    compute dtype (`ranking.measure_streamed`: each candidate cuts its own embeddings and head, so two sets are
-    resident), logits `LOGIT_CHUNK` tokens at a time, the parent's final states [group, T, h] kept on the host
-    for groups of windows within `RANK_HOST_BYTES`.
-
-    Today (`search.pipeline.rank`): in float32, the whole parent plus each cut candidate in memory unless `stream`,
-    with the parent's final states of all held-out windows on the host; `today_on_host`: on the CPU of a GPU
-    machine (`prune --device cpu`, its default).
-    """
+                 dtype: str | None = None, stored_bytes: int = 2, stream: bool | None = None) -> Part:  # fmt: skip
+    """Candidate ranking (`search.pipeline.rank`) on one device in the compute dtype, logits `LOGIT_CHUNK` tokens
+    at a time. In memory (`ranking.measure_in_memory`: the parent whole plus each cut candidate, the parent's final
+    states of every window on the host) when that fits, else streamed layer by layer (`ranking.measure_streamed`:
+    each candidate cuts its own embeddings and head, so two sets are resident; the parent's final states
+    [group, T, h] kept on the host for groups of windows within `RANK_HOST_BYTES`, fewer when that does not fit);
+    `stream` forces either. The
+    largest forward batch <= `batch_size` that fits, and as many rows per chunk as the rest holds."""
     dt = default_dtype(hw, dtype)
     b = dtype_bytes(dt)
     t, v, h, windows = seq_len, layout.vocab_size, layout.hidden_size, samples * seq_len * 8
 
-    def make_for(hw: Hardware, b: int, streamed: bool, group: int):
+    def make_for(streamed: bool, group: int):
         host = group * t * h * b + _read_host(layout, stored_bytes, streamed) + windows
         return lambda micro, rows: _layerwise(
             layout, hw, b=b, streamed=streamed, rows=rows, micro=micro, seq_len=t, states=2, copies=2, host=host,
             logits=min(LOGIT_CHUNK, micro * t) * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
 
+    in_memory = make_for(False, samples)
+    streamed = stream if stream is not None else _problem(in_memory(1, 1), hw) is not None
+    if not streamed:
+        mem, micro = _fit_micro(lambda m: in_memory(m, m), hw, min(batch_size, samples))
+        geo = Geometry(dtype=dt, micro_batch=micro, logits_chunk=min(LOGIT_CHUNK, t))
+        return _part("prune", "ranking", geo, mem, hw)
     group = max(1, min(samples, RANK_HOST_BYTES // (t * h * b)))
-    mem, micro, rows = _fit_rows(make_for(hw, b, True, group), hw, batch_size, group)
-    geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, logits_chunk=min(LOGIT_CHUNK, t))
-    plan = _part("prune", "ranking", geo, mem, hw)
-    thw = host_device(hw) if today_on_host else hw
-    if thw is None:
-        return plan
-    group = max(1, min(samples, RANK_HOST_BYTES // (t * h * 4))) if stream else samples
-    make = make_for(thw, 4, stream, group)
-    rows = _rows_today(make, thw, group, 2 * t * h * 4) if stream else None
-    geo = Geometry(dtype="float32", streaming=stream, micro_batch=batch_size, rows_per_chunk=rows,
+    while True:  # on the CPU the host's share competes with the rows: halve the group until both fit
+        mem, micro, rows = _fit_rows(make_for(True, group), hw, batch_size, group)
+        if group == 1 or _problem(mem, hw) is None:
+            break
+        group //= 2
+    geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, host_group=group,
                    logits_chunk=min(LOGIT_CHUNK, t))  # fmt: skip
-    what = ("streamed" if stream else "the whole parent and a cut candidate in memory") + (
-        " on the CPU" if today_on_host else ""
-    )
-    today = _part("prune", "ranking", geo, make(batch_size, rows or 0), thw, note=f"float32, {what}")
-    return _with_today(plan, today)
+    return _part("prune", "ranking", geo, mem, hw)
 
 
 def plan_cut(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
@@ -703,8 +697,9 @@ def _training_today(stage: str, name: str, teacher: Layout, student: Layout, hw:
 
 
 def _fit_micro(make, hw: Hardware, batch: int) -> tuple[Memory, int]:
-    """The largest power-of-two batch <= `batch` whose memory `make(batch)` fits (1 when none does)."""
-    for micro in _powers_of_two(batch):
+    """The largest batch <= `batch` (as asked, else a power of two) whose memory `make(batch)` fits (1 when none
+    does)."""
+    for micro in _batches(batch):
         mem = make(micro)
         if _problem(mem, hw) is None:
             return mem, micro
@@ -811,30 +806,42 @@ def score_stage(
 def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = None, dtype: str | None = None,
                 stored_bytes: int = 2, scoring: bool = False) -> StagePlan:  # fmt: skip
     """The prune stage for `ps` (a `settings.PruneSettings`): its own scoring when it has no scores folder
-    (`scoring`; in float32 today), candidate ranking, candidate distillation when it has steps, the cut. Today it
-    computes on `ps.device`: the CPU of a GPU machine unless told otherwise (a recipe passes its model's device).
+    (`scoring`), candidate ranking, candidate distillation when it has steps, the cut. Scoring and ranking
+    compute on `ps.device` (`compute_hardware`: the host when told cpu on a GPU machine) in `dtype` (default
+    `ps.dtype`; auto: bf16 on GPUs, float32 on the CPU), as `search.pipeline.prune` runs them from this plan.
     `student` bounds the candidates (default: the source itself)."""
     from minipuzzle.settings import DistillSettings
 
-    on_host = ps.device == "cpu" and hw.device == "cuda"
+    on_host = str(ps.device).startswith("cpu") and hw.device == "cuda"
+    chw = compute_hardware(hw, ps.device)
+    kw = {"dtype": dtype or ps.dtype, "stored_bytes": stored_bytes, "stream": ps.stream}
     parts = []
     if scoring:
-        parts += plan_score(layout, hw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
+        parts += plan_score(layout, chw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
                             width_samples=ps.width_samples, batch_size=ps.batch_size, axes=tuple(ps.axes),
-                            stream=ps.stream, dtype=dtype, stored_bytes=stored_bytes, today_dtype="float32",
-                            stage="prune")  # fmt: skip
-    parts.append(plan_ranking(layout, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
-                              dtype=dtype, stored_bytes=stored_bytes, stream=ps.stream, today_on_host=on_host))  # fmt: skip
+                            stage="prune", **kw)  # fmt: skip
+    parts.append(plan_ranking(layout, chw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
+                              **kw))  # fmt: skip
     if ps.candidate_distill_steps:
         where = "the CPU" if on_host else "one device"
         today = TodayLaunch(extra_weights=4 * layout.num_params(), on_host=on_host,
                             note=f"in the prune process on {where}, one micro-batch, a float32 teacher kept")  # fmt: skip
         parts.append(plan_training("prune", "candidate distillation", layout, student or layout, hw,
-                                   seq_len=ps.seq_len, global_batch=ps.candidate_distill_batch, dtype=dtype,
+                                   seq_len=ps.seq_len, global_batch=ps.candidate_distill_batch, dtype=kw["dtype"],
                                    stored_bytes=stored_bytes, today=today,
                                    loss_chunk=DistillSettings.model_fields["loss_chunk"].default))  # fmt: skip
     parts.append(plan_cut(layout, hw, stored_bytes=stored_bytes))
     return StagePlan(stage="prune", parts=parts)
+
+
+def compute_hardware(hw: Hardware, device: str | None) -> Hardware:
+    """The hardware a one-device part computes on when told `device`: the host as the one device for cpu on a GPU
+    machine (this machine's RAM standing in where the hardware does not give the host's), else `hw`."""
+    if not str(device).startswith("cpu") or hw.device == "cpu":
+        return hw
+    from minipuzzle.hardware import host_ram
+
+    return host_device(hw) or Hardware(device="cpu", gpu_memory=host_ram(), host_memory=host_ram())
 
 
 def distill_stage(teacher: Layout, student: Layout, hw: Hardware, ds, today: TodayLaunch, *,
@@ -904,7 +911,7 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
     stages = {
         "score": lambda: score_stage(teacher, hw, recipe.importance, axes=recipe.search.axes, **kw),
         "prune": lambda: prune_stage(teacher, hw, prune_settings(recipe).model_copy(update={"device": device}),
-                                     student=bound, **kw),
+                                     student=bound, stored_bytes=stored_bytes),
         "distill": lambda: distill_stage(teacher, bound, hw, recipe.distill.model_copy(update={"teacher_dtype": dt}),
                                          _distill_today(recipe.distill), stored_bytes=stored_bytes),
         "eval": lambda: eval_stage(bound, teacher, hw, recipe.eval, **kw),

@@ -105,6 +105,7 @@ def evaluate(
     context: int = 8192,
     overwrite: bool = False,
     progress: bool = False,
+    hardware=None,
 ) -> dict[str, Any]:
     """Evaluate `model_path` (and `teacher_path`) and write the report folder `out` (report.json is an
     `artifacts.EvalReport`); returns the report as a dict.
