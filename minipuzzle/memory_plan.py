@@ -13,18 +13,13 @@ node's RAM (when known). On a CPU-only machine device and host are one memory, s
 The plan is the geometry a stage *should* use. Where today's code runs a stage differently and the difference
 decides whether it fits, the part carries `today`: the same accounting for what the code does now. `minipuzzle run`
 executes today's code, so `RunPlan.refusal()` refuses such a part too. The differences counted (they go away as
-the stages obey their plans, issue 12 item 3):
+the stages obey their plans, issue 12 item 3; scoring, candidate ranking and eval run their plans already):
 
-- candidate ranking runs in memory unless `importance.stream` (`prune --stream`) is set, and always in float32
-  (`search.ranking`); `prune` without scores scores in float32 too, and the `prune` command computes on the CPU
-  unless told `--device cuda`;
 - candidate distillation runs in the prune process on one device, the whole candidate batch as one micro-batch,
   next to a float32 teacher kept for measuring (`candidates.distill_candidates`);
 - distillation under torchrun gathers float32 parameters (`distill.parallel.shard` sets no bf16 `param_dtype`),
   so the student's residual stream and its checkpointed block inputs are float32, and its micro-batch is
   batch_size / (processes x grad_accum) of the recipe's launch (`distill.loop._run`);
-- eval loads teacher and student whole on one device and runs `eval.batch_size` windows at once, lm-eval's
-  full-vocabulary logits included (`evaluate.runner`).
 
 Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; on CUDA the
 fused Mamba kernels of the `gpu` extra run (mamba-ssm keeps only the in_proj output and the scan output for the
@@ -79,6 +74,8 @@ class Geometry(BaseModel):
     logits_chunk: int | None = None
     # Streamed ranking: windows whose parent final states the host keeps at once (`ranking.measure_streamed`).
     host_group: int | None = None
+    # Eval: teacher and student one after the other (they do not both fit), not both resident.
+    sequential: bool = False
 
     def describe(self) -> str:
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
@@ -95,6 +92,8 @@ class Geometry(BaseModel):
             out.append("streamed")
         if self.activation_checkpointing:
             out.append("ckpt")
+        if self.sequential:
+            out.append("one model at a time")
         return ", ".join(out)
 
 
@@ -724,34 +723,39 @@ class EvalShape(BaseModel):
     decode_tokens: int = 32
 
 
-def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: int, fit: bool,
-                host: int) -> list[tuple[str, Memory, int]]:  # fmt: skip
-    """(name, memory, batch) of each eval part with both models spread over `k` devices (a device map places
-    whole layers, so each device may hold one layer more than its share); `fit`: the largest power-of-two batch
-    that fits, else `ev.batch_size` (as today). Held-out statistics come from both models' final hidden states,
-    logits `LOGIT_CHUNK` positions at a time (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds
-    [batch, T, V] logits and their float32 log-softmax; requests are counted at eval.seq_len tokens, an upper
-    bound (most tasks are far shorter)."""
-    b, kernels = dtype_bytes(dt), hw.device == "cuda"
-    total = sum(m.num_params() for m in models) * b
-    weights = total if k == 1 else -(-total // k) + max(largest_block(m) for m in models) * b
-    v, h, t = models[0].vocab_size, models[0].hidden_size, ev.seq_len
-    fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
+def eval_weight_share(layout: Layout, k: int, dtype: str) -> int:
+    """Bytes of `layout`'s weights one of `k` devices holds under a device map: its share, plus one block (a device
+    map places whole blocks, so a device may hold one more than its share); the whole model when k = 1."""
+    b = dtype_bytes(dtype)
+    return layout.num_params() * b if k == 1 else -(-layout.num_params() * b // k) + largest_block(layout) * b
 
-    def held_out(micro: int) -> Memory:
+
+def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: int, sequential: bool,
+                host: int) -> list[tuple[str, Memory, int]]:  # fmt: skip
+    """(name, memory, batch) of each eval part over `k` devices: both models resident (each spread by
+    `eval_weight_share`) or, `sequential`, one at a time (the teacher's final states [N, T, h] kept on the host and
+    its LM head [V, h] next to the student for the KL). The largest batch <= eval.batch_size that fits. Held-out
+    statistics come from final hidden states, logits `LOGIT_CHUNK` positions at a time
+    (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds [batch, T, V] logits and their float32 log-softmax;
+    requests are counted at eval.seq_len tokens, an upper bound (most tasks are far shorter)."""
+    b, kernels = dtype_bytes(dt), hw.device == "cuda"
+    shares = [eval_weight_share(m, k, dt) for m in models]
+    v, h, t = models[0].vocab_size, models[0].hidden_size, ev.seq_len
+    weights = max(shares) if sequential else sum(shares)
+    fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
+    kl_host = ev.samples * t * h * b if sequential and len(models) > 1 else 0
+
+    def held_out(micro: int) -> Memory:  # the student's states and the teacher's (computed or read back)
         n = min(LOGIT_CHUNK, micro * t)
-        return Memory(weights=weights, activations=micro * t * (len(models) * h * b + fwd), host_buffers=host,
-                      logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
+        return Memory(weights=weights + (v * h * b if kl_host else 0), host_buffers=host + kl_host,
+                      activations=micro * t * (len(models) * h * b + fwd), logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b))
 
     def tasks(micro: int) -> Memory:
         return Memory(weights=weights, activations=micro * t * fwd, logits=micro * t * v * (b + 8), host_buffers=host)
 
-    def pick(make, limit: int) -> tuple[Memory, int]:
-        return _fit_micro(make, hw, limit) if fit else (make(ev.batch_size), ev.batch_size)
-
-    out = [("held-out", *pick(held_out, min(ev.batch_size, ev.samples)))] if ev.held_out else []
+    out = [("held-out", *_fit_micro(held_out, hw, min(ev.batch_size, ev.samples)))] if ev.held_out else []
     if ev.tasks:
-        out.append(("tasks", *pick(tasks, ev.batch_size)))
+        out.append(("tasks", *_fit_micro(tasks, hw, ev.batch_size)))
     if ev.speed:
         sl, sb = ev.speed_len or t, ev.speed_batch
         mems = [m.memory(_precision(dt), sl + ev.decode_tokens, sb) for m in models]
@@ -763,30 +767,23 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
 
 def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape, *, dtype: str | None = None,
               stored_bytes: int = 2) -> StagePlan:  # fmt: skip
-    """Evaluation of `model` against `teacher`, both loaded (the report compares them in one run): spread over
-    as few of one node's GPUs as hold every part (a device map), the largest power-of-two batch that fits, and
-    held-out logits in chunks. Today (`evaluate.runner.evaluate`): both whole on one device, `batch_size` windows
-    at once (lm-eval's full-vocabulary logits included)."""
+    """Evaluation of `model` against `teacher` (`evaluate.runner.evaluate` runs this plan): both resident and
+    spread over as few of one node's GPUs as hold every part (accelerate's device map), else one model at a time
+    over as few as hold it (`Geometry.sequential`); the largest batch that fits, held-out logits in chunks."""
     dt = default_dtype(hw, dtype)
     models = [model] + ([teacher] if teacher is not None else [])
     host = _read_host(model, stored_bytes, False) + ev.samples * ev.seq_len * 8
     most = hw.gpus_per_node if hw.device == "cuda" else 1
-    for k in range(1, most + 1):
-        parts = _eval_parts(models, hw, ev, dt, k, True, host)
+    options = [(k, seq) for seq in ((False, True) if teacher is not None else (False,)) for k in range(1, most + 1)]
+    for k, sequential in options:
+        parts = _eval_parts(models, hw, ev, dt, k, sequential, host)
         if all(_problem(mem, hw) is None for _, mem, _ in parts):
             break
-    today = {n: (mem, micro) for n, mem, micro in _eval_parts(models, hw, ev, dt, 1, False, host)}
     out = []
     for name, mem, micro in parts:
         geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro,
-                       logits_chunk=min(LOGIT_CHUNK, ev.seq_len) if name == "held-out" else None)  # fmt: skip
-        plan = _part("eval", name, geo, mem, hw)
-        t_mem, t_micro = today[name]
-        t_geo = Geometry(dtype=dt, micro_batch=t_micro, logits_chunk=None)
-        note = (
-            f"teacher and student whole on one device, batch {t_micro}" if teacher is not None else f"batch {t_micro}"
-        )
-        out.append(_with_today(plan, _part("eval", name, t_geo, t_mem, hw, note=note)))
+                       sequential=sequential, logits_chunk=min(LOGIT_CHUNK, ev.seq_len) if name == "held-out" else None)  # fmt: skip
+        out.append(_part("eval", name, geo, mem, hw))
     return StagePlan(stage="eval", parts=out)
 
 
