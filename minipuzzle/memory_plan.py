@@ -10,16 +10,10 @@ at the part's peak (`Memory`, bytes): weights, float32 master weights, optimizer
 It fits when the device total is within `USABLE` of a device's memory and the host buffers within `USABLE` of a
 node's RAM (when known). On a CPU-only machine device and host are one memory, so both count against it.
 
-The plan is the geometry a stage *should* use. Where today's code runs a stage differently and the difference
-decides whether it fits, the part carries `today`: the same accounting for what the code does now. `minipuzzle run`
-executes today's code, so `RunPlan.refusal()` refuses such a part too. The differences counted (they go away as
-the stages obey their plans, issue 12 item 3):
-
-- candidate ranking runs in memory unless `importance.stream` (`prune --stream`) is set, and always in float32
-  (`search.ranking`); `prune` without scores scores in float32 too, and the `prune` command computes on the CPU
-  unless told `--device cuda`;
-- eval loads teacher and student whole on one device and runs `eval.batch_size` windows at once, lm-eval's
-  full-vocabulary logits included (`evaluate.runner`).
+The plan is the geometry each stage runs: scoring, candidate ranking, candidate distillation, distillation and
+eval take their device, dtype, streaming, batch and launch from it (issue 12 item 3). A part may still carry
+`today`, the accounting of what the code does where it departs from the plan; `RunPlan.refusal()` refuses such a
+part when it does not fit (no stage departs from its plan at present).
 
 Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; on CUDA the
 fused Mamba kernels of the `gpu` extra run (mamba-ssm keeps only the in_proj output and the scan output for the
@@ -78,6 +72,10 @@ class Geometry(BaseModel):
     rows_per_chunk: int | None = None
     logits_chunk: int | None = None
     keep_teacher: bool | None = None
+    # Streamed ranking: windows whose parent final states the host keeps at once (`ranking.measure_streamed`).
+    host_group: int | None = None
+    # Eval: teacher and student one after the other (they do not both fit), not both resident.
+    sequential: bool = False
 
     def describe(self) -> str:
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
@@ -94,6 +92,8 @@ class Geometry(BaseModel):
             out.append("streamed")
         if self.activation_checkpointing:
             out.append("ckpt")
+        if self.sequential:
+            out.append("one model at a time")
         return ", ".join(out)
 
 
@@ -350,11 +350,16 @@ def _powers_of_two(n: int, divisors_of: int | None = None) -> list[int]:
     return out[::-1] or [1]
 
 
+def _batches(n: int) -> list[int]:
+    """Forward batches to try, largest first: `n` as asked, then the powers of two below it."""
+    return [n] + [p for p in _powers_of_two(n) if p < n]
+
+
 def _fit_rows(make, hw: Hardware, batch: int, n_rows: int) -> tuple[Memory, int, int]:
-    """(memory, micro, rows) of a layer-by-layer pass: the largest power-of-two forward batch `micro` <= batch
-    for which `make(micro, rows=micro)` fits, then as many residual-stream rows per chunk as the room left holds
-    (at most `n_rows`). Without a fit: micro = rows = 1, which the caller reports as not fitting."""
-    for micro in _powers_of_two(min(batch, n_rows)):
+    """(memory, micro, rows) of a layer-by-layer pass: the largest forward batch `micro` <= batch (as asked, else
+    a power of two) for which `make(micro, rows=micro)` fits, then as many residual-stream rows per chunk as the
+    room left holds (at most `n_rows`). Without a fit: micro = rows = 1, which the caller reports as not fitting."""
+    for micro in _batches(min(batch, n_rows)):
         mem = make(micro, micro)
         if _problem(mem, hw) is None:
             per_row = max(1, _need(make(micro, micro + 1), hw) - _need(mem, hw))
@@ -425,95 +430,82 @@ def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_s
 def plan_score(layout: Layout, hw: Hardware, *, seq_len: int, depth_samples: int, width_samples: int,
                batch_size: int = 8, depth_metric: str = "mse_hidden", axes=("depth", "ffn"),
                stream: bool | None = None, dtype: str | None = None, stored_bytes: int = 2,
-               today_dtype: str | None = None, stage: str = "score") -> list[Part]:  # fmt: skip
+               stage: str = "score") -> list[Part]:  # fmt: skip
     """Importance scoring on one device (`score_to_folder` runs one process): streamed from the shards when the
-    whole model and one window's residual states would not fit, the largest power-of-two forward batch <=
-    `batch_size` that fits, and as many rows per chunk as the rest of the memory holds. One part per pass.
-
-    Today's code streams when the checkpoint exceeds 70 % of the device's free memory (`stream` unset), forwards
-    `batch_size` rows at once and sizes its row chunks to 40 % of the free memory (`layerwise.rows_per_chunk`), in
-    `today_dtype` (default: `dtype`; prune's own scoring runs in float32).
-    """
+    whole model and one window's residual states would not fit (`stream` forces either), the largest forward batch
+    <= `batch_size` that fits, and as many rows per chunk as the rest of the memory holds. One part per pass; the
+    scoring code runs what `score_launch` reads from them."""
     dt = default_dtype(hw, dtype)
+    b = dtype_bytes(dt)
     windows = max(depth_samples if "depth" in axes else 0, width_samples) * seq_len * 8
 
-    def maker(dt: str, streamed: bool, pas):
-        b = dtype_bytes(dt)
+    def maker(streamed: bool, pas):
         _, _, states, hooks, after, logits = pas
         host = _read_host(layout, stored_bytes, streamed) + windows
         return lambda micro, rows: _layerwise(layout, hw, b=b, streamed=streamed, rows=rows, micro=micro,
                                               seq_len=seq_len, states=states, hooks=hooks, after=after, logits=logits,
                                               host=host)  # fmt: skip
 
-    def passes(dt: str):
-        return _score_passes(layout, axes, depth_metric, depth_samples, width_samples, dtype_bytes(dt))
-
-    whole_fits = all(_problem(maker(dt, False, pas)(1, 1), hw) is None for pas in passes(dt))
+    passes = _score_passes(layout, axes, depth_metric, depth_samples, width_samples, b)
+    whole_fits = all(_problem(maker(False, pas)(1, 1), hw) is None for pas in passes)
     streamed = stream if stream is not None else not whole_fits
-    t_dt = default_dtype(hw, today_dtype or dt)
-    t_streamed = stream if stream is not None else layout.num_params() * dtype_bytes(t_dt) > 0.7 * hw.gpu_memory
     parts = []
-    for pas, t_pas in zip(passes(dt), passes(t_dt)):
-        name, n_rows, states = pas[:3]
-        mem, micro, rows = _fit_rows(maker(dt, streamed, pas), hw, batch_size, n_rows)
-        plan = _part(stage, name, Geometry(dtype=dt, streaming=streamed, micro_batch=micro, rows_per_chunk=rows),
-                     mem, hw)  # fmt: skip
-        make = maker(t_dt, t_streamed, t_pas)
-        rows = _rows_today(make, hw, n_rows, states * seq_len * layout.hidden_size * dtype_bytes(t_dt))
-        geo = Geometry(dtype=t_dt, streaming=t_streamed, micro_batch=min(batch_size, rows), rows_per_chunk=rows)
-        today = _part(stage, name, geo, make(geo.micro_batch, rows), hw,
-                      note=f"{t_dt}, forward batch {batch_size}, row chunks sized to 40 % of free memory")  # fmt: skip
-        parts.append(_with_today(plan, today))
+    for pas in passes:
+        mem, micro, rows = _fit_rows(maker(streamed, pas), hw, batch_size, pas[1])
+        geo = Geometry(dtype=dt, streaming=streamed, micro_batch=micro, rows_per_chunk=rows)
+        parts.append(_part(stage, pas[0], geo, mem, hw))
     return parts
 
 
-def _rows_today(make, hw: Hardware, n_rows: int, per_row: int) -> int:
-    """`layerwise.rows_per_chunk` as today's passes call it: 40 % of the memory left free by the weights."""
-    return max(1, min(n_rows, int(0.4 * (hw.gpu_memory - make(1, 1).weights)) // per_row))
+def score_launch(layout: Layout, parts: list[Part], *, seq_len: int, depth_metric: str = "mse_hidden") -> dict:
+    """What scoring takes from its plan's passes: {"stream", "batch_size", "budget_bytes", "dtype"}. The budget is
+    the residual-stream bytes of each pass's planned rows (`layerwise.rows_per_chunk` divides it by a row's
+    states again), the smallest over the passes, so no pass holds more rows than planned."""
+    dt = parts[0].geometry.dtype
+    states = {name: n for name, _, n, *_ in _score_passes(layout, ("depth", "ffn"), depth_metric, 1, 1, 2)}
+    row = seq_len * layout.hidden_size * dtype_bytes(dt)
+    budget = min(p.geometry.rows_per_chunk * states[p.name] * row for p in parts)
+    return {"stream": parts[0].geometry.streaming, "batch_size": min(p.geometry.micro_batch for p in parts),
+            "budget_bytes": budget, "dtype": dt}  # fmt: skip
 
 
 # ---- prune: ranking and the cut -----------------------------------------------------------------------------------
 
 
 def plan_ranking(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, batch_size: int = 8,
-                 dtype: str | None = None, stored_bytes: int = 2, stream: bool = False,
-                 today_on_host: bool = False) -> Part:  # fmt: skip
-    """Candidate ranking as it should run: parent and candidates streamed layer by layer on one device in the
-    compute dtype (`ranking.measure_streamed`: each candidate cuts its own embeddings and head, so two sets are
-    resident), logits `LOGIT_CHUNK` tokens at a time, the parent's final states [group, T, h] kept on the host
-    for groups of windows within `RANK_HOST_BYTES`.
-
-    Today (`search.pipeline.rank`): in float32, the whole parent plus each cut candidate in memory unless `stream`,
-    with the parent's final states of all held-out windows on the host; `today_on_host`: on the CPU of a GPU
-    machine (`prune --device cpu`, its default).
-    """
+                 dtype: str | None = None, stored_bytes: int = 2, stream: bool | None = None) -> Part:  # fmt: skip
+    """Candidate ranking (`search.pipeline.rank`) on one device in the compute dtype, logits `LOGIT_CHUNK` tokens
+    at a time. In memory (`ranking.measure_in_memory`: the parent whole plus each cut candidate, the parent's final
+    states of every window on the host) when that fits, else streamed layer by layer (`ranking.measure_streamed`:
+    each candidate cuts its own embeddings and head, so two sets are resident; the parent's final states
+    [group, T, h] kept on the host for groups of windows within `RANK_HOST_BYTES`, fewer when that does not fit);
+    `stream` forces either. The
+    largest forward batch <= `batch_size` that fits, and as many rows per chunk as the rest holds."""
     dt = default_dtype(hw, dtype)
     b = dtype_bytes(dt)
     t, v, h, windows = seq_len, layout.vocab_size, layout.hidden_size, samples * seq_len * 8
 
-    def make_for(hw: Hardware, b: int, streamed: bool, group: int):
+    def make_for(streamed: bool, group: int):
         host = group * t * h * b + _read_host(layout, stored_bytes, streamed) + windows
         return lambda micro, rows: _layerwise(
             layout, hw, b=b, streamed=streamed, rows=rows, micro=micro, seq_len=t, states=2, copies=2, host=host,
             logits=min(LOGIT_CHUNK, micro * t) * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
 
+    in_memory = make_for(False, samples)
+    streamed = stream if stream is not None else _problem(in_memory(1, 1), hw) is not None
+    if not streamed:
+        mem, micro = _fit_micro(lambda m: in_memory(m, m), hw, min(batch_size, samples))
+        geo = Geometry(dtype=dt, micro_batch=micro, logits_chunk=min(LOGIT_CHUNK, t))
+        return _part("prune", "ranking", geo, mem, hw)
     group = max(1, min(samples, RANK_HOST_BYTES // (t * h * b)))
-    mem, micro, rows = _fit_rows(make_for(hw, b, True, group), hw, batch_size, group)
-    geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, logits_chunk=min(LOGIT_CHUNK, t))
-    plan = _part("prune", "ranking", geo, mem, hw)
-    thw = host_device(hw) if today_on_host else hw
-    if thw is None:
-        return plan
-    group = max(1, min(samples, RANK_HOST_BYTES // (t * h * 4))) if stream else samples
-    make = make_for(thw, 4, stream, group)
-    rows = _rows_today(make, thw, group, 2 * t * h * 4) if stream else None
-    geo = Geometry(dtype="float32", streaming=stream, micro_batch=batch_size, rows_per_chunk=rows,
+    while True:  # on the CPU the host's share competes with the rows: halve the group until both fit
+        mem, micro, rows = _fit_rows(make_for(True, group), hw, batch_size, group)
+        if group == 1 or _problem(mem, hw) is None:
+            break
+        group //= 2
+    geo = Geometry(dtype=dt, streaming=True, micro_batch=micro, rows_per_chunk=rows, host_group=group,
                    logits_chunk=min(LOGIT_CHUNK, t))  # fmt: skip
-    what = ("streamed" if stream else "the whole parent and a cut candidate in memory") + (
-        " on the CPU" if today_on_host else ""
-    )
-    today = _part("prune", "ranking", geo, make(batch_size, rows or 0), thw, note=f"float32, {what}")
-    return _with_today(plan, today)
+    return _part("prune", "ranking", geo, mem, hw)
 
 
 def plan_cut(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
@@ -721,8 +713,9 @@ def plan_candidate_distill(parent: Layout, student: Layout, hw: Hardware, ps, *,
 
 
 def _fit_micro(make, hw: Hardware, batch: int) -> tuple[Memory, int]:
-    """The largest power-of-two batch <= `batch` whose memory `make(batch)` fits (1 when none does)."""
-    for micro in _powers_of_two(batch):
+    """The largest batch <= `batch` (as asked, else a power of two) whose memory `make(batch)` fits (1 when none
+    does)."""
+    for micro in _batches(batch):
         mem = make(micro)
         if _problem(mem, hw) is None:
             return mem, micro
@@ -747,34 +740,39 @@ class EvalShape(BaseModel):
     decode_tokens: int = 32
 
 
-def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: int, fit: bool,
-                host: int) -> list[tuple[str, Memory, int]]:  # fmt: skip
-    """(name, memory, batch) of each eval part with both models spread over `k` devices (a device map places
-    whole layers, so each device may hold one layer more than its share); `fit`: the largest power-of-two batch
-    that fits, else `ev.batch_size` (as today). Held-out statistics come from both models' final hidden states,
-    logits `LOGIT_CHUNK` positions at a time (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds
-    [batch, T, V] logits and their float32 log-softmax; requests are counted at eval.seq_len tokens, an upper
-    bound (most tasks are far shorter)."""
-    b, kernels = dtype_bytes(dt), hw.device == "cuda"
-    total = sum(m.num_params() for m in models) * b
-    weights = total if k == 1 else -(-total // k) + max(largest_block(m) for m in models) * b
-    v, h, t = models[0].vocab_size, models[0].hidden_size, ev.seq_len
-    fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
+def eval_weight_share(layout: Layout, k: int, dtype: str) -> int:
+    """Bytes of `layout`'s weights one of `k` devices holds under a device map: its share, plus one block (a device
+    map places whole blocks, so a device may hold one more than its share); the whole model when k = 1."""
+    b = dtype_bytes(dtype)
+    return layout.num_params() * b if k == 1 else -(-layout.num_params() * b // k) + largest_block(layout) * b
 
-    def held_out(micro: int) -> Memory:
+
+def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: int, sequential: bool,
+                host: int) -> list[tuple[str, Memory, int]]:  # fmt: skip
+    """(name, memory, batch) of each eval part over `k` devices: both models resident (each spread by
+    `eval_weight_share`) or, `sequential`, one at a time (the teacher's final states [N, T, h] kept on the host and
+    its LM head [V, h] next to the student for the KL). The largest batch <= eval.batch_size that fits. Held-out
+    statistics come from final hidden states, logits `LOGIT_CHUNK` positions at a time
+    (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds [batch, T, V] logits and their float32 log-softmax;
+    requests are counted at eval.seq_len tokens, an upper bound (most tasks are far shorter)."""
+    b, kernels = dtype_bytes(dt), hw.device == "cuda"
+    shares = [eval_weight_share(m, k, dt) for m in models]
+    v, h, t = models[0].vocab_size, models[0].hidden_size, ev.seq_len
+    weights = max(shares) if sequential else sum(shares)
+    fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
+    kl_host = ev.samples * t * h * b if sequential and len(models) > 1 else 0
+
+    def held_out(micro: int) -> Memory:  # the student's states and the teacher's (computed or read back)
         n = min(LOGIT_CHUNK, micro * t)
-        return Memory(weights=weights, activations=micro * t * (len(models) * h * b + fwd), host_buffers=host,
-                      logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
+        return Memory(weights=weights + (v * h * b if kl_host else 0), host_buffers=host + kl_host,
+                      activations=micro * t * (len(models) * h * b + fwd), logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b))
 
     def tasks(micro: int) -> Memory:
         return Memory(weights=weights, activations=micro * t * fwd, logits=micro * t * v * (b + 8), host_buffers=host)
 
-    def pick(make, limit: int) -> tuple[Memory, int]:
-        return _fit_micro(make, hw, limit) if fit else (make(ev.batch_size), ev.batch_size)
-
-    out = [("held-out", *pick(held_out, min(ev.batch_size, ev.samples)))] if ev.held_out else []
+    out = [("held-out", *_fit_micro(held_out, hw, min(ev.batch_size, ev.samples)))] if ev.held_out else []
     if ev.tasks:
-        out.append(("tasks", *pick(tasks, ev.batch_size)))
+        out.append(("tasks", *_fit_micro(tasks, hw, ev.batch_size)))
     if ev.speed:
         sl, sb = ev.speed_len or t, ev.speed_batch
         mems = [m.memory(_precision(dt), sl + ev.decode_tokens, sb) for m in models]
@@ -786,30 +784,23 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
 
 def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape, *, dtype: str | None = None,
               stored_bytes: int = 2) -> StagePlan:  # fmt: skip
-    """Evaluation of `model` against `teacher`, both loaded (the report compares them in one run): spread over
-    as few of one node's GPUs as hold every part (a device map), the largest power-of-two batch that fits, and
-    held-out logits in chunks. Today (`evaluate.runner.evaluate`): both whole on one device, `batch_size` windows
-    at once (lm-eval's full-vocabulary logits included)."""
+    """Evaluation of `model` against `teacher` (`evaluate.runner.evaluate` runs this plan): both resident and
+    spread over as few of one node's GPUs as hold every part (accelerate's device map), else one model at a time
+    over as few as hold it (`Geometry.sequential`); the largest batch that fits, held-out logits in chunks."""
     dt = default_dtype(hw, dtype)
     models = [model] + ([teacher] if teacher is not None else [])
     host = _read_host(model, stored_bytes, False) + ev.samples * ev.seq_len * 8
     most = hw.gpus_per_node if hw.device == "cuda" else 1
-    for k in range(1, most + 1):
-        parts = _eval_parts(models, hw, ev, dt, k, True, host)
+    options = [(k, seq) for seq in ((False, True) if teacher is not None else (False,)) for k in range(1, most + 1)]
+    for k, sequential in options:
+        parts = _eval_parts(models, hw, ev, dt, k, sequential, host)
         if all(_problem(mem, hw) is None for _, mem, _ in parts):
             break
-    today = {n: (mem, micro) for n, mem, micro in _eval_parts(models, hw, ev, dt, 1, False, host)}
     out = []
     for name, mem, micro in parts:
         geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro,
-                       logits_chunk=min(LOGIT_CHUNK, ev.seq_len) if name == "held-out" else None)  # fmt: skip
-        plan = _part("eval", name, geo, mem, hw)
-        t_mem, t_micro = today[name]
-        t_geo = Geometry(dtype=dt, micro_batch=t_micro, logits_chunk=None)
-        note = (
-            f"teacher and student whole on one device, batch {t_micro}" if teacher is not None else f"batch {t_micro}"
-        )
-        out.append(_with_today(plan, _part("eval", name, t_geo, t_mem, hw, note=note)))
+                       sequential=sequential, logits_chunk=min(LOGIT_CHUNK, ev.seq_len) if name == "held-out" else None)  # fmt: skip
+        out.append(_part("eval", name, geo, mem, hw))
     return StagePlan(stage="eval", parts=out)
 
 
@@ -829,27 +820,37 @@ def score_stage(
 def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = None, dtype: str | None = None,
                 stored_bytes: int = 2, scoring: bool = False) -> StagePlan:  # fmt: skip
     """The prune stage for `ps` (a `settings.PruneSettings`): its own scoring when it has no scores folder
-    (`scoring`; in float32 today), candidate ranking, candidate distillation when it has steps (on the host as one
-    device when `ps.device` is cpu on a GPU machine), the cut. Today scoring and ranking compute on `ps.device`: the
-    CPU of a GPU machine unless told otherwise (a recipe passes its model's device). `student` bounds the
-    candidates (default: the source itself)."""
+    (`scoring`), candidate ranking, candidate distillation when it has steps, the cut. Scoring and ranking
+    compute on `ps.device` (`compute_hardware`: the host when told cpu on a GPU machine) in `dtype` (default
+    `ps.dtype`; auto: bf16 on GPUs, float32 on the CPU), as `search.pipeline.prune` runs them from this plan.
+    `student` bounds the candidates (default: the source itself)."""
 
-    on_host = ps.device == "cpu" and hw.device == "cuda"
+    chw = compute_hardware(hw, ps.device)
+    kw = {"dtype": dtype or ps.dtype, "stored_bytes": stored_bytes, "stream": ps.stream}
     parts = []
     if scoring:
-        parts += plan_score(layout, hw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
+        parts += plan_score(layout, chw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
                             width_samples=ps.width_samples, batch_size=ps.batch_size, axes=tuple(ps.axes),
-                            stream=ps.stream, dtype=dtype, stored_bytes=stored_bytes, today_dtype="float32",
-                            stage="prune")  # fmt: skip
-    parts.append(plan_ranking(layout, hw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
-                              dtype=dtype, stored_bytes=stored_bytes, stream=ps.stream, today_on_host=on_host))  # fmt: skip
+                            stage="prune", **kw)  # fmt: skip
+    parts.append(plan_ranking(layout, chw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
+                              **kw))  # fmt: skip
     if ps.candidate_distill_steps:
-        chw = for_device(hw, ps.device)
-        if chw is not None:
-            parts.append(plan_candidate_distill(layout, student or layout, chw, ps, dtype=dtype,
+        train_hw = for_device(hw, ps.device)
+        if train_hw is not None:
+            parts.append(plan_candidate_distill(layout, student or layout, train_hw, ps, dtype=kw["dtype"],
                                                 stored_bytes=stored_bytes))  # fmt: skip
     parts.append(plan_cut(layout, hw, stored_bytes=stored_bytes))
     return StagePlan(stage="prune", parts=parts)
+
+
+def compute_hardware(hw: Hardware, device: str | None) -> Hardware:
+    """The hardware a one-device part computes on when told `device`: the host as the one device for cpu on a GPU
+    machine (this machine's RAM standing in where the hardware does not give the host's), else `hw`."""
+    if not str(device).startswith("cpu") or hw.device == "cpu":
+        return hw
+    from minipuzzle.hardware import host_ram
+
+    return host_device(hw) or Hardware(device="cpu", gpu_memory=host_ram(), host_memory=host_ram())
 
 
 def distill_stage(teacher: Layout, student: Layout, hw: Hardware, ds, *, processes: int | None = None,
@@ -918,7 +919,7 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
     stages = {
         "score": lambda: score_stage(teacher, hw, recipe.importance, axes=recipe.search.axes, **kw),
         "prune": lambda: prune_stage(teacher, hw, prune_settings(recipe).model_copy(update={"device": device}),
-                                     student=bound, **kw),
+                                     student=bound, stored_bytes=stored_bytes),
         "distill": lambda: distill_stage(teacher, bound, hw, recipe.distill.model_copy(update={"teacher_dtype": dt}),
                                          processes=recipe_processes(recipe.distill, hw), stored_bytes=stored_bytes),
         "eval": lambda: eval_stage(bound, teacher, hw, recipe.eval, **kw),

@@ -64,9 +64,9 @@ class DataSection(_Section):
         return sysconfig.get_paths()["stdlib"] if self.eval_source == "stdlib" else self.eval_source
 
 
-# Prune settings a run decides itself: the windows (the importance section), the device (the model section) and
+# Prune settings a run decides itself: the windows (the importance section), device and dtype (the model section) and
 # the candidates' distillation steps (from candidate_distill_tokens).
-SEARCH_RUN_DECIDED = ("seq_len", "depth_samples", "width_samples", "stream", "seed", "device",
+SEARCH_RUN_DECIDED = ("seq_len", "depth_samples", "width_samples", "stream", "seed", "device", "dtype",
                       "candidate_distill_steps")  # fmt: skip
 
 
@@ -171,20 +171,19 @@ def parse_recipe(doc: dict[str, Any], where: str = "recipe") -> Recipe:
 
 
 def prune_settings(recipe: Recipe) -> PruneSettings:
-    """The `prune` stage's settings: the search section, with the importance section's windows, the model
-    section's device and the candidates' distillation steps from its token count.
+    """The `prune` stage's settings: the search section, with the importance section's windows and streaming
+    (unset: the memory plan decides), the model section's device and dtype and the candidates' distillation steps
+    from its token count.
 
     The dry-run plan and the runner both use this, so the plan prices exactly what the run does.
     """
-    from minipuzzle.checkpoint import resolve_device
-
     s, imp, d = recipe.search, recipe.importance, recipe.distill
     own = s.model_dump(exclude={"candidate_distill_tokens"}, exclude_unset=True)
     if d is not None:  # the candidates train like the final student unless told otherwise
         own = {"candidate_distill_lr": d.lr, "candidate_distill_batch": d.batch_size} | own
     settings = PruneSettings(**own, seq_len=imp.seq_len, depth_samples=imp.depth_samples,
-                             width_samples=imp.width_samples, stream=bool(imp.stream), seed=imp.seed,
-                             device=str(resolve_device(recipe.model.device)[0]))  # fmt: skip
+                             width_samples=imp.width_samples, stream=imp.stream, seed=imp.seed,
+                             device=recipe.model.device, dtype=recipe.model.dtype)  # fmt: skip
     if s.candidate_distill_tokens:
         per_step = settings.candidate_distill_batch * settings.seq_len
         settings.candidate_distill_steps = max(1, -(-int(s.candidate_distill_tokens) // per_step))

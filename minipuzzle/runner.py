@@ -103,7 +103,8 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
 
     run_dir = Path(run_dir)
     done = _load_state(run_dir, recipe)["done"] if (run_dir / STATE_FILE).is_file() else []
-    check_memory(recipe, run_dir, done, hardware or resolve(recipe.hardware))
+    hw = hardware or resolve(recipe.hardware)
+    check_memory(recipe, run_dir, done, hw)
     teacher = resolve_checkpoint(recipe.model.source, recipe.model.path)
     Checkpoint(teacher)  # fail on a bad checkpoint before creating anything
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,10 +112,10 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
     _save_state(run_dir, state)
     data = prepare_data(recipe, run_dir / "data")
     stages: dict[str, Callable[[], None]] = {
-        "score": lambda: _score(recipe, teacher, data, run_dir / "score", progress),
-        "prune": lambda: _prune(recipe, teacher, data, run_dir, progress),
-        "distill": lambda: _distill(recipe, teacher, data, run_dir, log, progress, hardware),
-        "eval": lambda: _eval(recipe, teacher, data, run_dir, progress),
+        "score": lambda: _score(recipe, teacher, data, run_dir / "score", progress, hw),
+        "prune": lambda: _prune(recipe, teacher, data, run_dir, progress, hw),
+        "distill": lambda: _distill(recipe, teacher, data, run_dir, log, progress, hw),
+        "eval": lambda: _eval(recipe, teacher, data, run_dir, progress, hw),
         "report": lambda: _report(run_dir),
     }
     for name in STAGES:
@@ -155,17 +156,17 @@ def final_model(recipe: Recipe, run_dir: Path) -> Path:
 # ---- stages -----------------------------------------------------------------------------------------------------
 
 
-def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bool) -> None:
+def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bool, hw: Hardware | None = None) -> None:
     from minipuzzle.importance import score_to_folder
 
     m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
     score_to_folder(teacher, data.train, out, recipe.importance, axes=list(recipe.search.axes), split=data.split,
                     text_column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
-                    overwrite=True, progress=progress)  # fmt: skip
+                    overwrite=True, progress=progress, hardware=hw)  # fmt: skip
 
 
-def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
+def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None):
     from minipuzzle.recipe import prune_settings
     from minipuzzle.search.pipeline import prune
 
@@ -174,7 +175,7 @@ def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress
     held = data.held_out if data.separate_held_out else None
     prune(str(teacher), run_dir / "prune", settings, data.train, held_out_data=held, split=data.split,
           held_out_split=data.eval_split, column=data.column, streaming=data.streaming,
-          scores_dir=str(run_dir / "score"), overwrite=True, progress=progress)  # fmt: skip
+          scores_dir=str(run_dir / "score"), overwrite=True, progress=progress, hardware=hw)  # fmt: skip
 
 
 def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool,
@@ -251,7 +252,7 @@ def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, p
     launch(cfg, nnodes, nproc, run_dir / "distill_torchrun.sh", log, then="rerun this command to continue with eval")
 
 
-def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool) -> None:
+def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None):
     """Evaluate the final model into RUN_DIR/eval; with distillation, also the pruned student before it
     (RUN_DIR/eval_pruned, same windows and tasks, no speed run: same architecture) so the report shows both."""
     from minipuzzle.evaluate import evaluate
@@ -264,7 +265,7 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
         evaluate(model, out, e.model_copy(update={"speed": speed}), teacher_path=teacher, data=data.held_out,
                  split=data.eval_split, column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
                  precision=recipe.search.precision, context=recipe.search.context, overwrite=True,
-                 progress=progress)  # fmt: skip
+                 progress=progress, hardware=hw)  # fmt: skip
 
 
 def _report(run_dir: Path) -> None:

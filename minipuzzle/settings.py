@@ -261,11 +261,18 @@ class PruneSettings(BudgetSettings):
     depth_samples: int = Field(128, ge=1, description="Windows for depth scores.")
     width_samples: int = Field(1024, ge=1, description="Windows for width scores.")
     held_out_samples: int = Field(64, ge=1, description="Held-out windows for ranking.")
-    stream: bool = Field(False, description="Stream layers from the shards in every stage.")
+    stream: bool | None = Field(
+        None, description="Stream layers from the shards when scoring and ranking (default: as the memory plan "
+        "decides, when the model does not fit)."
+    )  # fmt: skip
     method: Literal["auto", "enumerate", "mip"] = Field("auto", description="Search method: auto, enumerate or mip.")
     seed: int = Field(0, description="Seed for choosing calibration and held-out windows.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass when ranking.")
-    device: str = Field("cpu", description="cpu or cuda.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available).")
+    dtype: Literal[DTYPE_NAMES] = Field(  # type: ignore[valid-type]
+        "auto", description="Compute dtype of scoring and ranking: float32, bfloat16 or auto (bfloat16 on a GPU, "
+        "float32 on the CPU)."
+    )  # fmt: skip
     # MiniPuzzle distilled each candidate ~7B tokens before choosing; its ranks changed after it.
     candidate_distill_steps: int = Field(
         0, ge=0, description="Distil every candidate this many steps before choosing (0: off)."

@@ -253,3 +253,75 @@ def test_decode_loop_reproduces_generate_and_speed_figures(models):
     s = measure_speed(model, batch=2, prompt_len=12, decode_tokens=3, repeats=1)
     assert s["prefill_tokens_per_s"] == pytest.approx(24 / s["prefill_s"])
     assert s["decode_tokens_per_s"] == pytest.approx(6 / s["decode_s"])
+
+
+def _per_layer_cpu_map(model) -> dict[str, str]:
+    """A device map that names every block (all on the CPU): accelerate's hooks run between them as they would
+    between GPUs."""
+    n = model.config.num_hidden_layers
+    return {"model.embeddings": "cpu", **{f"model.layers.{i}": "cpu" for i in range(n)}, "model.norm_f": "cpu",
+            "lm_head": "cpu"}  # fmt: skip
+
+
+def test_device_mapped_and_one_at_a_time_eval_give_the_plain_figures(models, tokenizer, text_file, offline):
+    """A model loaded through accelerate's device map (dispatched with hooks, every block placed by name), and a
+    teacher recorded first and freed (its final states and head kept for the KL), give the figures of the plain
+    path: held-out statistics with a teacher, lm-eval tasks and greedy decoding."""
+    from minipuzzle.evaluate.placement import load_mapped
+    from minipuzzle.evaluate.runner import record_teacher
+    from minipuzzle.evaluate.speed import greedy_decode
+
+    teacher, student = load_model(models["teacher"]), load_model(models["student"])
+    mapped_t = load_mapped(models["teacher"], torch.float32, _per_layer_cpu_map(teacher), force_hooks=True)
+    mapped_s = load_mapped(models["student"], torch.float32, _per_layer_cpu_map(student), force_hooks=True)
+    assert hasattr(mapped_s.model.layers[0], "_hf_hook")  # accelerate's dispatch ran
+    windows = token_windows(text_file, tokenizer, 32, 5, seed=3)
+    plain = held_out_stats(student, windows, teacher, batch_size=2)
+    assert plain["kl_to_teacher"] > 1e-3
+    rec = record_teacher(mapped_t, windows, batch_size=2)
+    for got in (held_out_stats(mapped_s, windows, mapped_t, batch_size=2), held_out_stats(mapped_s, windows, rec, 2)):
+        assert got.pop("teacher") == pytest.approx(plain["teacher"], rel=1e-6)
+        assert got == pytest.approx({k: v for k, v in plain.items() if k != "teacher"}, rel=1e-6)
+    specs = parse_tasks([str(TASK_YAML)])
+    got, want = (run_tasks(m, tokenizer, specs, batch_size=4)["tasks"]["tiny_code_mc"] for m in (mapped_s, student))
+    assert got == pytest.approx(want)
+    ids = windows[:2, :8]
+    assert torch.equal(greedy_decode(mapped_s, ids, 4)[0], greedy_decode(student, ids, 4)[0])
+
+
+def test_eval_runs_its_memory_plan(models, text_file, tmp_path, monkeypatch):
+    """The hardware decides how eval runs: on a device too small for teacher and student together the teacher is
+    recorded first and freed (the same figures as both resident); the plan's held-out batch reaches the pass."""
+    import minipuzzle.evaluate.runner as runner
+    from minipuzzle.hardware import Hardware
+    from minipuzzle.memory_plan import EvalShape, model_facts, plan_eval
+
+    st = EvalSettings(seq_len=32, samples=6, batch_size=4, speed=False)
+    (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
+    shape = EvalShape(seq_len=32, samples=6, batch_size=4, speed=False)
+
+    def need(hw, teacher):  # at a batch of one window, the least either way needs
+        one = shape.model_copy(update={"batch_size": 1})
+        return plan_eval(lay, teacher, hw, one, stored_bytes=4).parts[0].device_total
+
+    big = Hardware(device="cpu", gpu_memory="64GiB")
+    both, alone = need(big, t_lay), need(big, None)
+    small = Hardware(device="cpu", gpu_memory=int((both - 1) / 0.9))
+    plan = plan_eval(lay, t_lay, small, shape, stored_bytes=4).parts[0]
+    assert alone < both and plan.fits and plan.geometry.sequential
+    seen = []
+    real_stats, real_record = runner.held_out_stats, runner.record_teacher
+    monkeypatch.setattr(runner, "held_out_stats", lambda m, w, t, b, p: seen.append(("stats", b)) or
+                        real_stats(m, w, t, b, p))  # fmt: skip
+    monkeypatch.setattr(runner, "record_teacher", lambda t, w, b, p: seen.append(("record", b)) or
+                        real_record(t, w, b, p))  # fmt: skip
+    reps = {}
+    for name, hw in (("together", big), ("sequential", small)):
+        seen.clear()
+        reps[name] = evaluate(models["student"], tmp_path / name, st, teacher_path=models["teacher"], data=text_file,
+                              device="cpu", hardware=hw)  # fmt: skip
+        batch = plan_eval(lay, t_lay, hw, shape, stored_bytes=4).parts[0].geometry.micro_batch
+        assert seen == ([("record", batch)] if name == "sequential" else []) + [("stats", batch)]
+    for k in ("perplexity", "kl_to_teacher", "agreement"):
+        assert reps["sequential"][k] == pytest.approx(reps["together"][k], rel=1e-6)
+    assert reps["sequential"]["teacher_quality"] == pytest.approx(reps["together"]["teacher_quality"], rel=1e-6)

@@ -257,3 +257,59 @@ def test_held_out_data_is_what_candidates_are_ranked_on(dead_checkpoint, text_fi
     code, _, err = run_cli(["prune", str(ckpt), *args[:-len(SMALL)], "-o", str(tmp_path / "no"),
                             "--held-out-data", str(text_file)])  # fmt: skip
     assert code == 2 and "same text" in err and err.count("\n") == 1 and not (tmp_path / "no").exists()
+
+
+def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp_path, monkeypatch):
+    """A recipe's hardware section decides how prune scores and ranks: on hardware too small for the parent and a
+    cut candidate in memory, ranking streams at the plan's batch, row chunks and host group, in its dtype; with
+    room, it loads the parent. Scoring takes the plan's stream, batch and row budget."""
+    import minipuzzle.importance as importance
+    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.hardware import Hardware
+    from minipuzzle.memory_plan import plan_ranking, score_launch
+    from minipuzzle.recipe import parse_recipe, prune_settings
+    from minipuzzle.search import pipeline, ranking
+
+    _, ckpt = dead_checkpoint
+    layout = tiny_layout()
+    doc = {"name": "t", "model": {"source": str(ckpt), "device": "cpu"}, "data": {"source": str(text_file)},
+           "importance": {"seq_len": 32, "depth_samples": 4, "width_samples": 8, "batch_size": 4},
+           "search": {"target": "0.8", "candidates": 2, "held_out_samples": 6}}  # fmt: skip
+    big = Hardware(device="cpu", gpu_memory="64GiB")
+    ps = prune_settings(parse_recipe(doc))
+    whole = plan_ranking(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=False)
+    streamed = plan_ranking(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=True)
+    assert streamed.device_total < whole.device_total
+    small = Hardware(device="cpu", gpu_memory=int(whole.device_total / 0.9) - 1)
+    seen = {}
+
+    def spy(module, name: str):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen[name] = kwargs | {"args": args}
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(ranking, "measure_streamed")
+    spy(ranking, "measure_in_memory")
+    spy(importance, "score_checkpoint")
+    for hw, how in ((small, "measure_streamed"), (big, "measure_in_memory")):
+        seen.clear()
+        pipeline.prune(str(ckpt), tmp_path / how, ps, str(text_file), progress=False, hardware=hw)
+        launch = pipeline.launch_plan(Checkpoint(ckpt), ps, hw, scoring=True)[1]
+        g = launch["ranking"].geometry
+        assert list(seen) == ["score_checkpoint", how] and g.streaming == (how == "measure_streamed")
+        got = seen[how]
+        assert got["args"][3] == g.micro_batch  # the forward batch
+        if g.streaming:
+            assert (got["dtype"], got["chunk_rows"], got["args"][4]) == (torch.float32, g.rows_per_chunk, "cpu")
+            assert got["host_bytes"] == g.host_group * 32 * layout.hidden_size * 4 and g.host_group == 6
+        else:
+            assert next(got["args"][0].parameters()).dtype == torch.float32
+        go = score_launch(layout, [launch["depth pass"], launch["width pass"]], seq_len=32)
+        sc = seen["score_checkpoint"]
+        assert (sc["stream"], sc["batch_size"], sc["budget_bytes"]) == (go["stream"], go["batch_size"],
+                                                                        go["budget_bytes"])  # fmt: skip
+        assert sc["dtype"] == torch.float32 and sc["device"] == "cpu" and sc["width_agg"] == "abs_mean,l2"

@@ -8,8 +8,10 @@ atomically at the end, so a failed or interrupted run leaves nothing at `out`.
 
 from __future__ import annotations
 
+import gc
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +46,59 @@ def _tokenizer(*paths: Path):
     raise err  # type: ignore[misc]
 
 
+@dataclass
+class TeacherRecord:
+    """What held-out KL needs of a teacher that is no longer loaded: its final states of every batch (on the host,
+    [B, T, h] each, in its dtype), a host copy of its LM head and its own statistics."""
+
+    states: list[torch.Tensor]
+    head: torch.nn.Linear
+    stats: dict
+
+
+@torch.no_grad()
+def record_teacher(teacher, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> TeacherRecord:
+    """Run `teacher` over windows [N, T] once, keeping what `held_out_stats` needs for the KL: its final states
+    on the host (N x T x h values: 17 GB for 128 x 8192 windows of a 8192-wide model in bf16, where storing its
+    log-probabilities would take V / h = 16 times more, and a top-k would change the KL)."""
+    from minipuzzle.evaluate.placement import execution_device, head_copy, input_device
+    from minipuzzle.metrics import TokenStats, final_states
+
+    own, states = TokenStats(), []
+    for start in track(range(0, len(windows), batch_size), "held-out text (teacher)", progress):
+        ids = windows[start : start + batch_size].to(input_device(teacher))
+        h = final_states(teacher, ids).to(execution_device(teacher.lm_head))
+        own.add_states(h, teacher.lm_head, ids)
+        states.append(h.cpu())
+    return TeacherRecord(states, head_copy(teacher), own.result())
+
+
 @torch.no_grad()
 def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int = 8, progress: bool = False) -> dict:
-    """`metrics.token_stats` over windows [N, T] with a progress bar. With a teacher, its own loss, accuracy and
-    perplexity come back under "teacher", from the same forward passes that give the KL (one teacher pass)."""
+    """`metrics.token_stats` over windows [N, T] with a progress bar. With a teacher (a model, or a
+    `TeacherRecord` made with the same batch size), its own loss, accuracy and perplexity come back under "teacher",
+    from the same forward passes that give the KL (one teacher pass). The models may be spread over devices."""
+    from minipuzzle.evaluate.placement import execution_device, input_device
     from minipuzzle.metrics import TokenStats, final_states
 
     stats, own = TokenStats(), TokenStats()
-    device = next(model.parameters()).device
+    device, head_dev = input_device(model), execution_device(model.lm_head)
     label = "held-out text" + (" (with teacher)" if teacher is not None else "")
-    t_head = getattr(teacher, "lm_head", None)
-    for start in track(range(0, len(windows), batch_size), label, progress):
+    rec = teacher if isinstance(teacher, TeacherRecord) else None
+    t_head = rec.head.to(head_dev) if rec is not None else getattr(teacher, "lm_head", None)
+    for i, start in enumerate(track(range(0, len(windows), batch_size), label, progress)):
         ids = windows[start : start + batch_size].to(device)
-        t_states = final_states(teacher, ids) if teacher is not None else None
-        stats.add_states(final_states(model, ids), model.lm_head, ids, t_states, t_head)
-        if t_states is not None:
-            own.add_states(t_states, t_head, ids)
+        if rec is not None:
+            t_states = rec.states[i].to(head_dev)
+        else:
+            t_states = final_states(teacher, ids).to(head_dev) if teacher is not None else None
+        stats.add_states(final_states(model, ids).to(head_dev), model.lm_head, ids, t_states, t_head)
+        if t_states is not None and rec is None:
+            own.add_states(t_states.to(execution_device(t_head)), t_head, ids)
     out = stats.result()
     if teacher is not None:
-        out["teacher"] = own.result()
+        out["teacher"] = rec.stats if rec is not None else own.result()
     return out
-
-
-def _architecture(model, precision: str, context: int, batch: int, name: str) -> dict:
-    from minipuzzle.arch import Layout, LayoutReport
-
-    layout = Layout.from_config(model.config)
-    return LayoutReport(layout, precision, None, context, batch, name).as_dict()
 
 
 def _versions() -> dict[str, str]:
@@ -105,6 +133,7 @@ def evaluate(
     context: int = 8192,
     overwrite: bool = False,
     progress: bool = False,
+    hardware=None,
 ) -> dict[str, Any]:
     """Evaluate `model_path` (and `teacher_path`) and write the report folder `out` (report.json is an
     `artifacts.EvalReport`); returns the report as a dict.
@@ -115,6 +144,10 @@ def evaluate(
     files / folders (see `harness.parse_tasks`), `settings.limit` examples each. Speed is measured on
     [speed_batch, speed_len] random tokens plus `decode_tokens` generated ones. precision/context: the setting the
     architecture memory and FLOPs figures are given for.
+
+    The models are placed as the memory plan on `hardware` (default: this machine) says (`eval_launch`): whole on
+    one device, or spread over several GPUs by accelerate's device map, both resident or one after the other, at
+    the plan's batch per part. On the CPU that is one device, both resident.
     """
     from minipuzzle.checkpoint import check_output_dir
     from minipuzzle.data import token_windows
@@ -126,16 +159,16 @@ def evaluate(
         raise UserError("nothing to evaluate: pass --data, --tasks, or leave the speed measurement on")
     dev, dt = resolve_device(device, dtype)
     mpath, tpath = _checkpoint_dir(model_path), _checkpoint_dir(teacher_path) if teacher_path is not None else None
+    _check_vocab(mpath, tpath)
     tok = _tokenizer(mpath, *([tpath] if tpath else []))
     windows = None if data is None else token_windows(data, tok, st.seq_len, st.samples, st.seed, split=split,
                                                       column=column, streaming=streaming)  # fmt: skip
-    model, teacher = _load_pair(mpath, tpath, dt, dev)
+    launch = eval_launch(mpath, tpath, st, windows is not None, bool(specs), dev, dt, hardware)
+    got = _measure(mpath, tpath, launch, dt, dev, windows, tok, specs, st, progress)
     rep = EvalReport(
-        model=str(model_path), teacher=str(teacher_path) if teacher_path is not None else None,
-        **(_held_out(model, teacher, windows, st.batch_size, progress) if windows is not None else {}),
-        **_tasks(model, teacher, tok, specs, st.limit, st.batch_size, st.seed),
-        speed=_speeds(model, teacher, st),
-        architecture=_architectures(model, teacher, model_path, teacher_path, precision, context, st.speed_batch),
+        model=str(model_path), teacher=str(teacher_path) if teacher_path is not None else None, **got["fields"],
+        speed=got["speed"], architecture=_architectures(got["layouts"], model_path, teacher_path, precision, context,
+                                                       st.speed_batch),
         distill=_distill_summary(mpath),
         settings=_settings_used(st, data, split, column, windows, specs, dev, dt, precision, context),
         elapsed_s=round(time.time() - t0, 3),  # keyword arguments run in order: this one comes last
@@ -157,20 +190,66 @@ def _settings_used(st: EvalSettings, data, split, column, windows, specs, dev, d
     )  # fmt: skip
 
 
-def _load_pair(mpath: Path, tpath: Path | None, dt, dev):
-    """(model, teacher or None); a non-Nemotron-H config or a vocabulary mismatch fails before loading."""
+def _check_vocab(mpath: Path, tpath: Path | None) -> None:
+    """A non-Nemotron-H config or a teacher with another vocabulary fails before anything is loaded."""
     from minipuzzle.arch import Layout, load_config
-    from minipuzzle.checkpoint import load_model
 
-    Layout.from_config(load_config(mpath))
-    model = load_model(mpath, dt, dev)
-    teacher = load_model(tpath, dt, dev) if tpath is not None else None
-    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+    vocab = Layout.from_config(load_config(mpath)).vocab_size
+    if tpath is not None and (t_vocab := Layout.from_config(load_config(tpath)).vocab_size) != vocab:
         raise UserError(
-            f"teacher vocabulary ({teacher.config.vocab_size}) differs from the model's ({model.config.vocab_size}): "
-            "KL and agreement need the same tokenizer"
+            f"teacher vocabulary ({t_vocab}) differs from the model's ({vocab}): KL and agreement need the same tokenizer"
         )
-    return model, teacher
+
+
+def eval_launch(mpath: Path, tpath: Path | None, st: EvalSettings, held_out: bool, tasks: bool, dev, dt,
+                hardware=None) -> dict:  # fmt: skip
+    """The eval plan (`memory_plan.plan_eval`) on `hardware` (default: this machine) computing on `dev` in `dt`:
+    {"devices", "sequential", "batch": {part: batch}, "share": {path: weight bytes per device}}."""
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import compute_hardware, eval_stage, eval_weight_share, model_facts
+
+    hw = compute_hardware(hardware or resolve(), str(dev))
+    name = str(dt).removeprefix("torch.")
+    (layout, stored), t_layout = model_facts(str(mpath)), model_facts(str(tpath))[0] if tpath else None
+    es = st.model_copy(update={"tasks": ["-"] if tasks else []})
+    geo = {p.name: p.geometry for p in eval_stage(layout, t_layout, hw, es, held_out=held_out, dtype=name,
+                                                  stored_bytes=stored).parts}  # fmt: skip
+    k = max(g.devices for g in geo.values())
+    share = {mpath: eval_weight_share(layout, k, name)} | ({tpath: eval_weight_share(t_layout, k, name)} if tpath else {})
+    return {"devices": k, "sequential": any(g.sequential for g in geo.values()), "share": share,
+            "batch": {n: g.micro_batch for n, g in geo.items()}}  # fmt: skip
+
+
+def _measure(mpath, tpath, launch: dict, dt, dev, windows, tok, specs, st: EvalSettings, progress: bool) -> dict:
+    """Every figure of the report: both models resident (placed as the plan says), or, `launch["sequential"]`,
+    the teacher first (its final states kept on the host for the KL, `record_teacher`), freed before the model
+    is loaded. Returns {"fields": EvalReport's held-out and task fields, "speed", "layouts"}."""
+    from minipuzzle.evaluate.placement import load_placed
+
+    def place(path):
+        return load_placed(path, dt, dev, launch["devices"], launch["share"][path])
+
+    batch, out = launch["batch"], {"fields": {}, "speed": {}, "layouts": {}}
+    teacher, rec = (place(tpath), None) if tpath is not None else (None, None)
+    if teacher is not None and launch["sequential"]:
+        rec = record_teacher(teacher, windows, batch["held-out"], progress) if windows is not None else None
+        _per_model(teacher, "teacher", tok, specs, st, batch, out)
+        teacher = None
+        _release()
+    model = place(mpath)
+    if windows is not None:
+        out["fields"] |= _held_out(model, rec or teacher, windows, batch["held-out"], progress)
+    _per_model(model, "model", tok, specs, st, batch, out)
+    if teacher is not None:
+        _per_model(teacher, "teacher", tok, specs, st, batch, out)
+    return out
+
+
+def _release() -> None:
+    """Give the memory of a model no longer referenced back before the next one is loaded."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _held_out(model, teacher, windows: torch.Tensor, batch_size: int, progress: bool) -> dict[str, Any]:
@@ -182,31 +261,29 @@ def _held_out(model, teacher, windows: torch.Tensor, batch_size: int, progress: 
     return out
 
 
-def _tasks(model, teacher, tok, specs, limit, batch_size: int, seed: int) -> dict[str, Any]:
-    """EvalReport's lm-eval fields; the teacher runs the same tasks when there is one."""
-    res = run_tasks(model, tok, specs, limit=limit, batch_size=batch_size, seed=seed)
-    out = {"tasks": res["tasks"], "tasks_stderr": res["stderr"], "n_shot": res["n_shot"],
-           "task_samples": res["samples"]}  # fmt: skip
-    if teacher is not None and specs:
-        out["teacher_tasks"] = run_tasks(teacher, tok, specs, limit=limit, batch_size=batch_size, seed=seed)["tasks"]
-    return out
-
-
-def _speeds(model, teacher, st: EvalSettings) -> dict[str, SpeedResult]:
+def _per_model(m, role: str, tok, specs, st: EvalSettings, batch: dict, out: dict) -> None:
+    """Into `out`: `m`'s lm-eval tasks, speed and layout (`role`: "model" or "teacher")."""
+    from minipuzzle.arch import Layout
     from minipuzzle.evaluate.speed import measure_speed
 
-    if not st.speed:
-        return {}
-    args = (st.speed_batch, st.speed_len or st.seq_len, st.decode_tokens, st.speed_repeats, st.seed)
-    pairs = (("model", model), ("teacher", teacher))
-    return {n: SpeedResult(**measure_speed(m, *args)) for n, m in pairs if m is not None}
+    out["layouts"][role] = Layout.from_config(m.config)
+    if role == "model" or specs:
+        res = run_tasks(m, tok, specs, limit=st.limit, batch_size=batch.get("tasks", st.batch_size), seed=st.seed)
+        if role == "model":
+            out["fields"] |= {"tasks": res["tasks"], "tasks_stderr": res["stderr"], "n_shot": res["n_shot"],
+                              "task_samples": res["samples"]}  # fmt: skip
+        else:
+            out["fields"]["teacher_tasks"] = res["tasks"]
+    if st.speed:
+        args = (st.speed_batch, st.speed_len or st.seq_len, st.decode_tokens, st.speed_repeats, st.seed)
+        out["speed"][role] = SpeedResult(**measure_speed(m, *args))
 
 
-def _architectures(model, teacher, model_path, teacher_path, precision: str, context: int, batch: int):
-    out = {"model": _architecture(model, precision, context, batch, str(model_path))}
-    if teacher is not None:
-        out["teacher"] = _architecture(teacher, precision, context, batch, str(teacher_path))
-    return out
+def _architectures(layouts: dict, model_path, teacher_path, precision: str, context: int, batch: int) -> dict:
+    from minipuzzle.arch import LayoutReport
+
+    names = {"model": str(model_path), "teacher": str(teacher_path)}
+    return {r: LayoutReport(lay, precision, None, context, batch, names[r]).as_dict() for r, lay in layouts.items()}
 
 
 def _distill_summary(mpath: Path) -> DistillSummary | None:

@@ -29,17 +29,21 @@ def _rss_bytes() -> int:
 
 
 @contextmanager
-def _peak_memory(device: torch.device):
-    """Yields a dict that holds {"peak_bytes", "baseline_bytes", "kind"} once the block ends."""
+def _peak_memory(device: torch.device, devices: list[torch.device] | None = None):
+    """Yields a dict that holds {"peak_bytes", "baseline_bytes", "kind"} once the block ends; on GPUs summed over
+    `devices` (those a device-mapped model spans; default `device`)."""
     out: dict = {}
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out["baseline_bytes"] = torch.cuda.memory_allocated(device)
+        gpus = [d for d in devices or [device] if d.type == "cuda"]
+        for d in gpus:
+            torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
+        out["baseline_bytes"] = sum(torch.cuda.memory_allocated(d) for d in gpus)
         yield out
-        torch.cuda.synchronize(device)
-        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        out["kind"] = "cuda_max_allocated"
+        for d in gpus:
+            torch.cuda.synchronize(d)
+        out["peak_bytes"] = sum(torch.cuda.max_memory_allocated(d) for d in gpus)
+        out["kind"] = "cuda_max_allocated" + (f" (sum over {len(gpus)} GPUs)" if len(gpus) > 1 else "")
         return
     base = _rss_bytes()
     peak = [base]
@@ -62,8 +66,10 @@ def _peak_memory(device: torch.device):
 
 
 def _sync(device: torch.device) -> None:
+    # Every GPU: a device-mapped model's last layers and logits run on others than its input's.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
@@ -127,9 +133,11 @@ def measure_speed(
     / time of the decode steps), the times in seconds, peak_memory_bytes (see module doc), weights_bytes (bytes
     of the parameters as held) and the settings.
     """
+    from minipuzzle.evaluate.placement import compute_devices, input_device
+
     if min(batch, prompt_len, decode_tokens, repeats) < 1:
         raise ValueError("batch, prompt_len, decode_tokens and repeats must be at least 1")
-    device = next(model.parameters()).device
+    device = input_device(model)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     # Token ids above the special tokens: random text.
@@ -138,7 +146,7 @@ def measure_speed(
     def prefill():
         model(input_ids=ids, use_cache=True)
 
-    with _peak_memory(device) as mem:
+    with _peak_memory(device, compute_devices(model)) as mem:
         t_prefill = _timed(prefill, device, repeats)
         greedy_decode(model, ids, min(decode_tokens, 2))  # warm-up of the cached path
         t_decode = statistics.median(greedy_decode(model, ids, decode_tokens)[1] for _ in range(repeats))

@@ -55,6 +55,7 @@ def score(
     Example: minipuzzle score nvidia/Nemotron-H-8B-Base-8K --data calib.jsonl -o scores/8b --seq-len 4096
     """
     from minipuzzle.checkpoint import resolve_checkpoint, resolve_device
+    from minipuzzle.hardware import resolve
     from minipuzzle.importance.folder import score_to_folder
 
     if samples is not None:
@@ -65,7 +66,8 @@ def score(
     _check_memory(str(path), st, axes.split(","), dev, hardware)
     scores = score_to_folder(path, src.data, output, st, axes=axes.split(","), split=src.split,
                              text_column=src.text_column, streaming=src.streaming, device=dev.device, dtype=dev.dtype,
-                             overwrite=overwrite, plots=plots, progress=True)  # fmt: skip
+                             overwrite=overwrite, plots=plots, progress=True,
+                             hardware=resolve(None, hardware))  # fmt: skip
     _print_summary(scores, output)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.checkpoint import resolve_device
+from minipuzzle.checkpoint import parse_dtype, resolve_device
 from minipuzzle.importance.scores import Scores
 from minipuzzle.settings import ScoreSettings
 
@@ -34,6 +34,7 @@ def score_to_folder(
     overwrite: bool = False,
     plots: bool = True,
     progress: bool = True,
+    hardware=None,
 ) -> Scores:
     """Score `checkpoint` on windows of `data` (`split` and `text_column` of a table or hub dataset; `streaming`: see
     `data.iter_documents`) and write the scores folder at `output` atomically. Only the text the windows need is
@@ -42,6 +43,9 @@ def score_to_folder(
     The first `settings.depth_samples` windows [N, seq_len] feed the drop-one-layer pass and the first
     `settings.width_samples` the width pass (the same seeded choice of windows). Rerunning after an interruption
     resumes from the saved partial sums.
+
+    The passes run as the memory plan on `hardware` (a `hardware.Hardware`, default: this machine) says
+    (`memory_plan.score_launch`): streamed or loaded, in its dtype, at its forward batch and row chunks.
     """
     from minipuzzle.checkpoint import atomic_dir, check_output_dir
     from minipuzzle.data import load_tokenizer, token_windows
@@ -49,7 +53,8 @@ def score_to_folder(
     from minipuzzle.importance.scoring import check_axes, score_checkpoint
 
     axis_list = check_axes(list(axes))
-    dev, dt = resolve_device(device, dtype)
+    dev, _ = resolve_device(device, dtype)
+    go = _launch(checkpoint, settings, axis_list, dev, dtype, hardware)
     output = Path(output)
     check_output_dir(output, overwrite)
     tokenizer = load_tokenizer(checkpoint)
@@ -61,8 +66,8 @@ def score_to_folder(
     resume = resume_dir_for(output)
     scores = score_checkpoint(
         checkpoint, w_depth if n_depth else None, w_width if n_width else None, axis_list, settings.depth_metric,
-        settings.stream, dev, dt, resume, progress=progress, width_agg=settings.width_agg,
-        expert_estimator=settings.expert_estimator, batch_size=settings.batch_size,
+        go["stream"], dev, parse_dtype(go["dtype"]), resume, progress=progress, width_agg=settings.width_agg,
+        expert_estimator=settings.expert_estimator, batch_size=go["batch_size"], budget_bytes=go["budget_bytes"],
     )  # fmt: skip
     scores.meta.data = {
         "source": str(data),
@@ -78,6 +83,19 @@ def score_to_folder(
             plot_scores(scores, tmp)
     shutil.rmtree(resume, ignore_errors=True)
     return scores
+
+
+def _launch(checkpoint, settings: ScoreSettings, axes, dev: torch.device, dtype, hardware) -> dict:
+    """`memory_plan.score_launch` of the score stage on `hardware` (default: this machine) computing on `dev`."""
+    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import compute_hardware, score_launch, score_stage
+
+    ckpt = Checkpoint(checkpoint)
+    hw = compute_hardware(hardware or resolve(), str(dev))
+    name = dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch.")
+    stage = score_stage(ckpt.layout, hw, settings, axes=axes, dtype=name, stored_bytes=ckpt.dtype().itemsize)
+    return score_launch(ckpt.layout, stage.parts, seq_len=settings.seq_len, depth_metric=settings.depth_metric)
 
 
 def _rows_used(windows: torch.Tensor, depth: torch.Tensor, width: torch.Tensor) -> dict[str, int]:

@@ -102,7 +102,7 @@ def prune_cmd(
     if dry_run:
         _print_dry_run(model, pipeline.dry_run(layout, st), st.budget_for(layout), st, as_json)
         return
-    _check_memory(model, model_path, st, scores is None, hardware)
+    hw = _check_memory(model, model_path, st, scores is None, hardware)
     src = DataOptions(**text)
     rep = pipeline.prune(
         model,
@@ -116,6 +116,7 @@ def prune_cmd(
         model_path=model_path,
         scores_dir=scores,
         overwrite=overwrite,
+        hardware=hw,
     )
     res = rep["chosen"]["result"]
     if as_json:
@@ -124,15 +125,16 @@ def prune_cmd(
         print(f"{res['params']:,} parameters, layers {res['layers']}, widths {res['widths']} -> {output}")
 
 
-def _check_memory(model: str, model_path: str | None, st: PruneSettings, scoring: bool, hardware: dict) -> None:
+def _check_memory(model: str, model_path: str | None, st: PruneSettings, scoring: bool, hardware: dict):
     """Refuse (one line) a prune whose memory plan (its own scoring without --scores, ranking, candidate
-    distillation, the cut) does not fit the hardware."""
+    distillation, the cut) does not fit the hardware; returns that hardware (the prune runs its plan)."""
     from minipuzzle.hardware import resolve
     from minipuzzle.memory_plan import check, model_facts, prune_stage
 
     hw = resolve(None, hardware)
     layout, stored = model_facts(model, model_path)
     check(hw, prune_stage(layout, hw, st, stored_bytes=stored, scoring=scoring))
+    return hw
 
 
 def _source_layout(model: str, model_path: str | None, output: str | None, dry_run: bool, overwrite: bool):

@@ -13,6 +13,7 @@ from minipuzzle.anatomy import AXES
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport
 from minipuzzle.errors import UserError
+from minipuzzle.hardware import Hardware
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.solver import (
@@ -109,9 +110,13 @@ def prune(
     scores_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    hardware: Hardware | None = None,
 ) -> dict:
     """Score, search, rank and cut: write a standard checkpoint plus prune_report.json (`PruneReport`) and plots
     to `out`.
+
+    Scoring and ranking run as the memory plan on `hardware` (default: this machine) says (`launch_plan`): on
+    `settings.device` in its dtype, streamed or in memory, at the planned batch and row chunks.
 
     Candidates are ranked on `held_out_data` (split `held_out_split`, default `split`), or, without it, on the
     first windows of `data`, which scoring and candidate distillation never see. `streaming` (None: on) reads
@@ -127,18 +132,19 @@ def prune(
     path = resolve_checkpoint(model, model_path)
     ckpt = Checkpoint(path)
     check_budget(ckpt.layout, settings)
+    settings, launch = launch_plan(ckpt, settings, hardware, scoring=scores_dir is None)
     if data is None:
         raise UserError("prune needs calibration text: pass --data FILE|FOLDER|DATASET")
     held_split = held_out_split or split
     tok = load_tokenizer(path)
     held, calib = _windows(data, held_out_data, tok, settings, split, held_split, column, scores_dir is None, streaming)
     with _timed(timing, "scoring_seconds" if scores_dir is None else None):
-        scores = load_or_score(path, calib, settings, scores_dir, progress)
+        scores = load_or_score(path, calib, settings, scores_dir, progress, launch)
     with _timed(timing, "search_seconds"):
         space, dmodel, cands = run_search(ckpt.layout, scores, settings)
     plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation) for c in cands]
     with _timed(timing, "ranking_seconds"):
-        stats = rank(path, ckpt, plans, held, settings, progress)
+        stats = rank(path, ckpt, plans, held, settings, progress, launch["ranking"])
     if settings.candidate_distill_steps > 0:
         from minipuzzle.candidates import distill_candidates
 
@@ -149,7 +155,8 @@ def prune(
         stats = [{**a, "before_distill": b} for a, b in zip(after, stats)]  # rank on the distilled figures
     rows = ranked_rows(cands, stats)
     windows = {"calibration": len(calib), "held_out": len(held)}
-    report = build_report(model, ckpt, settings, space, scores, cands, plans, rows, data, held_out_data, windows)
+    report = build_report(model, ckpt, settings, space, scores, cands, plans, rows, data, held_out_data, windows,
+                          streamed=launch["ranking"].geometry.streaming)  # fmt: skip
     write_pruned(out, ckpt, plans[rows[0].predicted_rank - 1], report, timing, t0, overwrite, progress)
     return report.model_dump(mode="json")
 
@@ -162,17 +169,44 @@ def check_budget(source: Layout, settings: PruneSettings) -> None:
         no_layout_fits(space, budget)
 
 
-def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scores_dir, progress: bool):
-    """The scores in `scores_dir`, or, without it, scores measured here on the calibration windows [C, T]."""
+def launch_plan(ckpt, settings: PruneSettings, hardware: Hardware | None, scoring: bool):
+    """(settings with the device resolved on this machine, {part name: `memory_plan.Part`}) of the prune stage
+    on `hardware` (default: this machine): what scoring and ranking run with."""
+    from minipuzzle.checkpoint import resolve_device
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import prune_stage
+
+    dev, _ = resolve_device(settings.device, settings.dtype)
+    settings = settings.model_copy(update={"device": str(dev)})
+    hw = hardware or resolve()
+    stage = prune_stage(ckpt.layout, hw, settings, stored_bytes=ckpt.dtype().itemsize, scoring=scoring)
+    return settings, {p.name: p for p in stage.parts}
+
+
+def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scores_dir, progress: bool,
+                  launch: dict | None = None):  # fmt: skip
+    """The scores in `scores_dir`, or, without it, scores measured here on the calibration windows [C, T], as the
+    plan's scoring parts (`launch`, from `launch_plan`) say; the width statistic and expert estimator are
+    `ScoreSettings`' defaults (PruneSettings has no field for them)."""
     if scores_dir is not None:
         from minipuzzle.importance.scores import Scores
 
         return Scores.load(scores_dir)
+    from minipuzzle.checkpoint import Checkpoint, parse_dtype
     from minipuzzle.importance import score_checkpoint
+    from minipuzzle.memory_plan import score_launch
+    from minipuzzle.settings import ScoreSettings
 
+    if launch is None:
+        settings, launch = launch_plan(Checkpoint(path), settings, None, scoring=True)
+    parts = [p for name, p in launch.items() if name in ("depth pass", "width pass")]
+    go = score_launch(Checkpoint(path).layout, parts, seq_len=settings.seq_len)
+    defaults = ScoreSettings.model_fields
     return score_checkpoint(
         path, calib[: settings.depth_samples], calib[: settings.width_samples], axes=list(settings.axes),
-        stream=settings.stream, device=settings.device, progress=progress,
+        stream=go["stream"], device=settings.device, dtype=parse_dtype(go["dtype"]), progress=progress,
+        batch_size=go["batch_size"], budget_bytes=go["budget_bytes"], width_agg=defaults["width_agg"].default,
+        expert_estimator=defaults["expert_estimator"].default,
     )  # fmt: skip
 
 
@@ -188,8 +222,8 @@ def ranked_rows(cands: list[Candidate], stats: list[dict]) -> list[CandidateRow]
 
 
 def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, plans, rows, data, held_out_data,
-                 windows: dict[str, int]) -> PruneReport:  # fmt: skip
-    """The prune report of the best measured candidate, `rows[0]`."""
+                 windows: dict[str, int], streamed: bool = False) -> PruneReport:  # fmt: skip
+    """The prune report of the best measured candidate, `rows[0]`; `streamed`: ranking streamed the layers."""
     from minipuzzle.search.plan import layout_document
 
     best, src = rows[0].predicted_rank - 1, ckpt.layout
@@ -204,7 +238,7 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
         source_memory=budget.memory_of(src), candidates=rows,
         data=PruneData(source=str(data), seq_len=settings.seq_len, calibration_windows=windows["calibration"],
                        held_out_windows=held, held_out_source=held_source),
-        streamed=settings.stream, scores=scores.meta,
+        streamed=streamed, scores=scores.meta,
     )  # fmt: skip
 
 
@@ -246,18 +280,28 @@ def _windows(data, held_out_data, tok, settings: PruneSettings, split, held_spli
     return held, token_windows(data, tok, T, n_score, seed, split=split, **kw)
 
 
-def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progress: bool) -> list[dict]:
-    """Measured statistics of each plan on the held-out windows (streamed or with the model loaded)."""
+def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progress: bool, part=None) -> list[dict]:
+    """Measured statistics of each plan on the held-out windows, as the plan's ranking part says (`part`, default
+    `launch_plan`'s): streamed or with the model loaded, in its dtype, its forward batch and row chunks, the
+    parent's final states kept on the host for the planned groups of windows."""
+    from minipuzzle.checkpoint import parse_dtype
     from minipuzzle.progress import progress_bar
     from minipuzzle.search.ranking import measure_in_memory, measure_streamed
 
+    if part is None:
+        settings, launch = launch_plan(ckpt, settings, None, scoring=False)
+        part = launch["ranking"]
+    g = part.geometry
+    dtype = parse_dtype(g.dtype)
     with progress_bar("ranking candidates", len(plans), progress) as advance:
-        if settings.stream:
-            return measure_streamed(ckpt, plans, held, settings.batch_size, settings.device, advance)
+        if g.streaming:
+            return measure_streamed(ckpt, plans, held, g.micro_batch, settings.device, advance,
+                                    host_bytes=g.host_group * held.shape[1] * ckpt.layout.hidden_size * dtype.itemsize,
+                                    dtype=dtype, chunk_rows=g.rows_per_chunk)  # fmt: skip
         from minipuzzle.checkpoint import load_model
 
-        model = load_model(ckpt, dtype=torch.float32, device=settings.device)
-        return measure_in_memory(model, plans, held, settings.batch_size, advance)
+        model = load_model(ckpt, dtype=dtype, device=settings.device)
+        return measure_in_memory(model, plans, held, g.micro_batch, advance)
 
 
 __all__ = ["Candidate", "PruneSettings", "count_feasible", "dry_run", "prune", "run_search", "scoring_cost"]

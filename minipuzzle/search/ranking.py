@@ -74,26 +74,30 @@ def measure_streamed(
     device="cpu",
     progress=None,
     host_bytes: int = 8 * 2**30,
+    dtype: torch.dtype = torch.float32,
+    chunk_rows: int | None = None,
 ) -> list[dict]:
-    """Like `measure_in_memory`, one layer at a time from the checkpoint's shards.
+    """Like `measure_in_memory`, one layer at a time from the checkpoint's shards, computing in `dtype`.
 
-    The parent's final hidden states of a group of windows are kept in host memory while every candidate is run on
-    the same group; groups are as large as `host_bytes` allows (all windows at once for small models; for 56B,
-    128 windows x 8192 tokens x 8192 wide would be 34 GB), at the price of one more read of the shards per group.
+    The parent's final hidden states of a group of windows are kept in host memory (in `dtype`) while every
+    candidate is run on the same group; groups are as large as `host_bytes` allows (all windows at once for small
+    models; for 56B in bf16, 128 windows x 8192 tokens x 8192 wide would be 17 GB), at the price of one more read of
+    the shards per group. Within a group, `chunk_rows` rows of residual stream are on the device at once
+    (default: `layerwise.rows_per_chunk`'s share of the free memory).
     """
     from minipuzzle.metrics import TokenStats
 
-    parent = StreamedStack.open(checkpoint, device=device)
+    parent = StreamedStack.open(checkpoint, device=device, dtype=dtype)
     _, T = windows.shape
-    per_row = T * parent.ckpt.layout.hidden_size * 4
+    per_row = T * parent.ckpt.layout.hidden_size * parent.dtype.itemsize
     group = max(1, min(len(windows), host_bytes // per_row))
     stats = [TokenStats() for _ in plans]
     for g in range(0, len(windows), group):
         part = windows[g : g + group]
-        teacher_h = torch.cat([hn.cpu() for _, hn in iter_layerwise(parent, part, batch_size=batch_size)])
+        teacher_h = torch.cat([hn.cpu() for _, hn in iter_layerwise(parent, part, batch_size=batch_size, chunk_rows=chunk_rows)])
         for plan, st in zip(plans, stats):
             stack = PrunedStack(parent, plan)
-            for rows, hn in iter_layerwise(stack, part, batch_size=batch_size):
+            for rows, hn in iter_layerwise(stack, part, batch_size=batch_size, chunk_rows=chunk_rows):
                 for s in range(0, hn.shape[0], batch_size):
                     ids = part[rows][s : s + batch_size].to(device)
                     t = teacher_h[rows.start + s : rows.start + s + len(ids)].to(device)
