@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, computed_field
+from pydantic import BaseModel, Field, computed_field
 
 from minipuzzle.anatomy import ATTENTION, MAMBA, MLP, MOE
 from minipuzzle.arch import DTYPE_BYTES, Layout
@@ -66,16 +66,18 @@ class Geometry(BaseModel):
     dtype: str = "bfloat16"
     streaming: bool = False
     micro_batch: int = 1
-    grad_accum: int | None = None
-    global_batch: int | None = None
-    activation_checkpointing: bool | None = None
-    rows_per_chunk: int | None = None
-    logits_chunk: int | None = None
-    keep_teacher: bool | None = None
-    # Streamed ranking: windows whose parent final states the host keeps at once (`ranking.measure_streamed`).
-    host_group: int | None = None
-    # Eval: teacher and student one after the other (they do not both fit), not both resident.
-    sequential: bool = False
+    grad_accum: int | None = Field(None, description="training: micro-batches per optimizer step on each rank")
+    global_batch: int | None = Field(None, description="training: sequences per optimizer step, all ranks")
+    activation_checkpointing: bool | None = Field(None, description="training: block activations recomputed")
+    keep_teacher: bool | None = Field(
+        None, description="candidate distillation: the parent stays loaded beside the training between candidates"
+    )
+    rows_per_chunk: int | None = Field(None, description="scoring: windows per chunk of rows")
+    logits_chunk: int | None = Field(None, description="positions whose full-vocabulary logits exist at once")
+    host_group: int | None = Field(
+        None, description="streamed ranking: windows whose parent final states the host keeps at once"
+    )
+    sequential: bool = Field(False, description="eval: teacher and student one after the other, not both resident")
 
     def describe(self) -> str:
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
@@ -213,18 +215,15 @@ def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool =
     the conv, the gated norm and out_proj's input are recomputed. Mamba without them: in_proj's output, the conv
     output twice (padded, then activated) and the PyTorch scan's tensors (`_scan_fallback`).
     """
-    h = layout.hidden_size
-    norm = (8 + b) * h
-    if kind == MLP:
-        return norm + 2 * b * layout.intermediate_size
-    if kind == MOE:
-        return norm + _moe_saved(layout, b)
-    if kind == ATTENTION:
-        q, kv = layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
-        return norm + b * (2 * q + 2 * kv) + 4 * layout.num_attention_heads
-    if kernels:
-        return norm + b * (layout.mamba_in_proj_rows + layout.mamba_intermediate) + 4 * layout.n_groups
-    return norm + b * (layout.mamba_in_proj_rows + 2 * layout.mamba_conv_dim) + _scan_fallback(layout)
+    q, kv = _attention_widths(layout)
+    mixer = {
+        MLP: lambda: 2 * b * layout.intermediate_size,
+        MOE: lambda: _moe_saved(layout, b),
+        ATTENTION: lambda: b * (2 * q + 2 * kv) + 4 * layout.num_attention_heads,
+        MAMBA: lambda: b * (layout.mamba_in_proj_rows + layout.mamba_intermediate) + 4 * layout.n_groups
+        if kernels else b * (layout.mamba_in_proj_rows + 2 * layout.mamba_conv_dim) + _scan_fallback(layout),
+    }  # fmt: skip
+    return (8 + b) * layout.hidden_size + mixer[kind]()
 
 
 def forward_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True) -> int:
@@ -234,20 +233,21 @@ def forward_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool
     output and its reshaped copy; Mamba with kernels: in_proj's output, the conv output, the scan output
     (b (rows + conv + I)), the scan's float32 chunk states and the gated norm's float32 temporaries (three [T, I]
     at once: 12 I); without kernels, the PyTorch scan's tensors, which stay referenced until it returns."""
-    h = layout.hidden_size
-    base = 2 * b * h + (8 + b) * h
-    if kind == MLP:
-        return base + 3 * b * layout.intermediate_size
-    if kind == MOE:
-        return base + _moe_forward(layout, b)
-    if kind == ATTENTION:
-        q, kv = layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
-        return base + b * (3 * q + 2 * kv)
+    base = (2 * b + 8 + b) * layout.hidden_size
+    if kind in (MLP, MOE, ATTENTION):
+        q, kv = _attention_widths(layout)
+        return base + {MLP: lambda: 3 * b * layout.intermediate_size, MOE: lambda: _moe_forward(layout, b),
+                       ATTENTION: lambda: b * (3 * q + 2 * kv)}[kind]()  # fmt: skip
     i = layout.mamba_intermediate
     if kernels:
         states = 4 * layout.mamba_num_heads * layout.mamba_head_dim * layout.ssm_state_size // MAMBA_CHUNK
         return base + b * (layout.mamba_in_proj_rows + layout.mamba_conv_dim + i) + states + 12 * i
     return base + b * (layout.mamba_in_proj_rows + 2 * layout.mamba_conv_dim) + _scan_fallback(layout)
+
+
+def _attention_widths(layout: Layout) -> tuple[int, int]:
+    """(query width, key/value width) of an attention layer: heads x head_dim."""
+    return layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
 
 
 def _moe_saved(layout: Layout, b: int) -> int:
