@@ -186,7 +186,7 @@ def dry_run(recipe_file: Path, cwd: Path) -> dict:
 
 def predictions(plan: dict) -> dict[str, dict]:
     """Per stage (score, prune, cut, distill, eval): the plan's largest part, its device_total and the launch's
-    processes; the prediction is processes x device_total (see the module docstring)."""
+    processes; the prediction is planned_processes x device_total (see the module docstring)."""
     out: dict[str, dict] = {}
     for stage in plan["memory"]["stages"]:
         for part in stage["parts"]:
@@ -194,7 +194,7 @@ def predictions(plan: dict) -> dict[str, dict]:
             procs = part["geometry"].get("devices") or 1
             pred = procs * part["device_total"]
             if key not in out or pred > out[key]["predicted"]:
-                out[key] = {"part": part["name"], "device_total": part["device_total"], "processes": procs,
+                out[key] = {"part": part["name"], "device_total": part["device_total"], "planned_processes": procs,
                             "predicted": pred, "fits": part["fits"]}  # fmt: skip
     return out
 
