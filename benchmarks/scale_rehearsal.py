@@ -1,0 +1,291 @@
+"""Scale rehearsal: the 56B recipe's stages on a generated checkpoint, hardware that forbids holding it whole.
+
+Writes a random float32 Nemotron-H checkpoint (wide and shallow, the demo teacher's 4096-token vocabulary, so the
+embeddings are small and a forward over a few 64-token windows takes seconds), tensor by tensor with
+`checkpoint.ShardWriter`, and a recipe with the 56B recipe's stages (score, prune with ranked candidates and a short
+candidate distillation, cut, distillation under torchrun with 2 processes, eval) whose `hardware` section gives
+the CPU device less memory than the checkpoint. Each stage then runs in a fresh subprocess (the runner's own stage
+functions, with the settings `minipuzzle run` gives them), and its peak memory is compared with the memory plan's
+prediction for it (`minipuzzle run --dry-run --json`).
+
+Measured peak: /proc polled every 20 ms for the stage process and all its descendants, RSS summed over them at the
+same instant (for the torchrun stage: both ranks, plus the torchrun launcher), the largest sum kept; the kernel's
+ru_maxrss of the largest process (RUSAGE_CHILDREN) is recorded beside it (polling can miss a short peak; the
+largest single process cannot exceed the true sum).
+
+Predicted peak: the plan's `device_total` for the stage's largest part; on a CPU-only machine it already counts the
+host buffers (device and host are one memory), and `memory_plan.CPU_PROCESS_BASELINE` for each process. For a
+torchrun launch of R ranks on the CPU the plan's figure is per rank, so the prediction is R x device_total (the
+host buffers counted once per rank, as each rank reads its own copy).
+
+Cut is part of the prune stage; it is also run alone (`minipuzzle cut` on the chosen plan) so its peak is measured
+on its own.
+
+    python benchmarks/scale_rehearsal.py [--size full|tiny] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TEACHER = REPO / "minipuzzle" / "assets" / "demo-teacher"
+RESULT = REPO / "benchmarks" / "results" / "scale_rehearsal.json"
+sys.path.insert(0, str(REPO))  # run as a script: this checkout's minipuzzle, as the stage processes (cwd REPO)
+
+# Layouts: 2 x "M-*-M-" (4 Mamba, 2 attention, 6 MLP layers); the MLPs are wide, so they hold most parameters.
+SIZES = {
+    "full": dict(hidden_size=2048, intermediate_size=18432, num_attention_heads=16, num_key_value_heads=4,
+                 head_dim=128, mamba_num_heads=32, mamba_head_dim=64, n_groups=4, ssm_state_size=64),
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16),
+}  # fmt: skip
+# Fraction of the checkpoint's size the hardware's one (CPU) device has: below 1, so no stage may load it whole.
+DEVICE_FRACTION = 0.5
+BOUND_OF_CHECKPOINT = 0.6  # score, prune, cut and eval must peak below this x the checkpoint's size
+PREDICTION_TOLERANCE = 0.30
+
+
+def write_checkpoint(path: Path, size: str) -> tuple[int, int]:
+    """A random float32 checkpoint of `SIZES[size]` with the demo teacher's tokenizer, written one tensor at a
+    time (the model is built on the meta device: only the tensor being written is ever in memory).
+    Returns (parameters, bytes of safetensors)."""
+    import torch
+
+    from minipuzzle.checkpoint import ShardWriter, build_model, write_config
+    from minipuzzle.testing import tiny_config, tiny_layout
+
+    layout = tiny_layout(pattern="M-*-M-" * 2, vocab_size=4096, **SIZES[size])
+    cfg = tiny_config(layout, chunk_size=64)
+    meta = build_model(layout, cfg)
+    path.mkdir(parents=True)
+    writer = ShardWriter(path, 400 * 10**6)
+    gen = torch.Generator().manual_seed(0)
+    n = 0
+    for name, p in meta.state_dict().items():
+        if name.endswith("A_log"):
+            t = torch.log(torch.rand(p.shape, generator=gen) * 4 + 0.5)
+        elif name.endswith("dt_bias"):
+            t = torch.randn(p.shape, generator=gen) * 0.5 - 1.0
+        elif p.ndim == 1:
+            t = 1.0 + torch.randn(p.shape, generator=gen) * 0.1
+        else:
+            t = torch.randn(p.shape, generator=gen) * (0.5 / p[0].numel() ** 0.5)
+        n += t.numel()
+        writer.add(name, t)
+        del t
+    writer.close()
+    write_config(path, layout.to_hf_config(cfg), torch.float32)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_TEACHER / f, path / f)
+    return n, sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def recipe(ckpt: Path, device_bytes: int, size: str) -> dict:
+    """The 56B recipe's stages at rehearsal scale: few 64-token windows, 2 candidates, 2 candidate-distillation
+    steps, 2 distillation steps under torchrun with 2 processes."""
+    seq = 64 if size == "full" else 32
+    return {
+        "name": f"scale-rehearsal-{size}",
+        "description": "the 56B recipe's stages on a generated checkpoint larger than the device",
+        "model": {"source": str(ckpt), "dtype": "float32", "device": "cpu"},
+        "data": {"source": "stdlib", "held_out_files": ["argparse.py", "calendar.py", "difflib.py"]},
+        "importance": {"depth_samples": 2, "width_samples": 2, "seq_len": seq, "depth_metric": "mse_hidden"},
+        "search": {"target": "0.83", "axes": ["depth", "ffn"], "candidates": 2, "held_out_samples": 2,
+                   "candidate_distill_tokens": 2 * 2 * seq},
+        "distill": {"max_steps": 2, "seq_len": seq, "batch_size": 2, "lr": 1.0e-4, "warmup": 0, "save_every": 2,
+                    "eval_every": 2, "eval_windows": 2, "loss": "forward_kl", "launcher": "torchrun",
+                    "nnodes": 1, "nproc_per_node": 2},
+        "eval": {"samples": 2, "seq_len": seq, "speed": False},
+        "hardware": {"gpu_memory": device_bytes, "gpus_per_node": 1, "nodes": 1, "host_memory": device_bytes},
+    }  # fmt: skip
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (from /proc/*/stat's parent ids)."""
+    parents: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(cmd: list[str], cwd: Path, log: Path) -> dict:
+    """Run `cmd` in a fresh process; its peak RSS summed over its process tree (polled), the largest process's
+    ru_maxrss, the seconds it took. Raises when it fails (its log's tail in the message)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+        peak, procs = 0, 1
+        while proc.poll() is None:
+            tree = _tree(proc.pid)
+            peak, procs = max(peak, sum(_rss(p) for p in tree)), max(procs, len(tree))
+            time.sleep(0.02)
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    # RUSAGE_CHILDREN is the largest of all children so far: it says something of this stage only when it grew.
+    return {"peak_rss": peak, "largest_process_maxrss": maxrss if maxrss > before * 1024 else None,
+            "processes": procs, "seconds": round(time.time() - t0, 1)}  # fmt: skip
+
+
+STAGE_CHILD = r"""
+import sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+from pathlib import Path
+from minipuzzle import runner
+from minipuzzle.recipe import load_recipe
+r = load_recipe(sys.argv[1]); run_dir = Path(sys.argv[2]); stage = sys.argv[4]
+from minipuzzle.checkpoint import resolve_checkpoint
+teacher = resolve_checkpoint(r.model.source, r.model.path)
+hw = runner.resolve(r.hardware)
+data = runner.prepare_data(r, run_dir / "data")
+{"score": lambda: runner._score(r, teacher, data, run_dir / "score", False, hw),
+ "prune": lambda: runner._prune(r, teacher, data, run_dir, False, hw),
+ "distill": lambda: runner._distill(r, teacher, data, run_dir, print, False, hw),
+ "eval": lambda: runner._eval(r, teacher, data, run_dir, False, hw)}[stage]()
+"""
+
+
+def dry_run(recipe_file: Path, cwd: Path) -> dict:
+    """The plan `minipuzzle run RECIPE --dry-run --json` prints."""
+    out = subprocess.run([sys.executable, "-m", "minipuzzle.cli", "run", str(recipe_file), "--dry-run", "--json"],
+                         cwd=cwd, capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def predictions(plan: dict) -> dict[str, dict]:
+    """Per stage (score, prune, cut, distill, eval): the plan's largest part, its device_total and the launch's
+    processes; the prediction is planned_processes x device_total (see the module docstring)."""
+    out: dict[str, dict] = {}
+    for stage in plan["memory"]["stages"]:
+        for part in stage["parts"]:
+            key = "cut" if part["name"] == "cut" else stage["stage"]
+            procs = part["geometry"].get("devices") or 1
+            pred = procs * part["device_total"]
+            if key not in out or pred > out[key]["predicted"]:
+                out[key] = {"part": part["name"], "device_total": part["device_total"], "planned_processes": procs,
+                            "predicted": pred, "fits": part["fits"]}  # fmt: skip
+    return out
+
+
+BASELINE_CHILD = "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate"
+
+
+def _write_recipe(folder: Path, name: str, doc: dict, device_bytes: int) -> Path:
+    import yaml
+
+    doc = {**doc, "hardware": {**doc["hardware"], "gpu_memory": device_bytes, "host_memory": device_bytes}}
+    f = folder / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return f
+
+
+def stage_hardware(preds: dict[str, dict], device_bytes: int) -> dict[str, int]:
+    """The device memory each stage runs with: the rehearsal's (below the checkpoint's size) where the plan fits
+    it, else the least the plan needs (its device_total over memory_plan.USABLE), so a stage that must train a
+    model whole is measured at the hardware it would be refused without."""
+    from minipuzzle.memory_plan import USABLE
+
+    return {k: device_bytes if p["fits"] else int(p["device_total"] / USABLE) + 2**20 for k, p in preds.items()}
+
+
+def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
+    """Write the checkpoint and recipe into `work`, run every stage in its own process, return the record."""
+    n, ckpt_bytes = write_checkpoint(work / "ckpt", size)
+    log(f"checkpoint: {n / 1e9:.3f}B parameters, {ckpt_bytes / 1e9:.2f} GB float32")
+    doc = recipe(work / "ckpt", int(DEVICE_FRACTION * ckpt_bytes), size)
+    doc["hardware"]["device"] = "cpu"
+    base_file = _write_recipe(work, "recipe", doc, int(DEVICE_FRACTION * ckpt_bytes))
+    preds = predictions(dry_run(base_file, REPO))
+    hw = stage_hardware(preds, int(DEVICE_FRACTION * ckpt_bytes))
+    baseline = measure([sys.executable, "-c", BASELINE_CHILD], REPO, work / "baseline.log")["peak_rss"]
+    run_dir, stages = work / "run", {}
+    for stage in ("score", "prune", "cut", "distill", "eval"):
+        rf = _write_recipe(work, f"recipe_{stage}", doc, hw[stage])
+        pred = predictions(dry_run(rf, REPO))[stage]
+        if stage == "cut":
+            cmd = [sys.executable, "-m", "minipuzzle.cli", "cut", str(work / "ckpt"), "--plan",
+                   str(run_dir / "prune" / "prune_plan.json"), "-o", str(work / "cut")]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-c", STAGE_CHILD, str(rf), str(run_dir), str(threads), stage]
+        m = measure(cmd, REPO, work / f"{stage}.log")
+        # The plan counts no interpreter: each process adds the measured baseline (torchrun's launcher included).
+        predicted = pred["predicted"] + m["processes"] * baseline
+        stages[stage] = {**m, **pred, "device_memory": hw[stage], "baseline_per_process": baseline,
+                         "predicted_with_baseline": predicted, "ratio_measured_to_predicted": m["peak_rss"] / predicted,
+                         "measured_over_checkpoint": m["peak_rss"] / ckpt_bytes}  # fmt: skip
+        log(f"{stage}: measured {m['peak_rss'] / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB "
+            f"({m['processes']} processes, {m['seconds']} s, device {hw[stage] / 1e9:.2f} GB)")  # fmt: skip
+    return {"size": size, "parameters": n, "checkpoint_bytes": ckpt_bytes, "dtype": "float32",
+            "device_fraction": DEVICE_FRACTION, "baseline_rss": baseline, "stages": stages,
+            "checks": checks(stages, ckpt_bytes)}  # fmt: skip
+
+
+def checks(stages: dict, ckpt_bytes: int) -> dict[str, dict]:
+    """The issue's bounds: score, prune, cut and eval below 0.6 x the checkpoint; every prediction within 30 %."""
+    out = {}
+    for k, s in stages.items():
+        if k != "distill":
+            out[f"{k} < {BOUND_OF_CHECKPOINT} x checkpoint"] = {
+                "value": round(s["measured_over_checkpoint"], 3), "pass": s["peak_rss"] < BOUND_OF_CHECKPOINT * ckpt_bytes}
+        err = abs(s["predicted_with_baseline"] - s["peak_rss"]) / s["peak_rss"]
+        out[f"{k} prediction within 30 %"] = {"value": round(err, 3), "pass": err <= PREDICTION_TOLERANCE}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="full")
+    ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one, removed)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", type=Path, default=RESULT)
+    args = ap.parse_args()
+    t0 = time.time()
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        rec = rehearse(args.size, args.keep, args.threads)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            rec = rehearse(args.size, Path(d), args.threads)
+    rec["seconds"] = round(time.time() - t0, 1)
+    rec["command"] = "python benchmarks/scale_rehearsal.py " + " ".join(sys.argv[1:])
+    for name, c in rec["checks"].items():
+        print(f"{'PASS' if c['pass'] else 'FAIL'}  {name}: {c['value']}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(rec, indent=2) + "\n")
+    print(f"wrote {args.output} ({rec['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The scale rehearsal's path on a tiny checkpoint: every stage runs in its own process and is measured against
+the memory plan. The bounds (0.6 x checkpoint, 30 %) are not asserted: a 3 MB model's peak is the interpreter's."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "scale_rehearsal.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("scale_rehearsal", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rehearsal_records_every_stage_against_its_plan(tmp_path):
+    sr = _module()
+    rec = sr.rehearse("tiny", tmp_path, threads=1, log=lambda _: None)
+    assert set(rec["stages"]) == {"score", "prune", "cut", "distill", "eval"}
+    for name, s in rec["stages"].items():
+        # cut imports less than the stages (no datasets, lm-eval): half the baseline is still an interpreter's
+        assert s["peak_rss"] > rec["baseline_rss"] / 2 > 0, name
+        assert s["predicted"] > 0 and s["predicted_with_baseline"] > s["predicted"], name
+    # distillation ran under torchrun: two ranks beside the launcher and the stage process, planned on 2 devices
+    assert rec["stages"]["distill"]["processes"] == 4
+    assert rec["stages"]["distill"]["planned_processes"] == 2
+    assert rec["stages"]["distill"]["device_total"] * 2 == rec["stages"]["distill"]["predicted"]
+    # the stages wrote what the next one reads: the cut student matches prune's, eval compared it to the teacher
+    pruned = json.loads((tmp_path / "run" / "prune" / "config.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert pruned["layers_block_type"] == cut["layers_block_type"]
+    assert (tmp_path / "run" / "distill" / "config.json").is_file()
+    assert (tmp_path / "run" / "eval").is_dir()
+    assert len(rec["checks"]) == 9 and all(isinstance(c["pass"], bool) for c in rec["checks"].values())
