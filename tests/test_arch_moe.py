@@ -11,23 +11,15 @@ from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
 from minipuzzle.search.budget import Budget, make_budget, parse_target
-from minipuzzle.testing import random_model, run_cli, tiny_layout
+from minipuzzle.testing import random_model, run_cli, tiny_layout, tiny_moe_layout
 
 MiB = 2**20
 
 
 def tiny_moe(**overrides) -> Layout:
-    """Every layer kind, 8 experts in 2 groups, top 2 from the best group; a small shared expert."""
-    moe = dict(
-        pattern="ME*-EM",
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        moe_shared_expert_intermediate_size=48,
-        n_group=2,
-        topk_group=1,
-    )
-    return tiny_layout(**{**moe, **overrides})
+    """Every layer kind, 8 experts in 2 groups, top 2 from the best group; a small shared expert (the testing
+    helper's layout with the MLP layer in the middle)."""
+    return tiny_moe_layout(**{"pattern": "ME*-EM", **overrides})
 
 
 def meta_model(layout: Layout):
