@@ -56,6 +56,9 @@ RANK_HOST_BYTES = 8 * 2**30
 SHARD_BYTES = 5 * 10**9
 
 
+# torch dtype names -> the short precision names `arch.Layout.memory` and the summaries use.
+PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 class Geometry(BaseModel):
     """How a part is launched. `micro_batch` is sequences per forward on one device; `grad_accum` micro-batches
     per optimizer step, so micro_batch x grad_accum x data-parallel ranks = `global_batch` (training only)."""
@@ -83,7 +86,7 @@ class Geometry(BaseModel):
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
         out = [f"{self.devices} dev"]
         out[0] += {"full": " FSDP2", "per_node": " FSDP2/node", "device_map": " device map"}.get(self.sharding, "")
-        out.append({"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(self.dtype, self.dtype))
+        out.append(_precision(self.dtype))
         if self.grad_accum is not None:
             out.append(f"micro {self.micro_batch} x {self.grad_accum}")
         else:
@@ -723,7 +726,8 @@ def _fit_micro(make, hw: Hardware, batch: int) -> tuple[Memory, int]:
 
 
 def _precision(dt: str) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dt]
+    """'bfloat16' -> 'bf16': the precision names of arch's memory model and of the plan's one-line summary."""
+    return PRECISION_NAMES.get(dt, dt)
 
 
 class EvalShape(BaseModel):

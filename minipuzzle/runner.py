@@ -232,13 +232,6 @@ def distill_launch(recipe: Recipe, cfg: DistillSettings, hardware: Hardware | No
     return nodes_and_procs(plan_for(cfg, hw, None), hw)
 
 
-def torchrun_command(settings: DistillSettings, nnodes: int, nproc_per_node: int) -> list[str]:
-    """The `torchrun ... minipuzzle distill ...` command line of the distill stage (`distill.launch`)."""
-    from minipuzzle.distill import launch
-
-    return launch.torchrun_command(settings, nnodes, nproc_per_node)
-
-
 def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, progress: bool,
              hardware: Hardware | None) -> None:  # fmt: skip
     from minipuzzle.distill import distill

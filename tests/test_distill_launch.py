@@ -11,6 +11,7 @@ import yaml
 
 from minipuzzle import runner
 from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.distill import launch
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
 from minipuzzle.memory_plan import USABLE, Fixed, plan_training
@@ -51,7 +52,7 @@ def test_plan_geometry_reaches_distill_settings_from_a_recipe_hardware_section(p
     # 2 GPUs take 4 sequences each of the global 8, one at a time, recomputing activations.
     assert (cfg.grad_accum, cfg.activation_checkpointing, cfg.sharding) == (4, True, "full")
     assert runner.distill_launch(recipe, cfg) == (1, 2)
-    cmd = runner.torchrun_command(cfg, 1, 2)
+    cmd = launch.torchrun_command(cfg, 1, 2)
     assert cmd[:3] == ["torchrun", "--nnodes=1", "--nproc_per_node=2"]
     assert cmd[cmd.index("--grad-accum") + 1] == "4" and "--activation-checkpointing" in cmd
     # With room to spare: the whole share at once, nothing recomputed.

@@ -194,6 +194,7 @@ def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_
 
     from minipuzzle import runner
     from minipuzzle.cli import commands_of
+    from minipuzzle.distill import launch
     from minipuzzle.settings import DistillSettings
 
     doc = _demo_doc()
@@ -207,7 +208,7 @@ def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_
     settings = runner.distill_settings(recipe, pair[0], rd, tmp_path, progress=False)
     assert settings.max_steps == 20 and settings.layer_pairs() == [(0, 0), (1, 2)] and settings.beta2 == 0.99
     assert (settings.teacher_dtype, settings.device, settings.eval_data) == ("bfloat16", "cpu", "held-dir")
-    cmd = runner.torchrun_command(settings, 1, 4)
+    cmd = launch.torchrun_command(settings, 1, 4)
     assert cmd[:3] == ["torchrun", "--nnodes=1", "--nproc_per_node=4"] and "--hidden-map" in cmd
     args = cmd[cmd.index("distill") + 1 :]
     ctx = commands_of("minipuzzle.distill.command")["distill"].make_context("distill", args)
