@@ -509,16 +509,23 @@ def load_model(
 ):
     """Load a checkpoint (either weight-name style) as a native `NemotronHForCausalLM` in eval mode.
 
-    Built on the meta device and filled tensor by tensor, so no random initialisation is paid for. Tensors in
-    `dtype`, except those transformers keeps in float32 (`keeps_float32`: the MoE routers).
+    Built on the meta device and filled tensor by tensor (`fill_weights`), so no random initialisation is paid for.
     """
     ckpt = source if isinstance(source, Checkpoint) else Checkpoint(source)
     model = build_model(ckpt.layout, ckpt.config)
+    fill_weights(model, ckpt, dtype, lambda name: device)
+    return model.eval()
+
+
+def fill_weights(model, ckpt: Checkpoint, dtype: torch.dtype | None, place) -> None:
+    """Assign every weight of `model` (built on the meta device) from `ckpt`, each read once and put straight on
+    `place(name)`: in `dtype`, except those transformers keeps in float32 (`keeps_float32`: the MoE routers).
+    A tied checkpoint may omit the LM head: transformers' NemotronH keeps a separate one, filled from the
+    embeddings."""
     expected = set(model.state_dict())
     have = set(ckpt.module_keys())
     missing = sorted(expected - have)
     if missing == ["lm_head.weight"] and ckpt.layout.tie_word_embeddings:
-        # A tied checkpoint may omit the head; transformers' NemotronH keeps a separate one, so fill it in.
         missing, have = [], have | {"lm_head.weight"}
     if missing:
         raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
@@ -527,10 +534,8 @@ def load_model(
         t = ckpt.get(k if k in ckpt else "model.embeddings.weight")
         if dtype is not None and t.is_floating_point():
             t = t.to(torch.float32 if keeps_float32(model, k) else dtype)
-        state[k] = t.to(device)
+        state[k] = t.to(place(k))
     model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-    return model
 
 
 def model_state_dict(model) -> dict[str, torch.Tensor]:

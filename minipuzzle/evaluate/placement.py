@@ -32,23 +32,20 @@ def load_mapped(path: str | Path, dtype: torch.dtype, device_map: dict[str, str 
     on the CPU)."""
     from accelerate import dispatch_model, infer_auto_device_map
 
-    from minipuzzle.checkpoint import Checkpoint, build_model
+    from minipuzzle.checkpoint import Checkpoint, build_model, fill_weights
 
     ckpt = Checkpoint(path)
     model = build_model(ckpt.layout, ckpt.config)
     if device_map is None:
         device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=dtype,
                                            no_split_module_classes=[block_class(model)])  # fmt: skip
-    state = {}
-    for k in model.state_dict():
-        # A tied checkpoint may omit the head; transformers' NemotronH keeps its own, filled from the embeddings.
-        t = ckpt.get(k if k in ckpt else "model.embeddings.weight")
-        t = t.to(dtype) if t.is_floating_point() else t
-        dev = _device_of(k, device_map)
-        state[k] = t.to(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-    return dispatch_model(model, device_map, force_hooks=force_hooks)
+    fill_weights(model, ckpt, dtype, lambda name: _torch_device(_device_of(name, device_map)))
+    return dispatch_model(model.eval(), device_map, force_hooks=force_hooks)
+
+
+def _torch_device(dev: str | int) -> str:
+    """A device map's entry as a torch device name (accelerate writes GPUs as their index)."""
+    return f"cuda:{dev}" if isinstance(dev, int) else dev
 
 
 def load_placed(path: str | Path, dtype: torch.dtype, device: torch.device, devices: int = 1,
@@ -68,7 +65,7 @@ def execution_device(module) -> torch.device:
     dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
     if dev is None:
         return next(module.parameters()).device
-    return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return torch.device(_torch_device(dev))
 
 
 def input_device(model) -> torch.device:
