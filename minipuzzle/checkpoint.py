@@ -161,7 +161,6 @@ class Checkpoint:
             for f in files:
                 for stored in _read_header(f):  # also validates the header: fail before any work is done
                     self._add(stored, f)
-        self._handles: dict[Path, Any] = {}
         self._experts = self._expert_groups()
 
     def _add(self, stored: str, file: Path) -> None:
@@ -198,15 +197,14 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._files or name in self._experts
 
-    def _handle(self, file: Path):
-        h = self._handles.get(file)
-        if h is None:
-            try:
-                h = safe_open(str(file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise UserError(f"cannot read {file}: {e}") from None
-            self._handles[file] = h
-        return h
+    def _open(self, file: Path):
+        """A fresh safetensors handle on `file`. Not cached: a handle maps its whole shard, and every page a tensor
+        read from it touched stays in the process's resident memory until the handle is gone. Opened per read, the
+        mapping lives exactly as long as the tensors taken from it (a few microseconds per open)."""
+        try:
+            return safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read {file}: {e}") from None
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor by native name, read from its shard (only that tensor is loaded)."""
@@ -215,7 +213,8 @@ class Checkpoint:
         if name not in self._files:
             raise KeyError(name)
         try:
-            return self._handle(self._files[name]).get_tensor(self._stored[name])
+            with self._open(self._files[name]) as h:
+                return h.get_tensor(self._stored[name])
         except UserError:
             raise
         except Exception as e:
@@ -224,7 +223,8 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._files and name in self._experts:
             return (len(self._experts[name]), *self.shape(self._experts[name][0]))
-        return tuple(self._handle(self._files[name]).get_slice(self._stored[name]).get_shape())
+        with self._open(self._files[name]) as h:
+            return tuple(h.get_slice(self._stored[name]).get_shape())
 
     def layer_keys(self, i: int) -> list[str]:
         """Layer i's tensors under the model's names (merged routed experts)."""
@@ -248,7 +248,7 @@ class Checkpoint:
         return sum(f.stat().st_size for f in set(self._files.values()))
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing to release (no handle outlives a read); kept so callers may close a reader they are done with."""
 
 
 def _read_header(file: Path) -> list[str]:

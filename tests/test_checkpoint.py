@@ -140,3 +140,25 @@ def test_kernel_fallback_warnings_are_one_plain_line_or_none(monkeypatch):
         assert len(seen) == 2 and "mamba_ssm and causal_conv1d are not installed" in seen[1]
     finally:
         log.removeHandler(handler)
+
+
+def _rss_file() -> int:
+    """Bytes of file-backed pages resident in this process (/proc/self/status RssFile)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status RssFile on this system")
+
+
+def test_read_tensors_do_not_stay_resident(tmp_path):
+    """A tensor read from a shard is a view of its mapping: once dropped, its pages must leave the process's
+    resident memory even while the Checkpoint is still in use (a cached handle kept every page read so far)."""
+    save_file({f"t{i}": torch.randn(512, 4096) for i in range(8)}, str(tmp_path / "w.safetensors"))  # 64 MiB
+    ck = Checkpoint.__new__(Checkpoint)  # the reader alone: no config needed
+    ck.path, ck._files, ck._stored, ck._experts = tmp_path, {}, {}, {}
+    for i in range(8):
+        ck._add(f"t{i}", tmp_path / "w.safetensors")
+    before = _rss_file()
+    total = sum(float(ck.get(f"t{i}").sum()) for i in range(8))  # every page touched, each tensor dropped
+    assert total == total  # read for real (not NaN)
+    assert _rss_file() - before < 16 * 2**20
