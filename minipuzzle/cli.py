@@ -24,7 +24,7 @@ from minipuzzle.errors import UserError
 LAZY_COMMANDS = {
     "cut": (
         "minipuzzle.surgery_command",
-        "Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one tensor).",
+        "Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one output shard and one tensor).",
     ),
     "score": (
         "minipuzzle.importance.command",

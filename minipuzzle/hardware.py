@@ -65,21 +65,29 @@ class Hardware(BaseModel):
         nodes = f"{self.nodes} nodes x " if self.nodes > 1 else ""
         return f"{nodes}{self.gpus_per_node} GPU{'s' if self.gpus_per_node > 1 else ''} of {mem}"
 
-    def override(self, gpu_memory: str | int | None = None, gpus: int | None = None) -> Hardware:
-        """This hardware with `--gpu-memory` / `--gpus` (GPUs per node) applied. Naming either on a machine
-        detected as CPU-only plans for GPUs instead (e.g. a dry run on a laptop for a cluster), whose host memory
-        is then unknown."""
-        if gpu_memory is None and gpus is None:
+    def override(self, gpu_memory: str | int | None = None, gpus: int | None = None,
+                 host_memory: str | int | None = None) -> Hardware:  # fmt: skip
+        """This hardware with `--gpu-memory` / `--gpus` (GPUs per node) / `--host-memory` applied. Naming a GPU
+        option on a machine detected as CPU-only plans for GPUs instead (e.g. a dry run on a laptop for a cluster),
+        whose host memory is then unknown unless `host_memory` gives it; `host_memory` alone on a CPU-only machine
+        is the memory of its one device."""
+        if gpu_memory is None and gpus is None and host_memory is None:
             return self
         if gpus is not None and gpus < 1:
             raise UserError(f"--gpus must be at least 1, got {gpus}")
-        changes: dict[str, object] = {"device": "cuda"}
-        if self.device == "cpu":  # this machine's RAM says nothing about the GPU machine planned for
-            changes["host_memory"] = None
+        changes: dict[str, object] = {}
+        if gpu_memory is not None or gpus is not None:
+            changes["device"] = "cuda"
+            if self.device == "cpu":  # this machine's RAM says nothing about the GPU machine planned for
+                changes["host_memory"] = None
         if gpu_memory is not None:
             changes["gpu_memory"] = parse_bytes(gpu_memory, "--gpu-memory")
         if gpus is not None:
             changes["gpus_per_node"] = gpus
+        if host_memory is not None:
+            changes["host_memory"] = parse_bytes(host_memory, "--host-memory")
+            if changes.get("device", self.device) == "cpu":
+                changes["gpu_memory"] = changes["host_memory"]
         return self.model_copy(update=changes)
 
 
@@ -135,6 +143,10 @@ class HardwareOptions(BaseModel):
         "recipe's hardware section first)."
     )  # fmt: skip
     gpus: int | None = Field(None, description="GPUs per node to plan for (default: as --gpu-memory).")
+    host_memory: str | None = Field(
+        None, description="RAM of one node to plan for, e.g. 512GiB (default: this machine's when no GPU option is "
+        "given, else unchecked); on a CPU-only machine, the memory of its one device."
+    )  # fmt: skip
 
 
 def resolve(section: Hardware | None = None, options: dict | HardwareOptions | None = None) -> Hardware:
@@ -142,4 +154,4 @@ def resolve(section: Hardware | None = None, options: dict | HardwareOptions | N
     the command's `--gpu-memory` / `--gpus` applied."""
     opts = options if isinstance(options, HardwareOptions) else HardwareOptions(**(options or {}))
     base = section if section is not None else detect()
-    return base.override(opts.gpu_memory, opts.gpus)
+    return base.override(opts.gpu_memory, opts.gpus, opts.host_memory)

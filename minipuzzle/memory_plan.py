@@ -52,8 +52,12 @@ EVAL_LOGIT_BUFFERS = 6
 DEPTH_LOGITS_SLICE = 2**26
 # search.ranking.measure_streamed's default `host_bytes`: the parent's final states kept per group of windows.
 RANK_HOST_BYTES = 8 * 2**30
-# surgery.prune_checkpoint's default `max_shard_bytes`: one output shard is buffered before it is written.
+# The largest output shard a cut writes (safetensors writes a shard from memory, so one is buffered whole); the plan
+# makes it smaller where the host is small (`cut_shard_bytes`): shards are an on-disk convenience, smaller ones cost
+# nothing but a longer index.
 SHARD_BYTES = 5 * 10**9
+# Of the memory a cut may use, the share its output shard takes (the rest: the tensor read and its cut copy).
+CUT_SHARD_SHARE = 0.25
 
 
 # torch dtype names -> the short precision names `arch.Layout.memory` and the summaries use.
@@ -81,6 +85,7 @@ class Geometry(BaseModel):
         None, description="streamed ranking: windows whose parent final states the host keeps at once"
     )
     sequential: bool = Field(False, description="eval: teacher and student one after the other, not both resident")
+    shard_bytes: int | None = Field(None, description="cut: the largest output shard, buffered whole before written")
 
     def describe(self) -> str:
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
@@ -511,12 +516,45 @@ def plan_ranking(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, ba
     return _part("prune", "ranking", geo, mem, hw)
 
 
+def largest_tensor(layout: Layout) -> int:
+    """Elements of the largest single tensor a checkpoint of `layout` stores: the embeddings or LM head [V, h], or
+    a layer's largest matrix (Mamba in_proj, an MLP or attention projection, one expert, the shared expert)."""
+    h, kinds = layout.hidden_size, set(layout.pattern)
+    sizes = [layout.vocab_size * h]
+    if "M" in kinds:
+        sizes.append(h * layout.mamba_in_proj_rows)
+    if "-" in kinds:
+        sizes.append(h * layout.intermediate_size)
+    if "*" in kinds:
+        sizes.append(h * max(layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim))
+    if "E" in kinds:
+        sizes.append(h * max(layout.moe_intermediate_size, layout.moe_shared_expert_intermediate_size))
+    return max(sizes)
+
+
+def _cut_memory(hw: Hardware) -> int | None:
+    """Bytes a cut may use: it runs on the host (the device itself on a CPU-only machine); None when unknown."""
+    host = host_device(hw)
+    return usable(host) if host is not None else None
+
+
+def cut_shard_bytes(layout: Layout, hw: Hardware, stored_bytes: int = 2) -> int:
+    """The output shard size a cut on `hw` writes: `CUT_SHARD_SHARE` of the memory it may use, at least the largest
+    tensor (a shard holds whole tensors), at most `SHARD_BYTES`."""
+    room = _cut_memory(hw)
+    share = SHARD_BYTES if room is None else int(CUT_SHARD_SHARE * room)
+    return min(SHARD_BYTES, max(largest_tensor(layout) * stored_bytes, share))
+
+
 def plan_cut(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
-    """Cutting the chosen layout (`surgery.prune_checkpoint`) on the host: one tensor read and its cut copy (the
-    largest is the embeddings), plus the output shard being filled (`SHARD_BYTES`)."""
-    host = SHARD_BYTES + 2 * layout.vocab_size * layout.hidden_size * stored_bytes
-    geo = Geometry(devices=0 if hw.device == "cuda" else 1, dtype=_stored_name(stored_bytes), streaming=True)
-    return _part("prune", "cut", geo, Memory(host_buffers=host), hw)
+    """Cutting the chosen layout (`surgery.prune_checkpoint`) on the host: the output shard being filled
+    (`cut_shard_bytes`), plus the tensor read and its cut copy (at most the largest tensor each; a tensor read is
+    a view of the shard's mapping, resident while it is used)."""
+    shard = cut_shard_bytes(layout, hw, stored_bytes)
+    host = shard + 2 * largest_tensor(layout) * stored_bytes
+    geo = Geometry(devices=0 if hw.device == "cuda" else 1, dtype=_stored_name(stored_bytes), streaming=True,
+                   shard_bytes=shard)  # fmt: skip
+    return _part("prune", "cut", geo, Memory(host_buffers=host), hw, note=f"output shards of {gib(shard)}")
 
 
 def _stored_name(stored_bytes: int) -> str:

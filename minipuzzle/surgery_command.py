@@ -8,44 +8,64 @@ from typing import Annotated
 
 import typer
 
+from minipuzzle.cli_options import settings_command
+from minipuzzle.hardware import HardwareOptions
+
+
+@settings_command(HardwareOptions, into="hardware")
+def _cut_command(
+    model: Annotated[str, typer.Argument(help="Source checkpoint folder (or cached hub id / preset).")],
+    plan: Annotated[Path, typer.Option("--plan", "-p", help="Plan file (JSON or YAML; `search` writes one).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the pruned checkpoint.")],
+    model_path: Annotated[str | None, typer.Option(help="Local weights for a preset or hub id.")] = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(help="Largest safetensors shard, e.g. 5GB (default: the memory plan's, a quarter of the "
+                     "memory the cut may use, at most 5GB; a shard is buffered whole before it is written)."),
+    ] = None,  # fmt: skip
+    hardware: dict | None = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    norm_compensation: Annotated[
+        bool | None,
+        typer.Option(
+            "--norm-compensation/--no-norm-compensation",
+            help="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels "
+            "(default: as the plan says, on when it says nothing).",
+        ),
+    ] = None,
+) -> None:
+    """Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one output shard and one tensor).
+
+    Refused before it starts when its memory plan does not fit (this machine's RAM, or --host-memory).
+
+    Example: minipuzzle cut ./nemotron-h-8b --plan layout.yaml -o ./pruned
+    """
+    from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
+    from minipuzzle.errors import UserError
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import plan_cut
+    from minipuzzle.search.plan import read_plan
+    from minipuzzle.surgery import prune_checkpoint
+    from minipuzzle.units import parse_bytes
+
+    check_output_dir(output, overwrite)
+    src = Checkpoint(resolve_checkpoint(model, model_path))
+    p = read_plan(plan)
+    if norm_compensation is not None:
+        p.norm_compensation = norm_compensation
+    dst = p.target_layout(src.layout)
+    part = plan_cut(src.layout, resolve(None, hardware), stored_bytes=src.dtype().itemsize)
+    shard = parse_bytes(max_shard_size, "--max-shard-size") if max_shard_size else part.geometry.shard_bytes
+    if max_shard_size is None and not part.fits:
+        raise UserError(f"cut does not fit: {part.problem}")
+    out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=shard)
+    for note in p.serving_notes(src.layout):
+        print(f"note: {note}", file=sys.stderr)
+    print(
+        f"wrote {out}: {dst.num_layers} layers ({dst.pattern}), "
+        f"{dst.num_params():,} parameters (from {src.layout.num_params():,})"
+    )
+
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def cut(
-        model: Annotated[str, typer.Argument(help="Source checkpoint folder (or cached hub id / preset).")],
-        plan: Annotated[Path, typer.Option("--plan", "-p", help="Plan file (JSON or YAML; `search` writes one).")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the pruned checkpoint.")],
-        model_path: Annotated[str | None, typer.Option(help="Local weights for a preset or hub id.")] = None,
-        max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard (e.g. 5GB).")] = "5GB",
-        overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
-        norm_compensation: Annotated[
-            bool | None,
-            typer.Option(
-                "--norm-compensation/--no-norm-compensation",
-                help="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels "
-                "(default: as the plan says, on when it says nothing).",
-            ),
-        ] = None,
-    ) -> None:
-        """Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one tensor).
-
-        Example: minipuzzle cut ./nemotron-h-8b --plan layout.yaml -o ./pruned
-        """
-        from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
-        from minipuzzle.search.plan import read_plan
-        from minipuzzle.surgery import prune_checkpoint
-        from minipuzzle.units import parse_bytes
-
-        check_output_dir(output, overwrite)
-        src = Checkpoint(resolve_checkpoint(model, model_path))
-        p = read_plan(plan)
-        if norm_compensation is not None:
-            p.norm_compensation = norm_compensation
-        dst = p.target_layout(src.layout)
-        out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=parse_bytes(max_shard_size, "--max-shard-size"))
-        for note in p.serving_notes(src.layout):
-            print(f"note: {note}", file=sys.stderr)
-        print(
-            f"wrote {out}: {dst.num_layers} layers ({dst.pattern}), "
-            f"{dst.num_params():,} parameters (from {src.layout.num_params():,})"
-        )
+    app.command(name="cut")(_cut_command)

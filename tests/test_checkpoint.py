@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from minipuzzle.checkpoint import Checkpoint, atomic_dir, load_model
 from minipuzzle.errors import UserError
+from minipuzzle.hardware import Hardware
 from minipuzzle.testing import run_cli, save_model
 
 IDS = torch.randint(0, 320, (1, 23), generator=torch.Generator().manual_seed(0))
@@ -162,3 +163,28 @@ def test_read_tensors_do_not_stay_resident(tmp_path):
     total = sum(float(ck.get(f"t{i}").sum()) for i in range(8))  # every page touched, each tensor dropped
     assert total == total  # read for real (not NaN)
     assert _rss_file() - before < 16 * 2**20
+
+
+def test_cut_writes_the_plans_shards_and_is_refused_where_it_cannot_fit(tiny_checkpoint, tmp_path):
+    """The cut's output shards are the memory plan's size for the hardware (a quarter of what it may use, at
+    least the largest tensor), so a small host gets several small shards; hardware too small for one tensor and
+    its copy is refused in one line, nothing written."""
+    from minipuzzle.memory_plan import largest_tensor, plan_cut
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("plan:\n  layers: [0, 1, 2, 3]\n")
+    src = Checkpoint(tiny_checkpoint)
+    memory = src.nbytes()  # the hardware's whole memory: as much as the checkpoint
+    shard = plan_cut(src.layout, Hardware(device="cpu", gpu_memory=memory), stored_bytes=4).geometry.shard_bytes
+    assert shard == max(largest_tensor(src.layout) * 4, int(0.25 * 0.9 * memory))
+    code, _, err = run_cli(["cut", str(tiny_checkpoint), "--plan", str(plan), "-o", str(tmp_path / "o"),
+                            "--host-memory", str(memory)])  # fmt: skip
+    assert code == 0, err
+    shards = sorted((tmp_path / "o").glob("*.safetensors"))
+    written = sum(f.stat().st_size for f in shards)
+    assert len(shards) == -(-written // shard) or len(shards) == -(-written // shard) + 1
+    assert len(shards) > 1 and all(f.stat().st_size <= shard + 2**16 for f in shards)  # + the header
+    code, _, err = run_cli(["cut", str(tiny_checkpoint), "--plan", str(plan), "-o", str(tmp_path / "p"),
+                            "--host-memory", "64KiB"])  # fmt: skip
+    assert code == 2 and err.strip().startswith("error: cut does not fit") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()

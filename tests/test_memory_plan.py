@@ -71,6 +71,12 @@ def test_detect_is_this_machine_and_options_override_it():
     section = Hardware(gpu_memory="40GiB", gpus_per_node=4, nodes=2)
     assert resolve(section, {"gpus": 8}) == Hardware(gpu_memory="40GiB", gpus_per_node=8, nodes=2)
     assert resolve(section, {}) == section
+    # --host-memory: the node's RAM; alone on a CPU-only machine also its one device's memory.
+    assert resolve(section, {"host_memory": "1TiB"}).host_memory == 1024 * GIB
+    cpu = Hardware(device="cpu", gpu_memory="24GiB", host_memory="24GiB")
+    assert resolve(cpu, {"host_memory": "2GiB"}) == Hardware(device="cpu", gpu_memory="2GiB", host_memory="2GiB")
+    assert resolve(cpu, {"gpu_memory": "80GiB", "host_memory": "1TiB"}) == Hardware(gpu_memory="80GiB",
+                                                                                      host_memory="1TiB")  # fmt: skip
 
 
 def test_ranks_divide_the_batch_in_whole_nodes():

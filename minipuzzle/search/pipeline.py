@@ -157,7 +157,8 @@ def prune(
     windows = {"calibration": len(calib), "held_out": len(held)}
     report = build_report(model, ckpt, settings, space, scores, cands, plans, rows, data, held_out_data, windows,
                           streamed=launch["ranking"].geometry.streaming)  # fmt: skip
-    write_pruned(out, ckpt, plans[rows[0].predicted_rank - 1], report, timing, t0, overwrite, progress)
+    write_pruned(out, ckpt, plans[rows[0].predicted_rank - 1], report, timing, t0, overwrite, progress,
+                 shard_bytes=launch["cut"].geometry.shard_bytes)  # fmt: skip
     return report.model_dump(mode="json")
 
 
@@ -242,15 +243,19 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
     )  # fmt: skip
 
 
-def write_pruned(out, ckpt, plan, report: PruneReport, timing: dict, t0: float, overwrite: bool, progress: bool):
-    """Cut `plan` from `ckpt` into `out` with prune_report.json and its plots, atomically."""
+def write_pruned(out, ckpt, plan, report: PruneReport, timing: dict, t0: float, overwrite: bool, progress: bool,
+                 shard_bytes: int | None = None):  # fmt: skip
+    """Cut `plan` from `ckpt` into `out` with prune_report.json and its plots, atomically, in output shards of at
+    most `shard_bytes` (the plan's; default `memory_plan.SHARD_BYTES`)."""
     from minipuzzle.checkpoint import atomic_dir
+    from minipuzzle.memory_plan import SHARD_BYTES
     from minipuzzle.search.report import write_plots
     from minipuzzle.surgery import prune_checkpoint
 
     with atomic_dir(out, overwrite) as tmp:
         with _timed(timing, "surgery_seconds"):
-            prune_checkpoint(ckpt, plan, tmp, overwrite=True, progress=progress)
+            prune_checkpoint(ckpt, plan, tmp, overwrite=True, progress=progress,
+                             max_shard_bytes=shard_bytes or SHARD_BYTES)  # fmt: skip
         report.timing = {**timing, "total_seconds": round(time.perf_counter() - t0, 3)}
         report.write(tmp / "prune_report.json")
         write_plots(report, ckpt.layout, tmp)
