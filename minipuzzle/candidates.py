@@ -2,10 +2,12 @@
 candidate briefly; ranks changed after it). Lives outside `search` so that the search does not depend on
 distillation.
 
-Each candidate is distilled like the distill stage (`distill.launch`): in this process when its memory plan needs
-one device, else under torchrun on the plan's devices (on this node; over several nodes a script is written for
-every node and prune is rerun once it has run). The parent, in the plan's compute dtype, measures each distilled
-candidate; it stays loaded between candidates only when the plan has room for it beside the training.
+Each candidate is distilled like the distill stage (`distill.launch`), always in processes of its own: a child
+process when its memory plan needs one device, torchrun on the plan's devices on this node, or, over several nodes,
+a script for every node (prune is rerun once it has run). The prune process trains nothing, so its own memory stays
+what scoring and ranking need, and a training's memory is returned when its process ends. The distilled candidates
+are then measured against the parent exactly as the search's candidates were ranked (`search.pipeline.rank`:
+streamed layer by layer when the plan says so).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from minipuzzle.hardware import Hardware
 
 def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, settings, progress: bool,
                        skip: int = 0, split: str = "train", column: str = "text", *, streaming: bool | None = None,
-                       work_dir: Path | None = None, hardware: Hardware | None = None,
+                       work_dir: Path | None = None, hardware: Hardware | None = None, ranking=None,
                        log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     """Cut each plan from `ckpt`, distil it for `settings.candidate_distill_steps` on `data`, and return its
     `metrics.token_stats` against the parent on `held` [H, T].
@@ -31,29 +33,23 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     `skip`: held-out windows at the head of `data` (see `data.head_split`); distillation takes them as its
     evaluation windows, which it never trains on, and evaluates on them once, at the last step. `streaming`: as
     `data.streaming` (None: on). `work_dir`: where cuts and distilled candidates are kept (a rerun reuses the
-    finished ones; default: a temporary folder). `hardware`: what the plan is made for (default: this machine).
-    The winner is still written undistilled: the final distillation stage starts from the cut weights.
+    finished ones; default: a temporary folder). `hardware`: what the training is planned and launched for
+    (default: this machine). `ranking`: the prune plan's ranking part, which the measurement follows (default: the
+    plan on this machine). The winner is still written undistilled: the final distillation stage starts from the
+    cut weights.
     """
-    from minipuzzle.checkpoint import Checkpoint, load_model, parse_dtype
     from minipuzzle.hardware import detect
-    from minipuzzle.memory_plan import default_dtype, for_device
-    from minipuzzle.metrics import token_stats
+    from minipuzzle.memory_plan import for_device
+    from minipuzzle.search.pipeline import rank
 
     hw = for_device(hardware or detect(), settings.device) or Hardware(device="cpu", gpu_memory=2**62)
-    dtype = parse_dtype(default_dtype(hw), torch.device(settings.device))
-    out, teacher = [], None
     with _folder(work_dir) as work:
+        distilled = []
         for i, plan in enumerate(plans):
             cfg = _settings(ckpt, plan, work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
-            part = _run(cfg, ckpt, hw, settings, work, log)
-            if teacher is None:
-                teacher = load_model(ckpt, dtype=dtype, device=settings.device)
-            student = load_model(Checkpoint(cfg.output_path), dtype=dtype, device=settings.device)
-            out.append(token_stats(student, held, teacher=teacher, batch_size=settings.batch_size))
-            del student
-            if not part.geometry.keep_teacher:
-                teacher = None  # the next candidate's training needs the memory
-                _free(settings.device)
+            _run(cfg, ckpt, hw, settings, work, log)
+            distilled.append(cfg.output_path)
+        out = rank(path, ckpt, distilled, held, settings, progress, ranking)
     if work_dir is not None:  # every candidate is measured: nothing left to resume
         shutil.rmtree(work_dir, ignore_errors=True)
     return out
@@ -77,9 +73,8 @@ def _settings(ckpt, plan, cut_dir: Path, path, data, settings, progress, skip, s
 
 
 def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log):
-    """Distil one candidate as its memory plan says; returns the plan's part."""
+    """Distil one candidate in processes of its own, as its memory plan says; returns the plan's part."""
     from minipuzzle.checkpoint import Checkpoint
-    from minipuzzle.distill import distill
     from minipuzzle.distill.launch import launch, nodes_and_procs, planned
     from minipuzzle.distill.loop import finished
     from minipuzzle.errors import UserError
@@ -88,9 +83,6 @@ def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log):
     part = plan_candidate_distill(ckpt.layout, Checkpoint(cfg.student).layout, hw, settings, dtype=default_dtype(hw))
     if not part.fits:
         raise UserError(f"prune (candidate distillation) does not fit: {part.problem}")
-    if part.geometry.devices == 1:
-        distill(cfg, hardware=hw)
-        return part
     nnodes, nproc = nodes_and_procs(part, hw)
     launch_hw = hw.model_copy(update={"nodes": nnodes, "gpus_per_node": nproc})
     cfg = planned(cfg, launch_hw, nnodes * nproc)[0]
@@ -107,11 +99,3 @@ def _folder(work_dir: Path | None):
         return
     with tempfile.TemporaryDirectory(prefix="minipuzzle-candidates-") as work:
         yield Path(work)
-
-
-def _free(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -76,9 +76,6 @@ class Geometry(BaseModel):
     grad_accum: int | None = Field(None, description="training: micro-batches per optimizer step on each rank")
     global_batch: int | None = Field(None, description="training: sequences per optimizer step, all ranks")
     activation_checkpointing: bool | None = Field(None, description="training: block activations recomputed")
-    keep_teacher: bool | None = Field(
-        None, description="candidate distillation: the parent stays loaded beside the training between candidates"
-    )
     rows_per_chunk: int | None = Field(None, description="scoring: windows per chunk of rows")
     logits_chunk: int | None = Field(None, description="positions whose full-vocabulary logits exist at once")
     host_group: int | None = Field(
@@ -577,7 +574,6 @@ class Launch(BaseModel):
     teacher_bytes: int
     compute_bytes: int
     autocast_cache: bool = False
-    extra_weights: int = 0
 
 
 def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int]:
@@ -594,12 +590,12 @@ def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int
     ps, pt, vh = student.num_params(), teacher.num_params(), student.vocab_size * student.hidden_size
     if ln.shards == 1:
         weights = pt * ln.teacher_bytes + (2 * ps if ln.autocast_cache else 0)
-        return {"weights": weights + ln.extra_weights, "master_weights": 4 * ps, "optimizer_state": 8 * ps,
+        return {"weights": weights, "master_weights": 4 * ps, "optimizer_state": 8 * ps,
                 "gradients": 4 * ps + 4 * vh}  # fmt: skip
     root = student.embedding_params() * ln.gather_bytes + teacher.embedding_params() * ln.teacher_bytes
     units = 2 * (largest_block(student) * ln.gather_bytes + largest_block(teacher) * ln.teacher_bytes)
     grads = 4 * ps // ln.shards + largest_block(student) * (ln.gather_bytes + 4) + vh * ln.gather_bytes
-    return {"weights": pt * ln.teacher_bytes // ln.shards + root + units + ln.extra_weights,
+    return {"weights": pt * ln.teacher_bytes // ln.shards + root + units,
             "master_weights": 4 * ps // ln.shards, "optimizer_state": 8 * ps // ln.shards, "gradients": grads}  # fmt: skip
 
 
@@ -691,15 +687,14 @@ def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str, fixed: Fix
 
 def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, *, seq_len: int,
                   global_batch: int, loss_chunk: int = 4096, dtype: str | None = None, stored_bytes: int = 2,
-                  fixed: Fixed | None = None, extra_weights: int = 0) -> Part:  # fmt: skip
+                  fixed: Fixed | None = None) -> Part:  # fmt: skip
     """A distillation's geometry, as `distill.loop` runs it: every device is a data-parallel rank (one process
     per GPU, as many as divide the batch: `data_parallel_ranks`; the CPU is one process; `fixed.ranks` when the
     launch is given); FSDP2 gathers the student in bf16 on GPUs (float32 master weights, float32 gradient
     reduction) and shards per node (HSDP) when one node holds the step, else across all nodes; activation
     checkpointing only when no micro-batch fits without it; the micro-batch is the largest power of two dividing
     global_batch / ranks that fits, and grad_accum = global_batch / (micro x ranks). `fixed` holds the choices the
-    user made; `extra_weights`: bytes kept on each device besides the pair. Without a fit, the last option tried
-    (the smallest micro-batch), which does not fit.
+    user made. Without a fit, the last option tried (the smallest micro-batch), which does not fit.
     """
     fixed = fixed or Fixed()
     dt = default_dtype(hw, dtype)
@@ -709,7 +704,6 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
     note = None if ranks in (1, hw.devices) else f"{ranks} of the {hw.devices} devices: ranks must divide the batch"
     per_rank, part = max(1, global_batch // ranks), None
     for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
-        ln.extra_weights = extra_weights
         mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
@@ -734,20 +728,12 @@ def plan_distill(teacher: Layout, student: Layout, hw: Hardware, ds, *, processe
 def plan_candidate_distill(parent: Layout, student: Layout, hw: Hardware, ps, *, dtype: str | None = None,
                            stored_bytes: int = 2) -> Part:  # fmt: skip
     """Candidate distillation (`candidates.distill_candidates`) for `ps` (a `settings.PruneSettings`), launched
-    like the distill stage. In one process the parent, loaded in the compute dtype to measure each candidate,
-    stays resident beside the training pair when that fits (geometry.keep_teacher); otherwise (and always when
-    torchrun runs the distillation on the devices) it is loaded for each measurement and freed after it."""
+    like the distill stage, in processes of its own (the prune process holds nothing of it)."""
     from minipuzzle.settings import DistillSettings
 
-    kw = dict(seq_len=ps.seq_len, global_batch=ps.candidate_distill_batch, dtype=dtype, stored_bytes=stored_bytes,
-              loss_chunk=DistillSettings.model_fields["loss_chunk"].default)  # fmt: skip
-    part = plan_training("prune", "candidate distillation", parent, student, hw, **kw)
-    if part.geometry.devices == 1 and part.fits:
-        extra = parent.num_params() * dtype_bytes(default_dtype(hw, dtype))
-        kept = plan_training("prune", "candidate distillation", parent, student, hw, extra_weights=extra, **kw)
-        if kept.fits:
-            part = kept.model_copy(update={"geometry": kept.geometry.model_copy(update={"keep_teacher": True})})
-    return part
+    return plan_training("prune", "candidate distillation", parent, student, hw, seq_len=ps.seq_len,
+                         global_batch=ps.candidate_distill_batch, dtype=dtype, stored_bytes=stored_bytes,
+                         loss_chunk=DistillSettings.model_fields["loss_chunk"].default)  # fmt: skip
 
 
 # ---- eval ---------------------------------------------------------------------------------------------------------

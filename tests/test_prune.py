@@ -159,8 +159,15 @@ def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
     assert plan.target_layout(tiny_layout()).num_params() == doc["result"]["params"]
 
 
-def test_candidates_distilled_before_the_choice(dead_checkpoint, text_file, tmp_path):
-    """--candidate-distill-steps: every candidate is distilled briefly and ranked on its distilled figures."""
+def test_candidates_distilled_before_the_choice(dead_checkpoint, text_file, tmp_path, monkeypatch):
+    """--candidate-distill-steps: every candidate is distilled briefly, in a process of its own (the prune
+    process trains nothing: its memory stays scoring's and ranking's), and ranked on its distilled figures."""
+    import minipuzzle.distill as distill_pkg
+
+    def not_here(*a, **k):
+        raise AssertionError("candidate distillation ran inside the prune process")
+
+    monkeypatch.setattr(distill_pkg, "distill", not_here)
     _, ckpt = dead_checkpoint
     out = tmp_path / "out"
     args = ["prune", str(ckpt), "--target", "0.8", "--data", str(text_file), "-o", str(out), *SMALL]
@@ -209,7 +216,7 @@ def record(monkeypatch, seen: dict, module, name: str, key: str, pick):
 def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_file, tmp_path, monkeypatch):
     """Without --held-out-data the ranking windows are the head of --data: no calibration window is one of them,
     and candidate distillation holds exactly them out (its evaluation windows, never trained on)."""
-    import minipuzzle.distill as distill_pkg
+    import minipuzzle.distill.launch as launch
     import minipuzzle.importance as importance
     from minipuzzle.data import iter_documents, iter_tokens, load_tokenizer, pack
     from minipuzzle.distill.stream import WindowStream
@@ -219,7 +226,7 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
     seen = {}
     record(monkeypatch, seen, importance, "score_checkpoint", "calib", lambda a: torch.cat(a[1:3]))
     record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
-    record(monkeypatch, seen, distill_pkg, "distill", "cfg", lambda a: a[0])
+    record(monkeypatch, seen, launch, "launch", "cfg", lambda a: a[0])  # the candidate's distillation process
     settings = pipeline.PruneSettings(target=str(int(tiny_layout().num_params() * 0.8)),
                                       candidates=1, seq_len=32, depth_samples=4, width_samples=40,
                                       held_out_samples=6, candidate_distill_steps=1,
@@ -313,3 +320,22 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
         assert (sc["stream"], sc["batch_size"], sc["budget_bytes"]) == (go["stream"], go["batch_size"],
                                                                         go["budget_bytes"])  # fmt: skip
         assert sc["dtype"] == torch.float32 and sc["device"] == "cpu" and sc["width_agg"] == "abs_mean,l2"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_candidate_checkpoint_measures_as_its_plan(dead_checkpoint, tmp_path, streamed):
+    """A candidate given as a checkpoint folder (how distilled candidates are measured) gets the figures its plan
+    gets when cut on the fly, streamed or in memory."""
+    from minipuzzle.checkpoint import Checkpoint, load_model
+    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+    from minipuzzle.surgery import Plan, prune_checkpoint
+
+    model, ckpt = dead_checkpoint
+    plan = Plan(layers=[0, 1, 2, 4, 5])
+    cut = prune_checkpoint(Checkpoint(ckpt), plan, tmp_path / "cut", progress=False)
+    ids = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(0))
+    if streamed:
+        by_plan, by_folder = (measure_streamed(Checkpoint(ckpt), [c], ids, batch_size=2) for c in (plan, cut))
+    else:
+        by_plan, by_folder = (measure_in_memory(load_model(ckpt), [c], ids, batch_size=2) for c in (plan, cut))
+    assert by_folder == by_plan and by_plan[0]["kl_to_teacher"] > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,16 +75,27 @@ def nodes_and_procs(part, hw: Hardware) -> tuple[int, int]:
     return max(1, -(-devices // hw.gpus_per_node)), min(devices, hw.gpus_per_node)
 
 
+def child_command(settings: DistillSettings) -> list[str]:
+    """The `python -m minipuzzle.cli distill ...` command line that runs `settings` in one child process."""
+    from minipuzzle.cli_options import settings_flags
+
+    return [sys.executable, "-m", "minipuzzle.cli", "distill", *settings_flags(settings, exclude=("tokens",))]
+
+
 def launch(cfg: DistillSettings, nnodes: int, nproc_per_node: int, script: Path, log: Callable[[str], None],
            then: str = "rerun this command to continue") -> None:  # fmt: skip
-    """Run `cfg` under torchrun on this node, or, over several nodes, write `script` (to run on every node) and
-    raise `UserError` saying so. A failed torchrun raises `UserError`; its checkpoints let a rerun resume."""
+    """Run `cfg` in a child process (one process), under torchrun on this node, or, over several nodes, write
+    `script` (to run on every node) and raise `UserError` saying so. A failed run raises `UserError`; its
+    checkpoints let a rerun resume."""
     cmd = torchrun_command(cfg, nnodes, nproc_per_node)
     if nnodes == 1:
+        single = nproc_per_node == 1
+        cmd = child_command(cfg) if single else cmd
         log("[distill] " + shlex.join(cmd))
         done = subprocess.run(cmd, check=False)
         if done.returncode != 0:
-            raise UserError(f"distillation under torchrun exited with code {done.returncode}; rerun to resume")
+            how = "in its own process" if single else "under torchrun"
+            raise UserError(f"distillation {how} exited with code {done.returncode}; rerun to resume")
         return
     write_script(script, [cmd])
     raise UserError(f"distillation needs {nnodes} nodes: launch {script} on each node (it resumes from its "

@@ -111,12 +111,15 @@ def prune(
     overwrite: bool = False,
     progress: bool = True,
     hardware: Hardware | None = None,
+    training_hardware: Hardware | None = None,
 ) -> dict:
     """Score, search, rank and cut: write a standard checkpoint plus prune_report.json (`PruneReport`) and plots
     to `out`.
 
     Scoring and ranking run as the memory plan on `hardware` (default: this machine) says (`launch_plan`): on
-    `settings.device` in its dtype, streamed or in memory, at the planned batch and row chunks.
+    `settings.device` in its dtype, streamed or in memory, at the planned batch and row chunks. Candidate
+    distillation runs in processes of its own, planned and launched for `training_hardware` (default: `hardware`;
+    another where this node scores and ranks and the training is meant for more memory than it has).
 
     Candidates are ranked on `held_out_data` (split `held_out_split`, default `split`), or, without it, on the
     first windows of `data`, which scoring and candidate distillation never see. `streaming` (None: on) reads
@@ -151,7 +154,8 @@ def prune(
         skip = 0 if held_out_data is not None else len(held)  # the head of `data` that distillation must skip
         with _timed(timing, "candidate_distill_seconds"):
             after = distill_candidates(path, ckpt, plans, held, data, settings, progress, skip, split, column,
-                                       streaming=streaming, work_dir=Path(str(out) + ".candidates"))
+                                       streaming=streaming, work_dir=Path(str(out) + ".candidates"),
+                                       hardware=training_hardware or hardware, ranking=launch["ranking"])  # fmt: skip
         stats = [{**a, "before_distill": b} for a, b in zip(after, stats)]  # rank on the distilled figures
     rows = ranked_rows(cands, stats)
     windows = {"calibration": len(calib), "held_out": len(held)}

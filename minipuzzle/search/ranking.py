@@ -5,9 +5,14 @@ candidate gets KL(parent || candidate), accuracy, agreement and loss (the shared
 ranking key is the KL (lowest first), ties broken by agreement. In memory the parent is a loaded model; streamed,
 the parent and each candidate run one layer at a time from the shards, so peak memory is about one layer plus
 the residual stream of the held-out windows.
+
+A candidate is a `surgery.Plan` (cut from the parent as it is measured) or the folder of a checkpoint of its own
+(a distilled candidate), measured the same way.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -20,21 +25,23 @@ def rank_key(stats: dict) -> tuple:
 
 @torch.no_grad()
 def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int = 8, progress=None) -> list[dict]:
-    """token_stats of each plan's pruned model against `model` on `windows` [N, T].
+    """token_stats of each candidate (a plan's pruned model, or a checkpoint folder loaded like `model`) against
+    `model` on `windows` [N, T].
 
     The parent runs once: its final hidden states [N, T, h] are kept (on the host) and turned into logits with its
     LM head `metrics.LOGIT_CHUNK` positions at a time, so k candidates cost k + 1 forward passes, not 2k, and no
     batch holds full-vocabulary logits for all its tokens.
     """
+    from minipuzzle.checkpoint import load_model
     from minipuzzle.metrics import TokenStats, final_states
     from minipuzzle.surgery import prune_model
 
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     batches = [windows[s : s + batch_size].to(device) for s in range(0, len(windows), batch_size)]
     parent_h = [model.model(ids, use_cache=False).last_hidden_state.cpu() for ids in batches]
     out = []
     for plan in plans:
-        pruned = prune_model(model, plan)
+        pruned = load_model(plan, dtype, device) if isinstance(plan, (str, Path)) else prune_model(model, plan)
         stats = TokenStats()
         for ids, h in zip(batches, parent_h):
             stats.add_states(final_states(pruned, ids), pruned.lm_head, ids, h.to(device), model.lm_head)
@@ -77,7 +84,7 @@ def measure_streamed(
     dtype: torch.dtype = torch.float32,
     chunk_rows: int | None = None,
 ) -> list[dict]:
-    """Like `measure_in_memory`, one layer at a time from the checkpoint's shards, computing in `dtype`.
+    """Like `measure_in_memory`, one layer at a time from the checkpoints' shards, computing in `dtype`.
 
     The parent's final hidden states of a group of windows are kept in host memory (in `dtype`) while every
     candidate is run on the same group; groups are as large as `host_bytes` allows (all windows at once for small
@@ -96,7 +103,7 @@ def measure_streamed(
         part = windows[g : g + group]
         teacher_h = torch.cat([hn.cpu() for _, hn in iter_layerwise(parent, part, batch_size=batch_size, chunk_rows=chunk_rows)])
         for plan, st in zip(plans, stats):
-            stack = PrunedStack(parent, plan)
+            stack = _stack(parent, plan)
             for rows, hn in iter_layerwise(stack, part, batch_size=batch_size, chunk_rows=chunk_rows):
                 for s in range(0, hn.shape[0], batch_size):
                     ids = part[rows][s : s + batch_size].to(device)
@@ -107,3 +114,10 @@ def measure_streamed(
                 progress(1)
         del teacher_h
     return [st.result() for st in stats]
+
+
+def _stack(parent: StreamedStack, candidate) -> StreamedStack:
+    """A candidate's layers as a stream: cut from `parent` by its plan, or read from its own checkpoint folder."""
+    if isinstance(candidate, (str, Path)):
+        return StreamedStack.open(candidate, device=parent.device, dtype=parent.dtype)
+    return PrunedStack(parent, candidate)
