@@ -11,15 +11,21 @@ prediction for it (`minipuzzle run --dry-run --json`).
 Measured peak: /proc polled every 20 ms for the stage process and all its descendants, RSS summed over them at the
 same instant (for the torchrun stage: both ranks, plus the torchrun launcher), the largest sum kept; the kernel's
 ru_maxrss of the largest process (RUSAGE_CHILDREN) is recorded beside it (polling can miss a short peak; the
-largest single process cannot exceed the true sum).
+largest single process cannot exceed the true sum). The stage process's own RSS and its descendants' sum are kept
+apart too: prune trains its candidates in child processes (`candidates.distill_candidates`), so the prune process
+(scoring, ranking, measuring the distilled candidates, the cut) is measured on its own and its candidate
+distillation as a training of its own.
 
 Predicted peak: the plan's `device_total` for the stage's largest part; on a CPU-only machine it already counts the
 host buffers (device and host are one memory), and `memory_plan.CPU_PROCESS_BASELINE` for each process. For a
 torchrun launch of R ranks on the CPU the plan's figure is per rank, so the prediction is R x device_total (the
 host buffers counted once per rank, as each rank reads its own copy).
 
-Cut is part of the prune stage; it is also run alone (`minipuzzle cut` on the chosen plan) so its peak is measured
-on its own.
+Hardware per part: the rehearsal's device (half the checkpoint) wherever the plan fits it; a training (the distill
+stage, prune's candidate distillation) gets the least memory its plan needs, as no training of this model fits in
+half its size (the prune process is planned on the small device and its candidate distillation, through
+`prune(training_hardware=...)`, on that larger one). Cut is part of the prune process; it is also run alone
+(`minipuzzle cut --host-memory` on the chosen plan) so its peak is measured on its own.
 
     python benchmarks/scale_rehearsal.py [--size full|tiny] [--keep DIR]
 """
@@ -146,17 +152,21 @@ def measure(cmd: list[str], cwd: Path, log: Path) -> dict:
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
-        peak, procs = 0, 1
+        peak, own, children, procs, child_procs = 0, 0, 0, 1, 0
         while proc.poll() is None:
             tree = _tree(proc.pid)
-            peak, procs = max(peak, sum(_rss(p) for p in tree)), max(procs, len(tree))
+            rss = {p: _rss(p) for p in tree}
+            rest = sum(v for p, v in rss.items() if p != proc.pid)
+            peak, own, children = max(peak, sum(rss.values())), max(own, rss[proc.pid]), max(children, rest)
+            procs, child_procs = max(procs, len(tree)), max(child_procs, len(tree) - 1)
             time.sleep(0.02)
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
     # RUSAGE_CHILDREN is the largest of all children so far: it says something of this stage only when it grew.
     return {"peak_rss": peak, "largest_process_maxrss": maxrss if maxrss > before * 1024 else None,
-            "processes": procs, "seconds": round(time.time() - t0, 1)}  # fmt: skip
+            "processes": procs, "seconds": round(time.time() - t0, 1), "own_peak_rss": own,
+            "children_peak_rss": children, "child_processes": child_procs}  # fmt: skip
 
 
 STAGE_CHILD = r"""
@@ -166,12 +176,14 @@ from pathlib import Path
 from minipuzzle import runner
 from minipuzzle.recipe import load_recipe
 r = load_recipe(sys.argv[1]); run_dir = Path(sys.argv[2]); stage = sys.argv[4]
+from minipuzzle.hardware import Hardware
+train_hw = Hardware(device="cpu", gpu_memory=int(sys.argv[5])) if len(sys.argv) > 5 else None
 from minipuzzle.checkpoint import resolve_checkpoint
 teacher = resolve_checkpoint(r.model.source, r.model.path)
 hw = runner.resolve(r.hardware)
 data = runner.prepare_data(r, run_dir / "data")
 {"score": lambda: runner._score(r, teacher, data, run_dir / "score", False, hw),
- "prune": lambda: runner._prune(r, teacher, data, run_dir, False, hw),
+ "prune": lambda: runner._prune(r, teacher, data, run_dir, False, hw, training_hardware=train_hw),
  "distill": lambda: runner._distill(r, teacher, data, run_dir, print, False, hw),
  "eval": lambda: runner._eval(r, teacher, data, run_dir, False, hw)}[stage]()
 """
@@ -180,22 +192,30 @@ data = runner.prepare_data(r, run_dir / "data")
 def dry_run(recipe_file: Path, cwd: Path) -> dict:
     """The plan `minipuzzle run RECIPE --dry-run --json` prints."""
     out = subprocess.run([sys.executable, "-m", "minipuzzle.cli", "run", str(recipe_file), "--dry-run", "--json"],
-                         cwd=cwd, capture_output=True, text=True, check=True)  # fmt: skip
+                         cwd=cwd, capture_output=True, text=True, check=True)  # fmt: skip (a refusal prints too)
     return json.loads(out.stdout)
 
 
+def _key(stage: str, part: str) -> str:
+    """Which measured process a part of the plan runs in: cut and candidate distillation apart from their stage."""
+    return part if part in ("cut", "candidate distillation") else stage
+
+
 def predictions(plan: dict) -> dict[str, dict]:
-    """Per stage (score, prune, cut, distill, eval): the plan's largest part, its device_total and the launch's
-    processes; the prediction is planned_processes x device_total (see the module docstring)."""
+    """Per measured process (score, prune, candidate distillation, cut, distill, eval): the plan's largest part,
+    its device_total and the launch's processes; the prediction is planned_processes x device_total (see the
+    module docstring). The prune process also runs the cut, so its prediction is the larger of its parts and
+    the cut's."""
     out: dict[str, dict] = {}
     for stage in plan["memory"]["stages"]:
         for part in stage["parts"]:
-            key = "cut" if part["name"] == "cut" else stage["stage"]
             procs = part["geometry"].get("devices") or 1
-            pred = procs * part["device_total"]
-            if key not in out or pred > out[key]["predicted"]:
-                out[key] = {"part": part["name"], "device_total": part["device_total"], "planned_processes": procs,
-                            "predicted": pred, "fits": part["fits"]}  # fmt: skip
+            pred = {"part": part["name"], "device_total": part["device_total"], "planned_processes": procs,
+                    "predicted": procs * part["device_total"], "fits": part["fits"]}  # fmt: skip
+            keys = [_key(stage["stage"], part["name"])] + (["prune"] if part["name"] == "cut" else [])
+            for key in keys:
+                if key not in out or pred["predicted"] > out[key]["predicted"]:
+                    out[key] = pred
     return out
 
 
@@ -233,30 +253,49 @@ def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
     run_dir, stages = work / "run", {}
     for stage in ("score", "prune", "cut", "distill", "eval"):
         rf = _write_recipe(work, f"recipe_{stage}", doc, hw[stage])
-        pred = predictions(dry_run(rf, REPO))[stage]
+        pred = predictions(dry_run(rf, REPO))
         if stage == "cut":
             cmd = [sys.executable, "-m", "minipuzzle.cli", "cut", str(work / "ckpt"), "--plan",
-                   str(run_dir / "prune" / "prune_plan.json"), "-o", str(work / "cut")]  # fmt: skip
+                   str(run_dir / "prune" / "prune_plan.json"), "-o", str(work / "cut"), "--host-memory", str(hw[stage])]  # fmt: skip
         else:
             cmd = [sys.executable, "-c", STAGE_CHILD, str(rf), str(run_dir), str(threads), stage]
+        if stage == "prune":  # its candidate distillation is planned for the training's hardware
+            cmd.append(str(hw["candidate distillation"]))
+            pred["candidate distillation"] = predictions(
+                dry_run(_write_recipe(work, "recipe_candidates", doc, hw["candidate distillation"]), REPO)
+            )["candidate distillation"]
         m = measure(cmd, REPO, work / f"{stage}.log")
-        # The plan counts no interpreter: each process adds the measured baseline (torchrun's launcher included).
-        predicted = pred["predicted"] + m["processes"] * baseline
-        stages[stage] = {**m, **pred, "device_memory": hw[stage], "baseline_per_process": baseline,
-                         "predicted_with_baseline": predicted, "ratio_measured_to_predicted": m["peak_rss"] / predicted,
-                         "measured_over_checkpoint": m["peak_rss"] / ckpt_bytes}  # fmt: skip
-        log(f"{stage}: measured {m['peak_rss'] / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB "
-            f"({m['processes']} processes, {m['seconds']} s, device {hw[stage] / 1e9:.2f} GB)")  # fmt: skip
+        if stage == "prune":
+            own = {**m, "peak_rss": m["own_peak_rss"], "processes": 1}
+            kids = {**m, "peak_rss": m["children_peak_rss"], "processes": m["child_processes"]}
+            stages["prune"] = _record(own, pred["prune"], hw[stage], baseline, ckpt_bytes, log, "prune (its process)")
+            stages["candidate distillation"] = _record(kids, pred["candidate distillation"],
+                                                       hw["candidate distillation"], baseline, ckpt_bytes, log,
+                                                       "candidate distillation (child processes)")  # fmt: skip
+        else:
+            stages[stage] = _record(m, pred[stage], hw[stage], baseline, ckpt_bytes, log, stage)
     return {"size": size, "parameters": n, "checkpoint_bytes": ckpt_bytes, "dtype": "float32",
             "device_fraction": DEVICE_FRACTION, "baseline_rss": baseline, "stages": stages,
             "checks": checks(stages, ckpt_bytes)}  # fmt: skip
 
 
+def _record(m: dict, pred: dict, device: int, baseline: int, ckpt_bytes: int, log, label: str) -> dict:
+    """One measured process against its prediction: the plan counts no interpreter, so each process adds the
+    measured baseline (torchrun's launcher included)."""
+    predicted = pred["predicted"] + m["processes"] * baseline
+    log(f"{label}: measured {m['peak_rss'] / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB "
+        f"({m['processes']} processes, {m['seconds']} s, device {device / 1e9:.2f} GB)")  # fmt: skip
+    return {**m, **pred, "device_memory": device, "baseline_per_process": baseline,
+            "predicted_with_baseline": predicted, "ratio_measured_to_predicted": m["peak_rss"] / predicted,
+            "measured_over_checkpoint": m["peak_rss"] / ckpt_bytes}  # fmt: skip
+
+
 def checks(stages: dict, ckpt_bytes: int) -> dict[str, dict]:
-    """The issue's bounds: score, prune, cut and eval below 0.6 x the checkpoint; every prediction within 30 %."""
+    """The issue's bounds: score, prune (its own process), cut and eval below 0.6 x the checkpoint; every
+    prediction within 30 %."""
     out = {}
     for k, s in stages.items():
-        if k != "distill":
+        if k not in ("distill", "candidate distillation"):  # trainings: their bound is their plan
             out[f"{k} < {BOUND_OF_CHECKPOINT} x checkpoint"] = {
                 "value": round(s["measured_over_checkpoint"], 3), "pass": s["peak_rss"] < BOUND_OF_CHECKPOINT * ckpt_bytes}
         err = abs(s["predicted_with_baseline"] - s["peak_rss"]) / s["peak_rss"]

@@ -199,7 +199,7 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None) -> dict[str, Any]
     plan is `memory_plan.plan_recipe`'s; "refusal" is the line a run would be refused with (None: it fits).
     """
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import plan_recipe
+    from minipuzzle.memory_plan import model_facts, plan_recipe
     from minipuzzle.presets import describe_model
     from minipuzzle.search.pipeline import H100_FLOPS
 
@@ -207,7 +207,8 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None) -> dict[str, Any]
     stages = _plan_stages(recipe, source)
     for st in stages:
         st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
-    memory = plan_recipe(recipe, source, hardware or resolve(recipe.hardware))
+    stored = model_facts(recipe.model.source, recipe.model.path)[1]  # as the run plans it (runner.check_memory)
+    memory = plan_recipe(recipe, source, hardware or resolve(recipe.hardware), stored_bytes=stored)
     for st, planned in ((st, p) for st in stages for p in memory.stages if st["stage"] == p.stage == "distill"):
         st["gpus"] = planned.parts[0].geometry.devices  # the launch's when the recipe gives it, else the plan's
     return {

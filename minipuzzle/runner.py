@@ -166,7 +166,8 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
                     overwrite=True, progress=progress, hardware=hw)  # fmt: skip
 
 
-def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None):
+def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None,
+           training_hardware: Hardware | None = None):  # fmt: skip
     from minipuzzle.recipe import prune_settings
     from minipuzzle.search.pipeline import prune
 
@@ -175,7 +176,8 @@ def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress
     held = data.held_out if data.separate_held_out else None
     prune(str(teacher), run_dir / "prune", settings, data.train, held_out_data=held, split=data.split,
           held_out_split=data.eval_split, column=data.column, streaming=data.streaming,
-          scores_dir=str(run_dir / "score"), overwrite=True, progress=progress, hardware=hw)  # fmt: skip
+          scores_dir=str(run_dir / "score"), overwrite=True, progress=progress, hardware=hw,
+          training_hardware=training_hardware)  # fmt: skip
 
 
 def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool,

@@ -18,7 +18,7 @@ def _module():
 def test_rehearsal_records_every_stage_against_its_plan(tmp_path):
     sr = _module()
     rec = sr.rehearse("tiny", tmp_path, threads=1, log=lambda _: None)
-    assert set(rec["stages"]) == {"score", "prune", "cut", "distill", "eval"}
+    assert set(rec["stages"]) == {"score", "prune", "candidate distillation", "cut", "distill", "eval"}
     for name, s in rec["stages"].items():
         # cut imports less than the stages (no datasets, lm-eval): half the baseline is still an interpreter's
         assert s["peak_rss"] > rec["baseline_rss"] / 2 > 0, name
@@ -27,10 +27,14 @@ def test_rehearsal_records_every_stage_against_its_plan(tmp_path):
     assert rec["stages"]["distill"]["processes"] == 4
     assert rec["stages"]["distill"]["planned_processes"] == 2
     assert rec["stages"]["distill"]["device_total"] * 2 == rec["stages"]["distill"]["predicted"]
+    # prune trained its candidates in a child process: its own process and the children are measured apart
+    prune, cand = rec["stages"]["prune"], rec["stages"]["candidate distillation"]
+    assert prune["processes"] == 1 and cand["processes"] >= 1 and cand["part"] == "candidate distillation"
+    assert 0 < prune["peak_rss"] and 0 < cand["peak_rss"] and prune["part"] != "candidate distillation"
     # the stages wrote what the next one reads: the cut student matches prune's, eval compared it to the teacher
     pruned = json.loads((tmp_path / "run" / "prune" / "config.json").read_text())
     cut = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert pruned["layers_block_type"] == cut["layers_block_type"]
     assert (tmp_path / "run" / "distill" / "config.json").is_file()
     assert (tmp_path / "run" / "eval").is_dir()
-    assert len(rec["checks"]) == 9 and all(isinstance(c["pass"], bool) for c in rec["checks"].values())
+    assert len(rec["checks"]) == 10 and all(isinstance(c["pass"], bool) for c in rec["checks"].values())
