@@ -26,7 +26,7 @@ from minipuzzle.hardware import Hardware
 def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, settings, progress: bool,
                        skip: int = 0, split: str = "train", column: str = "text", *, streaming: bool | None = None,
                        work_dir: Path | None = None, hardware: Hardware | None = None, ranking=None,
-                       log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+                       shard_bytes: int | None = None, log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     """Cut each plan from `ckpt`, distil it for `settings.candidate_distill_steps` on `data`, and return its
     `metrics.token_stats` against the parent on `held` [H, T].
 
@@ -35,7 +35,8 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     `data.streaming` (None: on). `work_dir`: where cuts and distilled candidates are kept (a rerun reuses the
     finished ones; default: a temporary folder). `hardware`: what the training is planned and launched for
     (default: this machine). `ranking`: the prune plan's ranking part, which the measurement follows (default: the
-    plan on this machine). The winner is still written undistilled: the final distillation stage starts from the
+    plan on this machine). `shard_bytes`: the largest output shard of each candidate's cut (the prune plan's cut
+    part; default `memory_plan.SHARD_BYTES`): a shard is buffered whole. The winner is still written undistilled: the final distillation stage starts from the
     cut weights.
     """
     from minipuzzle.hardware import detect
@@ -46,7 +47,8 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     with _folder(work_dir) as work:
         distilled = []
         for i, plan in enumerate(plans):
-            cfg = _settings(ckpt, plan, work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
+            _cut(ckpt, plan, work / f"cand{i}", shard_bytes)
+            cfg = _settings(work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
             _run(cfg, ckpt, hw, settings, work, log)
             distilled.append(cfg.output_path)
         out = rank(path, ckpt, distilled, held, settings, progress, ranking)
@@ -55,13 +57,19 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     return out
 
 
-def _settings(ckpt, plan, cut_dir: Path, path, data, settings, progress, skip, split, column, streaming):
-    """The DistillSettings of one candidate, its cut written to `cut_dir` (kept when a rerun finds it)."""
-    from minipuzzle.settings import DistillSettings
+def _cut(ckpt, plan, cut_dir: Path, shard_bytes: int | None) -> None:
+    """Write the candidate's cut to `cut_dir`, unless a rerun finds it there."""
+    from minipuzzle.memory_plan import SHARD_BYTES
     from minipuzzle.surgery import prune_checkpoint
 
     if not (cut_dir / "config.json").is_file():
-        prune_checkpoint(ckpt, plan, cut_dir, progress=False, overwrite=True)
+        prune_checkpoint(ckpt, plan, cut_dir, progress=False, overwrite=True, max_shard_bytes=shard_bytes or SHARD_BYTES)
+
+
+def _settings(cut_dir: Path, path, data, settings, progress, skip, split, column, streaming):
+    """The DistillSettings of one candidate whose cut is in `cut_dir`."""
+    from minipuzzle.settings import DistillSettings
+
     steps = settings.candidate_distill_steps
     return DistillSettings(
         teacher=str(path), student=str(cut_dir), data=str(data), output=str(cut_dir) + "-distilled",

@@ -373,9 +373,14 @@ def _fit_rows(make, hw: Hardware, batch: int, n_rows: int) -> tuple[Memory, int,
     return make(1, 1), 1, 1
 
 
-def _read_host(layout: Layout, stored: int, streamed: bool) -> int:
+def _read_host(layout: Layout, stored: int, streamed: bool, *, compute: int | None = None,
+               hw: Hardware | None = None) -> int:  # fmt: skip
     """Host bytes of reading a checkpoint: a streamed pass reads one layer whole from the shards (and the
-    embeddings when it opens); a load reads one tensor at a time, the largest being the embeddings [V, h]."""
+    embeddings when it opens); a load reads one tensor at a time, the largest being the embeddings [V, h]. Nothing
+    when the weights are used as read (`compute` bytes equal to `stored` on a CPU `hw`): a tensor read from a shard
+    is a view of its mapping and becomes the weight itself, with no copy beside it."""
+    if hw is not None and hw.device == "cpu" and compute == stored:
+        return 0
     emb = layout.vocab_size * layout.hidden_size
     return stored * (max(largest_block(layout), emb) if streamed else emb)
 
@@ -446,7 +451,7 @@ def plan_score(layout: Layout, hw: Hardware, *, seq_len: int, depth_samples: int
 
     def maker(streamed: bool, pas):
         _, _, states, hooks, after, logits = pas
-        host = _read_host(layout, stored_bytes, streamed) + windows
+        host = _read_host(layout, stored_bytes, streamed, compute=b, hw=hw) + windows
         return lambda micro, rows: _layerwise(layout, hw, b=b, streamed=streamed, rows=rows, micro=micro,
                                               seq_len=seq_len, states=states, hooks=hooks, after=after, logits=logits,
                                               host=host)  # fmt: skip

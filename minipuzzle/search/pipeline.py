@@ -155,7 +155,8 @@ def prune(
         with _timed(timing, "candidate_distill_seconds"):
             after = distill_candidates(path, ckpt, plans, held, data, settings, progress, skip, split, column,
                                        streaming=streaming, work_dir=Path(str(out) + ".candidates"),
-                                       hardware=training_hardware or hardware, ranking=launch["ranking"])  # fmt: skip
+                                       hardware=training_hardware or hardware, ranking=launch["ranking"],
+                                       shard_bytes=launch["cut"].geometry.shard_bytes)  # fmt: skip
         stats = [{**a, "before_distill": b} for a, b in zip(after, stats)]  # rank on the distilled figures
     rows = ranked_rows(cands, stats)
     windows = {"calibration": len(calib), "held_out": len(held)}
