@@ -325,3 +325,153 @@ def test_eval_runs_its_memory_plan(models, text_file, tmp_path, monkeypatch):
     for k in ("perplexity", "kl_to_teacher", "agreement"):
         assert reps["sequential"][k] == pytest.approx(reps["together"][k], rel=1e-6)
     assert reps["sequential"]["teacher_quality"] == pytest.approx(reps["together"]["teacher_quality"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory, tokenizer):
+    """A tiny mixture-of-experts checkpoint, its routed experts stored one tensor each (as the hub stores them)."""
+    from minipuzzle.testing import tiny_moe_layout
+
+    path = tmp_path_factory.mktemp("moe") / "moe"
+    return save_model(random_model(tiny_moe_layout(), seed=5), path, tokenizer=tokenizer, max_shard_bytes=40_000)
+
+
+def _loaded_blocks(model) -> list[list[bool]]:
+    """Filled as `model` runs: for each block's forward, which blocks hold real weights then (read from the mixers'
+    pre-hooks, which run inside the blocks' offloading hooks)."""
+    seen, layers = [], model.model.layers
+    for layer in layers:
+        layer.mixer.register_forward_pre_hook(lambda m, a: seen.append([not x.norm.weight.is_meta for x in layers]))
+    return seen
+
+
+def test_offloaded_model_reads_one_block_at_a_time_and_gives_the_in_memory_figures(tiny_checkpoint, models, tokenizer,
+                                                                                   text_file):  # fmt: skip
+    """In both weight-name styles, a model offloaded to its checkpoint holds no weights but the running block's
+    (read just before it, dropped after), and gives the in-memory held-out figures against an offloaded teacher
+    recorded first; the placement helpers see the CPU it computes on."""
+    from minipuzzle.evaluate.placement import compute_devices, head_copy, input_device, load_offloaded
+    from minipuzzle.evaluate.runner import record_teacher
+
+    cpu = torch.device("cpu")
+    model, teacher = (load_offloaded(p, torch.float32, cpu) for p in (tiny_checkpoint, models["teacher"]))
+    windows = token_windows(text_file, tokenizer, 32, 5, seed=4)
+    seen = _loaded_blocks(model)
+    got = held_out_stats(model, windows, record_teacher(teacher, windows, 2), 2)
+    n = model.config.num_hidden_layers
+    assert seen == [[j == i for j in range(n)] for i in range(n)] * 3  # 5 windows in batches of 2
+    assert all(p.is_meta for m in (model, teacher) for p in m.parameters())  # nothing stays loaded
+    plain = load_model(tiny_checkpoint)
+    want = held_out_stats(plain, windows, load_model(models["teacher"]), 2)
+    assert got.pop("teacher") == pytest.approx(want.pop("teacher"), rel=1e-6)
+    assert got == pytest.approx(want, rel=1e-6) and want["kl_to_teacher"] > 1e-3
+    assert torch.equal(head_copy(model).weight, plain.lm_head.weight)
+    assert input_device(model) == cpu and compute_devices(model) == [cpu]
+
+
+def test_offloaded_moe_model_merges_experts_and_keeps_routers_in_float32(moe_checkpoint, tokenizer, text_file):
+    """An offloaded bf16 mixture-of-experts model reads its per-expert tensors as the 3-D expert weights in bf16
+    and its routers in float32 (as `fill_weights` loads them), and gives the in-memory bf16 model's figures
+    against the float32 one."""
+    from minipuzzle.evaluate.placement import load_offloaded
+    from minipuzzle.evaluate.runner import record_teacher
+
+    model = load_offloaded(moe_checkpoint, torch.bfloat16, torch.device("cpu"))
+    teacher = load_offloaded(moe_checkpoint, torch.float32, torch.device("cpu"))
+    dtypes = []
+    for layer in model.model.layers:
+        if hasattr(layer.mixer, "gate"):
+            layer.mixer.register_forward_pre_hook(lambda m, a: dtypes.append(
+                (m.gate.weight.dtype, m.gate.e_score_correction_bias.dtype, m.experts.up_proj.dtype, m.experts.up_proj.ndim)))  # fmt: skip
+    windows = token_windows(text_file, tokenizer, 32, 4, seed=5)
+    got = held_out_stats(model, windows, record_teacher(teacher, windows, 2), 2)
+    assert dtypes == [(torch.float32, torch.float32, torch.bfloat16, 3)] * 4  # 2 MoE layers, 2 batches
+    want = held_out_stats(load_model(moe_checkpoint, torch.bfloat16), windows, load_model(moe_checkpoint), 2)
+    assert got.pop("teacher") == pytest.approx(want.pop("teacher"), rel=1e-6)
+    assert got == pytest.approx(want, rel=1e-6) and want["kl_to_teacher"] > 0
+
+
+def _offload_hardware(lay: Layout, t_lay: Layout, st: EvalSettings, device: str, dtype: str = "auto"):
+    """Hardware (one device) that holds eval's offloaded plan at a batch of one window: the plan on a device of
+    one byte is the offloaded one, and its need sizes the device."""
+    from minipuzzle.hardware import Hardware
+    from minipuzzle.memory_plan import USABLE, eval_stage
+
+    def hw(mem: int) -> Hardware:
+        return Hardware(device=device, gpu_memory=mem, gpus_per_node=1)
+
+    one = st.model_copy(update={"batch_size": 1, "speed": False})
+    need = max(p.device_total for p in eval_stage(lay, t_lay, hw(1), one, dtype=dtype, stored_bytes=4).parts)
+    return hw(int(need / USABLE) + 2)
+
+
+def test_eval_offloads_when_no_whole_model_fits(models, text_file, tmp_path, monkeypatch, offline):
+    """On a device that holds neither model whole eval offloads both, one after the other, and gives the in-memory
+    report's figures, lm-eval tasks included; with speed on it refuses in one line before loading or writing."""
+    import minipuzzle.evaluate.placement as placement
+    from minipuzzle.hardware import Hardware
+    from minipuzzle.memory_plan import eval_stage, model_facts
+
+    st = EvalSettings(seq_len=32, samples=6, batch_size=4, speed=False, tasks=[str(TASK_YAML)], limit=6)
+    (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
+    small = _offload_hardware(lay, t_lay, st, "cpu")
+    plan = eval_stage(lay, t_lay, small, st, dtype="float32", stored_bytes=4)
+    assert plan.fits and all(p.geometry.streaming and p.geometry.sequential for p in plan.parts)
+    offloaded, real = [], placement.load_offloaded
+    monkeypatch.setattr(placement, "load_offloaded", lambda *a: offloaded.append(a[0]) or real(*a))
+    reps = {name: evaluate(models["student"], tmp_path / name, st, teacher_path=models["teacher"], data=text_file,
+                           device="cpu", hardware=hw)
+            for name, hw in (("offloaded", small), ("in memory", Hardware(device="cpu", gpu_memory="64GiB")))}  # fmt: skip
+    assert offloaded == [models["teacher"], models["student"]]
+    off, mem = reps["offloaded"], reps["in memory"]
+    for k in ("perplexity", "kl_to_teacher", "agreement", "tokens", "teacher_quality"):
+        assert off[k] == pytest.approx(mem[k], rel=1e-6), k
+    for k in ("tasks", "teacher_tasks"):
+        assert off[k]["tiny_code_mc"] == pytest.approx(mem[k]["tiny_code_mc"], rel=1e-6)
+    assert off["task_samples"] == {"tiny_code_mc": 6} and off["kl_to_teacher"] > 1e-3
+    with pytest.raises(UserError, match=r"^eval \(speed\) does not fit: .*--no-speed"):
+        evaluate(models["student"], tmp_path / "speed", st.model_copy(update={"speed": True}),
+                 teacher_path=models["teacher"], data=text_file, device="cpu", hardware=small)  # fmt: skip
+    assert len(offloaded) == 2 and not (tmp_path / "speed").exists()
+
+
+def test_cli_refuses_speed_on_an_offloaded_model(models, text_file, tmp_path):
+    """`eval --gpu-memory` on a GPU that holds no whole model: refused in one line naming --no-speed, exit 2,
+    nothing written; with --no-speed the same command runs."""
+    from minipuzzle.memory_plan import model_facts
+
+    st = EvalSettings(seq_len=24, samples=3)
+    (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
+    mem = str(_offload_hardware(lay, t_lay, st, "cuda").gpu_memory)
+    out = tmp_path / "rep"
+    args = ["eval", str(models["student"]), "--teacher", str(models["teacher"]), "--data", str(text_file),
+            "--seq-len", "24", "--num-samples", "3", "--gpu-memory", mem, "--gpus", "1", "-o", str(out)]  # fmt: skip
+    code, _, err = run_cli(args)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: eval (speed) does not fit: ") and "--no-speed" in err
+    assert not out.exists()
+    code, _, err = run_cli([*args, "--no-speed"])
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["speed"] == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloaded_model_on_cuda_matches_the_resident_one_and_frees_its_blocks(tiny_checkpoint, tokenizer, text_file):
+    """On a GPU an offloaded bf16 model computes there (blocks copied from the host each forward) with the resident
+    model's figures, and holds no weights on the GPU afterwards."""
+    from minipuzzle.evaluate.placement import compute_devices, input_device, load_offloaded
+    from minipuzzle.evaluate.runner import record_teacher
+
+    windows = token_windows(text_file, tokenizer, 64, 4, seed=6)
+    whole = load_model(tiny_checkpoint, torch.bfloat16, "cuda")
+    want = held_out_stats(whole, windows, whole, 2)
+    nbytes = sum(p.numel() * 2 for p in whole.parameters())
+    del whole
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    model = load_offloaded(tiny_checkpoint, torch.bfloat16, torch.device("cuda"))
+    assert input_device(model).type == "cuda" and [d.type for d in compute_devices(model)] == ["cuda"]
+    got = held_out_stats(model, windows, record_teacher(model, windows, 2), 2)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-3) and got["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert torch.cuda.memory_allocated() - before < nbytes / 4  # no more than stray buffers (cuBLAS's)

@@ -177,6 +177,49 @@ def test_eval_47b_against_56b_spreads_over_four_gpus():
     assert seq.memory.host_buffers >= 128 * T * H * 2
 
 
+# The scale rehearsal's layout (benchmarks/scale_rehearsal.py, "full"): wide MLPs, a 4096-token vocabulary.
+REHEARSAL = dict(pattern="M-*-M-" * 2, vocab_size=4096, hidden_size=2048, intermediate_size=18432,
+                 num_attention_heads=16, num_key_value_heads=4, head_dim=128, mamba_num_heads=32, mamba_head_dim=64,
+                 n_groups=4, ssm_state_size=64)  # fmt: skip
+
+
+def test_eval_offloads_exactly_when_no_whole_model_fits():
+    """Offloading (every block read from disk each forward) is the last option: at the least memory any plan
+    holding a whole model fits, eval holds one; one byte less, it offloads. Its weights are the largest unit read
+    at once (a block, or the embeddings / LM head [V, h]) plus the teacher's head kept for the KL."""
+    from minipuzzle.memory_plan import OFFLOAD_SPEED, check
+    from minipuzzle.testing import tiny_layout
+
+    lay = tiny_layout(**REHEARSAL)
+    ev = EvalShape(seq_len=64, samples=2, batch_size=8, speed=False)
+
+    def plan(mem: int):
+        return plan_eval(lay, lay, Hardware(device="cpu", gpu_memory=mem), ev, stored_bytes=4)
+
+    lo, hi = 1, 2**40  # the least memory whose plan is not offloaded
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if plan(mid).parts[0].geometry.streaming else (lo, mid)
+    whole, offloaded = plan(lo).parts[0], plan(lo - 1).parts[0]
+    assert whole.fits and not whole.geometry.streaming and whole.geometry.sequential
+    assert offloaded.fits and offloaded.geometry.streaming and offloaded.geometry.sequential
+    assert offloaded.geometry.devices == 1 and "every forward" in offloaded.note
+    mlp = 2 * 2048 * 18432 + 2048  # the largest block, above the embeddings' 4096 x 2048
+    assert offloaded.memory.weights == (mlp + 4096 * 2048) * 4
+    # 56B against 47B on one 80 GiB GPU: the LM head [V, H] is the largest unit, and the teacher's copy of it.
+    gpu = Hardware(gpu_memory="80GiB", gpus_per_node=1)
+    big = plan_eval(PRESETS["47b"].layout, PRESETS["56b"].layout, gpu, ev.model_copy(update={"seq_len": T}),
+                    dtype="bfloat16")  # fmt: skip
+    assert big.fits and big.parts[0].geometry.streaming and big.parts[0].memory.weights == 2 * V * H * 2
+    # Timing a model read from disk times the disk: with speed on, the speed part is refused in one line.
+    with_speed = plan_eval(lay, lay, Hardware(device="cpu", gpu_memory=lo - 1), ev.model_copy(update={"speed": True}),
+                           stored_bytes=4)  # fmt: skip
+    speed = with_speed.parts[-1]
+    assert speed.name == "speed" and not speed.fits and speed.problem == OFFLOAD_SPEED
+    with pytest.raises(UserError, match=r"^eval \(speed\) does not fit: .*--no-speed.*eval\.speed: false"):
+        check(Hardware(device="cpu", gpu_memory=lo - 1), with_speed)
+
+
 def test_cpu_plans_count_host_buffers_against_the_one_memory():
     hw = Hardware(device="cpu", gpu_memory="64GiB", host_memory="64GiB")
     for p in plan_score(PRESETS["8b"].layout, hw, seq_len=512, depth_samples=8, width_samples=8):

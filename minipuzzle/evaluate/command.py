@@ -51,6 +51,7 @@ def _eval_command(
 
     from minipuzzle.evaluate.report import render_markdown
     from minipuzzle.evaluate.runner import evaluate
+    from minipuzzle.hardware import resolve
     from minipuzzle.units import parse_context
 
     st, src, dev = (
@@ -59,9 +60,11 @@ def _eval_command(
         DeviceOptions(**compute),
     )
     _check_memory(model, teacher, st, src.data is not None, dev, hardware)
+    # Eval places its models for the hardware it was checked against (--gpu-memory may make it offload them).
     rep = evaluate(model, output, st, teacher_path=teacher, data=src.data, split=src.split, column=src.text_column,
                    streaming=src.streaming, device=dev.device, dtype=dev.dtype, precision=precision,
-                   context=parse_context(context), overwrite=overwrite, progress=True)  # fmt: skip
+                   context=parse_context(context), overwrite=overwrite, progress=True,
+                   hardware=resolve(None, hardware))  # fmt: skip
     con = Console()
     con.print(render_markdown(rep), markup=False, highlight=False)
     con.print(f"[bold]report written to {output}[/] ({', '.join(['report.json', 'report.md', *rep['plots']])})")

@@ -188,7 +188,7 @@ def run_tasks(
     batch_size: int = 8,
     seed: int = 1234,
 ) -> dict[str, Any]:
-    """Evaluate `model` (an in-memory causal LM) on lm-eval tasks.
+    """Evaluate `model` (a causal LM: in memory, device-mapped or offloaded, see `placement`) on lm-eval tasks.
 
     Returns {"tasks": {task: {metric: value}}, "stderr": {task: {metric: value}}, "n_shot": {task: int},
     "samples": {task: int}}. Tasks with different few-shot counts run in separate `simple_evaluate` calls over
@@ -199,8 +199,13 @@ def run_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from minipuzzle.evaluate.placement import input_device
+
     manager, by_shots = _task_manager(specs)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # HFLM sends token ids to `model.device`, its first parameter's: on the meta device for an offloaded model, and
+    # not always the embeddings' device under a device map. They go where the embeddings compute.
+    lm._device = input_device(model)
     out: dict[str, Any] = {"tasks": {}, "stderr": {}, "n_shot": {}, "samples": {}}
     for shots, entries in by_shots.items():
         res = simple_evaluate(

@@ -1,13 +1,18 @@
-"""Where eval puts a model: whole on one device, or spread over several GPUs by accelerate's device map.
+"""Where eval puts a model: whole on one device, spread over several GPUs by accelerate's device map, or offloaded
+to its checkpoint (every block read from disk just before it runs and dropped after it).
 
 The memory plan (`memory_plan.plan_eval`) decides how many of a node's GPUs eval uses and how many bytes of
 weights each may hold; `load_placed` builds the model on the meta device, lets accelerate place whole blocks
 within those bytes, fills each weight straight onto its device (no host copy of the whole model) and dispatches
-it, so activations move from GPU to GPU as the layers run.
+it, so activations move from GPU to GPU as the layers run. When not even that fits (the CPU, or a model larger
+than a node's GPUs), `load_offloaded` leaves the model on the meta device and gives each block accelerate's
+offloading hook, reading its weights through `CheckpointWeights`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,14 +54,108 @@ def _torch_device(dev: str | int) -> str:
 
 
 def load_placed(path: str | Path, dtype: torch.dtype, device: torch.device, devices: int = 1,
-                per_device_bytes: int | None = None):  # fmt: skip
-    """The model of `path` whole on `device` (one device, the CPU included), or spread over `devices` GPUs
-    (cuda:0 ..) holding at most `per_device_bytes` of its weights each."""
+                per_device_bytes: int | None = None, offload: bool = False):  # fmt: skip
+    """The model of `path` whole on `device` (one device, the CPU included), spread over `devices` GPUs
+    (cuda:0 ..) holding at most `per_device_bytes` of its weights each, or, `offload`, computing on `device` with
+    its blocks read from the checkpoint every forward (`load_offloaded`)."""
     from minipuzzle.checkpoint import load_model
 
+    if offload:
+        return load_offloaded(path, dtype, device)
     if devices <= 1 or device.type != "cuda":
         return load_model(path, dtype, device)
     return load_mapped(path, dtype, max_memory={i: per_device_bytes for i in range(devices)})
+
+
+class CheckpointWeights(Mapping):
+    """The weights of one module of a checkpoint's model, read when asked: `weights[name]` is the tensor
+    `prefix + name` read from its shard by `Checkpoint.get` (either name style, routed experts merged into the
+    model's 3-D tensors), in `dtypes[prefix + name]`. Nothing is cached, so a tensor's memory goes when the module
+    that asked for it drops it."""
+
+    def __init__(self, ckpt, prefix: str, sources: dict[str, str], dtypes: dict[str, torch.dtype]):
+        self.ckpt, self.prefix, self.sources, self.dtypes = ckpt, prefix, sources, dtypes
+        self.names = [k[len(prefix) :] for k in sources if k.startswith(prefix)]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        full = self.prefix + name
+        if full not in self.sources:
+            raise KeyError(name)
+        return self.ckpt.get(self.sources[full]).to(self.dtypes[full])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _sources(model, ckpt) -> dict[str, str]:
+    """The checkpoint tensor behind each of `model`'s weights (a tied checkpoint may omit the LM head, which
+    transformers' NemotronH keeps apart: it reads the embeddings). A missing weight fails as in `fill_weights`."""
+    from minipuzzle.errors import UserError
+
+    have, out = set(ckpt.module_keys()), {}
+    for k in model.state_dict():
+        tied = k == "lm_head.weight" and ckpt.layout.tie_word_embeddings
+        out[k] = k if k in have or not tied else "model.embeddings.weight"
+    missing = sorted(k for k, v in out.items() if v not in have)
+    if missing:
+        raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
+    return out
+
+
+def offload_units(model) -> dict[str, torch.nn.Module]:
+    """Prefix -> module of each unit an offloaded model reads at once: the embeddings, every block, the final
+    norm and the LM head (together they hold every weight)."""
+    blocks = {f"model.layers.{i}.": layer for i, layer in enumerate(model.model.layers)}
+    return {"model.embeddings.": model.model.embeddings, **blocks, "model.norm_f.": model.model.norm_f,
+            "lm_head.": model.lm_head}  # fmt: skip
+
+
+def load_offloaded(path: str | Path, dtype: torch.dtype, device: torch.device):
+    """A `NemotronHForCausalLM` of checkpoint `path` that holds no weights: it stays on the meta device, and each
+    unit (`offload_units`) gets accelerate's offloading hook, which reads the unit's weights from the checkpoint
+    onto `device` just before its forward and puts them back on the meta device after it. Weights are cast as
+    `checkpoint.fill_weights` casts them: `dtype`, except the float32 routers (`keeps_float32`)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from minipuzzle.checkpoint import Checkpoint, build_model, keeps_float32
+
+    ckpt = Checkpoint(path)
+    model = build_model(ckpt.layout, ckpt.config).eval().requires_grad_(False)
+    sources = _sources(model, ckpt)
+    dtypes = {k: torch.float32 if keeps_float32(model, k) else dtype if t.is_floating_point() else t.dtype
+              for k, t in model.state_dict().items()}  # fmt: skip
+    # accelerate casts what the map returns to the meta tensor's dtype: give each meta tensor its loaded dtype.
+    model.load_state_dict({k: torch.empty(t.shape, dtype=dtypes[k], device="meta") for k, t in
+                           model.state_dict().items()}, assign=True)  # fmt: skip
+    for prefix, unit in offload_units(model).items():
+        weights = CheckpointWeights(ckpt, prefix, sources, dtypes)
+        add_hook_to_module(unit, AlignDevicesHook(execution_device=device, offload=True, weights_map=weights,
+                                                  offload_buffers=True, place_submodules=True))  # fmt: skip
+    return model
+
+
+def is_offloaded(model) -> bool:
+    """True for a model whose weights are read from its checkpoint every forward (`load_offloaded`)."""
+    from accelerate.utils import has_offloaded_params
+
+    return has_offloaded_params(model.lm_head)
+
+
+@contextmanager
+def resident_head(model):
+    """The model's LM head as a callable [n, h] -> [n, V] whose weight stays on its device for the block: an
+    offloaded head is read once for all the chunks of logits a batch makes, not once per chunk."""
+    if not is_offloaded(model):
+        yield model.lm_head
+        return
+    from accelerate.utils import align_module_device
+
+    head = model.lm_head
+    with align_module_device(head):
+        yield lambda h: torch.nn.functional.linear(h, head.weight)
 
 
 def execution_device(module) -> torch.device:
@@ -86,4 +185,6 @@ def head_copy(model) -> torch.nn.Linear:
 
 def compute_devices(model) -> list[torch.device]:
     """Every device `model` computes on (its modules' execution devices), in order."""
-    return list(dict.fromkeys(execution_device(m) for m in model.modules() if next(m.parameters(False), None) is not None))
+    devs = (execution_device(m) for m in model.modules() if next(m.parameters(False), None) is not None)
+    # The blocks of an offloaded model compute where their hook says; their own weights wait on the meta device.
+    return list(dict.fromkeys(d for d in devs if d.type != "meta"))

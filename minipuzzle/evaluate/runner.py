@@ -61,14 +61,15 @@ def record_teacher(teacher, windows: torch.Tensor, batch_size: int = 8, progress
     """Run `teacher` over windows [N, T] once, keeping what `held_out_stats` needs for the KL: its final states
     on the host (N x T x h values: 17 GB for 128 x 8192 windows of a 8192-wide model in bf16, where storing its
     log-probabilities would take V / h = 16 times more, and a top-k would change the KL)."""
-    from minipuzzle.evaluate.placement import execution_device, head_copy, input_device
+    from minipuzzle.evaluate.placement import execution_device, head_copy, input_device, resident_head
     from minipuzzle.metrics import TokenStats, final_states
 
     own, states = TokenStats(), []
     for start in track(range(0, len(windows), batch_size), "held-out text (teacher)", progress):
         ids = windows[start : start + batch_size].to(input_device(teacher))
         h = final_states(teacher, ids).to(execution_device(teacher.lm_head))
-        own.add_states(h, teacher.lm_head, ids)
+        with resident_head(teacher) as head:
+            own.add_states(h, head, ids)
         states.append(h.cpu())
     return TeacherRecord(states, head_copy(teacher), own.result())
 
@@ -78,7 +79,7 @@ def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int =
     """`metrics.token_stats` over windows [N, T] with a progress bar. With a teacher (a model, or a
     `TeacherRecord` made with the same batch size), its own loss, accuracy and perplexity come back under "teacher",
     from the same forward passes that give the KL (one teacher pass). The models may be spread over devices."""
-    from minipuzzle.evaluate.placement import execution_device, input_device
+    from minipuzzle.evaluate.placement import execution_device, input_device, resident_head
     from minipuzzle.metrics import TokenStats, final_states
 
     stats, own = TokenStats(), TokenStats()
@@ -92,7 +93,9 @@ def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int =
             t_states = rec.states[i].to(head_dev)
         else:
             t_states = final_states(teacher, ids).to(head_dev) if teacher is not None else None
-        stats.add_states(final_states(model, ids).to(head_dev), model.lm_head, ids, t_states, t_head)
+        states = final_states(model, ids).to(head_dev)
+        with resident_head(model) as head:
+            stats.add_states(states, head, ids, t_states, t_head)
         if t_states is not None and rec is None:
             own.add_states(t_states.to(execution_device(t_head)), t_head, ids)
     out = stats.result()
@@ -204,9 +207,10 @@ def _check_vocab(mpath: Path, tpath: Path | None) -> None:
 def eval_launch(mpath: Path, tpath: Path | None, st: EvalSettings, held_out: bool, tasks: bool, dev, dt,
                 hardware=None) -> dict:  # fmt: skip
     """The eval plan (`memory_plan.plan_eval`) on `hardware` (default: this machine) computing on `dev` in `dt`:
-    {"devices", "sequential", "batch": {part: batch}, "share": {path: weight bytes per device}}."""
+    {"devices", "sequential", "offload", "batch": {part: batch}, "share": {path: weight bytes per device}}.
+    An offloaded plan with the speed measurement on is a `UserError` (`memory_plan.OFFLOAD_SPEED`)."""
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import compute_hardware, eval_stage, eval_weight_share, model_facts
+    from minipuzzle.memory_plan import OFFLOAD_SPEED, compute_hardware, eval_stage, eval_weight_share, model_facts
 
     hw = compute_hardware(hardware or resolve(), str(dev))
     name = str(dt).removeprefix("torch.")
@@ -214,20 +218,23 @@ def eval_launch(mpath: Path, tpath: Path | None, st: EvalSettings, held_out: boo
     es = st.model_copy(update={"tasks": ["-"] if tasks else []})
     geo = {p.name: p.geometry for p in eval_stage(layout, t_layout, hw, es, held_out=held_out, dtype=name,
                                                   stored_bytes=stored).parts}  # fmt: skip
-    k = max(g.devices for g in geo.values())
+    k, offload = max(g.devices for g in geo.values()), any(g.streaming for g in geo.values())
+    if offload and st.speed:
+        raise UserError(f"eval (speed) does not fit: {OFFLOAD_SPEED}")
     share = {mpath: eval_weight_share(layout, k, name)} | ({tpath: eval_weight_share(t_layout, k, name)} if tpath else {})
-    return {"devices": k, "sequential": any(g.sequential for g in geo.values()), "share": share,
+    return {"devices": k, "sequential": any(g.sequential for g in geo.values()), "offload": offload, "share": share,
             "batch": {n: g.micro_batch for n, g in geo.items()}}  # fmt: skip
 
 
 def _measure(mpath, tpath, launch: dict, dt, dev, windows, tok, specs, st: EvalSettings, progress: bool) -> dict:
     """Every figure of the report: both models resident (placed as the plan says), or, `launch["sequential"]`,
     the teacher first (its final states kept on the host for the KL, `record_teacher`), freed before the model
-    is loaded. Returns {"fields": EvalReport's held-out and task fields, "speed", "layouts"}."""
+    is loaded; `launch["offload"]`: each model's blocks read from its checkpoint every forward.
+    Returns {"fields": EvalReport's held-out and task fields, "speed", "layouts"}."""
     from minipuzzle.evaluate.placement import load_placed
 
     def place(path):
-        return load_placed(path, dt, dev, launch["devices"], launch["share"][path])
+        return load_placed(path, dt, dev, launch["devices"], launch["share"][path], offload=launch["offload"])
 
     batch, out = launch["batch"], {"fields": {}, "speed": {}, "layouts": {}}
     teacher, rec = (place(tpath), None) if tpath is not None else (None, None)
