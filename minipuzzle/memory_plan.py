@@ -834,7 +834,7 @@ def plan_eval(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalShape
     forward (`Geometry.streaming`), whose speed part is refused (`OFFLOAD_SPEED`)."""
     dt = default_dtype(hw, dtype)
     models = [model] + ([teacher] if teacher is not None else [])
-    host = _read_host(model, stored_bytes, False) + ev.samples * ev.seq_len * 8
+    host = _read_host(model, stored_bytes, False, compute=dtype_bytes(dt), hw=hw) + ev.samples * ev.seq_len * 8
     most = hw.gpus_per_node if hw.device == "cuda" else 1
     options = [(k, seq) for seq in ((False, True) if teacher is not None else (False,)) for k in range(1, most + 1)]
     offload = False
