@@ -22,7 +22,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -423,7 +423,7 @@ def copy_tokenizer(src: str | Path | None, dst: str | Path) -> list[str]:
 
 
 def save_state_dict(
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     layout: Layout,
     out: str | Path,
     *,
@@ -433,11 +433,12 @@ def save_state_dict(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write `state` (native names) as a standard Nemotron-H checkpoint at `out`, atomically."""
+    """Write `state` (native names; a dict, or (name, tensor) pairs consumed one at a time, so a caller may
+    produce each tensor only when it is written) as a standard Nemotron-H checkpoint at `out`, atomically."""
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         dtype = None
-        for name, t in state.items():
+        for name, t in state.items() if isinstance(state, Mapping) else state:
             writer.add(native_name(name), t)
             if dtype is None and t.is_floating_point():
                 dtype = t.dtype

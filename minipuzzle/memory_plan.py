@@ -633,11 +633,13 @@ def _train_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *,
 
 def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int) -> int:
     """Host bytes per node: each process reads every tensor whole before keeping its shard (the embeddings
-    [V, h] are the largest), and the final save gathers the whole student on rank 0's host in float32
-    (`loop._write_final`, cpu_offload) and casts it to the stored dtype. The two happen at different times."""
+    [V, h] are the largest), and the final save (`loop._write_final`) gathers the student one tensor at a time
+    onto rank 0's host in float32, casts it to the stored dtype and buffers one output shard (`SHARD_BYTES`). The
+    two happen at different times."""
     read = procs_per_node * student.vocab_size * student.hidden_size * stored
-    gather = 4 * student.num_params() if hw.device == "cuda" else 0
-    return max(read, gather + (stored * student.num_params() if stored != 4 else 0))
+    largest = largest_tensor(student)
+    save = SHARD_BYTES + largest * (4 + (stored if stored != 4 else 0))
+    return max(read, save)
 
 
 def data_parallel_ranks(hw: Hardware, global_batch: int) -> int:

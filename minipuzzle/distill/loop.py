@@ -353,25 +353,36 @@ class _Trainer:
 
 
 def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.MetricsLog) -> Path:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if d.enabled:
-        sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    """Write the distilled student as a checkpoint in the source's dtype, one tensor at a time: each is gathered
+    from its shards (a collective every rank takes part in), cast and handed to rank 0's shard writer, so rank 0's
+    host holds one output shard and one full tensor, never the whole student (187 GB in float32 for 47B)."""
+    tensors = _final_tensors(student, s_ckpt, d)
     out = cfg.output_path
     if d.main:
-        dtype = s_ckpt.dtype()
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        if s_ckpt.layout.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
         state_json = DistillState.of(cfg).model_dump_json(indent=2) + "\n"
-        save_state_dict(sd, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
+        save_state_dict(tensors, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
                         overwrite=cfg.overwrite,
                         extra_files={"metrics.jsonl": log.text(), "distill.json": state_json})  # fmt: skip
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    else:
+        for _ in tensors:  # the other ranks take part in every gather
+            pass
     parallel.barrier(d)
     return out
+
+
+def _final_tensors(student, s_ckpt: Checkpoint, d):
+    """(name, tensor) of every weight of `student`, gathered whole when sharded (FSDP2's DTensors), on the host in
+    the source checkpoint's dtype; a tied checkpoint's LM head is left out. Lazy: one tensor at a time."""
+    from torch.distributed.tensor import DTensor
+
+    dtype = s_ckpt.dtype()
+    for name, t in student.state_dict().items():
+        if name == "lm_head.weight" and s_ckpt.layout.tie_word_embeddings:
+            continue
+        full = t.full_tensor() if d.enabled and isinstance(t, DTensor) else t
+        full = full.detach().cpu()
+        yield name, full.to(dtype) if full.is_floating_point() else full
 
 
 def _diverged_msg(what: str, value: float, step: int, run_dir: Path) -> str:
