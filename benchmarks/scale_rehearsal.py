@@ -17,9 +17,10 @@ apart too: prune trains its candidates in child processes (`candidates.distill_c
 distillation as a training of its own.
 
 Predicted peak: the plan's `device_total` for the stage's largest part; on a CPU-only machine it already counts the
-host buffers (device and host are one memory), and `memory_plan.CPU_PROCESS_BASELINE` for each process. For a
-torchrun launch of R ranks on the CPU the plan's figure is per rank, so the prediction is R x device_total (the
-host buffers counted once per rank, as each rank reads its own copy).
+host buffers (device and host are one memory), plus the measured interpreter baseline for each process. For a
+torchrun launch of R ranks on the CPU the plan's device figure is per rank and its host buffers per node (the
+ranks' reads together, rank 0's final save), so the prediction is R x (device_total - host_buffers) +
+host_buffers.
 
 Hardware per part: the rehearsal's device (half the checkpoint) wherever the plan fits it; a training (the distill
 stage, prune's candidate distillation) gets the least memory its plan needs, as no training of this model fits in
@@ -203,15 +204,16 @@ def _key(stage: str, part: str) -> str:
 
 def predictions(plan: dict) -> dict[str, dict]:
     """Per measured process (score, prune, candidate distillation, cut, distill, eval): the plan's largest part,
-    its device_total and the launch's processes; the prediction is planned_processes x device_total (see the
-    module docstring). The prune process also runs the cut, so its prediction is the larger of its parts and
+    its device_total and the launch's processes; the prediction is planned_processes x the device terms + the
+    host buffers once (see the module docstring). The prune process also runs the cut, so its prediction is the larger of its parts and
     the cut's."""
     out: dict[str, dict] = {}
     for stage in plan["memory"]["stages"]:
         for part in stage["parts"]:
-            procs = part["geometry"].get("devices") or 1
-            pred = {"part": part["name"], "device_total": part["device_total"], "planned_processes": procs,
-                    "predicted": procs * part["device_total"], "fits": part["fits"]}  # fmt: skip
+            procs, host = part["geometry"].get("devices") or 1, part["memory"]["host_buffers"]
+            total = procs * (part["device_total"] - host) + host  # host buffers: per node (module docstring)
+            pred = {"part": part["name"], "device_total": part["device_total"], "host_buffers": host,
+                    "planned_processes": procs, "predicted": total, "fits": part["fits"]}  # fmt: skip
             keys = [_key(stage["stage"], part["name"])] + (["prune"] if part["name"] == "cut" else [])
             for key in keys:
                 if key not in out or pred["predicted"] > out[key]["predicted"]:

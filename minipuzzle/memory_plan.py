@@ -627,18 +627,24 @@ def _train_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *,
     the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens."""
     ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.device == "cuda")
     logits = TRAIN_LOGIT_BUFFERS * min(loss_chunk, ln.micro * seq_len) * student.vocab_size * 4
-    return Memory(**_train_states(teacher, student, ln), activations=ckpt if ln.checkpointing else full,
-                  activations_checkpointed=ckpt, activations_full=full, logits=logits, host_buffers=host)  # fmt: skip
+    states = _train_states(teacher, student, ln)
+    act = ckpt if ln.checkpointing else full
+    if hw.device == "cpu":
+        # The host is the device: the final save's buffers (host = max(read, save)) come after the last step, when
+        # gradients (set to None), activations and logits are gone, so only what exceeds them raises the peak.
+        host = max(0, host - states["gradients"] - act - logits)
+    return Memory(**states, activations=act, activations_checkpointed=ckpt, activations_full=full, logits=logits,
+                  host_buffers=host)  # fmt: skip
 
 
 def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int) -> int:
     """Host bytes per node: each process reads every tensor whole before keeping its shard (the embeddings
     [V, h] are the largest), and the final save (`loop._write_final`) gathers the student one tensor at a time
-    onto rank 0's host in float32, casts it to the stored dtype and buffers one output shard (`SHARD_BYTES`). The
-    two happen at different times."""
+    onto rank 0's host in float32, casts it to the stored dtype and buffers one output shard (`SHARD_BYTES`, at
+    most the student). The two happen at different times."""
     read = procs_per_node * student.vocab_size * student.hidden_size * stored
-    largest = largest_tensor(student)
-    save = SHARD_BYTES + largest * (4 + (stored if stored != 4 else 0))
+    shard = min(SHARD_BYTES, student.num_params() * stored)
+    save = shard + largest_tensor(student) * (4 + (stored if stored != 4 else 0))
     return max(read, save)
 
 
