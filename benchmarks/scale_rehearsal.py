@@ -270,24 +270,33 @@ def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
         if stage == "prune":
             own = {**m, "peak_rss": m["own_peak_rss"], "processes": 1}
             kids = {**m, "peak_rss": m["children_peak_rss"], "processes": m["child_processes"]}
-            stages["prune"] = _record(own, pred["prune"], hw[stage], baseline, ckpt_bytes, log, "prune (its process)")
-            stages["candidate distillation"] = _record(kids, pred["candidate distillation"],
-                                                       hw["candidate distillation"], baseline, ckpt_bytes, log,
-                                                       "candidate distillation (child processes)")  # fmt: skip
+            cand = pred["candidate distillation"]
+            stages["prune"] = _record(own, pred["prune"], hw[stage], baseline, ckpt_bytes, log, "prune (its process)", 1)
+            stages["candidate distillation"] = _record(kids, cand, hw["candidate distillation"], baseline, ckpt_bytes,
+                                                       log, "candidate distillation (child processes)",
+                                                       _launched(cand["planned_processes"]))  # fmt: skip
         else:
-            stages[stage] = _record(m, pred[stage], hw[stage], baseline, ckpt_bytes, log, stage)
+            launched = 1 + _launched(pred[stage]["planned_processes"]) if stage == "distill" else 1
+            stages[stage] = _record(m, pred[stage], hw[stage], baseline, ckpt_bytes, log, stage, launched)
     return {"size": size, "parameters": n, "checkpoint_bytes": ckpt_bytes, "dtype": "float32",
             "device_fraction": DEVICE_FRACTION, "baseline_rss": baseline, "stages": stages,
             "checks": checks(stages, ckpt_bytes)}  # fmt: skip
 
 
-def _record(m: dict, pred: dict, device: int, baseline: int, ckpt_bytes: int, log, label: str) -> dict:
-    """One measured process against its prediction: the plan counts no interpreter, so each process adds the
-    measured baseline (torchrun's launcher included)."""
-    predicted = pred["predicted"] + m["processes"] * baseline
+def _launched(ranks: int) -> int:
+    """Interpreters of a launched training: one child process, or torchrun's launcher and its ranks."""
+    return 1 if ranks == 1 else ranks + 1
+
+
+def _record(m: dict, pred: dict, device: int, baseline: int, ckpt_bytes: int, log, label: str,
+            interpreters: int) -> dict:  # fmt: skip
+    """One measured process (tree) against its prediction: the plan counts no interpreter, so each of the
+    `interpreters` the launch runs (the stage process, torchrun's launcher and its ranks) adds the measured
+    baseline; `processes` is what the polling saw (a short-lived helper process may add one)."""
+    predicted = pred["predicted"] + interpreters * baseline
     log(f"{label}: measured {m['peak_rss'] / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB "
         f"({m['processes']} processes, {m['seconds']} s, device {device / 1e9:.2f} GB)")  # fmt: skip
-    return {**m, **pred, "device_memory": device, "baseline_per_process": baseline,
+    return {**m, **pred, "device_memory": device, "baseline_per_process": baseline, "interpreters": interpreters,
             "predicted_with_baseline": predicted, "ratio_measured_to_predicted": m["peak_rss"] / predicted,
             "measured_over_checkpoint": m["peak_rss"] / ckpt_bytes}  # fmt: skip
 
