@@ -220,6 +220,15 @@ class Checkpoint:
         except Exception as e:
             raise UserError(f"cannot read tensor {name} from {self._files[name]}: {e}") from None
 
+    def source_of(self, name: str) -> str | None:
+        """The stored tensor behind the model weight `name`: itself, or, for the LM head of a tied checkpoint that
+        omits it (transformers' NemotronH keeps a separate head), the embeddings; None when there is none."""
+        if name in self:
+            return name
+        if name == "lm_head.weight" and self.layout.tie_word_embeddings and "model.embeddings.weight" in self:
+            return "model.embeddings.weight"
+        return None
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._files and name in self._experts:
             return (len(self._experts[name]), *self.shape(self._experts[name][0]))
@@ -523,16 +532,13 @@ def fill_weights(model, ckpt: Checkpoint, dtype: torch.dtype | None, place) -> N
     `place(name)`: in `dtype`, except those transformers keeps in float32 (`keeps_float32`: the MoE routers).
     A tied checkpoint may omit the LM head: transformers' NemotronH keeps a separate one, filled from the
     embeddings."""
-    expected = set(model.state_dict())
-    have = set(ckpt.module_keys())
-    missing = sorted(expected - have)
-    if missing == ["lm_head.weight"] and ckpt.layout.tie_word_embeddings:
-        missing, have = [], have | {"lm_head.weight"}
+    sources = {k: ckpt.source_of(k) for k in model.state_dict()}
+    missing = sorted(k for k, v in sources.items() if v is None)
     if missing:
         raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
     state = {}
-    for k in expected & have:
-        t = ckpt.get(k if k in ckpt else "model.embeddings.weight")
+    for k, src in sources.items():
+        t = ckpt.get(src)
         if dtype is not None and t.is_floating_point():
             t = t.to(torch.float32 if keeps_float32(model, k) else dtype)
         state[k] = t.to(place(k))

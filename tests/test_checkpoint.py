@@ -214,3 +214,32 @@ def test_save_state_dict_takes_tensors_one_at_a_time(tiny_model, tmp_path):
     assert most <= 1  # the one tensor in the writer's buffer
     loaded = load_model(out).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_tied_checkpoint_without_a_head_loads_the_embeddings_as_head(tmp_path):
+    """A tied checkpoint may leave the LM head out: the plain and the offloaded (eval) loaders take the embeddings
+    for transformers' separate head (FSDP2's fill asks the same `Checkpoint.source_of`)."""
+    from minipuzzle.evaluate.placement import load_offloaded
+    from minipuzzle.testing import random_model, tiny_layout
+
+    model = random_model(tiny_layout(tie_word_embeddings=True))
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embeddings.weight)
+    path = save_model(model, tmp_path / "tied")
+    sd = {k: v for k, v in load_file_all(path).items() if k != "lm_head.weight"}
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(sd, str(path / "model.safetensors"))
+    ck = Checkpoint(path)
+    assert "lm_head.weight" not in ck and ck.source_of("lm_head.weight") == "model.embeddings.weight"
+    with torch.no_grad():
+        want = model(IDS).logits
+        assert torch.equal(load_model(ck)(IDS).logits, want)
+        torch.testing.assert_close(load_offloaded(path, torch.float32, torch.device("cpu"))(IDS).logits, want)
+
+
+def load_file_all(path):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}

@@ -162,11 +162,12 @@ def fill_sharded(model, ckpt: Checkpoint, d: Dist) -> None:
     model.to_empty(device=d.device)
     persistent = set(model.state_dict())
     names = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in persistent}}
-    missing = [n for n in names if n not in ckpt]
+    sources = {n: ckpt.source_of(n) for n in names}  # a tied checkpoint's missing LM head: the embeddings
+    missing = [n for n, src in sources.items() if src is None]
     if missing:
         raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
     for name, p in names.items():
-        full = ckpt.get(name).to(device=d.device, dtype=p.dtype)
+        full = ckpt.get(sources[name]).to(device=d.device, dtype=p.dtype)
         if isinstance(p, DTensor):
             local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
             p.to_local().copy_(local)

@@ -91,15 +91,12 @@ class CheckpointWeights(Mapping):
 
 
 def _sources(model, ckpt) -> dict[str, str]:
-    """The checkpoint tensor behind each of `model`'s weights (a tied checkpoint may omit the LM head, which
-    transformers' NemotronH keeps apart: it reads the embeddings). A missing weight fails as in `fill_weights`."""
+    """The checkpoint tensor behind each of `model`'s weights (`Checkpoint.source_of`). A missing weight fails as
+    in `fill_weights`."""
     from minipuzzle.errors import UserError
 
-    have, out = set(ckpt.module_keys()), {}
-    for k in model.state_dict():
-        tied = k == "lm_head.weight" and ckpt.layout.tie_word_embeddings
-        out[k] = k if k in have or not tied else "model.embeddings.weight"
-    missing = sorted(k for k, v in out.items() if v not in have)
+    out = {k: ckpt.source_of(k) for k in model.state_dict()}
+    missing = sorted(k for k, v in out.items() if v is None)
     if missing:
         raise UserError(f"checkpoint {ckpt.path} lacks {len(missing)} weights, e.g. {missing[0]}")
     return out
