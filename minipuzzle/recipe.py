@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,6 +24,9 @@ from minipuzzle.settings import (
     ScoreSettings,
     SettingsError,
 )
+
+if TYPE_CHECKING:
+    from minipuzzle.arch import Layout
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 STAGES = ("score", "prune", "distill", "eval", "report")
@@ -190,9 +193,11 @@ def prune_settings(recipe: Recipe) -> PruneSettings:
     return settings
 
 
-def plan_run(recipe: Recipe, hardware: Hardware | None = None) -> dict[str, Any]:
+def plan_run(recipe: Recipe, hardware: Hardware | None = None, student: Layout | None = None) -> dict[str, Any]:
     """The stages of a run with their budgets, token counts and estimated cost, and the memory plan of every stage
-    on `hardware` (default: the recipe's hardware section, else this machine), computed offline.
+    on `hardware` (default: the recipe's hardware section, else this machine), computed offline. `student`: the
+    pruned layout once prune has written it (distillation and eval are planned for it, as the resumed run plans
+    them); before that, the teacher's own layout bounds it.
 
     Scoring and ranking are priced by `search.pipeline.scoring_cost`; training costs 6 x student + 2 x teacher
     parameters FLOPs per token. GPU-hours use the same assumed H100 throughput as `prune --dry-run`. The memory
@@ -208,7 +213,7 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None) -> dict[str, Any]
     for st in stages:
         st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
     stored = model_facts(recipe.model.source, recipe.model.path)[1]  # as the run plans it (runner.check_memory)
-    memory = plan_recipe(recipe, source, hardware or resolve(recipe.hardware), stored_bytes=stored)
+    memory = plan_recipe(recipe, source, hardware or resolve(recipe.hardware), student=student, stored_bytes=stored)
     for st, planned in ((st, p) for st in stages for p in memory.stages if st["stage"] == p.stage == "distill"):
         st["gpus"] = planned.parts[0].geometry.devices  # the launch's when the recipe gives it, else the plan's
     return {

@@ -29,7 +29,8 @@ def register(app: typer.Typer) -> None:
         """Run score -> prune -> distill -> eval -> report as a recipe says; rerun the same command to resume.
 
         Every stage is planned against the hardware (the recipe's hardware section, --gpu-memory / --gpus, else
-        this machine) before anything runs; a stage that cannot fit is refused.
+        this machine) before anything runs; a stage that cannot fit is refused. With --output, a dry run plans
+        distillation and eval for the student the run folder's prune stage wrote, as the resumed run will.
 
         Example: minipuzzle run demo            (the demo teacher, end to end on CPU in minutes)
         Example: minipuzzle run recipes/nemotron-h-56b-to-47b.yaml --dry-run
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         hw = resolve(rec.hardware, hardware)
         con = Console()
         if dry_run:
-            plan = plan_run(rec, hw)
+            plan = plan_run(rec, hw, student=_pruned_student(output))
             if as_json:
                 print(json.dumps(plan, indent=2, default=str))
                 return
@@ -54,6 +55,15 @@ def register(app: typer.Typer) -> None:
         run_dir = output or Path("runs") / rec.name
         report = run(rec, run_dir, log=lambda m: con.print(m, markup=False, highlight=False), hardware=hw)
         con.print(f"[bold green]report:[/] {report}")
+
+
+def _pruned_student(run_dir: Path | None):
+    """The layout prune wrote into `run_dir` (None before it has run, or without a run folder)."""
+    if run_dir is None or not (run_dir / "prune" / "config.json").is_file():
+        return None
+    from minipuzzle.checkpoint import Checkpoint
+
+    return Checkpoint(run_dir / "prune").layout
 
 
 def _print_plan(con, rec, plan: dict[str, Any]) -> None:
