@@ -17,7 +17,8 @@ apart too: prune trains its candidates in child processes (`candidates.distill_c
 distillation as a training of its own.
 
 Predicted peak: the plan's `device_total` for the stage's largest part; on a CPU-only machine it already counts the
-host buffers (device and host are one memory), plus the measured interpreter baseline for each process. For a
+host buffers (device and host are one memory), plus, for each interpreter the launch runs, the baseline measured
+for what it imports (`BASELINE_CHILDREN`). For a
 torchrun launch of R ranks on the CPU the plan's device figure is per rank and its host buffers per node (the
 ranks' reads together, rank 0's final save), so the prediction is R x (device_total - host_buffers) +
 host_buffers.
@@ -190,10 +191,12 @@ data = runner.prepare_data(r, run_dir / "data")
 """
 
 
-def dry_run(recipe_file: Path, cwd: Path) -> dict:
-    """The plan `minipuzzle run RECIPE --dry-run --json` prints."""
-    out = subprocess.run([sys.executable, "-m", "minipuzzle.cli", "run", str(recipe_file), "--dry-run", "--json"],
-                         cwd=cwd, capture_output=True, text=True, check=True)  # fmt: skip (a refusal prints too)
+def dry_run(recipe_file: Path, cwd: Path, run_dir: Path | None = None) -> dict:
+    """The plan `minipuzzle run RECIPE [-o RUN_DIR] --dry-run --json` prints (with the run folder: distillation
+    and eval planned for the student its prune stage wrote, as the run plans them)."""
+    cmd = [sys.executable, "-m", "minipuzzle.cli", "run", str(recipe_file), "--dry-run", "--json"]
+    cmd += ["-o", str(run_dir)] if run_dir is not None else []
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True)  # a refusal prints too
     return json.loads(out.stdout)
 
 
@@ -221,7 +224,15 @@ def predictions(plan: dict) -> dict[str, dict]:
     return out
 
 
-BASELINE_CHILD = "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate"
+# What an interpreter holds before it does any work, by what it imports: a stage process (python, torch,
+# transformers, minipuzzle), one that builds a model (also transformers' NemotronH modeling code, 0.14 GB more),
+# torchrun's launcher (torch alone).
+BASELINE_CHILDREN = {
+    "stage": "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate",
+    "model": "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate; "
+             "import transformers.models.nemotron_h.modeling_nemotron_h",
+    "launcher": "import torch.distributed.run",
+}  # fmt: skip
 
 
 def _write_recipe(folder: Path, name: str, doc: dict, device_bytes: int) -> Path:
@@ -251,11 +262,12 @@ def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
     base_file = _write_recipe(work, "recipe", doc, int(DEVICE_FRACTION * ckpt_bytes))
     preds = predictions(dry_run(base_file, REPO))
     hw = stage_hardware(preds, int(DEVICE_FRACTION * ckpt_bytes))
-    baseline = measure([sys.executable, "-c", BASELINE_CHILD], REPO, work / "baseline.log")["peak_rss"]
+    baseline = {k: measure([sys.executable, "-c", code], REPO, work / f"baseline_{k}.log")["peak_rss"]
+                for k, code in BASELINE_CHILDREN.items()}  # fmt: skip
     run_dir, stages = work / "run", {}
     for stage in ("score", "prune", "cut", "distill", "eval"):
         rf = _write_recipe(work, f"recipe_{stage}", doc, hw[stage])
-        pred = predictions(dry_run(rf, REPO))
+        pred = predictions(dry_run(rf, REPO, run_dir))
         if stage == "cut":
             cmd = [sys.executable, "-m", "minipuzzle.cli", "cut", str(work / "ckpt"), "--plan",
                    str(run_dir / "prune" / "prune_plan.json"), "-o", str(work / "cut"), "--host-memory", str(hw[stage])]  # fmt: skip
@@ -271,32 +283,44 @@ def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
             own = {**m, "peak_rss": m["own_peak_rss"], "processes": 1}
             kids = {**m, "peak_rss": m["children_peak_rss"], "processes": m["child_processes"]}
             cand = pred["candidate distillation"]
-            stages["prune"] = _record(own, pred["prune"], hw[stage], baseline, ckpt_bytes, log, "prune (its process)", 1)
+            stages["prune"] = _record(own, pred["prune"], hw[stage], baseline, ckpt_bytes, log, "prune (its process)",
+                                      {"model": 1})  # fmt: skip
             stages["candidate distillation"] = _record(kids, cand, hw["candidate distillation"], baseline, ckpt_bytes,
                                                        log, "candidate distillation (child processes)",
                                                        _launched(cand["planned_processes"]))  # fmt: skip
         else:
-            launched = 1 + _launched(pred[stage]["planned_processes"]) if stage == "distill" else 1
-            stages[stage] = _record(m, pred[stage], hw[stage], baseline, ckpt_bytes, log, stage, launched)
+            stages[stage] = _record(m, pred[stage], hw[stage], baseline, ckpt_bytes, log, stage,
+                                    _interpreters(stage, pred[stage]["planned_processes"]))  # fmt: skip
     return {"size": size, "parameters": n, "checkpoint_bytes": ckpt_bytes, "dtype": "float32",
             "device_fraction": DEVICE_FRACTION, "baseline_rss": baseline, "stages": stages,
             "checks": checks(stages, ckpt_bytes)}  # fmt: skip
 
 
-def _launched(ranks: int) -> int:
-    """Interpreters of a launched training: one child process, or torchrun's launcher and its ranks."""
-    return 1 if ranks == 1 else ranks + 1
+def _launched(ranks: int) -> dict[str, int]:
+    """Interpreters of a launched training, by kind: one child process, or torchrun's launcher and its ranks."""
+    return {"model": 1} if ranks == 1 else {"launcher": 1, "model": ranks}
 
 
-def _record(m: dict, pred: dict, device: int, baseline: int, ckpt_bytes: int, log, label: str,
-            interpreters: int) -> dict:  # fmt: skip
+def _interpreters(stage: str, ranks: int) -> dict[str, int]:
+    """Interpreters of a stage's process tree, by kind (`BASELINE_CHILDREN`): cut builds no model; distill on
+    more than one rank is a stage process that launches torchrun; every other stage builds its models itself."""
+    if stage == "cut":
+        return {"stage": 1}
+    if stage == "distill" and ranks > 1:
+        return {"stage": 1, **_launched(ranks)}
+    return {"model": 1}
+
+
+def _record(m: dict, pred: dict, device: int, baseline: dict[str, int], ckpt_bytes: int, log, label: str,
+            interpreters: dict[str, int]) -> dict:  # fmt: skip
     """One measured process (tree) against its prediction: the plan counts no interpreter, so each of the
-    `interpreters` the launch runs (the stage process, torchrun's launcher and its ranks) adds the measured
-    baseline; `processes` is what the polling saw (a short-lived helper process may add one)."""
-    predicted = pred["predicted"] + interpreters * baseline
+    `interpreters` the launch runs (by kind: the stage process, torchrun's launcher, processes that build a model)
+    adds the baseline measured for its kind; `processes` is what the polling saw (a short-lived helper process
+    may add one)."""
+    predicted = pred["predicted"] + sum(n * baseline[k] for k, n in interpreters.items())
     log(f"{label}: measured {m['peak_rss'] / 1e9:.2f} GB, predicted {predicted / 1e9:.2f} GB "
         f"({m['processes']} processes, {m['seconds']} s, device {device / 1e9:.2f} GB)")  # fmt: skip
-    return {**m, **pred, "device_memory": device, "baseline_per_process": baseline, "interpreters": interpreters,
+    return {**m, **pred, "device_memory": device, "interpreters": interpreters,
             "predicted_with_baseline": predicted, "ratio_measured_to_predicted": m["peak_rss"] / predicted,
             "measured_over_checkpoint": m["peak_rss"] / ckpt_bytes}  # fmt: skip
 
