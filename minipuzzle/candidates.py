@@ -36,8 +36,8 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     finished ones; default: a temporary folder). `hardware`: what the training is planned and launched for
     (default: this machine). `ranking`: the prune plan's ranking part, which the measurement follows (default: the
     plan on this machine). `shard_bytes`: the largest output shard of each candidate's cut (the prune plan's cut
-    part; default `memory_plan.SHARD_BYTES`): a shard is buffered whole. The winner is still written undistilled: the final distillation stage starts from the
-    cut weights.
+    part; default `memory_plan.SHARD_BYTES`): a shard is buffered whole. The winner is still written undistilled:
+    the final distillation stage starts from the cut weights.
     """
     from minipuzzle.hardware import detect
     from minipuzzle.memory_plan import for_device
@@ -63,7 +63,8 @@ def _cut(ckpt, plan, cut_dir: Path, shard_bytes: int | None) -> None:
     from minipuzzle.surgery import prune_checkpoint
 
     if not (cut_dir / "config.json").is_file():
-        prune_checkpoint(ckpt, plan, cut_dir, progress=False, overwrite=True, max_shard_bytes=shard_bytes or SHARD_BYTES)
+        prune_checkpoint(ckpt, plan, cut_dir, progress=False, overwrite=True,
+                         max_shard_bytes=shard_bytes or SHARD_BYTES)  # fmt: skip
 
 
 def _settings(cut_dir: Path, path, data, settings, progress, skip, split, column, streaming):

@@ -256,8 +256,6 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self._files.values()))
 
-    def close(self) -> None:
-        """Nothing to release (no handle outlives a read); kept so callers may close a reader they are done with."""
 
 
 def _read_header(file: Path) -> list[str]:

@@ -133,9 +133,7 @@ class StreamedStack(LayerStack):
         emb = read("model.embeddings.weight")
         # transformers' NemotronH keeps its own head even for tied configs; fall back only when none is stored.
         head = read("lm_head.weight") if "lm_head.weight" in ckpt else emb
-        stack = cls(ckpt, ckpt.layout, emb, read("model.norm_f.weight"), head, device, dtype)
-        ckpt.close()
-        return stack
+        return cls(ckpt, ckpt.layout, emb, read("model.norm_f.weight"), head, device, dtype)
 
     @property
     def norm_f_weight(self) -> torch.Tensor:
@@ -156,7 +154,6 @@ class StreamedStack(LayerStack):
             k: t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
             for k, t in self.layer_tensors(i).items()
         }
-        self.ckpt.close()
         block = _build(lambda: NemotronHBlock(self.config, layer_idx=i), state)
         try:
             yield block
