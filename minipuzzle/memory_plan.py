@@ -21,8 +21,8 @@ backward), on the CPU transformers' PyTorch chunked scan (which keeps every [chu
 
 Distillation and candidate distillation have no `today`: `distill.loop` runs the geometry `plan_distill` chooses
 (its micro-batch, grad-accum, checkpointing and FSDP2 sharding, parameters gathered in bf16 on GPUs), and
-candidates are distilled through the same launcher (torchrun when the plan needs more devices than the prune
-process has).
+candidates are distilled through the same launcher, always in processes of their own (a child process, or torchrun
+when the plan needs more devices), so the prune process's parts hold no training.
 """
 
 from __future__ import annotations
