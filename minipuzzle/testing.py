@@ -151,6 +151,22 @@ def save_model(
     return Path(path)
 
 
+def cached_and_uncached_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy continuations of `ids` [batch, seq] two ways, each [batch, new_tokens]: transformers' `generate()`
+    (a cached forward per token, as serving and lm-eval's generation tasks run it) and a loop of full forwards
+    without a cache. Equal tokens say the cached path runs and agrees with the logits the tests check."""
+    with torch.no_grad():
+        cached = model.generate(
+            input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+            pad_token_id=0,
+        )[:, ids.shape[1] :]  # fmt: skip
+        seq = ids
+        for _ in range(new_tokens):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    return cached, seq[:, ids.shape[1] :]
+
+
 def run_cli(args: list[str]) -> tuple[int, str, str]:
     """Run `minipuzzle ARGS` in this process as a user would: (exit code, stdout, stderr)."""
     import contextlib

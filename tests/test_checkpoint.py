@@ -24,7 +24,7 @@ def test_reads_both_styles_lazily(tiny_model, tiny_checkpoint):
     layer = ck.layer_state(0)
     assert set(layer) == {k[len("model.layers.0.") :] for k in sd if k.startswith("model.layers.0.")}
     with torch.no_grad():
-        assert torch.equal(load_model(ck)(IDS).logits, tiny_model(IDS).logits)
+        assert torch.equal(load_model(ck)(IDS, use_cache=False).logits, tiny_model(IDS, use_cache=False).logits)
 
 
 def test_single_file_checkpoint(tiny_model, tmp_path):
@@ -234,9 +234,9 @@ def test_tied_checkpoint_without_a_head_loads_the_embeddings_as_head(tmp_path):
     ck = Checkpoint(path)
     assert "lm_head.weight" not in ck and ck.source_of("lm_head.weight") == "model.embeddings.weight"
     with torch.no_grad():
-        want = model(IDS).logits
-        assert torch.equal(load_model(ck)(IDS).logits, want)
-        torch.testing.assert_close(load_offloaded(path, torch.float32, torch.device("cpu"))(IDS).logits, want)
+        want = model(IDS, use_cache=False).logits
+        assert torch.equal(load_model(ck)(IDS, use_cache=False).logits, want)
+        torch.testing.assert_close(load_offloaded(path, torch.float32, torch.device("cpu"))(IDS, use_cache=False).logits, want)
 
 
 def load_file_all(path):

@@ -70,12 +70,12 @@ def test_kl_functions_match_reference():
 
 def _full_loss(student, teacher, ids, lm_weight=0.0, temperature=1.0):
     """Unchunked reference: full logits of both models, T^2 x forward KL mean over all tokens (+ LM)."""
-    s = student(ids).logits.float().flatten(0, 1)
+    s = student(ids, use_cache=False).logits.float().flatten(0, 1)
     with torch.no_grad():
-        t = teacher(ids).logits.float().flatten(0, 1)
+        t = teacher(ids, use_cache=False).logits.float().flatten(0, 1)
     loss = temperature**2 * forward_kl(t, s, temperature) / s.shape[0]
     if lm_weight:
-        loss = loss + lm_weight * F.cross_entropy(student(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss = loss + lm_weight * F.cross_entropy(student(ids, use_cache=False).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     return loss
 
 
@@ -92,8 +92,8 @@ def test_chunked_loss_and_grads_equal_full_logits(pair, chunk, lm_weight, temper
     ref_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
     with torch.no_grad():
-        ref_kl = forward_kl(teacher(ids).logits.flatten(0, 1), student(ids).logits.flatten(0, 1)) / ids.numel()
-        ref_lm = F.cross_entropy(student(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        ref_kl = forward_kl(teacher(ids, use_cache=False).logits.flatten(0, 1), student(ids, use_cache=False).logits.flatten(0, 1)) / ids.numel()
+        ref_lm = F.cross_entropy(student(ids, use_cache=False).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     obj = DistillObjective(student, teacher, chunk=chunk, lm_weight=lm_weight, temperature=temperature)
     out = obj(ids)
     out["loss"].backward()

@@ -66,7 +66,7 @@ def test_perplexity_is_exp_of_mean_token_loss(models, tokenizer, text_file):
     windows = token_windows(text_file, tokenizer, 40, 7, seed=1)
     stats = held_out_stats(model, windows, batch_size=3)  # 7 windows in uneven batches of 3
     with torch.no_grad():
-        logits = model(windows).logits[:, :-1].float()
+        logits = model(windows, use_cache=False).logits[:, :-1].float()
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="none")
     assert stats["tokens"] == windows[:, 1:].numel()
     assert stats["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
@@ -115,8 +115,8 @@ def test_kl_to_itself_is_zero_and_to_a_pruned_model_is_not(models, tokenizer, te
     assert pruned["agreement"] < 1.0
     # KL from first principles on the same windows.
     with torch.no_grad():
-        tl = F.log_softmax(teacher(windows).logits[:, :-1].float(), -1)
-        sl = F.log_softmax(student(windows).logits[:, :-1].float(), -1)
+        tl = F.log_softmax(teacher(windows, use_cache=False).logits[:, :-1].float(), -1)
+        sl = F.log_softmax(student(windows, use_cache=False).logits[:, :-1].float(), -1)
     assert pruned["kl_to_teacher"] == pytest.approx((tl.exp() * (tl - sl)).sum(-1).mean().item(), rel=1e-4)
 
 
@@ -142,7 +142,7 @@ def _manual_mc_accuracy(model, tokenizer) -> float:
             cont = whole[len(ctx) :]
             ids = torch.tensor([ctx + cont])
             with torch.no_grad():
-                logp = F.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]
+                logp = F.log_softmax(model(ids[:, :-1], use_cache=False).logits.float(), -1)[0]
             scores.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
         correct += int(max(range(len(scores)), key=scores.__getitem__) == d["label"])
     return correct / len(docs)

@@ -40,7 +40,7 @@ def test_transformers_encoding_is_read(saved):
     assert Layout.from_config(cfg) == Layout.from_config(model.config)
     ids = torch.arange(40).reshape(2, 20)
     with torch.no_grad():
-        torch.testing.assert_close(load_model(path)(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(load_model(path)(ids, use_cache=False).logits, model(ids, use_cache=False).logits, rtol=0, atol=0)
 
 
 def test_every_command_reads_it(saved, tmp_path, text_file):
@@ -81,7 +81,7 @@ def test_every_command_reads_it(saved, tmp_path, text_file):
         assert type(AutoConfig.from_pretrained(folder)).__name__ == "NemotronHConfig"
         hf = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
-            torch.testing.assert_close(hf(ids).logits, load_model(folder)(ids).logits, rtol=0, atol=0)
+            torch.testing.assert_close(hf(ids, use_cache=False).logits, load_model(folder)(ids, use_cache=False).logits, rtol=0, atol=0)
 
 
 def test_unreadable_configs_are_one_line_errors(saved, tmp_path):

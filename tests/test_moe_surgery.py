@@ -12,7 +12,14 @@ from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import Checkpoint, load_model
 from minipuzzle.errors import UserError
 from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
-from minipuzzle.testing import plant_dead_units, random_model, save_model, tiny_config, tiny_moe_layout
+from minipuzzle.testing import (
+    cached_and_uncached_greedy,
+    plant_dead_units,
+    random_model,
+    save_model,
+    tiny_config,
+    tiny_moe_layout,
+)
 
 IDS = torch.randint(0, 320, (2, 37), generator=torch.Generator().manual_seed(1))
 LAYOUTS = {
@@ -24,7 +31,7 @@ LAYOUTS = {
 
 def logits(model):
     with torch.no_grad():
-        return model(IDS).logits
+        return model(IDS, use_cache=False).logits
 
 
 def rel_err(a, b):
@@ -173,6 +180,9 @@ def test_streamed_equals_in_memory_and_loads_natively(style, layout_name, tmp_pa
         for p in hf.parameters():
             p.data = p.data.clone()
     assert torch.equal(logits(hf), logits(in_memory))
+    # Needs a cached forward: the written model generates (the plan dropped layers 0 and 1) as it decodes uncached.
+    cached, uncached = cached_and_uncached_greedy(hf, IDS[:, :9], 4)
+    assert torch.equal(cached, uncached)
 
 
 def test_bad_moe_plans_are_one_line_user_errors():
