@@ -30,6 +30,7 @@ and its slicing in `surgery.Cutter`; the search space, damage model, plans, scor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,22 @@ MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
 KIND_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
 # The dense kinds minipuzzle prunes, in the order reports list them.
 KINDS = (MAMBA, MLP, ATTENTION)
+# Kinds that keep a cache, and so may lead a pruned model. transformers 5.25.0 asks layer 0 of the cache for the
+# sequence length on every cached forward (the default, and generate()); an MLP or MoE layer there holds no cache
+# and the forward crashes. A cut never makes such a layer first: it keeps it first only where the source has it.
+LEADING_KINDS = (MAMBA, ATTENTION)
+
+
+def leading_layer_problem(pattern: str, layers: list[int]) -> str | None:
+    """Why keeping source `layers` (ascending) of `pattern` would put a layer without a cache first, or None."""
+    first = layers[0] if layers else 0
+    if first == 0 or pattern[first] in LEADING_KINDS:
+        return None
+    return (
+        f"plan drops layers 0..{first - 1} and leaves layer {first}, a {KIND_NAMES[pattern[first]]} layer, first: "
+        f"cached forwards and generate() of such a model fail in transformers 5.25; keep a Mamba or attention "
+        f"layer before it"
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,22 @@ AXES: dict[str, Axis] = {
     )
 }
 WIDTH_AXES = tuple(AXES)
+
+# transformers runs routed experts through a grouped matmul that needs 16-byte strides: a width the experts read or
+# produce must be a multiple of 16 / itemsize (8 in bf16, the narrowest dtype a checkpoint is cut in).
+GROUPED_MM_BYTES = 16
+BF16_BYTES = 2
+
+
+def cut_multiple(layout: Layout, axis: str, itemsize: int = BF16_BYTES) -> int:
+    """Every width of `axis` other than the source's that the cut accepts (in a dtype of `itemsize` bytes) is a
+    multiple of this: the axis's grouping unit, and on MoE sources the grouped expert matmul's multiple for the
+    routed experts' width and for the hidden size when the experts read it (no latent projection)."""
+    unit = AXES[axis].unit(layout)
+    experts_read_it = axis == "expert_ffn" or (axis == "hidden" and not layout.moe_latent_size)
+    if layout.is_moe and experts_read_it:
+        return math.lcm(unit, max(1, GROUPED_MM_BYTES // itemsize))
+    return unit
 # Width axes scored and cut per layer (one index list per layer of their kind); `hidden` is one list for all.
 LAYER_AXES = tuple(name for name, axis in AXES.items() if axis.kind is not None)
 SEARCH_AXES = ("depth", *WIDTH_AXES)

@@ -34,11 +34,13 @@ import torch
 from minipuzzle.anatomy import (
     ATTENTION,
     AXES,
+    GROUPED_MM_BYTES,
     LAYER_AXES,
     MAMBA,
     MLP,
     MOE,
     attention_rows,
+    leading_layer_problem,
     mamba_channels,
     mamba_conv_slices,
     mamba_in_proj_slices,
@@ -60,9 +62,6 @@ from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-# transformers runs routed experts with torch._grouped_mm, whose strides must be multiples of 16 bytes: the expert
-# width and the width experts read must be multiples of 8 in bf16 (Nemotron 3's dtype), 4 in float32.
-GROUPED_MM_BYTES = 16
 # FP8 / FP4 expert kernels (vLLM, TensorRT-LLM) work on blocks of 16 channels; the search's default steps keep it.
 SERVING_EXPERT_MULTIPLE = 16
 # How one tensor is cut: kept rows, kept columns (None keeps all) and a factor for the kept values.
@@ -142,6 +141,9 @@ class Plan:
             raise UserError("plan keeps no layers")
         if sorted(set(self.layers)) != list(self.layers) or self.layers[0] < 0 or self.layers[-1] > last:
             raise UserError(f"plan layers must be ascending, unique and within 0..{last}")
+        problem = leading_layer_problem(layout.pattern, self.layers)
+        if problem:
+            raise UserError(problem)
         for axis in LAYER_AXES:
             self._check_layer_axis(layout, axis)
         if layout.is_moe:

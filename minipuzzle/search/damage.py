@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minipuzzle.anatomy import AXES, WIDTH_AXES
+from minipuzzle.anatomy import AXES, LEADING_KINDS, WIDTH_AXES, leading_layer_problem
 from minipuzzle.errors import UserError
 from minipuzzle.search.space import SearchSpace
 
@@ -133,6 +133,34 @@ class DamageModel:
         return (self.total - kept) / self.total
 
     def kept_layers(self, counts: dict[str, int]) -> list[int]:
-        """Source indices of the layers kept (top-ranked of each kind), ascending."""
-        return sorted(i for k in self.order for i in self.order[k][: counts.get(k, 0)])
+        """Source indices of the layers kept, ascending: the top-ranked `counts[kind]` of each kind.
 
+        A pruned model must not start with an MLP or MoE layer the source did not start with
+        (`anatomy.leading_layer_problem`). When the top-ranked layers would, the kept set is the best one (most
+        depth score) that starts right: for each layer p that may lead, keep p, no MLP or MoE layer before it, and
+        otherwise the top-ranked of each kind. Counts, and so costs, are unchanged; the damage grows by the score
+        given up, which `damage` does not see (the first layers nearly always rank high, so this is rare)."""
+        pattern = self.space.source.pattern
+        top = sorted(i for k in self.order for i in self.order[k][: counts.get(k, 0)])
+        if not leading_layer_problem(pattern, top):
+            return top
+        best, best_value = top, -np.inf  # no start works: Plan.validate names the problem
+        for p, lead in enumerate(pattern):
+            if counts.get(lead, 0) == 0 or (p and lead not in LEADING_KINDS):
+                continue
+            kept = self._kept_after(p, counts)
+            if kept is not None and float(self.depth[kept].sum()) > best_value:
+                best, best_value = kept, float(self.depth[kept].sum())
+        return best
+
+    def _kept_after(self, p: int, counts: dict[str, int]) -> list[int] | None:
+        """The top-ranked layers of each kind with layer p kept and no MLP or MoE layer before it (None if the
+        counts cannot be met that way)."""
+        out = [p]
+        for kind, order in self.order.items():
+            n = counts.get(kind, 0) - (kind == self.space.source.pattern[p])
+            pick = [i for i in order if i != p and (kind in LEADING_KINDS or i > p)][:n]
+            if len(pick) < n:
+                return None
+            out += pick
+        return sorted(out)
