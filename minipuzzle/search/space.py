@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from minipuzzle.anatomy import AXES, KINDS, MOE, SEARCH_AXES, WIDTH_AXES
+from minipuzzle.anatomy import AXES, KINDS, MOE, SEARCH_AXES, WIDTH_AXES, cut_multiple
 from minipuzzle.arch import LAYER_KINDS, Layout
 from minipuzzle.errors import UserError
 
@@ -63,7 +63,7 @@ def layout_axes(layout: Layout) -> tuple[str, ...]:
 def default_step(layout: Layout, axis: str) -> int:
     """Step between searched widths: every valid width for small axes, else ~1/32 of the width in whole units
     (multiples of 16 for the expert widths: `SERVING_MULTIPLE`)."""
-    full, unit = AXES[axis].width(layout), AXES[axis].unit(layout)
+    full, unit = AXES[axis].width(layout), cut_multiple(layout, axis)
     align = math.lcm(unit, SERVING_MULTIPLE.get(axis, 1))
     if full // unit <= EVERY_WIDTH_LIMIT:
         return align
@@ -80,26 +80,35 @@ def smallest_width(layout: Layout, axis: str) -> int:
 
 
 def width_options(layout: Layout, axis: str, step: int | None = None, min_fraction: float = 0.5) -> list[int]:
-    """Widths searched on `axis`, largest (the source's) first: full, full - step, ... down to min_fraction."""
-    full, unit = AXES[axis].width(layout), AXES[axis].unit(layout)
+    """Widths searched on `axis`, largest (the source's) first: full, full - step, ... down to min_fraction, each
+    one the cut accepts (`anatomy.cut_multiple`)."""
+    full, unit = AXES[axis].width(layout), cut_multiple(layout, axis)
     step = default_step(layout, axis) if step is None else int(step)
     if step < 1 or step % unit:
-        raise UserError(f"step {step} for {axis} must be a positive multiple of {unit}")
+        raise UserError(f"step {step} for {axis} must be a positive multiple of {unit}{_why_multiple(layout, axis)}")
     lowest = max(smallest_width(layout, axis), math.ceil(full * min_fraction))
-    return [w for w in range(full, lowest - 1, -step) if w > 0 and w % unit == 0]
+    return [w for w in range(full, lowest - 1, -step) if w > 0 and (w == full or w % unit == 0)]
+
+
+def _why_multiple(layout: Layout, axis: str) -> str:
+    """The reason for a multiple beyond the axis's groups, for error messages ('' when there is none)."""
+    if cut_multiple(layout, axis) == AXES[axis].unit(layout):
+        return ""
+    return " (transformers' grouped expert matmul needs 16-byte strides in bf16)"
 
 
 def listed_widths(layout: Layout, axis: str, values: Iterable[int]) -> list[int]:
     """An explicit list of widths for `axis` (`--widths`), checked and largest first: each a multiple of the
     axis's unit, at least `smallest_width` and at most the source's width (pruning never widens)."""
-    full, unit, least = AXES[axis].width(layout), AXES[axis].unit(layout), smallest_width(layout, axis)
+    full, unit, least = AXES[axis].width(layout), cut_multiple(layout, axis), smallest_width(layout, axis)
     values = sorted({int(w) for w in values}, reverse=True)
     if not values:
         raise UserError(f"--widths {axis}= lists no width")
     for w in values:
-        if w % unit or not least <= w <= full:
+        if (w % unit and w != full) or not least <= w <= full:
             raise UserError(
-                f"--widths {axis}={w}: widths of {axis} must be multiples of {unit} from {least} to the source's {full}"
+                f"--widths {axis}={w}: widths of {axis} must be multiples of {unit} from {least} to the source's "
+                f"{full}{_why_multiple(layout, axis)}"
             )
     return values
 
