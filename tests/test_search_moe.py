@@ -69,13 +69,15 @@ def test_moe_space_has_a_fourth_kind_and_the_expert_axes():
 
 def test_listed_widths_and_their_errors():
     src = tiny_moe()
-    space = SearchSpace.build(src, "experts,expert_ffn,hidden", widths={"expert_ffn": [20, 32, 24], "hidden": [40]})
-    assert space.widths["expert_ffn"] == [32, 24, 20] and space.widths["hidden"] == [40]
-    assert space.describe()["widths"]["expert_ffn"] == {"max": 32, "min": 20, "values": [32, 24, 20], "count": 3}
+    space = SearchSpace.build(src, "experts,expert_ffn,hidden", widths={"expert_ffn": [8, 32, 16], "hidden": [40]})
+    assert space.widths["expert_ffn"] == [32, 16, 8] and space.widths["hidden"] == [40]
+    assert space.describe()["widths"]["expert_ffn"] == {"max": 32, "min": 8, "values": [32, 16, 8], "count": 3}
     bad = [
         ({"experts": [5]}, "multiples of 2"),  # uneven across the 2 router groups
         ({"experts": [2]}, "from 4"),  # too few for the router's top-2 within one group
         ({"expert_ffn": [64]}, "source's 32"),  # pruning never widens
+        ({"expert_ffn": [20]}, "multiples of 8 .*grouped expert matmul"),  # the cut refuses it in bf16
+        ({"hidden": [44]}, "multiples of 8"),  # the experts read the hidden size
         ({"shared_ffn": [32]}, "--axes"),  # not searched
         ({"width": [1]}, "unknown axis"),
     ]
