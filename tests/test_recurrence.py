@@ -1,6 +1,6 @@
 """transformers' NemotronH forward is causal across Mamba chunks.
 
-transformers 5.6 to 5.13 reduce the inter-chunk SSM recurrence over the wrong axis in the PyTorch path (issue
+transformers 5.6 to 5.14.1 reduce the inter-chunk SSM recurrence over the wrong axis in the PyTorch path (issue
 #47246): a chunk's start state then depends on later chunks, so a position's logits change when text is appended.
 Scoring, ranking and distillation all run that path on the CPU, so the installed transformers must be a fixed one.
 """
