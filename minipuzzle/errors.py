@@ -7,3 +7,9 @@ message as one line on stderr and exits with code 2. Everything else is a bug an
 
 class UserError(Exception):
     """A problem with the user's input; the message is shown as is, in one line."""
+
+
+class LaunchError(Exception):
+    """A launched process (a distillation's child or rank) failed for a cause that is not the user's input (a
+    crash, a bug): the CLI shows the message, one line naming the process and its log, and exits with code 1;
+    the traceback stays in that log."""
