@@ -201,3 +201,29 @@ def test_multi_node_script_names_its_interpreter_and_what_each_node_needs(pair, 
     done = subprocess.run(["bash", str(other)], env=env | {"MASTER_ADDR": "x", "MASTER_PORT": "1"},
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and f"has no {tmp_path}/nowhere/python" in done.stderr, done.stderr
+
+
+TORCHRUN_STDERR = """[default1]:error: checkpoint not found: /run/prune
+[default0]:distill 1/8
+W1204 17:37:44 api.py:1028] Sending process 14326 closing signal SIGTERM
+Traceback (most recent call last):
+  File "run.py", line 1032, in <module>
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+[1]:
+  rank      : 1 (local_rank: 1)
+[0]:
+[default0]:late line
+"""
+
+
+def test_torchrun_output_is_logged_whole_and_shown_without_its_own_traceback(tmp_path, capsys):
+    """What torchrun writes on stderr: every byte goes to the launch log; the terminal gets the ranks' lines and
+    torchrun's notes, not its traceback (it names no cause: the one-line error does)."""
+    from minipuzzle.distill.launched import run_logged
+
+    log = tmp_path / "launcher.log"
+    code = run_logged([sys.executable, "-c", f"import sys; sys.stderr.write({TORCHRUN_STDERR!r}); sys.exit(1)"],
+                      log, ranks=True)  # fmt: skip
+    assert code == 1 and log.read_text() == TORCHRUN_STDERR
+    lines = TORCHRUN_STDERR.splitlines(keepends=True)
+    assert capsys.readouterr().err == "".join(lines[:3] + lines[-1:])

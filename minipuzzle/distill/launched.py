@@ -25,8 +25,9 @@ from minipuzzle.errors import LaunchError, UserError
 
 # CSI escape sequences (colours, cursor moves) of a live progress bar: not part of any error line.
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-# torchrun's --tee prefix of a rank's line on the launcher's stream: "[default0]:".
-_RANK_PREFIX = re.compile(r"^\[\w*?\d+\]:")
+# torchrun's --tee prefix of a rank's line on the launcher's stream, its role and local rank: "[default0]:" (its
+# failure summary's "[0]:" is not one).
+_RANK_PREFIX = re.compile(r"^\[[A-Za-z_]\w*?\d+\]:")
 _TRACEBACK = "Traceback (most recent call last):"
 
 
