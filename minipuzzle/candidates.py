@@ -47,14 +47,19 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     hw = for_device(hardware or detect(), settings.device) or Hardware(device="cpu", gpu_memory=2**62)
     # A failed launch names its log, which must outlive the temporary folder of the cuts.
     logs = Path(work_dir, "logs") if work_dir is not None else Path(tempfile.mkdtemp(prefix="minipuzzle-logs-"))
-    with _folder(work_dir) as work:
-        distilled = []
-        for i, plan in enumerate(plans):
-            _cut(ckpt, plan, work / f"cand{i}", shard_bytes)
-            cfg = _settings(work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
-            _run(cfg, ckpt, hw, settings, work, log, logs)
-            distilled.append(cfg.output_path)
-        out = rank(path, ckpt, distilled, held, settings, progress, ranking)
+    try:
+        with _folder(work_dir) as work:
+            distilled = []
+            for i, plan in enumerate(plans):
+                _cut(ckpt, plan, work / f"cand{i}", shard_bytes)
+                cfg = _settings(work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
+                _run(cfg, ckpt, hw, settings, work, log, logs)
+                distilled.append(cfg.output_path)
+            out = rank(path, ckpt, distilled, held, settings, progress, ranking)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            logs.rmdir()  # only when no launch logged there
+        raise
     # every candidate is measured: nothing left to resume
     shutil.rmtree(work_dir if work_dir is not None else logs, ignore_errors=True)
     return out

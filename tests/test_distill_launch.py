@@ -6,6 +6,7 @@ is; a multi-node script names its interpreter and what each node needs."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -118,6 +119,14 @@ def test_candidate_distillation_runs_torchrun_when_the_plan_needs_more_devices(p
     script = Path(work / "candidates_torchrun.sh").read_text()
     assert '"$PYTHON" -m torch.distributed.run --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d' in script
     assert "--streaming" in script
+    # Without a work folder the cuts go to a temporary one; a failed launch's logs outlive it.
+    with pytest.raises(LaunchError, match=r"logged no error \(logs: ") as failed:
+        distill_candidates(teacher, ckpt, [Plan(layers=[0, 1, 2, 4, 5])], None, str(pair[2]), settings, False,
+                           hardware=hw, log=lambda _: None)  # fmt: skip
+    logs = Path(str(failed.value).split("(logs: ")[1].split(")")[0])
+    cut = dict(zip(ran[-1][10::2], ran[-1][11::2]))["--student"]
+    assert logs.is_dir() and logs.name.startswith("cand0-distilled-") and not Path(cut).exists()
+    shutil.rmtree(logs.parent)
 
 
 def _cfg(pair, out: Path):
