@@ -1,7 +1,9 @@
 """User-facing errors.
 
 Anything the user can fix (a bad path, an unknown preset, a corrupt file) raises `UserError`; the CLI prints its
-message as one line on stderr and exits with code 2. Everything else is a bug and keeps its traceback.
+message as one line on stderr and exits with code 2. A launched process that failed otherwise raises
+`LaunchError` in its launcher: one line naming it and its log (exit 1), the traceback being in that log.
+Everything else is a bug and keeps its traceback.
 """
 
 
