@@ -33,7 +33,8 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     `skip`: held-out windows at the head of `data` (see `data.head_split`); distillation takes them as its
     evaluation windows, which it never trains on, and evaluates on them once, at the last step. `streaming`: as
     `data.streaming` (None: on). `work_dir`: where cuts and distilled candidates are kept (a rerun reuses the
-    finished ones; default: a temporary folder). `hardware`: what the training is planned and launched for
+    finished ones; default: a temporary folder), and the launches' logs (`logs/`; without `work_dir`, a temporary
+    folder kept when a launch fails). `hardware`: what the training is planned and launched for
     (default: this machine). `ranking`: the prune plan's ranking part, which the measurement follows (default: the
     plan on this machine). `shard_bytes`: the largest output shard of each candidate's cut (the prune plan's cut
     part; default `memory_plan.SHARD_BYTES`): a shard is buffered whole. The winner is still written undistilled:
@@ -44,16 +45,23 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     from minipuzzle.search.pipeline import rank
 
     hw = for_device(hardware or detect(), settings.device) or Hardware(device="cpu", gpu_memory=2**62)
-    with _folder(work_dir) as work:
-        distilled = []
-        for i, plan in enumerate(plans):
-            _cut(ckpt, plan, work / f"cand{i}", shard_bytes)
-            cfg = _settings(work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
-            _run(cfg, ckpt, hw, settings, work, log)
-            distilled.append(cfg.output_path)
-        out = rank(path, ckpt, distilled, held, settings, progress, ranking)
-    if work_dir is not None:  # every candidate is measured: nothing left to resume
-        shutil.rmtree(work_dir, ignore_errors=True)
+    # A failed launch names its log, which must outlive the temporary folder of the cuts.
+    logs = Path(work_dir, "logs") if work_dir is not None else Path(tempfile.mkdtemp(prefix="minipuzzle-logs-"))
+    try:
+        with _folder(work_dir) as work:
+            distilled = []
+            for i, plan in enumerate(plans):
+                _cut(ckpt, plan, work / f"cand{i}", shard_bytes)
+                cfg = _settings(work / f"cand{i}", path, data, settings, progress, skip, split, column, streaming)
+                _run(cfg, ckpt, hw, settings, work, log, logs)
+                distilled.append(cfg.output_path)
+            out = rank(path, ckpt, distilled, held, settings, progress, ranking)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            logs.rmdir()  # only when no launch logged there
+        raise
+    # every candidate is measured: nothing left to resume
+    shutil.rmtree(work_dir if work_dir is not None else logs, ignore_errors=True)
     return out
 
 
@@ -81,8 +89,9 @@ def _settings(cut_dir: Path, path, data, settings, progress, skip, split, column
     )  # fmt: skip
 
 
-def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log):
-    """Distil one candidate in processes of its own, as its memory plan says; returns the plan's part."""
+def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log, logs: Path):
+    """Distil one candidate in processes of its own, as its memory plan says, their logs under `logs`; returns
+    the plan's part."""
     from minipuzzle.checkpoint import Checkpoint
     from minipuzzle.distill.launch import launch, nodes_and_procs, planned
     from minipuzzle.distill.loop import finished
@@ -96,7 +105,7 @@ def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log):
     launch_hw = hw.model_copy(update={"nodes": nnodes, "gpus_per_node": nproc})
     cfg = planned(cfg, launch_hw, nnodes * nproc)[0]
     if not finished(cfg.output_path, cfg):
-        launch(cfg, nnodes, nproc, work / "candidates_torchrun.sh", log, then="rerun prune to continue")
+        launch(cfg, nnodes, nproc, work / "candidates_torchrun.sh", log, logs, then="rerun prune to continue")
     return part
 
 

@@ -17,7 +17,7 @@ import typer
 import typer.core
 import typer.main
 
-from minipuzzle.errors import UserError
+from minipuzzle.errors import LaunchError, UserError
 
 # Command -> (module whose `register(app)` declares it, the one line `minipuzzle --help` shows for it). The line
 # is the first paragraph of the command's docstring; tests/test_cli.py checks both columns against the modules.
@@ -170,12 +170,12 @@ def main() -> None:
     verbose = "--verbose" in sys.argv or "-v" in sys.argv
     try:
         app()
-    except UserError as e:
+    except (UserError, LaunchError) as e:
         if verbose:
             raise
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,8 @@ def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, p
     if nnodes * nproc == 1:
         distill(cfg)
         return
-    launch(cfg, nnodes, nproc, run_dir / "distill_torchrun.sh", log, then="rerun this command to continue with eval")
+    launch(cfg, nnodes, nproc, run_dir / "distill_torchrun.sh", log, run_dir / "logs",
+           then="rerun this command to continue with eval")  # fmt: skip
 
 
 def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None):

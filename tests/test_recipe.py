@@ -2,6 +2,7 @@
 tiny model that a rerun skips."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,7 +224,8 @@ def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_
     assert settings.max_steps == 20 and settings.layer_pairs() == [(0, 0), (1, 2)] and settings.beta2 == 0.99
     assert (settings.teacher_dtype, settings.device, settings.eval_data) == ("bfloat16", "cpu", "held-dir")
     cmd = launch.torchrun_command(settings, 1, 4)
-    assert cmd[:3] == ["torchrun", "--nnodes=1", "--nproc_per_node=4"] and "--hidden-map" in cmd
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=4"]
+    assert "--hidden-map" in cmd
     args = cmd[cmd.index("distill") + 1 :]
     ctx = commands_of("minipuzzle.distill.command")["distill"].make_context("distill", args)
     # The command's other options (--gpu-memory / --gpus) are not distillation settings.
