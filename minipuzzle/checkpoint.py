@@ -84,10 +84,12 @@ def resolve_device(device: str | None = "auto", dtype: str | torch.dtype | None 
 
 
 def native_name(name: str) -> str:
-    """Map a remote-code weight name (`backbone.*`) to the native transformers name (`model.*`)."""
+    """Map a remote-code weight name (`backbone.*`) to the native transformers name (`model.*`). The embedding
+    may be stored as `backbone.embedding.weight`: some transformers releases (5.15 among them) save it so, their
+    conversion mapping renaming `embedding.weight` to `embeddings.weight` on load and back on save."""
     if name.startswith("backbone."):
-        return "model." + name[len("backbone.") :]
-    return name
+        name = "model." + name[len("backbone.") :]
+    return "model.embeddings.weight" if name == "model.embedding.weight" else name
 
 
 # A merged (in-memory) routed-experts tensor, and one expert's tensor as stored on disk.

@@ -33,6 +33,19 @@ def test_single_file_checkpoint(tiny_model, tmp_path):
     assert len(Checkpoint(path).keys()) == len(tiny_model.state_dict())
 
 
+def test_embedding_stored_under_its_singular_name(tiny_model, tmp_path):
+    """transformers 5.15 saves the embedding as `backbone.embedding.weight`; it loads as the embeddings."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_model(tiny_model, tmp_path / "one", style="backbone")
+    state = load_file(path / "model.safetensors")
+    state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    assert "model.embeddings.weight" in Checkpoint(path).keys()
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(IDS, use_cache=False).logits, tiny_model(IDS, use_cache=False).logits)
+
+
 def _copy(src, dst):
     dst.mkdir()
     for f in src.iterdir():
