@@ -58,6 +58,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout  # noqa: E402
+from minipuzzle.kernels import dispatch_of  # noqa: E402
 
 DEMO_TOKENIZER = REPO / "minipuzzle" / "assets" / "demo-teacher"
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched on torch.cuda.get_device_name.
@@ -223,7 +224,7 @@ class KernelProbe:
         for name in MAMBA_FUNCS:
             fn = getattr(mod, name, None)
             if callable(fn):
-                self.kernel[name], self.impl[name] = _dispatch_of(fn)
+                self.kernel[name], self.impl[name] = dispatch_of(fn)
                 setattr(mod, name, self._counted(name, fn))
         mixer = getattr(mod, "NemotronHMamba2Mixer", None)
         for meth in LEGACY_METHODS:
@@ -283,24 +284,6 @@ class KernelProbe:
         else:
             verdict = "no Mamba call observed"
         return {"mamba_path": verdict, "calls": calls}
-
-
-def _dispatch_of(fn) -> tuple[bool | None, str | None]:
-    """(dispatches to a non-PyTorch implementation?, that implementation's module.name) from the wrapper's closure."""
-    f = fn
-    for _ in range(4):
-        try:
-            nl = inspect.getclosurevars(f).nonlocals
-        except (TypeError, ValueError):
-            nl = {}
-        if "is_new_implementation" in nl:
-            impl = nl.get("implementation")
-            where = f"{getattr(impl, '__module__', '?')}.{getattr(impl, '__name__', '?')}" if impl else None
-            return bool(nl["is_new_implementation"]), where
-        f = getattr(f, "__wrapped__", None)
-        if f is None:
-            break
-    return None, None
 
 
 # ---- the checkpoint ---------------------------------------------------------------------------------------------
@@ -597,9 +580,10 @@ def _record_plan(rec: dict, cfg) -> None:
     from minipuzzle.distill.launch import plan_for
     from minipuzzle.hardware import detect
 
-    part = plan_for(cfg, detect(), 1)
+    hw = detect()  # on a CUDA machine the Mamba path that will run is detected (minipuzzle.kernels)
+    part = plan_for(cfg, hw, 1)
     rec["plan"] = {"launch": part.geometry.describe(), "fits": part.fits, "predicted_device_bytes": part.device_total,
-                   "predicted_device_gib": gib(part.device_total)}  # fmt: skip
+                   "predicted_device_gib": gib(part.device_total), "mamba_path_planned": hw.mamba_text()}  # fmt: skip
 
 
 @contextlib.contextmanager

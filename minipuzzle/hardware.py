@@ -41,6 +41,12 @@ class Hardware(BaseModel):
     gpus_per_node: int = Field(1, ge=1, description="devices per node")
     nodes: int = Field(1, ge=1, description="nodes")
     host_memory: int | None = Field(None, description="RAM of one node, e.g. 2TiB (unchecked when not given)")
+    mamba_kernels: bool | None = Field(
+        None, description="whether the fused Mamba kernels (mamba-ssm, causal-conv1d) run on these GPUs; unset: "
+        "the PyTorch path is planned (its float32 temporaries are far larger); on a CUDA machine what is installed "
+        "there decides"
+    )  # fmt: skip
+    mamba_path: str | None = Field(None, exclude=True, description="why the Mamba path is what it is (detection)")
 
     @field_validator("gpu_memory", mode="before")
     @classmethod
@@ -57,13 +63,30 @@ class Hardware(BaseModel):
         """Devices of all nodes together."""
         return self.gpus_per_node * self.nodes
 
+    @property
+    def fused_mamba(self) -> bool:
+        """The fused Mamba kernels run (GPUs that have them); else transformers' PyTorch path, which the memory
+        plan counts with its float32 temporaries."""
+        return self.device == "cuda" and bool(self.mamba_kernels)
+
+    def mamba_text(self) -> str:
+        """Which Mamba path the plan counts, and why (one clause, for dry runs and refusals)."""
+        if self.mamba_path:
+            return self.mamba_path
+        if self.device == "cpu":
+            return "PyTorch Mamba path (the CPU)"
+        if self.mamba_kernels is None:
+            return "PyTorch Mamba path (kernels not known for this hardware: set hardware.mamba_kernels)"
+        return "fused Mamba kernels (as the hardware says)" if self.mamba_kernels else "PyTorch Mamba path (as the hardware says)"
+
     def describe(self) -> str:
-        """'8 x 8 GPUs of 80 GiB', '1 CPU device of 23.5 GiB' (one line, for tables and errors)."""
+        """'8 x 8 GPUs of 80 GiB, fused Mamba kernels (...)', 'the CPU with 23.5 GiB of RAM' (one line, for
+        tables and errors; GPUs name the Mamba path the plan counts)."""
         mem = gib(self.gpu_memory)
         if self.device == "cpu":
             return f"the CPU with {mem} of RAM"
         nodes = f"{self.nodes} nodes x " if self.nodes > 1 else ""
-        return f"{nodes}{self.gpus_per_node} GPU{'s' if self.gpus_per_node > 1 else ''} of {mem}"
+        return f"{nodes}{self.gpus_per_node} GPU{'s' if self.gpus_per_node > 1 else ''} of {mem}, {self.mamba_text()}"
 
     def override(self, gpu_memory: str | int | None = None, gpus: int | None = None,
                  host_memory: str | int | None = None) -> Hardware:  # fmt: skip
@@ -78,8 +101,8 @@ class Hardware(BaseModel):
         changes: dict[str, object] = {}
         if gpu_memory is not None or gpus is not None:
             changes["device"] = "cuda"
-            if self.device == "cpu":  # this machine's RAM says nothing about the GPU machine planned for
-                changes["host_memory"] = None
+            if self.device == "cpu":  # this machine's RAM and packages say nothing about the GPU machine planned for
+                changes.update(host_memory=None, mamba_kernels=None, mamba_path=None)
         if gpu_memory is not None:
             changes["gpu_memory"] = parse_bytes(gpu_memory, "--gpu-memory")
         if gpus is not None:
@@ -131,8 +154,26 @@ def detect() -> Hardware:
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         n = torch.cuda.device_count()
         mem = min(torch.cuda.get_device_properties(i).total_memory for i in range(n))
-        return Hardware(device="cuda", gpu_memory=mem, gpus_per_node=n, nodes=1, host_memory=ram)
+        return with_detected_kernels(Hardware(device="cuda", gpu_memory=mem, gpus_per_node=n, nodes=1, host_memory=ram))
     return Hardware(device="cpu", gpu_memory=ram, gpus_per_node=1, nodes=1, host_memory=ram)
+
+
+def with_detected_kernels(hw: Hardware, cuda_available: bool | None = None) -> Hardware:
+    """`hw` with the Mamba path this machine will really run (`kernels.detect_mamba_path`) when this machine has a
+    CUDA device: stages run where they are planned, so what is installed here decides, whatever a recipe or
+    `--mamba-kernels` assumed. Without CUDA here (a dry run on a laptop for a cluster), `hw` as it is."""
+    from minipuzzle.kernels import detect_mamba_path
+
+    if hw.device != "cuda":
+        return hw
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        return hw
+    path = detect_mamba_path(cuda_available=True)
+    return hw.model_copy(update={"mamba_kernels": path.fused, "mamba_path": path.why})
 
 
 class HardwareOptions(BaseModel):
@@ -147,6 +188,11 @@ class HardwareOptions(BaseModel):
         None, description="RAM of one node to plan for, e.g. 512GiB (default: this machine's when no GPU option is "
         "given, else unchecked); on a CPU-only machine, the memory of its one device."
     )  # fmt: skip
+    mamba_kernels: bool | None = Field(
+        None, description="Plan GPUs with the fused Mamba kernels (mamba-ssm, causal-conv1d) or with transformers' "
+        "PyTorch path, when planning from a machine without CUDA (default: the recipe's hardware section, else the "
+        "PyTorch path); on a CUDA machine what is installed there decides."
+    )  # fmt: skip
 
 
 def resolve(section: Hardware | None = None, options: dict | HardwareOptions | None = None) -> Hardware:
@@ -154,4 +200,7 @@ def resolve(section: Hardware | None = None, options: dict | HardwareOptions | N
     the command's `--gpu-memory` / `--gpus` applied."""
     opts = options if isinstance(options, HardwareOptions) else HardwareOptions(**(options or {}))
     base = section if section is not None else detect()
-    return base.override(opts.gpu_memory, opts.gpus, opts.host_memory)
+    hw = base.override(opts.gpu_memory, opts.gpus, opts.host_memory)
+    if opts.mamba_kernels is not None:
+        hw = hw.model_copy(update={"mamba_kernels": opts.mamba_kernels, "mamba_path": None})
+    return with_detected_kernels(hw)

@@ -15,9 +15,11 @@ eval take their device, dtype, streaming, batch and launch from it (issue 12 ite
 `today`, the accounting of what the code does where it departs from the plan; `RunPlan.refusal()` refuses such a
 part when it does not fit (no stage departs from its plan at present).
 
-Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; on CUDA the
-fused Mamba kernels of the `gpu` extra run (mamba-ssm keeps only the in_proj output and the scan output for the
-backward), on the CPU transformers' PyTorch chunked scan (which keeps every [chunk x chunk] segment sum).
+Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; the Mamba
+path is the hardware's (`Hardware.fused_mamba`, detected on a CUDA machine by `kernels.detect_mamba_path`): with the
+fused kernels of the `gpu` extra, mamba-ssm keeps only the in_proj output and the scan output for the backward;
+otherwise (the CPU, or GPUs without the kernels) transformers' PyTorch chunked scan keeps every [chunk x chunk]
+segment sum and its float32 temporaries.
 
 Distillation and candidate distillation have no `today`: `distill.loop` runs the geometry `plan_distill` chooses
 (its micro-batch, grad-accum, checkpointing and FSDP2 sharding, parameters gathered in bf16 on GPUs), and
@@ -394,7 +396,7 @@ def _layerwise(layout: Layout, hw: Hardware, *, b: int, streamed: bool, rows: in
     bytes per token of what the pass computes once the walk is done. Streamed, the weights are the resident
     embeddings, final norm and head (`copies` of them: a pruned candidate cuts its own) and one block; otherwise
     the whole model (`copies` times: ranking in memory builds each candidate next to its parent)."""
-    h, kernels, hooks = layout.hidden_size, hw.device == "cuda", hooks or {}
+    h, kernels, hooks = layout.hidden_size, hw.fused_mamba, hooks or {}
     if streamed:
         weights = (copies * layout.embedding_params() + largest_block(layout)) * b
     else:
@@ -625,7 +627,7 @@ def _train_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *,
                   host: int) -> Memory:  # fmt: skip
     """One device's memory for a training micro-step; logits: `TRAIN_LOGIT_BUFFERS` float32 [chunk, V] buffers of
     the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens."""
-    ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.device == "cuda")
+    ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.fused_mamba)
     logits = TRAIN_LOGIT_BUFFERS * min(loss_chunk, ln.micro * seq_len) * student.vocab_size * 4
     states = _train_states(teacher, student, ln)
     act = ckpt if ln.checkpointing else full
@@ -806,7 +808,7 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
     (the speed part is left to the caller). The largest batch <= eval.batch_size that fits. Held-out statistics
     come from final hidden states, logits `LOGIT_CHUNK` positions at a time (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds [batch, T, V] logits and their float32 log-softmax;
     requests are counted at eval.seq_len tokens, an upper bound (most tasks are far shorter)."""
-    b, kernels = dtype_bytes(dt), hw.device == "cuda"
+    b, kernels = dtype_bytes(dt), hw.fused_mamba
     shares = [eval_weight_share(m, k, dt, offload) for m in models]
     v, h, t = models[0].vocab_size, models[0].hidden_size, ev.seq_len
     weights = max(shares) if sequential else sum(shares)

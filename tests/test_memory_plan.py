@@ -32,7 +32,7 @@ FFN56, FFN47 = 32768, 30720
 LAYERS56, LAYERS47 = 118, 98
 GIB = 2**30
 USABLE = 0.9 * 80 * GIB  # a part may use 90 % of a device (memory_plan.USABLE)
-CLUSTER = Hardware(gpu_memory="80GiB", gpus_per_node=8, nodes=8)
+CLUSTER = Hardware(gpu_memory="80GiB", gpus_per_node=8, nodes=8, mamba_kernels=True)  # the gpu extra installed
 # Largest layers (FSDP2 units, streamed layers): an MLP block, 2 x h x ffn plus its norm.
 MLP56, MLP47 = 2 * H * FFN56 + H, 2 * H * FFN47 + H
 # Embeddings + LM head + final norm of one model.
@@ -47,7 +47,12 @@ MAMBA56_FORWARD = 14 * H + 2 * (37120 + 20480 + 16384) + 4 * 256 * 64 * 256 // 1
 def test_hardware_reads_sizes_and_names_the_recipe_key():
     hw = Hardware(gpu_memory="80GiB", gpus_per_node=8, nodes=8, host_memory="2TiB")
     assert (hw.gpu_memory, hw.devices, hw.host_memory) == (80 * GIB, 64, 2 * 2**40)
-    assert hw.describe() == "8 nodes x 8 GPUs of 80 GiB"
+    assert hw.describe() == (
+        "8 nodes x 8 GPUs of 80 GiB, PyTorch Mamba path (kernels not known for this hardware: set hardware.mamba_kernels)"
+    )
+    assert hw.model_copy(update={"mamba_kernels": True}).describe() == (
+        "8 nodes x 8 GPUs of 80 GiB, fused Mamba kernels (as the hardware says)"
+    )
     doc = yaml.safe_load((RECIPES_DIR / "demo.yaml").read_text())
     doc["hardware"] = {"gpu_memory": "lots"}
     with pytest.raises(UserError, match=r"hardware\.gpu_memory: cannot read gpu_memory 'lots'"):
@@ -169,7 +174,7 @@ def test_eval_47b_against_56b_spreads_over_four_gpus():
     assert held.today is None  # evaluate.runner runs this plan
     # On one node of three GPUs both cannot be resident: one model at a time, the teacher's final states of the
     # 128 windows kept on the host (bf16) and its LM head next to the student for the KL.
-    three = Hardware(gpu_memory="80GiB", gpus_per_node=3)
+    three = Hardware(gpu_memory="80GiB", gpus_per_node=3, mamba_kernels=True)
     seq = plan_eval(PRESETS["47b"].layout, PRESETS["56b"].layout, three, ev, dtype="bfloat16").parts[0]
     k = seq.geometry.devices
     assert seq.fits and seq.geometry.sequential and k in (2, 3)
@@ -262,7 +267,7 @@ def test_saved_activations_match_what_autograd_keeps(kind, latent):
 def test_shipped_56b_recipe_fits_8x8_h100():
     plan = plan_run(_recipe_56b())
     assert plan["memory"]["hardware"] == {"device": "cuda", "gpu_memory": 80 * GIB, "gpus_per_node": 8, "nodes": 8,
-                                          "host_memory": None}  # fmt: skip
+                                          "host_memory": None, "mamba_kernels": True}  # fmt: skip
     stages = {s["stage"]: s for s in plan["memory"]["stages"]}
     assert set(stages) == {"score", "prune", "distill", "eval"}
     assert all(s["fits"] for s in stages.values())
@@ -298,8 +303,9 @@ def test_one_24gib_gpu_is_refused_in_one_line_before_anything_is_written(tmp_pat
     plan = json.loads(out_json)
     assert code == 0 and plan["refusal"].startswith("score (depth pass) does not fit")
     assert not plan["memory"]["stages"][0]["fits"]
-    code, out_json, _ = run_cli(["run", str(recipe), "--dry-run", "--json", "--gpu-memory", "80GiB", "--gpus", "8"])
-    assert json.loads(out_json)["memory"]["hardware_text"] == "8 GPUs of 80 GiB"
+    code, out_json, _ = run_cli(["run", str(recipe), "--dry-run", "--json", "--gpu-memory", "80GiB", "--gpus", "8",
+                                 "--mamba-kernels"])  # fmt: skip
+    assert json.loads(out_json)["memory"]["hardware_text"] == "8 GPUs of 80 GiB, fused Mamba kernels (as the hardware says)"
     code, text, _ = run_cli(["run", str(recipe), "--dry-run"])
     assert code == 0 and "does not fit" in text and "a run would be refused" in text
 

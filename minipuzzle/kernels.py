@@ -1,0 +1,71 @@
+"""Which Mamba implementation transformers' NemotronH will run here: the fused kernels of the `gpu` extra
+(mamba-ssm, causal-conv1d) or its PyTorch reference path.
+
+The two paths hold very different activations: the PyTorch chunk scan makes float32 temporaries of
+[tokens, heads, state] and more (about 79 GiB for a checkpointed 56B micro-batch where the kernels need 22.9 GiB),
+so the memory plan counts the path that will run, not the one a GPU could run.
+
+transformers 5.x resolves each Mamba function once, at import, to the package's kernel when that package imports
+and to its PyTorch reference otherwise (`integrations.hub_kernels.use_kernel_func_from_hub_with_fallback`, whose
+wrapper keeps the choice in its closure as `is_new_implementation`): `dispatch_of` reads that choice back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+
+# The functions NemotronH's Mamba mixer runs a whole sequence through (training, scoring, prefill), by the names
+# transformers releases have used for them; the decode-step ones (`*_update`) hold no activations worth planning.
+SEQUENCE_FUNCS = ("causal_conv1d_fn", "mamba_chunk_scan_combined", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined")
+PACKAGES = ("mamba_ssm", "causal_conv1d")
+
+
+@dataclass(frozen=True)
+class MambaPath:
+    """fused: the kernels will run; why: one line saying which path and what decided it."""
+
+    fused: bool
+    why: str
+
+
+def dispatch_of(fn) -> tuple[bool | None, str | None]:
+    """(does `fn` dispatch to a package's kernel rather than PyTorch?, that kernel's `module.name`), read from the
+    closure of transformers' fallback wrapper; (None, None) when `fn` is not such a wrapper."""
+    f = fn
+    for _ in range(4):
+        try:
+            nonlocals = inspect.getclosurevars(f).nonlocals
+        except (TypeError, ValueError):
+            nonlocals = {}
+        if "is_new_implementation" in nonlocals:
+            impl = nonlocals.get("implementation")
+            where = f"{getattr(impl, '__module__', '?')}.{getattr(impl, '__name__', '?')}" if impl else None
+            return bool(nonlocals["is_new_implementation"]), where
+        f = getattr(f, "__wrapped__", None)
+        if f is None:
+            break
+    return None, None
+
+
+def detect_mamba_path(cuda_available: bool | None = None) -> MambaPath:
+    """The Mamba path NemotronH takes on this machine. The kernels run only on a CUDA device, only when both
+    packages are installed, and only where transformers resolved its functions to them (a package that is
+    installed but fails to import, e.g. built for another torch, leaves the PyTorch path)."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        return MambaPath(False, "PyTorch Mamba path (no CUDA device)")
+    missing = [p.replace("_", "-") for p in PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        return MambaPath(False, f"PyTorch Mamba path ({' and '.join(missing)} not installed: the gpu extra)")
+    from transformers.models.nemotron_h import modeling_nemotron_h as modeling
+
+    resolved = {n: dispatch_of(getattr(modeling, n))[0] for n in SEQUENCE_FUNCS if callable(getattr(modeling, n, None))}
+    slow = sorted(n for n, kernel in resolved.items() if kernel is False)
+    if slow:
+        return MambaPath(False, f"PyTorch Mamba path (transformers could not import the kernels for {', '.join(slow)})")
+    return MambaPath(True, "fused Mamba kernels (mamba-ssm, causal-conv1d)")
