@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipuzzle.checkpoint import Checkpoint, build_model, keeps_float32, load_model
+from minipuzzle.checkpoint import Checkpoint, build_model, load_model, weight_dtype
 from minipuzzle.errors import UserError
 
 
@@ -114,8 +114,9 @@ def build_meta(ckpt: Checkpoint, dtype: torch.dtype):
     for mod_name, mod in model.named_modules():
         for table in (mod._parameters, mod._buffers):
             for n, t in table.items():
-                if t is not None and keeps_float32(model, f"{mod_name}.{n}") and t.dtype != torch.float32:
-                    t.data = t.data.float()  # meta: no data is converted
+                want = weight_dtype(f"{mod_name}.{n}", t.dtype, dtype) if t is not None else None
+                if want is not None and want != t.dtype:
+                    t.data = t.data.to(want)  # meta: no data is converted
     return model
 
 

@@ -1,0 +1,102 @@
+"""MoE routers keep float32 wherever transformers keeps it (`gate.weight`, `e_score_correction_bias` in a bf16
+model): sigmoid scores plus a small correction bias choose the experts, and bf16 rounding of either changes which
+are chosen. Checked on a bf16 tiny MoE checkpoint made by transformers itself (`from_pretrained(dtype=bf16)`):
+streamed, offloaded and in-memory forwards route alike; distillation saves the routers as the source stores them
+and computes router logits in float32 under its bf16 autocast."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from minipuzzle.checkpoint import Checkpoint, load_model
+from minipuzzle.distill.toy import make_pair
+from minipuzzle.testing import save_model, tiny_moe_layout
+
+ROUTER = ".mixer.gate."
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory, tokenizer):
+    """teacher/ and student/ ("ME*EM-" and "ME*E-") in bfloat16 as transformers loads them (routers float32),
+    and data.txt."""
+    from transformers import NemotronHForCausalLM
+
+    root = tmp_path_factory.mktemp("bf16moe")
+    teacher, student, data = make_pair(root / "f32", tokenizer, layout=tiny_moe_layout(), drop=(4,))
+    out = []
+    for src in (teacher, student):
+        model = NemotronHForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+        out.append(save_model(model, root / src.name, tokenizer=tokenizer))
+    return out[0], out[1], data
+
+
+def test_the_bf16_checkpoint_stores_float32_routers(bf16_pair):
+    """The premise of the other tests: transformers keeps four router tensors of this model in float32."""
+    ckpt = Checkpoint(bf16_pair[0])
+    dtypes = {k: ckpt.get(k).dtype for k in ckpt.keys()}
+    router = [k for k in dtypes if ROUTER in k]
+    assert len(router) == 4 and {dtypes[k] for k in router} == {torch.float32}
+    assert {dt for k, dt in dtypes.items() if k not in router} == {torch.bfloat16}
+
+
+def _record_routing(gates, sink: dict) -> list:
+    """Forward hooks appending each router's chosen experts (sorted per token, [n, k]) to sink[layer]."""
+    return [g.register_forward_hook(lambda _m, _a, out, i=i: sink.setdefault(i, []).append(out[2].sort(-1).values))
+            for i, g in gates]  # fmt: skip
+
+
+def _moe_gates(model) -> list:
+    return [(i, layer.mixer.gate) for i, layer in enumerate(model.model.layers) if layer.block_type == "moe"]
+
+
+@torch.no_grad()
+def test_streamed_offloaded_and_in_memory_forwards_route_alike_in_bf16(bf16_pair):
+    """2048 tokens through the two MoE layers: with bf16 routers a few tokens (about 0.2 %) pick another expert
+    set and the final states drift by more than 1; with float32 routers all three ways compute the same model."""
+    from minipuzzle.evaluate.placement import load_offloaded
+    from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
+
+    path = bf16_pair[0]
+    ids = torch.randint(0, 320, (16, 128), generator=torch.Generator().manual_seed(0))
+    batches = ids.split(4)
+
+    def whole(model, sink):
+        _record_routing(_moe_gates(model), sink)
+        return torch.cat([model.model(b, use_cache=False).last_hidden_state for b in batches])
+
+    mem_routes, off_routes, st_routes = {}, {}, {}
+    mem = whole(load_model(path, torch.bfloat16), mem_routes)
+    off = whole(load_offloaded(path, torch.bfloat16, torch.device("cpu")), off_routes)
+
+    @contextmanager
+    def on_block(i, block):
+        hooks = _record_routing([(i, block.mixer.gate)], st_routes) if block.block_type == "moe" else []
+        yield
+        for h in hooks:
+            h.remove()
+
+    stack = StreamedStack.open(path, dtype=torch.bfloat16)
+    streamed = torch.cat([hn for _, hn in iter_layerwise(stack, ids, batch_size=4, on_block=on_block)])
+
+    assert mem.dtype == streamed.dtype == off.dtype == torch.bfloat16
+    assert sorted(mem_routes) == sorted(st_routes) == sorted(off_routes) == [1, 3]
+    for i in mem_routes:
+        want = torch.cat(mem_routes[i])
+        assert want.shape == (16 * 128, 2)
+        assert torch.equal(torch.cat(st_routes[i]), want), f"layer {i}: streamed routing differs"
+        assert torch.equal(torch.cat(off_routes[i]), want), f"layer {i}: offloaded routing differs"
+    # Same experts, same weights, same code: only the order of bf16 sums may differ.
+    for got in (streamed, off):
+        torch.testing.assert_close(got.float(), mem.float(), atol=0.05, rtol=0.02)
+
+
+def test_a_streamed_block_holds_its_router_in_float32_and_the_rest_in_the_stack_dtype(bf16_pair):
+    from minipuzzle.importance.layerwise import StreamedStack
+
+    stack = StreamedStack.open(bf16_pair[0], dtype=torch.bfloat16)
+    with stack.block(1) as block:
+        dtypes = {n: t.dtype for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    assert {n for n, dt in dtypes.items() if dt == torch.float32} == {"mixer.gate.weight",
+                                                                      "mixer.gate.e_score_correction_bias"}  # fmt: skip
+    assert {dt for n, dt in dtypes.items() if not n.startswith("mixer.gate.")} == {torch.bfloat16}
