@@ -11,7 +11,7 @@ import torch
 
 from minipuzzle.checkpoint import Checkpoint, load_model
 from minipuzzle.distill.toy import make_pair
-from minipuzzle.testing import save_model, tiny_moe_layout
+from minipuzzle.testing import run_cli, save_model, tiny_moe_layout
 
 ROUTER = ".mixer.gate."
 
@@ -100,3 +100,26 @@ def test_a_streamed_block_holds_its_router_in_float32_and_the_rest_in_the_stack_
     assert {n for n, dt in dtypes.items() if dt == torch.float32} == {"mixer.gate.weight",
                                                                       "mixer.gate.e_score_correction_bias"}  # fmt: skip
     assert {dt for n, dt in dtypes.items() if not n.startswith("mixer.gate.")} == {torch.bfloat16}
+
+
+def test_distilling_a_bf16_student_saves_float32_routers_unchanged_at_zero_lr(bf16_pair, tmp_path):
+    """At an LR of 1e-30 (the smallest the CLI takes above 0: AdamW moves a weight by about the LR, far below half
+    an ulp of any weight here) distillation changes no weight: the saved checkpoint equals the source bit for bit,
+    each tensor in its stored dtype (float32 routers, bf16 elsewhere)."""
+    teacher, student, data = bf16_pair
+    out = tmp_path / "out"
+    code, _, err = run_cli(["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(data),
+                            "-o", str(out), "--max-steps", "2", "--seq-len", "32", "--batch-size", "2",
+                            "--lr", "1e-30", "--warmup", "0", "--save-every", "0", "--eval-every", "0",
+                            "--no-progress"])  # fmt: skip
+    assert code == 0, err[-2000:]
+    src, saved = Checkpoint(student), Checkpoint(out)
+    assert sorted(saved.keys()) == sorted(src.keys())
+    router = [k for k in src.keys() if ROUTER in k]
+    assert len(router) == 4
+    for k in src.keys():
+        a, b = src.get(k), saved.get(k)
+        assert b.dtype == a.dtype, k
+        assert torch.equal(a, b), k
+    assert all(saved.get(k).dtype == torch.float32 for k in router)
+    assert saved.config.dtype == torch.bfloat16
