@@ -59,7 +59,7 @@ def test_streamed_offloaded_and_in_memory_forwards_route_alike_in_bf16(bf16_pair
 
     path = bf16_pair[0]
     ids = torch.randint(0, 320, (16, 128), generator=torch.Generator().manual_seed(0))
-    batches = ids.split(4)
+    batches = ids.split(8)
 
     def whole(model, sink):
         _record_routing(_moe_gates(model), sink)
@@ -77,7 +77,7 @@ def test_streamed_offloaded_and_in_memory_forwards_route_alike_in_bf16(bf16_pair
             h.remove()
 
     stack = StreamedStack.open(path, dtype=torch.bfloat16)
-    streamed = torch.cat([hn for _, hn in iter_layerwise(stack, ids, batch_size=4, on_block=on_block)])
+    streamed = torch.cat([hn for _, hn in iter_layerwise(stack, ids, batch_size=8, on_block=on_block)])
 
     assert mem.dtype == streamed.dtype == off.dtype == torch.bfloat16
     assert sorted(mem_routes) == sorted(st_routes) == sorted(off_routes) == [1, 3]
@@ -123,3 +123,75 @@ def test_distilling_a_bf16_student_saves_float32_routers_unchanged_at_zero_lr(bf
         assert torch.equal(a, b), k
     assert all(saved.get(k).dtype == torch.float32 for k in router)
     assert saved.config.dtype == torch.bfloat16
+
+
+def test_router_logits_are_float32_under_distillations_bf16_autocast(bf16_pair, tmp_path):
+    """The distillation's models (teacher bf16, student float32 masters) under bf16 autocast (CPU autocast here,
+    CUDA's on GPUs): autocast would run the router's linear in bf16; every router's logits are float32 and equal
+    the float32 product of its input and weight."""
+    from minipuzzle.distill import loop, parallel
+    from minipuzzle.settings import DistillSettings
+
+    teacher, student, data = bf16_pair
+    cfg = DistillSettings(teacher=str(teacher), student=str(student), data=str(data), output=str(tmp_path / "o"),
+                          teacher_dtype="bfloat16", max_steps=1, seq_len=32, batch_size=2)  # fmt: skip
+    objective = loop._load_models(cfg, Checkpoint(teacher), Checkpoint(student), parallel.Dist())
+    seen = []
+
+    def check(module, args, out):
+        x = args[0].reshape(-1, module.hidden_dim)
+        with torch.autocast("cpu", enabled=False):
+            want = torch.nn.functional.linear(x.float(), module.weight.float())
+        seen.append((out[0].dtype, torch.equal(out[0], want), x.dtype))
+
+    for model in (objective.student, objective.teacher):
+        for _, gate in _moe_gates(model):
+            gate.register_forward_hook(check)
+    ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = objective.train()(ids)
+    out["loss"].backward()
+    assert len(seen) == 4  # two MoE layers in each model
+    assert all(dt == torch.float32 and equal for dt, equal, _ in seen), seen
+    assert torch.bfloat16 in {x_dtype for *_, x_dtype in seen}  # autocast was on: the teacher's stream is bf16
+    assert all(p.grad is not None for n, p in objective.student.named_parameters() if n.endswith("gate.weight"))
+
+
+def test_fsdp2_gathers_the_routers_in_float32_where_the_students_blocks_gather_in_bf16(monkeypatch):
+    """`parallel.shard` with the GPU policy (bf16 gathers) on a one-rank gloo group: the experts compute on bf16
+    weights, every router on its float32 weight, with float32 logits under autocast; its gradient is float32."""
+    import socket
+
+    import torch.distributed as dist
+
+    from minipuzzle.distill import parallel
+    from minipuzzle.distill.losses import DistillObjective
+    from minipuzzle.distill.routers import route_in_float32
+    from minipuzzle.distill.toy import drop_layers
+    from minipuzzle.testing import random_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        teacher = random_model(tiny_moe_layout(), seed=0).to(torch.bfloat16)
+        student = drop_layers(random_model(tiny_moe_layout(), seed=0), [1, 3])  # "EE": two MoE layers kept
+        objective = DistillObjective(student, teacher, chunk=100).train()
+        assert route_in_float32(student) == route_in_float32(teacher) == 2
+        parallel.shard(objective, parallel.Dist(0, 1, torch.device("cpu")), "full", torch.bfloat16)
+        seen = []
+        for layer in student.model.layers:
+            layer.mixer.gate.register_forward_hook(lambda m, _a, out: seen.append(("gate", m.weight.dtype, out[0].dtype)))
+            layer.mixer.experts.register_forward_pre_hook(lambda m, _a: seen.append(("experts", m.up_proj.dtype)))
+        ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = objective(ids)
+        out["loss"].backward()
+        assert seen == [("gate", torch.float32, torch.float32), ("experts", torch.bfloat16)] * 2
+        grads = [p.grad for n, p in student.named_parameters() if n.endswith("gate.weight")]
+        assert len(grads) == 2 and all(g.dtype == torch.float32 and g.full_tensor().abs().sum() > 0 for g in grads)
+    finally:
+        dist.destroy_process_group()

@@ -28,6 +28,7 @@ from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, res
 from minipuzzle.data import load_tokenizer
 from minipuzzle.distill import launch, parallel, state
 from minipuzzle.distill.losses import DistillObjective
+from minipuzzle.distill.routers import route_in_float32
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
@@ -94,6 +95,7 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
             m.set_attn_implementation(cfg.attn_implementation)
         except (ValueError, ImportError) as e:
             raise UserError(f"--attn-implementation {cfg.attn_implementation}: {str(e).splitlines()[0]}") from None
+        route_in_float32(m)  # bf16 autocast would otherwise compute router logits in bf16
     if cfg.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pairs = cfg.layer_pairs()
