@@ -235,7 +235,7 @@ def test_a_bf16_moe_checkpoint_keeps_float32_routers_through_the_pipeline(bf16_p
     """The scale rehearsal's MoE leg in miniature: score (streamed), search, cut, prune (streamed ranking),
     distill and eval of a bf16 MoE teacher. Every stage routes on float32 router weights and logits, every
     checkpoint written stores its routers in float32 and the rest in bf16, and streamed ranking measures each
-    candidate exactly as in-memory ranking does (with bf16 routers, streamed agreement was off by up to 0.8 %)."""
+    candidate exactly as in-memory ranking does (with bf16 routers, streamed agreement was off by up to 0.008)."""
     teacher, _, data = bf16_pair
     axes = ["--axes", "depth,experts", "--target", "0.8"]
     _cli_routing_float32(["score", str(teacher), "--data", str(data), "--stream", "--dtype", "bfloat16",
