@@ -14,6 +14,7 @@ them on load. `Checkpoint` reads either form and answers to both names; `ShardWr
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -143,6 +144,7 @@ class Checkpoint:
         self.layout = Layout.from_config(self.config)
         self._files: dict[str, Path] = {}  # native name -> shard
         self._stored: dict[str, str] = {}  # native name -> name as stored in the shard
+        self._dtypes: dict[str, str] = {}  # native name -> safetensors dtype code ("BF16")
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
@@ -150,25 +152,27 @@ class Checkpoint:
             except (json.JSONDecodeError, KeyError):
                 raise UserError(f"{index} is not a valid safetensors index") from None
             shards = {f: self.path / f for f in set(weight_map.values())}
+            headers = {}
             for f, p in shards.items():
                 if not p.is_file():
                     raise UserError(f"shard {f} named in {index.name} is missing from {self.path}")
-                _read_header(p)  # validates every shard up front: fail before any work is done
+                headers[f] = _read_header(p)  # validates every shard up front: fail before any work is done
             for stored, f in weight_map.items():
-                self._add(stored, shards[f])
+                self._add(stored, shards[f], headers[f].get(stored, ""))
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise UserError(f"no *.safetensors weights in {self.path}")
             for f in files:
-                for stored in _read_header(f):  # also validates the header: fail before any work is done
-                    self._add(stored, f)
+                for stored, code in _read_header(f).items():  # also validates the header: fail before any work
+                    self._add(stored, f, code)
         self._experts = self._expert_groups()
 
-    def _add(self, stored: str, file: Path) -> None:
+    def _add(self, stored: str, file: Path, dtype_code: str = "") -> None:
         name = native_name(stored)
         self._files[name] = file
         self._stored[name] = stored
+        self._dtypes[name] = dtype_code
 
     def _expert_groups(self) -> dict[str, list[str]]:
         """Merged routed-experts name -> its per-expert stored names in expert order (for experts stored apart)."""
@@ -252,6 +256,15 @@ class Checkpoint:
         """Every tensor under the model's names (merged routed experts), as `model.state_dict()` has them."""
         return {k: self.get(k) for k in self.module_keys()}
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor `name` is stored in (from the shard's header: nothing is read); a merged routed-experts
+        name answers for its experts."""
+        if name not in self._files and name in self._experts:
+            return self.stored_dtype(self._experts[name][0])
+        code = self._dtypes[name]
+        # A code not in the table (float8, say) is asked of safetensors by reading the tensor.
+        return _SAFETENSORS_DTYPES[code] if code in _SAFETENSORS_DTYPES else self.get(name).dtype
+
     def dtype(self) -> torch.dtype:
         return self.get("model.norm_f.weight").dtype if "model.norm_f.weight" in self else torch.float32
 
@@ -260,8 +273,14 @@ class Checkpoint:
 
 
 
-def _read_header(file: Path) -> list[str]:
-    """Tensor names in a safetensors file, checking that the header parses and fits in the file."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def _read_header(file: Path) -> dict[str, str]:
+    """Tensor name -> safetensors dtype code ("BF16") of a safetensors file, checking that the header parses and
+    fits in the file."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as fh:
@@ -277,7 +296,7 @@ def _read_header(file: Path) -> list[str]:
             raise ValueError("file is truncated")
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise UserError(f"corrupt safetensors file {file}: {e}") from None
-    return [k for k in header if k != "__metadata__"]
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
 
 
 # ---- resolving a MODEL argument ---------------------------------------------------------------------------------
@@ -449,7 +468,7 @@ def save_state_dict(
         dtype = None
         for name, t in state.items() if isinstance(state, Mapping) else state:
             writer.add(native_name(name), t)
-            if dtype is None and t.is_floating_point():
+            if dtype is None and t.is_floating_point() and not keeps_float32(name):  # config: the model's dtype
                 dtype = t.dtype
         writer.close()
         write_config(tmp, layout.to_hf_config(base_config), dtype)
@@ -502,14 +521,32 @@ def build_model(layout: Layout, base_config: dict[str, Any] | Any | None = None,
         return NemotronHForCausalLM(cfg)
 
 
-def keeps_float32(model, name: str) -> bool:
-    """True for a tensor that transformers keeps in float32 whatever dtype the model loads in.
+def keeps_float32(name: str) -> bool:
+    """True for a weight that transformers keeps in float32 whatever dtype the model loads in.
 
     NemotronH names the MoE router's weight and `e_score_correction_bias` (`_keep_in_fp32_modules_strict`):
     sigmoid scores plus a small bias choose the experts, and bf16 rounding of either changes which are chosen.
+    Matched as transformers matches them, anywhere in the name, so block-relative names (`mixer.gate.weight`)
+    answer like full ones.
     """
-    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
-    return any(k in name for k in keep)
+    return any(k in name for k in _float32_names())
+
+
+@functools.cache
+def _float32_names() -> tuple[str, ...]:
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHPreTrainedModel
+
+    return tuple(getattr(NemotronHPreTrainedModel, "_keep_in_fp32_modules_strict", None) or ())
+
+
+def weight_dtype(name: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype weight `name` (stored as `stored`) takes in a model computing in `dtype`: `dtype`, except the
+    tensors transformers keeps in float32 (`keeps_float32`) and integer tensors, which stay as they are. None
+    keeps every tensor as stored. The one rule for every way a model is built: loaded whole, streamed a block at a
+    time, offloaded, sharded."""
+    if dtype is None or not stored.is_floating_point:
+        return stored
+    return torch.float32 if keeps_float32(name) else dtype
 
 
 def load_model(
@@ -529,7 +566,7 @@ def load_model(
 
 def fill_weights(model, ckpt: Checkpoint, dtype: torch.dtype | None, place) -> None:
     """Assign every weight of `model` (built on the meta device) from `ckpt`, each read once and put straight on
-    `place(name)`: in `dtype`, except those transformers keeps in float32 (`keeps_float32`: the MoE routers).
+    `place(name)`: in `dtype`, except those transformers keeps in float32 (`weight_dtype`: the MoE routers).
     A tied checkpoint may omit the LM head: transformers' NemotronH keeps a separate one, filled from the
     embeddings."""
     sources = {k: ckpt.source_of(k) for k in model.state_dict()}
@@ -539,9 +576,7 @@ def fill_weights(model, ckpt: Checkpoint, dtype: torch.dtype | None, place) -> N
     state = {}
     for k, src in sources.items():
         t = ckpt.get(src)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(torch.float32 if keeps_float32(model, k) else dtype)
-        state[k] = t.to(place(k))
+        state[k] = t.to(device=place(k), dtype=weight_dtype(k, t.dtype, dtype))
     model.load_state_dict(state, strict=True, assign=True)
 
 

@@ -54,6 +54,7 @@ from minipuzzle.checkpoint import (
     copy_tokenizer,
     expert_part,
     is_merged_experts,
+    keeps_float32,
     model_state_dict,
     native_name,
     write_config,
@@ -462,7 +463,7 @@ def prune_checkpoint(
         dtype = None
         for name in track(names, "cutting weights", progress, transient=True):
             t = ckpt.get(name)
-            dtype = dtype or (t.dtype if t.is_floating_point() else None)
+            dtype = dtype or (t.dtype if t.is_floating_point() and not keeps_float32(name) else None)
             writer.add(cutter.output_name(name), cutter.cut(name, t))
             del t
         writer.close()

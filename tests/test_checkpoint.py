@@ -169,7 +169,7 @@ def test_read_tensors_do_not_stay_resident(tmp_path):
     resident memory even while the Checkpoint is still in use (a cached handle kept every page read so far)."""
     save_file({f"t{i}": torch.randn(512, 4096) for i in range(8)}, str(tmp_path / "w.safetensors"))  # 64 MiB
     ck = Checkpoint.__new__(Checkpoint)  # the reader alone: no config needed
-    ck.path, ck._files, ck._stored, ck._experts = tmp_path, {}, {}, {}
+    ck.path, ck._files, ck._stored, ck._dtypes, ck._experts = tmp_path, {}, {}, {}, {}
     for i in range(8):
         ck._add(f"t{i}", tmp_path / "w.safetensors")
     before = _rss_file()

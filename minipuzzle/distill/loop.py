@@ -28,6 +28,7 @@ from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, res
 from minipuzzle.data import load_tokenizer
 from minipuzzle.distill import launch, parallel, state
 from minipuzzle.distill.losses import DistillObjective
+from minipuzzle.distill.routers import route_in_float32
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
@@ -94,6 +95,7 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
             m.set_attn_implementation(cfg.attn_implementation)
         except (ValueError, ImportError) as e:
             raise UserError(f"--attn-implementation {cfg.attn_implementation}: {str(e).splitlines()[0]}") from None
+        route_in_float32(m)  # bf16 autocast would otherwise compute router logits in bf16
     if cfg.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pairs = cfg.layer_pairs()
@@ -353,7 +355,7 @@ class _Trainer:
 
 
 def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.MetricsLog) -> Path:
-    """Write the distilled student as a checkpoint in the source's dtype, one tensor at a time: each is gathered
+    """Write the distilled student as a checkpoint in the source's dtypes, one tensor at a time: each is gathered
     from its shards (a collective every rank takes part in), cast and handed to rank 0's shard writer, so rank 0's
     host holds one output shard and one full tensor, never the whole student (187 GB in float32 for 47B)."""
     tensors = _final_tensors(student, s_ckpt, d)
@@ -373,16 +375,16 @@ def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.
 
 def _final_tensors(student, s_ckpt: Checkpoint, d):
     """(name, tensor) of every weight of `student`, gathered whole when sharded (FSDP2's DTensors), on the host in
-    the source checkpoint's dtype; a tied checkpoint's LM head is left out. Lazy: one tensor at a time."""
+    the dtype the source checkpoint stores it in (a bf16 checkpoint's MoE routers are float32, as transformers
+    keeps them: one dtype for all would move their correction bias by up to 2e-4 and change expert choices); a
+    tied checkpoint's LM head is left out. Lazy: one tensor at a time."""
     from torch.distributed.tensor import DTensor
 
-    dtype = s_ckpt.dtype()
     for name, t in student.state_dict().items():
         if name == "lm_head.weight" and s_ckpt.layout.tie_word_embeddings:
             continue
         full = t.full_tensor() if d.enabled and isinstance(t, DTensor) else t
-        full = full.detach().cpu()
-        yield name, full.to(dtype) if full.is_floating_point() else full
+        yield name, full.detach().cpu().to(s_ckpt.stored_dtype(s_ckpt.source_of(name)))
 
 
 def _diverged_msg(what: str, value: float, step: int, run_dir: Path) -> str:

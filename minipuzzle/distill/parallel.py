@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipuzzle.checkpoint import Checkpoint, build_model, keeps_float32, load_model
+from minipuzzle.checkpoint import Checkpoint, build_model, load_model, weight_dtype
 from minipuzzle.errors import UserError
 
 
@@ -106,16 +106,16 @@ def load_local(ckpt: Checkpoint, dtype: torch.dtype, d: Dist):
 def build_meta(ckpt: Checkpoint, dtype: torch.dtype):
     """The model on the meta device, in `dtype`, to be sharded before any memory is allocated.
 
-    The MoE routers' weight and correction bias stay float32, as `load_model` and transformers keep them. Under
-    FSDP2 that mixes dtypes inside a block, which fully_shard accepts only for parameters without gradients: the
-    teacher (frozen) may be bf16, the student is all float32.
+    The MoE routers' weight and correction bias stay float32, as `load_model` and transformers keep them;
+    `shard` gives each router a unit of its own, so no unit mixes dtypes.
     """
     model = build_model(ckpt.layout, ckpt.config).to(dtype)
     for mod_name, mod in model.named_modules():
         for table in (mod._parameters, mod._buffers):
             for n, t in table.items():
-                if t is not None and keeps_float32(model, f"{mod_name}.{n}") and t.dtype != torch.float32:
-                    t.data = t.data.float()  # meta: no data is converted
+                want = weight_dtype(f"{mod_name}.{n}", t.dtype, dtype) if t is not None else None
+                if want is not None and want != t.dtype:
+                    t.data = t.data.to(want)  # meta: no data is converted
     return model
 
 
@@ -131,19 +131,28 @@ def mesh(d: Dist, sharding: str = "full"):
 
 
 def shard(objective, d: Dist, sharding: str = "full", param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2: one unit per block of each model, the rest owned by the objective (the root).
+    """FSDP2: one unit per block of each model, the rest owned by the objective (the root), and one per MoE
+    router inside a block.
 
     `param_dtype` (bf16 on GPUs): the student's blocks and the root are gathered in it, so the forward and the
     saved activations are bf16 while the sharded master weights, the optimizer and the gradient reduction stay
     float32. The teacher's blocks are gathered in their own dtype. None: gathered as stored (float32 on the CPU).
+    The routers are gathered as stored, float32 (as transformers keeps them): in its block's unit a router's
+    weight would be gathered in bf16, and one unit holds one dtype. A router is [E, h] (1.4 MB for Nemotron 3
+    Nano), so its own gather costs little.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from minipuzzle.distill.routers import routers
 
     m = mesh(d, sharding)
     student_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     teacher_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    router_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for model, mp in ((objective.student, student_mp), (objective.teacher, teacher_mp)):
         for layer in model.model.layers:
+            for router in routers(layer):  # FSDP2 shards a submodule before the module holding it
+                fully_shard(router, mesh=m, mp_policy=router_mp)
             fully_shard(layer, mesh=m, mp_policy=mp)
     fully_shard(objective, mesh=m, mp_policy=student_mp)
 

@@ -114,16 +114,15 @@ def load_offloaded(path: str | Path, dtype: torch.dtype, device: torch.device):
     """A `NemotronHForCausalLM` of checkpoint `path` that holds no weights: it stays on the meta device, and each
     unit (`offload_units`) gets accelerate's offloading hook, which reads the unit's weights from the checkpoint
     onto `device` just before its forward and puts them back on the meta device after it. Weights are cast as
-    `checkpoint.fill_weights` casts them: `dtype`, except the float32 routers (`keeps_float32`)."""
+    `checkpoint.fill_weights` casts them: `dtype`, except the float32 routers (`checkpoint.weight_dtype`)."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from minipuzzle.checkpoint import Checkpoint, build_model, keeps_float32
+    from minipuzzle.checkpoint import Checkpoint, build_model, weight_dtype
 
     ckpt = Checkpoint(path)
     model = build_model(ckpt.layout, ckpt.config).eval().requires_grad_(False)
     sources = _sources(model, ckpt)
-    dtypes = {k: torch.float32 if keeps_float32(model, k) else dtype if t.is_floating_point() else t.dtype
-              for k, t in model.state_dict().items()}  # fmt: skip
+    dtypes = {k: weight_dtype(k, t.dtype, dtype) for k, t in model.state_dict().items()}
     # accelerate casts what the map returns to the meta tensor's dtype: give each meta tensor its loaded dtype.
     model.load_state_dict({k: torch.empty(t.shape, dtype=dtypes[k], device="meta") for k, t in
                            model.state_dict().items()}, assign=True)  # fmt: skip

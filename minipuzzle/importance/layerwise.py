@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import Checkpoint, plain_kernel_notice
+from minipuzzle.checkpoint import Checkpoint, plain_kernel_notice, weight_dtype
 
 # Hook installer: called with (layer index, block) before a block runs; returns a context manager that is exited
 # after the block has run over every row of the chunk (e.g. one that removes forward hooks).
@@ -98,7 +98,8 @@ class StreamedStack(LayerStack):
 
     Embeddings, norm_f and lm_head stay loaded; `block(i)` builds block i on the meta device, assigns its tensors
     from the shards (cast to `dtype`, moved to `device`) and drops them on exit. Shard handles are closed after each
-    layer so memory-mapped pages of layers already used are released, not kept resident.
+    layer so memory-mapped pages of layers already used are released, not kept resident. Weights take the dtype a
+    loaded model gives them (`checkpoint.weight_dtype`: `dtype`, the MoE routers float32).
 
     `StreamedStack.open(folder)` reads a checkpoint. The constructor takes the resident parts (embeddings [V, h],
     norm_f weight [h], head [V, h], on `device` in `dtype`) for stacks that derive them, such as a pruned view.
@@ -128,7 +129,7 @@ class StreamedStack(LayerStack):
 
         def read(name: str) -> torch.Tensor:
             t = ckpt.get(name)
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            return t.to(device=device, dtype=weight_dtype(name, t.dtype, dtype))
 
         emb = read("model.embeddings.weight")
         # transformers' NemotronH keeps its own head even for tied configs; fall back only when none is stored.
@@ -150,10 +151,10 @@ class StreamedStack(LayerStack):
     def block(self, i):
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock
 
-        state = {
-            k: t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-            for k, t in self.layer_tensors(i).items()
-        }
+        # Cast as a loaded model is (`weight_dtype`): a bf16 block keeps its MoE router in float32, else streamed
+        # scoring and ranking would route some tokens to other experts than the model that ships.
+        state = {k: t.to(device=self.device, dtype=weight_dtype(k, t.dtype, self.dtype))
+                 for k, t in self.layer_tensors(i).items()}  # fmt: skip
         block = _build(lambda: NemotronHBlock(self.config, layer_idx=i), state)
         try:
             yield block
