@@ -15,7 +15,21 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from minipuzzle.errors import UserError
-from minipuzzle.units import parse_bytes
+from minipuzzle.units import parse_bandwidth, parse_bytes
+
+# Link bandwidths a plan assumes when the hardware does not give them: an H100 SXM node and its cluster network.
+# NVLink 4 on an H100 SXM: 18 links x 25 GB/s = 450 GB/s per direction per GPU (NVIDIA's H100 datasheet quotes
+# 900 GB/s, both directions together).
+NVLINK4_BYTES_PER_S = 450e9
+# InfiniBand NDR: 400 Gb/s = 50 GB/s per direction per NIC; a DGX / HGX H100 node has one NIC per GPU (8 x
+# ConnectX-7), so each GPU has one link's worth to the other nodes.
+NDR_BYTES_PER_S = 400e9 / 8
+# The share of a link's bandwidth that NCCL's ring all-gather, reduce-scatter and all-reduce reach on large
+# messages (nccl-tests' "bus bandwidth"): a judgement, not a measurement here. Give `intra_node_bandwidth` /
+# `inter_node_bandwidth` from nccl-tests on the real machine to replace both assumptions.
+COLLECTIVE_SHARE = 0.8
+DEFAULT_INTRA_NODE = COLLECTIVE_SHARE * NVLINK4_BYTES_PER_S  # 360 GB/s
+DEFAULT_INTER_NODE = COLLECTIVE_SHARE * NDR_BYTES_PER_S  # 40 GB/s
 
 
 def _size(value: object, what: str) -> int:
@@ -47,6 +61,14 @@ class Hardware(BaseModel):
         "there decides"
     )  # fmt: skip
     mamba_path: str | None = Field(None, exclude=True, description="why the Mamba path is what it is (detection)")
+    intra_node_bandwidth: float | None = Field(
+        None, description="bytes per second a collective reaches per GPU inside a node, e.g. 360GB/s (nccl-tests' "
+        "bus bandwidth); unset: 80% of H100 NVLink 4's 450 GB/s per direction"
+    )  # fmt: skip
+    inter_node_bandwidth: float | None = Field(
+        None, description="bytes per second a collective reaches per GPU between nodes, e.g. 40GB/s; unset: 80% "
+        "of one 400 Gb/s InfiniBand NIC per GPU"
+    )  # fmt: skip
 
     @field_validator("gpu_memory", mode="before")
     @classmethod
@@ -57,6 +79,39 @@ class Hardware(BaseModel):
     @classmethod
     def _host_memory(cls, v: object) -> int | None:
         return None if v is None else _size(v, "host_memory")
+
+    @field_validator("intra_node_bandwidth", "inter_node_bandwidth", mode="before")
+    @classmethod
+    def _bandwidth(cls, v: object, info) -> float | None:
+        if v is None:
+            return None
+        try:
+            return parse_bandwidth(v, info.field_name)  # type: ignore[arg-type]
+        except UserError as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def intra_node_bytes_per_s(self) -> float:
+        """What a collective among one node's GPUs moves per GPU per second (given, else `DEFAULT_INTRA_NODE`)."""
+        return self.intra_node_bandwidth or DEFAULT_INTRA_NODE
+
+    @property
+    def inter_node_bytes_per_s(self) -> float:
+        """What a collective across nodes moves per GPU per second (given, else `DEFAULT_INTER_NODE`)."""
+        return self.inter_node_bandwidth or DEFAULT_INTER_NODE
+
+    def bandwidth_text(self) -> str:
+        """'NVLink 360 GB/s, InfiniBand 40 GB/s per GPU (assumed: ...)': the figures communication is timed with
+        and which of them are assumptions (one line, for dry runs)."""
+        out = (f"inside a node {self.intra_node_bytes_per_s / 1e9:.0f} GB/s, between nodes "
+               f"{self.inter_node_bytes_per_s / 1e9:.0f} GB/s per GPU")  # fmt: skip
+        assumed = [a for a, given in (
+            (f"{COLLECTIVE_SHARE:.0%} of H100 NVLink 4's {NVLINK4_BYTES_PER_S / 1e9:.0f} GB/s",
+             self.intra_node_bandwidth),
+            (f"{COLLECTIVE_SHARE:.0%} of one {NDR_BYTES_PER_S * 8 / 1e9:.0f} Gb/s InfiniBand NIC per GPU",
+             self.inter_node_bandwidth)) if given is None]  # fmt: skip
+        return out + (f" (assumed: {'; '.join(assumed)}; set hardware.intra_node_bandwidth / "
+                      "inter_node_bandwidth)" if assumed else "")  # fmt: skip
 
     @property
     def devices(self) -> int:
@@ -176,6 +231,10 @@ def with_detected_kernels(hw: Hardware, cuda_available: bool | None = None) -> H
     return hw.model_copy(update={"mamba_kernels": path.fused, "mamba_path": path.why})
 
 
+# The options that only time training's collectives: commands that never train across devices leave them out.
+LINK_OPTIONS = ("intra_node_bandwidth", "inter_node_bandwidth")
+
+
 class HardwareOptions(BaseModel):
     """`--gpu-memory` / `--gpus` as typed to `run` and the stage commands (one option per field)."""
 
@@ -193,6 +252,14 @@ class HardwareOptions(BaseModel):
         "PyTorch path, when planning from a machine without CUDA (default: the recipe's hardware section, else the "
         "PyTorch path); on a CUDA machine what is installed there decides."
     )  # fmt: skip
+    intra_node_bandwidth: str | None = Field(
+        None, description="What a collective reaches per GPU inside a node, e.g. 360GB/s, to time FSDP2's traffic "
+        "(default: the recipe's hardware section, else 80% of H100 NVLink 4)."
+    )  # fmt: skip
+    inter_node_bandwidth: str | None = Field(
+        None, description="What a collective reaches per GPU between nodes, e.g. 40GB/s or 320Gb/s (default: the "
+        "recipe's hardware section, else 80% of one 400 Gb/s InfiniBand NIC per GPU)."
+    )  # fmt: skip
 
 
 def resolve(section: Hardware | None = None, options: dict | HardwareOptions | None = None) -> Hardware:
@@ -203,4 +270,9 @@ def resolve(section: Hardware | None = None, options: dict | HardwareOptions | N
     hw = base.override(opts.gpu_memory, opts.gpus, opts.host_memory)
     if opts.mamba_kernels is not None:
         hw = hw.model_copy(update={"mamba_kernels": opts.mamba_kernels, "mamba_path": None})
+    links = {k: v for k, v in (("intra_node_bandwidth", opts.intra_node_bandwidth),
+                               ("inter_node_bandwidth", opts.inter_node_bandwidth)) if v is not None}  # fmt: skip
+    if links:
+        flag = {k: "--" + k.replace("_", "-") for k in links}
+        hw = hw.model_copy(update={k: parse_bandwidth(v, flag[k]) for k, v in links.items()})
     return with_detected_kernels(hw)

@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import HardwareOptions
+from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions
 
 
-@settings_command(HardwareOptions, into="hardware", exclude=("gpu_memory", "gpus", "mamba_kernels"))  # cut runs on the host
+@settings_command(HardwareOptions, into="hardware", exclude=("gpu_memory", "gpus", "mamba_kernels", *LINK_OPTIONS))  # cut runs on the host
 def _cut_command(
     model: Annotated[str, typer.Argument(help="Source checkpoint folder (or cached hub id / preset).")],
     plan: Annotated[Path, typer.Option("--plan", "-p", help="Plan file (JSON or YAML; `search` writes one).")],

@@ -75,3 +75,23 @@ def parse_bytes(text: str | int | float, what: str = "size") -> int:
     if value <= 0:
         raise UserError(f"{what} must be positive, got {text!r}")
     return int(value)
+
+
+def parse_bandwidth(text: str | int | float, what: str = "bandwidth") -> float:
+    """'450GB/s', '400Gb/s' (bits: a lower-case b, or 'Gbit/s', 'Gbps'), '50e9' -> bytes per second (positive).
+
+    Link speeds are quoted in decimal units, so k, M, G, T are powers of ten (GiB/s is binary); the case of the b
+    tells bytes from bits, as network links are sold in bits and memory links in bytes."""
+    s = str(text).strip().replace(" ", "").replace("_", "")
+    m = re.fullmatch(r"([0-9.]+(?:[eE][0-9+-]+)?)([kKMGT]?)(i?)(B|b|bit|bits)?(/s|ps)?", s)
+    if not m or (m.group(3) and m.group(4) != "B"):
+        raise UserError(f"cannot read {what} {text!r} (examples: 450GB/s, 400Gb/s, 5e10)")
+    num, prefix, binary, unit, _ = m.groups()
+    scale = (2**10 if binary else 10**3) ** " kMGT".index(prefix.upper().replace("K", "k")) if prefix else 1
+    try:
+        value = float(num) * scale / (8 if unit in ("b", "bit", "bits") else 1)
+    except ValueError:
+        raise UserError(f"cannot read {what} {text!r} (examples: 450GB/s, 400Gb/s)") from None
+    if value <= 0:
+        raise UserError(f"{what} must be positive, got {text!r}")
+    return value

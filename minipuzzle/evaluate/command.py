@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import HardwareOptions
+from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions
 from minipuzzle.settings import DataOptions, DeviceOptions, EvalSettings
 
 
@@ -17,7 +17,7 @@ from minipuzzle.settings import DataOptions, DeviceOptions, EvalSettings
 @settings_command(DataOptions, into="text", helps={"data": "Held-out text: .txt/.jsonl/.parquet file, folder or "
                                                          "datasets name."})  # fmt: skip
 @settings_command(DeviceOptions, into="compute")
-@settings_command(HardwareOptions, into="hardware")
+@settings_command(HardwareOptions, into="hardware", exclude=LINK_OPTIONS)
 @settings_command(EvalSettings, exclude=("tasks", "num_fewshot"), defaults={"seq_len": 512},
                   aliases={"samples": ["--num-samples"]}, types_={"limit": float | None})  # fmt: skip
 def _eval_command(

@@ -9,7 +9,7 @@ import typer
 
 from minipuzzle.anatomy import SEARCH_AXES
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import HardwareOptions
+from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions
 from minipuzzle.importance.width import describe_aggs
 from minipuzzle.settings import DataOptions, DeviceOptions, ScoreSettings
 
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     helps={"data": "Calibration text: .txt/.jsonl/.parquet, a folder, or a hub dataset."},
 )
 @settings_command(DeviceOptions, into="compute")
-@settings_command(HardwareOptions, into="hardware")
+@settings_command(HardwareOptions, into="hardware", exclude=LINK_OPTIONS)
 @settings_command(ScoreSettings, helps={
     "width_agg": f"Width statistic SEQ,ROWS: over each row's tokens, then over rows.\n\n{describe_aggs()}",
 })  # fmt: skip
