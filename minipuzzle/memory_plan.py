@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field, computed_field
 
 from minipuzzle.anatomy import ATTENTION, MAMBA, MLP, MOE
 from minipuzzle.arch import DTYPE_BYTES, Layout
+from minipuzzle.communication import Traffic, step_traffic
 from minipuzzle.hardware import Hardware, gib
 from minipuzzle.metrics import LOGIT_CHUNK
 
@@ -143,6 +144,7 @@ class Part(BaseModel):
     problem: str | None = None
     note: str | None = None
     today: Part | None = None
+    traffic: Traffic | None = Field(None, description="training: one rank's collectives and time per step")
 
     @computed_field
     @property
@@ -660,7 +662,8 @@ def data_parallel_ranks(hw: Hardware, global_batch: int) -> int:
 
 
 def _sharding_options(hw: Hardware, ranks: int) -> list[str]:
-    """FSDP2 over one node's GPUs when that holds the step (less traffic between nodes), else over all ranks."""
+    """FSDP2 over one node's GPUs, replicated across nodes (HSDP), and over all ranks, when the ranks span nodes;
+    over all ranks within one node. `plan_training` takes the faster of those that fit."""
     if ranks == 1:
         return ["none"]
     return ["per_node", "full"] if ranks > hw.gpus_per_node else ["full"]
@@ -681,8 +684,8 @@ class Fixed(BaseModel):
 
 
 def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str, fixed: Fixed):
-    """(sharding, Launch) in order of preference: without checkpointing before with it (recomputing costs a
-    third more compute), sharded per node before across nodes, larger micro-batches first; `fixed` narrows each."""
+    """(sharding, Launch) of every launch `fixed` allows, in the order that breaks ties in time: without
+    checkpointing before with it, sharded per node before across nodes, larger micro-batches first."""
     cuda = hw.device == "cuda"
     ckpts = (False, True) if fixed.checkpointing is None else (fixed.checkpointing,)
     shardings = _sharding_options(hw, ranks)
@@ -706,10 +709,11 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
     """A distillation's geometry, as `distill.loop` runs it: every device is a data-parallel rank (one process
     per GPU, as many as divide the batch: `data_parallel_ranks`; the CPU is one process; `fixed.ranks` when the
     launch is given); FSDP2 gathers the student in bf16 on GPUs (float32 master weights, float32 gradient
-    reduction) and shards per node (HSDP) when one node holds the step, else across all nodes; activation
-    checkpointing only when no micro-batch fits without it; the micro-batch is the largest power of two dividing
-    global_batch / ranks that fits, and grad_accum = global_batch / (micro x ranks). `fixed` holds the choices the
-    user made. Without a fit, the last option tried (the smallest micro-batch), which does not fit.
+    reduction); of the launches that fit (sharding per node (HSDP) or across all nodes, activation checkpointing
+    or not, the micro-batch a power of two dividing global_batch / ranks, grad_accum = global_batch / (micro x
+    ranks)), the one whose step takes least time with its communication and recompute
+    (`communication.step_traffic`; ties go to no checkpointing, HSDP, the larger micro-batch). `fixed` holds the
+    choices the user made. Without a fit, the last option tried (the smallest micro-batch), which does not fit.
     """
     fixed = fixed or Fixed()
     dt = default_dtype(hw, dtype)
@@ -717,17 +721,43 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
     host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes)
     base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch)
     note = None if ranks in (1, hw.devices) else f"{ranks} of the {hw.devices} devices: ranks must divide the batch"
-    per_rank, part = max(1, global_batch // ranks), None
+    per_rank, part, best = max(1, global_batch // ranks), None, None
+    by_sharding: dict[str, Part] = {}  # the fastest fitting launch of each sharding, else its smallest
     for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
         mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
                                       "logits_chunk": min(loss_chunk, ln.micro * seq_len)})  # fmt: skip
-        part = _part(stage, name, geo, mem, hw, note=note)
-        if part.fits:
-            break
+        traffic = step_traffic(teacher, student, hw, ranks=ranks, shards=ln.shards, micro=ln.micro,
+                               grad_accum=per_rank // ln.micro, seq_len=seq_len, checkpointing=ln.checkpointing,
+                               gather_bytes=ln.gather_bytes, teacher_bytes=ln.teacher_bytes)  # fmt: skip
+        part = _part(stage, name, geo, mem, hw, note=note).model_copy(update={"traffic": traffic})
+        # Strictly faster by more than rounding: equal times (all hidden under compute) keep the earlier option.
+        if part.fits and (best is None or traffic.step_seconds < best.traffic.step_seconds * (1 - 1e-9)):
+            best = part
+        seen = by_sharding.get(sharding)
+        if seen is None or not seen.fits or (part.fits and traffic.step_seconds < seen.traffic.step_seconds):
+            by_sharding[sharding] = part
     assert part is not None
-    return part
+    if best is None:
+        return part
+    return best.model_copy(update={"traffic": best.traffic.model_copy(update={"why": _why(best, by_sharding, hw)})})
+
+
+def _why(chosen: Part, by_sharding: dict[str, Part], hw: Hardware) -> str | None:
+    """Why the chosen sharding beat the other (one clause), when the ranks span nodes and both were open."""
+    other = next((p for s, p in by_sharding.items() if s != chosen.geometry.sharding), None)
+    if other is None:
+        return None
+    names = {"full": "full sharding", "per_node": "HSDP"}
+    mine, theirs = names[chosen.geometry.sharding], names[other.geometry.sharding]
+    if not other.fits:
+        return f"{mine}: {theirs} does not fit (needs {gib(other.device_total)} per device, {gib(usable(hw))} usable)"
+    t, o = chosen.traffic, other.traffic
+    assert t is not None and o is not None
+    if t.step_seconds >= o.step_seconds * (1 - 1e-9):
+        return f"{mine}: as fast as {theirs} ({other.geometry.describe()}), with less traffic between nodes"
+    return f"{mine}: {t.step_seconds:.1f} s per step against {o.step_seconds:.1f} s with {theirs} ({other.geometry.describe()})"
 
 
 def plan_distill(teacher: Layout, student: Layout, hw: Hardware, ds, *, processes: int | None = None,

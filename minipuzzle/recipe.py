@@ -200,8 +200,10 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None, student: Layout |
     them); before that, the teacher's own layout bounds it.
 
     Scoring and ranking are priced by `search.pipeline.scoring_cost`; training costs 6 x student + 2 x teacher
-    parameters FLOPs per token. GPU-hours use the same assumed H100 throughput as `prune --dry-run`. The memory
-    plan is `memory_plan.plan_recipe`'s; "refusal" is the line a run would be refused with (None: it fits).
+    parameters FLOPs per token, 2 x student more where the plan checkpoints activations (the recompute), plus the
+    time its FSDP2 collectives add beyond the compute on every device (`communication.step_traffic` on the plan's
+    launch). GPU-hours use the same assumed H100 throughput as `prune --dry-run`. The memory plan is
+    `memory_plan.plan_recipe`'s; "refusal" is the line a run would be refused with (None: it fits).
     """
     from minipuzzle.hardware import resolve
     from minipuzzle.memory_plan import model_facts, plan_recipe
@@ -209,11 +211,13 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None, student: Layout |
     from minipuzzle.search.pipeline import H100_FLOPS
 
     name, source = describe_model(recipe.model.source, recipe.model.path)
-    stages = _plan_stages(recipe, source)
-    for st in stages:
-        st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600
+    hw = hardware or resolve(recipe.hardware)
     stored = model_facts(recipe.model.source, recipe.model.path)[1]  # as the run plans it (runner.check_memory)
-    memory = plan_recipe(recipe, source, hardware or resolve(recipe.hardware), student=student, stored_bytes=stored)
+    memory = plan_recipe(recipe, source, hw, student=student, stored_bytes=stored)
+    training = {p.stage: p for st in memory.stages for p in st.parts if p.traffic is not None}
+    stages = _plan_stages(recipe, source, training)
+    for st in stages:
+        st["gpu_hours"] = st["flops"] / H100_FLOPS / 3600 + st.get("communication_gpu_hours", 0.0)
     for st, planned in ((st, p) for st in stages for p in memory.stages if st["stage"] == p.stage == "distill"):
         st["gpus"] = planned.parts[0].geometry.devices  # the launch's when the recipe gives it, else the plan's
     return {
@@ -223,13 +227,28 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None, student: Layout |
         "stages": stages,
         "total_gpu_hours": sum(st["gpu_hours"] for st in stages),
         "assumption": f"one H100 sustaining {H100_FLOPS / 1e12:.0f} TFLOP/s (about 40% of its bf16 peak)",
+        "links": hw.bandwidth_text(),
+        "communication": {p.stage: p.traffic.describe() + (f"; {p.traffic.why}" if p.traffic.why else "")
+                          for p in training.values()},  # fmt: skip
         "memory": memory.model_dump(mode="json"),
         "refusal": memory.refusal(),
     }
 
 
-def _plan_stages(recipe: Recipe, source) -> list[dict[str, Any]]:
-    """One row per stage: what it does and its FLOPs."""
+def _training_cost(tokens: int, steps: int, student: int, source: Layout, part) -> dict[str, float]:
+    """FLOPs of `tokens` of distillation of a `student`-parameter model from `source` (6 per student parameter and
+    token, 2 more where `part`, the memory plan's launch, recomputes checkpointed activations, 2 per teacher
+    parameter) and the GPU-hours `steps` of its launch spend on communication its compute does not hide, every
+    device counted."""
+    ckpt = part is not None and bool(part.geometry.activation_checkpointing)
+    flops = tokens * ((6 + (2 if ckpt else 0)) * student + 2 * source.num_params())
+    comm = steps * part.geometry.devices * part.traffic.exposed_seconds / 3600 if part is not None else 0.0
+    return {"flops": flops, "communication_gpu_hours": comm}
+
+
+def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[dict[str, Any]]:
+    """One row per stage: what it does and its FLOPs; `training`: the memory plan's training parts by stage
+    (their launches price recompute and communication)."""
     from minipuzzle.search.pipeline import scoring_cost
 
     imp, srch, d, e = recipe.importance, recipe.search, recipe.distill, recipe.eval
@@ -238,21 +257,23 @@ def _plan_stages(recipe: Recipe, source) -> list[dict[str, Any]]:
     cost = scoring_cost(source, settings)
     # The student is not known before the search: bound it by the budget's parameter count when given.
     student = min(source.num_params(), budget.params or source.num_params())
-    train_flops_per_token = 6 * student + 2 * source.num_params()
-    cand_tokens = srch.candidates * settings.candidate_distill_steps * settings.candidate_distill_batch * imp.seq_len
+    training = training or {}
+    cand_steps = srch.candidates * settings.candidate_distill_steps
+    cand_tokens = cand_steps * settings.candidate_distill_batch * imp.seq_len
+    cand = _training_cost(cand_tokens, cand_steps, student, source, training.get("prune"))
     stages: list[dict[str, Any]] = [
         {"stage": "score", "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
          "seq_len": imp.seq_len, "depth_metric": imp.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
         {"stage": "prune", "budget": budget.describe(), "axes": list(srch.axes),
          "candidates": srch.candidates, "rank_tokens": srch.held_out_samples * imp.seq_len,
-         "candidate_distill_tokens": cand_tokens,
-         "flops": cost["flops_ranking"] + cand_tokens * train_flops_per_token},
+         "candidate_distill_tokens": cand_tokens, "flops": cost["flops_ranking"] + cand["flops"],
+         "communication_gpu_hours": cand["communication_gpu_hours"]},
     ]  # fmt: skip
     if d is not None:
         tokens = d.max_steps * d.batch_size * d.seq_len
         stages.append({"stage": "distill", "steps": d.max_steps, "tokens": tokens, "seq_len": d.seq_len,
                        "batch_size": d.batch_size, "launcher": d.launcher,
-                       "flops": tokens * train_flops_per_token})  # fmt: skip
+                       **_training_cost(tokens, d.max_steps, student, source, training.get("distill"))})  # fmt: skip
     fwd = source.flops_per_token(e.seq_len)["prefill"]
     stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
     stages.append({"stage": "report", "flops": 0})

@@ -75,10 +75,18 @@ def _print_plan(con, rec, plan: dict[str, Any]) -> None:
     for col in ("stage", "what", "FLOPs", "GPU-hours"):
         t.add_column(col, justify="right" if col in ("FLOPs", "GPU-hours") else "left")
     for s in plan["stages"]:
-        what = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("stage", "flops", "gpu_hours"))
+        what = ", ".join(f"{k}={v}" for k, v in s.items()
+                         if k not in ("stage", "flops", "gpu_hours", "communication_gpu_hours"))  # fmt: skip
         t.add_row(s["stage"], what, f"{s['flops']:.2e}", f"{s['gpu_hours']:.2f}")
     con.print(t)
     con.print(f"total: {plan['total_gpu_hours']:.1f} GPU-hours")
+    rows = {s["stage"]: s for s in plan["stages"]}
+    for stage, line in plan["communication"].items():
+        what = "candidate distillation" if stage == "prune" else stage
+        extra = rows[stage].get("communication_gpu_hours", 0.0)
+        con.print(f"{what}: {line}; communication not hidden adds {extra:.1f} GPU-hours", highlight=False, markup=False)
+    if plan["communication"]:
+        con.print(f"links: {plan['links']}", highlight=False, markup=False)
     _print_memory(con, plan["memory"])
     if plan["refusal"]:
         con.print(f"[bold red]a run would be refused:[/] {plan['refusal']}", highlight=False)

@@ -267,7 +267,8 @@ def test_saved_activations_match_what_autograd_keeps(kind, latent):
 def test_shipped_56b_recipe_fits_8x8_h100():
     plan = plan_run(_recipe_56b())
     assert plan["memory"]["hardware"] == {"device": "cuda", "gpu_memory": 80 * GIB, "gpus_per_node": 8, "nodes": 8,
-                                          "host_memory": None, "mamba_kernels": True}  # fmt: skip
+                                          "host_memory": None, "mamba_kernels": True, "intra_node_bandwidth": None,
+                                          "inter_node_bandwidth": None}  # fmt: skip
     stages = {s["stage"]: s for s in plan["memory"]["stages"]}
     assert set(stages) == {"score", "prune", "distill", "eval"}
     assert all(s["fits"] for s in stages.values())
