@@ -357,7 +357,8 @@ class _Trainer:
 def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.MetricsLog) -> Path:
     """Write the distilled student as a checkpoint in the source's dtypes, one tensor at a time: each is gathered
     from its shards (a collective every rank takes part in), cast and handed to rank 0's shard writer, so rank 0's
-    host holds one output shard and one full tensor, never the whole student (187 GB in float32 for 47B)."""
+    host holds one output shard and one full tensor, never the whole student (187 GB in float32 for 47B); the
+    other ranks drop each gathered tensor where it is (`_final_tensors`)."""
     tensors = _final_tensors(student, s_ckpt, d)
     out = cfg.output_path
     if d.main:
@@ -377,13 +378,19 @@ def _final_tensors(student, s_ckpt: Checkpoint, d):
     """(name, tensor) of every weight of `student`, gathered whole when sharded (FSDP2's DTensors), on the host in
     the dtype the source checkpoint stores it in (a bf16 checkpoint's MoE routers are float32, as transformers
     keeps them: one dtype for all would move their correction bias by up to 2e-4 and change expert choices); a
-    tied checkpoint's LM head is left out. Lazy: one tensor at a time."""
+    tied checkpoint's LM head is left out. Lazy: one tensor at a time. Only rank 0 writes, so on the other ranks
+    the tensor is None: they take part in each gather and free its result on the device, with no host copy (64
+    ranks each copying 187 GB through their host would be 64 times the save's traffic for nothing)."""
     from torch.distributed.tensor import DTensor
 
     for name, t in student.state_dict().items():
         if name == "lm_head.weight" and s_ckpt.layout.tie_word_embeddings:
             continue
         full = t.full_tensor() if d.enabled and isinstance(t, DTensor) else t
+        if not d.main:
+            del full
+            yield name, None
+            continue
         yield name, full.detach().cpu().to(s_ckpt.stored_dtype(s_ckpt.source_of(name)))
 
 
