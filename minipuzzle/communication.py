@@ -113,8 +113,10 @@ def step_traffic(teacher: Layout, student: Layout, hw: Hardware, *, ranks: int, 
     blocks_t = teacher.num_params() - root_t - r_t
     ring = (shards - 1) / shards
     # The root is gathered in the student's gather dtype (it owns both models' embeddings and heads).
-    per_micro_gather = (2 * (blocks_s * gather_bytes + r_s * ROUTER_BYTES) + blocks_t * teacher_bytes
-                        + r_t * ROUTER_BYTES + (root_s + root_t) * gather_bytes)  # fmt: skip
+    last = student.layer_params(student.pattern[-1]) - (router_params(student) // student.count(MOE)
+                                                        if student.pattern[-1] == MOE else 0)  # fmt: skip
+    per_micro_gather = (2 * (blocks_s * gather_bytes + r_s * ROUTER_BYTES) + last * gather_bytes
+                        + blocks_t * teacher_bytes + r_t * ROUTER_BYTES + (root_s + root_t) * gather_bytes)  # fmt: skip
     per_micro_reduce = student.num_params() * REDUCE_BYTES
     gathered = int(ring * per_micro_gather * grad_accum)
     reduced = int(ring * per_micro_reduce * grad_accum)

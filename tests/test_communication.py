@@ -1,0 +1,157 @@
+"""What FSDP2 moves per rank per step, and the sharding the plan chooses with it: bytes against hand counts from
+the parameters of real models and against what 2 gloo ranks really gather and reduce-scatter; the choice between
+HSDP and full sharding flips where the arithmetic says; the 56B recipe's dry run prices communication and
+recompute into its GPU-hours."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minipuzzle.communication import H100_FLOPS, step_traffic
+from minipuzzle.errors import UserError
+from minipuzzle.hardware import Hardware, resolve
+from minipuzzle.testing import random_model, save_model, tiny_moe_layout
+from minipuzzle.units import parse_bandwidth
+
+TEACHER = tiny_moe_layout()
+STUDENT = tiny_moe_layout(pattern="ME*E-", moe_intermediate_size=16)
+
+
+def _counts(layout):
+    """(block parameters without routers, router parameters, root parameters, the last block's parameters) of a
+    real model of `layout`, counted from its tensors (no use of the layout's own parameter arithmetic)."""
+    blocks = routers = root = last = 0
+    for name, p in random_model(layout).named_parameters():
+        if ".mixer.gate." in name:
+            routers += p.numel()
+        elif name.startswith("model.layers."):
+            blocks += p.numel()
+            last += p.numel() if name.startswith(f"model.layers.{layout.num_layers - 1}.") else 0
+        else:
+            root += p.numel()
+    return blocks, routers, root, last
+
+
+def test_bandwidths_are_read_as_links_are_quoted():
+    assert parse_bandwidth("450GB/s") == 450e9
+    assert parse_bandwidth("400Gb/s") == parse_bandwidth("400Gbps") == 50e9  # bits, as networks are sold
+    assert parse_bandwidth("2GiB/s") == 2 * 2**30 and parse_bandwidth(5e10) == 5e10
+    with pytest.raises(UserError, match="cannot read bandwidth 'fast'"):
+        parse_bandwidth("fast")
+    hw = Hardware(gpu_memory="80GiB", inter_node_bandwidth="200Gb/s")
+    assert (hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s) == (0.8 * 450e9, 25e9)
+    text = hw.bandwidth_text()
+    assert "80% of H100 NVLink 4's 450 GB/s" in text and "InfiniBand" not in text  # only the assumption is named
+    assert resolve(hw, {"intra_node_bandwidth": "300GB/s"}).intra_node_bytes_per_s == 300e9
+
+
+def test_bytes_and_seconds_per_step_by_hand():
+    """4 ranks in one node, full sharding, 3 micro-batches of 2 x 16 tokens; then 8 ranks as 2 nodes x 4 with HSDP,
+    and with full sharding across both nodes."""
+    sb, sr, sroot, slast = _counts(STUDENT)
+    tb, tr, troot, _ = _counts(TEACHER)
+    ps = sb + sr + sroot
+    # Per micro-batch: student blocks twice (forward, backward) in bf16 and the last once more, its float32 routers
+    # twice, teacher blocks once in bf16 and its routers once in float32, both roots once in bf16; gradients
+    # reduce-scattered in float32.
+    gather = 2 * (sb * 2 + sr * 4) + slast * 2 + tb * 2 + tr * 4 + (sroot + troot) * 2
+    hw = Hardware(gpu_memory="80GiB", gpus_per_node=4, nodes=2, intra_node_bandwidth="100GB/s",
+                  inter_node_bandwidth="10GB/s")  # fmt: skip
+    kw = {"micro": 2, "grad_accum": 3, "seq_len": 16, "gather_bytes": 2, "teacher_bytes": 2}
+    one_node = step_traffic(TEACHER, STUDENT, hw, ranks=4, shards=4, checkpointing=False, **kw)
+    assert one_node.gathered == int(3 / 4 * gather * 3)
+    assert one_node.reduced == int(3 / 4 * ps * 4 * 3)
+    assert one_node.all_reduced == 0 and one_node.replicas == 1
+    assert one_node.gather_seconds == pytest.approx(one_node.gathered / 100e9)
+    compute = 3 * 2 * 16 * (6 * ps + 2 * (tb + tr + troot)) / H100_FLOPS
+    assert one_node.compute_seconds == pytest.approx(compute)
+    # These tiny models compute for nanoseconds: the step is its communication.
+    assert one_node.step_seconds == pytest.approx((one_node.gathered + one_node.reduced) / 100e9)
+
+    hsdp = step_traffic(TEACHER, STUDENT, hw, ranks=8, shards=4, checkpointing=True, **kw)
+    assert (hsdp.gathered, hsdp.reduced) == (one_node.gathered, one_node.reduced)  # the same node-local rings
+    # Each rank's float32 gradient shard (ps x 4 / 4 shards), ring all-reduced over 2 copies: 2 x 1/2 of it.
+    assert hsdp.all_reduced == ps
+    assert hsdp.all_reduce_seconds == pytest.approx(ps / 10e9)
+    assert hsdp.compute_seconds == pytest.approx(compute * (8 * ps + 2 * (tb + tr + troot)) / (6 * ps + 2 * (tb + tr + troot)))
+    assert hsdp.step_seconds == pytest.approx((hsdp.gathered + hsdp.reduced) / 100e9 + ps / 10e9)
+
+    full = step_traffic(TEACHER, STUDENT, hw, ranks=8, shards=8, checkpointing=False, **kw)
+    assert full.gathered == int(7 / 8 * gather * 3) and full.all_reduced == 0
+    assert full.bandwidth == 10e9  # its rings cross the network
+    assert full.step_seconds == pytest.approx((full.gathered + full.reduced) / 10e9)
+
+
+# Each rank: teacher and student loaded as `distill.loop` loads them (FSDP2 over 2 gloo ranks, float32), then
+# micro-batches of forward + backward with every all-gather and reduce-scatter FSDP2 issues counted in bytes.
+WORKER = """
+import json, sys, torch
+import torch.distributed as dist
+from pathlib import Path
+from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.distill import loop, parallel
+from minipuzzle.settings import DistillSettings
+
+torch.set_num_threads(1)
+teacher, student, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+d = parallel.init("cpu")
+moved = {"gather": 0, "reduce": 0}
+real_ag, real_rs = dist.all_gather_single, dist.reduce_scatter_single
+def ag(output, input, *a, **k):
+    moved["gather"] += output.numel() * output.element_size()
+    return real_ag(output, input, *a, **k)
+def rs(output, input, *a, **k):
+    moved["reduce"] += input.numel() * input.element_size()
+    return real_rs(output, input, *a, **k)
+dist.all_gather_single, dist.reduce_scatter_single = ag, rs
+result = {}
+for ckpt in (False, True):
+    cfg = DistillSettings(teacher=teacher, student=student, data="unused", output=str(out / "o"), seq_len=16,
+                          max_steps=1, batch_size=4, grad_accum=2, activation_checkpointing=ckpt, sharding="full",
+                          device="cpu")
+    objective = loop._load_models(cfg, Checkpoint(teacher), Checkpoint(student), d)
+    gen = torch.Generator().manual_seed(d.rank)
+    result[str(ckpt)] = []
+    for _ in range(2):
+        before = dict(moved)
+        objective(torch.randint(0, 320, (1, 16), generator=gen))["loss"].backward()
+        result[str(ckpt)].append({k: moved[k] - before[k] for k in moved})
+(out / f"rank{d.rank}.json").write_text(json.dumps(result))
+parallel.shutdown(d)
+"""
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comm")
+    return (save_model(random_model(TEACHER, seed=1), root / "teacher"),
+            save_model(random_model(STUDENT, seed=2), root / "student"))  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_two_ranks_move_what_the_plan_counts(pair, tmp_path):
+    """Measured per micro-batch on 2 gloo ranks (float32 gathers on the CPU): the bytes FSDP2 all-gathers and
+    reduce-scatters equal the plan's counts (full tensors: the plan's per-rank figure is half of them, a ring's
+    (n - 1) / n), with and without activation checkpointing (the recompute gathers nothing more). Measured with
+    the models of the hand count above: 395,680 float32 values gathered and 125,368 reduce-scattered per
+    micro-batch, of which the student's last block (12,352, an MLP) was gathered three times."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(pair[0]),
+           str(pair[1]), str(tmp_path)]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    cpu = Hardware(device="cpu", gpu_memory="64GiB", gpus_per_node=2)
+    for rank in (0, 1):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for checkpointing in (False, True):
+            planned = step_traffic(TEACHER, STUDENT, cpu, ranks=2, shards=2, micro=1, grad_accum=1, seq_len=16,
+                                   checkpointing=checkpointing, gather_bytes=4, teacher_bytes=4)  # fmt: skip
+            for micro in measured[str(checkpointing)]:
+                # FSDP2 pads shards to whole rows: these models' rows split evenly over 2 ranks, so exactly.
+                assert micro == {"gather": 2 * planned.gathered, "reduce": 2 * planned.reduced}
+    assert 2 * planned.gathered == 395_680 * 4 and 2 * planned.reduced == 125_368 * 4
