@@ -13,7 +13,8 @@ import pytest
 from minipuzzle.communication import H100_FLOPS, step_traffic
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware, resolve
-from minipuzzle.testing import random_model, save_model, tiny_moe_layout
+from minipuzzle.memory_plan import Fixed, plan_training
+from minipuzzle.testing import random_model, run_cli, save_model, tiny_moe_layout
 from minipuzzle.units import parse_bandwidth
 
 TEACHER = tiny_moe_layout()
@@ -155,3 +156,99 @@ def test_two_ranks_move_what_the_plan_counts(pair, tmp_path):
                 # FSDP2 pads shards to whole rows: these models' rows split evenly over 2 ranks, so exactly.
                 assert micro == {"gather": 2 * planned.gathered, "reduce": 2 * planned.reduced}
     assert 2 * planned.gathered == 395_680 * 4 and 2 * planned.reduced == 125_368 * 4
+
+
+WIDE = tiny_moe_layout(n_routed_experts=64, moe_intermediate_size=64)  # its optimizer states outweigh a sequence
+
+
+def _hand_step(sharding: str, micro: int, nodes: int, intra: float, inter: float) -> float:
+    """Seconds of one step of 128 sequences on nodes x 8 ranks, WIDE distilled into itself in bf16 on GPUs, by
+    hand: its compute (nanoseconds) is hidden, so a step is its communication. HSDP: grad_accum rings over a
+    node's 8 GPUs, then a ring all-reduce of each rank's float32 shard over the node copies; full sharding:
+    grad_accum rings over all ranks, at the slower link."""
+    b, r, root, last = _counts(WIDE)
+    ps = b + r + root
+    per_micro = 2 * (b * 2 + r * 4) + last * 2 + b * 2 + r * 4 + 2 * root * 2 + ps * 4
+    accum = 128 // (8 * nodes) // micro
+    if sharding == "per_node":
+        return accum * 7 / 8 * per_micro / intra + 2 * (nodes - 1) / nodes * ps * 4 / 8 / inter
+    n = 8 * nodes
+    return accum * (n - 1) / n * per_micro / min(intra, inter)
+
+
+def _choose(memory_mib: float, nodes: int, inter_gb: float):
+    """(the plan's part, {sharding: its best micro-batch}) with activation checkpointing off (a user choice, so
+    the plan chooses only the sharding and the micro-batch)."""
+    hw = Hardware(gpu_memory=int(memory_mib * 2**20), gpus_per_node=8, nodes=nodes, intra_node_bandwidth="100GB/s",
+                  inter_node_bandwidth=f"{inter_gb}GB/s")  # fmt: skip
+    kw = {"seq_len": 4, "global_batch": 128, "loss_chunk": 4}
+    part = plan_training("distill", "distill", WIDE, WIDE, hw, fixed=Fixed(checkpointing=False), **kw)
+    micros = {s: plan_training("distill", "distill", WIDE, WIDE, hw, fixed=Fixed(sharding=s, checkpointing=False),
+                               **kw).geometry.micro_batch for s in ("per_node", "full")}  # fmt: skip
+    return part, micros
+
+
+def test_the_sharding_flips_with_the_network_as_the_arithmetic_says():
+    """2 nodes x 8 with memory for one sequence per micro-batch under HSDP (8 micro-batches: 8 rounds of node-local
+    gathers) and four under full sharding (2 rounds, but over the network): HSDP while the network is slow, full
+    sharding once 2 rounds over it take less than 8 over NVLink (100 GB/s) plus HSDP's all-reduce."""
+    chosen = {}
+    for inter in (10, 20, 30, 50):
+        part, micros = _choose(11.5, 2, inter)
+        assert micros == {"per_node": 1, "full": 4}
+        hand = {s: _hand_step(s, m, 2, 100e9, inter * 1e9) for s, m in micros.items()}
+        faster = min(hand, key=hand.get)
+        assert max(hand.values()) > 1.05 * min(hand.values())  # no near-tie on this grid
+        assert part.geometry.sharding == faster and part.geometry.micro_batch == micros[faster]
+        assert part.traffic.step_seconds == pytest.approx(hand[faster], rel=0.01)  # compute adds < 1 %
+        chosen[inter] = faster
+    assert chosen == {10: "per_node", 20: "per_node", 30: "full", 50: "full"}
+
+
+def test_the_sharding_flips_with_the_node_count_as_the_arithmetic_says():
+    """128 sequences per step at 60 GB/s between nodes: on 2 nodes each rank trains 8, HSDP fits 4 per micro-batch
+    (2 rounds over NVLink) and full sharding all 8 (1 round over the network, faster); on 4 nodes each rank trains
+    4, which HSDP fits in one micro-batch too: one round over NVLink beats one over the network."""
+    for nodes, want, fit in ((2, "full", {"per_node": 4, "full": 8}), (4, "per_node", {"per_node": 4, "full": 4})):
+        part, micros = _choose(13, nodes, 60)
+        hand = {s: _hand_step(s, m, nodes, 100e9, 60e9) for s, m in micros.items()}
+        assert micros == fit and min(hand, key=hand.get) == want == part.geometry.sharding, (nodes, micros, hand)
+
+
+def test_the_56b_dry_run_prices_communication_and_recompute_by_hand():
+    """The shipped 56B -> 47B recipe on 8 x 8 H100 (defaults: 360 GB/s in a node, 40 GB/s between nodes): HSDP
+    cannot hold 16 bytes per parameter of the (not yet pruned, so 56B-bounded) student on 8 GPUs, so full
+    sharding over 64 ranks, micro 1 x 12, checkpointing; every gather and reduce-scatter crosses the network."""
+    p = 56_324_350_464  # Nemotron-H-56B's parameters (DESIGN.md: 56.324e9)
+    h, v, ffn = 8192, 131072, 32768
+    root = 2 * v * h + h  # embeddings, LM head, final norm
+    blocks, last = p - root, 2 * h * ffn + h  # it ends with an MLP block
+    ring, accum = 63 / 64, 12
+    gathered = ring * accum * ((3 * blocks + 2 * root) * 2 + last * 2)  # student twice + teacher once, bf16
+    reduced = ring * accum * p * 4
+    comm = (gathered + reduced) / 40e9
+    compute = accum * 8192 * (8 * p + 2 * p) / 400e12  # 6N + 2N recompute for the student, 2N for the teacher
+    assert comm == pytest.approx(165.38, abs=0.01) and compute == pytest.approx(138.42, abs=0.01)
+
+    code, out, err = run_cli(["run", "nemotron-h-56b-to-47b", "--dry-run", "--json"])
+    assert code == 0, err
+    plan = json.loads(out)
+    part = next(s for s in plan["memory"]["stages"] if s["stage"] == "distill")["parts"][0]
+    g, t = part["geometry"], part["traffic"]
+    assert (g["sharding"], g["devices"], g["micro_batch"], g["grad_accum"], g["activation_checkpointing"]) == (
+        "full", 64, 1, 12, True)  # fmt: skip
+    assert t["gathered"] == pytest.approx(gathered, rel=1e-9) and t["reduced"] == pytest.approx(reduced, rel=1e-9)
+    assert t["step_seconds"] == pytest.approx(comm) and t["compute_seconds"] == pytest.approx(compute)
+    assert t["why"].startswith("full sharding: HSDP does not fit (needs ")
+    steps, tokens = 10014, 10014 * 768 * 8192  # 63e9 tokens in steps of 768 x 8192
+    before = tokens * (6 * p + 2 * p) / 400e12 / 3600  # the estimate before: no recompute, no communication
+    after = tokens * (8 * p + 2 * p) / 400e12 / 3600 + steps * 64 * (comm - compute) / 3600
+    distill = next(s for s in plan["stages"] if s["stage"] == "distill")
+    assert before == pytest.approx(19714.35, abs=0.01)
+    assert distill["gpu_hours"] == pytest.approx(after, rel=1e-9) == pytest.approx(29442.3, abs=0.1)
+    assert "InfiniBand" in plan["links"] and "assumed" in plan["links"]
+
+    code, text, _ = run_cli(["run", "nemotron-h-56b-to-47b", "--dry-run"])
+    flat = " ".join(text.split())
+    assert "distill: gathers 3.95 TB, reduce-scatters 2.66 TB per rank per step; 165.4 s over the network" in flat
+    assert "communication not hidden adds 4799.4 GPU-hours" in flat and "links: inside a node 360 GB/s" in flat
