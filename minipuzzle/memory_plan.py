@@ -21,6 +21,10 @@ fused kernels of the `gpu` extra, mamba-ssm keeps only the in_proj output and th
 otherwise (the CPU, or GPUs without the kernels) transformers' PyTorch chunked scan keeps every [chunk x chunk]
 segment sum and its float32 temporaries.
 
+A training part also carries its `Traffic` (`communication.step_traffic`): what FSDP2 gathers and reduces per
+rank per step and the step's time with it; of the launches that fit, the plan takes the fastest (HSDP or full
+sharding, checkpointing or not, the micro-batch).
+
 Distillation and candidate distillation have no `today`: `distill.loop` runs the geometry `plan_distill` chooses
 (its micro-batch, grad-accum, checkpointing and FSDP2 sharding, parameters gathered in bf16 on GPUs), and
 candidates are distilled through the same launcher, always in processes of their own (a child process, or torchrun

@@ -47,6 +47,8 @@ def test_bandwidths_are_read_as_links_are_quoted():
     text = hw.bandwidth_text()
     assert "80% of H100 NVLink 4's 450 GB/s" in text and "InfiniBand" not in text  # only the assumption is named
     assert resolve(hw, {"intra_node_bandwidth": "300GB/s"}).intra_node_bytes_per_s == 300e9
+    code, _, err = run_cli(["run", "demo", "--dry-run", "--inter-node-bandwidth", "fast"])
+    assert code == 2 and err.strip() == "error: cannot read --inter-node-bandwidth 'fast' (examples: 450GB/s, 400Gb/s, 5e10)"
 
 
 def test_bytes_and_seconds_per_step_by_hand():
