@@ -63,10 +63,6 @@ class Traffic(BaseModel):
     why: str | None = Field(None, description="why this sharding rather than the other (the memory plan's choice)")
 
     @property
-    def communication_seconds(self) -> float:
-        return self.gather_seconds + self.reduce_seconds + self.all_reduce_seconds
-
-    @property
     def exposed_seconds(self) -> float:
         """What communication adds to the step beyond its compute."""
         return max(0.0, self.step_seconds - self.compute_seconds)
@@ -112,9 +108,11 @@ def step_traffic(teacher: Layout, student: Layout, hw: Hardware, *, ranks: int, 
     blocks_s = student.num_params() - root_s - r_s
     blocks_t = teacher.num_params() - root_t - r_t
     ring = (shards - 1) / shards
-    # The root is gathered in the student's gather dtype (it owns both models' embeddings and heads).
+    # The student's last block, gathered a third time (measured with an MLP block last; a MoE block's router is a
+    # unit of its own, counted like the other routers, which is not measured).
     last = student.layer_params(student.pattern[-1]) - (router_params(student) // student.count(MOE)
                                                         if student.pattern[-1] == MOE else 0)  # fmt: skip
+    # The root is gathered in the student's gather dtype (it owns both models' embeddings and heads).
     per_micro_gather = (2 * (blocks_s * gather_bytes + r_s * ROUTER_BYTES) + last * gather_bytes
                         + blocks_t * teacher_bytes + r_t * ROUTER_BYTES + (root_s + root_t) * gather_bytes)  # fmt: skip
     per_micro_reduce = student.num_params() * REDUCE_BYTES
