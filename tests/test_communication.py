@@ -1,5 +1,6 @@
 """What FSDP2 moves per rank per step, and the sharding the plan chooses with it: bytes against hand counts from
-the parameters of real models and against what 2 gloo ranks really gather and reduce-scatter; the choice between
+the parameters of real models and against what 4 gloo ranks (2 nodes x 2) really gather, reduce-scatter and
+all-reduce; the choice between
 HSDP and full sharding flips where the arithmetic says; the 56B recipe's dry run prices communication and
 recompute into its GPU-hours."""
 
@@ -88,40 +89,48 @@ def test_bytes_and_seconds_per_step_by_hand():
     assert full.step_seconds == pytest.approx((full.gathered + full.reduced) / 10e9)
 
 
-# Each rank: teacher and student loaded as `distill.loop` loads them (FSDP2 over 2 gloo ranks, float32), then
-# micro-batches of forward + backward with every all-gather and reduce-scatter FSDP2 issues counted in bytes.
+# Each rank of 4, as 2 "nodes" x 2 (LOCAL_WORLD_SIZE 2: HSDP's 2-D mesh): teacher and student loaded as
+# `distill.loop` loads them (FSDP2 over gloo, float32), then 2 micro-batches of forward + backward with the cross-node
+# all-reduce only in the last (as the loop accumulates), every all-gather, reduce-scatter and all-reduce FSDP2 issues
+# counted in bytes. Full sharding with and without activation checkpointing, then HSDP.
 WORKER = """
-import json, sys, torch
+import json, os, sys, torch
 import torch.distributed as dist
 from pathlib import Path
 from minipuzzle.checkpoint import Checkpoint
 from minipuzzle.distill import loop, parallel
 from minipuzzle.settings import DistillSettings
 
+os.environ["LOCAL_WORLD_SIZE"] = "2"
 torch.set_num_threads(1)
 teacher, student, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 d = parallel.init("cpu")
-moved = {"gather": 0, "reduce": 0}
-real_ag, real_rs = dist.all_gather_single, dist.reduce_scatter_single
+moved = {"gather": 0, "reduce": 0, "all_reduce": 0}
+real = dist.all_gather_single, dist.reduce_scatter_single, dist.all_reduce
 def ag(output, input, *a, **k):
     moved["gather"] += output.numel() * output.element_size()
-    return real_ag(output, input, *a, **k)
+    return real[0](output, input, *a, **k)
 def rs(output, input, *a, **k):
     moved["reduce"] += input.numel() * input.element_size()
-    return real_rs(output, input, *a, **k)
-dist.all_gather_single, dist.reduce_scatter_single = ag, rs
+    return real[1](output, input, *a, **k)
+def ar(tensor, *a, **k):
+    moved["all_reduce"] += tensor.numel() * tensor.element_size()
+    return real[2](tensor, *a, **k)
 result = {}
-for ckpt in (False, True):
+for sharding, ckpt in (("full", False), ("full", True), ("per_node", False)):
     cfg = DistillSettings(teacher=teacher, student=student, data="unused", output=str(out / "o"), seq_len=16,
-                          max_steps=1, batch_size=4, grad_accum=2, activation_checkpointing=ckpt, sharding="full",
+                          max_steps=1, batch_size=8, grad_accum=2, activation_checkpointing=ckpt, sharding=sharding,
                           device="cpu")
     objective = loop._load_models(cfg, Checkpoint(teacher), Checkpoint(student), d)
+    dist.all_gather_single, dist.reduce_scatter_single, dist.all_reduce = ag, rs, ar
     gen = torch.Generator().manual_seed(d.rank)
-    result[str(ckpt)] = []
-    for _ in range(2):
+    result[f"{sharding} {ckpt}"] = []
+    for i in range(2):
         before = dict(moved)
+        objective.set_requires_all_reduce(i == 1)
         objective(torch.randint(0, 320, (1, 16), generator=gen))["loss"].backward()
-        result[str(ckpt)].append({k: moved[k] - before[k] for k in moved})
+        result[f"{sharding} {ckpt}"].append({k: moved[k] - before[k] for k in moved})
+    dist.all_gather_single, dist.reduce_scatter_single, dist.all_reduce = real
 (out / f"rank{d.rank}.json").write_text(json.dumps(result))
 parallel.shutdown(d)
 """
@@ -135,30 +144,38 @@ def pair(tmp_path_factory):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_two_ranks_move_what_the_plan_counts(pair, tmp_path):
-    """Measured per micro-batch on 2 gloo ranks (float32 gathers on the CPU): the bytes FSDP2 all-gathers and
-    reduce-scatters equal the plan's counts (full tensors: the plan's per-rank figure is half of them, a ring's
-    (n - 1) / n), with and without activation checkpointing (the recompute gathers nothing more). Measured with
-    the models of the hand count above: 395,680 float32 values gathered and 125,368 reduce-scattered per
-    micro-batch, of which the student's last block (12,352, an MLP) was gathered three times."""
+def test_four_ranks_move_what_the_plan_counts(pair, tmp_path):
+    """Measured per micro-batch on 4 gloo ranks as 2 nodes x 2 (float32 gathers on the CPU): the bytes FSDP2
+    all-gathers and reduce-scatters equal the plan's counts (as full tensors: the plan's per-rank figure is
+    (n - 1) / n of them, a ring's share), with and without activation checkpointing (the recompute gathers nothing
+    more); under HSDP each rank also all-reduces its float32 gradient shard across the 2 nodes, in the last
+    micro-batch only. With the models of the hand count above: 395,680 float32 values gathered and 125,368
+    reduce-scattered per micro-batch, of which the student's last block (12,352, an MLP) was gathered three
+    times."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(pair[0]),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", str(script), str(pair[0]),
            str(pair[1]), str(tmp_path)]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    cpu = Hardware(device="cpu", gpu_memory="64GiB", gpus_per_node=2)
-    for rank in (0, 1):
+    hw = Hardware(device="cpu", gpu_memory="64GiB", gpus_per_node=2, nodes=2)
+    gathered, reduced = 395_680 * 4, 125_368 * 4  # bytes of whole tensors per micro-batch
+    for rank in range(4):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for checkpointing in (False, True):
-            planned = step_traffic(TEACHER, STUDENT, cpu, ranks=2, shards=2, micro=1, grad_accum=1, seq_len=16,
-                                   checkpointing=checkpointing, gather_bytes=4, teacher_bytes=4)  # fmt: skip
-            for micro in measured[str(checkpointing)]:
-                # FSDP2 pads shards to whole rows: these models' rows split evenly over 2 ranks, so exactly.
-                assert micro == {"gather": 2 * planned.gathered, "reduce": 2 * planned.reduced}
-    assert 2 * planned.gathered == 395_680 * 4 and 2 * planned.reduced == 125_368 * 4
-
+        for key, runs in measured.items():
+            sharding, ckpt = key.split()
+            shards = 4 if sharding == "full" else 2
+            planned = step_traffic(TEACHER, STUDENT, hw, ranks=4, shards=shards, micro=1, grad_accum=2,
+                                   seq_len=16, checkpointing=ckpt == "True", gather_bytes=4, teacher_bytes=4)  # fmt: skip
+            # FSDP2 pads shards to whole rows: these models' rows split evenly over 2 and 4 ranks, so exactly.
+            ring = (shards - 1) / shards
+            assert [r["gather"] for r in runs] == [gathered] * 2 and planned.gathered == int(ring * gathered * 2)
+            assert [r["reduce"] for r in runs] == [reduced] * 2 and planned.reduced == int(ring * reduced * 2)
+            # HSDP: the last micro-batch all-reduces the rank's shard (reduced / 2) over 2 copies: a ring all-reduce
+            # moves 2 x (2 - 1) / 2 = 1 times it.
+            shard = reduced // 2 if sharding == "per_node" else 0
+            assert [r["all_reduce"] for r in runs] == [0, shard] and planned.all_reduced == shard, key
 
 WIDE = tiny_moe_layout(n_routed_experts=64, moe_intermediate_size=64)  # its optimizer states outweigh a sequence
 
