@@ -1,8 +1,7 @@
 """What FSDP2 moves per rank per step, and the sharding the plan chooses with it: bytes against hand counts from
 the parameters of real models and against what 4 gloo ranks (2 nodes x 2) really gather, reduce-scatter and
-all-reduce; the choice between
-HSDP and full sharding flips where the arithmetic says; the 56B recipe's dry run prices communication and
-recompute into its GPU-hours."""
+all-reduce; the choice between HSDP and full sharding flips where the arithmetic says; the 56B recipe's dry run
+prices communication and recompute into its GPU-hours."""
 
 import json
 import os
