@@ -1,7 +1,7 @@
 """Gradient accumulation under FSDP2 keeps each rank's gradients sharded (issue 18 item 1): with grad-accum 4 on 2
 and 4 gloo ranks (full sharding, and HSDP as 2 "nodes" x 2), every rank's gradient bytes after every micro-batch
-are its shard of the student's parameters, within one FSDP unit; the final weights equal one process's on the same
-global batch.
+are its shard of the student's parameters, within one FSDP unit, and within the memory plan's gradient term; the
+final weights equal one process's on the same global batch.
 
 Gradient bytes are measured, not read from FSDP's bookkeeping: every tensor storage alive in the process (found
 through the garbage collector, plus the `.grad` autograd keeps outside Python) after a micro-batch's backward,
@@ -138,8 +138,17 @@ def runs(pair, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,world,local_world,sharding", CONFIGS)
-def test_accumulated_gradients_stay_sharded_and_match_one_process(runs, name, world, local_world, sharding):
+def test_accumulated_gradients_stay_sharded_and_match_one_process(pair, runs, name, world, local_world, sharding):
+    from minipuzzle.distill.launch import plan_for
+    from minipuzzle.hardware import Hardware
+
     shards = world if sharding == "full" else local_world
+    # The memory plan of this launch ("nodes" of `local_world` devices): its gradient term is a shard plus one
+    # block's transients, which must cover what a rank holds between micro-batches.
+    hw = Hardware(device="cpu", gpu_memory="64GiB", gpus_per_node=local_world, nodes=world // local_world)
+    cfg = _settings(pair, runs / name, BATCH, grad_accum=ACCUM, sharding=sharding, activation_checkpointing=False)
+    plan = plan_for(cfg, hw, world)
+    assert plan.fits and (plan.geometry.micro_batch, plan.geometry.grad_accum) == (BATCH // world // ACCUM, ACCUM)
     for rank in range(world):
         steps = json.loads((runs / f"{name}-rank{rank}.json").read_text())
         assert len(steps) == STEPS and all(len(s["after"]) == ACCUM for s in steps)
@@ -147,9 +156,11 @@ def test_accumulated_gradients_stay_sharded_and_match_one_process(runs, name, wo
         assert abs(shard - whole / shards) <= unit  # FSDP2 cuts each parameter into `shards` pieces (dim 0)
         # Unsharded accumulation would hold `whole`: far above shard + unit here.
         assert whole > shard + unit
+        assert whole > plan.memory.gradients  # ... and above the plan's term
         for k, s in enumerate(steps):
             for i, grads in enumerate(s["after"]):
                 assert shard <= grads <= shard + unit, (rank, k, i, grads, shard, unit, whole)
+                assert grads <= plan.memory.gradients, (rank, k, i, grads, plan.memory.gradients)
 
     a, b = load_file(runs / "one" / "model.safetensors"), load_file(runs / name / "model.safetensors")
     assert a.keys() == b.keys()
