@@ -62,7 +62,8 @@ def check_against_brute_force(src, space, model, budget, k):
         for name, parts in families(space).items():
             found = [c for fam in parts for c in search(space, budget, model, 1, method, band=0.0, family=fam)]
             assert [c.damage for c in sorted(found, key=lambda c: c.damage)[:1]] == pytest.approx(
-                [model.damage(*best_of[name][:2])] if name in best_of else [], abs=1e-12)
+                [model.damage(*best_of[name][:2])] if name in best_of else [], abs=1e-12
+            )
             assert all(family(src, c.widths, c.counts) == name for c in found)
         got = measured_set(space, budget, model, k, method)
         keys = [(c.widths, c.counts) for c in got]

@@ -60,10 +60,11 @@ def test_prune_removes_exactly_the_dead_units(dead_checkpoint, text_file, tmp_pa
     target = expected_layout().num_params()
     out = tmp_path / "out"
     args = ["prune", str(ckpt), "--target", str(target), "--axes", ALL_AXES, "--data", str(text_file), "-o", str(out)]
-    code, _, err = run_cli(args + SMALL + (["--stream"] if stream else []))
+    code, stdout, err = run_cli(args + SMALL + (["--stream"] if stream else []))
     assert code == 0, err
     rep = json.loads((out / "prune_report.json").read_text())
     assert rep["chosen"]["plan"]["layers"] == [i for i in range(10) if i not in DEAD_LAYERS]
+    check_measured_rows(rep["candidates"], stdout)
     assert rep["chosen"]["result"]["params"] == target
     assert (out / "candidates.png").is_file() and (out / "cuts.png").is_file()
     assert rep["candidates"][0]["kl_to_teacher"] < 1e-6
@@ -72,6 +73,22 @@ def test_prune_removes_exactly_the_dead_units(dead_checkpoint, text_file, tmp_pa
     with torch.no_grad():
         a, b = model(ids).logits, pruned(ids).logits
     assert ((a - b).norm() / a.norm()).item() < 1e-4
+
+
+def check_measured_rows(rows, stdout):
+    """Why each candidate was measured: one best predicted, none kept by a wider or deeper measured one, the
+    predicted ranks a permutation, and the CLI prints them beside the measured ranks."""
+    assert sorted(r["predicted_rank"] for r in rows) == list(range(1, len(rows) + 1))
+    assert [r["why"] for r in rows].count("best predicted") == 1
+    assert all(r["why"] in ("best predicted", "next best predicted", f"best {r['family']}") for r in rows)
+    assert all(0 < r["budget_used"] <= 1 for r in rows)
+    for a in rows:
+        for b in rows:
+            wider = all(a["layers"][k] >= n for k, n in b["layers"].items()) and all(
+                a["widths"][x] >= w for x, w in b["widths"].items()
+            )
+            assert a is b or not wider, (a, b)
+    assert "measured rank  predicted rank  why measured" in stdout
 
 
 def test_prune_without_norm_compensation_ranks_and_cuts_uncompensated(dead_checkpoint, text_file, tmp_path):
