@@ -207,6 +207,11 @@ def test_dry_run_counts_the_band_and_samples_sets_both():
     plan = json.loads(out)
     assert plan["band"] == 0.05 and 0 < plan["pool_layouts"] < plan["feasible_layouts"]
     assert plan["cost"]["tokens"] == (7 + 7 + 64) * 512
+    # Measured: the default 4 (more than the 3 families); without candidate distillation one measurement is one
+    # held-out pass, and ranking is the parent's pass plus one per measured layout.
+    cost = plan["cost"]
+    assert plan["families"] == ["depth only", "width only", "mixed"] and cost["candidates_measured"] == 4
+    assert cost["flops_ranking"] == pytest.approx(5 * cost["flops_per_measurement"])
     code, out, _ = run_cli([*base, "--json", "--samples", "7", "--depth-samples", "3", "--band", "0"])
     plan0 = json.loads(out)
     assert plan0["cost"]["tokens"] == (3 + 7 + 64) * 512  # the specific option wins
