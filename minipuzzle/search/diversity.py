@@ -1,10 +1,11 @@
 """Which candidate layouts `prune` measures: none that another fitting layout dominates, and the best of every
 structural family, so that the measurement, not the prediction, chooses between dropping layers and narrowing.
 
-Dominance. Layout B dominates A when B keeps at least as many layers of each kind and no axis narrower. The
-layers kept are the top-ranked of each kind (`DamageModel.order`) and the units kept the top-scored of each axis
-(`plan.py`), whatever the budget, so B then keeps a superset of A's layers and units: counts and widths say it
-all. Costs never fall as a count or a width grows, so a fitting layout has a fitting dominator exactly when it
+Dominance. Layout B dominates A when B keeps at least as many layers of each kind and no axis narrower. Which
+layers and units stay follows from the counts and widths alone (`DamageModel.kept_layers`: the top-ranked of
+each kind; the top-scored units of each axis, `plan.py`), so B keeps a superset of A's layers and units whenever
+both kept sets are the top-ranked ones (a rule that trades a layer for a valid first layer is the exception), and
+dominance is read off counts and widths. Costs never fall as a count or a width grows, so a fitting layout has a fitting dominator exactly when it
 is not maximal (one more layer, or the next wider width, fits): a dominator is reached by growing one count or
 width a step at a time, and the first step already fits. Hence the non-dominated members of any band's pool are
 its maximal layouts, the band-0 pool, and a dominator of a pool member is itself in the pool. The band still
