@@ -239,12 +239,12 @@ def _plan_stages(recipe: Recipe, source) -> list[dict[str, Any]]:
     # The student is not known before the search: bound it by the budget's parameter count when given.
     student = min(source.num_params(), budget.params or source.num_params())
     train_flops_per_token = 6 * student + 2 * source.num_params()
-    cand_tokens = srch.candidates * settings.candidate_distill_steps * settings.candidate_distill_batch * imp.seq_len
+    cand_tokens = cost["candidates_measured"] * settings.candidate_distill_steps * settings.candidate_distill_batch * imp.seq_len
     stages: list[dict[str, Any]] = [
         {"stage": "score", "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
          "seq_len": imp.seq_len, "depth_metric": imp.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
         {"stage": "prune", "budget": budget.describe(), "axes": list(srch.axes),
-         "candidates": srch.candidates, "rank_tokens": srch.held_out_samples * imp.seq_len,
+         "candidates": cost["candidates_measured"], "rank_tokens": srch.held_out_samples * imp.seq_len,
          "candidate_distill_tokens": cand_tokens,
          "flops": cost["flops_ranking"] + cand_tokens * train_flops_per_token},
     ]  # fmt: skip
