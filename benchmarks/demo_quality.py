@@ -9,7 +9,11 @@ ones), on which every reported figure is measured. Compares, each with the same 
 - layers chosen by block influence (1 - cos(layer input, output), ModelOpt's / ShortGPT's depth metric), same
   architecture and FFN channels chosen by the same activation scores;
 - the same architecture trained from scratch (random init) with the same distillation loss and tokens;
-and the ranking of the top candidates before vs after a short distillation.
+- at the same budget, the best depth-only layout (every width kept) and the best width-only layout (every layer
+  kept), each chosen by measured KL on the validation files among its family's best layouts by predicted damage:
+  does the chosen mix of depth and width beat both trade-offs, before and after the same distillation?
+and the ranking of the measured candidates (`prune`'s set: none dominated, the best of each family) before vs
+after a short distillation.
 
     python benchmarks/demo_quality.py                 # ~15 min on 2 CPU cores; writes benchmarks/results/
     python benchmarks/demo_quality.py --steps 20      # quicker, noisier
@@ -36,8 +40,10 @@ from minipuzzle.distill import distill
 from minipuzzle.importance import score_model
 from minipuzzle.metrics import token_stats
 from minipuzzle.search.damage import DamageModel
-from minipuzzle.search.pipeline import PruneSettings, run_search
+from minipuzzle.search.diversity import families
+from minipuzzle.search.pipeline import PruneSettings, measured_candidates
 from minipuzzle.search.plan import candidate_plan
+from minipuzzle.search.solver import search
 from minipuzzle.settings import DistillSettings
 from minipuzzle.surgery import Plan, prune_model
 
@@ -110,6 +116,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80, help="distillation steps for each student")
     ap.add_argument("--candidate-steps", type=int, default=20, help="short distillation of each candidate")
     ap.add_argument("--candidates", type=int, default=3)
+    ap.add_argument("--family-candidates", type=int, default=4,
+                    help="best layouts by predicted damage of each one-axis family measured on validation")  # fmt: skip
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4, help="the demo recipe's LR")
@@ -121,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.steps = args.candidate_steps = 1
-        args.candidates, args.held_out_windows, args.calibration_windows = 2, 4, 8
+        args.candidates, args.held_out_windows, args.calibration_windows, args.family_candidates = 2, 4, 8, 2
     torch.manual_seed(args.seed)
     t0 = time.time()
     teacher_dir = resolve_checkpoint("demo")
@@ -157,12 +165,17 @@ def main() -> None:
     bi = score_model(teacher, calib[:32], None, axes=("depth",), depth_metric="block_influence", progress=False)
     settings = PruneSettings(target=str(RATIO), axes=("depth", "ffn"),
                              candidates=args.candidates)  # fmt: skip
-    space, dmodel, cands = run_search(layout, scores, settings)
+    space, dmodel, cands = measured_candidates(layout, scores, settings)
     plans = [candidate_plan(c, dmodel, scores) for c in cands]
     # Chosen on validation windows; the test windows are only reported on.
     before = [measure(prune_model(teacher, p), val) for p in plans]
     best = min(range(len(plans)), key=lambda i: before[i]["kl_to_teacher"])
     plan = plans[best]
+    refs = family_references(space, dmodel, scores, settings.budget_for(layout), teacher, val, measure, args)
+    results["family_references"] = {
+        name: {**describe(r["candidates"][r["best"]]), "validation_kl": r["validation_kl"], "chosen": r["best"]}
+        for name, r in refs.items()
+    }
     arch = plan.target_layout(layout)
     results["architecture"] = {
         "teacher": {"pattern": layout.pattern, "params": layout.num_params(), "ffn": layout.intermediate_size},
@@ -174,8 +187,14 @@ def main() -> None:
     # Block influence: keep the layers BI ranks highest in each kind, the same counts; FFN channels as the method.
     bi_scores = type(scores)(pattern=scores.pattern, depth=bi.depth, ffn=scores.ffn)
     bi_plan = candidate_plan(cands[best], DamageModel(bi_scores, space), bi_scores)
-    students = {
-        "importance (MiniPuzzle)": prune_model(teacher, plan),
+    students = {"importance (MiniPuzzle)": prune_model(teacher, plan)}
+    same_as_chosen = {}
+    for name, r in refs.items():
+        if r["candidates"][r["best"]].key() == cands[best].key():
+            same_as_chosen[f"best {name}"] = "importance (MiniPuzzle)"  # measured once, reported twice
+        else:
+            students[f"best {name}"] = prune_model(teacher, r["plans"][r["best"]])
+    students |= {
         "random pruning": prune_model(teacher, random_plan(layout, plan, args.seed)),
         "block influence layers": prune_model(teacher, bi_plan),
     }
@@ -191,7 +210,13 @@ def main() -> None:
         a = measure(load_model(out))
         rows[name] = {"before": b, "after": a}
         print(f"{name}: before {b}  after {a}", flush=True)
+    for name, same in same_as_chosen.items():
+        rows[name] = {**rows[same], "same_as": same}
     results["students"] = rows
+    measured = {"validation_kl": [b["kl_to_teacher"] for b in before]}  # of every measured candidate
+    results["layouts"] = {"importance (MiniPuzzle)": describe(cands[best]) | measured} | {
+        f"best {name}": describe(r["candidates"][r["best"]]) for name, r in refs.items()
+    }
     results["block_influence_layers"] = bi_plan.layers
     results["importance_layers"] = plan.layers
 
@@ -204,6 +229,7 @@ def main() -> None:
         )
         after = measure(load_model(out), val)
         ranking.append({"candidate": i, "counts": cands[i].counts, "widths": {"ffn": cands[i].widths["ffn"]},
+                        "why": cands[i].extra["why"], "family": cands[i].extra["family"],
                         "predicted_damage": round(cands[i].damage, 4), "kl_before": before[i]["kl_to_teacher"],
                         "kl_after": after["kl_to_teacher"]})  # fmt: skip
     for key in ("kl_before", "kl_after"):
@@ -215,6 +241,28 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "demo_quality.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(markdown(results))
+
+
+def family_references(space, dmodel, scores, budget, teacher, val, measure, args) -> dict:
+    """For the depth-only and width-only families: their best `args.family_candidates` maximal layouts by
+    predicted damage (`search` held to the family), cut and measured on the validation windows; "best" is the one
+    of least validation KL."""
+    out = {}
+    for name in ("depth only", "width only"):
+        family = families(space).get(name)
+        found = search(space, budget, dmodel, args.family_candidates, band=0.0, family=family[0]) if family else []
+        if not found:
+            continue
+        plans = [candidate_plan(c, dmodel, scores) for c in found]
+        kl = [measure(prune_model(teacher, p), val)["kl_to_teacher"] for p in plans]
+        out[name] = {"candidates": found, "plans": plans, "validation_kl": kl,
+                     "best": min(range(len(kl)), key=lambda i: (kl[i], i))}  # fmt: skip
+        print(name, [describe(c) for c in found], kl, flush=True)
+    return out
+
+
+def describe(c) -> dict:
+    return {"counts": c.counts, "ffn": c.widths["ffn"], "params": c.params, "predicted_damage": round(c.damage, 4)}
 
 
 def teacher_note(teacher_dir: Path, teacher, args) -> str:
@@ -250,17 +298,26 @@ def markdown(r: dict) -> str:
     ]
     for name, row in r["students"].items():
         b, a = row["before"], row["after"]
+        same = f" (= {row['same_as']})" if "same_as" in row else ""
         lines.append(
-            f"| {name} | {b['kl_to_teacher']:.3f} | {a['kl_to_teacher']:.3f} | {b['perplexity']:.2f} | "
+            f"| {name}{same} | {b['kl_to_teacher']:.4f} | {a['kl_to_teacher']:.4f} | {b['perplexity']:.2f} | "
             f"{a['perplexity']:.2f} | {b['agreement']:.3f} | {a['agreement']:.3f} |"
         )
-    lines += ["", "| candidate | layers kept (M/-/*) | FFN | validation KL before (rank) | after short distillation (rank) |",
+    lines += ["", "| layout (same budget) | layers kept (M/-/*) | FFN | params | validation KL of the layouts it was "
+              "chosen among (prune's measured set; its family's best by predicted damage) |",
               "|---|---|---|---|---|"]  # fmt: skip
+    for name, lay in r["layouts"].items():
+        k = lay["counts"]
+        ref = r["family_references"].get(name.removeprefix("best "), lay)
+        kls = ", ".join(f"{x:.4f}" for x in ref.get("validation_kl", []))
+        lines.append(f"| {name} | {k.get('M')}/{k.get('-')}/{k.get('*')} | {lay['ffn']} | {lay['params']:,} | {kls} |")
+    lines += ["", "| candidate | why measured | layers kept (M/-/*) | FFN | validation KL before (rank) | after short "
+              "distillation (rank) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for c in r["candidate_ranking"]:
         k = c["counts"]
         lines.append(
-            f"| {c['candidate']} | {k.get('M')}/{k.get('-')}/{k.get('*')} | {c['widths']['ffn']} | "
-            f"{c['kl_before']:.3f} ({c['rank_before']}) | {c['kl_after']:.3f} ({c['rank_after']}) |"
+            f"| {c['candidate']} | {c['why']} | {k.get('M')}/{k.get('-')}/{k.get('*')} | {c['widths']['ffn']} | "
+            f"{c['kl_before']:.4f} ({c['rank_before']}) | {c['kl_after']:.4f} ({c['rank_after']}) |"
         )
     return "\n".join(lines)
 

@@ -3,10 +3,10 @@
 Writes a random float32 Nemotron-H checkpoint (wide and shallow, the demo teacher's 4096-token vocabulary, so the
 embeddings are small and a forward over a few 64-token windows takes seconds), tensor by tensor with
 `checkpoint.ShardWriter`, and a recipe with the 56B recipe's stages (score, prune with ranked candidates and a short
-candidate distillation, cut, distillation under torchrun with 2 processes, eval) whose `hardware` section gives
-the CPU device less memory than the checkpoint. Each stage then runs in a fresh subprocess (the runner's own stage
-functions, with the settings `minipuzzle run` gives them), and its peak memory is compared with the memory plan's
-prediction for it (`minipuzzle run --dry-run --json`).
+candidate distillation, cut, distillation under torchrun with 2 processes accumulating 2 micro-batches each, eval)
+whose `hardware` section gives the CPU device less memory than the checkpoint. Each stage then runs in a fresh
+subprocess (the runner's own stage functions, with the settings `minipuzzle run` gives them), and its peak memory is
+compared with the memory plan's prediction for it (`minipuzzle run --dry-run --json`).
 
 Measured peak: /proc polled every 20 ms for the stage process and all its descendants, RSS summed over them at the
 same instant (for the torchrun stage: both ranks, plus the torchrun launcher), the largest sum kept; the kernel's
@@ -99,7 +99,8 @@ def write_checkpoint(path: Path, size: str) -> tuple[int, int]:
 
 def recipe(ckpt: Path, device_bytes: int, size: str) -> dict:
     """The 56B recipe's stages at rehearsal scale: few 64-token windows, 2 candidates, 2 candidate-distillation
-    steps, 2 distillation steps under torchrun with 2 processes."""
+    steps of 2 windows, 2 distillation steps under torchrun with 2 processes, each accumulating 2 micro-batches of
+    one window (the 56B recipe's plan accumulates 12 per rank: gradients must stay sharded through them)."""
     seq = 64 if size == "full" else 32
     return {
         "name": f"scale-rehearsal-{size}",
@@ -108,9 +109,9 @@ def recipe(ckpt: Path, device_bytes: int, size: str) -> dict:
         "data": {"source": "stdlib", "held_out_files": ["argparse.py", "calendar.py", "difflib.py"]},
         "importance": {"depth_samples": 2, "width_samples": 2, "seq_len": seq, "depth_metric": "mse_hidden"},
         "search": {"target": "0.83", "axes": ["depth", "ffn"], "candidates": 2, "held_out_samples": 2,
-                   "candidate_distill_tokens": 2 * 2 * seq},
-        "distill": {"max_steps": 2, "seq_len": seq, "batch_size": 2, "lr": 1.0e-4, "warmup": 0, "save_every": 2,
-                    "eval_every": 2, "eval_windows": 2, "loss": "forward_kl", "launcher": "torchrun",
+                   "candidate_distill_batch": 2, "candidate_distill_tokens": 2 * 2 * seq},
+        "distill": {"max_steps": 2, "seq_len": seq, "batch_size": 4, "grad_accum": 2, "lr": 1.0e-4, "warmup": 0,
+                    "save_every": 2, "eval_every": 2, "eval_windows": 2, "loss": "forward_kl", "launcher": "torchrun",
                     "nnodes": 1, "nproc_per_node": 2},
         "eval": {"samples": 2, "seq_len": seq, "speed": False},
         "hardware": {"gpu_memory": device_bytes, "gpus_per_node": 1, "nodes": 1, "host_memory": device_bytes},

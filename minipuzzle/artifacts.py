@@ -146,6 +146,11 @@ class CandidateRow(TokenFigures):
     active_params: int | None = Field(None, exclude_if=lambda v: v is None)  # mixture-of-experts layouts only
     memory: int | None = None
     method: str | None = None  # the solver that found it (search.solver)
+    # Why prune measured it (search.diversity): "best predicted", "best FAMILY" or "next best predicted"; its
+    # family (depth only, width only, experts only, mixed) and the share of the binding limit it uses.
+    why: str | None = None
+    family: str | None = None
+    budget_used: float | None = None
     predicted_rank: int
     measured_rank: int
     before_distill: TokenFigures | None = None

@@ -594,6 +594,9 @@ def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int
 
     Sharded (FSDP2, `distill.parallel.shard`): the student's float32 parameters, AdamW moments and float32
     gradients are split over the shards (4 + 8 + 4 bytes per parameter / shards), the teacher's parameters too.
+    Gradients stay sharded through gradient accumulation because `distill.loop` reduce-scatters after every
+    micro-batch (HSDP's all-reduce across nodes waits for the last one; its partial sums are shards too):
+    accumulating unsharded would hold 4 bytes per student parameter on every rank.
     Gathered at once: the root unit (embeddings, final norms and heads of both models, kept for the whole step),
     and two blocks of each model (the one running and the one prefetched); a block's unsharded gradients in the
     gathered dtype plus FSDP2's float32 reduce-scatter buffer; and the chunked loss's head-gradient accumulator
@@ -686,6 +689,12 @@ class Fixed(BaseModel):
     checkpointing: bool | None = None
     sharding: str | None = None
 
+    def given(self) -> str:
+        """The choices made, as the options that make them: '--grad-accum 1, --sharding per_node'."""
+        flags = (("--grad-accum", self.grad_accum), ("--sharding", self.sharding),
+                 ("--activation-checkpointing", self.checkpointing))  # fmt: skip
+        return ", ".join(f"{flag} {v}" for flag, v in flags if v is not None)
+
 
 def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str, fixed: Fixed):
     """(sharding, Launch) of every launch `fixed` allows, in the order that breaks ties in time: without
@@ -717,15 +726,24 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
     or not, the micro-batch a power of two dividing global_batch / ranks, grad_accum = global_batch / (micro x
     ranks)), the one whose step takes least time with its communication and recompute
     (`communication.step_traffic`; ties go to no checkpointing, HSDP, the larger micro-batch). `fixed` holds the
-    choices the user made. Without a fit, the last option tried (the smallest micro-batch), which does not fit.
+    choices the user made (with a grad_accum, the ranks divide global_batch / grad_accum). Without a fit, the last
+    option tried (the smallest micro-batch), which does not fit; a batch that does not split evenly over the ranks
+    (and the grad_accum given) does not fit either.
     """
     fixed = fixed or Fixed()
     dt = default_dtype(hw, dtype)
-    ranks = fixed.ranks or data_parallel_ranks(hw, global_batch)
+    accum = fixed.grad_accum or 1
+    ranks = fixed.ranks or data_parallel_ranks(hw, max(1, global_batch // accum))
     host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes)
     base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch)
+    if global_batch % (ranks * accum):
+        # Every rank runs the same micro-batches (FSDP2's collectives must match): refused before any launch.
+        split = f"{ranks} processes" + (f" x --grad-accum {fixed.grad_accum}" if fixed.grad_accum else "")
+        geo = base.model_copy(update={"grad_accum": fixed.grad_accum})
+        return Part(stage=stage, name=name, geometry=geo, memory=Memory(), device_total=0, fits=False,
+                    problem=f"its batch of {global_batch} sequences does not split evenly over {split}")  # fmt: skip
     note = None if ranks in (1, hw.devices) else f"{ranks} of the {hw.devices} devices: ranks must divide the batch"
-    per_rank, part, best = max(1, global_batch // ranks), None, None
+    per_rank, part, best = global_batch // ranks, None, None
     by_sharding: dict[str, Part] = {}  # the fastest fitting launch of each sharding, else its smallest
     for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
         mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
@@ -743,9 +761,13 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
         if seen is None or not seen.fits or (part.fits and traffic.step_seconds < seen.traffic.step_seconds):
             by_sharding[sharding] = part
     assert part is not None
-    if best is None:
+    if best is not None:
+        return best.model_copy(update={"traffic": best.traffic.model_copy(update={"why": _why(best, by_sharding, hw)})})
+    given = fixed.given()
+    if not given:
         return part
-    return best.model_copy(update={"traffic": best.traffic.model_copy(update={"why": _why(best, by_sharding, hw)})})
+    # The refusal names the choices the plan was not free to make: they are what to change.
+    return part.model_copy(update={"problem": f"{part.problem}, with {given} as given"})
 
 
 def _why(chosen: Part, by_sharding: dict[str, Part], hw: Hardware) -> str | None:

@@ -258,14 +258,14 @@ def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[d
     # The student is not known before the search: bound it by the budget's parameter count when given.
     student = min(source.num_params(), budget.params or source.num_params())
     training = training or {}
-    cand_steps = srch.candidates * settings.candidate_distill_steps
+    cand_steps = cost["candidates_measured"] * settings.candidate_distill_steps
     cand_tokens = cand_steps * settings.candidate_distill_batch * imp.seq_len
     cand = _training_cost(cand_tokens, cand_steps, student, source, training.get("prune"))
     stages: list[dict[str, Any]] = [
         {"stage": "score", "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
          "seq_len": imp.seq_len, "depth_metric": imp.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
         {"stage": "prune", "budget": budget.describe(), "axes": list(srch.axes),
-         "candidates": srch.candidates, "rank_tokens": srch.held_out_samples * imp.seq_len,
+         "candidates": cost["candidates_measured"], "rank_tokens": srch.held_out_samples * imp.seq_len,
          "candidate_distill_tokens": cand_tokens, "flops": cost["flops_ranking"] + cand["flops"],
          "communication_gpu_hours": cand["communication_gpu_hours"]},
     ]  # fmt: skip

@@ -253,7 +253,9 @@ class PruneSettings(BudgetSettings):
     )  # fmt: skip
     min_width: float = Field(0.5, gt=0, le=1, description="Smallest width searched, fraction of the source.")
     min_layers: float = Field(0.5, ge=0, le=1, description="Fewest layers of each kind kept, fraction.")
-    candidates: int = Field(4, ge=1, description="Best candidates by predicted damage measured for real.")
+    candidates: int = Field(4, ge=1, description="Layouts measured for real: the best by predicted damage and "
+                            "the best of each family (depth only, width only, mixed; experts only on MoE models; "
+                            "all of them even when more than this), then the next best; none dominated.")  # fmt: skip
     band: float = Field(0.05, description="Candidates: every layout that fits and uses at least (1 - BAND) of a "
                         "limit (of either, with both), plus layouts that cannot grow; ranked by predicted damage. "
                         "0: only layouts that cannot grow.")  # fmt: skip

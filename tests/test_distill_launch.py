@@ -6,6 +6,7 @@ is; a multi-node script names its interpreter and what each node needs."""
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_plan_geometry_reaches_distill_settings_from_a_recipe_hardware_section(p
 
 def test_a_grad_accum_that_does_not_fit_is_refused_in_one_line(pair, tmp_path):
     recipe = _recipe(pair, _tight_gpu(pair, 2), 2, grad_accum=1)
-    with pytest.raises(UserError, match=r"^distill does not fit with --grad-accum 1 as given: needs "):
+    with pytest.raises(UserError, match=r"^distill does not fit: needs .*, with --grad-accum 1 as given \("):
         _settings(recipe, pair, tmp_path)
     teacher, student, data = pair
     out = tmp_path / "out"
@@ -77,8 +78,39 @@ def test_a_grad_accum_that_does_not_fit_is_refused_in_one_line(pair, tmp_path):
                             "--grad-accum", "1", "--no-activation-checkpointing",
                             "--gpu-memory", str(_tight_gpu(pair, 1)), "--gpus", "1"])  # fmt: skip
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "distill does not fit with --grad-accum 1, --activation-checkpointing False as given" in err
+    assert err.startswith("error: distill does not fit: needs ") and "1 GPU of" in err
+    assert ", with --grad-accum 1, --activation-checkpointing False as given (" in err
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+# 56B -> 47B on its 8 x 8 H100-80GB with one choice changed: what the refusal must say.
+BAD_CHOICES = [
+    # 768 / 64 = 12 sequences per rank at once: the checkpointed block inputs alone outgrow a GPU.
+    ({"grad_accum": 1}, r"needs (\d+) GiB per device, .*, with --grad-accum 1, --activation-checkpointing True as given$"),
+    # 8 shards of the (bound) student's float32 weights, moments and gradients: 16 x 56.3e9 / 8 bytes = 105 GiB.
+    ({"sharding": "per_node"}, r"needs (\d+) GiB per device, .*, with --sharding per_node, --activation-checkpointing "
+                               r"True as given$"),
+    ({"grad_accum": 24}, r"its batch of 768 sequences does not split evenly over 64 processes x --grad-accum 24$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("choice,expected", BAD_CHOICES)
+def test_a_launch_choice_that_cannot_run_is_refused_before_any_process_starts(choice, expected, tmp_path):
+    doc = yaml.safe_load((RECIPES_DIR / "nemotron-h-56b-to-47b.yaml").read_text())
+    doc["distill"] |= choice
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", str(recipe), "-o", str(out)])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    line = err.strip()
+    assert line.startswith("error: distill does not fit: "), line
+    found = re.search(expected, line)
+    assert found, line
+    assert ("the hardware has 8 nodes x 8 GPUs of 80 GiB, fused Mamba kernels" in line and "(72 GiB usable)" in line) or "split" in line
+    if choice.get("sharding"):
+        assert int(found.group(1)) >= 16 * 56.3e9 / 8 / 2**30
+    assert not out.exists()
 
 
 def test_candidate_distillation_runs_torchrun_when_the_plan_needs_more_devices(pair, tmp_path, monkeypatch):

@@ -120,6 +120,7 @@ def test_run_report_has_every_section_and_is_self_contained(run_dir):
     assert f"removed layers ({len(removed)}): {', '.join(f'{i}{pattern[i]}' for i in removed)}" in text
     assert "tiny_code_mc" in text and "perplexity" in text and "prefill tokens/s" in text
     assert f"{run_dir['prune'].candidates[0].params:,}" in text  # the candidate table
+    assert "measured vs predicted rank" in text and "best predicted" in text
     assert "ffn 96 96" in " ".join(text.split())  # widths: source vs chosen (depth pruning keeps them)
     c = chosen.result.layers
     summary = f"{len(chosen.result.pattern)} layers: {c['mamba']} Mamba, {c['attention']} attention, {c['mlp']} MLP"

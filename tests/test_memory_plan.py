@@ -127,6 +127,22 @@ def test_distill_56b_to_47b_on_8x8_h100():
     assert told.memory.activations > LAYERS47 * H * 2 * 12 * T == pytest.approx(157.9e9, rel=1e-3)
 
 
+def test_a_given_grad_accum_picks_ranks_that_split_the_batch_or_is_refused():
+    """Every rank runs the same micro-batches, so ranks x grad-accum must divide the batch. Told --grad-accum 24,
+    the plan takes 768 / 24 = 32 ranks (4 whole nodes), one sequence each per micro-step; with 64 processes fixed
+    (a launch or a recipe's nnodes x nproc_per_node) 64 x 24 = 1536 does not divide 768: refused, not planned
+    with a micro-batch of 0 sequences (it used to divide by zero)."""
+    kw = dict(seq_len=T, global_batch=768)
+    a, b = PRESETS["56b"].layout, PRESETS["47b"].layout
+    free = plan_training("distill", "distill", a, b, CLUSTER, **kw, fixed=Fixed(grad_accum=24, checkpointing=True))
+    g = free.geometry
+    assert (g.devices, g.nodes, g.micro_batch, g.grad_accum) == (32, 4, 1, 24)
+    for fixed, split in ((Fixed(ranks=64, grad_accum=24), "64 processes x --grad-accum 24"),
+                         (Fixed(ranks=40), "40 processes")):  # fmt: skip
+        part = plan_training("distill", "distill", a, b, CLUSTER, **kw, fixed=fixed)
+        assert not part.fits and part.problem == f"its batch of 768 sequences does not split evenly over {split}"
+
+
 def test_score_56b_streams_on_one_h100():
     """Depth scoring keeps L + 1 = 119 residual states [8192, 8192] in bf16 per window (16 GB): the 56B (113 GB in
     bf16) streams, one layer at a time."""

@@ -60,10 +60,11 @@ def test_prune_removes_exactly_the_dead_units(dead_checkpoint, text_file, tmp_pa
     target = expected_layout().num_params()
     out = tmp_path / "out"
     args = ["prune", str(ckpt), "--target", str(target), "--axes", ALL_AXES, "--data", str(text_file), "-o", str(out)]
-    code, _, err = run_cli(args + SMALL + (["--stream"] if stream else []))
+    code, stdout, err = run_cli(args + SMALL + (["--stream"] if stream else []))
     assert code == 0, err
     rep = json.loads((out / "prune_report.json").read_text())
     assert rep["chosen"]["plan"]["layers"] == [i for i in range(10) if i not in DEAD_LAYERS]
+    check_measured_rows(rep["candidates"], stdout)
     assert rep["chosen"]["result"]["params"] == target
     assert (out / "candidates.png").is_file() and (out / "cuts.png").is_file()
     assert rep["candidates"][0]["kl_to_teacher"] < 1e-6
@@ -72,6 +73,22 @@ def test_prune_removes_exactly_the_dead_units(dead_checkpoint, text_file, tmp_pa
     with torch.no_grad():
         a, b = model(ids, use_cache=False).logits, pruned(ids).logits
     assert ((a - b).norm() / a.norm()).item() < 1e-4
+
+
+def check_measured_rows(rows, stdout):
+    """Why each candidate was measured: one best predicted, none kept by a wider or deeper measured one, the
+    predicted ranks a permutation, and the CLI prints them beside the measured ranks."""
+    assert sorted(r["predicted_rank"] for r in rows) == list(range(1, len(rows) + 1))
+    assert [r["why"] for r in rows].count("best predicted") == 1
+    assert all(r["why"] in ("best predicted", "next best predicted", f"best {r['family']}") for r in rows)
+    assert all(0 < r["budget_used"] <= 1 for r in rows)
+    for a in rows:
+        for b in rows:
+            wider = all(a["layers"][k] >= n for k, n in b["layers"].items()) and all(
+                a["widths"][x] >= w for x, w in b["widths"].items()
+            )
+            assert a is b or not wider, (a, b)
+    assert "measured rank  predicted rank  why measured" in stdout
 
 
 def test_prune_without_norm_compensation_ranks_and_cuts_uncompensated(dead_checkpoint, text_file, tmp_path):
@@ -190,6 +207,11 @@ def test_dry_run_counts_the_band_and_samples_sets_both():
     plan = json.loads(out)
     assert plan["band"] == 0.05 and 0 < plan["pool_layouts"] < plan["feasible_layouts"]
     assert plan["cost"]["tokens"] == (7 + 7 + 64) * 512
+    # Measured: the default 4 (more than the 3 families); without candidate distillation one measurement is one
+    # held-out pass, and ranking is the parent's pass plus one per measured layout.
+    cost = plan["cost"]
+    assert plan["families"] == ["depth only", "width only", "mixed"] and cost["candidates_measured"] == 4
+    assert cost["flops_ranking"] == pytest.approx(5 * cost["flops_per_measurement"])
     code, out, _ = run_cli([*base, "--json", "--samples", "7", "--depth-samples", "3", "--band", "0"])
     plan0 = json.loads(out)
     assert plan0["cost"]["tokens"] == (3 + 7 + 64) * 512  # the specific option wins

@@ -39,5 +39,8 @@ def test_rehearsal_records_every_stage_against_its_plan(tmp_path):
     cut = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert pruned["layers_block_type"] == cut["layers_block_type"]
     assert (tmp_path / "run" / "distill" / "config.json").is_file()
+    # ... with gradient accumulation, as the 56B recipe's plan runs it: 4 windows a step = 2 ranks x 1 x 2
+    ran = json.loads((tmp_path / "run" / "distill" / "distill.json").read_text())["config"]
+    assert (ran["batch_size"], ran["grad_accum"]) == (4, 2)
     assert (tmp_path / "run" / "eval").is_dir()
     assert len(rec["checks"]) == 10 and all(isinstance(c["pass"], bool) for c in rec["checks"].values())

@@ -47,16 +47,11 @@ def plan_for(cfg: DistillSettings, hw: Hardware, processes: int | None):
 
 def planned(cfg: DistillSettings, hw: Hardware, processes: int | None = 1) -> tuple[DistillSettings, object]:
     """(`cfg` with the plan's grad_accum, activation_checkpointing and sharding where `cfg` leaves them None, the
-    plan's `Part`). Raises `UserError` (one line) when the plan does not fit, the user's own choices included."""
-    if processes and cfg.grad_accum and cfg.batch_size % (processes * cfg.grad_accum):
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of processes ({processes}) x "
-                        f"--grad-accum ({cfg.grad_accum})")  # fmt: skip
+    plan's `Part`). Raises `UserError` (one line) when the plan does not fit, the user's own choices included, or
+    the batch does not split evenly over the processes (and the grad_accum given)."""
     part = plan_for(cfg, hw, processes)
-    if not part.fits:
-        given = [f"{k} {v}" for k, v in (("--grad-accum", cfg.grad_accum), ("--sharding", cfg.sharding),
-                 ("--activation-checkpointing", cfg.activation_checkpointing)) if v is not None]  # fmt: skip
-        how = f" with {', '.join(given)} as given" if given else ""
-        raise UserError(f"distill does not fit{how}: {part.problem} ({part.geometry.describe()})")
+    if not part.fits:  # the problem names the choices given (`memory_plan.plan_training`)
+        raise UserError(f"distill does not fit: {part.problem} ({part.geometry.describe()})")
     g = part.geometry
     fill = {"grad_accum": g.grad_accum, "activation_checkpointing": bool(g.activation_checkpointing),
             "sharding": "per_node" if g.sharding == "per_node" else "full"}  # fmt: skip

@@ -3,8 +3,8 @@
     distill(DistillSettings(teacher=..., student=..., data=..., output=..., max_steps=...)) -> Path
 
 Every step takes the next `batch_size` windows of the data stream (the same on every process), each process
-trains on its slice in `grad_accum` micro-batches, gradients are averaged (FSDP2 reduce-scatter), clipped, and
-AdamW steps. Checkpoints every `save_every` steps and on SIGTERM; a rerun of the same command resumes from the
+trains on its slice in `grad_accum` micro-batches, gradients are averaged (FSDP2 reduce-scatter after every
+micro-batch, so each process holds only its shard of them), clipped, and AdamW steps. Checkpoints every `save_every` steps and on SIGTERM; a rerun of the same command resumes from the
 newest one and ends with the same weights as an uninterrupted run (float32 on CPU: bit for bit).
 """
 
@@ -300,7 +300,11 @@ class _Trainer:
         sums = torch.zeros(4, dtype=torch.float64)
         for i, micro in enumerate(mine.split(mb)):
             if d.enabled:
-                self.objective.set_requires_gradient_sync(i == cfg.grad_accum - 1)
+                # Reduce-scatter after every micro-batch, so a rank only ever holds its shard of the float32
+                # gradients (what the memory plan counts): skipping it (set_requires_gradient_sync(False)) makes
+                # every rank accumulate the whole unsharded gradient, 4 bytes per student parameter. HSDP defers
+                # only the all-reduce across nodes to the last micro-batch; its partial sums are shards too.
+                self.objective.set_requires_all_reduce(i == cfg.grad_accum - 1)
             with _autocast(cfg, d):
                 res = self.objective(micro.to(d.device))
             (res["loss"] / cfg.grad_accum).backward()

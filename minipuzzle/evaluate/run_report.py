@@ -19,7 +19,15 @@ from typing import Any
 from minipuzzle.artifacts import CandidateRow, EvalReport, PruneReport, ScoresMeta, read_metrics
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import plots
-from minipuzzle.evaluate.tables import Table, before_after_table, fmt, quality_table, speed_table, tasks_table
+from minipuzzle.evaluate.tables import (
+    Table,
+    before_after_table,
+    candidate_ranks_table,
+    fmt,
+    quality_table,
+    speed_table,
+    tasks_table,
+)
 
 KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
 MAX_CANDIDATE_ROWS = 50
@@ -150,6 +158,7 @@ def _search_section(run_dir: Path) -> str | None:
         f"<h3>Chosen</h3><p>{len(res.pattern)} layers: {_e(_counts(res.pattern))}</p>{_strip(res.pattern)}",
         "<h3>Widths</h3>" + _table((["width", "source", "chosen"], widths)),
         _table(_scalars(rep.model_dump())),
+        "<h3>measured vs predicted rank</h3>" + _table(candidate_ranks_table(rep.candidates[:MAX_CANDIDATE_ROWS], rep.source_widths)),
         f"<h3>candidates{_e(more)}</h3>" + _table(_candidate_table(rep.candidates)),
         _pngs(folder),
     ])  # fmt: skip

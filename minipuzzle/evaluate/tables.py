@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minipuzzle.artifacts import EvalReport
+from minipuzzle.artifacts import CandidateRow, EvalReport
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -136,3 +136,20 @@ def markdown(table: Table) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc]
     return "\n".join(lines)
+
+
+def candidate_ranks_table(rows: list[CandidateRow], source_widths: dict[str, int] | None = None) -> Table:
+    """Prune's measured candidates, best measured first: measured beside predicted rank, why each was measured
+    (its family; best predicted, best of its family or next best predicted), its layout (the widths narrower than
+    `source_widths`, all of them without it) and its figures."""
+    kinds = list(rows[0].layers) if rows else []
+    head = ["measured rank", "predicted rank", "why measured", "family", f"layers ({'/'.join(kinds)})",
+            "widths cut", "params", "budget used", "KL to parent"]  # fmt: skip
+    out = []
+    for r in rows:
+        layers = "/".join(str(r.layers.get(k, 0)) for k in kinds)
+        cut = {a: w for a, w in r.widths.items() if source_widths is None or w < source_widths.get(a, w + 1)}
+        widths = ", ".join(f"{a} {w}" for a, w in cut.items()) or "none"
+        out.append([str(r.measured_rank), str(r.predicted_rank), fmt(r.why), fmt(r.family), layers, widths,
+                    fmt(r.params), fmt(r.budget_used, 3), fmt(r.kl_to_teacher)])  # fmt: skip
+    return head, out

@@ -122,7 +122,20 @@ def prune_cmd(
     if as_json:
         print(json.dumps(res, indent=2))
     else:
+        _print_candidates(rep)
         print(f"{res['params']:,} parameters, layers {res['layers']}, widths {res['widths']} -> {output}")
+
+
+def _print_candidates(rep: dict) -> None:
+    """The measured candidates, best measured first, with their predicted rank and why they were measured."""
+    from minipuzzle.artifacts import PruneReport
+    from minipuzzle.evaluate.tables import candidate_ranks_table
+
+    report = PruneReport.model_validate(rep)
+    head, rows = candidate_ranks_table(report.candidates, report.source_widths)
+    size = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  ".join(cell.ljust(n) for cell, n in zip(row, size)).rstrip())
 
 
 def _check_memory(model: str, model_path: str | None, st: PruneSettings, scoring: bool, hardware: dict):
@@ -163,11 +176,17 @@ def _print_dry_run(model: str, plan: dict, budget, st, as_json: bool) -> None:
     print(f"layouts within the budget: {plan['feasible_layouts']:,}")
     print(
         f"candidate pool (within {plan['band']:.0%} below the budget, or unable to grow): "
-        f"{plan['pool_layouts']:,} layouts; the best {st.candidates} by predicted damage are measured"
+        f"{plan['pool_layouts']:,} layouts"
     )
     print(
+        f"measured: at most {c['candidates_measured']} layouts, none that a fitting layout dominates: the best by "
+        f"predicted damage, the best of each family ({', '.join(plan['families'])}), then the next best"
+    )
+    tail = f" with {st.candidate_distill_steps} distillation steps" if st.candidate_distill_steps else ""
+    print(
         f"scoring + ranking: {c['flops_total']:.3e} FLOPs ({c['depth_passes']:.0f} depth passes), "
-        f"~{c['gpu_hours_h100']:.2f} H100-hours at {c['assumed_flops_per_second'] / 1e12:.0f} TFLOP/s"
+        f"~{c['gpu_hours_h100']:.2f} H100-hours at {c['assumed_flops_per_second'] / 1e12:.0f} TFLOP/s; one "
+        f"measurement{tail}: {c['flops_per_measurement']:.3e} FLOPs, ~{c['gpu_hours_per_measurement']:.3g} H100-hours"
     )
 
 

@@ -31,20 +31,36 @@ from minipuzzle.settings import PruneSettings
 H100_FLOPS = 400e12
 
 
+def measured_count(layout: Layout, settings: PruneSettings) -> int:
+    """The most candidates prune measures: `--candidates`, or one per structural family of the space when there
+    are more families (`diversity.measured_set`; a family with no layout under the budget measures none)."""
+    from minipuzzle.search.diversity import families
+
+    return max(settings.candidates, len(families(build_space(layout, settings))))
+
+
 def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:
-    """FLOPs and H100-hours of scoring and candidate ranking.
+    """FLOPs and H100-hours of scoring and candidate ranking, and of measuring one candidate.
 
     Depth scoring runs the model once plus, with prefix reuse, about half a model per dropped layer: ~L/2 + 1
     full passes over the depth tokens. Width scoring is one pass. Ranking runs the parent once and each candidate
-    once (counted at the parent's cost, an upper bound) over the held-out tokens.
+    once (counted at the parent's cost, an upper bound) over the held-out tokens. One measurement is that pass,
+    plus, with candidate distillation, its tokens at 6 x student + 2 x teacher parameters FLOPs per token (the
+    student bounded by the parameter budget), as `recipe.plan_run` prices training; `flops_ranking` and
+    `flops_total` leave the distillation out.
     """
     per_token = layout.flops_per_token(settings.seq_len)["prefill"]
     passes_depth = layout.num_layers / 2 + 1 if "depth" in settings.axes else 0
     width_axes = [a for a in settings.axes if a != "depth"]
     depth = per_token * settings.depth_samples * settings.seq_len * passes_depth
     width = per_token * settings.width_samples * settings.seq_len * (1 if width_axes else 0)
-    rank = per_token * settings.held_out_samples * settings.seq_len * (1 + settings.candidates)
+    measured = measured_count(layout, settings)
+    one_rank = per_token * settings.held_out_samples * settings.seq_len
+    rank = one_rank * (1 + measured)
     total = depth + width + rank
+    student = min(layout.num_params(), settings.budget_for(layout).params or layout.num_params())
+    distill_tokens = settings.candidate_distill_steps * settings.candidate_distill_batch * settings.seq_len
+    one = one_rank + distill_tokens * (6 * student + 2 * layout.num_params())
     return {
         "flops_depth": depth,
         "flops_width": width,
@@ -54,6 +70,9 @@ def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:
         "gpu_hours_h100": total / H100_FLOPS / 3600,
         "assumed_flops_per_second": H100_FLOPS,
         "tokens": (settings.depth_samples + settings.width_samples + settings.held_out_samples) * settings.seq_len,
+        "candidates_measured": measured,
+        "flops_per_measurement": one,
+        "gpu_hours_per_measurement": one / H100_FLOPS / 3600,
     }
 
 
@@ -66,6 +85,8 @@ def build_space(layout: Layout, settings: PruneSettings) -> SearchSpace:
 
 def dry_run(layout: Layout, settings: PruneSettings) -> dict:
     """The plan for `prune` without weights: search space, feasible layouts, smallest layout, scoring cost."""
+    from minipuzzle.search.diversity import families
+
     space = build_space(layout, settings)
     small = smallest_layout(space)
     b = settings.budget_for(layout)
@@ -76,6 +97,7 @@ def dry_run(layout: Layout, settings: PruneSettings) -> dict:
         "feasible_layouts": count_feasible(space, b),
         "band": settings.band,
         "pool_layouts": count_pool(space, b, settings.band),
+        "families": list(families(space)),
         "smallest_layout": {"params": small.num_params(), **_costs(b, small)},
         "cost": scoring_cost(layout, settings),
     }
@@ -93,6 +115,17 @@ def run_search(layout: Layout, scores, settings: PruneSettings, k: int | None = 
     model = DamageModel(scores, space)
     cands = search(space, settings.budget_for(layout), model, k or settings.candidates, settings.method, band=settings.band)
     return space, model, cands
+
+
+def measured_candidates(layout: Layout, scores, settings: PruneSettings):
+    """(space, damage model, the candidates prune measures, best predicted first): no layout that another fitting
+    one dominates, and the best of every structural family (`diversity.measured_set`)."""
+    from minipuzzle.search.diversity import measured_set
+
+    space = build_space(layout, settings)
+    model = DamageModel(scores, space)
+    budget = settings.budget_for(layout)
+    return space, model, measured_set(space, budget, model, settings.candidates, settings.method)
 
 
 def prune(
@@ -144,7 +177,7 @@ def prune(
     with _timed(timing, "scoring_seconds" if scores_dir is None else None):
         scores = load_or_score(path, calib, settings, scores_dir, progress, launch)
     with _timed(timing, "search_seconds"):
-        space, dmodel, cands = run_search(ckpt.layout, scores, settings)
+        space, dmodel, cands = measured_candidates(ckpt.layout, scores, settings)
     plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation) for c in cands]
     with _timed(timing, "ranking_seconds"):
         stats = rank(path, ckpt, plans, held, settings, progress, launch["ranking"])
@@ -314,4 +347,13 @@ def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progres
         return measure_in_memory(model, plans, held, g.micro_batch, advance)
 
 
-__all__ = ["Candidate", "PruneSettings", "count_feasible", "dry_run", "prune", "run_search", "scoring_cost"]
+__all__ = [
+    "Candidate",
+    "PruneSettings",
+    "count_feasible",
+    "dry_run",
+    "measured_candidates",
+    "prune",
+    "run_search",
+    "scoring_cost",
+]

@@ -18,6 +18,9 @@ next larger width). Maximal layouts below the band stay in: nothing bigger of th
 dominated, and coarse spaces (a tiny model, where one layer is more than the band) would otherwise have no
 candidate at all; with band 0 the pool is exactly the maximal layouts. MiniPuzzle kept every layout its memory
 filter let through (~400 for 56B -> 47B), not only the largest: the published 47B leaves room for one more layer.
+
+A `family` restricts the search to layouts that cut, or leave whole, given groups of the space (`Family`); prune
+uses it to find the best layout of each structural family (`search.diversity`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ _MEM_SLACK = 16.0
 DEFAULT_BAND = 0.05
 # What a layout costs and a budget may limit: parameters, active parameters (MoE), memory in bytes.
 RESOURCES = ("params", "active", "memory")
+# {names: cut}: the layout cuts at least one of `names` (True) or none of them (False). A name is "depth" (a layer
+# of some kind dropped) or a width axis (narrower than the source's).
+Family = dict[tuple[str, ...], bool]
 
 
 def _cost_axes(kind: str) -> tuple[str, ...]:
@@ -189,12 +195,13 @@ def search(
     k: int = 8,
     method: str = "auto",
     band: float = DEFAULT_BAND,
+    family: Family | None = None,
 ) -> list[Candidate]:
     """The `k` layouts of the pool (see the module docstring: within `band` of the budget, or maximal) with the
-    least predicted damage, best first.
+    least predicted damage, best first; only those of `family` when given.
 
     method: "enumerate", "mip" or "auto" (enumerate up to ENUM_LIMIT points). Raises UserError when no layout in
-    the space fits.
+    the space fits; with a `family`, an empty list when none of it is in the pool.
     """
     check_band(band)
     if method == "auto":
@@ -204,19 +211,48 @@ def search(
     costs = LayerCosts(space, budget)
     solve = _enumerate if method == "enumerate" else _mip
     out = []
-    for cand in solve(space, budget, model, costs, k, band):
+    for cand in solve(space, budget, model, costs, k, band, family or {}):
         # The exact check behind the linear memory model's rounding slack; never expected to fail.
         if not in_pool(space, budget, cand.widths, cand.counts, band):
             continue
+        if family and not in_family(space, cand.widths, cand.counts, family):
+            raise AssertionError(f"the solver returned a layout outside {family}: {cand.widths} {cand.counts}")
         lay = space.layout(cand.widths, cand.counts)
         cand.params = lay.num_params()
         cand.active_params = lay.num_active_params() if lay.is_moe else None
         cand.memory = budget.memory_of(lay)["total"]
         cand.extra["method"] = method
         out.append(cand)
-    if not out:
+    if not out and not family:
         no_layout_fits(space, budget)
     return out
+
+
+def cuts(space: SearchSpace, name: str, widths: dict[str, int], counts: dict[str, int]) -> bool:
+    """The layout drops a layer (`name` "depth") or narrows axis `name` below the source's width."""
+    if name == "depth":
+        return any(counts[kd] < hi for kd, (_, hi) in space.layers.items())
+    return widths[name] < AXES[name].width(space.source)
+
+
+def in_family(space: SearchSpace, widths: dict[str, int], counts: dict[str, int], family: Family) -> bool:
+    """The layout cuts one of each group of `family` marked True and none of those marked False."""
+    return all(any(cuts(space, n, widths, counts) for n in names) == cut for names, cut in family.items())
+
+
+def _family_mask(space: SearchSpace, family: Family, idx: dict[str, np.ndarray], counts: dict[str, np.ndarray]):
+    """[P] bool: `in_family` of P points at width options `idx[axis]` [P] with `counts[kind]` [P] layers."""
+    ok = np.ones(len(idx["hidden"]), dtype=bool)
+    for names, cut in family.items():
+        hit = np.zeros_like(ok)
+        for name in names:
+            if name == "depth":
+                for kd, n in counts.items():
+                    hit |= n < space.layers[kd][1]
+            else:
+                hit |= (np.array(space.widths[name]) < AXES[name].width(space.source))[idx[name]]
+        ok &= hit == cut
+    return ok
 
 
 def no_layout_fits(space: SearchSpace, budget: Budget):
@@ -337,8 +373,9 @@ def count_pool(space: SearchSpace, budget: Budget, band: float = 0.0) -> int:
     return total
 
 
-def _enumerate(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0) -> list[Candidate]:
-    """The `k` least damaging pool points, every point of the space visited chunk by chunk."""
+def _enumerate(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0, family: Family | None = None):
+    """The `k` least damaging pool points (of `family`, when given), every point of the space visited chunk by
+    chunk."""
     best: list[tuple] = []  # heap of (-damage, params, reversed key, candidate): the k best so far
     for ch in _chunks(space, budget, costs):
         low = _pool_low(space, budget, costs, ch, band)
@@ -347,13 +384,18 @@ def _enumerate(space, budget, model, costs: LayerCosts, k: int, band: float = 0.
         for kd, n in zip(ch.others, ch.grids):
             kept_others += kept_values[kd][:, n]
         lo, hi = space.layers[ch.last]
-        # Fewer `last` layers never lowers the damage: the best of each point are n_max, n_max - 1, ...
-        for fewer in range(min(k, hi - lo + 1)):
+        # Fewer `last` layers never lowers the damage: the best of each point are n_max, n_max - 1, ... (a family
+        # may skip some of them, so then every count is visited)
+        for fewer in range(hi - lo + 1 if family else min(k, hi - lo + 1)):
             n_last = ch.n_max - fewer
             combo, grid = np.nonzero(n_last >= low)
             if len(combo) == 0:
                 break
             n_last = n_last[combo, grid]
+            if family:
+                counts = {kd: n[grid] for kd, n in zip(ch.others, ch.grids)} | {ch.last: n_last}
+                keep = _family_mask(space, family, {a: i[combo] for a, i in ch.idx.items()}, counts)
+                combo, grid, n_last = combo[keep], grid[keep], n_last[keep]
             damage = (model.total - kept_others[combo, grid] - kept_values[ch.last][combo, n_last]) / model.total
             params = ch.used["params"][combo, grid] + ch.per[ch.last]["params"][combo] * n_last
             for t in np.argsort(damage, kind="stable")[: k * 4]:
@@ -445,21 +487,25 @@ class _Option(NamedTuple):
     kept_value: float
 
 
-def _mip(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0) -> list[Candidate]:
-    """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options."""
+def _mip(space, budget, model, costs: LayerCosts, k: int, band: float = 0.0, family: Family | None = None):
+    """Per hidden width, a multiple-choice integer program over (kind widths, layer count) options; a `family`
+    removes the options it forbids and adds a row for each group it needs cut."""
     limits = budget_limits(budget)
     kinds = [kd for kd in space.kinds if space.layers[kd][1] > 0]
     results: list[Candidate] = []
     bound = math.inf  # damage of the k-th best so far: hidden widths that cannot beat it are skipped
     for hidden_index, hidden in enumerate(space.widths["hidden"]):
         options = {kd: _mip_options(space, model, costs, kd, hidden_index) for kd in kinds}
+        options, need = _family_options(space, family or {}, hidden, options)
+        if not options:
+            continue
         best_possible = sum(max(o.kept_value for o in options[kd]) for kd in kinds)
         if (model.total - best_possible) / model.total > bound:
             continue
         fixed = costs.fixed({"hidden": np.array([hidden_index])})
         room = {res: limit - float(fixed[res][0]) for res, limit in limits.items()}
         found = 0
-        for widths, counts, damage in _MultipleChoice(options, room).solutions(model.total, bound, 20 * k):
+        for widths, counts, damage in _MultipleChoice(options, room, need).solutions(model.total, bound, 20 * k):
             widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"hidden": hidden} | widths
             counts = dict.fromkeys(space.kinds, 0) | counts
             if in_pool(space, budget, widths, counts, band):
@@ -496,11 +542,41 @@ def _mip_options(space, model, costs: LayerCosts, kind: str, hidden_index: int) 
     return options
 
 
+def _option_cuts(space: SearchSpace, name: str, kind: str, o: _Option) -> bool:
+    """The option of `kind` drops a layer (`name` "depth") or narrows axis `name` (see `cuts`)."""
+    if name == "depth":
+        return o.count < space.layers[kind][1]
+    return name in o.widths and o.widths[name] < AXES[name].width(space.source)
+
+
+def _family_options(space: SearchSpace, family: Family, hidden: int, options: dict[str, list[_Option]]):
+    """(the options of each kind that `family` allows at hidden width `hidden`, one [(kind, option index)] list
+    per group that some chosen option must cut); ({}, []) when no layout of the family has this hidden width."""
+    hidden_cut = hidden < AXES["hidden"].width(space.source)
+    need = []
+    for names, cut in family.items():
+        if "hidden" in names and hidden_cut:
+            if not cut:
+                return {}, []
+            continue  # the hidden width already cuts this group
+        if cut:
+            need.append(names)
+        else:
+            options = {kd: [o for o in opts if not any(_option_cuts(space, n, kd, o) for n in names)]
+                       for kd, opts in options.items()}  # fmt: skip
+    rows = [[(kd, j) for kd, opts in options.items() for j, o in enumerate(opts)
+             if any(_option_cuts(space, n, kd, o) for n in names)] for names in need]  # fmt: skip
+    if any(not opts for opts in options.values()) or any(not row for row in rows):
+        return {}, []
+    return options, rows
+
+
 class _MultipleChoice:
     """HiGHS program: one binary per option, exactly one option per kind, the summed costs within `room`
-    (per resource: parameters, active parameters, memory), maximising the kept value."""
+    (per resource: parameters, active parameters, memory), at least one chosen option from each list of
+    `need` [(kind, option index)], maximising the kept value."""
 
-    def __init__(self, options: dict[str, list[_Option]], room: dict[str, float]):
+    def __init__(self, options: dict[str, list[_Option]], room: dict[str, float], need=()):
         import highspy
 
         self.highspy, self.options, self.kinds = highspy, options, list(options)
@@ -523,6 +599,8 @@ class _MultipleChoice:
             if limit < highspy.kHighsInf:
                 coef = np.array([getattr(o, res) for kd in self.kinds for o in options[kd]])
                 self._add_row(-highspy.kHighsInf, limit, every, coef)
+        for row in need:
+            self._add_row(1.0, highspy.kHighsInf, [self.cols[kd][j] for kd, j in row], np.ones(len(row)))
 
     def _add_row(self, lower: float, upper: float, cols: list[int], coef: np.ndarray) -> None:
         self.highs.addRow(lower, upper, len(cols), np.array(cols, dtype=np.int32), coef)
