@@ -62,16 +62,16 @@ BOUND_OF_CHECKPOINT = 0.6  # score, prune, cut and eval must peak below this x t
 PREDICTION_TOLERANCE = 0.30
 
 
-def write_checkpoint(path: Path, size: str) -> tuple[int, int]:
-    """A random float32 checkpoint of `SIZES[size]` with the demo teacher's tokenizer, written one tensor at a
-    time (the model is built on the meta device: only the tensor being written is ever in memory).
-    Returns (parameters, bytes of safetensors)."""
+def write_checkpoint(path: Path, size: str | dict) -> tuple[int, int]:
+    """A random float32 checkpoint of `SIZES[size]` (or of the widths `size` gives) with the demo teacher's
+    tokenizer, written one tensor at a time (the model is built on the meta device: only the tensor being written
+    is ever in memory). Returns (parameters, bytes of safetensors)."""
     import torch
 
     from minipuzzle.checkpoint import ShardWriter, build_model, write_config
     from minipuzzle.testing import tiny_config, tiny_layout
 
-    layout = tiny_layout(pattern="M-*-M-" * 2, vocab_size=4096, **SIZES[size])
+    layout = tiny_layout(pattern="M-*-M-" * 2, vocab_size=4096, **(SIZES[size] if isinstance(size, str) else size))
     cfg = tiny_config(layout, chunk_size=64)
     meta = build_model(layout, cfg)
     path.mkdir(parents=True)
