@@ -49,9 +49,10 @@ USABLE = 0.9
 # whole process. CPU figures: resident memory right after the imports, measured on this project's CPU machine
 # (torch 2.13, transformers 5.24; `benchmarks/scale_rehearsal.py` measures them again on every run and records them
 # beside these): a stage process (python, torch, transformers with NemotronH's modeling code, datasets, minipuzzle)
-# 0.43-0.49 GB; a process that builds no model (cut) 0.29 GB; torchrun's launcher (torch alone) 0.23 GB.
+# 0.43-0.49 GB; `minipuzzle cut`, which builds no model, 0.43 GB (its command line imports as much); torchrun's
+# launcher (torch alone) 0.23 GB.
 PROCESS_BYTES = 490 * 10**6
-TOOL_BYTES = 300 * 10**6
+TOOL_BYTES = 440 * 10**6
 LAUNCHER_BYTES = 230 * 10**6
 # A GPU process's CUDA context (driver state, kernel images loaded lazily by CUDA 12's lazy loading) on one GPU:
 # about 0.5 GiB with torch 2.x on an H100; an assumption, not measured here (no GPU was lent when it was set; the
@@ -691,9 +692,10 @@ def _train_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *,
 def _train_interpreters(hw: Hardware, procs_per_node: int, ranks: int, child: bool) -> int:
     """Host baseline of a training's node: on GPUs every rank's interpreter; anywhere, torchrun's launcher when
     there is more than one rank, and, when the training runs in processes of its own (`child`: a candidate
-    distillation, or any torchrun launch), the process that started them, waiting beside them (prune's process,
-    `minipuzzle run`'s stage process; a shell that ran torchrun holds far less, an over-count there)."""
-    launched = child or ranks > 1
+    distillation, or a torchrun launch on one node), the process that started them, waiting beside them (prune's
+    process, `minipuzzle run`'s stage process; a shell that ran torchrun holds far less, an over-count there).
+    Over several nodes a script starts each node's torchrun (`distill.launch.write_script`)."""
+    launched = child or 1 < ranks <= procs_per_node  # over several nodes each node's torchrun is started by a script
     helpers = (PROCESS_BYTES if launched else 0) + (LAUNCHER_BYTES if ranks > 1 else 0)
     return host_baseline(hw, procs_per_node, helpers)
 
