@@ -30,6 +30,11 @@ Distillation also runs as HSDP (`rehearse_hsdp`): the recipe's 2 nodes x 2 proce
 whose script `minipuzzle run` writes for the nodes and the rehearsal runs twice on this machine (two torchrun
 launchers, one rendezvous), so FSDP2's mesh is 2 x 2; it accumulates 2 micro-batches per rank.
 
+A tiny bf16 mixture-of-experts checkpoint, saved as transformers saves one (float32 routers), then goes through
+score, prune (ranking streamed, as the Nano 3 recipe ranks), distill and eval (`rehearse_moe`, the same at every
+size), each stage measured against its plan; after every stage that writes a checkpoint its routers must still be
+float32 and every token must choose the same experts streamed, offloaded and in memory (`routing`).
+
 Hardware per part: the rehearsal's device (half the checkpoint) wherever the plan fits it; a training (the distill
 stage, prune's candidate distillation) gets the least memory its plan needs, as no training of this model fits in
 half its size (the prune process is planned on the small device and its candidate distillation, through
@@ -286,7 +291,8 @@ def stage_hardware(preds: dict[str, dict], device_bytes: int) -> dict[str, int]:
 
 def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
     """Write the checkpoint and recipe into `work`, run every stage in its own process, then the distill stage
-    again as 2 nodes x 2 ranks (`rehearse_hsdp`); return the record."""
+    again as 2 nodes x 2 ranks (`rehearse_hsdp`), and a tiny bf16 MoE checkpoint through every stage
+    (`rehearse_moe`, the same at every size); return the record."""
     from minipuzzle.memory_plan import PROCESS_BYTES
 
     n, ckpt_bytes = write_checkpoint(work / "ckpt", size)
@@ -325,10 +331,123 @@ def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
         else:
             stages[stage] = _record(m, pred[stage], hw[stage], ckpt_bytes, log, stage)
     stages["distill (HSDP, 2 nodes x 2 ranks)"] = rehearse_hsdp(work, doc, run_dir, ckpt_bytes, threads, log)
+    moe = rehearse_moe(work, threads, log)
+    stages.update(moe["stages"])
     return {"size": size, "parameters": n, "checkpoint_bytes": ckpt_bytes, "dtype": "float32",
             "device_fraction": DEVICE_FRACTION, "baseline_rss": baseline, "plan_baselines": plan_baselines(),
-            "stages": stages,
-            "checks": checks(stages, ckpt_bytes)}  # fmt: skip
+            "stages": stages, "moe_routing": moe["routing"],
+            "checks": checks(stages, ckpt_bytes) | routing_checks(moe["routing"])}  # fmt: skip
+
+
+ROUTER = ".mixer.gate."  # transformers keeps these tensors (gate.weight, e_score_correction_bias) in float32
+
+
+def write_moe_checkpoint(path: Path) -> Path:
+    """A tiny bf16 mixture-of-experts checkpoint as transformers saves one (`from_pretrained(dtype=bfloat16)`:
+    routers float32, everything else bf16), with its tokenizer and data.txt (stdlib text) beside it."""
+    import torch
+    from transformers import NemotronHForCausalLM
+
+    from minipuzzle.distill.toy import make_pair
+    from minipuzzle.testing import make_tokenizer, save_model, tiny_moe_layout
+
+    tok = make_tokenizer(320)
+    teacher, _, _ = make_pair(path / "f32", tok, layout=tiny_moe_layout(), drop=(4,))
+    model = NemotronHForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16)
+    return save_model(model, path / "bf16", tokenizer=tok)
+
+
+def routing(path: Path, windows: int = 8, seq: int = 64) -> dict:
+    """The router tensors' dtypes of the checkpoint at `path` and its routing of `windows` random windows computed
+    three ways, as scoring and ranking (streamed), eval (offloaded) and distillation (in memory) compute them in
+    bf16: which experts every token chose in every MoE layer, and the final hidden states."""
+    import torch
+
+    from minipuzzle.checkpoint import Checkpoint, load_model
+    from minipuzzle.evaluate.placement import load_offloaded
+    from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
+
+    ckpt = Checkpoint(path)
+    dtypes = sorted({str(ckpt.get(k).dtype) for k in ckpt.keys() if ROUTER in k})
+    ids = torch.randint(0, ckpt.layout.vocab_size, (windows, seq), generator=torch.Generator().manual_seed(0))
+
+    def record(gates, sink):
+        return [g.register_forward_hook(lambda _m, _a, out, i=i: sink.setdefault(i, []).append(out[2].sort(-1).values))
+                for i, g in gates]  # fmt: skip
+
+    def whole(model, sink):
+        record([(i, la.mixer.gate) for i, la in enumerate(model.model.layers) if la.block_type == "moe"], sink)
+        with torch.no_grad():
+            return torch.cat([model.model(b, use_cache=False).last_hidden_state for b in ids.split(4)])
+
+    routes = {"in memory": {}, "offloaded": {}, "streamed": {}}
+    states = {"in memory": whole(load_model(path, torch.bfloat16), routes["in memory"]),
+              "offloaded": whole(load_offloaded(path, torch.bfloat16, torch.device("cpu")), routes["offloaded"])}
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def on_block(i, block):
+        hooks = record([(i, block.mixer.gate)], routes["streamed"]) if block.block_type == "moe" else []
+        yield
+        for h in hooks:
+            h.remove()
+
+    with torch.no_grad():
+        stack = StreamedStack.open(path, dtype=torch.bfloat16)
+        states["streamed"] = torch.cat([hn for _, hn in iter_layerwise(stack, ids, batch_size=4, on_block=on_block)])
+    want = {i: torch.cat(v) for i, v in routes["in memory"].items()}
+    same = all(sorted(routes[k]) == sorted(want) and all(torch.equal(torch.cat(routes[k][i]), want[i]) for i in want)
+               for k in ("offloaded", "streamed"))  # fmt: skip
+    diff = max((states[k].float() - states["in memory"].float()).abs().max().item() for k in ("offloaded", "streamed"))
+    return {"router_dtypes": dtypes, "moe_layers": sorted(want), "tokens": windows * seq,
+            "same_experts": bool(same and want), "max_final_state_difference": diff}
+
+
+def rehearse_moe(work: Path, threads: int, log) -> dict:
+    """A bf16 MoE checkpoint through score, prune (ranking streamed: the Nano 3 recipe ranks streamed; the cut in
+    the prune process), distill and eval, each stage a fresh process measured against its plan on hardware its
+    plan fits, and the routers checked after every stage that writes a checkpoint (`routing`: float32 routers,
+    the same experts for every token streamed, offloaded and in memory)."""
+    src = write_moe_checkpoint(work / "moe")
+    nbytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    doc = {"name": "scale-rehearsal-moe", "description": "a bf16 MoE checkpoint through every stage",
+           "model": {"source": str(src), "dtype": "bfloat16", "device": "cpu"},
+           "data": {"source": str(work / "moe" / "f32" / "data.txt")},
+           "importance": {"depth_samples": 2, "width_samples": 2, "seq_len": 32, "stream": True},
+           "search": {"target": "0.8", "axes": ["depth"], "candidates": 2, "held_out_samples": 2},
+           "distill": {"max_steps": 2, "seq_len": 32, "batch_size": 2, "lr": 1.0e-4, "warmup": 0, "save_every": 2,
+                       "eval_every": 2, "eval_windows": 2, "launcher": "local"},
+           "eval": {"samples": 2, "seq_len": 32, "speed": False},
+           "hardware": {"device": "cpu", "gpu_memory": 2**40, "gpus_per_node": 1, "nodes": 1, "host_memory": 2**40}}
+    run_dir, stages, checked = work / "run_moe", {}, {"source": routing(src)}
+    for stage in ("score", "prune", "distill", "eval"):
+        probe = predictions(dry_run(_write_recipe(work, f"moe_probe_{stage}", doc, 2**40), REPO, run_dir))[stage]
+        from minipuzzle.memory_plan import USABLE
+
+        device = int(probe["device_total"] / USABLE) + 2**20
+        rf = _write_recipe(work, f"moe_{stage}", doc, device)
+        pred = predictions(dry_run(rf, REPO, run_dir))[stage]
+        m = measure([sys.executable, "-c", STAGE_CHILD, str(rf), str(run_dir), str(threads), stage], REPO,
+                    work / f"moe_{stage}.log")  # fmt: skip
+        stages[f"moe {stage}"] = _record(m, pred, device, nbytes, log, f"moe {stage}")
+        if stage in ("prune", "distill"):
+            checked[stage] = routing(run_dir / stage)
+    for k, r in checked.items():
+        log(f"moe {k}: routers {r['router_dtypes']}, same experts streamed / offloaded / in memory: "
+            f"{r['same_experts']} ({r['tokens']} tokens), final states within {r['max_final_state_difference']:.3g}")
+    return {"stages": stages, "routing": checked}
+
+
+def routing_checks(checked: dict[str, dict]) -> dict[str, dict]:
+    """The MoE checkpoints' routers: float32 after every stage, the same experts for every token three ways, the
+    final states within bf16's tolerance of one another (0.05, as tests/test_moe_routers.py)."""
+    out = {}
+    for k, r in checked.items():
+        ok = r["router_dtypes"] == ["torch.float32"] and r["same_experts"] and r["max_final_state_difference"] <= 0.05
+        out[f"moe {k}: float32 routers, same experts streamed / offloaded / in memory"] = {
+            "value": r["max_final_state_difference"], "pass": bool(ok)}
+    return out
 
 
 def _free_port() -> int:
@@ -396,7 +515,7 @@ def checks(stages: dict, ckpt_bytes: int) -> dict[str, dict]:
     for k, s in stages.items():
         if "skipped" in s:
             continue
-        if not k.startswith("distill") and k != "candidate distillation":  # trainings: their bound is their plan
+        if not k.startswith(("distill", "moe")) and k != "candidate distillation":  # trainings: their bound is their plan
             out[f"{k} < {BOUND_OF_CHECKPOINT} x checkpoint"] = {
                 "value": round(s["measured_over_checkpoint"], 3), "pass": s["peak_rss"] < BOUND_OF_CHECKPOINT * ckpt_bytes}
         err = abs(s["predicted_with_baseline"] - s["peak_rss"]) / s["peak_rss"]

@@ -587,10 +587,11 @@ def _cut_memory(hw: Hardware) -> int | None:
 
 def cut_shard_bytes(layout: Layout, hw: Hardware, stored_bytes: int = 2) -> int:
     """The output shard size a cut on `hw` writes: `CUT_SHARD_SHARE` of the memory it may use, at least the largest
-    tensor (a shard holds whole tensors), at most `SHARD_BYTES`."""
+    tensor (a shard holds whole tensors), at most `SHARD_BYTES` and the model."""
     room = _cut_memory(hw)
     share = SHARD_BYTES if room is None else int(CUT_SHARD_SHARE * room)
-    return min(SHARD_BYTES, max(largest_tensor(layout) * stored_bytes, share))
+    # No shard is larger than the whole model (a cut of a small model buffers all of it, not a 5 GB shard).
+    return min(SHARD_BYTES, layout.num_params() * stored_bytes, max(largest_tensor(layout) * stored_bytes, share))
 
 
 def plan_cut(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:

@@ -19,8 +19,8 @@ def _module():
 def test_rehearsal_records_every_stage_against_its_plan(tmp_path):
     sr = _module()
     rec = sr.rehearse("tiny", tmp_path, threads=1, log=lambda _: None)
-    hsdp = "distill (HSDP, 2 nodes x 2 ranks)"
-    assert set(rec["stages"]) == {"score", "prune", "candidate distillation", "cut", "distill", "eval", hsdp}
+    hsdp, moe = "distill (HSDP, 2 nodes x 2 ranks)", {"moe score", "moe prune", "moe distill", "moe eval"}
+    assert set(rec["stages"]) == {"score", "prune", "candidate distillation", "cut", "distill", "eval", hsdp} | moe
     for name, s in rec["stages"].items():
         # A 3 MB model's peak is its interpreter's, which the plan now counts itself: every prediction, of the
         # process tree and of its largest process, holds the measured peak within 15 % (the plan without its
@@ -53,4 +53,10 @@ def test_rehearsal_records_every_stage_against_its_plan(tmp_path):
     ran = json.loads((tmp_path / "run" / "distill" / "distill.json").read_text())["config"]
     assert (ran["batch_size"], ran["grad_accum"]) == (4, 2)
     assert (tmp_path / "run" / "eval").is_dir()
-    assert len(rec["checks"]) == 18 and all(isinstance(c["pass"], bool) for c in rec["checks"].values())
+    # the bf16 MoE checkpoint kept float32 routers through prune's cut and distillation, and every token chose the
+    # same experts streamed (scoring, ranking), offloaded (eval) and in memory (distillation)
+    assert sorted(rec["moe_routing"]) == ["distill", "prune", "source"]
+    for name, r in rec["moe_routing"].items():
+        assert r["router_dtypes"] == ["torch.float32"] and r["moe_layers"], name
+        assert r["same_experts"] and r["max_final_state_difference"] <= 0.05, (name, r)
+    assert len(rec["checks"]) == 29 and all(isinstance(c["pass"], bool) for c in rec["checks"].values())
