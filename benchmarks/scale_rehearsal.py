@@ -360,7 +360,7 @@ def write_moe_checkpoint(path: Path) -> Path:
     return save_model(model, path / "bf16", tokenizer=tok)
 
 
-def routing(path: Path, windows: int = 8, seq: int = 64) -> dict:
+def routing(path: Path, windows: int = 16, seq: int = 128) -> dict:
     """The router tensors' dtypes of the checkpoint at `path` and its routing of `windows` random windows computed
     three ways, as scoring and ranking (streamed), eval (offloaded) and distillation (in memory) compute them in
     bf16: which experts every token chose in every MoE layer, and the final hidden states."""
