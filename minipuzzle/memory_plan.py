@@ -43,10 +43,26 @@ from minipuzzle.communication import Traffic, step_traffic
 from minipuzzle.hardware import Hardware, gib
 from minipuzzle.metrics import LOGIT_CHUNK
 
-# A part may use this share of a device's memory (and of a node's RAM). The rest is for the CUDA context, NCCL's
-# buffers and the caching allocator's fragmentation; the share is a judgement, not a measurement (issue 12 item 5
-# measures the plan's predictions against peaks).
+# A part fits when its total, the process's baseline included, is within this share of a device's memory (and its
+# host bytes within this share of a node's RAM). The share stands for what grows with the work: the caching
+# allocator's reserve and fragmentation and NCCL's buffers on GPUs, malloc's arenas on the CPU; it is a judgement,
+# not a measurement (issue 12 item 5 measures the plan's predictions against peaks). What does not grow with the
+# work is a term of its own (`PROCESS_BYTES` ..., `CUDA_CONTEXT_BYTES`): 0.5 GiB is 0.6 % of an 80 GiB GPU but an
+# interpreter is half of a 1 GB CPU limit, so no share could stand for both.
 USABLE = 0.9
+# What a process holds before it does any work (bytes), so that a limit (--host-memory, a GPU's memory) covers the
+# whole process. CPU figures: resident memory right after the imports, measured on this project's CPU machine
+# (torch 2.13, transformers 5.24; `benchmarks/scale_rehearsal.py` measures them again on every run and records them
+# beside these): a stage process (python, torch, transformers with NemotronH's modeling code, datasets, minipuzzle)
+# 0.43-0.49 GB; `minipuzzle cut`, which builds no model, 0.43 GB (its command line imports as much); torchrun's
+# launcher (torch alone) 0.23 GB.
+PROCESS_BYTES = 490 * 10**6
+TOOL_BYTES = 440 * 10**6
+LAUNCHER_BYTES = 230 * 10**6
+# A GPU process's CUDA context (driver state, kernel images loaded lazily by CUDA 12's lazy loading) on one GPU:
+# about 0.5 GiB with torch 2.x on an H100; an assumption, not measured here (no GPU was lent when it was set; the
+# plan's GPU figures hold it as one term so that gpu_check.sh can replace it with a measurement).
+CUDA_CONTEXT_BYTES = 2**29
 # transformers' NemotronHConfig.chunk_size, which NVIDIA's Nemotron-H configs keep: the PyTorch scan's chunk.
 MAMBA_CHUNK = 128
 # Float32 [tokens, vocab] buffers alive at once in distill.losses._forward_kl_chunk: student and teacher logits,
@@ -118,6 +134,9 @@ class Memory(BaseModel):
     float32 weights the optimizer updates; optimizer_state: AdamW's two float32 moments; gradients; activations:
     the counted figure (with checkpointing where the geometry has it on; `activations_checkpointed` and
     `activations_full` give both for training); logits: the float32 logits buffers alive at once.
+    baseline: what the process holds on this memory before any work (`process_baseline`: on the CPU its
+    interpreter and libraries, on a GPU its CUDA context); host_baseline: interpreters on one node's RAM that
+    `baseline` does not count (`host_baseline`: on GPU nodes every process's, and a launch's helpers anywhere).
     """
 
     weights: int = 0
@@ -129,11 +148,18 @@ class Memory(BaseModel):
     activations_full: int | None = None
     logits: int = 0
     host_buffers: int = 0
+    baseline: int = 0
+    host_baseline: int = 0
 
     @property
     def device_total(self) -> int:
-        return (self.weights + self.master_weights + self.optimizer_state + self.gradients + self.activations
-                + self.logits)  # fmt: skip
+        return (self.baseline + self.weights + self.master_weights + self.optimizer_state + self.gradients
+                + self.activations + self.logits)  # fmt: skip
+
+    @property
+    def host_total(self) -> int:
+        """Bytes of one node's RAM: the host buffers and the interpreters `host_baseline` counts."""
+        return self.host_buffers + self.host_baseline
 
 
 class Part(BaseModel):
@@ -311,9 +337,24 @@ def usable(hw: Hardware) -> int:
     return int(USABLE * hw.gpu_memory)
 
 
+def process_baseline(hw: Hardware, builds_model: bool = True) -> int:
+    """Bytes one process holds on `hw`'s device before any work: its CUDA context on a GPU; on the CPU its
+    interpreter and libraries (`TOOL_BYTES` for a process that builds no model, the cut)."""
+    if hw.device == "cuda":
+        return CUDA_CONTEXT_BYTES
+    return PROCESS_BYTES if builds_model else TOOL_BYTES
+
+
+def host_baseline(hw: Hardware, processes: int = 1, helpers: int = 0) -> int:
+    """Bytes of one node's RAM held by interpreters that `process_baseline` does not count: on a GPU node each of
+    its `processes` (the CPU's own process is its device's baseline), plus `helpers` bytes of a launch's other
+    processes (torchrun's launcher, the process that started it) on any node."""
+    return (processes * PROCESS_BYTES if hw.device == "cuda" else 0) + helpers
+
+
 def _need(mem: Memory, hw: Hardware) -> int:
-    """What counts against a device: on a CPU-only machine the host buffers share its memory."""
-    return mem.device_total + (mem.host_buffers if hw.device == "cpu" else 0)
+    """What counts against a device: on a CPU-only machine the host buffers and interpreters share its memory."""
+    return mem.device_total + (mem.host_total if hw.device == "cpu" else 0)
 
 
 def _room(mem: Memory, hw: Hardware) -> int:
@@ -325,8 +366,8 @@ def _problem(mem: Memory, hw: Hardware) -> str | None:
     if need > usable(hw):
         where = "" if hw.device == "cpu" else " per device"
         return f"needs {gib(need)}{where}, the hardware has {hw.describe()} ({gib(usable(hw))} usable)"
-    if hw.device == "cuda" and hw.host_memory is not None and mem.host_buffers > USABLE * hw.host_memory:
-        return (f"needs {gib(mem.host_buffers)} of host memory per node, the hardware has "
+    if hw.device == "cuda" and hw.host_memory is not None and mem.host_total > USABLE * hw.host_memory:
+        return (f"needs {gib(mem.host_total)} of host memory per node, the hardware has "
                 f"{gib(hw.host_memory)} ({gib(USABLE * hw.host_memory)} usable)")  # fmt: skip
     return None
 
@@ -409,7 +450,8 @@ def _layerwise(layout: Layout, hw: Hardware, *, b: int, streamed: bool, rows: in
         weights = copies * layout.num_params() * b
     block = max(forward_bytes_per_token(layout, kind, b, kernels) + hooks.get(kind, 0) for kind in set(layout.pattern))
     act = rows * states * seq_len * h * b + micro * seq_len * max(block, after)
-    return Memory(weights=weights, activations=act, logits=logits, host_buffers=host)
+    return Memory(weights=weights, activations=act, logits=logits, host_buffers=host, baseline=process_baseline(hw),
+                  host_baseline=host_baseline(hw))
 
 
 # ---- score --------------------------------------------------------------------------------------------------------
@@ -543,17 +585,19 @@ def largest_tensor(layout: Layout) -> int:
 
 
 def _cut_memory(hw: Hardware) -> int | None:
-    """Bytes a cut may use: it runs on the host (the device itself on a CPU-only machine); None when unknown."""
+    """Bytes a cut may use beside its interpreter: it runs on the host (the device itself on a CPU-only machine);
+    None when unknown."""
     host = host_device(hw)
-    return usable(host) if host is not None else None
+    return max(0, usable(host) - TOOL_BYTES) if host is not None else None
 
 
 def cut_shard_bytes(layout: Layout, hw: Hardware, stored_bytes: int = 2) -> int:
     """The output shard size a cut on `hw` writes: `CUT_SHARD_SHARE` of the memory it may use, at least the largest
-    tensor (a shard holds whole tensors), at most `SHARD_BYTES`."""
+    tensor (a shard holds whole tensors), at most `SHARD_BYTES` and the model."""
     room = _cut_memory(hw)
     share = SHARD_BYTES if room is None else int(CUT_SHARD_SHARE * room)
-    return min(SHARD_BYTES, max(largest_tensor(layout) * stored_bytes, share))
+    # No shard is larger than the whole model (a cut of a small model buffers all of it, not a 5 GB shard).
+    return min(SHARD_BYTES, layout.num_params() * stored_bytes, max(largest_tensor(layout) * stored_bytes, share))
 
 
 def plan_cut(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
@@ -564,7 +608,10 @@ def plan_cut(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
     host = shard + 2 * largest_tensor(layout) * stored_bytes
     geo = Geometry(devices=0 if hw.device == "cuda" else 1, dtype=_stored_name(stored_bytes), streaming=True,
                    shard_bytes=shard)  # fmt: skip
-    return _part("prune", "cut", geo, Memory(host_buffers=host), hw, note=f"output shards of {gib(shard)}")
+    # The cut runs on the host and builds no model: its interpreter is the CPU's device baseline, a host one on GPUs.
+    mem = Memory(host_buffers=host, baseline=TOOL_BYTES if hw.device == "cpu" else 0,
+                 host_baseline=0 if hw.device == "cpu" else TOOL_BYTES)  # fmt: skip
+    return _part("prune", "cut", geo, mem, hw, note=f"output shards of {gib(shard)}")
 
 
 def _stored_name(stored_bytes: int) -> str:
@@ -633,9 +680,10 @@ def _train_activations(teacher: Layout, student: Layout, ln: Launch, seq_len: in
 
 
 def _train_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *, seq_len: int, loss_chunk: int,
-                  host: int) -> Memory:  # fmt: skip
+                  host: int, interpreters: int = 0) -> Memory:  # fmt: skip
     """One device's memory for a training micro-step; logits: `TRAIN_LOGIT_BUFFERS` float32 [chunk, V] buffers of
-    the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens."""
+    the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens; `interpreters`: the node's
+    host baseline (`_train_interpreters`)."""
     ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.fused_mamba)
     logits = TRAIN_LOGIT_BUFFERS * min(loss_chunk, ln.micro * seq_len) * student.vocab_size * 4
     states = _train_states(teacher, student, ln)
@@ -645,7 +693,18 @@ def _train_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *,
         # gradients (set to None), activations and logits are gone, so only what exceeds them raises the peak.
         host = max(0, host - states["gradients"] - act - logits)
     return Memory(**states, activations=act, activations_checkpointed=ckpt, activations_full=full, logits=logits,
-                  host_buffers=host)  # fmt: skip
+                  host_buffers=host, baseline=process_baseline(hw), host_baseline=interpreters)  # fmt: skip
+
+
+def _train_interpreters(hw: Hardware, procs_per_node: int, ranks: int, child: bool) -> int:
+    """Host baseline of a training's node: on GPUs every rank's interpreter; anywhere, torchrun's launcher when
+    there is more than one rank, and, when the training runs in processes of its own (`child`: a candidate
+    distillation, or a torchrun launch on one node), the process that started them, waiting beside them (prune's
+    process, `minipuzzle run`'s stage process; a shell that ran torchrun holds far less, an over-count there).
+    Over several nodes a script starts each node's torchrun (`distill.launch.write_script`)."""
+    launched = child or 1 < ranks <= procs_per_node  # over several nodes each node's torchrun is started by a script
+    helpers = (PROCESS_BYTES if launched else 0) + (LAUNCHER_BYTES if ranks > 1 else 0)
+    return host_baseline(hw, procs_per_node, helpers)
 
 
 def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int) -> int:
@@ -735,6 +794,7 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
     accum = fixed.grad_accum or 1
     ranks = fixed.ranks or data_parallel_ranks(hw, max(1, global_batch // accum))
     host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes)
+    interpreters = _train_interpreters(hw, min(ranks, hw.gpus_per_node), ranks, name == "candidate distillation")
     base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch)
     if global_batch % (ranks * accum):
         # Every rank runs the same micro-batches (FSDP2's collectives must match): refused before any launch.
@@ -746,7 +806,8 @@ def plan_training(stage: str, name: str, teacher: Layout, student: Layout, hw: H
     per_rank, part, best = global_batch // ranks, None, None
     by_sharding: dict[str, Part] = {}  # the fastest fitting launch of each sharding, else its smallest
     for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
-        mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host)
+        mem = _train_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host,
+                            interpreters=interpreters)  # fmt: skip
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
                                       "logits_chunk": min(loss_chunk, ln.micro * seq_len)})  # fmt: skip
@@ -870,14 +931,17 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
     weights = max(shares) if sequential else sum(shares)
     fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
     kl_host = ev.samples * t * h * b if sequential and len(models) > 1 else 0
+    base = {"baseline": process_baseline(hw), "host_baseline": host_baseline(hw)}  # one process, on every GPU it uses
 
     def held_out(micro: int) -> Memory:  # the student's states and the teacher's (computed or read back)
         n = min(LOGIT_CHUNK, micro * t)
         return Memory(weights=weights + (v * h * b if kl_host else 0), host_buffers=host + kl_host,
-                      activations=micro * t * (len(models) * h * b + fwd), logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b))
+                      activations=micro * t * (len(models) * h * b + fwd), logits=n * v * (EVAL_LOGIT_BUFFERS * 4 + b),
+                      **base)  # fmt: skip
 
     def tasks(micro: int) -> Memory:
-        return Memory(weights=weights, activations=micro * t * fwd, logits=micro * t * v * (b + 8), host_buffers=host)
+        return Memory(weights=weights, activations=micro * t * fwd, logits=micro * t * v * (b + 8), host_buffers=host,
+                      **base)  # fmt: skip
 
     out = [("held-out", *_fit_micro(held_out, hw, min(ev.batch_size, ev.samples)))] if ev.held_out else []
     if ev.tasks:
@@ -886,7 +950,7 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
         sl, sb = ev.speed_len or t, ev.speed_batch
         mems = [m.memory(_precision(dt), sl + ev.decode_tokens, sb) for m in models]
         cache = max(m["kv_cache"] + m["ssm_state"] + m["conv_state"] for m in mems)
-        out.append(("speed", Memory(weights=weights, activations=sb * sl * fwd + cache, host_buffers=host,
+        out.append(("speed", Memory(weights=weights, activations=sb * sl * fwd + cache, host_buffers=host, **base,
                                     logits=sb * sl * v * (b + 4)), sb))  # fmt: skip
     return out
 

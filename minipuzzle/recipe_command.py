@@ -101,7 +101,7 @@ def _print_memory(con, memory: dict[str, Any]) -> None:
     from minipuzzle.memory_plan import Geometry
 
     t = Table(title=f"memory per device on {memory['hardware_text']} ({gib(memory['usable_device_bytes'])} usable)")
-    for col in ("stage", "launch", "weights", "optim.", "activ.", "logits", "device", "host", ""):
+    for col in ("stage", "launch", "process", "weights", "optim.", "activ.", "logits", "device", "host", ""):
         t.add_column(col, justify="left" if col in ("stage", "launch", "") else "right")
     notes = []
     for st in memory["stages"]:
@@ -113,10 +113,13 @@ def _print_memory(con, memory: dict[str, Any]) -> None:
                 status = "fits [red](not today)[/]"
                 notes.append(f"{_label(p)} today: {p['today']['note']}: {p['today']['problem']}")
             name = p["stage"] if p["name"] == p["stage"] else f"{p['stage']}: {p['name']}"
-            t.add_row(name, Geometry(**p["geometry"]).describe(), gib(m["weights"]), gib(states), gib(m["activations"]),
-                      gib(m["logits"]), gib(p["device_total"]), gib(m["host_buffers"]), status)  # fmt: skip
+            t.add_row(name, Geometry(**p["geometry"]).describe(), gib(m["baseline"]), gib(m["weights"]), gib(states),
+                      gib(m["activations"]), gib(m["logits"]), gib(p["device_total"]),
+                      gib(m["host_buffers"] + m["host_baseline"]), status)  # fmt: skip
     con.print(t)
-    con.print("optim.: master weights, optimizer state and gradients; device: the total per device; host: per node. "
+    con.print("process: what a process holds before any work (CPU: its interpreter and libraries; GPU: the CUDA "
+              "context); optim.: master weights, optimizer state and gradients; device: the total per device, "
+              "the process's share included; host: per node, interpreters included. "
               "JSON (--json) has every term.", highlight=False)  # fmt: skip
     for n in notes:
         con.print(n, highlight=False, markup=False)
