@@ -116,6 +116,19 @@ def check_exclusions(folder: Path) -> None:
             raise RuntimeError(f"exported exclude_modules entry {pat!r} names {'no' if not hit else 'a quantized'} module")
 
 
+def _cast_parameters(model, dtype: torch.dtype) -> None:
+    """Parameters to `dtype` before the export, routers excepted (float32, as transformers keeps them): Model
+    Optimizer 0.47 writes every unquantized tensor in the model's own dtype whatever its `dtype` argument says
+    (a float32 calibration on the CPU wrote float32 embeddings). Quantizer scales are buffers and stay float32.
+    Lossless for a bf16 source loaded in float32, so the quantized weights are the calibrated ones."""
+    from minipuzzle.checkpoint import keeps_float32
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not keeps_float32(model, name):
+                p.data = p.data.to(dtype)
+
+
 def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: str | Path | None = None,
                      overwrite: bool = False, dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
     """Write `model` (quantized by `calibrate.quantize_model`; the export packs its weights in place, so it is
@@ -124,6 +137,7 @@ def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: s
     (`summary` plus the bytes by role, `weight_bytes`)."""
     from modelopt.torch.export import export_hf_checkpoint
 
+    _cast_parameters(model, dtype)
     with atomic_dir(out, overwrite) as tmp:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")

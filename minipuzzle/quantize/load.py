@@ -138,3 +138,17 @@ def describe(path: str | Path) -> dict:
     qc = json.loads((path / "hf_quant_config.json").read_text())["quantization"]
     return {"quant_algo": qc.get("quant_algo"), "quantized_tensors": len(quantized_weights(tensor_table(path))),
             "exclude_modules": qc.get("exclude_modules") or []}  # fmt: skip
+
+
+def quantized(path: str | Path) -> bool:
+    """The checkpoint folder holds a Model Optimizer FP8 / NVFP4 export."""
+    return quantization_of(path) in ("FP8", "NVFP4")
+
+
+def load_quantized_placed(path: str | Path, dtype: torch.dtype, device: torch.device, launch: dict):
+    """`load_quantized` for eval's plan (`evaluate.runner.eval_launch`): whole on one device only. Spreading a
+    fake-quantized model over GPUs or offloading it to its checkpoint is refused in one line."""
+    if launch["devices"] > 1 or launch["offload"]:
+        raise UserError(f"{path} is quantized and does not fit one device in eval's plan: a quantized checkpoint is "
+                        "evaluated whole on one device (give eval a larger device, or --device cpu)")  # fmt: skip
+    return load_quantized(path, dtype, device)
