@@ -116,17 +116,28 @@ def check_exclusions(folder: Path) -> None:
             raise RuntimeError(f"exported exclude_modules entry {pat!r} names {'no' if not hit else 'a quantized'} module")
 
 
-def _cast_parameters(model, dtype: torch.dtype) -> None:
-    """Parameters to `dtype` before the export, routers excepted (float32, as transformers keeps them): Model
-    Optimizer 0.47 writes every unquantized tensor in the model's own dtype whatever its `dtype` argument says
-    (a float32 calibration on the CPU wrote float32 embeddings). Quantizer scales are buffers and stay float32.
-    Lossless for a bf16 source loaded in float32, so the quantized weights are the calibrated ones."""
-    from minipuzzle.checkpoint import keeps_float32
+def store_kept_in(folder: Path, dtype: torch.dtype, keep_float32: tuple[str, ...] = ()) -> None:
+    """Rewrite the exported shards with every unquantized floating tensor in `dtype` (scales and the names
+    containing one of `keep_float32`, the routers, stay float32), and config.json's dtype.
 
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and not keeps_float32(model, name):
-                p.data = p.data.to(dtype)
+    Model Optimizer 0.47 writes unquantized tensors in the model's own dtype whatever its `dtype` argument says.
+    Casting the model to bf16 before the export would make the exporter divide bf16 weights by their scales in
+    bf16, moving some FP8 values one step from those the float32 calibration simulated; so the model is exported as
+    calibrated and the kept tensors are cast here, one shard in memory at a time."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(folder.glob("*.safetensors")):
+        state = load_file(f)
+        quant = set(quantized_weights(state))
+        for k, t in state.items():
+            if (t.dtype.is_floating_point and t.dtype != dtype and t.element_size() > 1 and k not in quant
+                    and not k.endswith(SCALE_SUFFIXES) and not any(n in k for n in keep_float32)):  # fmt: skip
+                state[k] = t.to(dtype)
+        save_file(state, f, metadata={"format": "pt"})
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg_file.write_text(json.dumps(cfg, indent=4))
 
 
 def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: str | Path | None = None,
@@ -137,11 +148,12 @@ def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: s
     (`summary` plus the bytes by role, `weight_bytes`)."""
     from modelopt.torch.export import export_hf_checkpoint
 
-    _cast_parameters(model, dtype)
+    keep_float32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     with atomic_dir(out, overwrite) as tmp:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            export_hf_checkpoint(model, dtype=dtype, export_dir=tmp)
+            export_hf_checkpoint(model, export_dir=tmp)
+        store_kept_in(tmp, dtype, keep_float32)
         repair_exclude_names(tmp)
         check_exclusions(tmp)
         copy_tokenizer(tokenizer_from, tmp)
