@@ -51,7 +51,7 @@ def quantize_model(model, precision: str, windows: torch.Tensor, *, batch_size: 
     """`model` (a `NemotronHForCausalLM`, changed in place and returned) quantized to `precision` with the hybrid
     config (`configs.hybrid_config`), calibrated on windows [N, T] of token ids. Refuses (`UserError`) NVFP4 off
     CUDA and module patterns that name nothing, before anything is changed."""
-    import modelopt.torch.quantization as mtq
+    from minipuzzle.quantize.configs import mtq
 
     keep, quantize = list(keep), list(quantize)
     check_runnable(precision, next(model.parameters()).device)
@@ -61,4 +61,4 @@ def quantize_model(model, precision: str, windows: torch.Tensor, *, batch_size: 
     # transformers release (its `hf` extra pins transformers<5.15; the core package has no pin).
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        return mtq.quantize(model, cfg, forward_loop=calibration_loop(windows, batch_size, progress))
+        return mtq().quantize(model, cfg, forward_loop=calibration_loop(windows, batch_size, progress))

@@ -26,6 +26,17 @@ BASE_CONFIG = {"fp8": "MAMBA_MOE_FP8_AGGRESSIVE_CFG", "nvfp4": "MAMBA_MOE_NVFP4_
 ARCH_PRECISION = {"fp8": "fp8", "nvfp4": "fp4"}
 
 
+def mtq():
+    """`modelopt.torch.quantization`, imported without its warning that this transformers release is untested
+    (its `hf` extra pins transformers<5.15; the core package has no pin, and this project tests the range it uses)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt")
+        import modelopt.torch.quantization as mtq_module
+    return mtq_module
+
+
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -51,9 +62,7 @@ def hybrid_config(precision: str, keep: Iterable[str] = (), quantize: Iterable[s
     given the recipe's weight and input format (enabling only those two quantizers: enabling every quantizer of a
     module would turn on its 8-bit output quantizer too, which the exporter reads as an INT8 KV cache), then `keep`
     patterns switched off (every quantizer under them). Later entries win in Model Optimizer's list format."""
-    import modelopt.torch.quantization as mtq
-
-    cfg = copy.deepcopy(getattr(mtq, BASE_CONFIG[check_precision(precision)]))
+    cfg = copy.deepcopy(getattr(mtq(), BASE_CONFIG[check_precision(precision)]))
     fmt = {e["quantizer_name"]: e["cfg"] for e in cfg["quant_cfg"] if "cfg" in e}
     for p in quantize:
         mp = module_pattern(p)

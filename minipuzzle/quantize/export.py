@@ -146,6 +146,9 @@ def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: s
     spent afterwards) to `out` atomically through Model Optimizer's `export_hf_checkpoint`, unquantized tensors
     in `dtype`; then repair the excluded names, check them, copy the tokenizer and write `quantize.json`
     (`summary` plus the bytes by role, `weight_bytes`)."""
+    from minipuzzle.quantize.configs import mtq
+
+    mtq()  # imports modelopt.torch quietly before its exporter
     from modelopt.torch.export import export_hf_checkpoint
 
     keep_float32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())

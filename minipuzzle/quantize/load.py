@@ -82,11 +82,9 @@ def _read_state(path: Path, algo: str) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def _input_config(algo: str, names: list[str]) -> dict:
-    import modelopt.torch.quantization as mtq
+    from minipuzzle.quantize.configs import BASE_CONFIG, mtq
 
-    from minipuzzle.quantize.configs import BASE_CONFIG
-
-    base = getattr(mtq, BASE_CONFIG["fp8" if algo == "FP8" else "nvfp4"])
+    base = getattr(mtq(), BASE_CONFIG["fp8" if algo == "FP8" else "nvfp4"])
     fmt = next(e["cfg"] for e in base["quant_cfg"] if e.get("quantizer_name") == "*input_quantizer")
     return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
                           *({"quantizer_name": n, "cfg": fmt, "enable": True} for n in names)],
@@ -106,11 +104,9 @@ def _plain_config(path: Path) -> dict:
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The fake-quantized model of checkpoint folder `path` (module docstring) on `device`, weights in `dtype`
     (routers float32, as transformers keeps them). NVFP4 needs CUDA (Model Optimizer's block quantization)."""
-    import modelopt.torch.quantization as mtq
-
     from minipuzzle.arch import Layout, hf_config
     from minipuzzle.checkpoint import build_model, keeps_float32
-    from minipuzzle.quantize.configs import check_runnable
+    from minipuzzle.quantize.configs import check_runnable, mtq
 
     path = Path(path)
     algo = quantization_of(path)
@@ -125,7 +121,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     model.eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        mtq.quantize(model, _input_config(algo, sorted(amax)), forward_loop=None)
+        mtq().quantize(model, _input_config(algo, sorted(amax)), forward_loop=None)
     quantizers = dict(model.named_modules())
     for name, a in amax.items():
         quantizers[name].amax = a.to(device)

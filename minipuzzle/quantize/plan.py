@@ -34,6 +34,8 @@ from minipuzzle.memory_plan import (
 from minipuzzle.quantize.calibrate import HEAD_CHUNK
 from minipuzzle.quantize.configs import ARCH_PRECISION
 
+NVFP4_CPU = "nvfp4 needs a CUDA GPU (Model Optimizer simulates NVFP4 block scales only on CUDA)"
+
 
 def _largest_fake_quant(layout: Layout) -> int:
     """Elements Model Optimizer fake-quantizes at once: the largest weight, or a MoE layer's [E, out, in]."""
@@ -71,8 +73,11 @@ def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype
     geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro)
     share = eval_weight_share(layout, k, dt)
     export = Memory(weights=share + -(-packed // k), host_buffers=exported_bytes(layout))
+    calibration = _part("quantize", "calibration", geo, mem, hw)
+    if st.precision == "nvfp4" and hw.device != "cuda":
+        calibration = calibration.model_copy(update={"fits": False, "problem": NVFP4_CPU})
     return StagePlan(stage="quantize", parts=[
-        _part("quantize", "calibration", geo, mem, hw),
+        calibration,
         _part("quantize", "export", geo.model_copy(update={"micro_batch": 1}), export, hw),
     ])  # fmt: skip
 
