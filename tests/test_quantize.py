@@ -270,3 +270,29 @@ def test_gpu_export_reloads_as_the_calibrated_model(tmp_path, precision):
     b = weight_bytes(tmp_path / precision)
     per = {"fp8": 1.0, "nvfp4": 0.5}[precision]
     assert b["quantized"] == b["quantized_params"] * per
+
+
+def test_recipes_end_at_their_budgets_precision():
+    """The 56B -> 47B recipe plans NVFP4 (its 31.7 GiB budget's precision) on its GPUs, Nano 3 and the demo FP8;
+    NVFP4 on a CPU-only machine is refused by the plan."""
+    from minipuzzle.hardware import Hardware
+    from minipuzzle.memory_plan import RunPlan
+    from minipuzzle.quantize.plan import plan_quantize
+    from minipuzzle.recipe import load_recipe, plan_run
+
+    for name, precision in (("nemotron-h-56b-to-47b", "nvfp4"), ("nemotron-3-nano-30b-to-22b", "fp8"),
+                            ("demo", "fp8")):  # fmt: skip
+        recipe = load_recipe(name)
+        assert recipe.quantize.precision == precision
+        if name != "demo":
+            plan = plan_run(recipe)
+            assert [s["stage"] for s in plan["stages"]][-3:] == ["quantize", "eval", "report"]
+            parts = [p for s in plan["memory"]["stages"] if s["stage"] == "quantize" for p in s["parts"]]
+            assert [p["name"] for p in parts] == ["calibration", "export"] and all(p["fits"] for p in parts)
+    cpu = Hardware(device="cpu", gpu_memory=64 * 2**30)
+    st = load_recipe("nemotron-h-56b-to-47b").quantize.model_copy(update={"samples": 1, "seq_len": 8})
+    from minipuzzle.testing import tiny_layout
+
+    refusal = RunPlan(hardware=cpu, hardware_text="", usable_device_bytes=0,
+                      stages=[plan_quantize(tiny_layout(), cpu, st)]).refusal()  # fmt: skip
+    assert refusal is not None and "nvfp4 needs a CUDA GPU" in refusal

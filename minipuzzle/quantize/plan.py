@@ -68,17 +68,21 @@ def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype
         return lambda micro: Memory(weights=share, activations=micro * st.seq_len * fwd + temp, logits=logits,
                                     host_buffers=host)  # fmt: skip
 
-    k = next((k for k in range(1, most + 1) if _problem(calib(k)(1), hw) is None), most)
+    def export(k: int) -> Memory:  # the same placed model: its share plus its packed copy
+        return Memory(weights=eval_weight_share(layout, k, dt) + -(-packed // k),
+                      host_buffers=exported_bytes(layout))  # fmt: skip
+
+    # The fewest devices on which both parts fit (one placement serves both).
+    k = next((k for k in range(1, most + 1) if _problem(calib(k)(1), hw) is None and _problem(export(k), hw) is None),
+             most)  # fmt: skip
     mem, micro = _fit_micro(calib(k), hw, min(st.batch_size, st.samples))
     geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro)
-    share = eval_weight_share(layout, k, dt)
-    export = Memory(weights=share + -(-packed // k), host_buffers=exported_bytes(layout))
     calibration = _part("quantize", "calibration", geo, mem, hw)
     if st.precision == "nvfp4" and hw.device != "cuda":
         calibration = calibration.model_copy(update={"fits": False, "problem": NVFP4_CPU})
     return StagePlan(stage="quantize", parts=[
         calibration,
-        _part("quantize", "export", geo.model_copy(update={"micro_batch": 1}), export, hw),
+        _part("quantize", "export", geo.model_copy(update={"micro_batch": 1}), export(k), hw),
     ])  # fmt: skip
 
 
