@@ -264,7 +264,7 @@ def test_shipped_56b_recipe_fits_8x8_h100():
     assert plan["memory"]["hardware"] == {"device": "cuda", "gpu_memory": 80 * GIB, "gpus_per_node": 8, "nodes": 8,
                                           "host_memory": None}  # fmt: skip
     stages = {s["stage"]: s for s in plan["memory"]["stages"]}
-    assert set(stages) == {"score", "prune", "distill", "eval"}
+    assert set(stages) == {"score", "prune", "distill", "quantize", "eval"}
     assert all(s["fits"] for s in stages.values())
     assert [p["name"] for p in stages["prune"]["parts"]] == ["ranking", "candidate distillation", "cut"]
     # Every stage runs its plan (issue 12, item 3): distillation and candidate distillation as 64 ranks, FSDP2 in
