@@ -11,7 +11,8 @@ rounded with the stored scales). NVFP4 runs only where CUDA is (Model Optimizer 
 CUDA only); without it its row says so.
 
     python benchmarks/quantize_quality.py --run runs/demo          # reuse a demo run; ~5 min on 2 CPU cores
-    python benchmarks/quantize_quality.py --smoke --output /tmp/qq # a minute on a tiny run: checks the script
+    python benchmarks/quantize_quality.py --teacher-only            # the teacher's rows alone, no demo run
+    python benchmarks/quantize_quality.py --smoke --output /tmp/qq # a tiny run: checks the script
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--calibration-windows", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--teacher-only", action="store_true", help="only the teacher's rows (no demo run needed)")
     ap.add_argument("--smoke", action="store_true", help="tiny everything: checks the script, figures meaningless")
     args = ap.parse_args()
     if args.smoke:
@@ -88,8 +90,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         train, _, test = data_folders(work / "data")
-        run = demo_run(args.run, work, args.smoke)
-        teacher_dir, student_dir = resolve_checkpoint("demo"), run / "distill"
+        run = None if args.teacher_only else demo_run(args.run, work, args.smoke)
+        teacher_dir = resolve_checkpoint("demo")
+        student_dir = run / "distill" if run is not None else None
         tok = load_tokenizer(teacher_dir)
         windows = token_windows(test, tok, args.seq_len, args.windows, seed=args.seed)
         teacher = load_model(teacher_dir, torch.float32)
@@ -107,7 +110,7 @@ def main() -> None:
                            "quantize_s": round(time.time() - t, 1)}  # fmt: skip
 
         rows["teacher bf16"] = per_window(teacher, teacher, windows)
-        for src, who in ((teacher_dir, "teacher"), (student_dir, "student")):
+        for src, who in ((teacher_dir, "teacher"), (student_dir, "student"))[: 1 if run is None else 2]:
             if who == "student":
                 rows["student bf16"] = per_window(load_model(student_dir, torch.float32), teacher, windows)
             for precision in ("fp8", "nvfp4"):
@@ -118,10 +121,10 @@ def main() -> None:
                 model, extra = quantized(src, precision, key.replace(" ", "-"))
                 rows[key] = per_window(model, teacher.to(next(model.parameters()).device), windows) | extra
                 teacher = teacher.cpu()
-        layout = load_model(student_dir, None, "meta").config
+        layers = None if run is None else load_model(student_dir, None, "meta").config.layers_block_type
     result = {
         "rows": rows, "windows": int(len(windows)), "seq_len": args.seq_len, "seed": args.seed,
-        "calibration_windows": args.calibration_windows, "student_layers": layout.layers_block_type,
+        "calibration_windows": args.calibration_windows, "student_layers": layers,
         "device": "cuda" if cuda else "cpu", "elapsed_s": round(time.time() - t0, 1), "smoke": args.smoke,
         "versions": _versions(),
     }  # fmt: skip
