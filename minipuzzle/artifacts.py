@@ -281,6 +281,8 @@ class SpeedResult(Artifact):
     decode_s: float
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    prefill_tokens_per_s_range: list[float] | None = None  # [slowest, fastest] of the repeats
+    decode_tokens_per_s_range: list[float] | None = None
     peak_memory_bytes: int
     baseline_memory_bytes: int
     peak_memory_kind: str

@@ -43,6 +43,10 @@ LAZY_COMMANDS = {
         "minipuzzle.distill.command",
         "Distil a teacher into a (pruned) student on the teacher's logits: forward KL at T=1 by default.",
     ),
+    "quantize": (
+        "minipuzzle.quantize.command",
+        "Quantize a checkpoint to FP8 or NVFP4 with NVIDIA Model Optimizer and export it for vLLM / TensorRT-LLM.",
+    ),
     "eval": (
         "minipuzzle.evaluate.command",
         "Evaluate a model (and its teacher): held-out perplexity, KL and agreement, lm-eval tasks, speed, memory.",

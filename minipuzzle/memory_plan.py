@@ -1111,6 +1111,11 @@ def plan_recipe(recipe, teacher: Layout, hardware: Hardware, *, student: Layout 
     }  # fmt: skip
     if recipe.distill is None:
         del stages["distill"]
+    if recipe.quantize is not None:
+        from minipuzzle.quantize.plan import plan_quantize
+
+        quantize = lambda: plan_quantize(bound, hw, recipe.quantize, **kw)  # noqa: E731
+        stages = {k: v for k, v in stages.items() if k != "eval"} | {"quantize": quantize, "eval": stages["eval"]}
     planned = [make() for name, make in stages.items() if name not in skip]
     return RunPlan(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw), stages=planned)
 

@@ -21,6 +21,7 @@ from minipuzzle.settings import (
     DistillSettings,
     EvalSettings,
     PruneSettings,
+    QuantizeSettings,
     ScoreSettings,
     SettingsError,
 )
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from minipuzzle.arch import Layout
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-STAGES = ("score", "prune", "distill", "eval", "report")
+STAGES = ("score", "prune", "distill", "quantize", "eval", "report")
 
 
 class _Section(BaseModel):
@@ -131,6 +132,8 @@ class Recipe(_Section):
     importance: ScoreSettings = ScoreSettings()
     search: SearchStage
     distill: DistillStage | None = None
+    quantize: QuantizeSettings | None = Field(None, description="PTQ of the final model (Model Optimizer), then "
+                                              "evaluated beside it")  # fmt: skip
     eval: EvalSettings = EvalSettings()
     hardware: Hardware | None = Field(None, description="devices and memory to plan for (default: this machine's)")
 
@@ -274,6 +277,10 @@ def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[d
         stages.append({"stage": "distill", "steps": d.max_steps, "tokens": tokens, "seq_len": d.seq_len,
                        "batch_size": d.batch_size, "launcher": d.launcher,
                        **_training_cost(tokens, d.max_steps, student, source, training.get("distill"))})  # fmt: skip
+    if recipe.quantize is not None:
+        q = recipe.quantize
+        stages.append({"stage": "quantize", "precision": q.precision, "calibration_tokens": q.samples * q.seq_len,
+                       "flops": 2 * student * q.samples * q.seq_len})  # fmt: skip
     fwd = source.flops_per_token(e.seq_len)["prefill"]
     stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
     stages.append({"stage": "report", "flops": 0})

@@ -115,11 +115,12 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
         "score": lambda: _score(recipe, teacher, data, run_dir / "score", progress, hw),
         "prune": lambda: _prune(recipe, teacher, data, run_dir, progress, hw),
         "distill": lambda: _distill(recipe, teacher, data, run_dir, log, progress, hw),
+        "quantize": lambda: _quantize(recipe, data, run_dir, progress, hw),
         "eval": lambda: _eval(recipe, teacher, data, run_dir, progress, hw),
         "report": lambda: _report(run_dir),
     }
     for name in STAGES:
-        if name == "distill" and recipe.distill is None:
+        if getattr(recipe, name, True) is None:  # an optional stage the recipe leaves out (distill, quantize)
             continue
         if name in state["done"]:
             log(f"[{name}] done already, skipped")
@@ -250,18 +251,33 @@ def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, p
 
 def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None):
     """Evaluate the final model into RUN_DIR/eval; with distillation, also the pruned student before it
-    (RUN_DIR/eval_pruned, same windows and tasks, no speed run: same architecture) so the report shows both."""
+    (RUN_DIR/eval_pruned, same windows and tasks, no speed run: same architecture) so the report shows both; with
+    quantization, the quantized model too (RUN_DIR/eval_quantized, no speed run: its simulated quantization says
+    nothing about a serving engine's speed)."""
     from minipuzzle.evaluate import evaluate
 
     e, m = recipe.eval, recipe.model
     targets = [(final_model(recipe, run_dir), run_dir / "eval", e.speed)]
     if recipe.distill is not None:
         targets.insert(0, (run_dir / "prune", run_dir / "eval_pruned", False))
+    if recipe.quantize is not None:
+        targets.insert(0, (run_dir / "quantize", run_dir / "eval_quantized", False))
     for model, out, speed in targets:
         evaluate(model, out, e.model_copy(update={"speed": speed}), teacher_path=teacher, data=data.held_out,
                  split=data.eval_split, column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
                  precision=recipe.search.precision, context=recipe.search.context, overwrite=True,
                  progress=progress, hardware=hw)  # fmt: skip
+
+
+def _quantize(recipe: Recipe, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None) -> None:
+    """Quantize the final model into RUN_DIR/quantize, calibrated on the training text."""
+    from minipuzzle.quantize.folder import quantize_to_folder
+
+    assert recipe.quantize is not None
+    m = recipe.model
+    quantize_to_folder(final_model(recipe, run_dir), run_dir / "quantize", recipe.quantize, data.train,
+                       split=data.split, column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
+                       overwrite=True, progress=progress, hardware=hw)  # fmt: skip
 
 
 def _report(run_dir: Path) -> None:

@@ -506,3 +506,31 @@ class EvalSettings(Settings):
     def task_specs(self) -> list[str]:
         """Tasks as lm-eval specs, with their few-shot counts: ['mmlu:5', 'arc_challenge']."""
         return [f"{t}:{self.num_fewshot[t]}" if t in self.num_fewshot else t for t in self.tasks]
+
+
+# quantize.configs.PRECISIONS, named here so that the CLI and recipes check them without importing modelopt.
+QUANT_PRECISIONS = ("fp8", "nvfp4")
+
+
+class QuantizeSettings(Settings):
+    """Post-training quantization with Model Optimizer: the precision, the calibration windows, and which modules
+    stay in bf16 beyond the hybrid default (attention, Mamba conv1d, MoE routers, embeddings, LM head)."""
+
+    precision: Literal[QUANT_PRECISIONS] = Field(  # type: ignore[valid-type]
+        "fp8", description="fp8 (E4M3 weights and activations, per-tensor scales) or nvfp4 (E2M1, an FP8 scale per "
+        "16 values and a float32 one per tensor; needs a CUDA GPU)."
+    )  # fmt: skip
+    samples: int = Field(128, ge=1, description="Calibration windows.")
+    seq_len: int = Field(2048, ge=2, description="Tokens per calibration window.")
+    batch_size: int = Field(8, ge=1, description="Windows per calibration forward.")
+    seed: int = Field(0, description="Seed for choosing calibration windows.")
+    keep: str = Field("", description="Also keep these modules in bf16: comma-separated name patterns "
+                      "(fnmatch, e.g. '*layers.0.*,*out_proj').")  # fmt: skip
+    quantize_modules: str = Field("", description="Quantize these modules although the default keeps them: "
+                                  "comma-separated name patterns ('lm_head' quantizes the LM head).")  # fmt: skip
+
+    def keep_patterns(self) -> list[str]:
+        return [p.strip() for p in self.keep.split(",") if p.strip()]
+
+    def quantize_patterns(self) -> list[str]:
+        return [p.strip() for p in self.quantize_modules.split(",") if p.strip()]

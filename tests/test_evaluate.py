@@ -253,6 +253,11 @@ def test_decode_loop_reproduces_generate_and_speed_figures(models):
     s = measure_speed(model, batch=2, prompt_len=12, decode_tokens=3, repeats=1)
     assert s["prefill_tokens_per_s"] == pytest.approx(24 / s["prefill_s"])
     assert s["decode_tokens_per_s"] == pytest.approx(6 / s["decode_s"])
+    # Repeated runs: the median lies within the slowest and fastest repeat.
+    s = measure_speed(model, batch=2, prompt_len=12, decode_tokens=3, repeats=3)
+    for part in ("prefill", "decode"):
+        lo, hi = s[f"{part}_tokens_per_s_range"]
+        assert lo <= s[f"{part}_tokens_per_s"] <= hi
 
 
 def _per_layer_cpu_map(model) -> dict[str, str]:

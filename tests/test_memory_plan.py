@@ -289,7 +289,7 @@ def test_shipped_56b_recipe_fits_8x8_h100():
                                           "host_memory": None, "mamba_kernels": True, "intra_node_bandwidth": None,
                                           "inter_node_bandwidth": None}  # fmt: skip
     stages = {s["stage"]: s for s in plan["memory"]["stages"]}
-    assert set(stages) == {"score", "prune", "distill", "eval"}
+    assert set(stages) == {"score", "prune", "distill", "quantize", "eval"}
     assert all(s["fits"] for s in stages.values())
     assert [p["name"] for p in stages["prune"]["parts"]] == ["ranking", "candidate distillation", "cut"]
     # Every stage runs its plan (issue 12, item 3): distillation and candidate distillation as 64 ranks, FSDP2 in

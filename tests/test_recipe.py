@@ -120,6 +120,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
             "save_every": 2,
             "eval_every": 2,
         },
+        "quantize": {"precision": "fp8", "samples": 4, "seq_len": 32},
         "eval": {"samples": 4, "seq_len": 32, "speed": False},
     }
     recipe_file = tmp_path / "tiny.yaml"
@@ -135,6 +136,11 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     # The undistilled student is evaluated on the same windows, and the page shows both.
     assert (run_dir / "eval_pruned" / "report.json").is_file()
     assert "Distillation: before and after" in (run_dir / "report.html").read_text()
+    # The distilled student quantized to FP8 and evaluated on the same windows, shown beside the bf16 one.
+    assert json.loads((run_dir / "quantize" / "quantize.json").read_text())["source"] == str(run_dir / "distill")
+    quant = json.loads((run_dir / "eval_quantized" / "report.json").read_text())
+    assert quant["tokens"] == json.loads((run_dir / "eval" / "report.json").read_text())["tokens"]
+    assert "Quantization: teacher, bf16 and quantized student" in (run_dir / "report.html").read_text()
     # The held-out file was never used for training: the train folder lacks it.
     assert held[0] not in {p.name for p in (run_dir / "data" / "train").iterdir()}
     from minipuzzle.checkpoint import Checkpoint
@@ -145,7 +151,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     assert report["kl_to_teacher"] > 0
     mtime = (run_dir / "eval" / "report.json").stat().st_mtime_ns
     code, out, err = run_cli(["run", str(recipe_file), "-o", str(run_dir)])
-    assert code == 0 and out.count("skipped") == 5 and "[score] done already" in out
+    assert code == 0 and out.count("skipped") == 6 and "[score] done already" in out
     assert (run_dir / "eval" / "report.json").stat().st_mtime_ns == mtime
     # A dry run given the run folder plans distillation and eval for the student prune wrote, as the run does.
     from minipuzzle.hardware import resolve

@@ -28,6 +28,7 @@ from minipuzzle.evaluate.tables import (
     speed_table,
     tasks_table,
 )
+from minipuzzle.quantize.report import quantized_table
 
 KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
 MAX_CANDIDATE_ROWS = 50
@@ -195,6 +196,7 @@ def _eval_section(run_dir: Path) -> str | None:
     for title, table in (
         ("Held-out text", quality_table(rep)),
         ("Distillation: before and after", before_after_table(before, rep) if before else None),
+        ("Quantization: teacher, bf16 and quantized student", quantized_table(run_dir, rep)),
         ("lm-eval tasks", tasks_table(rep)),
         ("Speed and memory", speed_table(rep)),
     ):

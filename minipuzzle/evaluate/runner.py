@@ -232,8 +232,11 @@ def _measure(mpath, tpath, launch: dict, dt, dev, windows, tok, specs, st: EvalS
     is loaded; `launch["offload"]`: each model's blocks read from its checkpoint every forward.
     Returns {"fields": EvalReport's held-out and task fields, "speed", "layouts"}."""
     from minipuzzle.evaluate.placement import load_placed
+    from minipuzzle.quantize.load import load_quantized_placed, quantized
 
     def place(path):
+        if quantized(path):
+            return load_quantized_placed(path, dt, dev, launch)
         return load_placed(path, dt, dev, launch["devices"], launch["share"][path], offload=launch["offload"])
 
     batch, out = launch["batch"], {"fields": {}, "speed": {}, "layouts": {}}

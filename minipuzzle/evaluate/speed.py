@@ -2,7 +2,7 @@
 
 Prefill is a forward pass over [batch, prompt_len] random tokens. Decode is a greedy loop of one-token forward
 passes on the model's cache (KV for attention, conv and SSM state for Mamba) after an untimed prefill, so only the
-cached steps are timed. Each figure is the median of `repeats` runs after a warm-up.
+cached steps are timed. Each figure is the median of `repeats` runs after a warm-up, with the range over the runs.
 Peak memory is `torch.cuda.max_memory_allocated` on a GPU; on CPU it is the process's resident set size sampled
 every few milliseconds during the measurement (so it includes everything else the process holds).
 """
@@ -72,7 +72,8 @@ def _sync(device: torch.device) -> None:
             torch.cuda.synchronize(i)
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
+def _timed(fn, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` timed calls of `fn`, after one untimed warm-up call."""
     fn()  # warm-up: kernel selection, allocator growth, lazy imports
     times = []
     for _ in range(repeats):
@@ -81,7 +82,7 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 def _cache_kwarg(model) -> str:
@@ -147,9 +148,10 @@ def measure_speed(
         model(input_ids=ids, use_cache=True)
 
     with _peak_memory(device, compute_devices(model)) as mem:
-        t_prefill = _timed(prefill, device, repeats)
+        prefills = _timed(prefill, device, repeats)
         greedy_decode(model, ids, min(decode_tokens, 2))  # warm-up of the cached path
-        t_decode = statistics.median(greedy_decode(model, ids, decode_tokens)[1] for _ in range(repeats))
+        decodes = [greedy_decode(model, ids, decode_tokens)[1] for _ in range(repeats)]
+    t_prefill, t_decode = statistics.median(prefills), statistics.median(decodes)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "device": str(device),
@@ -162,6 +164,9 @@ def measure_speed(
         "decode_s": t_decode,
         "prefill_tokens_per_s": batch * prompt_len / t_prefill,
         "decode_tokens_per_s": batch * decode_tokens / t_decode,
+        # The spread of the repeats (slowest, fastest): one figure from a busy machine can mislead by 2x.
+        "prefill_tokens_per_s_range": [batch * prompt_len / max(prefills), batch * prompt_len / min(prefills)],
+        "decode_tokens_per_s_range": [batch * decode_tokens / max(decodes), batch * decode_tokens / min(decodes)],
         "peak_memory_bytes": int(mem["peak_bytes"]),
         "baseline_memory_bytes": int(mem["baseline_bytes"]),
         "peak_memory_kind": mem["kind"],

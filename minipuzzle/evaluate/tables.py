@@ -80,6 +80,14 @@ def tasks_table(rep: EvalReport) -> Table | None:
     return ["task", "metric", "shots", "teacher", "model", "Δ"], rows
 
 
+def _rate(sp, part: str) -> str:
+    """'24.2 (21.0–25.1)': the median tokens/s and the slowest and fastest repeat."""
+    if sp is None:
+        return "–"
+    med, rng = getattr(sp, f"{part}_tokens_per_s"), getattr(sp, f"{part}_tokens_per_s_range")
+    return fmt(med, 1) + (f" ({rng[0]:.1f}–{rng[1]:.1f})" if rng else "")
+
+
 def speed_table(rep: EvalReport) -> Table | None:
     """Measured speed and memory, then the architecture model's figures, teacher beside model."""
     speed, arch = rep.speed, rep.architecture
@@ -96,8 +104,8 @@ def speed_table(rep: EvalReport) -> Table | None:
     rows = []
     if speed:
         rows += [
-            row("prefill tokens/s (measured)", lambda n: fmt(measured(n, "prefill_tokens_per_s"), 1)),
-            row("decode tokens/s (measured)", lambda n: fmt(measured(n, "decode_tokens_per_s"), 1)),
+            row("prefill tokens/s (median, range of repeats)", lambda n: _rate(speed.get(n), "prefill")),
+            row("decode tokens/s (median, range of repeats)", lambda n: _rate(speed.get(n), "decode")),
             row("peak memory (measured)", lambda n: gib(measured(n, "peak_memory_bytes"))),
             row("weights as loaded", lambda n: gib(measured(n, "weights_bytes"))),
         ]

@@ -1,0 +1,157 @@
+"""What does quantization cost on top of pruning? The demo teacher's pruned + distilled student, quantized with
+Model Optimizer (post-training, calibrated on training text), measured against the teacher on held-out files.
+
+The student is the final model of `minipuzzle run demo` (recipes/demo.yaml: importance, search at the 56B->47B
+parameter ratio, surgery, 80 distillation steps); pass --run DIR to reuse a finished run, else the script runs it.
+Every figure is measured on the test half of the demo's held-out standard-library files (benchmarks/
+demo_quality.py's split: calendar, fractions, shlex, textwrap), float32 compute: KL(teacher || model) in nats
+per token with its standard error over windows, perplexity, agreement with the teacher's greedy token. The
+quantized models are the exported checkpoints reloaded as `minipuzzle eval` loads them (weights as stored, inputs
+rounded with the stored scales). NVFP4 runs only where CUDA is (Model Optimizer simulates its block scales on
+CUDA only); without it its row says so.
+
+    python benchmarks/quantize_quality.py --run runs/demo          # reuse a demo run; ~5 min on 2 CPU cores
+    python benchmarks/quantize_quality.py --teacher-only            # the teacher's rows alone, no demo run
+    python benchmarks/quantize_quality.py --smoke --output /tmp/qq # a tiny run: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_quality import data_folders  # noqa: E402
+
+from minipuzzle.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
+from minipuzzle.evaluate.runner import held_out_stats  # noqa: E402
+from minipuzzle.quantize.folder import quantize_to_folder  # noqa: E402
+from minipuzzle.quantize.load import load_quantized  # noqa: E402
+from minipuzzle.settings import QuantizeSettings  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def demo_run(run: Path | None, work: Path, smoke: bool) -> Path:
+    """The folder of a finished demo run (its distill/ is the student): `run`, or one made now."""
+    if run is not None:
+        if not (run / "distill" / "config.json").is_file():
+            sys.exit(f"{run} has no distill/ checkpoint: pass a finished `minipuzzle run demo` folder")
+        return run
+    from minipuzzle.recipe import load_recipe
+    from minipuzzle.runner import run as run_recipe
+
+    recipe = load_recipe("demo")
+    if smoke:
+        recipe = recipe.model_copy(update={
+            "importance": recipe.importance.model_copy(update={"depth_samples": 4, "width_samples": 4}),
+            "search": recipe.search.model_copy(update={"candidates": 1, "held_out_samples": 2,
+                                                       "candidate_distill_tokens": None}),
+            "distill": recipe.distill.model_copy(update={"max_steps": 2, "save_every": 2, "eval_every": 2}),
+            "eval": recipe.eval.model_copy(update={"samples": 2, "speed": False}),
+        })  # fmt: skip
+    run_recipe(recipe, work / "demo-run", progress=False)
+    return work / "demo-run"
+
+
+def per_window(model, teacher, windows: torch.Tensor) -> dict:
+    """Held-out statistics over all windows, and the KL of each window alone (for its standard error)."""
+    total = held_out_stats(model, windows, teacher, batch_size=8)
+    kls = [held_out_stats(model, windows[i : i + 1], teacher)["kl_to_teacher"] for i in range(len(windows))]
+    mean = sum(kls) / len(kls)
+    se = math.sqrt(sum((k - mean) ** 2 for k in kls) / max(1, len(kls) - 1) / len(kls))
+    return {"kl": total["kl_to_teacher"], "kl_se": se, "perplexity": total["perplexity"],
+            "agreement": total["agreement"], "per_window_kl": kls}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="a finished `minipuzzle run demo` folder (else one is made)")
+    ap.add_argument("--windows", type=int, default=48, help="held-out test windows")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calibration-windows", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--teacher-only", action="store_true", help="only the teacher's rows (no demo run needed)")
+    ap.add_argument("--smoke", action="store_true", help="tiny everything: checks the script, figures meaningless")
+    args = ap.parse_args()
+    if args.smoke:
+        args.windows, args.calibration_windows = 4, 4
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        train, _, test = data_folders(work / "data")
+        run = None if args.teacher_only else demo_run(args.run, work, args.smoke)
+        teacher_dir = resolve_checkpoint("demo")
+        student_dir = run / "distill" if run is not None else None
+        tok = load_tokenizer(teacher_dir)
+        windows = token_windows(test, tok, args.seq_len, args.windows, seed=args.seed)
+        teacher = load_model(teacher_dir, torch.float32)
+        cuda = torch.cuda.is_available()
+        rows = {}
+
+        def quantized(src: Path, precision: str, name: str):
+            st = QuantizeSettings(precision=precision, samples=args.calibration_windows, seq_len=args.seq_len,
+                                  seed=args.seed)  # fmt: skip
+            out = work / name
+            t = time.time()
+            doc = quantize_to_folder(src, out, st, train, device="cuda" if cuda else "cpu", dtype="float32")
+            model = load_quantized(out, torch.float32, "cuda" if cuda else "cpu")
+            return model, {"bytes": doc["bytes"], "arch_weight_bytes": doc["arch_weight_bytes"],
+                           "quantize_s": round(time.time() - t, 1)}  # fmt: skip
+
+        rows["teacher bf16"] = per_window(teacher, teacher, windows)
+        for src, who in ((teacher_dir, "teacher"), (student_dir, "student"))[: 1 if run is None else 2]:
+            if who == "student":
+                rows["student bf16"] = per_window(load_model(student_dir, torch.float32), teacher, windows)
+            for precision in ("fp8", "nvfp4"):
+                key = f"{who} {precision}"
+                if precision == "nvfp4" and not cuda:
+                    rows[key] = {"skipped": "needs CUDA (Model Optimizer simulates NVFP4 block scales on CUDA only)"}
+                    continue
+                model, extra = quantized(src, precision, key.replace(" ", "-"))
+                rows[key] = per_window(model, teacher.to(next(model.parameters()).device), windows) | extra
+                teacher = teacher.cpu()
+        layers = None if run is None else load_model(student_dir, None, "meta").config.layers_block_type
+    result = {
+        "rows": rows, "windows": int(len(windows)), "seq_len": args.seq_len, "seed": args.seed,
+        "calibration_windows": args.calibration_windows, "student_layers": layers,
+        "device": "cuda" if cuda else "cpu", "elapsed_s": round(time.time() - t0, 1), "smoke": args.smoke,
+        "versions": _versions(),
+    }  # fmt: skip
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "quantize_quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+
+
+def _versions() -> dict:
+    import modelopt
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "modelopt": modelopt.__version__}
+
+
+def markdown(r: dict) -> str:
+    lines = ["| model | KL to teacher (± s.e.) | perplexity | agreement | weight bytes (exported) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, row in r["rows"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | not run: {row['skipped']} | | | |")
+            continue
+        size = f"{row['bytes']['total']:,} (arch.py: {row['arch_weight_bytes']:,})" if "bytes" in row else ""
+        lines.append(f"| {name} | {row['kl']:.4f} ± {row['kl_se']:.4f} | {row['perplexity']:.2f} | "
+                     f"{row['agreement']:.3f} | {size} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`quantize_to_folder`: a bf16 checkpoint -> calibrated FP8 / NVFP4 model -> exported serving checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from minipuzzle.errors import UserError
+from minipuzzle.settings import QuantizeSettings
+
+
+def check_source(path: Path) -> None:
+    """A checkpoint that is already quantized cannot be calibrated again: one line naming its quantization."""
+    from minipuzzle.quantize.export import quantization_of
+
+    algo = quantization_of(path)
+    if algo is not None:
+        raise UserError(f"{path} is already quantized ({algo}): quantize its bf16 source instead")
+
+
+def quantize_to_folder(model: str | Path, out: str | Path, settings: QuantizeSettings, data: str | Path, *,
+                       split: str = "train", column: str = "text", streaming: bool | None = None,
+                       device: str | None = None, dtype: str | None = None, overwrite: bool = False,
+                       progress: bool = False, hardware=None) -> dict:  # fmt: skip
+    """Quantize checkpoint `model` to `settings.precision` with Model Optimizer and write the serving checkpoint
+    to `out` (see `export.export_quantized`); returns its `quantize.json` summary.
+
+    Calibration windows [samples, seq_len] come from `data` like every stage's (`data.token_windows`); the model
+    is placed as the memory plan (`plan.plan_quantize`) on `hardware` (default: this machine) says, in `dtype`
+    (auto: bf16 on a GPU, float32 on the CPU). Every input is checked (precision on this device, an already
+    quantized source, module patterns, the plan) before anything is written; the folder appears whole or not at
+    all."""
+    import json
+
+    from minipuzzle.checkpoint import check_output_dir, resolve_checkpoint, resolve_device
+    from minipuzzle.data import load_tokenizer, token_windows
+    from minipuzzle.evaluate.placement import load_placed
+    from minipuzzle.hardware import resolve
+    from minipuzzle.memory_plan import check, compute_hardware, eval_weight_share, model_facts
+    from minipuzzle.quantize.calibrate import quantize_model
+    from minipuzzle.quantize.configs import ARCH_PRECISION, BASE_CONFIG, check_runnable, quantized_modules
+    from minipuzzle.quantize.export import SUMMARY, export_quantized
+    from minipuzzle.quantize.plan import plan_quantize, quantize_launch
+
+    st, t0 = settings, time.time()
+    check_output_dir(out, overwrite)
+    dev, dt = resolve_device(device, dtype)
+    check_runnable(st.precision, dev)
+    path = resolve_checkpoint(str(model))
+    check_source(path)
+    layout, stored = model_facts(str(path))
+    hw = compute_hardware(hardware or resolve(), str(dev))
+    plan = plan_quantize(layout, hw, st, head=any("lm_head" in p for p in st.quantize_patterns()),
+                         dtype=str(dt).removeprefix("torch."), stored_bytes=stored)  # fmt: skip
+    check(hw, plan)
+    launch = quantize_launch(plan)
+    tok = load_tokenizer(path)
+    windows = token_windows(data, tok, st.seq_len, st.samples, st.seed, split=split, column=column,
+                            streaming=streaming)  # fmt: skip
+    net = load_placed(path, dt, dev, launch["devices"], eval_weight_share(layout, launch["devices"], launch["dtype"]))
+    net = quantize_model(net, st.precision, windows, batch_size=launch["batch"], keep=st.keep_patterns(),
+                         quantize=st.quantize_patterns(), progress=progress)  # fmt: skip
+    summary = {
+        "source": str(model), "precision": st.precision, "base_config": BASE_CONFIG[st.precision],
+        "settings": st.model_dump(), "quantized_modules": quantized_modules(net),
+        "calibration": {"data": str(data), "windows": len(windows), "seq_len": windows.shape[1],
+                        "device": str(dev), "dtype": str(dt).removeprefix("torch."), "batch": launch["batch"]},
+        "arch_weight_bytes": layout.memory(ARCH_PRECISION[st.precision])["weights"],
+        "params": layout.num_params(),
+    }  # fmt: skip
+    summary["calibration"]["elapsed_s"] = round(time.time() - t0, 3)
+    export_quantized(net, out, summary=summary, tokenizer_from=path, overwrite=overwrite, dtype=torch.bfloat16)
+    return json.loads((Path(out) / SUMMARY).read_text())

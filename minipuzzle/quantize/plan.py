@@ -1,0 +1,92 @@
+"""The memory plan of the quantize stage, in `memory_plan`'s terms (one `StagePlan`, refused in one line when it
+cannot fit).
+
+Calibration holds the model in the compute dtype, whole on one device or spread over as few of one node's GPUs
+as hold it (accelerate's device map, as eval places models: Model Optimizer's calibration runs the dispatched
+model's forward), plus one micro-batch's forward activations, the LM head's logits chunk when the head is
+quantized, and Model Optimizer's fake-quantized copy of the largest weight (its quantizer rounds a whole weight
+per matmul: for routed experts, all of a layer's experts at once). The export then packs every quantized weight
+on its device (a copy at the precision's bytes next to the original until it replaces it) and gathers the whole
+exported state dict on the host to write it (`export_hf_checkpoint` has no streaming path for a model in
+memory). A model that no node holds is refused: calibration block by block from the checkpoint is not
+implemented.
+"""
+
+from __future__ import annotations
+
+from minipuzzle.arch import Layout, _bits
+from minipuzzle.hardware import Hardware
+from minipuzzle.memory_plan import (
+    Geometry,
+    Memory,
+    StagePlan,
+    _fit_micro,
+    _max_kind,
+    _part,
+    _problem,
+    _read_host,
+    default_dtype,
+    dtype_bytes,
+    eval_weight_share,
+    forward_bytes_per_token,
+    largest_tensor,
+)
+from minipuzzle.quantize.calibrate import HEAD_CHUNK
+from minipuzzle.quantize.configs import ARCH_PRECISION
+
+NVFP4_CPU = "nvfp4 needs a CUDA GPU (Model Optimizer simulates NVFP4 block scales only on CUDA)"
+
+
+def _largest_fake_quant(layout: Layout) -> int:
+    """Elements Model Optimizer fake-quantizes at once: the largest weight, or a MoE layer's [E, out, in]."""
+    experts = layout.n_routed_experts * layout.moe_intermediate_size * layout.hidden_size if layout.is_moe else 0
+    return max(largest_tensor(layout), experts)
+
+
+def exported_bytes(layout: Layout) -> int:
+    """An upper bound of the exported checkpoint's bytes, which the exporter gathers on the host: every parameter
+    in bf16 (a quantized one takes 1 byte in FP8, 0.5625 in NVFP4, scales included)."""
+    return layout.num_params() * 2
+
+
+def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype: str | None = None,
+                  stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+    """The quantize stage for `st` (a `settings.QuantizeSettings`) on `hw`: a "calibration" part (model placed on
+    the fewest devices that hold it with a micro-batch of one, the largest micro-batch <= st.batch_size) and an
+    "export" part. `head`: the LM head is quantized (it is calibrated then, `HEAD_CHUNK` positions at a time)."""
+    dt = default_dtype(hw, dtype)
+    b, kernels = dtype_bytes(dt), hw.device == "cuda"
+    fwd = _max_kind(layout, forward_bytes_per_token, b, kernels)
+    temp = _largest_fake_quant(layout) * b
+    logits = HEAD_CHUNK * layout.vocab_size * b if head else 0
+    host = _read_host(layout, stored_bytes, False, compute=b, hw=hw) + st.samples * st.seq_len * 8
+    packed = int(layout.num_params() * _bits(ARCH_PRECISION[st.precision]) / 8)
+    most = hw.gpus_per_node if hw.device == "cuda" else 1
+
+    def calib(k: int):
+        share = eval_weight_share(layout, k, dt)
+        return lambda micro: Memory(weights=share, activations=micro * st.seq_len * fwd + temp, logits=logits,
+                                    host_buffers=host)  # fmt: skip
+
+    def export(k: int) -> Memory:  # the same placed model: its share plus its packed copy
+        return Memory(weights=eval_weight_share(layout, k, dt) + -(-packed // k),
+                      host_buffers=exported_bytes(layout))  # fmt: skip
+
+    # The fewest devices on which both parts fit (one placement serves both).
+    k = next((k for k in range(1, most + 1) if _problem(calib(k)(1), hw) is None and _problem(export(k), hw) is None),
+             most)  # fmt: skip
+    mem, micro = _fit_micro(calib(k), hw, min(st.batch_size, st.samples))
+    geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro)
+    calibration = _part("quantize", "calibration", geo, mem, hw)
+    if st.precision == "nvfp4" and hw.device != "cuda":
+        calibration = calibration.model_copy(update={"fits": False, "problem": NVFP4_CPU})
+    return StagePlan(stage="quantize", parts=[
+        calibration,
+        _part("quantize", "export", geo.model_copy(update={"micro_batch": 1}), export(k), hw),
+    ])  # fmt: skip
+
+
+def quantize_launch(plan: StagePlan) -> dict:
+    """What `quantize_to_folder` takes from its plan: {"devices", "batch", "dtype"}."""
+    geo = plan.parts[0].geometry
+    return {"devices": geo.devices, "batch": geo.micro_batch, "dtype": geo.dtype}
