@@ -129,3 +129,89 @@ def test_bad_per_expert_plans_are_one_line_user_errors():
         Plan(layers=every, expert_channels={moe[0]: good}, expert_ffn={moe[1]: list(range(8))}).target_layout(layout)
     with pytest.raises(UserError, match="one channel list per expert"):
         Plan.from_dict({"layers": every, "expert_channels": {str(moe[0]): [1, 2]}})
+
+
+# ---- scores and the plan ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", ["abs_mean", "signed_mean", "l2", "max"])
+def test_per_expert_rows_equal_a_dense_brute_force(seq):
+    """`per_expert_channel_rows` against the [B, T, E, width] activation built densely, token by token."""
+    from minipuzzle.importance.experts import per_expert_channel_rows
+
+    model = random_model(LAYOUTS["grouped"], seed=4)
+    mixer = model.model.layers[1].mixer
+    seen = {}
+    handle = mixer.experts.register_forward_hook(lambda m, a, out: seen.update(args=a))
+    with torch.no_grad():
+        model(IDS, use_cache=False)
+    handle.remove()
+    x, idx, w = seen["args"]
+    rows, t = IDS.shape
+    ex = mixer.experts
+    dense = torch.zeros(rows * t, ex.num_experts, ex.up_proj.shape[1])
+    for n in range(rows * t):
+        for slot in range(idx.shape[1]):
+            e = int(idx[n, slot])
+            dense[n, e] = torch.relu(ex.up_proj[e].detach() @ x[n]).pow(2) * w[n, slot]
+    dense = dense.view(rows, t, *dense.shape[1:])
+    want = {"abs_mean": dense.abs().mean(1), "signed_mean": dense.mean(1), "l2": dense.pow(2).mean(1).sqrt(),
+            "max": dense.abs().amax(1)}[seq]  # fmt: skip
+    with torch.no_grad():
+        got = per_expert_channel_rows(mixer, x, idx, w, (rows, t), seq)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert (want > 0).any(dim=(0, 2)).sum() >= 4  # several experts were routed to
+
+
+def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp_path):
+    """Channels planted dead differently in each expert score exactly 0 in that expert only; the search's
+    per-expert choice keeps exactly the live ones, and the cut model computes the same logits. The shared
+    scores, summed over experts, keep every channel alive, so the shared choice cannot find them."""
+    from minipuzzle.importance import score_model
+    from minipuzzle.importance.scores import Scores
+    from minipuzzle.search import DamageModel, SearchSpace, make_budget, search
+    from minipuzzle.search.plan import candidate_plan
+
+    layout, model = LAYOUTS["grouped"], model_for("grouped", seed=6)
+    planted = per_expert_plan(layout, keep=16, seed=3)
+    plant_dead_units(model, planted)
+    windows = torch.randint(0, layout.vocab_size, (6, 32), generator=torch.Generator().manual_seed(8))
+    s = score_model(model, None, windows, ["expert_ffn"], progress=False, width_agg="abs_mean,mean")
+    for i, lists in planted.expert_channels.items():
+        table = s.expert_channels[i]
+        assert table.shape == (layout.n_routed_experts, 32)
+        for e, live in enumerate(lists):
+            dead = [c for c in range(32) if c not in live]
+            assert table[e, dead].eq(0).all() and table[e, live].gt(0).all(), (i, e)
+        # Summed over the experts (a linear statistic): the shared scores, every channel of which some expert uses.
+        assert torch.allclose(table.sum(0), s.expert_ffn[i], rtol=1e-5) and s.expert_ffn[i].gt(0).all()
+    s.save(tmp_path)
+    s = Scores.load(tmp_path)  # the per-expert table survives the scores file
+    space = SearchSpace.build(layout, "expert_ffn")
+    dmodel = DamageModel(s, space)
+    target = layout.replace(moe_intermediate_size=16)
+    best = next(c for c in search(space, make_budget(layout, target=str(target.num_params())), dmodel, k=4)
+                if c.widths["expert_ffn"] == 16)  # fmt: skip
+    plan = candidate_plan(best, dmodel, s, expert_channels="per_expert")
+    assert plan.expert_ffn is None and plan.expert_channels == planted.expert_channels
+    ref = logits(model)
+    assert rel_err(logits(prune_model(model, plan)), ref) < 1e-6
+    shared = candidate_plan(best, dmodel, s, expert_channels="shared")
+    assert shared.expert_channels is None and rel_err(logits(prune_model(model, shared)), ref) > 1e-3
+    with pytest.raises(UserError, match="unknown expert channel choice"):
+        candidate_plan(best, dmodel, s, expert_channels="each")
+    # The same through `minipuzzle search --expert-channels per_expert`, and a bad choice is a one-line error.
+    from minipuzzle.search.plan import read_plan
+    from minipuzzle.testing import run_cli
+
+    src = save_model(model, tmp_path / "src")
+    args = ["search", str(src), "--scores", str(tmp_path), "--target", str(target.num_params()), "--axes",
+            "expert_ffn", "-o", str(tmp_path / "layout.yaml"), "--expert-channels"]  # fmt: skip
+    code, _, err = run_cli([*args, "per_expert"])
+    assert code == 0, err
+    assert read_plan(tmp_path / "layout.yaml").expert_channels == planted.expert_channels
+    code, _, err = run_cli([*args, "each"])
+    assert code == 2 and "expert-channels" in err and len(err.strip().splitlines()) == 1, err
+    s.expert_channels = {}  # scores from before this version
+    with pytest.raises(UserError, match="no per-expert channel scores"):
+        candidate_plan(best, dmodel, s, expert_channels="per_expert")
