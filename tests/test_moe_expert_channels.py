@@ -215,3 +215,17 @@ def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp
     s.expert_channels = {}  # scores from before this version
     with pytest.raises(UserError, match="no per-expert channel scores"):
         candidate_plan(best, dmodel, s, expert_channels="per_expert")
+
+
+def test_recipe_expert_channels_reach_the_prune_settings():
+    import yaml
+
+    from minipuzzle.recipe import RECIPES_DIR, parse_recipe, prune_settings
+
+    doc = yaml.safe_load((RECIPES_DIR / "demo-moe.yaml").read_text())
+    assert prune_settings(parse_recipe(doc)).expert_channels == "shared"
+    doc["search"]["expert_channels"] = "per_expert"
+    assert prune_settings(parse_recipe(doc)).expert_channels == "per_expert"
+    doc["search"]["expert_channels"] = "each"
+    with pytest.raises(UserError, match=r"search\.expert_channels"):
+        parse_recipe(doc)
