@@ -165,6 +165,7 @@ class Plan:
             self._check_layer_axis(layout, axis)
         if layout.is_moe:
             self._check_router(layout)
+        if layout.is_moe or self.expert_channels:
             self._check_expert_channels(layout)
         if self.hidden is not None:
             _check_indices(self.hidden, layout.hidden_size, "hidden")

@@ -9,7 +9,7 @@ from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import Checkpoint
 from minipuzzle.errors import UserError
 from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
-from minipuzzle.testing import plant_dead_units, random_model, save_model, tiny_config, tiny_moe_layout
+from minipuzzle.testing import plant_dead_units, random_model, save_model, tiny_config, tiny_layout, tiny_moe_layout
 
 IDS = torch.randint(0, 320, (2, 29), generator=torch.Generator().manual_seed(2))
 LAYOUTS = {
@@ -123,6 +123,8 @@ def test_bad_per_expert_plans_are_one_line_user_errors():
         with pytest.raises(UserError, match=needle) as e:
             Plan(layers=every, expert_channels=chans).target_layout(layout)
         assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not a kept 'E' layer"):  # a dense model has no experts to give channels
+        Plan(layers=[0, 1, 2], expert_channels={1: good}).target_layout(tiny_layout())
     with pytest.raises(UserError, match="both expert_ffn and expert_channels"):
         Plan(layers=every, expert_channels={moe[0]: good}, expert_ffn={moe[0]: list(range(16))}).target_layout(layout)
     with pytest.raises(UserError, match=r"different numbers of expert_ffn per layer \(\[8, 16\]\)"):
