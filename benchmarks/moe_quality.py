@@ -36,6 +36,7 @@ from demo_quality import data_folders, run_distill, save, split_held_out
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import load_model, resolve_checkpoint
 from minipuzzle.data import load_tokenizer, token_windows
+from minipuzzle.errors import UserError
 from minipuzzle.importance import score_model
 from minipuzzle.importance.experts import EXPERT_ESTIMATORS
 from minipuzzle.metrics import token_stats
@@ -49,7 +50,8 @@ TOTAL, ACTIVE = 22.28 / 31.58, 3.00 / 3.58  # Nano 3 30B-A3B -> 22B-A3B
 ALL_AXES = ("depth", "hidden", "mamba_heads", "experts", "expert_ffn", "shared_ffn")
 WIDTH_AXES = ("hidden", "mamba_heads", "expert_ffn", "shared_ffn")
 SCORED_AXES = ("depth", "hidden", "mamba_heads", "mamba_head_dim", "experts", "expert_ffn", "shared_ffn")
-# Nano 3's search steps scaled to the demo: experts by 2 of 16 (8 of 128), hidden by 16 of 192 (256 of 2688).
+# Nano 3's search steps scaled to the demo: experts by 2 of 16 (8 of 128), hidden by 16 of 192 (256 of 2688); its
+# depth range too (46..52 of 52 layers: at least 0.85 of each kind), as recipes/demo-moe.yaml has them.
 STEPS = {"experts": 2, "hidden": 16}
 
 
@@ -128,7 +130,8 @@ def main() -> None:
     def searched(axes, active=True, **kw):
         """(candidate, damage model, space) chosen on validation among the search's best candidates."""
         st = PruneSettings(target=str(TOTAL), target_active=str(ACTIVE) if active else None, axes=axes,
-                           steps={k: v for k, v in STEPS.items() if k in axes}, candidates=args.candidates, **kw)  # fmt: skip
+                           steps={k: v for k, v in STEPS.items() if k in axes}, candidates=args.candidates,
+                           min_layers=0.85, **kw)  # fmt: skip
         space, dmodel, cands = run_search(layout, scores, st)
         kl = [measure(prune_model(teacher, candidate_plan(c, dmodel, scores)), val)["kl_to_teacher"] for c in cands]
         best = min(range(len(cands)), key=lambda i: kl[i])
@@ -142,7 +145,12 @@ def main() -> None:
         ("experts only", ("experts",), False, {"min_width": 0.25}),
         ("expert width only", ("expert_ffn",), False, {"min_width": 0.25}),
     ):
-        cand, dmodel, space = searched(axes, active, **kw)
+        try:
+            cand, dmodel, space = searched(axes, active, **kw)
+        except UserError as e:  # e.g. a teacher whose experts are too small a share to reach the budget alone
+            results.setdefault("infeasible", {})[name] = str(e)
+            print(f"{name}: {e}", flush=True)
+            continue
         archs[name] = {"cand": cand, "dmodel": dmodel, "space": space}
         if name == "expert width only":
             plans["expert channels: shared"] = candidate_plan(cand, dmodel, scores, expert_channels="shared")
@@ -212,6 +220,7 @@ def markdown(r: dict) -> str:
         )
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in r["estimator_scoring_seconds"].items())
     lines += ["", f"Scoring the experts alone on the calibration windows: {secs}."]
+    lines += [f"No {name} layout meets the budget: {why}" for name, why in r.get("infeasible", {}).items()]
     return "\n".join(lines)
 
 
