@@ -231,3 +231,21 @@ def test_recipe_expert_channels_reach_the_prune_settings():
     doc["search"]["expert_channels"] = "each"
     with pytest.raises(UserError, match=r"search\.expert_channels"):
         parse_recipe(doc)
+
+
+def test_the_moe_demo_teacher_ships_with_the_package():
+    """The shipped teacher is the preset's layout, Nemotron 3-shaped, with a trained (nonzero) correction bias."""
+    import json
+
+    from minipuzzle.checkpoint import resolve_checkpoint
+    from minipuzzle.presets import DEMO_MOE_LAYOUT, get_preset
+
+    path = resolve_checkpoint("demo-moe")
+    assert path == get_preset("demo-moe").local_path
+    ckpt = Checkpoint(path)
+    assert ckpt.layout == DEMO_MOE_LAYOUT and ckpt.layout.is_moe and set(ckpt.layout.pattern) == {"M", "E", "*"}
+    assert ckpt.config.routed_scaling_factor == 2.5 and ckpt.config.n_shared_experts == 1
+    bias = [ckpt.get(k) for k in ckpt.keys() if k.endswith("e_score_correction_bias")]
+    assert len(bias) == DEMO_MOE_LAYOUT.pattern.count("E") and all(b.abs().sum() > 0 for b in bias)
+    record = json.loads((path / "training.json").read_text())
+    assert record["steps"] > 0 and record["held_out_files"] and (path / "tokenizer.json").is_file()
