@@ -75,7 +75,7 @@ def with_experts(scores, expert_scores):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=80, help="distillation steps for each student")
+    ap.add_argument("--steps", type=int, default=80, help="distillation steps for each student (0: none)")
     ap.add_argument("--candidates", type=int, default=3, help="candidates of each search, chosen on validation")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -169,8 +169,10 @@ def main() -> None:
         model = prune_model(teacher, plan)
         src = save(model, work / "students" / name.replace(" ", "_").replace(":", ""), teacher_dir)
         b = measure(model)
-        out = run_distill(teacher_dir, src, work / "distilled" / src.name, train, val_dir, args.steps, args)
-        a = measure(load_model(out))
+        a = None  # --steps 0: before distillation only
+        if args.steps:
+            out = run_distill(teacher_dir, src, work / "distilled" / src.name, train, val_dir, args.steps, args)
+            a = measure(load_model(out))
         rows[name] = {
             "params": round(arch.num_params() / layout.num_params(), 4),
             "active": round(arch.num_active_params() / layout.num_active_params(), 4),
@@ -211,7 +213,8 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in r["students"].items():
-        b, a, w, k = row["before"], row["after"], row["widths"], row["layers"]
+        b, w, k = row["before"], row["widths"], row["layers"]
+        a = row["after"] or {key: float("nan") for key in b}
         lines.append(
             f"| {name} | {row['params']:.3f} | {row['active']:.3f} | {k['mamba']}/{k['moe']}/{k['attention']} | "
             f"{w['hidden']} | {w['experts']} | {w['expert_ffn']} | {w['shared_ffn']} | {b['kl_to_teacher']:.3f} | "
