@@ -67,6 +67,13 @@ NANO3_PRUNED_22B = NANO3_LAYOUT.replace(
 DEMO_LAYOUT = _lay("M-M-M*-M-M-M*-M-M-M-", 192, 768, 6, 8, 32, 32, num_key_value_heads=2, head_dim=32, n_groups=2,
                    vocab_size=4096)  # fmt: skip
 
+# The MoE demo teacher (scripts/train_demo_moe_teacher.py): Nemotron 3 Nano's rhythm of Mamba/MoE pairs with an
+# attention layer every ~6 layers and its router (one group, sigmoid top-k with the correction bias, a shared expert
+# twice an expert's width), scaled down to 16 layers; the dense demo's tokenizer and attention/Mamba widths.
+DEMO_MOE_LAYOUT = _lay("MEMEM*EMEMEM*EME", 192, 64, 6, 8, 32, 32, num_key_value_heads=2, head_dim=32, n_groups=2,
+                       vocab_size=4096, n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=96,
+                       moe_shared_expert_intermediate_size=192, n_group=1, topk_group=1)  # fmt: skip
+
 # One row per preset: name, hub id, layout (for dense models: pattern, hidden, ffn, query heads, Mamba heads, Mamba
 # head dim, SSM state), description, and for the demo the weights shipped with the package.
 # fmt: off
@@ -80,6 +87,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("nano3-30b-a3b",    "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",     NANO3_LAYOUT,  "Nemotron 3 Nano 30B-A3B (hybrid Mamba/MoE)"),
     Preset("super3-120b-a12b", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", SUPER3_LAYOUT, "Nemotron 3 Super 120B-A12B (hybrid Mamba/LatentMoE)"),
     Preset("demo",        "",                                        DEMO_LAYOUT, "6M-parameter demo teacher trained on the Python standard library (ships with minipuzzle)", ASSETS / "demo-teacher"),
+    Preset("demo-moe",    "",                                        DEMO_MOE_LAYOUT, "Nemotron 3-shaped MoE demo teacher trained on the Python standard library (ships with minipuzzle)", ASSETS / "demo-moe-teacher"),
 ]}
 # fmt: on
 # Short names: the family and size class alone.

@@ -80,6 +80,9 @@ class Plan:
     experts / expert_ffn / shared_ffn (MoE layers): kept routed experts (the same count in each of the router's
     `n_group` contiguous groups, at least two per group and enough for `num_experts_per_tok`), channels of every
     routed expert (the same in each), channels of the shared expert.
+    expert_channels (MoE layers, instead of expert_ffn for a layer): each routed expert's own kept channels, one
+    ascending list per source expert (all of the layer's experts, kept or not), every list the same length, so the
+    merged [E, width, in] tensors stay rectangular. Channel c of one expert and of another are unrelated neurons.
     norm_compensation: scale the kept weights of RMSNorms that lose input channels by sqrt(old_width / new_width).
     """
 
@@ -92,6 +95,7 @@ class Plan:
     experts: dict[int, list[int]] | None = None
     expert_ffn: dict[int, list[int]] | None = None
     shared_ffn: dict[int, list[int]] | None = None
+    expert_channels: dict[int, list[list[int]]] | None = None
     norm_compensation: bool = True
 
     @classmethod
@@ -106,12 +110,16 @@ class Plan:
                 d[axis] = {str(i): list(map(int, v)) for i, v in sorted(sel.items())}
         if self.hidden is not None:
             d["hidden"] = list(map(int, self.hidden))
+        if self.expert_channels is not None:
+            d["expert_channels"] = {
+                str(i): [list(map(int, c)) for c in v] for i, v in sorted(self.expert_channels.items())
+            }
         d["norm_compensation"] = self.norm_compensation
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        unknown = set(d) - {"layers", "hidden", "norm_compensation", *LAYER_AXES}
+        unknown = set(d) - {"layers", "hidden", "norm_compensation", "expert_channels", *LAYER_AXES}
         if unknown:
             raise UserError(f"unknown key(s) in plan: {', '.join(sorted(unknown))}")
         if "layers" not in d:
@@ -122,6 +130,15 @@ class Plan:
                 kw[axis] = {int(i): [int(u) for u in v] for i, v in d[axis].items()}
         if d.get("hidden") is not None:
             kw["hidden"] = [int(u) for u in d["hidden"]]
+        if d.get("expert_channels") is not None:
+            try:
+                kw["expert_channels"] = {
+                    int(i): [[int(u) for u in c] for c in v] for i, v in d["expert_channels"].items()
+                }
+            except (TypeError, ValueError, AttributeError):
+                raise UserError(
+                    "plan's expert_channels must map each MoE layer to one channel list per expert"
+                ) from None
         comp = d.get("norm_compensation", True)
         if not isinstance(comp, bool):
             raise UserError(f"plan's norm_compensation must be true or false, got {comp!r}")
@@ -149,6 +166,8 @@ class Plan:
             self._check_layer_axis(layout, axis)
         if layout.is_moe:
             self._check_router(layout)
+        if layout.is_moe or self.expert_channels:
+            self._check_expert_channels(layout)
         if self.hidden is not None:
             _check_indices(self.hidden, layout.hidden_size, "hidden")
 
@@ -177,6 +196,8 @@ class Plan:
                 raise UserError(f"plan gives {name} for layer {i}, which is not a kept {axis.kind!r} layer")
         counts = set()
         for i in (i for i in self.layers if layout.pattern[i] == axis.kind):
+            if name == "expert_ffn" and i in (self.expert_channels or {}):
+                continue  # per-expert channels: `_check_expert_channels`, which also compares the widths
             keep = self.kept(name, i, full)
             _check_indices(keep, full, f"{name} of layer {i}")
             counts.add(len(keep))
@@ -207,6 +228,35 @@ class Plan:
                     f"{top_groups} of {groups} groups: keep at least {-(-top_k // top_groups) * groups}"
                 )
 
+    def expert_width(self, layer: int, full: int) -> int:
+        """Channels every routed expert of source layer `layer` keeps, whichever form the plan gives them in."""
+        per_expert = (self.expert_channels or {}).get(layer)
+        return len(per_expert[0]) if per_expert else len(self.kept("expert_ffn", layer, full))
+
+    def _check_expert_channels(self, layout: Layout) -> None:
+        """Per-expert channels: one valid list per source expert, all the same length, in kept MoE layers that
+        give no shared expert_ffn; the width uniform over every kept MoE layer, whichever form each uses."""
+        full, num = layout.moe_intermediate_size, layout.n_routed_experts
+        for i, lists in sorted((self.expert_channels or {}).items()):
+            if i not in self.layers or layout.pattern[i] != MOE:
+                raise UserError(f"plan gives expert_channels for layer {i}, which is not a kept 'E' layer")
+            if i in (self.expert_ffn or {}):
+                raise UserError(f"plan gives layer {i} both expert_ffn and expert_channels: give one")
+            if len(lists) != num:
+                raise UserError(f"plan's expert_channels of layer {i} has {len(lists)} lists, one per expert: {num}")
+            for e, keep in enumerate(lists):
+                _check_indices(keep, full, f"expert_channels of layer {i}, expert {e}")
+            if len({len(keep) for keep in lists}) > 1:
+                raise UserError(
+                    f"layer {i} keeps different numbers of channels per expert: the merged expert tensors must "
+                    f"stay rectangular, keep the same count in every expert"
+                )
+        widths = {self.expert_width(i, full) for i in self.layers if layout.pattern[i] == MOE}
+        if len(widths) > 1:
+            raise UserError(
+                f"plan keeps different numbers of expert_ffn per layer ({sorted(widths)}): widths must be uniform"
+            )
+
     def target_layout(self, layout: Layout) -> Layout:
         """The layout of the pruned model."""
         self.validate(layout)
@@ -216,6 +266,8 @@ class Plan:
         def width(name: str) -> int:
             axis = AXES[name]
             for i in self.layers:
+                if layout.pattern[i] == axis.kind and name == "expert_ffn":
+                    return self.expert_width(i, axis.width(layout))
                 if layout.pattern[i] == axis.kind:
                     return len(self.kept(name, i, axis.width(layout)))
             return axis.width(layout)  # no layer of that kind left: the width is irrelevant, keep the source's
@@ -304,7 +356,12 @@ class Cutter:
         how = self._layer_cuts[i].get(_cut_key(name, rest))
         if how is None or (merged and t.ndim != 3):
             raise UserError(f"unexpected weight {name} for a {self.src.pattern[i]!r} layer")
-        return _apply_experts(t, self._kept("experts", i), how) if merged else _apply(t, how)
+        if merged:
+            return _apply_experts(t, self._kept("experts", i), how)
+        part = expert_part(name)
+        if part is not None:  # one expert's matrix on disk: its own row of a per-expert channel choice
+            how = tuple(ix[part[1]] if ix is not None and ix.ndim == 2 else ix for ix in how[:2]) + (how[2],)
+        return _apply(t, how)
 
     def _kept(self, axis: str, i: int) -> torch.Tensor | None:
         """Kept units of layer axis `axis` in layer `i` as an index tensor, None when all stay."""
@@ -348,6 +405,9 @@ class Cutter:
         the latent space when `moe_latent_size` is set (then the latent projections carry the hidden cut)."""
         experts, hid = self._kept("experts", i), self.hidden
         width, shared = self._kept("expert_ffn", i), self._kept("shared_ffn", i)
+        per_expert = (self.plan.expert_channels or {}).get(i)
+        if per_expert is not None and len(per_expert[0]) < self.src.moe_intermediate_size:
+            width = torch.tensor(per_expert)  # [source experts, kept width]: row e is expert e's channels
         latent = self.src.moe_latent_size is not None
         routed = None if latent else hid
         cuts = _linear_cuts(**{"shared_experts.up_proj": (shared, hid), "shared_experts.down_proj": (hid, shared)})
@@ -394,11 +454,21 @@ def _apply(t: torch.Tensor, how: Cut) -> torch.Tensor:
 
 def _apply_experts(t: torch.Tensor, experts: torch.Tensor | None, how: Cut) -> torch.Tensor:
     """A merged routed-experts tensor [E, out, in] with only the kept experts, each cut as `how` cuts one [out, in]
-    matrix (unscaled)."""
+    matrix (unscaled). A 2-D row or column index [E, n] gives each source expert its own kept rows or columns."""
     rows, cols, _ = how
     out = t if experts is None else t.index_select(0, experts)
-    out = out if rows is None else out.index_select(1, rows)
-    return out if cols is None else out.index_select(2, cols)
+    for dim, ix in ((1, rows), (2, cols)):
+        if ix is None:
+            continue
+        if ix.ndim == 1:
+            out = out.index_select(dim, ix)
+            continue
+        ix = ix if experts is None else ix.index_select(0, experts)  # [kept experts, n]
+        shape = list(out.shape)
+        shape[dim] = ix.shape[1]
+        ix = ix.unsqueeze(3 - dim).expand(shape)  # the expert's index, repeated along the other matrix dim
+        out = out.gather(dim, ix)
+    return out
 
 
 def _at(block: slice, index: torch.Tensor) -> torch.Tensor:

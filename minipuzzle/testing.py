@@ -287,9 +287,12 @@ def _plant_moe(mixer, layout: Layout, plan, i: int) -> None:
     never = _dropped(plan, "experts", i, layout)
     mixer.gate.weight[never] = 0
     mixer.gate.e_score_correction_bias[never] = NEVER_CHOSEN_BIAS
-    dead = _dropped(plan, "expert_ffn", i, layout)  # the same channels of every routed expert
-    mixer.experts.up_proj[:, dead] = 0
-    mixer.experts.down_proj[:, :, dead] = 0
+    per_expert = (getattr(plan, "expert_channels", None) or {}).get(i)
+    full = layout.moe_intermediate_size
+    for e in range(layout.n_routed_experts):  # each expert's own channels, or the same in every expert
+        dead = sorted(set(range(full)) - set(per_expert[e])) if per_expert else _dropped(plan, "expert_ffn", i, layout)
+        mixer.experts.up_proj[e, dead] = 0
+        mixer.experts.down_proj[e, :, dead] = 0
     shared = _dropped(plan, "shared_ffn", i, layout)
     mixer.shared_experts.up_proj.weight[shared] = 0
     mixer.shared_experts.down_proj.weight[:, shared] = 0

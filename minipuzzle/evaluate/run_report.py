@@ -30,7 +30,7 @@ from minipuzzle.evaluate.tables import (
 )
 from minipuzzle.quantize.report import quantized_table
 
-KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
+KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP", "E": "MoE"}
 MAX_CANDIDATE_ROWS = 50
 
 CSS = """
@@ -45,7 +45,7 @@ nav a{margin-right:1em}.muted{color:#718096}
 .strip{display:flex;flex-wrap:wrap;gap:2px;margin:.3em 0}
 .strip span{display:inline-block;width:14px;height:22px;font:10px monospace;text-align:center;line-height:22px;
 color:#fff;border-radius:2px}
-.k-M{background:#1f77b4}.k-A{background:#d62728}.k-F{background:#2ca02c}.gone{background:#e2e8f0!important;
+.k-M{background:#1f77b4}.k-A{background:#d62728}.k-F{background:#2ca02c}.k-E{background:#9467bd}.gone{background:#e2e8f0!important;
 color:#a0aec0!important;text-decoration:line-through}
 pre{background:#f7fafc;padding:.8em;overflow-x:auto;font-size:.85em}
 """
@@ -102,7 +102,7 @@ def _candidate_table(rows: list[CandidateRow]) -> Table:
 
 
 def _strip(pattern: str, kept: set[int] | None = None) -> str:
-    cls = {"M": "k-M", "*": "k-A", "-": "k-F"}
+    cls = {"M": "k-M", "*": "k-A", "-": "k-F", "E": "k-E"}
     cells = []
     for i, ch in enumerate(pattern):
         gone = kept is not None and i not in kept
@@ -112,7 +112,7 @@ def _strip(pattern: str, kept: set[int] | None = None) -> str:
 
 
 def _counts(pattern: str) -> str:
-    return ", ".join(f"{pattern.count(ch)} {name}" for ch, name in KIND_NAMES.items())
+    return ", ".join(f"{pattern.count(ch)} {name}" for ch, name in KIND_NAMES.items() if ch != "E" or ch in pattern)
 
 
 # ---- sections --------------------------------------------------------------------------------------------------

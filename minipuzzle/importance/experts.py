@@ -18,8 +18,11 @@ An expert the router never chooses, and whose removal never changes a group's tw
 under `router_load` and `removal` (and under `output_norm`, which is 0 whenever the expert does not run).
 
 `expert_ffn` channel c at token t: sum over the token's chosen experts of w[t, e] relu(up_e x_t)[c]^2, the routed
-hidden units weighted as the layer weights the experts' outputs. The same channels are cut in every expert, so one
-score vector per layer. A channel whose up_proj row is zero in every expert scores exactly 0.
+hidden units weighted as the layer weights the experts' outputs: one score vector per layer, for the shared choice
+(the same channels cut in every expert). A channel whose up_proj row is zero in every expert scores exactly 0.
+`expert_channels` scores each expert's own channels ([E, width] per layer, for the per-expert choice): the same
+unit w[t, e] relu(up_e x_t)[c]^2 of expert e alone (0 at tokens that do not choose e), aggregated alike; a channel
+whose up_proj row is zero in that expert scores exactly 0.
 """
 
 from __future__ import annotations
@@ -87,6 +90,31 @@ def expert_channels(mixer: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: tor
         act = experts.act_fn(F.linear(x[tokens], experts.up_proj[e]))
         out.index_add_(0, tokens, act.float() * w[tokens, slots, None].float())
     return out
+
+
+def per_expert_channel_rows(
+    mixer: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, shape: tuple[int, int], seq: str
+) -> torch.Tensor:
+    """[B, E, width] float32: the width statistic over each row's T tokens (`seq`, as `width.Aggregate` takes
+    it) of each expert's weighted hidden units w[t, e] relu(up_e x_t), 0 at tokens not routed to e. x [N, in]
+    with N = B * T (`shape` = (B, T)); idx / w [N, k]. Built from the routed tokens only: the [N, E, width]
+    activation never exists (at Nano 3's 128 experts of 1856 it would be ~1 MB per token)."""
+    experts = mixer.experts
+    rows, t = shape
+    num, width = mixer.gate.num_experts, experts.up_proj.shape[1]
+    out = torch.zeros(rows, num, width, dtype=torch.float32, device=x.device)
+    for e, tokens, slots in _chosen(idx):
+        act = experts.act_fn(F.linear(x[tokens], experts.up_proj[e])).float() * w[tokens, slots, None].float()
+        row = tokens // t
+        if seq == "max":
+            out[:, e].scatter_reduce_(0, row[:, None].expand_as(act), act.abs(), "amax")  # from 0: |.| >= 0
+        elif seq == "l2":
+            out[:, e].index_add_(0, row, act.pow(2))
+        else:
+            out[:, e].index_add_(0, row, act if seq == "signed_mean" else act.abs())
+    if seq == "l2":
+        return (out / t).sqrt()
+    return out if seq == "max" else out / t
 
 
 def expert_contributions(

@@ -25,7 +25,8 @@ class Scores:
     depth: [num_layers] damage from dropping each layer alone (higher = more important).
     ffn[i]: [intermediate_size] for each MLP layer i. mamba_heads[i]: [mamba_num_heads] for each Mamba layer i.
     mamba_head_dim[i]: [mamba_head_dim]. attn_heads[i]: [num_attention_heads] for each attention layer i.
-    hidden: [hidden_size]. An axis that was not scored is empty / None. `meta` is how they were measured
+    hidden: [hidden_size]. expert_channels[i]: [n_routed_experts, moe_intermediate_size], each routed expert's own
+    channels (scored with expert_ffn, for the per-expert channel choice). An axis that was not scored is empty / None. `meta` is how they were measured
     (`artifacts.ScoresMeta`; its `pattern` and `summary` are filled by `info()` from the tensors); meta.groups[axis]:
     the group count of each grouped axis (`Axis.unit`), for the within-group order in the summary.
     """
@@ -40,6 +41,7 @@ class Scores:
     experts: dict[int, torch.Tensor] = field(default_factory=dict)
     expert_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_channels: dict[int, torch.Tensor] = field(default_factory=dict)
     meta: ScoresMeta = field(default_factory=ScoresMeta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -48,7 +50,7 @@ class Scores:
             out["depth"] = self.depth
         if self.hidden is not None:
             out["hidden"] = self.hidden
-        for axis in LAYER_AXES:
+        for axis in (*LAYER_AXES, "expert_channels"):
             for i, t in getattr(self, axis).items():
                 out[f"{axis}.{i}"] = t
         return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
@@ -86,7 +88,7 @@ class Scores:
             axis, _, i = k.rpartition(".")
             if k in ("depth", "hidden"):
                 setattr(s, k, t)
-            elif axis in LAYER_AXES:
+            elif axis in (*LAYER_AXES, "expert_channels"):
                 getattr(s, axis)[int(i)] = t
             else:
                 raise UserError(f"unknown score tensor {k!r} in {f}: re-run `minipuzzle score` with this version")

@@ -79,6 +79,7 @@ def score_stack(
         got = _width_pass(stack, windows_width, width_axes, how, batch_size, budget_bytes, resume_dir, progress)
         for axis in width_axes:
             setattr(scores, axis, dict(got[axis]) if axis in LAYER_AXES else got[axis])
+        scores.expert_channels = dict(got.get("expert_channels") or {})
         timing["width_seconds"] = round(time.perf_counter() - t0, 3)
     if "depth" in axes:
         t0 = time.perf_counter()
@@ -178,7 +179,7 @@ def _load_width(resume_dir, fp) -> dict[str, Any] | None:
         s = Scores.load(folder)
     except (OSError, ValueError, UserError):
         return None
-    return {a: getattr(s, a) for a in WIDTH_AXES}
+    return {a: getattr(s, a) for a in (*WIDTH_AXES, "expert_channels")}
 
 
 def _save_width(resume_dir, fp, got, pattern) -> None:
@@ -189,6 +190,7 @@ def _save_width(resume_dir, fp, got, pattern) -> None:
     s = Scores(pattern=pattern, hidden=got["hidden"])
     for a in LAYER_AXES:
         setattr(s, a, got[a])
+    s.expert_channels = got.get("expert_channels") or {}
     s.save(folder)
     tmp = folder / "fingerprint.json.tmp"
     tmp.write_text(json.dumps(fp))

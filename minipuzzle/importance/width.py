@@ -38,6 +38,7 @@ from minipuzzle.importance.experts import (
     check_estimator,
     expert_channels,
     expert_contributions,
+    per_expert_channel_rows,
 )
 from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, rows_per_chunk
 from minipuzzle.progress import progress_bar
@@ -97,6 +98,10 @@ class Aggregate:
             s = a.pow(2).mean(1).sqrt()
         else:
             s = a.abs().amax(1)
+        self.add_rows(s)
+
+    def add_rows(self, s: torch.Tensor) -> None:
+        """Add rows [B, C] whose statistic over the sequence is already taken (`add` takes it from [B, T, C])."""
         s = s.double()
         if self.rows == "l2":
             part = s.pow(2).sum(0)
@@ -111,7 +116,7 @@ class Aggregate:
             self.total = torch.maximum(self.total, part)
         else:
             self.total += part
-        self.count += a.shape[0]
+        self.count += s.shape[0]
 
     def result(self) -> torch.Tensor:
         if self.total is None:
@@ -204,6 +209,8 @@ class WidthCollector:
                 self._agg(("experts", i)).add(c.view(*seen["shape"], -1))
             if "expert_ffn" in self.axes:
                 self._agg(("expert_ffn", i)).add(expert_channels(mixer, x, idx, w).view(*seen["shape"], -1))
+                rows = per_expert_channel_rows(mixer, x, idx, w, seen["shape"], self.seq)
+                self._agg(("expert_channels", i)).add_rows(rows.flatten(1))
 
         handles.append(mixer.gate.register_forward_hook(on_gate))
         handles.append(mixer.experts.register_forward_hook(on_experts))
@@ -215,9 +222,9 @@ class WidthCollector:
 
     def results(self) -> dict[str, object]:
         """{'ffn': {i: [I]}, 'mamba_heads': {i: [H]}, 'mamba_head_dim': {i: [P]}, 'attn_heads': {i: [Hq]},
-        'experts': {i: [E]}, 'expert_ffn': {i: [moe width]}, 'shared_ffn': {i: [shared width]}, 'hidden': [h]} as
-        float32."""
-        out: dict[str, object] = {a: {} for a in LAYER_AXES}
+        'experts': {i: [E]}, 'expert_ffn': {i: [moe width]}, 'shared_ffn': {i: [shared width]}, 'hidden': [h],
+        'expert_channels': {i: [E, moe width]} (each routed expert's own channels, with expert_ffn)} as float32."""
+        out: dict[str, object] = {a: {} for a in (*LAYER_AXES, "expert_channels")}
         hidden = None
         for (name, i), agg in sorted(self.acc.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             r = agg.result()
@@ -229,6 +236,8 @@ class WidthCollector:
                     out["mamba_heads"][i] = c.norm(dim=1).float()
                 if "mamba_head_dim" in self.axes:
                     out["mamba_head_dim"][i] = c.norm(dim=0).float()
+            elif name == "expert_channels":
+                out[name][i] = r.view(self.layout.n_routed_experts, -1).float()
             else:
                 out[name][i] = r.float()
         out["hidden"] = hidden.float() if hidden is not None else None

@@ -26,7 +26,7 @@ def _samples(settings: dict, samples: int | None) -> dict:
 
 # PruneSettings fields `search` takes besides the budget; the rest (scoring, ranking, distillation) are `prune`'s.
 SEARCH_FIELDS = (*BudgetSettings.model_fields, "axes", "steps", "widths", "min_width", "min_layers", "candidates",
-                 "band", "method")  # fmt: skip
+                 "band", "method", "expert_channels")  # fmt: skip
 # Typed as text on the command line ('depth,ffn', 'ffn=1024', '1M'); PruneSettings reads the text.
 AS_TEXT = dict(
     types_={"axes": str, "steps": str | None, "widths": str | None, "context": str},
@@ -58,7 +58,7 @@ def search_cmd(
     budget = st.budget_for(layout)  # a bad budget is reported before the scores are read
     sc = Scores.load(scores)
     space, dmodel, cands = run_search(layout, sc, st)
-    plan = candidate_plan(cands[0], dmodel, sc)
+    plan = candidate_plan(cands[0], dmodel, sc, expert_channels=st.expert_channels)
     doc = layout_document(plan, layout, budget, cands[0], {"candidates": [c.to_dict() for c in cands]})
     write_layout_yaml(doc, output)
     res = doc["result"]

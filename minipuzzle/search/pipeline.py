@@ -178,7 +178,7 @@ def prune(
         scores = load_or_score(path, calib, settings, scores_dir, progress, launch)
     with _timed(timing, "search_seconds"):
         space, dmodel, cands = measured_candidates(ckpt.layout, scores, settings)
-    plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation) for c in cands]
+    plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation, settings.expert_channels) for c in cands]
     with _timed(timing, "ranking_seconds"):
         stats = rank(path, ckpt, plans, held, settings, progress, launch["ranking"])
     if settings.candidate_distill_steps > 0:

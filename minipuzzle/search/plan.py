@@ -3,6 +3,10 @@
 This is where units are chosen: the search fixes how many stay per axis, `candidate_plan` picks which (the
 top-scored ones, the same count in every group of a grouped axis such as Mamba heads or the routed experts of a
 router with `n_group` groups); `surgery` then cuts them.
+
+Routed experts' channels (`expert_ffn`) are chosen one of two ways (`EXPERT_CHANNEL_CHOICES`): `shared`, one
+channel set for every expert of a layer from scores summed over the experts' tokens, or `per_expert`, each expert's
+own top channels from its own scores, the same count in every expert so the merged tensors stay rectangular.
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ from minipuzzle.search.damage import DamageModel, as_float_array, rank_desc
 from minipuzzle.search.solver import Candidate
 from minipuzzle.search.space import layout_axes, search_kinds
 
+EXPERT_CHANNEL_CHOICES = ("shared", "per_expert")
 
-def candidate_plan(cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True):
+
+def candidate_plan(
+    cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True, expert_channels: str = "shared"
+):
     """The surgery Plan for `cand`: the top-ranked layers of each kind, and in each kept layer the top-scored
-    units (the same count per group on grouped axes). Axes left at full width keep everything (None)."""
+    units (the same count per group on grouped axes). Axes left at full width keep everything (None). Routed
+    experts' channels are chosen as `expert_channels` says (`EXPERT_CHANNEL_CHOICES`)."""
+    from minipuzzle.errors import UserError
     from minipuzzle.surgery import Plan
+
+    if expert_channels not in EXPERT_CHANNEL_CHOICES:
+        raise UserError(f"unknown expert channel choice {expert_channels!r}: use {' or '.join(EXPERT_CHANNEL_CHOICES)}")
 
     src = model.space.source
     layers = model.kept_layers(cand.counts)
@@ -30,6 +43,9 @@ def candidate_plan(cand: Candidate, model: DamageModel, scores, norm_compensatio
     for name in LAYER_AXES:
         axis, width = AXES[name], cand.widths[name]
         if width == axis.width(src):
+            continue
+        if name == "expert_ffn" and expert_channels == "per_expert":
+            kw["expert_channels"] = _per_expert_channels(scores, src, layers, width)
             continue
         table = getattr(scores, name)
         # mamba_head_dim is shared by every head: one score vector per layer, the same cut in every head.
@@ -63,6 +79,22 @@ def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = 
     doc.update(extra or {})
     doc["plan"] = plan.to_dict()
     return doc
+
+
+def _per_expert_channels(scores, src: Layout, layers: list[int], width: int) -> dict[int, list[list[int]]]:
+    """Each expert's own `width` top channels in every kept MoE layer, from scores.expert_channels [E, width]."""
+    from minipuzzle.errors import UserError
+
+    out = {}
+    for i in (i for i in layers if src.pattern[i] == "E"):
+        table = scores.expert_channels.get(i)
+        if table is None:
+            raise UserError(
+                f"the scores have no per-expert channel scores for layer {i}: re-score expert_ffn with this version "
+                f"(`minipuzzle score`), or choose the shared channels (--expert-channels shared)"
+            )
+        out[i] = [kept_units(row, width) for row in as_float_array(table).reshape(src.n_routed_experts, -1)]
+    return out
 
 
 def kept_units(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
