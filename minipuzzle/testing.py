@@ -151,6 +151,16 @@ def save_model(
     return Path(path)
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Frobenius): how far a cut model's logits moved from the source's."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def moe_layers(layout: Layout) -> list[int]:
+    """Indices of the MoE layers of `layout`."""
+    return [i for i, c in enumerate(layout.pattern) if c == anatomy.MOE]
+
+
 def cached_and_uncached_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy continuations of `ids` [batch, seq] two ways, each [batch, new_tokens]: transformers' `generate()`
     (a cached forward per token, as serving and lm-eval's generation tasks run it) and a loop of full forwards

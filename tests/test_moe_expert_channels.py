@@ -9,7 +9,16 @@ from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import Checkpoint
 from minipuzzle.errors import UserError
 from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
-from minipuzzle.testing import plant_dead_units, random_model, save_model, tiny_config, tiny_layout, tiny_moe_layout
+from minipuzzle.testing import (
+    moe_layers,
+    plant_dead_units,
+    random_model,
+    rel_err,
+    save_model,
+    tiny_config,
+    tiny_layout,
+    tiny_moe_layout,
+)
 
 IDS = torch.randint(0, 320, (2, 29), generator=torch.Generator().manual_seed(2))
 LAYOUTS = {
@@ -23,12 +32,6 @@ def logits(model):
         return model(IDS, use_cache=False).logits
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def moe_layers(layout):
-    return [i for i, c in enumerate(layout.pattern) if c == "E"]
 
 
 def per_expert_plan(layout: Layout, keep: int, seed: int = 0, drop_experts: bool = False) -> Plan:

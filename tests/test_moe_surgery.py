@@ -14,8 +14,10 @@ from minipuzzle.errors import UserError
 from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
 from minipuzzle.testing import (
     cached_and_uncached_greedy,
+    moe_layers,
     plant_dead_units,
     random_model,
+    rel_err,
     save_model,
     tiny_config,
     tiny_moe_layout,
@@ -34,12 +36,6 @@ def logits(model):
         return model(IDS, use_cache=False).logits
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def moe_layers(layout):
-    return [i for i, c in enumerate(layout.pattern) if c == "E"]
 
 
 def plans(layout: Layout) -> dict[str, Plan]:

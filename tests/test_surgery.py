@@ -14,6 +14,7 @@ from minipuzzle.testing import (
     cached_and_uncached_greedy,
     plant_dead_units,
     random_model,
+    rel_err,
     save_model,
     tiny_config,
     tiny_layout,
@@ -26,9 +27,6 @@ def logits(model):
     with torch.no_grad():
         return model(IDS, use_cache=False).logits
 
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("compensation", [True, False])
