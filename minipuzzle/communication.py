@@ -35,8 +35,8 @@ from minipuzzle.anatomy import MOE
 from minipuzzle.arch import Layout
 from minipuzzle.hardware import Hardware
 
-# The sustained throughput GPU-hours are priced at (`search.pipeline.H100_FLOPS`, repeated here so the memory plan
-# does not import the search): an H100 at ~40 % of its 989 TFLOP/s dense bf16 peak.
+# The sustained throughput every GPU-hour estimate is priced at (the search's and the recipe's too): an H100 at
+# ~40 % of its 989 TFLOP/s dense bf16 peak.
 H100_FLOPS = 400e12
 # FSDP2 reduces the student's gradients in float32 (`distill.parallel.shard`'s reduce_dtype).
 REDUCE_BYTES = 4

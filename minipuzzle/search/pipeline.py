@@ -12,6 +12,7 @@ import torch
 from minipuzzle.anatomy import AXES
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport
+from minipuzzle.communication import H100_FLOPS  # the GPU-hour price, defined once
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
 from minipuzzle.search.budget import Budget
@@ -26,9 +27,6 @@ from minipuzzle.search.solver import (
 )
 from minipuzzle.search.space import SearchSpace, layout_axes
 from minipuzzle.settings import PruneSettings
-
-# Assumed sustained throughput for the GPU-hour estimate: an H100 at ~40% of its 989 TFLOP/s dense bf16 peak.
-H100_FLOPS = 400e12
 
 
 def measured_count(layout: Layout, settings: PruneSettings) -> int:
