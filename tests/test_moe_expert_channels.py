@@ -1,4 +1,4 @@
-"""Per-expert channel choice for the routed experts (`Plan.expert_channels`): every expert keeps the same number of
+"""Per-expert channel choice for the routed experts (`plan["expert_channels"]`): every expert keeps the same number of
 channels but its own ones. Dead channels that differ per expert are cut exactly; the cut matrices are the source
 experts' own rows and columns; streamed equals in memory in both weight-name styles and both expert forms on disk."""
 

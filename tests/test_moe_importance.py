@@ -61,8 +61,8 @@ def test_planted_units_score_exactly_zero(planted, estimator):
     for axis in ("expert_ffn", "shared_ffn"):
         for i, dead in DEAD[axis].items():
             width = 32 if axis == "expert_ffn" else 48
-            assert s.__dict__[axis][i].shape == (width,)
-            assert s.__dict__[axis][i][dead].eq(0).all() and s.__dict__[axis][i][_keep(width, dead)].gt(0).all()
+            assert s[axis][i].shape == (width,)
+            assert s[axis][i][dead].eq(0).all() and s[axis][i][_keep(width, dead)].gt(0).all()
     # The dense axes on an MoE model: the dead hidden channel, and an identity Mamba layer, score 0.
     assert s["hidden"][7] == 0 and s["hidden"][_keep(64, [7])].gt(0).all()
     assert s["depth"][4] == 0 and s["depth"][_keep(6, [4])].gt(0).all()
