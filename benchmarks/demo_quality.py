@@ -42,7 +42,7 @@ from minipuzzle.metrics import token_stats
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.diversity import families
 from minipuzzle.search.pipeline import PruneSettings, measured_candidates
-from minipuzzle.search.plan import candidate_plan
+from minipuzzle.search.plan import choose_units
 from minipuzzle.search.solver import search
 from minipuzzle.settings import DistillSettings
 from minipuzzle.surgery import Plan, prune_model
@@ -88,8 +88,8 @@ def random_plan(layout: Layout, like: Plan, seed: int) -> Plan:
         layers += rng.sample(have, n)
     layers.sort()
     ffn = None
-    if like.ffn:
-        width = len(next(iter(like.ffn.values())))
+    if like["ffn"]:
+        width = len(next(iter(like["ffn"].values())))
         ffn = {
             i: sorted(rng.sample(range(layout.intermediate_size), width)) for i in layers if layout.pattern[i] == MLP
         }
@@ -166,7 +166,7 @@ def main() -> None:
     settings = PruneSettings(target=str(RATIO), axes=("depth", "ffn"),
                              candidates=args.candidates)  # fmt: skip
     space, dmodel, cands = measured_candidates(layout, scores, settings)
-    plans = [candidate_plan(c, dmodel, scores) for c in cands]
+    plans = [choose_units(c, dmodel, scores) for c in cands]
     # Chosen on validation windows; the test windows are only reported on.
     before = [measure(prune_model(teacher, p), val) for p in plans]
     best = min(range(len(plans)), key=lambda i: before[i]["kl_to_teacher"])
@@ -185,8 +185,8 @@ def main() -> None:
     print("student", results["architecture"]["student"], flush=True)
 
     # Block influence: keep the layers BI ranks highest in each kind, the same counts; FFN channels as the method.
-    bi_scores = type(scores)(pattern=scores.pattern, depth=bi.depth, ffn=scores.ffn)
-    bi_plan = candidate_plan(cands[best], DamageModel(bi_scores, space), bi_scores)
+    bi_scores = type(scores)(pattern=scores.pattern, depth=bi["depth"], ffn=scores["ffn"])
+    bi_plan = choose_units(cands[best], DamageModel(bi_scores, space), bi_scores)
     students = {"importance (MiniPuzzle)": prune_model(teacher, plan)}
     same_as_chosen = {}
     for name, r in refs.items():
@@ -253,7 +253,7 @@ def family_references(space, dmodel, scores, budget, teacher, val, measure, args
         found = search(space, budget, dmodel, args.family_candidates, band=0.0, family=family[0]) if family else []
         if not found:
             continue
-        plans = [candidate_plan(c, dmodel, scores) for c in found]
+        plans = [choose_units(c, dmodel, scores) for c in found]
         kl = [measure(prune_model(teacher, p), val)["kl_to_teacher"] for p in plans]
         out[name] = {"candidates": found, "plans": plans, "validation_kl": kl,
                      "best": min(range(len(kl)), key=lambda i: (kl[i], i))}  # fmt: skip

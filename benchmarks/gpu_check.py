@@ -447,7 +447,7 @@ def part_scoring(rec: dict, s: Sizes, ckpt: Path, budget: float, probe: KernelPr
         tokens_per_s=2 * tokens / total, width_tokens_per_s=tokens / timing["width_seconds"],
         depth_tokens_per_s=tokens / timing["depth_seconds"],
         depth_block_calls_per_s=tokens / s.score_seq * lay.num_layers * (lay.num_layers + 1) / 2 / timing["depth_seconds"],
-        depth_scores_finite=bool(torch.isfinite(scores.depth).all()),
+        depth_scores_finite=bool(torch.isfinite(scores["depth"]).all()),
     )  # fmt: skip
     bpe = torch.empty((), dtype=s.dtype).element_size()
     h = lay.hidden_size

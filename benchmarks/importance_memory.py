@@ -23,7 +23,7 @@ path, rows, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ids = torch.randint(0, 320, (rows, seq), generator=torch.Generator().manual_seed(0))
 s = score_checkpoint(path, ids, ids, stream=True, progress=False, batch_size=rows)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline": base, "peak": peak, "depth0": float(s.depth[0])}))
+print(json.dumps({"baseline": base, "peak": peak, "depth0": float(s['depth'][0])}))
 """
 
 

@@ -42,7 +42,7 @@ from minipuzzle.importance.experts import EXPERT_ESTIMATORS
 from minipuzzle.metrics import token_stats
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.pipeline import PruneSettings, run_search
-from minipuzzle.search.plan import candidate_plan
+from minipuzzle.search.plan import choose_units
 from minipuzzle.surgery import Plan, prune_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,17 +60,15 @@ def random_experts(layout: Layout, like: Plan, seed: int) -> Plan:
     rng = random.Random(seed)
     per = layout.n_routed_experts // layout.n_group
     experts = {}
-    for i, keep in (like.experts or {}).items():
+    for i, keep in (like["experts"] or {}).items():
         k = len(keep) // layout.n_group
         experts[i] = sorted(g * per + j for g in range(layout.n_group) for j in rng.sample(range(per), k))
-    return Plan(**{**like.__dict__, "experts": experts})
+    return Plan(like.layers, {**like.units, "experts": experts}, like.norm_compensation)
 
 
 def with_experts(scores, expert_scores):
     """A copy of `scores` whose routed-expert table is `expert_scores`' (the other axes unchanged)."""
-    out = type(scores)(**{**scores.__dict__})
-    out.experts = dict(expert_scores.experts)
-    return out
+    return type(scores)(scores.pattern, {**scores.tables, "experts": expert_scores["experts"]}, scores.meta)
 
 
 def main() -> None:
@@ -133,7 +131,7 @@ def main() -> None:
                            steps={k: v for k, v in STEPS.items() if k in axes}, candidates=args.candidates,
                            min_layers=0.85, **kw)  # fmt: skip
         space, dmodel, cands = run_search(layout, scores, st)
-        kl = [measure(prune_model(teacher, candidate_plan(c, dmodel, scores)), val)["kl_to_teacher"] for c in cands]
+        kl = [measure(prune_model(teacher, choose_units(c, dmodel, scores)), val)["kl_to_teacher"] for c in cands]
         best = min(range(len(cands)), key=lambda i: kl[i])
         return cands[best], dmodel, space
 
@@ -153,15 +151,15 @@ def main() -> None:
             continue
         archs[name] = {"cand": cand, "dmodel": dmodel, "space": space}
         if name == "expert width only":
-            plans["expert channels: shared"] = candidate_plan(cand, dmodel, scores, expert_channels="shared")
-            plans["expert channels: per expert"] = candidate_plan(cand, dmodel, scores, expert_channels="per_expert")
+            plans["expert channels: shared"] = choose_units(cand, dmodel, scores, expert_channels="shared")
+            plans["expert channels: per expert"] = choose_units(cand, dmodel, scores, expert_channels="per_expert")
         elif name == "experts only":
             for est, s in by_estimator.items():
                 mixed = with_experts(scores, s)
-                plans[f"experts by {est}"] = candidate_plan(cand, DamageModel(mixed, space), mixed)
+                plans[f"experts by {est}"] = choose_units(cand, DamageModel(mixed, space), mixed)
             plans["random experts"] = random_experts(layout, plans["experts by removal"], args.seed)
         else:
-            plans[name] = candidate_plan(cand, dmodel, scores)
+            plans[name] = choose_units(cand, dmodel, scores)
 
     rows = {}
     for name, plan in plans.items():

@@ -33,7 +33,7 @@ from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
 from minipuzzle.importance import score_model  # noqa: E402
 from minipuzzle.metrics import forward_kl  # noqa: E402
 from minipuzzle.search.pipeline import PruneSettings, run_search  # noqa: E402
-from minipuzzle.search.plan import candidate_plan  # noqa: E402
+from minipuzzle.search.plan import choose_units  # noqa: E402
 from minipuzzle.surgery import prune_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,7 +91,7 @@ def main() -> None:
                          depth_metric="mse_hidden", progress=False)  # fmt: skip
     settings = PruneSettings(target=str(RATIO), axes=axes, candidates=1)
     _, dmodel, cands = run_search(layout, scores, settings)
-    arch = candidate_plan(cands[0], dmodel, scores).target_layout(layout)
+    arch = choose_units(cands[0], dmodel, scores).target_layout(layout)
     results: dict = {
         "settings": vars(args),
         "architecture": {
@@ -109,7 +109,7 @@ def main() -> None:
     print("student", results["architecture"]["student"], flush=True)
     windows: dict = {}
     for name, comp in ARMS.items():
-        student = prune_model(teacher, candidate_plan(cands[0], dmodel, scores, norm_compensation=comp))
+        student = prune_model(teacher, choose_units(cands[0], dmodel, scores, norm_compensation=comp))
         before = per_window_kl(student, teacher_logits, held)
         path = save(student, work / f"cut-{comp}", teacher_dir)
         distilled = load_model(run_distill(teacher_dir, path, work / f"distilled-{comp}", train, held_dir,

@@ -1,10 +1,10 @@
-"""Nemotron-H's anatomy: the layer kinds, the prunable axes, and where each unit of an axis lives in the weights.
+"""Nemotron-H's anatomy: the prunable axes, and where each unit of an axis lives in the weights.
 
 This is the one place that says what a "unit" is. Scoring reads a unit's activation, the search picks how many
 units stay, the plan names which ones, surgery cuts them: all four name axes as `AXES` does here.
 
-Layer kinds (one character per layer in a layout's pattern): `M` Mamba-2 mixer, `*` attention, `-` MLP, `E`
-mixture of experts (recognised so it can be refused; minipuzzle prunes dense models).
+Layer kinds (one character per layer in a layout's pattern, `minipuzzle.kinds`): `M` Mamba-2 mixer, `*` attention,
+`-` MLP, `E` mixture of experts (Nemotron 3: routed experts behind a grouped router, and a shared expert).
 
 Prunable axes, with the `Layout` field each sets and where a unit lives (native weight names under
 `model.layers.{i}.mixer.`; I = mamba heads x head_dim, P = head_dim, d = attention head_dim):
@@ -21,26 +21,30 @@ Prunable axes, with the `Layout` field each sets and where a unit lives (native 
   every group keeps the same number.
 - `hidden` (hidden_size, every layer): residual channel j is column j of the embeddings, `lm_head` and every input
   projection, row j of every output projection, entry j of every RMSNorm over the hidden size.
+- `experts` (n_routed_experts, MoE layers): routed expert e is row e of the router `gate` and of its
+  `e_score_correction_bias`, and expert e's matrices in `experts.up_proj` / `experts.down_proj`. Experts belong to
+  the router's `n_group` contiguous groups, and every group keeps the same number.
+- `expert_ffn` (moe_intermediate_size, MoE layers): channel c of every routed expert, row c of its `up_proj` and
+  column c of its `down_proj` (or, per expert, each expert's own channels: `PER_EXPERT_CHANNELS`).
+- `shared_ffn` (moe_shared_expert_intermediate_size, MoE layers): channel c of the shared expert, row c of
+  `shared_experts.up_proj` and column c of `shared_experts.down_proj`.
 
 `depth` (dropping whole layers) is a search axis but not a width: `SEARCH_AXES` lists it first.
 
-Adding an axis (say `experts` of MoE layers) is one `Axis` entry here, its scoring hook in `importance/width.py`
-and its slicing in `surgery.Cutter`; the search space, damage model, plans, scores file and reports follow `AXES`.
+Adding a width axis is one `Axis` entry here, its scoring hook (`importance.width.SCORERS`) and its cutting
+function (`surgery.CUTS`); the search space, damage model, unit choice, plans, scores file and reports loop over
+`AXES`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from minipuzzle.arch import Layout
+from minipuzzle.arch import Layout
+from minipuzzle.kinds import ATTENTION, KIND_NAMES, MAMBA, MLP, MOE
+from minipuzzle.kinds import KINDS as KINDS  # re-exported: reports list kinds from here
 
-MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
-KIND_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
-# The dense kinds minipuzzle prunes, in the order reports list them.
-KINDS = (MAMBA, MLP, ATTENTION)
 # Kinds that keep a cache, and so may lead a pruned model. transformers 5.25.0 asks layer 0 of the cache for the
 # sequence length on every cached forward (the default, and generate()); an MLP or MoE layer there holds no cache
 # and the forward crashes. A cut never makes such a layer first: it keeps it first only where the source has it.
@@ -118,6 +122,9 @@ def cut_multiple(layout: Layout, axis: str, itemsize: int = BF16_BYTES) -> int:
 # Width axes scored and cut per layer (one index list per layer of their kind); `hidden` is one list for all.
 LAYER_AXES = tuple(name for name, axis in AXES.items() if axis.kind is not None)
 SEARCH_AXES = ("depth", *WIDTH_AXES)
+# expert_ffn's second form: each routed expert's own channels, an [n_routed_experts, moe_intermediate_size] score
+# table per MoE layer and one kept list per source expert in a plan (the per-expert channel choice).
+PER_EXPERT_CHANNELS = "expert_channels"
 
 
 def axes_of_kind(kind: str) -> tuple[str, ...]:

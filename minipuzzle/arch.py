@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minipuzzle.anatomy import ATTENTION, KIND_NAMES, KINDS, MAMBA, MLP, MOE
 from minipuzzle.errors import UserError
+from minipuzzle.kinds import ATTENTION, KIND_NAMES, KINDS, MAMBA, MLP, MOE
 
 # Every layer kind a layout may hold: the dense kinds, then mixture-of-experts.
 LAYER_KINDS = (*KINDS, MOE)

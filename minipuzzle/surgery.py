@@ -1,7 +1,8 @@
 """Cut a Nemotron-H checkpoint down to a plan: which layers stay and, per axis, which units stay.
 
-Where each unit of an axis lives in the weights is written once, in `minipuzzle.anatomy`; the `Cutter` here turns
-a plan's kept units into row and column indices of every tensor.
+Where each unit of an axis lives in the weights is written once, in `minipuzzle.anatomy`; each axis's cutting
+function here (`CUTS`) turns a plan's kept units into row and column indices of the tensors they live in, and the
+`Cutter` merges them per layer.
 
 Removing channels from an RMSNorm's input changes its mean square even when they held zeros, so by default
 (`Plan.norm_compensation`) the norms over the hidden size and the Mamba gated group norm scale their kept weights by
@@ -39,6 +40,8 @@ from minipuzzle.anatomy import (
     MAMBA,
     MLP,
     MOE,
+    PER_EXPERT_CHANNELS,
+    WIDTH_AXES,
     attention_rows,
     leading_layer_problem,
     mamba_channels,
@@ -69,71 +72,88 @@ SERVING_EXPERT_MULTIPLE = 16
 Cut = tuple[torch.Tensor | None, torch.Tensor | None, float]
 
 
-@dataclass
-class Plan:
-    """Which units of a source model stay (axes as in `minipuzzle.anatomy`).
+# What a plan may keep, by name: the width axes of `anatomy.AXES`, then the routed experts' own channels.
+PLAN_UNITS = (*WIDTH_AXES, PER_EXPERT_CHANNELS)
 
-    layers: kept source layer indices, ascending. ffn / mamba_heads / mamba_head_dim / attn_heads: for each kept
-    source layer of that axis's kind, the kept unit indices (ascending); None keeps everything on that axis.
-    mamba_heads are global head indices, mamba_head_dim entries are channel indices within a head (the same in
-    every head), attn_heads are query-head indices. hidden: kept hidden (residual-stream) channels, or None.
+
+@dataclass(init=False)
+class Plan:
+    """Which units of a source model stay, keyed by axis of `minipuzzle.anatomy` (`plan[axis]`, None keeps all).
+
+    layers: kept source layer indices, ascending. units[layer axis]: for each kept source layer of that axis's
+    kind, the kept unit indices (ascending), e.g. units["ffn"] = {1: [0, 3, ...]}. mamba_heads are global head
+    indices, mamba_head_dim entries are channel indices within a head (the same in every head), attn_heads are
+    query-head indices. units["hidden"]: kept hidden (residual-stream) channels, one list for the model.
     experts / expert_ffn / shared_ffn (MoE layers): kept routed experts (the same count in each of the router's
     `n_group` contiguous groups, at least two per group and enough for `num_experts_per_tok`), channels of every
     routed expert (the same in each), channels of the shared expert.
-    expert_channels (MoE layers, instead of expert_ffn for a layer): each routed expert's own kept channels, one
-    ascending list per source expert (all of the layer's experts, kept or not), every list the same length, so the
-    merged [E, width, in] tensors stay rectangular. Channel c of one expert and of another are unrelated neurons.
+    units["expert_channels"] (MoE layers, instead of expert_ffn for a layer): each routed expert's own kept
+    channels, one ascending list per source expert (all of the layer's experts, kept or not), every list the same
+    length, so the merged [E, width, in] tensors stay rectangular. Channel c of one expert and of another are
+    unrelated neurons.
     norm_compensation: scale the kept weights of RMSNorms that lose input channels by sqrt(old_width / new_width).
     """
 
     layers: list[int]
-    ffn: dict[int, list[int]] | None = None
-    mamba_heads: dict[int, list[int]] | None = None
-    mamba_head_dim: dict[int, list[int]] | None = None
-    attn_heads: dict[int, list[int]] | None = None
-    hidden: list[int] | None = None
-    experts: dict[int, list[int]] | None = None
-    expert_ffn: dict[int, list[int]] | None = None
-    shared_ffn: dict[int, list[int]] | None = None
-    expert_channels: dict[int, list[list[int]]] | None = None
+    units: dict[str, Any]
     norm_compensation: bool = True
+
+    def __init__(
+        self, layers: list[int], units: dict[str, Any] | None = None, norm_compensation: bool = True, **named: Any
+    ):
+        """`units` (or keyword arguments named like its keys, `PLAN_UNITS`) maps axes to kept units."""
+        self.layers, self.norm_compensation, self.units = layers, norm_compensation, {}
+        for name, kept in {**(units or {}), **named}.items():
+            if name not in PLAN_UNITS:
+                raise TypeError(f"a plan keeps no {name!r}: it keeps {', '.join(PLAN_UNITS)}")
+            if kept is not None:
+                self.units[name] = kept
+
+    def __getitem__(self, name: str):
+        """Kept units on `name` (a `PLAN_UNITS` entry), None when the plan keeps them all."""
+        if name not in PLAN_UNITS:
+            raise KeyError(f"a plan keeps no {name!r}: it keeps {', '.join(PLAN_UNITS)}")
+        return self.units.get(name)
 
     @classmethod
     def keep_all(cls, layout: Layout) -> Plan:
         return cls(layers=list(range(layout.num_layers)))
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan file's form: layer axes {"layer": [units]}, axes of every layer [units], per-expert channels
+        {"layer": [[units] per expert]}, in `PLAN_UNITS` order by form."""
         d: dict[str, Any] = {"layers": list(self.layers)}
-        for axis in LAYER_AXES:
-            sel = getattr(self, axis)
-            if sel is not None:
-                d[axis] = {str(i): list(map(int, v)) for i, v in sorted(sel.items())}
-        if self.hidden is not None:
-            d["hidden"] = list(map(int, self.hidden))
-        if self.expert_channels is not None:
-            d["expert_channels"] = {
-                str(i): [list(map(int, c)) for c in v] for i, v in sorted(self.expert_channels.items())
+        for name in _LAYER_UNITS:
+            if self[name] is not None:
+                d[name] = {str(i): list(map(int, v)) for i, v in sorted(self[name].items())}
+        for name in _MODEL_UNITS:
+            if self[name] is not None:
+                d[name] = list(map(int, self[name]))
+        if self[PER_EXPERT_CHANNELS] is not None:
+            d[PER_EXPERT_CHANNELS] = {
+                str(i): [list(map(int, c)) for c in v] for i, v in sorted(self[PER_EXPERT_CHANNELS].items())
             }
         d["norm_compensation"] = self.norm_compensation
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        unknown = set(d) - {"layers", "hidden", "norm_compensation", "expert_channels", *LAYER_AXES}
+        unknown = set(d) - {"layers", "norm_compensation", *PLAN_UNITS}
         if unknown:
             raise UserError(f"unknown key(s) in plan: {', '.join(sorted(unknown))}")
         if "layers" not in d:
             raise UserError("plan lacks 'layers'")
-        kw: dict[str, Any] = {"layers": [int(i) for i in d["layers"]]}
-        for axis in LAYER_AXES:
-            if d.get(axis) is not None:
-                kw[axis] = {int(i): [int(u) for u in v] for i, v in d[axis].items()}
-        if d.get("hidden") is not None:
-            kw["hidden"] = [int(u) for u in d["hidden"]]
-        if d.get("expert_channels") is not None:
+        units: dict[str, Any] = {}
+        for name in _LAYER_UNITS:
+            if d.get(name) is not None:
+                units[name] = {int(i): [int(u) for u in v] for i, v in d[name].items()}
+        for name in _MODEL_UNITS:
+            if d.get(name) is not None:
+                units[name] = [int(u) for u in d[name]]
+        if d.get(PER_EXPERT_CHANNELS) is not None:
             try:
-                kw["expert_channels"] = {
-                    int(i): [[int(u) for u in c] for c in v] for i, v in d["expert_channels"].items()
+                units[PER_EXPERT_CHANNELS] = {
+                    int(i): [[int(u) for u in c] for c in v] for i, v in d[PER_EXPERT_CHANNELS].items()
                 }
             except (TypeError, ValueError, AttributeError):
                 raise UserError(
@@ -142,12 +162,11 @@ class Plan:
         comp = d.get("norm_compensation", True)
         if not isinstance(comp, bool):
             raise UserError(f"plan's norm_compensation must be true or false, got {comp!r}")
-        kw["norm_compensation"] = comp
-        return cls(**kw)
+        return cls([int(i) for i in d["layers"]], units, comp)
 
     def kept(self, axis: str, layer: int, full: int) -> list[int]:
         """Kept unit indices of layer axis `axis` in source layer `layer` (all `full` when the plan cuts none)."""
-        sel = getattr(self, axis)
+        sel = self[axis]
         if sel is None or layer not in sel:
             return list(range(full))
         return sel[layer]
@@ -162,14 +181,14 @@ class Plan:
         problem = leading_layer_problem(layout.pattern, self.layers)
         if problem:
             raise UserError(problem)
-        for axis in LAYER_AXES:
+        for axis in _LAYER_UNITS:
             self._check_layer_axis(layout, axis)
         if layout.is_moe:
             self._check_router(layout)
-        if layout.is_moe or self.expert_channels:
+        if layout.is_moe or self[PER_EXPERT_CHANNELS]:
             self._check_expert_channels(layout)
-        if self.hidden is not None:
-            _check_indices(self.hidden, layout.hidden_size, "hidden")
+        for name in (name for name in _MODEL_UNITS if self[name] is not None):
+            _check_indices(self[name], AXES[name].width(layout), name)
 
     def check_expert_strides(self, layout: Layout, dtype: torch.dtype) -> None:
         """Refuse a width that transformers' grouped expert matmul cannot run in `dtype` (the output's), when the
@@ -191,12 +210,12 @@ class Plan:
         """Indices valid, uniform width over the kept layers of the axis's kind, equal counts in every group."""
         axis = AXES[name]
         full, groups = axis.width(layout), axis.unit(layout)
-        for i in getattr(self, name) or {}:
+        for i in self[name] or {}:
             if i not in self.layers or layout.pattern[i] != axis.kind:
                 raise UserError(f"plan gives {name} for layer {i}, which is not a kept {axis.kind!r} layer")
         counts = set()
         for i in (i for i in self.layers if layout.pattern[i] == axis.kind):
-            if name == "expert_ffn" and i in (self.expert_channels or {}):
+            if name == "expert_ffn" and i in (self[PER_EXPERT_CHANNELS] or {}):
                 continue  # per-expert channels: `_check_expert_channels`, which also compares the widths
             keep = self.kept(name, i, full)
             _check_indices(keep, full, f"{name} of layer {i}")
@@ -215,7 +234,7 @@ class Plan:
     def _check_router(self, layout: Layout) -> None:
         """Kept experts still make a router: two per group at least, enough in `topk_group` groups for the top-k."""
         groups, top_k, top_groups = layout.n_group, layout.num_experts_per_tok, layout.topk_group
-        for i, keep in sorted((self.experts or {}).items()):
+        for i, keep in sorted((self["experts"] or {}).items()):
             per_group = len(keep) // groups
             if per_group < 2:
                 raise UserError(
@@ -230,17 +249,17 @@ class Plan:
 
     def expert_width(self, layer: int, full: int) -> int:
         """Channels every routed expert of source layer `layer` keeps, whichever form the plan gives them in."""
-        per_expert = (self.expert_channels or {}).get(layer)
+        per_expert = (self[PER_EXPERT_CHANNELS] or {}).get(layer)
         return len(per_expert[0]) if per_expert else len(self.kept("expert_ffn", layer, full))
 
     def _check_expert_channels(self, layout: Layout) -> None:
         """Per-expert channels: one valid list per source expert, all the same length, in kept MoE layers that
         give no shared expert_ffn; the width uniform over every kept MoE layer, whichever form each uses."""
         full, num = layout.moe_intermediate_size, layout.n_routed_experts
-        for i, lists in sorted((self.expert_channels or {}).items()):
+        for i, lists in sorted((self[PER_EXPERT_CHANNELS] or {}).items()):
             if i not in self.layers or layout.pattern[i] != MOE:
                 raise UserError(f"plan gives expert_channels for layer {i}, which is not a kept 'E' layer")
-            if i in (self.expert_ffn or {}):
+            if i in (self["expert_ffn"] or {}):
                 raise UserError(f"plan gives layer {i} both expert_ffn and expert_channels: give one")
             if len(lists) != num:
                 raise UserError(f"plan's expert_channels of layer {i} has {len(lists)} lists, one per expert: {num}")
@@ -272,10 +291,13 @@ class Plan:
                     return len(self.kept(name, i, axis.width(layout)))
             return axis.width(layout)  # no layer of that kind left: the width is irrelevant, keep the source's
 
+        def model_width(name: str) -> int:
+            return AXES[name].width(layout) if self[name] is None else len(self[name])
+
         return layout.replace(
             pattern="".join(layout.pattern[i] for i in self.layers),
-            hidden_size=layout.hidden_size if self.hidden is None else len(self.hidden),
-            **{AXES[name].field: width(name) for name in LAYER_AXES},
+            **{AXES[name].field: width(name) for name in _LAYER_UNITS},
+            **{AXES[name].field: model_width(name) for name in _MODEL_UNITS},
         )
 
     def serving_notes(self, layout: Layout) -> list[str]:
@@ -286,6 +308,11 @@ class Plan:
             return [f"routed experts' width {dst.moe_intermediate_size} is not a multiple of {m}: FP8 / FP4 "
                     f"expert kernels (vLLM, TensorRT-LLM) need one; bf16 serving is unaffected"]  # fmt: skip
         return []
+
+
+# Plan units by form: per layer of the axis's kind, or one list for the model (axes of every layer, like hidden).
+_LAYER_UNITS = LAYER_AXES
+_MODEL_UNITS = tuple(name for name in WIDTH_AXES if AXES[name].kind is None)
 
 
 def _check_indices(idx: list[int], full: int, what: str) -> None:
@@ -300,20 +327,25 @@ def _check_indices(idx: list[int], full: int, what: str) -> None:
 
 class Cutter:
     """Precomputed index tensors for one (layout, plan) pair: `cut(name, tensor)` slices one tensor (native source
-    name), `output_name(name)` renames it (None for a dropped layer). Build once per plan, reuse for every tensor."""
+    name), `output_name(name)` renames it (None for a dropped layer). Build once per plan, reuse for every tensor.
+
+    A layer's cuts are the merge of the cutting functions (`CUTS`) of every axis that shapes its kind: each cuts
+    the dimensions its units live on and leaves the others (None) to the other axes."""
 
     def __init__(self, layout: Layout, plan: Plan):
         plan.validate(layout)
         self.src, self.plan = layout, plan
         self.dst = plan.target_layout(layout)
         self.new_index = {old: new for new, old in enumerate(plan.layers)}
-        h = layout.hidden_size
-        self.hidden = None if plan.hidden is None or len(plan.hidden) == h else torch.tensor(plan.hidden)
+        h, kept_hidden = layout.hidden_size, plan["hidden"]
+        self.hidden = None if kept_hidden is None or len(kept_hidden) == h else torch.tensor(kept_hidden)
         self.hidden_scale = math.sqrt(h / self.dst.hidden_size) if plan.norm_compensation else 1.0
         self._layer_cuts: dict[int, dict[str, Cut]] = {}
-        self._kind_cuts = {
-            MLP: self._mlp_cuts, ATTENTION: self._attention_cuts, MAMBA: self._mamba_cuts, MOE: self._moe_cuts
-        }  # fmt: skip
+        # Each kind's cutting functions, once each (both Mamba axes share one).
+        self._cuts_of_kind = {
+            kind: tuple(dict.fromkeys(CUTS[name] for name, axis in AXES.items() if axis.kind in (None, kind)))
+            for kind in set(layout.pattern)
+        }
 
     def output_name(self, name: str) -> str | None:
         """Native name of `name` in the pruned model, or None when its layer (or, for one routed expert's tensor
@@ -350,75 +382,127 @@ class Cutter:
         i, rest = int(m.group(1)), m.group(2)
         if rest == "norm.weight":
             return _apply(t, (self.hidden, None, self.hidden_scale))
-        if i not in self._layer_cuts:
-            self._layer_cuts = {i: self._kind_cuts[self.src.pattern[i]](i)}  # tensors come layer by layer
+        if i not in self._layer_cuts:  # tensors come layer by layer
+            self._layer_cuts = {i: _merge(f(self, i) for f in self._cuts_of_kind[self.src.pattern[i]])}
         merged = is_merged_experts(name)
         how = self._layer_cuts[i].get(_cut_key(name, rest))
         if how is None or (merged and t.ndim != 3):
             raise UserError(f"unexpected weight {name} for a {self.src.pattern[i]!r} layer")
-        if merged:
-            return _apply_experts(t, self._kept("experts", i), how)
+        if merged:  # routed experts stacked on dim 0: the experts axis keeps some of them
+            return _apply_experts(t, self.kept_index("experts", i), how)
         part = expert_part(name)
         if part is not None:  # one expert's matrix on disk: its own row of a per-expert channel choice
             how = tuple(ix[part[1]] if ix is not None and ix.ndim == 2 else ix for ix in how[:2]) + (how[2],)
         return _apply(t, how)
 
-    def _kept(self, axis: str, i: int) -> torch.Tensor | None:
+    def kept_index(self, axis: str, i: int) -> torch.Tensor | None:
         """Kept units of layer axis `axis` in layer `i` as an index tensor, None when all stay."""
         full = AXES[axis].width(self.src)
         kept = self.plan.kept(axis, i, full)
         return None if len(kept) == full else torch.tensor(kept)
 
-    def _mlp_cuts(self, i: int) -> dict[str, Cut]:
-        ffn, hid = self._kept("ffn", i), self.hidden
-        return _linear_cuts(up_proj=(ffn, hid), down_proj=(hid, ffn))
 
-    def _attention_cuts(self, i: int) -> dict[str, Cut]:
-        heads, hid = self._kept("attn_heads", i), self.hidden
-        q = None if heads is None else torch.tensor(attention_rows(self.src, heads.tolist()))
-        # K and V stay: query heads are cut within their KV groups, and every group keeps the same number.
-        return _linear_cuts(q_proj=(q, hid), k_proj=(None, hid), v_proj=(None, hid), o_proj=(hid, q))
+# ---- the cutting function of each axis: (cutter, source layer i) -> cuts of layer i's tensors under `mixer.` -----
+# Each names every tensor whose dimensions its units live on, None for the dimensions it leaves to other axes.
 
-    def _mamba_cuts(self, i: int) -> dict[str, Cut]:
-        lay, hid = self.src, self.hidden
-        heads = self.plan.kept("mamba_heads", i, lay.mamba_num_heads)
-        head_channels = self.plan.kept("mamba_head_dim", i, lay.mamba_head_dim)
-        inner = in_proj = conv = head_index = None
-        norm_scale = 1.0
-        if len(heads) < lay.mamba_num_heads or len(head_channels) < lay.mamba_head_dim:
-            inner, head_index = torch.tensor(mamba_channels(lay, heads, head_channels)), torch.tensor(heads)
-            proj, conv_blocks = mamba_in_proj_slices(lay), mamba_conv_slices(lay)
-            # B and C belong to the groups, which all stay; z, x and the conv's x follow the kept channels.
-            z, x, dt = _at(proj["z"], inner), _at(proj["x"], inner), _at(proj["dt"], head_index)
-            in_proj = torch.cat([z, x, _whole(proj["B"], proj["C"]), dt])
-            conv = torch.cat([_at(conv_blocks["x"], inner), _whole(conv_blocks["B"], conv_blocks["C"])])
-            if self.plan.norm_compensation:  # the gated norm is a group norm over I / n_groups channels per group
-                norm_scale = math.sqrt(lay.mamba_intermediate / len(inner))
-        per_head = {name: (head_index, None, 1.0) for name in ("A_log", "D", "dt_bias")}
-        # The depthwise conv1d's weight (channels, 1, kernel) and bias are cut on channels alone, like outputs.
-        projections = _linear_cuts(in_proj=(in_proj, hid), conv1d=(conv, None), out_proj=(hid, inner))
-        return {**projections, **per_head, "norm.weight": (inner, None, norm_scale)}
 
-    def _moe_cuts(self, i: int) -> dict[str, Cut]:
-        """Router rows and correction bias follow the kept experts; `experts.*.weight` is the cut of one expert's
-        [out, in] matrix (every kept expert is cut alike). The routed experts read and write the hidden size, or
-        the latent space when `moe_latent_size` is set (then the latent projections carry the hidden cut)."""
-        experts, hid = self._kept("experts", i), self.hidden
-        width, shared = self._kept("expert_ffn", i), self._kept("shared_ffn", i)
-        per_expert = (self.plan.expert_channels or {}).get(i)
-        if per_expert is not None and len(per_expert[0]) < self.src.moe_intermediate_size:
-            width = torch.tensor(per_expert)  # [source experts, kept width]: row e is expert e's channels
-        latent = self.src.moe_latent_size is not None
-        routed = None if latent else hid
-        cuts = _linear_cuts(**{"shared_experts.up_proj": (shared, hid), "shared_experts.down_proj": (hid, shared)})
-        if latent:
-            cuts |= _linear_cuts(fc1_latent_proj=(None, hid), fc2_latent_proj=(hid, None))
-        return cuts | {
-            "gate.weight": (experts, hid, 1.0),
-            "gate.e_score_correction_bias": (experts, None, 1.0),
-            "experts.up_proj.weight": (width, routed, 1.0),
-            "experts.down_proj.weight": (routed, width, 1.0),
-        }
+def _ffn_cuts(c: Cutter, i: int) -> dict[str, Cut]:
+    ffn = c.kept_index("ffn", i)
+    return _linear_cuts(up_proj=(ffn, None), down_proj=(None, ffn))
+
+
+def _attention_cuts(c: Cutter, i: int) -> dict[str, Cut]:
+    heads = c.kept_index("attn_heads", i)
+    q = None if heads is None else torch.tensor(attention_rows(c.src, heads.tolist()))
+    # K and V stay: query heads are cut within their KV groups, and every group keeps the same number.
+    return _linear_cuts(q_proj=(q, None), o_proj=(None, q))
+
+
+def _mamba_cuts(c: Cutter, i: int) -> dict[str, Cut]:
+    """Both Mamba axes: the kept channels of I are the kept head channels of the kept heads."""
+    lay = c.src
+    heads = c.plan.kept("mamba_heads", i, lay.mamba_num_heads)
+    head_channels = c.plan.kept("mamba_head_dim", i, lay.mamba_head_dim)
+    inner = in_proj = conv = head_index = None
+    norm_scale = 1.0
+    if len(heads) < lay.mamba_num_heads or len(head_channels) < lay.mamba_head_dim:
+        inner, head_index = torch.tensor(mamba_channels(lay, heads, head_channels)), torch.tensor(heads)
+        proj, conv_blocks = mamba_in_proj_slices(lay), mamba_conv_slices(lay)
+        # B and C belong to the groups, which all stay; z, x and the conv's x follow the kept channels.
+        z, x, dt = _at(proj["z"], inner), _at(proj["x"], inner), _at(proj["dt"], head_index)
+        in_proj = torch.cat([z, x, _whole(proj["B"], proj["C"]), dt])
+        conv = torch.cat([_at(conv_blocks["x"], inner), _whole(conv_blocks["B"], conv_blocks["C"])])
+        if c.plan.norm_compensation:  # the gated norm is a group norm over I / n_groups channels per group
+            norm_scale = math.sqrt(lay.mamba_intermediate / len(inner))
+    per_head = {name: (head_index, None, 1.0) for name in ("A_log", "D", "dt_bias")}
+    # The depthwise conv1d's weight (channels, 1, kernel) and bias are cut on channels alone, like outputs.
+    projections = _linear_cuts(in_proj=(in_proj, None), conv1d=(conv, None), out_proj=(None, inner))
+    return {**projections, **per_head, "norm.weight": (inner, None, norm_scale)}
+
+
+def _experts_cuts(c: Cutter, i: int) -> dict[str, Cut]:
+    """Router rows and correction bias follow the kept experts (the expert dimension of the merged expert
+    tensors: `Cutter.cut`; per-expert tensors on disk: `Cutter.output_name`)."""
+    experts = c.kept_index("experts", i)
+    return {"gate.weight": (experts, None, 1.0), "gate.e_score_correction_bias": (experts, None, 1.0)}
+
+
+def _expert_ffn_cuts(c: Cutter, i: int) -> dict[str, Cut]:
+    """`experts.*.weight` is the cut of one expert's [out, in] matrix; every kept expert is cut alike, or each by
+    its own row of a [source experts, kept width] index under the per-expert channel choice."""
+    width = c.kept_index("expert_ffn", i)
+    per_expert = (c.plan[PER_EXPERT_CHANNELS] or {}).get(i)
+    if per_expert is not None and len(per_expert[0]) < c.src.moe_intermediate_size:
+        width = torch.tensor(per_expert)
+    return {"experts.up_proj.weight": (width, None, 1.0), "experts.down_proj.weight": (None, width, 1.0)}
+
+
+def _shared_ffn_cuts(c: Cutter, i: int) -> dict[str, Cut]:
+    shared = c.kept_index("shared_ffn", i)
+    return _linear_cuts(**{"shared_experts.up_proj": (shared, None), "shared_experts.down_proj": (None, shared)})
+
+
+def _hidden_cuts(c: Cutter, i: int) -> dict[str, Cut]:
+    """Columns of every projection that reads the residual stream, rows of every one that writes it. Routed
+    experts read and write the hidden size, or the latent space when `moe_latent_size` is set (then the latent
+    projections carry the hidden cut)."""
+    hid, kind = c.hidden, c.src.pattern[i]
+    if kind == MLP:
+        return _linear_cuts(up_proj=(None, hid), down_proj=(hid, None))
+    if kind == ATTENTION:
+        return _linear_cuts(q_proj=(None, hid), k_proj=(None, hid), v_proj=(None, hid), o_proj=(hid, None))
+    if kind == MAMBA:
+        return _linear_cuts(in_proj=(None, hid), out_proj=(hid, None))
+    cuts = _linear_cuts(**{"shared_experts.up_proj": (None, hid), "shared_experts.down_proj": (hid, None)})
+    cuts["gate.weight"] = (None, hid, 1.0)
+    if c.src.moe_latent_size is not None:
+        return cuts | _linear_cuts(fc1_latent_proj=(None, hid), fc2_latent_proj=(hid, None))
+    return cuts | {"experts.up_proj.weight": (None, hid, 1.0), "experts.down_proj.weight": (hid, None, 1.0)}
+
+
+# The cutting function of every width axis of `anatomy.AXES` (a function shared by two axes runs once a layer).
+CUTS = {
+    "ffn": _ffn_cuts,
+    "mamba_heads": _mamba_cuts,
+    "mamba_head_dim": _mamba_cuts,
+    "attn_heads": _attention_cuts,
+    "hidden": _hidden_cuts,
+    "experts": _experts_cuts,
+    "expert_ffn": _expert_ffn_cuts,
+    "shared_ffn": _shared_ffn_cuts,
+}
+
+
+def _merge(parts) -> dict[str, Cut]:
+    """One layer's cuts from its axes' cuts: each dimension of a tensor cut by at most one axis, factors multiplied."""
+    out: dict[str, Cut] = {}
+    for cuts in parts:
+        for name, (rows, cols, scale) in cuts.items():
+            old_rows, old_cols, old_scale = out.get(name, (None, None, 1.0))
+            if (rows is not None and old_rows is not None) or (cols is not None and old_cols is not None):
+                raise RuntimeError(f"two axes cut the same dimension of {name}")
+            out[name] = (old_rows if rows is None else rows, old_cols if cols is None else cols, old_scale * scale)
+    return out
 
 
 def _cut_key(name: str, rest: str) -> str | None:

@@ -216,7 +216,7 @@ def plant_dead_units(model, plan) -> None:
     an expert the router never picks never runs.
     """
     layout = Layout.from_config(model.config)
-    dead_hidden = sorted(set(range(layout.hidden_size)) - set(plan.hidden or range(layout.hidden_size)))
+    dead_hidden = sorted(set(range(layout.hidden_size)) - set(plan["hidden"] or range(layout.hidden_size)))
     base = model.model
     for i, block in enumerate(base.layers):
         mixer, kind = block.mixer, layout.pattern[i]
@@ -297,7 +297,7 @@ def _plant_moe(mixer, layout: Layout, plan, i: int) -> None:
     never = _dropped(plan, "experts", i, layout)
     mixer.gate.weight[never] = 0
     mixer.gate.e_score_correction_bias[never] = NEVER_CHOSEN_BIAS
-    per_expert = (getattr(plan, "expert_channels", None) or {}).get(i)
+    per_expert = (plan["expert_channels"] or {}).get(i)
     full = layout.moe_intermediate_size
     for e in range(layout.n_routed_experts):  # each expert's own channels, or the same in every expert
         dead = sorted(set(range(full)) - set(per_expert[e])) if per_expert else _dropped(plan, "expert_ffn", i, layout)

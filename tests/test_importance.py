@@ -107,12 +107,12 @@ def test_streamed_equals_in_memory(tiny_checkpoint, tiny_model):
     loaded = score_checkpoint(tiny_checkpoint, ids, ids, stream=False, progress=False)
     assert streamed.meta.settings.streamed and not loaded.meta.settings.streamed
     for other in (streamed, loaded):
-        torch.testing.assert_close(other.depth, mem.depth, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(other.hidden, mem.hidden, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(other["depth"], mem["depth"], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(other["hidden"], mem["hidden"], rtol=1e-6, atol=1e-9)
         for axis in WIDTH:
-            assert set(getattr(other, axis)) == set(getattr(mem, axis))
-            for i, t in getattr(mem, axis).items():
-                torch.testing.assert_close(getattr(other, axis)[i], t, rtol=1e-6, atol=1e-9)
+            assert set(other[axis]) == set(mem[axis])
+            for i, t in mem[axis].items():
+                torch.testing.assert_close(other[axis][i], t, rtol=1e-6, atol=1e-9)
 
 
 def test_width_scores_match_hand_computation(tiny_model):
@@ -191,10 +191,10 @@ def test_dead_units_score_exactly_zero():
                     progress=False)  # fmt: skip
     checks = [("ffn", 5), ("mamba_heads", 2), ("mamba_head_dim", 6), ("attn_heads", 3)]
     for axis, unit in checks:
-        for t in getattr(s, axis).values():
+        for t in s[axis].values():
             assert t[unit].item() == 0.0
             assert (torch.cat([t[:unit], t[unit + 1 :]]) > 0).all()
-    assert s.hidden[7].item() == 0.0 and (s.hidden > 0).sum() == cfg.hidden_size - 1
+    assert s["hidden"][7].item() == 0.0 and (s["hidden"] > 0).sum() == cfg.hidden_size - 1
 
 
 WILD, CONST = 10, 20  # hidden channels: +-20 by token parity (zero mean over a row), and a constant 0.4
@@ -258,10 +258,10 @@ def test_default_width_statistic_ranks_magnitude_not_offset():
     for agg, signed_axes_flip in (("abs_mean,l2", False), ("signed_mean,l2", True)):
         s = score_model(m, None, ids, axes=axes, progress=False, width_agg=agg)
         assert s.meta.settings.width_aggregation == agg
-        assert (s.hidden[WILD] < s.hidden[CONST]) == signed_axes_flip
+        assert (s["hidden"][WILD] < s["hidden"][CONST]) == signed_axes_flip
         for axis, (wild, const) in pairs.items():
             flips = signed_axes_flip and axis.startswith("mamba")
-            for i, sc in getattr(s, axis).items():
+            for i, sc in s[axis].items():
                 assert (sc[wild] < sc[const]) == flips, (agg, axis, i, sc[wild].item(), sc[const].item())
     assert score_model(m, None, ids, axes=axes, progress=False).meta.settings.width_aggregation == "abs_mean,l2"
 
@@ -315,13 +315,13 @@ def test_scores_file_round_trip(tiny_model, tmp_path):
     s = score_model(tiny_model, windows(2), windows(2), progress=False)
     s.save(tmp_path)
     back = Scores.load(tmp_path)
-    assert back.pattern == s.pattern and torch.equal(back.depth, s.depth) and torch.equal(back.hidden, s.hidden)
+    assert back.pattern == s.pattern and torch.equal(back["depth"], s["depth"]) and torch.equal(back["hidden"], s["hidden"])
     for axis in WIDTH:
-        assert all(torch.equal(getattr(back, axis)[i], t) for i, t in getattr(s, axis).items())
+        assert all(torch.equal(back[axis][i], t) for i, t in s[axis].items())
     summary = json.loads((tmp_path / "scores.json").read_text())["summary"]
     rank = summary["depth"]["ranking"]
     assert sorted(rank["mamba"]) == [i for i, c in enumerate(s.pattern) if c == "M"]
-    assert s.depth[rank["mlp"][0]] >= s.depth[rank["mlp"][-1]]
+    assert s["depth"][rank["mlp"][0]] >= s["depth"][rank["mlp"][-1]]
     order = summary["attn_heads"]["order_within_groups"]["2"]
     assert len(order) == 2 and sorted(order[0]) == [0, 1, 2, 3] and sorted(order[1]) == [4, 5, 6, 7]
     # A file naming an axis that is not in the anatomy (an older spelling) is refused, not half read.
@@ -339,7 +339,7 @@ def test_scores_json_is_the_typed_artifact(tiny_model, tmp_path):
     s.save(tmp_path)
     meta = ScoresMeta.read(tmp_path / "scores.json")  # the file the stage wrote validates
     assert meta == s.info() and meta.pattern == s.pattern and meta.settings.depth_samples == 2
-    assert meta.depth == pytest.approx(s.depth.tolist()) and meta.groups["mamba_heads"] == 2
+    assert meta.depth == pytest.approx(s["depth"].tolist()) and meta.groups["mamba_heads"] == 2
     assert Scores.load(tmp_path).info() == meta  # load -> save writes the same document
     # A key the model does not know (another version's, a hand edit) is refused in one line, not dropped.
     doc = json.loads((tmp_path / "scores.json").read_text())
@@ -360,7 +360,7 @@ def test_scores_put_together_without_a_scoring_run_round_trip(tmp_path):
     s.save(tmp_path)
     back = Scores.load(tmp_path)
     assert back.info().settings is None and back.info().groups == {} and back.info().timing == {}
-    assert torch.equal(back.depth, s.depth) and torch.equal(back.ffn[1], s.ffn[1])
+    assert torch.equal(back["depth"], s["depth"]) and torch.equal(back["ffn"][1], s["ffn"][1])
     assert back.info().depth == pytest.approx([0.4, 0.1, 0.3, 0.2]) and back.layer_ranking("mlp") == [1]
     # A record scores.json has no field for cannot be made, so none can be saved.
     with pytest.raises(ValueError, match="note"):
@@ -379,11 +379,11 @@ def test_score_command(tmp_path, tokenizer, text_file):
     assert meta["data"]["source"] == str(text_file) and meta["data"]["depth_rows"] == 2
     assert not (tmp_path / ".scores.resume").exists()
     s = Scores.load(out)
-    assert s.depth.shape == (10,) and set(s.ffn) == {1, 4, 7, 9}
+    assert s["depth"].shape == (10,) and set(s["ffn"]) == {1, 4, 7, 9}
     # the same settings in memory give the same scores
     code, _, err = run_cli([*args, "--no-stream", "--depth-metric", "kl_logits", "-o", str(tmp_path / "s2")])
     assert code == 0, err
-    torch.testing.assert_close(Scores.load(tmp_path / "s2").depth, s.depth, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(Scores.load(tmp_path / "s2")["depth"], s["depth"], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize(

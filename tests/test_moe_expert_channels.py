@@ -1,4 +1,4 @@
-"""Per-expert channel choice for the routed experts (`Plan.expert_channels`): every expert keeps the same number of
+"""Per-expert channel choice for the routed experts (`plan["expert_channels"]`): every expert keeps the same number of
 channels but its own ones. Dead channels that differ per expert are cut exactly; the cut matrices are the source
 experts' own rows and columns; streamed equals in memory in both weight-name styles and both expert forms on disk."""
 
@@ -60,7 +60,7 @@ def test_dead_channels_that_differ_per_expert_are_cut_exactly(layout_name):
     plan = per_expert_plan(layout, keep=24)
     # The planted dead channels really differ between experts (else this would test the shared choice).
     i = moe_layers(layout)[0]
-    assert len({tuple(c) for c in plan.expert_channels[i]}) == layout.n_routed_experts
+    assert len({tuple(c) for c in plan["expert_channels"][i]}) == layout.n_routed_experts
     plant_dead_units(model, plan)
     ref = logits(model)
     small = prune_model(model, plan)
@@ -83,9 +83,9 @@ def test_each_expert_keeps_its_own_rows_and_columns():
         if layout.pattern[i] != "E":
             continue
         old, new = model.model.layers[i].mixer.experts, small.model.layers[new_i].mixer.experts
-        assert new.up_proj.shape == (len(plan.experts[i]), 16, layout.hidden_size)
-        for j, e in enumerate(plan.experts[i]):
-            c = plan.expert_channels[i][e]
+        assert new.up_proj.shape == (len(plan["experts"][i]), 16, layout.hidden_size)
+        for j, e in enumerate(plan["experts"][i]):
+            c = plan["expert_channels"][i][e]
             assert torch.equal(new.up_proj[j], old.up_proj[e][c, :])
             assert torch.equal(new.down_proj[j], old.down_proj[e][:, c])
 
@@ -95,7 +95,7 @@ def test_streamed_equals_in_memory_in_both_expert_forms(style, tmp_path):
     layout, model = LAYOUTS["grouped"], model_for("grouped", seed=7)
     every = list(range(layout.num_layers))
     base = per_expert_plan(layout, keep=16, seed=2, drop_experts=True)
-    plan = Plan(layers=every[:4] + every[5:], experts=base.experts, expert_channels=base.expert_channels,
+    plan = Plan(layers=every[:4] + every[5:], experts=base["experts"], expert_channels=base["expert_channels"],
                 hidden=list(range(0, layout.hidden_size, 2)))  # fmt: skip
     plan = Plan.from_dict(plan.to_dict())  # the plan file's form
     in_memory = prune_model(model, plan).state_dict()
@@ -175,21 +175,21 @@ def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp
     from minipuzzle.importance import score_model
     from minipuzzle.importance.scores import Scores
     from minipuzzle.search import DamageModel, SearchSpace, make_budget, search
-    from minipuzzle.search.plan import candidate_plan
+    from minipuzzle.search.plan import choose_units
 
     layout, model = LAYOUTS["grouped"], model_for("grouped", seed=6)
     planted = per_expert_plan(layout, keep=16, seed=3)
     plant_dead_units(model, planted)
     windows = torch.randint(0, layout.vocab_size, (6, 32), generator=torch.Generator().manual_seed(8))
     s = score_model(model, None, windows, ["expert_ffn"], progress=False, width_agg="abs_mean,mean")
-    for i, lists in planted.expert_channels.items():
-        table = s.expert_channels[i]
+    for i, lists in planted["expert_channels"].items():
+        table = s["expert_channels"][i]
         assert table.shape == (layout.n_routed_experts, 32)
         for e, live in enumerate(lists):
             dead = [c for c in range(32) if c not in live]
             assert table[e, dead].eq(0).all() and table[e, live].gt(0).all(), (i, e)
         # Summed over the experts (a linear statistic): the shared scores, every channel of which some expert uses.
-        assert torch.allclose(table.sum(0), s.expert_ffn[i], rtol=1e-5) and s.expert_ffn[i].gt(0).all()
+        assert torch.allclose(table.sum(0), s["expert_ffn"][i], rtol=1e-5) and s["expert_ffn"][i].gt(0).all()
     s.save(tmp_path)
     s = Scores.load(tmp_path)  # the per-expert table survives the scores file
     space = SearchSpace.build(layout, "expert_ffn")
@@ -197,14 +197,14 @@ def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp
     target = layout.replace(moe_intermediate_size=16)
     best = next(c for c in search(space, make_budget(layout, target=str(target.num_params())), dmodel, k=4)
                 if c.widths["expert_ffn"] == 16)  # fmt: skip
-    plan = candidate_plan(best, dmodel, s, expert_channels="per_expert")
-    assert plan.expert_ffn is None and plan.expert_channels == planted.expert_channels
+    plan = choose_units(best, dmodel, s, expert_channels="per_expert")
+    assert plan["expert_ffn"] is None and plan["expert_channels"] == planted["expert_channels"]
     ref = logits(model)
     assert rel_err(logits(prune_model(model, plan)), ref) < 1e-6
-    shared = candidate_plan(best, dmodel, s, expert_channels="shared")
-    assert shared.expert_channels is None and rel_err(logits(prune_model(model, shared)), ref) > 1e-3
+    shared = choose_units(best, dmodel, s, expert_channels="shared")
+    assert shared["expert_channels"] is None and rel_err(logits(prune_model(model, shared)), ref) > 1e-3
     with pytest.raises(UserError, match="unknown expert channel choice"):
-        candidate_plan(best, dmodel, s, expert_channels="each")
+        choose_units(best, dmodel, s, expert_channels="each")
     # The same through `minipuzzle search --expert-channels per_expert`, and a bad choice is a one-line error.
     from minipuzzle.search.plan import read_plan
     from minipuzzle.testing import run_cli
@@ -214,12 +214,12 @@ def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp
             "expert_ffn", "-o", str(tmp_path / "layout.yaml"), "--expert-channels"]  # fmt: skip
     code, _, err = run_cli([*args, "per_expert"])
     assert code == 0, err
-    assert read_plan(tmp_path / "layout.yaml").expert_channels == planted.expert_channels
+    assert read_plan(tmp_path / "layout.yaml")["expert_channels"] == planted["expert_channels"]
     code, _, err = run_cli([*args, "each"])
     assert code == 2 and "expert-channels" in err and len(err.strip().splitlines()) == 1, err
-    s.expert_channels = {}  # scores from before this version
+    s["expert_channels"] = {}  # scores from before this version
     with pytest.raises(UserError, match="no per-expert channel scores"):
-        candidate_plan(best, dmodel, s, expert_channels="per_expert")
+        choose_units(best, dmodel, s, expert_channels="per_expert")
 
 
 def test_recipe_expert_channels_reach_the_prune_settings():

@@ -51,9 +51,9 @@ def planted():
 @pytest.mark.parametrize("estimator", list(EXPERT_ESTIMATORS))
 def test_planted_units_score_exactly_zero(planted, estimator):
     s = score_model(planted, WINDOWS, WINDOWS, ALL_AXES, progress=False, expert_estimator=estimator)
-    assert sorted(s.experts) == sorted(s.expert_ffn) == sorted(s.shared_ffn) == [1, 3]
+    assert sorted(s["experts"]) == sorted(s["expert_ffn"]) == sorted(s["shared_ffn"]) == [1, 3]
     for i, never in NEVER.items():
-        scores = s.experts[i]
+        scores = s["experts"][i]
         assert scores.shape == (8,)
         assert scores[never].eq(0).all(), (estimator, i, scores)
         assert scores[_keep(8, never)].gt(0).all(), (estimator, i, scores)
@@ -61,12 +61,12 @@ def test_planted_units_score_exactly_zero(planted, estimator):
     for axis in ("expert_ffn", "shared_ffn"):
         for i, dead in DEAD[axis].items():
             width = 32 if axis == "expert_ffn" else 48
-            assert s.__dict__[axis][i].shape == (width,)
-            assert s.__dict__[axis][i][dead].eq(0).all() and s.__dict__[axis][i][_keep(width, dead)].gt(0).all()
+            assert s[axis][i].shape == (width,)
+            assert s[axis][i][dead].eq(0).all() and s[axis][i][_keep(width, dead)].gt(0).all()
     # The dense axes on an MoE model: the dead hidden channel, and an identity Mamba layer, score 0.
-    assert s.hidden[7] == 0 and s.hidden[_keep(64, [7])].gt(0).all()
-    assert s.depth[4] == 0 and s.depth[_keep(6, [4])].gt(0).all()
-    assert sorted(s.mamba_heads) == [0, 4] and sorted(s.attn_heads) == [2] and sorted(s.ffn) == [5]
+    assert s["hidden"][7] == 0 and s["hidden"][_keep(64, [7])].gt(0).all()
+    assert s["depth"][4] == 0 and s["depth"][_keep(6, [4])].gt(0).all()
+    assert sorted(s["mamba_heads"]) == [0, 4] and sorted(s["attn_heads"]) == [2] and sorted(s["ffn"]) == [5]
     assert s.meta.settings.expert_estimator == estimator
 
 
@@ -74,8 +74,8 @@ def test_estimators_differ_and_depth_ranks_moe_layers(planted, tmp_path):
     got = {e: score_model(planted, WINDOWS, WINDOWS, ["depth", "experts"], progress=False, expert_estimator=e)
            for e in EXPERT_ESTIMATORS}  # fmt: skip
     live = _keep(8, NEVER[1])
-    assert not torch.allclose(got["removal"].experts[1][live], got["router_load"].experts[1][live])
-    assert not torch.allclose(got["output_norm"].experts[1][live], got["router_load"].experts[1][live])
+    assert not torch.allclose(got["removal"]["experts"][1][live], got["router_load"]["experts"][1][live])
+    assert not torch.allclose(got["output_norm"]["experts"][1][live], got["router_load"]["experts"][1][live])
     s = got["removal"]
     assert s.layer_ranking("moe") == s.layer_ranking("E") and sorted(s.layer_ranking("moe")) == [1, 3]
     summary = s.info().summary
@@ -127,9 +127,9 @@ def test_streamed_equals_in_memory(style, tmp_path):
     mem = score_model(model, WINDOWS, WINDOWS, ALL_AXES, progress=False)
     streamed = score_checkpoint(path, WINDOWS, WINDOWS, ALL_AXES, stream=True, progress=False)
     assert streamed.meta.settings.streamed and not mem.meta.settings.streamed
-    assert torch.equal(mem.depth, streamed.depth) and torch.equal(mem.hidden, streamed.hidden)
+    assert torch.equal(mem["depth"], streamed["depth"]) and torch.equal(mem["hidden"], streamed["hidden"])
     for axis in ["ffn", "mamba_heads", "mamba_head_dim", "attn_heads", *MOE_AXES]:
-        a, b = getattr(mem, axis), getattr(streamed, axis)
+        a, b = mem[axis], streamed[axis]
         assert a and sorted(a) == sorted(b), axis
         for i in a:
             assert torch.equal(a[i], b[i]), (axis, i)
@@ -161,16 +161,16 @@ def test_scores_find_exactly_the_planted_units_and_cutting_them_keeps_the_logits
     s = score_model(model, WINDOWS, WINDOWS, ["depth", *MOE_AXES], progress=False)
     groups = LAYOUT.n_group
     plan = Plan(
-        layers=[i for i in EVERY if i != int(s.depth.argmin())],
-        experts={i: sorted(s.group_order(t, groups)[:, :-1].flatten().tolist()) for i, t in s.experts.items()},
-        expert_ffn={i: torch.where(t > 0)[0].tolist() for i, t in s.expert_ffn.items()},
-        shared_ffn={i: torch.where(t > 0)[0].tolist() for i, t in s.shared_ffn.items()},
+        layers=[i for i in EVERY if i != int(s["depth"].argmin())],
+        experts={i: sorted(s.group_order(t, groups)[:, :-1].flatten().tolist()) for i, t in s["experts"].items()},
+        expert_ffn={i: torch.where(t > 0)[0].tolist() for i, t in s["expert_ffn"].items()},
+        shared_ffn={i: torch.where(t > 0)[0].tolist() for i, t in s["shared_ffn"].items()},
     )
     assert plan.layers == [i for i in EVERY if i != 4]
-    assert plan.experts == {i: _keep(8, dead) for i, dead in NEVER.items()}
+    assert plan["experts"] == {i: _keep(8, dead) for i, dead in NEVER.items()}
     for axis in ("expert_ffn", "shared_ffn"):
         width = 32 if axis == "expert_ffn" else 48
-        assert getattr(plan, axis) == {i: _keep(width, dead) for i, dead in DEAD[axis].items()}
+        assert plan[axis] == {i: _keep(width, dead) for i, dead in DEAD[axis].items()}
     src = save_model(model, tmp_path / "src", style="backbone")
     (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
     code, _, err = run_cli(["cut", str(src), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")])

@@ -134,7 +134,7 @@ def test_router_slices_follow_the_kept_experts():
     for new_i, i in enumerate(plan.layers):
         if layout.pattern[i] != "E":
             continue
-        keep = torch.tensor(plan.experts[i])
+        keep = torch.tensor(plan["experts"][i])
         old, new = model.model.layers[i].mixer, small.model.layers[new_i].mixer
         assert torch.equal(new.gate.weight, old.gate.weight[keep])
         assert torch.equal(new.gate.e_score_correction_bias, old.gate.e_score_correction_bias[keep])

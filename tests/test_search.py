@@ -29,15 +29,15 @@ from minipuzzle.testing import tiny_layout
 def synthetic_scores(layout, seed=0):
     g = torch.Generator().manual_seed(seed)
     s = Scores(pattern=layout.pattern, depth=torch.rand(layout.num_layers, generator=g) + 0.01)
-    s.hidden = torch.rand(layout.hidden_size, generator=g)
+    s["hidden"] = torch.rand(layout.hidden_size, generator=g)
     for i, ch in enumerate(layout.pattern):
         if ch == "-":
-            s.ffn[i] = torch.rand(layout.intermediate_size, generator=g)
+            s["ffn"][i] = torch.rand(layout.intermediate_size, generator=g)
         elif ch == "M":
-            s.mamba_heads[i] = torch.rand(layout.mamba_num_heads, generator=g)
-            s.mamba_head_dim[i] = torch.rand(layout.mamba_head_dim, generator=g)
+            s["mamba_heads"][i] = torch.rand(layout.mamba_num_heads, generator=g)
+            s["mamba_head_dim"][i] = torch.rand(layout.mamba_head_dim, generator=g)
         else:
-            s.attn_heads[i] = torch.rand(layout.num_attention_heads, generator=g)
+            s["attn_heads"][i] = torch.rand(layout.num_attention_heads, generator=g)
     return s
 
 
@@ -182,9 +182,9 @@ def test_bad_band_is_a_user_error():
 def test_zero_scores_are_cut_first():
     src = tiny_layout()
     scores = synthetic_scores(src)
-    scores.depth[[1, 3]] = 0.0  # an MLP and a Mamba layer that do nothing
-    for i in scores.ffn:
-        scores.ffn[i][:10] = 0.0
+    scores["depth"][[1, 3]] = 0.0  # an MLP and a Mamba layer that do nothing
+    for i in scores["ffn"]:
+        scores["ffn"][i][:10] = 0.0
     space = SearchSpace.build(src, "depth,ffn", min_width=0.5)
     model = DamageModel(scores, space)
     widths = {a: space.widths[a][0] for a in WIDTH_AXES} | {"ffn": 86}

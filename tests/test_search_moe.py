@@ -14,7 +14,7 @@ from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
 from minipuzzle.search import DamageModel, SearchSpace, count_pool, in_pool, is_maximal, make_budget, search
 from minipuzzle.search.pipeline import build_space, count_feasible, dry_run
-from minipuzzle.search.plan import candidate_plan, layout_document
+from minipuzzle.search.plan import choose_units, layout_document
 from minipuzzle.settings import PruneSettings
 from minipuzzle.testing import run_cli, tiny_layout
 
@@ -36,14 +36,14 @@ def synthetic_scores(layout: Layout, seed: int = 0) -> Scores:
     s = Scores(pattern=layout.pattern, depth=rand(layout.num_layers), hidden=rand(layout.hidden_size))
     for i, kind in enumerate(layout.pattern):
         if kind == "-":
-            s.ffn[i] = rand(layout.intermediate_size)
+            s["ffn"][i] = rand(layout.intermediate_size)
         elif kind == "M":
-            s.mamba_heads[i], s.mamba_head_dim[i] = rand(layout.mamba_num_heads), rand(layout.mamba_head_dim)
+            s["mamba_heads"][i], s["mamba_head_dim"][i] = rand(layout.mamba_num_heads), rand(layout.mamba_head_dim)
         elif kind == "*":
-            s.attn_heads[i] = rand(layout.num_attention_heads)
+            s["attn_heads"][i] = rand(layout.num_attention_heads)
         else:
-            s.experts[i], s.expert_ffn[i] = rand(layout.n_routed_experts), rand(layout.moe_intermediate_size)
-            s.shared_ffn[i] = rand(layout.moe_shared_expert_intermediate_size)
+            s["experts"][i], s["expert_ffn"][i] = rand(layout.n_routed_experts), rand(layout.moe_intermediate_size)
+            s["shared_ffn"][i] = rand(layout.moe_shared_expert_intermediate_size)
     return s
 
 
@@ -162,22 +162,22 @@ def test_active_limit_binds_in_the_solver_bounds():
 # ---- candidates, plans and reports -------------------------------------------------------------------------------
 
 
-def test_moe_candidate_plan_keeps_top_experts_per_group_and_reports_moe():
+def test_moe_choose_units_keeps_top_experts_per_group_and_reports_moe():
     src = tiny_moe()
     scores = synthetic_scores(src, seed=2)
-    for i in scores.experts:  # experts 1 and 6 (one in each group of 4) never chosen; expert channels 0-3 dead
-        scores.experts[i][[1, 6]] = 0.0
-        scores.expert_ffn[i][:16] = 0.0
+    for i in scores["experts"]:  # experts 1 and 6 (one in each group of 4) never chosen; expert channels 0-3 dead
+        scores["experts"][i][[1, 6]] = 0.0
+        scores["expert_ffn"][i][:16] = 0.0
     space = SearchSpace.build(src, "depth,experts,expert_ffn,shared_ffn")
     model = DamageModel(scores, space)
     widths = {a: v[0] for a, v in space.widths.items()} | {"experts": 6, "expert_ffn": 16}
     target = space.layout(widths, {k: hi for k, (_, hi) in space.layers.items()})
     best = search(space, make_budget(src, target=str(target.num_params())), model, k=2)[0]
     assert best.damage == 0.0 and best.widths == widths
-    plan = candidate_plan(best, model, scores)
+    plan = choose_units(best, model, scores)
     moe_layers = [i for i, kind in enumerate(src.pattern) if kind == "E"]
-    assert sorted(plan.experts) == moe_layers and all(v == [0, 2, 3, 4, 5, 7] for v in plan.experts.values())
-    assert all(v == list(range(16, 32)) for v in plan.expert_ffn.values()) and plan.shared_ffn is None
+    assert sorted(plan["experts"]) == moe_layers and all(v == [0, 2, 3, 4, 5, 7] for v in plan["experts"].values())
+    assert all(v == list(range(16, 32)) for v in plan["expert_ffn"].values()) and plan["shared_ffn"] is None
     doc = layout_document(plan, src, cand=best)
     assert doc["result"]["layers"] == {"mamba": 3, "mlp": 1, "attention": 1, "moe": 3}
     assert doc["result"]["widths"]["experts"] == 6 and doc["result"]["active_params"] == target.num_active_params()
@@ -238,10 +238,10 @@ def test_published_22b_is_what_the_search_picks_when_only_its_cuts_are_free():
     st = nano3_settings()
     space, budget = build_space(src, st), st.budget_for(src)
     scores = synthetic_scores(src, seed=7)
-    scores.hidden[2304:] = 0.0
-    for i in scores.experts:
-        scores.experts[i][104:] = 0.0
-        scores.shared_ffn[i][3072:] = 0.0
+    scores["hidden"][2304:] = 0.0
+    for i in scores["experts"]:
+        scores["experts"][i][104:] = 0.0
+        scores["shared_ffn"][i][3072:] = 0.0
     model = DamageModel(scores, space)
     for method in ("enumerate", "mip"):
         best = search(space, budget, model, k=2, method=method, band=st.band)[0]

@@ -89,13 +89,14 @@ def _print_summary(scores, output: Path) -> None:
     from minipuzzle.arch import KIND_NAMES
 
     con = Console()
-    if scores.depth is not None:
+    if "depth" in scores:
         t = Table(title=f"least important layers by kind ({scores.meta.settings.depth_metric})")
         t.add_column("kind")
         t.add_column("layers, least important first")
+        depth = scores["depth"]
         for ch, name in KIND_NAMES.items():
             ranked = scores.layer_ranking(ch)[::-1]
             if ranked:
-                t.add_row(name, ", ".join(f"{i} ({scores.depth[i]:.3g})" for i in ranked[:8]))
+                t.add_row(name, ", ".join(f"{i} ({depth[i]:.3g})" for i in ranked[:8]))
         con.print(t)
     con.print(f"scores written to {output}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.anatomy import KIND_NAMES, LAYER_AXES
+from minipuzzle.anatomy import AXES, KIND_NAMES, LAYER_AXES, WIDTH_AXES
 from minipuzzle.importance.scores import Scores
 
 KIND_COLOURS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green", "E": "tab:purple"}
@@ -21,8 +21,8 @@ def plot_scores(scores: Scores, folder: str | Path) -> list[Path]:
 
     folder = Path(folder)
     written = []
-    if scores.depth is not None:
-        d = scores.depth.float()
+    if "depth" in scores:
+        d = scores["depth"].float()
         fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(d) + 2), 3.5))
         colours = [KIND_COLOURS.get(ch, "gray") for ch in scores.pattern]
         ax.bar(range(len(d)), d.tolist(), color=colours)
@@ -40,9 +40,8 @@ def plot_scores(scores: Scores, folder: str | Path) -> list[Path]:
         written.append(folder / "depth.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    panels = [(a, getattr(scores, a)) for a in LAYER_AXES if getattr(scores, a)]
-    if scores.hidden is not None:
-        panels.append(("hidden", {0: scores.hidden}))
+    panels = [(a, scores[a]) for a in LAYER_AXES if a in scores]
+    panels += [(a, {0: scores[a]}) for a in WIDTH_AXES if AXES[a].kind is None and a in scores]
     if panels:
         fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels) + 0.6), squeeze=False)
         for ax, (name, per) in zip(axes[:, 0], panels, strict=True):
@@ -51,7 +50,7 @@ def plot_scores(scores: Scores, folder: str | Path) -> list[Path]:
             # each layer scaled to its own maximum: the plot shows which units matter within a layer
             grid = grid / grid.amax(1, keepdim=True).clamp_min(1e-30)
             ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
-            ax.set_yticks(range(len(layers)), [str(i) for i in layers] if name != "hidden" else ["all"])
+            ax.set_yticks(range(len(layers)), [str(i) for i in layers] if AXES[name].kind is not None else ["all"])
             ax.set_ylabel("layer")
             ax.set_title(f"{name} importance (scaled per layer; x = unit index)", fontsize=9)
         fig.tight_layout()

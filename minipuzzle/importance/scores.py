@@ -6,53 +6,73 @@ it. Higher = more important on every axis. Layer indices are the source model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from minipuzzle.anatomy import KIND_NAMES, LAYER_AXES
+from minipuzzle.anatomy import AXES, KIND_NAMES, LAYER_AXES, PER_EXPERT_CHANNELS, SEARCH_AXES, WIDTH_AXES
 from minipuzzle.artifacts import ScoresMeta
 from minipuzzle.errors import UserError
 
+# Every table a scores file may hold, in file order: depth and the width axes of `anatomy.AXES`, then the routed
+# experts' own channels. Per-layer tables map source layer -> tensor; the others are one tensor for the model.
+SCORE_TABLES = (*SEARCH_AXES, PER_EXPERT_CHANNELS)
+PER_LAYER_TABLES = (*LAYER_AXES, PER_EXPERT_CHANNELS)
 
-@dataclass
+
 class Scores:
-    """Importance of every prunable unit (axes as in `minipuzzle.anatomy`).
+    """Importance of every prunable unit, one table per axis of `minipuzzle.anatomy` (`scores[axis]`).
 
-    depth: [num_layers] damage from dropping each layer alone (higher = more important).
-    ffn[i]: [intermediate_size] for each MLP layer i. mamba_heads[i]: [mamba_num_heads] for each Mamba layer i.
-    mamba_head_dim[i]: [mamba_head_dim]. attn_heads[i]: [num_attention_heads] for each attention layer i.
-    hidden: [hidden_size]. expert_channels[i]: [n_routed_experts, moe_intermediate_size], each routed expert's own
-    channels (scored with expert_ffn, for the per-expert channel choice). An axis that was not scored is empty / None. `meta` is how they were measured
-    (`artifacts.ScoresMeta`; its `pattern` and `summary` are filled by `info()` from the tensors); meta.groups[axis]:
-    the group count of each grouped axis (`Axis.unit`), for the within-group order in the summary.
+    scores["depth"]: [num_layers] damage from dropping each layer alone (higher = more important).
+    scores[layer axis][i]: [units] for each source layer i of the axis's kind, e.g. scores["ffn"][i]
+    [intermediate_size] of MLP layer i, scores["mamba_heads"][i] [mamba_num_heads]. scores["hidden"]: [hidden_size].
+    scores["expert_channels"][i]: [n_routed_experts, moe_intermediate_size], each routed expert's own channels
+    (scored with expert_ffn, for the per-expert channel choice). An axis that was not scored reads as an empty
+    dict (per-layer tables) or None. `meta` is how they were measured (`artifacts.ScoresMeta`; its `pattern` and
+    `summary` are filled by `info()` from the tensors); meta.groups[axis]: the group count of each grouped axis
+    (`Axis.unit`), for the within-group order in the summary.
     """
 
-    pattern: str
-    depth: torch.Tensor | None = None
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    mamba_heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    mamba_head_dim: dict[int, torch.Tensor] = field(default_factory=dict)
-    attn_heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    hidden: torch.Tensor | None = None
-    experts: dict[int, torch.Tensor] = field(default_factory=dict)
-    expert_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    expert_channels: dict[int, torch.Tensor] = field(default_factory=dict)
-    meta: ScoresMeta = field(default_factory=ScoresMeta)
+    def __init__(self, pattern: str, tables: dict[str, Any] | None = None, meta: ScoresMeta | None = None, **named):
+        """`tables` (or keyword arguments named like them) maps table names of `SCORE_TABLES` to tensors."""
+        self.pattern = pattern
+        self.meta = meta if meta is not None else ScoresMeta()
+        self.tables: dict[str, Any] = {}
+        for name, table in {**(tables or {}), **named}.items():
+            self[name] = table
+
+    def __getitem__(self, name: str):
+        _check_table(name)
+        if name in PER_LAYER_TABLES:  # a table to fill layer by layer, like `scores["ffn"][i] = t`
+            return self.tables.setdefault(name, {})
+        return self.tables.get(name)
+
+    def __setitem__(self, name: str, table) -> None:
+        _check_table(name)
+        if table is None:
+            self.tables.pop(name, None)
+        else:
+            self.tables[name] = dict(table) if name in PER_LAYER_TABLES else table
+
+    def __contains__(self, name: str) -> bool:
+        """Whether table `name` holds scores (a per-layer table with at least one layer)."""
+        table = self.tables.get(name)
+        return table is not None and (name not in PER_LAYER_TABLES or bool(table))
+
+    def __repr__(self) -> str:
+        return f"Scores(pattern={self.pattern!r}, tables={[n for n in SCORE_TABLES if n in self]})"
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of scores.safetensors: `name` for whole-model tables, `name.layer` for per-layer ones."""
         out: dict[str, torch.Tensor] = {}
-        if self.depth is not None:
-            out["depth"] = self.depth
-        if self.hidden is not None:
-            out["hidden"] = self.hidden
-        for axis in (*LAYER_AXES, "expert_channels"):
-            for i, t in getattr(self, axis).items():
-                out[f"{axis}.{i}"] = t
+        for name in SCORE_TABLES:
+            if name not in PER_LAYER_TABLES and name in self:
+                out[name] = self[name]
+        for name in PER_LAYER_TABLES:
+            for i, t in self[name].items():
+                out[f"{name}.{i}"] = t
         return {k: v.detach().float().contiguous().cpu() for k, v in out.items()}
 
     def info(self) -> ScoresMeta:
@@ -85,11 +105,11 @@ class Scores:
         # The summary is derived from the tensors, so it is not carried.
         s = cls(pattern=pattern or info.pattern, meta=info.model_copy(update={"summary": {}}))
         for k, t in tensors.items():
-            axis, _, i = k.rpartition(".")
-            if k in ("depth", "hidden"):
-                setattr(s, k, t)
-            elif axis in (*LAYER_AXES, "expert_channels"):
-                getattr(s, axis)[int(i)] = t
+            name, _, i = k.rpartition(".")
+            if k in SCORE_TABLES and k not in PER_LAYER_TABLES:
+                s[k] = t
+            elif name in PER_LAYER_TABLES and i.isdigit():
+                s.tables.setdefault(name, {})[int(i)] = t
             else:
                 raise UserError(f"unknown score tensor {k!r} in {f}: re-run `minipuzzle score` with this version")
         return s
@@ -97,10 +117,10 @@ class Scores:
     # ---- readable views ---------------------------------------------------------------------------------------
     def layer_ranking(self, kind: str | None = None) -> list[int]:
         """Layer indices, most important first; `kind` ('M', '*', '-' or mamba/attention/mlp) keeps one kind."""
-        if self.depth is None:
+        if "depth" not in self:
             return []
         ch = {v: k for k, v in KIND_NAMES.items()}.get(kind, kind)
-        order = torch.argsort(self.depth.float(), descending=True, stable=True).tolist()
+        order = torch.argsort(self["depth"].float(), descending=True, stable=True).tolist()
         return [i for i in order if ch is None or self.pattern[i] == ch]
 
     @staticmethod
@@ -114,8 +134,8 @@ class Scores:
     def summary(self) -> dict[str, Any]:
         """Layer ranking by kind, per-axis statistics and within-group head order, for scores.json."""
         out: dict[str, Any] = {}
-        if self.depth is not None:
-            d = self.depth.float()
+        if "depth" in self:
+            d = self["depth"].float()
             out["depth"] = {
                 "scores": [round(float(x), 8) for x in d],
                 "ranking": {name: self.layer_ranking(ch) for ch, name in KIND_NAMES.items() if ch in self.pattern},
@@ -123,7 +143,7 @@ class Scores:
             }
         groups = self.meta.groups
         for axis in LAYER_AXES:
-            per = getattr(self, axis)
+            per = self[axis]
             if not per:
                 continue
             allv = torch.cat([t.float().flatten() for t in per.values()])
@@ -139,9 +159,9 @@ class Scores:
             if g:
                 entry["order_within_groups"] = {str(i): self.group_order(t, g).tolist() for i, t in per.items()}
             out[axis] = entry
-        if self.hidden is not None:
-            h = self.hidden.float()
-            out["hidden"] = {
+        for name in (name for name in WIDTH_AXES if AXES[name].kind is None and name in self):
+            h = self[name].float()
+            out[name] = {
                 "units": int(h.numel()),
                 "min": float(h.min()),
                 "mean": float(h.mean()),
@@ -149,3 +169,8 @@ class Scores:
                 "exact_zeros": int((h == 0).sum()),
             }
         return out
+
+
+def _check_table(name: str) -> None:
+    if name not in SCORE_TABLES:
+        raise KeyError(f"no score table {name!r}: scores hold {', '.join(SCORE_TABLES)}")

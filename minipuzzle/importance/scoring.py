@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from minipuzzle.anatomy import AXES, LAYER_AXES, SEARCH_AXES, WIDTH_AXES
+from minipuzzle.anatomy import AXES, PER_EXPERT_CHANNELS, SEARCH_AXES, WIDTH_AXES
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import ScoresMeta, ScoringInfo
 from minipuzzle.errors import UserError
@@ -78,12 +78,12 @@ def score_stack(
         how = {"agg": width_agg, "expert_estimator": expert_estimator}
         got = _width_pass(stack, windows_width, width_axes, how, batch_size, budget_bytes, resume_dir, progress)
         for axis in width_axes:
-            setattr(scores, axis, dict(got[axis]) if axis in LAYER_AXES else got[axis])
-        scores.expert_channels = dict(got.get("expert_channels") or {})
+            scores[axis] = got[axis]
+        scores[PER_EXPERT_CHANNELS] = got.get(PER_EXPERT_CHANNELS) or {}
         timing["width_seconds"] = round(time.perf_counter() - t0, 3)
     if "depth" in axes:
         t0 = time.perf_counter()
-        scores.depth = depth_scores(
+        scores["depth"] = depth_scores(
             stack, windows_depth, depth_metric, batch_size=batch_size, budget_bytes=budget_bytes,
             resume_dir=resume_dir, progress=progress,
         )  # fmt: skip
@@ -179,7 +179,7 @@ def _load_width(resume_dir, fp) -> dict[str, Any] | None:
         s = Scores.load(folder)
     except (OSError, ValueError, UserError):
         return None
-    return {a: getattr(s, a) for a in (*WIDTH_AXES, "expert_channels")}
+    return {name: s[name] for name in (*WIDTH_AXES, PER_EXPERT_CHANNELS)}
 
 
 def _save_width(resume_dir, fp, got, pattern) -> None:
@@ -187,11 +187,7 @@ def _save_width(resume_dir, fp, got, pattern) -> None:
         return
     folder = Path(resume_dir) / WIDTH_FILE
     folder.mkdir(parents=True, exist_ok=True)
-    s = Scores(pattern=pattern, hidden=got["hidden"])
-    for a in LAYER_AXES:
-        setattr(s, a, got[a])
-    s.expert_channels = got.get("expert_channels") or {}
-    s.save(folder)
+    Scores(pattern, {name: got.get(name) for name in (*WIDTH_AXES, PER_EXPERT_CHANNELS)}).save(folder)
     tmp = folder / "fingerprint.json.tmp"
     tmp.write_text(json.dumps(fp))
     os.replace(tmp, folder / "fingerprint.json")

@@ -30,7 +30,7 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from minipuzzle.anatomy import ATTENTION, LAYER_AXES, MAMBA, MLP, MOE, WIDTH_AXES, mamba_in_proj_slices
+from minipuzzle.anatomy import AXES, LAYER_AXES, PER_EXPERT_CHANNELS, WIDTH_AXES, mamba_in_proj_slices
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.importance.experts import (
@@ -131,8 +131,8 @@ class Aggregate:
 class WidthCollector:
     """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`.
 
-    Aggregates are keyed (axis, source layer), except the Mamba x block, which both Mamba axes read ("mamba_x").
-    `expert_estimator` names how routed experts are scored (`importance.experts.EXPERT_ESTIMATORS`).
+    Hooks come from `SCORERS` (one installer per axis); aggregates are keyed (axis, source layer), except the
+    Mamba x block, which both Mamba axes read ("mamba_x"). `expert_estimator` names how routed experts are scored (`importance.experts.EXPERT_ESTIMATORS`).
     """
 
     def __init__(
@@ -151,70 +151,16 @@ class WidthCollector:
 
     @contextlib.contextmanager
     def hooks(self, i: int, block: nn.Module):
-        handles = []
-        mixer, kind = block.mixer, self.layout.pattern[i]
-        if "hidden" in self.axes:
-            handles.append(block.norm.register_forward_hook(lambda m, a, out: self._agg(("hidden", i)).add(out)))
-        if kind == MLP and "ffn" in self.axes:
-            handles.append(mixer.down_proj.register_forward_pre_hook(lambda m, a: self._agg(("ffn", i)).add(a[0])))
-        if kind == MAMBA and self.axes & {"mamba_heads", "mamba_head_dim"}:
-            x = mamba_in_proj_slices(self.layout)["x"]
-            handles.append(
-                mixer.in_proj.register_forward_hook(lambda m, a, out: self._agg(("mamba_x", i)).add(out[..., x]))
-            )
-        if kind == ATTENTION and "attn_heads" in self.axes:
-            handles.append(mixer.o_proj.register_forward_pre_hook(self._attention_hook(i, mixer)))
-        if kind == MOE:
-            handles += self._moe_hooks(i, mixer)
+        """Install the scoring hooks of every requested axis that shapes layer i (each installer once: both
+        Mamba axes read one activation, experts and expert_ffn one routed pass)."""
+        kind = self.layout.pattern[i]
+        wanted = (name for name in WIDTH_AXES if name in self.axes and AXES[name].kind in (None, kind))
+        handles = [h for install in dict.fromkeys(SCORERS[name] for name in wanted) for h in install(self, i, block)]
         try:
             yield
         finally:
             for hd in handles:
                 hd.remove()
-
-    def _attention_hook(self, i: int, mixer: nn.Module):
-        """A pre-hook on o_proj recording |W_o,h a_h| per token and query head h."""
-        heads, d = self.layout.num_attention_heads, self.layout.head_dim
-        w = mixer.o_proj.weight.float().view(-1, heads, d)
-        gram = torch.einsum("ohd,ohe->hde", w, w)  # [heads, d, d]: |W_o,h a|^2 = a^T G_h a
-
-        def record(m, a):
-            x = a[0].float().unflatten(-1, (heads, d))
-            sq = torch.einsum("bthd,hde,bthe->bth", x, gram, x)
-            self._agg(("attn_heads", i)).add(sq.clamp_min(0).sqrt())
-
-        return record
-
-    def _moe_hooks(self, i: int, mixer: nn.Module) -> list:
-        """Hooks on an MoE mixer: the shared expert's down_proj input; the router's logits and the routed experts'
-        input, choice and output, which feed `experts` and `expert_ffn`."""
-        handles = []
-        if "shared_ffn" in self.axes:
-            handles.append(
-                mixer.shared_experts.down_proj.register_forward_pre_hook(
-                    lambda m, a: self._agg(("shared_ffn", i)).add(a[0])
-                )
-            )
-        if not self.axes & {"experts", "expert_ffn"}:
-            return handles
-        seen: dict[str, object] = {}
-
-        def on_gate(m, args, out):  # the router sees [B, T, h]; the experts get its tokens flattened
-            seen["shape"], seen["logits"] = args[0].shape[:-1], out[0]
-
-        def on_experts(m, args, routed):
-            x, idx, w = args
-            if "experts" in self.axes:
-                c = expert_contributions(mixer, self.expert_estimator, seen["logits"], x, idx, w, routed)
-                self._agg(("experts", i)).add(c.view(*seen["shape"], -1))
-            if "expert_ffn" in self.axes:
-                self._agg(("expert_ffn", i)).add(expert_channels(mixer, x, idx, w).view(*seen["shape"], -1))
-                rows = per_expert_channel_rows(mixer, x, idx, w, seen["shape"], self.seq)
-                self._agg(("expert_channels", i)).add_rows(rows.flatten(1))
-
-        handles.append(mixer.gate.register_forward_hook(on_gate))
-        handles.append(mixer.experts.register_forward_hook(on_experts))
-        return handles
 
     def add_final_norm(self, hn: torch.Tensor) -> None:
         if "hidden" in self.axes:
@@ -223,25 +169,112 @@ class WidthCollector:
     def results(self) -> dict[str, object]:
         """{'ffn': {i: [I]}, 'mamba_heads': {i: [H]}, 'mamba_head_dim': {i: [P]}, 'attn_heads': {i: [Hq]},
         'experts': {i: [E]}, 'expert_ffn': {i: [moe width]}, 'shared_ffn': {i: [shared width]}, 'hidden': [h],
-        'expert_channels': {i: [E, moe width]} (each routed expert's own channels, with expert_ffn)} as float32."""
-        out: dict[str, object] = {a: {} for a in (*LAYER_AXES, "expert_channels")}
-        hidden = None
+        'expert_channels': {i: [E, moe width]} (each routed expert's own channels, with expert_ffn)} as float32:
+        layer axes per source layer, axes of every layer (hidden) summed over the layers' aggregates."""
+        out: dict[str, object] = {a: {} for a in (*LAYER_AXES, PER_EXPERT_CHANNELS)}
+        whole: dict[str, torch.Tensor | None] = {a: None for a in WIDTH_AXES if AXES[a].kind is None}
         for (name, i), agg in sorted(self.acc.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             r = agg.result()
-            if name == "hidden":
-                hidden = r if hidden is None else hidden + r
-            elif name == "mamba_x":
-                c = r.view(self.layout.mamba_num_heads, self.layout.mamba_head_dim)
-                if "mamba_heads" in self.axes:
-                    out["mamba_heads"][i] = c.norm(dim=1).float()
-                if "mamba_head_dim" in self.axes:
-                    out["mamba_head_dim"][i] = c.norm(dim=0).float()
-            elif name == "expert_channels":
-                out[name][i] = r.view(self.layout.n_routed_experts, -1).float()
+            if name in whole:
+                whole[name] = r if whole[name] is None else whole[name] + r
+            elif name in _FINISH:
+                _FINISH[name](self, i, r, out)
             else:
                 out[name][i] = r.float()
-        out["hidden"] = hidden.float() if hidden is not None else None
+        out |= {name: t.float() if t is not None else None for name, t in whole.items()}
         return out
+
+
+# ---- scoring hooks, one installer per axis: (collector, source layer i, block) -> hook handles ------------------
+# Each records `Aggregate`s keyed (axis, i), or under a key of its own that `_FINISH` turns into axis scores.
+
+
+def _hidden_hooks(c: WidthCollector, i: int, block: nn.Module) -> list:
+    """Every block's pre-norm output (norm_f's comes through `add_final_norm`), summed over norms in `results`."""
+    return [block.norm.register_forward_hook(lambda m, a, out: c._agg(("hidden", i)).add(out))]
+
+
+def _ffn_hooks(c: WidthCollector, i: int, block: nn.Module) -> list:
+    """The input of down_proj, relu(up_proj x)^2."""
+    return [block.mixer.down_proj.register_forward_pre_hook(lambda m, a: c._agg(("ffn", i)).add(a[0]))]
+
+
+def _mamba_hooks(c: WidthCollector, i: int, block: nn.Module) -> list:
+    """The x block of in_proj's output [.., heads * head_dim], which both Mamba axes read (`_split_mamba`)."""
+    x = mamba_in_proj_slices(c.layout)["x"]
+    return [block.mixer.in_proj.register_forward_hook(lambda m, a, out: c._agg(("mamba_x", i)).add(out[..., x]))]
+
+
+def _attention_hooks(c: WidthCollector, i: int, block: nn.Module) -> list:
+    """A pre-hook on o_proj recording |W_o,h a_h| per token and query head h."""
+    mixer = block.mixer
+    heads, d = c.layout.num_attention_heads, c.layout.head_dim
+    w = mixer.o_proj.weight.float().view(-1, heads, d)
+    gram = torch.einsum("ohd,ohe->hde", w, w)  # [heads, d, d]: |W_o,h a|^2 = a^T G_h a
+
+    def record(m, a):
+        x = a[0].float().unflatten(-1, (heads, d))
+        sq = torch.einsum("bthd,hde,bthe->bth", x, gram, x)
+        c._agg(("attn_heads", i)).add(sq.clamp_min(0).sqrt())
+
+    return [mixer.o_proj.register_forward_pre_hook(record)]
+
+
+def _shared_ffn_hooks(c: WidthCollector, i: int, block: nn.Module) -> list:
+    """The input of the shared expert's down_proj, like an MLP's."""
+    down = block.mixer.shared_experts.down_proj
+    return [down.register_forward_pre_hook(lambda m, a: c._agg(("shared_ffn", i)).add(a[0]))]
+
+
+def _routed_hooks(c: WidthCollector, i: int, block: nn.Module) -> list:
+    """The router's logits and the routed experts' input, choice and output, which feed `experts`, `expert_ffn`
+    and the per-expert channel table."""
+    mixer, seen = block.mixer, {}
+
+    def on_gate(m, args, out):  # the router sees [B, T, h]; the experts get its tokens flattened
+        seen["shape"], seen["logits"] = args[0].shape[:-1], out[0]
+
+    def on_experts(m, args, routed):
+        x, idx, w = args
+        if "experts" in c.axes:
+            contrib = expert_contributions(mixer, c.expert_estimator, seen["logits"], x, idx, w, routed)
+            c._agg(("experts", i)).add(contrib.view(*seen["shape"], -1))
+        if "expert_ffn" in c.axes:
+            c._agg(("expert_ffn", i)).add(expert_channels(mixer, x, idx, w).view(*seen["shape"], -1))
+            rows = per_expert_channel_rows(mixer, x, idx, w, seen["shape"], c.seq)
+            c._agg((PER_EXPERT_CHANNELS, i)).add_rows(rows.flatten(1))
+
+    return [mixer.gate.register_forward_hook(on_gate), mixer.experts.register_forward_hook(on_experts)]
+
+
+# The scoring function of every width axis of `anatomy.AXES` (an installer shared by two axes runs once a layer).
+SCORERS = {
+    "ffn": _ffn_hooks,
+    "mamba_heads": _mamba_hooks,
+    "mamba_head_dim": _mamba_hooks,
+    "attn_heads": _attention_hooks,
+    "hidden": _hidden_hooks,
+    "experts": _routed_hooks,
+    "expert_ffn": _routed_hooks,
+    "shared_ffn": _shared_ffn_hooks,
+}
+
+
+def _split_mamba(c: WidthCollector, i: int, r: torch.Tensor, out: dict) -> None:
+    """Channel scores [heads, head_dim] -> `mamba_heads` by L2 over p, `mamba_head_dim` by L2 over heads."""
+    per = r.view(c.layout.mamba_num_heads, c.layout.mamba_head_dim)
+    if "mamba_heads" in c.axes:
+        out["mamba_heads"][i] = per.norm(dim=1).float()
+    if "mamba_head_dim" in c.axes:
+        out["mamba_head_dim"][i] = per.norm(dim=0).float()
+
+
+def _per_expert(c: WidthCollector, i: int, r: torch.Tensor, out: dict) -> None:
+    out[PER_EXPERT_CHANNELS][i] = r.view(c.layout.n_routed_experts, -1).float()
+
+
+# Aggregates that are not one axis's scores as they stand.
+_FINISH = {"mamba_x": _split_mamba, PER_EXPERT_CHANNELS: _per_expert}
 
 
 @torch.no_grad()

@@ -51,14 +51,14 @@ def search_cmd(
     from minipuzzle.importance.scores import Scores
     from minipuzzle.presets import describe_model
     from minipuzzle.search.pipeline import run_search
-    from minipuzzle.search.plan import candidate_plan, layout_document, write_layout_yaml
+    from minipuzzle.search.plan import choose_units, layout_document, write_layout_yaml
 
     _, layout = describe_model(model)
     st = PruneSettings(**settings)
     budget = st.budget_for(layout)  # a bad budget is reported before the scores are read
     sc = Scores.load(scores)
     space, dmodel, cands = run_search(layout, sc, st)
-    plan = candidate_plan(cands[0], dmodel, sc, expert_channels=st.expert_channels)
+    plan = choose_units(cands[0], dmodel, sc, expert_channels=st.expert_channels)
     doc = layout_document(plan, layout, budget, cands[0], {"candidates": [c.to_dict() for c in cands]})
     write_layout_yaml(doc, output)
     res = doc["result"]

@@ -45,9 +45,9 @@ class DamageModel:
             raise UserError(f"scores were computed for pattern {scores.pattern!r}, the model has {src.pattern!r}")
         self.weights = {a: 1.0 for a in WIDTH_AXES} | dict(weights or {})
         if "depth" in space.axes:
-            if scores.depth is None:
+            if "depth" not in scores:
                 raise UserError("the scores have no depth scores: re-run `minipuzzle score` with the depth axis")
-            d = as_float_array(scores.depth)
+            d = as_float_array(scores["depth"])
             if d.shape != (src.num_layers,):
                 raise UserError(f"depth scores have shape {tuple(d.shape)}, expected ({src.num_layers},)")
             self.depth = np.clip(np.nan_to_num(d, nan=0.0), 0.0, None)
@@ -69,14 +69,14 @@ class DamageModel:
 
     def _fractions(self, scores, axis: str) -> dict[int, dict[int, float]]:
         src, widths = self.space.source, self.space.widths[axis]
-        groups = AXES[axis].unit(src)
-        if axis == "hidden":
-            if scores.hidden is None:
-                raise UserError("the scores have no hidden-channel scores: re-run `minipuzzle score` with hidden")
-            per_layer = {-1: scores.hidden}
+        groups, kind = AXES[axis].unit(src), AXES[axis].kind
+        if kind is None:  # one table for every layer (hidden), kept as layer -1
+            if axis not in scores:
+                raise UserError(f"the scores have no {axis} scores: re-run `minipuzzle score` with {axis}")
+            per_layer = {-1: scores[axis]}
         else:
-            per_layer = getattr(scores, axis)
-            want = [i for i, ch in enumerate(src.pattern) if ch == AXES[axis].kind]
+            per_layer = scores[axis]
+            want = [i for i, ch in enumerate(src.pattern) if ch == kind]
             missing = [i for i in want if i not in per_layer]
             if missing:
                 raise UserError(f"the scores have no {axis} scores for layer {missing[0]}: re-run score")
@@ -109,7 +109,7 @@ class DamageModel:
         """Share of layer `layer`'s importance kept at `widths` (hidden included)."""
         keep = 1.0
         for axis in self._dropped:
-            if axis == "hidden":
+            if AXES[axis].kind is None:
                 keep *= 1.0 - self.dropped_fraction(axis, widths[axis])
             elif AXES[axis].kind == kind:
                 keep *= 1.0 - self.dropped_fraction(axis, widths[axis], layer)

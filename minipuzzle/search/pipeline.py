@@ -159,7 +159,7 @@ def prune(
     """
     from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
     from minipuzzle.data import load_tokenizer
-    from minipuzzle.search.plan import candidate_plan
+    from minipuzzle.search.plan import choose_units
 
     t0, timing = time.perf_counter(), {}
     check_output_dir(out, overwrite)
@@ -176,7 +176,7 @@ def prune(
         scores = load_or_score(path, calib, settings, scores_dir, progress, launch)
     with _timed(timing, "search_seconds"):
         space, dmodel, cands = measured_candidates(ckpt.layout, scores, settings)
-    plans = [candidate_plan(c, dmodel, scores, settings.norm_compensation, settings.expert_channels) for c in cands]
+    plans = [choose_units(c, dmodel, scores, settings.norm_compensation, settings.expert_channels) for c in cands]
     with _timed(timing, "ranking_seconds"):
         stats = rank(path, ckpt, plans, held, settings, progress, launch["ranking"])
     if settings.candidate_distill_steps > 0:

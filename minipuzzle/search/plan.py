@@ -1,6 +1,6 @@
 """From a chosen candidate to a surgery `Plan` (which layers and units stay), and the readable layout file.
 
-This is where units are chosen: the search fixes how many stay per axis, `candidate_plan` picks which (the
+This is where units are chosen: the search fixes how many stay per axis, `choose_units` picks which (the
 top-scored ones, the same count in every group of a grouped axis such as Mamba heads or the routed experts of a
 router with `n_group` groups); `surgery` then cuts them.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from minipuzzle.anatomy import AXES, KIND_NAMES, LAYER_AXES
+from minipuzzle.anatomy import AXES, KIND_NAMES, PER_EXPERT_CHANNELS
 from minipuzzle.arch import Layout
 from minipuzzle.search.damage import DamageModel, as_float_array, rank_desc
 from minipuzzle.search.solver import Candidate
@@ -25,12 +25,13 @@ from minipuzzle.search.space import layout_axes, search_kinds
 EXPERT_CHANNEL_CHOICES = ("shared", "per_expert")
 
 
-def candidate_plan(
+def choose_units(
     cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True, expert_channels: str = "shared"
 ):
-    """The surgery Plan for `cand`: the top-ranked layers of each kind, and in each kept layer the top-scored
-    units (the same count per group on grouped axes). Axes left at full width keep everything (None). Routed
-    experts' channels are chosen as `expert_channels` says (`EXPERT_CHANNEL_CHOICES`)."""
+    """The surgery Plan for `cand`: the top-ranked layers of each kind, and on every width axis the top-scored
+    units of each kept layer (of the whole model for an axis of every layer, such as hidden), the same count per
+    group on grouped axes. Axes left at full width keep everything. Routed experts' channels are chosen as
+    `expert_channels` says (`EXPERT_CHANNEL_CHOICES`)."""
     from minipuzzle.errors import UserError
     from minipuzzle.surgery import Plan
 
@@ -39,20 +40,20 @@ def candidate_plan(
 
     src = model.space.source
     layers = model.kept_layers(cand.counts)
-    kw = {}
-    for name in LAYER_AXES:
-        axis, width = AXES[name], cand.widths[name]
+    units = {}
+    for name, axis in AXES.items():
+        width = cand.widths[name]
         if width == axis.width(src):
             continue
         if name == "expert_ffn" and expert_channels == "per_expert":
-            kw["expert_channels"] = _per_expert_channels(scores, src, layers, width)
-            continue
-        table = getattr(scores, name)
-        # mamba_head_dim is shared by every head: one score vector per layer, the same cut in every head.
-        kw[name] = {i: kept_units(table[i], width, axis.unit(src)) for i in layers if src.pattern[i] == axis.kind}
-    if cand.widths["hidden"] != src.hidden_size:
-        kw["hidden"] = kept_units(scores.hidden, cand.widths["hidden"])
-    return Plan(layers=layers, norm_compensation=norm_compensation, **kw)
+            units[PER_EXPERT_CHANNELS] = _per_expert_channels(scores, src, layers, width)
+        elif axis.kind is None:
+            units[name] = kept_units(scores[name], width, axis.unit(src))
+        else:
+            # mamba_head_dim is shared by every head: one score vector per layer, the same cut in every head.
+            table = scores[name]
+            units[name] = {i: kept_units(table[i], width, axis.unit(src)) for i in layers if src.pattern[i] == axis.kind}
+    return Plan(layers=layers, units=units, norm_compensation=norm_compensation)
 
 
 def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = None, extra: dict | None = None):
@@ -87,7 +88,7 @@ def _per_expert_channels(scores, src: Layout, layers: list[int], width: int) -> 
 
     out = {}
     for i in (i for i in layers if src.pattern[i] == "E"):
-        table = scores.expert_channels.get(i)
+        table = scores[PER_EXPERT_CHANNELS].get(i)
         if table is None:
             raise UserError(
                 f"the scores have no per-expert channel scores for layer {i}: re-score expert_ffn with this version "
