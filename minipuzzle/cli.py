@@ -113,10 +113,6 @@ def _root(
     """
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 @app.command()
 def info(
     model: Annotated[
@@ -139,8 +135,8 @@ def info(
     from rich.table import Table
 
     from minipuzzle.arch import LayoutReport
-    from minipuzzle.presets import describe_model
-    from minipuzzle.units import parse_context
+    from minipuzzle.checkpoint.resolve import describe_model
+    from minipuzzle.units import gib, parse_context
 
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")

@@ -99,7 +99,8 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
 
     Before anything is written, every stage still to run is planned on `hardware` (default: the recipe's hardware
     section, else this machine): one that cannot fit is refused (`UserError`, one line)."""
-    from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
 
     run_dir = Path(run_dir)
     done = _load_state(run_dir, recipe)["done"] if (run_dir / STATE_FILE).is_file() else []
@@ -139,7 +140,7 @@ def check_memory(recipe: Recipe, run_dir: Path, done: list[str], hardware: Hardw
     Planned from the model's config (a preset needs no weights, so a run that cannot fit is refused before its
     weights are looked for); once prune has written the student, distillation and eval are planned for it
     rather than for the teacher's layout."""
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.memory_plan import model_facts, plan_recipe
 
     layout, stored = model_facts(recipe.model.source, recipe.model.path)

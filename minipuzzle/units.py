@@ -95,3 +95,14 @@ def parse_bandwidth(text: str | int | float, what: str = "bandwidth") -> float:
     if value <= 0:
         raise UserError(f"{what} must be positive, got {text!r}")
     return value
+
+
+def gib(n: float | None) -> str:
+    """Bytes as '80 GiB', '23.5 GiB', '512 MiB', '64 KiB' (binary units, as GPU memory is quoted); None, a figure
+    not measured, as '–'."""
+    if n is None:
+        return "–"
+    if n >= 2**30:
+        v = n / 2**30
+        return f"{v:.0f} GiB" if v == int(v) or v >= 100 else f"{v:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 or n == 0 else f"{n / 2**10:.0f} KiB"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import load_model
+from minipuzzle.checkpoint.build import load_model
 from minipuzzle.data import token_windows
 from minipuzzle.distill.toy import drop_layers
 from minipuzzle.errors import UserError

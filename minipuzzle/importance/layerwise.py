@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import Checkpoint, plain_kernel_notice, weight_dtype
+from minipuzzle.checkpoint.build import plain_kernel_notice
+from minipuzzle.checkpoint.dtypes import weight_dtype
+from minipuzzle.checkpoint.read import Checkpoint
 
 # Hook installer: called with (layer index, block) before a block runs; returns a context manager that is exited
 # after the block has run over every row of the chunk (e.g. one that removes forward hooks).
@@ -200,7 +202,7 @@ def open_stack(
         stream = need > 0.7 * free_memory(device)
     if stream:
         return StreamedStack.open(ckpt, device, dtype), True
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
 
     return ModelStack(load_model(ckpt, dtype=dtype, device=device)), False
 
