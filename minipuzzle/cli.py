@@ -52,7 +52,7 @@ LAZY_COMMANDS = {
         "Evaluate a model (and its teacher): held-out perplexity, KL and agreement, lm-eval tasks, speed, memory.",
     ),
     "report": (
-        "minipuzzle.evaluate.command",
+        "minipuzzle.report.command",
         "One self-contained HTML page for a whole run: importance, chosen layout, distillation curve, evaluation.",
     ),
     "run": (

@@ -255,7 +255,7 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
     (RUN_DIR/eval_pruned, same windows and tasks, no speed run: same architecture) so the report shows both; with
     quantization, the quantized model too (RUN_DIR/eval_quantized, no speed run: its simulated quantization says
     nothing about a serving engine's speed)."""
-    from minipuzzle.evaluate import evaluate
+    from minipuzzle.evaluate.runner import evaluate
 
     e, m = recipe.eval, recipe.model
     targets = [(final_model(recipe, run_dir), run_dir / "eval", e.speed)]
@@ -282,6 +282,6 @@ def _quantize(recipe: Recipe, data: RunData, run_dir: Path, progress: bool, hw: 
 
 
 def _report(run_dir: Path) -> None:
-    from minipuzzle.evaluate import build_run_report
+    from minipuzzle.report.page import build_run_report
 
     build_run_report(run_dir)

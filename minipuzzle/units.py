@@ -98,11 +98,11 @@ def parse_bandwidth(text: str | int | float, what: str = "bandwidth") -> float:
 
 
 def gib(n: float | None) -> str:
-    """Bytes as '80 GiB', '23.5 GiB', '512 MiB', '64 KiB' (binary units, as GPU memory is quoted); None, a figure
-    not measured, as '–'."""
+    """Bytes in binary units, as GPU memory is quoted: '80 GiB', '23.5 GiB', '512 MiB', '1.3 MiB', '676 KiB' (whole
+    numbers and those of 100 or more without decimals, others with one); None, a figure not measured, as '–'."""
     if n is None:
         return "–"
-    if n >= 2**30:
-        v = n / 2**30
-        return f"{v:.0f} GiB" if v == int(v) or v >= 100 else f"{v:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 or n == 0 else f"{n / 2**10:.0f} KiB"
+    if n == 0:
+        return "0 MiB"
+    v, unit = next((n / 2**k, u) for k, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B")) if n >= 2**k or k == 0)
+    return f"{v:.0f} {unit}" if v == int(v) or v >= 100 else f"{v:.1f} {unit}"
