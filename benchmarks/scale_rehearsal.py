@@ -2,8 +2,8 @@
 
 Writes a random float32 Nemotron-H checkpoint (wide and shallow, the demo teacher's 4096-token vocabulary, so the
 embeddings are small and a forward over a few 64-token windows takes seconds), tensor by tensor with
-`checkpoint.ShardWriter`, and a recipe with the 56B recipe's stages (score, prune with ranked candidates and a short
-candidate distillation, cut, distillation under torchrun with 2 processes accumulating 2 micro-batches each, eval)
+`checkpoint.write.ShardWriter`, and a recipe with the 56B recipe's stages (score, prune with ranked candidates and a
+short candidate distillation, cut, distillation under torchrun with 2 processes accumulating 2 micro-batches each, eval)
 whose `hardware` section gives the CPU device less memory than the checkpoint. Each stage then runs in a fresh
 subprocess (the runner's own stage functions, with the settings `minipuzzle run` gives them), and its peak memory is
 compared with the memory plan's prediction for it (`minipuzzle run --dry-run --json`).

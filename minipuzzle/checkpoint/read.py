@@ -214,7 +214,6 @@ class Checkpoint:
         return sum(f.stat().st_size for f in set(self._files.values()))
 
 
-
 def read_header(file: Path) -> dict[str, str]:
     """Tensor name -> safetensors dtype code ("BF16") of a safetensors file, checking that the header parses and
     fits in the file."""

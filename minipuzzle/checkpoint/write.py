@@ -36,6 +36,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+
 def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse to write into an existing non-empty folder unless asked; never touch it before the work is done."""
     out = Path(out)

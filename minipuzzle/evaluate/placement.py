@@ -115,7 +115,7 @@ def load_offloaded(path: str | Path, dtype: torch.dtype, device: torch.device):
     """A `NemotronHForCausalLM` of checkpoint `path` that holds no weights: it stays on the meta device, and each
     unit (`offload_units`) gets accelerate's offloading hook, which reads the unit's weights from the checkpoint
     onto `device` just before its forward and puts them back on the meta device after it. Weights are cast as
-    `checkpoint.fill_weights` casts them: `dtype`, except the float32 routers (`checkpoint.weight_dtype`)."""
+    `build.fill_weights` casts them: `dtype`, except the float32 routers (`dtypes.weight_dtype`)."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
     from minipuzzle.checkpoint.build import build_model

@@ -101,7 +101,7 @@ class StreamedStack(LayerStack):
     Embeddings, norm_f and lm_head stay loaded; `block(i)` builds block i on the meta device, assigns its tensors
     from the shards (cast to `dtype`, moved to `device`) and drops them on exit. Shard handles are closed after each
     layer so memory-mapped pages of layers already used are released, not kept resident. Weights take the dtype a
-    loaded model gives them (`checkpoint.weight_dtype`: `dtype`, the MoE routers float32).
+    loaded model gives them (`checkpoint.dtypes.weight_dtype`: `dtype`, the MoE routers float32).
 
     `StreamedStack.open(folder)` reads a checkpoint. The constructor takes the resident parts (embeddings [V, h],
     norm_f weight [h], head [V, h], on `device` in `dtype`) for stacks that derive them, such as a pruned view.
