@@ -32,7 +32,7 @@ def test_help_and_info_load_no_heavy_module(args):
                          text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "HEAVY=[]"
-    assert "Commands" in res.stdout or "parameters" in res.stdout
+    assert "Commands" in res.stdout or "parameters" in res.stdout or "RUN_DIR" in res.stdout
 
 
 def test_lazy_table_matches_the_command_modules():
