@@ -60,3 +60,16 @@ def test_unknown_dtype_is_one_line_naming_the_choices():
                                         r"bf16, float16, fp16$"):  # fmt: skip
         parse_dtype("float8")
     assert parse_dtype("auto", "cpu") == torch.float32 and parse_dtype(None, "cuda") == torch.bfloat16
+
+
+def test_the_table_and_the_settings_load_no_torch():
+    """The settings models and the MODEL resolver read the table without torch: the CLI builds its options from
+    them before any command decides it needs torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, minipuzzle.settings, minipuzzle.checkpoint.dtypes, minipuzzle.checkpoint.resolve; "
+            "print(sorted({'torch', 'transformers', 'safetensors'} & {m.split('.')[0] for m in sys.modules}))")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

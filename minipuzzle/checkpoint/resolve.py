@@ -30,7 +30,7 @@ def resolve_checkpoint(model: str, model_path: str | Path | None = None) -> Path
         raise UserError(f"{model!r} is not a checkpoint folder, a hub id or a preset ({', '.join(PRESETS)})")
     if p.is_absolute() or model.startswith((".", "~")) or hub_id.count("/") != 1:
         raise UserError(f"checkpoint not found: {model}")
-    try:
+    try:  # huggingface_hub is loaded only for a hub id: presets and folders resolve without it
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(hub_id, local_files_only=True))
