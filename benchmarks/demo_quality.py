@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
-from minipuzzle.checkpoint import load_model, resolve_checkpoint, save_state_dict
+from minipuzzle.checkpoint.build import load_model
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
+from minipuzzle.checkpoint.write import save_state_dict
 from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.distill import distill
 from minipuzzle.importance import score_model
@@ -198,7 +200,7 @@ def main() -> None:
         "random pruning": prune_model(teacher, random_plan(layout, plan, args.seed)),
         "block influence layers": prune_model(teacher, bi_plan),
     }
-    from minipuzzle.checkpoint import build_model
+    from minipuzzle.checkpoint.build import build_model
 
     torch.manual_seed(args.seed)
     students["from scratch"] = build_model(arch, teacher.config.to_dict(), device="cpu")  # transformers' own init

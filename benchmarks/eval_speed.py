@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from minipuzzle.arch import Layout
-from minipuzzle.evaluate import measure_speed
+from minipuzzle.evaluate.speed import measure_speed
 from minipuzzle.testing import random_model, tiny_layout
 
 

@@ -297,7 +297,8 @@ def write_random_checkpoint(layout: Layout, path: Path, device: str, dtype: torc
     A_log and dt_bias), which keeps a 24-layer random model's activations finite in bf16.
     """
 
-    from minipuzzle.checkpoint import ShardWriter, build_model, copy_tokenizer, write_config
+    from minipuzzle.checkpoint.build import build_model
+    from minipuzzle.checkpoint.write import ShardWriter, copy_tokenizer, write_config
 
     if path.exists():
         shutil.rmtree(path)
@@ -479,7 +480,7 @@ def _chunk_size(ckpt: Path) -> int:
 
 def part_eval_speed(rec: dict, s: Sizes, ckpt: Path) -> None:
     """Prefill and decode tokens/s of the teacher, loaded whole in bf16 (fp32 on the CPU)."""
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
     from minipuzzle.evaluate.speed import measure_speed
 
     model = load_model(ckpt, dtype=s.dtype, device=s.device)
@@ -513,7 +514,7 @@ def make_student(s: Sizes, teacher: Path, out: Path) -> Path:
 def part_distill(rec: dict, s: Sizes, teacher: Path, scratch: Path, budget: float, peak_flops: float | None) -> None:
     """`distill()` for `distill_steps` steps; a timer sends SIGTERM at the budget (the loop's own preemption:
     it saves a checkpoint and stops). A CUDA out-of-memory error retries once with half the micro-batch."""
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
 
     t0 = time.perf_counter()
     student = make_student(s, teacher, scratch / "student")

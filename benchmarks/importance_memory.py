@@ -30,7 +30,8 @@ print(json.dumps({"baseline": base, "peak": peak, "depth0": float(s['depth'][0])
 def write_checkpoint(path: Path, ffn: int) -> int:
     import torch
 
-    from minipuzzle.checkpoint import ShardWriter, build_model, write_config
+    from minipuzzle.checkpoint.build import build_model
+    from minipuzzle.checkpoint.write import ShardWriter, write_config
     from minipuzzle.testing import tiny_config, tiny_layout
 
     layout = tiny_layout(

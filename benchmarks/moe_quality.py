@@ -34,7 +34,8 @@ import torch
 from demo_quality import data_folders, run_distill, save, split_held_out
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import load_model, resolve_checkpoint
+from minipuzzle.checkpoint.build import load_model
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.errors import UserError
 from minipuzzle.importance import score_model

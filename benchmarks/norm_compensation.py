@@ -28,7 +28,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from demo_quality import RATIO, data_folders, run_distill, save  # noqa: E402
 
 from minipuzzle.arch import Layout  # noqa: E402
-from minipuzzle.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from minipuzzle.checkpoint.build import load_model  # noqa: E402
+from minipuzzle.checkpoint.resolve import resolve_checkpoint  # noqa: E402
 from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
 from minipuzzle.importance import score_model  # noqa: E402
 from minipuzzle.metrics import forward_kl  # noqa: E402

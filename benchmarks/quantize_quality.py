@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_quality import data_folders  # noqa: E402
 
-from minipuzzle.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from minipuzzle.checkpoint.build import load_model  # noqa: E402
+from minipuzzle.checkpoint.resolve import resolve_checkpoint  # noqa: E402
 from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
 from minipuzzle.evaluate.runner import held_out_stats  # noqa: E402
 from minipuzzle.quantize.folder import quantize_to_folder  # noqa: E402

@@ -2,8 +2,8 @@
 
 Writes a random float32 Nemotron-H checkpoint (wide and shallow, the demo teacher's 4096-token vocabulary, so the
 embeddings are small and a forward over a few 64-token windows takes seconds), tensor by tensor with
-`checkpoint.ShardWriter`, and a recipe with the 56B recipe's stages (score, prune with ranked candidates and a short
-candidate distillation, cut, distillation under torchrun with 2 processes accumulating 2 micro-batches each, eval)
+`checkpoint.write.ShardWriter`, and a recipe with the 56B recipe's stages (score, prune with ranked candidates and a
+short candidate distillation, cut, distillation under torchrun with 2 processes accumulating 2 micro-batches each, eval)
 whose `hardware` section gives the CPU device less memory than the checkpoint. Each stage then runs in a fresh
 subprocess (the runner's own stage functions, with the settings `minipuzzle run` gives them), and its peak memory is
 compared with the memory plan's prediction for it (`minipuzzle run --dry-run --json`).
@@ -80,7 +80,8 @@ def write_checkpoint(path: Path, size: str | dict) -> tuple[int, int]:
     is ever in memory). Returns (parameters, bytes of safetensors)."""
     import torch
 
-    from minipuzzle.checkpoint import ShardWriter, build_model, write_config
+    from minipuzzle.checkpoint.build import build_model
+    from minipuzzle.checkpoint.write import ShardWriter, write_config
     from minipuzzle.testing import tiny_config, tiny_layout
 
     layout = tiny_layout(pattern="M-*-M-" * 2, vocab_size=4096, **(SIZES[size] if isinstance(size, str) else size))
@@ -196,7 +197,7 @@ from minipuzzle.recipe import load_recipe
 r = load_recipe(sys.argv[1]); run_dir = Path(sys.argv[2]); stage = sys.argv[4]
 from minipuzzle.hardware import Hardware
 train_hw = Hardware(device="cpu", gpu_memory=int(sys.argv[5])) if len(sys.argv) > 5 else None
-from minipuzzle.checkpoint import resolve_checkpoint
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
 teacher = resolve_checkpoint(r.model.source, r.model.path)
 hw = runner.resolve(r.hardware)
 data = runner.prepare_data(r, run_dir / "data")
@@ -366,7 +367,8 @@ def routing(path: Path, windows: int = 16, seq: int = 128) -> dict:
     bf16: which experts every token chose in every MoE layer, and the final hidden states."""
     import torch
 
-    from minipuzzle.checkpoint import Checkpoint, load_model
+    from minipuzzle.checkpoint.build import load_model
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.evaluate.placement import load_offloaded
     from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
 

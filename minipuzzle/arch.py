@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minipuzzle.checkpoint.dtypes import PRECISION_BITS, dtype_bytes
 from minipuzzle.errors import UserError
 from minipuzzle.kinds import ATTENTION, KIND_NAMES, KINDS, MAMBA, MLP, MOE
 
@@ -27,10 +28,6 @@ BLOCK_TYPES = {MAMBA: "linear_attention", ATTENTION: "full_attention", MLP: "mlp
 PATTERN_CHARS = {v: k for k, v in BLOCK_TYPES.items()}
 # Older native configs and some remote-code ones spell layer types this way.
 PATTERN_CHARS.update({"mamba": MAMBA, "attention": ATTENTION})
-
-# Bits per stored value. NVFP4 stores 4-bit values plus one 8-bit scale per 16 values: 4 + 8/16 = 4.5.
-PRECISION_BITS = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "fp8": 8.0, "fp4": 4.5}
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -228,9 +225,10 @@ class Layout:
         """
         wbits = _bits(precision)
         kvbits = _bits(kv_precision or precision)
-        ssm_bytes = DTYPE_BYTES.get(ssm_dtype or self.mamba_ssm_cache_dtype)
-        if ssm_bytes is None:
-            raise UserError(f"unknown SSM state dtype {ssm_dtype or self.mamba_ssm_cache_dtype!r}")
+        try:
+            ssm_bytes = dtype_bytes(ssm_dtype or self.mamba_ssm_cache_dtype)
+        except KeyError:
+            raise UserError(f"unknown SSM state dtype {ssm_dtype or self.mamba_ssm_cache_dtype!r}") from None
         n_att, n_mamba = self.count(ATTENTION), self.count(MAMBA)
         weights = _ceil_bytes(self.num_params() * wbits)
         kv = _ceil_bytes(n_att * 2 * self.num_key_value_heads * self.head_dim * context * batch * kvbits)

@@ -92,7 +92,7 @@ def _settings(cut_dir: Path, path, data, settings, progress, skip, split, column
 def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log, logs: Path):
     """Distil one candidate in processes of its own, as its memory plan says, their logs under `logs`; returns
     the plan's part."""
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.distill.launch import launch, nodes_and_procs, planned
     from minipuzzle.distill.loop import finished
     from minipuzzle.errors import UserError

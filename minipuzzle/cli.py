@@ -52,7 +52,7 @@ LAZY_COMMANDS = {
         "Evaluate a model (and its teacher): held-out perplexity, KL and agreement, lm-eval tasks, speed, memory.",
     ),
     "report": (
-        "minipuzzle.evaluate.command",
+        "minipuzzle.report.command",
         "One self-contained HTML page for a whole run: importance, chosen layout, distillation curve, evaluation.",
     ),
     "run": (
@@ -113,10 +113,6 @@ def _root(
     """
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 @app.command()
 def info(
     model: Annotated[
@@ -139,8 +135,8 @@ def info(
     from rich.table import Table
 
     from minipuzzle.arch import LayoutReport
-    from minipuzzle.presets import describe_model
-    from minipuzzle.units import parse_context
+    from minipuzzle.checkpoint.resolve import describe_model
+    from minipuzzle.units import gib, parse_context
 
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from minipuzzle.errors import UserError
-from minipuzzle.units import parse_bandwidth, parse_bytes
+from minipuzzle.units import gib, parse_bandwidth, parse_bytes
 
 # Link bandwidths a plan assumes when the hardware does not give them: an H100 SXM node and its cluster network.
 # NVLink 4 on an H100 SXM: 18 links x 25 GB/s = 450 GB/s per direction per GPU (NVIDIA's H100 datasheet quotes
@@ -167,14 +167,6 @@ class Hardware(BaseModel):
             if changes.get("device", self.device) == "cpu":
                 changes["gpu_memory"] = changes["host_memory"]
         return self.model_copy(update=changes)
-
-
-def gib(n: float) -> str:
-    """Bytes as '80 GiB', '23.5 GiB', '512 MiB', '64 KiB' (binary units, as GPU memory is quoted)."""
-    if n >= 2**30:
-        v = n / 2**30
-        return f"{v:.0f} GiB" if v == int(v) or v >= 100 else f"{v:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 or n == 0 else f"{n / 2**10:.0f} KiB"
 
 
 def host_ram() -> int:

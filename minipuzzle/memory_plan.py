@@ -38,10 +38,12 @@ from typing import Literal
 from pydantic import BaseModel, Field, computed_field
 
 from minipuzzle.anatomy import ATTENTION, MAMBA, MLP, MOE
-from minipuzzle.arch import DTYPE_BYTES, Layout
+from minipuzzle.arch import Layout
+from minipuzzle.checkpoint.dtypes import dtype_bytes, long_name, short_name
 from minipuzzle.communication import Traffic, step_traffic
-from minipuzzle.hardware import Hardware, gib
+from minipuzzle.hardware import Hardware
 from minipuzzle.metrics import LOGIT_CHUNK
+from minipuzzle.units import gib
 
 # A part fits when its total, the process's baseline included, is within this share of a device's memory (and its
 # host bytes within this share of a node's RAM). The share stands for what grows with the work: the caching
@@ -83,9 +85,6 @@ SHARD_BYTES = 5 * 10**9
 CUT_SHARD_SHARE = 0.25
 
 
-# torch dtype names -> the short precision names `arch.Layout.memory` and the summaries use.
-PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
 class Geometry(BaseModel):
     """How a part is launched. `micro_batch` is sequences per forward on one device; `grad_accum` micro-batches
     per optimizer step, so micro_batch x grad_accum x data-parallel ranks = `global_batch` (training only)."""
@@ -111,7 +110,7 @@ class Geometry(BaseModel):
         """One short line: '64 dev FSDP2, bf16, micro 1 x 12, ckpt' (micro-batch x grad-accum)."""
         out = [f"{self.devices} dev"]
         out[0] += {"full": " FSDP2", "per_node": " FSDP2/node", "device_map": " device map"}.get(self.sharding, "")
-        out.append(_precision(self.dtype))
+        out.append(short_name(self.dtype))
         if self.grad_accum is not None:
             out.append(f"micro {self.micro_batch} x {self.grad_accum}")
         else:
@@ -224,10 +223,6 @@ def _label(p: Part) -> str:
 # ---- per-layer terms ----------------------------------------------------------------------------------------------
 
 
-def dtype_bytes(dtype: str) -> int:
-    return DTYPE_BYTES[dtype]
-
-
 def largest_block(layout: Layout) -> int:
     """Parameters of the largest layer: the unit FSDP2 gathers at once, the layer a streamed pass holds."""
     return max(layout.layer_params(kind) for kind in set(layout.pattern))
@@ -327,9 +322,8 @@ def _max_kind(layout: Layout, per_token, b: int, kernels: bool) -> int:
 def default_dtype(hw: Hardware, requested: str | None = None) -> str:
     """The compute dtype: `requested` (a recipe's model.dtype) unless auto; bfloat16 on GPUs, float32 on the CPU
     (what `checkpoint.parse_dtype` picks for "auto")."""
-    aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
     if requested not in (None, "auto"):
-        return aliases.get(requested, requested)
+        return long_name(requested)
     return "bfloat16" if hw.device == "cuda" else "float32"
 
 
@@ -881,11 +875,6 @@ def _fit_micro(make, hw: Hardware, batch: int) -> tuple[Memory, int]:
     return make(1), 1
 
 
-def _precision(dt: str) -> str:
-    """'bfloat16' -> 'bf16': the precision names of arch's memory model and of the plan's one-line summary."""
-    return PRECISION_NAMES.get(dt, dt)
-
-
 class EvalShape(BaseModel):
     """The eval settings a plan needs (`settings.EvalSettings` plus whether there are lm-eval tasks)."""
 
@@ -948,7 +937,7 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
         out.append(("tasks", *_fit_micro(tasks, hw, ev.batch_size)))
     if ev.speed and not offload:
         sl, sb = ev.speed_len or t, ev.speed_batch
-        mems = [m.memory(_precision(dt), sl + ev.decode_tokens, sb) for m in models]
+        mems = [m.memory(short_name(dt), sl + ev.decode_tokens, sb) for m in models]
         cache = max(m["kv_cache"] + m["ssm_state"] + m["conv_state"] for m in mems)
         out.append(("speed", Memory(weights=weights, activations=sb * sl * fwd + cache, host_buffers=host, **base,
                                     logits=sb * sl * v * (b + 4)), sb))  # fmt: skip
@@ -1057,9 +1046,9 @@ def eval_stage(model: Layout, teacher: Layout | None, hw: Hardware, es, *, held_
 def model_facts(model: str, model_path: str | None = None) -> tuple[Layout, int]:
     """(layout, bytes per stored weight) of a preset, checkpoint folder or cached hub id, read from its config, so
     a preset needs no weights; 2 (bf16, as NVIDIA publishes) where the weights are not here."""
-    from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
+    from minipuzzle.checkpoint.resolve import describe_model, resolve_checkpoint
     from minipuzzle.errors import UserError
-    from minipuzzle.presets import describe_model
 
     _, layout = describe_model(model, model_path)
     try:

@@ -109,19 +109,3 @@ def get_preset(name: str) -> Preset:
 def is_preset(name: str) -> bool:
     key = name.strip().lower()
     return key in PRESETS or key in ALIASES or any(p.hub_id and p.hub_id.lower() == key for p in PRESETS.values())
-
-
-def describe_model(model: str, model_path: str | None = None) -> tuple[str, Layout]:
-    """(name, Layout) for a preset, a local checkpoint folder or a cached hub id, reading only its config."""
-    from minipuzzle.arch import load_config
-
-    if model_path is None and is_preset(model) and not (Path(model) / "config.json").is_file():
-        p = get_preset(model)
-        return p.name, p.layout
-    # checkpoint.py loads torch; a preset never needs it, which keeps `minipuzzle info 56b` fast.
-    from minipuzzle.checkpoint import resolve_checkpoint
-
-    path = resolve_checkpoint(model, model_path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    return str(model), Layout.from_config(load_config(path))

@@ -208,9 +208,9 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None, student: Layout |
     launch). GPU-hours use the same assumed H100 throughput as `prune --dry-run`. The memory plan is
     `memory_plan.plan_recipe`'s; "refusal" is the line a run would be refused with (None: it fits).
     """
+    from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.hardware import resolve
     from minipuzzle.memory_plan import model_facts, plan_recipe
-    from minipuzzle.presets import describe_model
     from minipuzzle.search.pipeline import H100_FLOPS
 
     name, source = describe_model(recipe.model.source, recipe.model.path)

@@ -61,7 +61,7 @@ def _pruned_student(run_dir: Path | None):
     """The layout prune wrote into `run_dir` (None before it has run, or without a run folder)."""
     if run_dir is None or not (run_dir / "prune" / "config.json").is_file():
         return None
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
 
     return Checkpoint(run_dir / "prune").layout
 
@@ -97,8 +97,8 @@ def _print_memory(con, memory: dict[str, Any]) -> None:
     would hold where that does not fit."""
     from rich.table import Table
 
-    from minipuzzle.hardware import gib
     from minipuzzle.memory_plan import Geometry
+    from minipuzzle.units import gib
 
     t = Table(title=f"memory per device on {memory['hardware_text']} ({gib(memory['usable_device_bytes'])} usable)")
     for col in ("stage", "launch", "process", "weights", "optim.", "activ.", "logits", "device", "host", ""):

@@ -99,7 +99,8 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
 
     Before anything is written, every stage still to run is planned on `hardware` (default: the recipe's hardware
     section, else this machine): one that cannot fit is refused (`UserError`, one line)."""
-    from minipuzzle.checkpoint import Checkpoint, resolve_checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
 
     run_dir = Path(run_dir)
     done = _load_state(run_dir, recipe)["done"] if (run_dir / STATE_FILE).is_file() else []
@@ -139,7 +140,7 @@ def check_memory(recipe: Recipe, run_dir: Path, done: list[str], hardware: Hardw
     Planned from the model's config (a preset needs no weights, so a run that cannot fit is refused before its
     weights are looked for); once prune has written the student, distillation and eval are planned for it
     rather than for the teacher's layout."""
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.memory_plan import model_facts, plan_recipe
 
     layout, stored = model_facts(recipe.model.source, recipe.model.path)
@@ -254,7 +255,7 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
     (RUN_DIR/eval_pruned, same windows and tasks, no speed run: same architecture) so the report shows both; with
     quantization, the quantized model too (RUN_DIR/eval_quantized, no speed run: its simulated quantization says
     nothing about a serving engine's speed)."""
-    from minipuzzle.evaluate import evaluate
+    from minipuzzle.evaluate.runner import evaluate
 
     e, m = recipe.eval, recipe.model
     targets = [(final_model(recipe, run_dir), run_dir / "eval", e.speed)]
@@ -281,6 +282,6 @@ def _quantize(recipe: Recipe, data: RunData, run_dir: Path, progress: bool, hw: 
 
 
 def _report(run_dir: Path) -> None:
-    from minipuzzle.evaluate import build_run_report
+    from minipuzzle.report.page import build_run_report
 
     build_run_report(run_dir)

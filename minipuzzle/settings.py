@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from minipuzzle.checkpoint.dtypes import DTYPE_NAMES, PRECISION_BITS
 from minipuzzle.errors import UserError
 from minipuzzle.units import parse_bytes, parse_count
 
@@ -27,7 +28,6 @@ DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_inf
 DEFAULT_WIDTH_AGG = "abs_mean,l2"
 # importance.experts.EXPERT_ESTIMATORS (its default first), named here for the same reason.
 EXPERT_ESTIMATORS = ("removal", "router_load", "output_norm")
-DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 # A warmup may take at most this share of the run. A longer one (the default 100 steps on a 60-step run) leaves
 # the LR rising to the end with no decay; 10 % is what this project's own short runs use (candidate distillation
@@ -190,10 +190,10 @@ class BudgetSettings(Settings):
     )  # fmt: skip
     memory: str | None = Field(None, description="Inference-memory budget (31.7GiB), at --precision, --context and "
                                "--batch.")  # fmt: skip
-    precision: Literal["bf16", "fp16", "fp8", "fp4", "fp32"] = Field(
+    precision: Literal[tuple(PRECISION_BITS)] = Field(  # type: ignore[valid-type]
         "bf16", description="Weight precision for --memory: bf16, fp8, fp4 (NVFP4)."
     )
-    kv_precision: Literal["bf16", "fp16", "fp8", "fp4", "fp32"] | None = Field(
+    kv_precision: Literal[tuple(PRECISION_BITS)] | None = Field(  # type: ignore[valid-type]
         None, description="KV-cache precision (default: the weights')."
     )
     context: int = Field(8192, ge=1, description="Context length for --memory (8192, 128k, 1M).")

@@ -49,19 +49,10 @@ from minipuzzle.anatomy import (
     mamba_in_proj_slices,
 )
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import (
-    Checkpoint,
-    ShardWriter,
-    atomic_dir,
-    build_model,
-    copy_tokenizer,
-    expert_part,
-    is_merged_experts,
-    keeps_float32,
-    model_state_dict,
-    native_name,
-    write_config,
-)
+from minipuzzle.checkpoint.build import build_model, model_state_dict
+from minipuzzle.checkpoint.dtypes import keeps_float32
+from minipuzzle.checkpoint.read import Checkpoint, expert_part, is_merged_experts, native_name
+from minipuzzle.checkpoint.write import ShardWriter, atomic_dir, copy_tokenizer, write_config
 from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 

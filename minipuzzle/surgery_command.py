@@ -40,7 +40,9 @@ def _cut_command(
 
     Example: minipuzzle cut ./nemotron-h-8b --plan layout.yaml -o ./pruned
     """
-    from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
+    from minipuzzle.checkpoint.write import check_output_dir
     from minipuzzle.errors import UserError
     from minipuzzle.hardware import resolve
     from minipuzzle.memory_plan import plan_cut

@@ -14,7 +14,9 @@ import torch
 
 from minipuzzle import anatomy
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import ShardWriter, atomic_dir, is_merged_experts, model_state_dict, write_config
+from minipuzzle.checkpoint.build import model_state_dict
+from minipuzzle.checkpoint.read import is_merged_experts
+from minipuzzle.checkpoint.write import ShardWriter, atomic_dir, write_config
 
 
 def tiny_layout(**overrides) -> Layout:

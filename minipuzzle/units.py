@@ -95,3 +95,14 @@ def parse_bandwidth(text: str | int | float, what: str = "bandwidth") -> float:
     if value <= 0:
         raise UserError(f"{what} must be positive, got {text!r}")
     return value
+
+
+def gib(n: float | None) -> str:
+    """Bytes in binary units, as GPU memory is quoted: '80 GiB', '23.5 GiB', '512 MiB', '1.3 MiB', '676 KiB' (one
+    decimal below 100 units unless it is 0, none from 100); None, a figure not measured, as '–'."""
+    if n is None:
+        return "–"
+    if n == 0:
+        return "0 MiB"
+    v, unit = next((n / 2**k, u) for k, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B")) if n >= 2**k or k == 0)
+    return f"{v:.0f} {unit}" if v >= 100 else f"{v:.1f}".removesuffix(".0") + f" {unit}"

@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from minipuzzle.checkpoint import Checkpoint, atomic_dir, load_model
+from minipuzzle.checkpoint.build import load_model
+from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.checkpoint.write import atomic_dir
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
 from minipuzzle.testing import run_cli, save_model
@@ -117,7 +119,7 @@ def test_cut_command_writes_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_preset_name_is_not_shadowed_by_a_folder_that_is_no_checkpoint(tmp_path, monkeypatch):
-    from minipuzzle.checkpoint import resolve_checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
     from minipuzzle.presets import get_preset
 
     monkeypatch.chdir(tmp_path)
@@ -132,7 +134,7 @@ def test_kernel_fallback_warnings_are_one_plain_line_or_none(monkeypatch):
 
     import torch
 
-    from minipuzzle import checkpoint
+    from minipuzzle.checkpoint import build as checkpoint
 
     log = logging.getLogger("transformers.integrations.hub_kernels")
     seen: list[str] = []
@@ -210,7 +212,7 @@ def test_save_state_dict_takes_tensors_one_at_a_time(tiny_model, tmp_path):
     import weakref
 
     from minipuzzle.arch import Layout
-    from minipuzzle.checkpoint import save_state_dict
+    from minipuzzle.checkpoint.write import save_state_dict
 
     alive, most = [], 0
 

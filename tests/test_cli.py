@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from minipuzzle.errors import UserError
-from minipuzzle.units import parse_bytes, parse_context, parse_count, parse_count_or_fraction
+from minipuzzle.units import gib, parse_bytes, parse_context, parse_count, parse_count_or_fraction
 
 HEAVY = ("torch", "transformers", "matplotlib", "datasets", "lm_eval", "highspy")
 
@@ -26,13 +26,13 @@ print("HEAVY=" + json.dumps(heavy))
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["info", "56b", "--precision", "fp4", "--context", "1M"]])
+@pytest.mark.parametrize("args", [["--help"], ["info", "56b", "--precision", "fp4", "--context", "1M"], ["report", "--help"]])
 def test_help_and_info_load_no_heavy_module(args):
     res = subprocess.run([sys.executable, "-c", _PROBE, *args], input=json.dumps(HEAVY) + "\n", capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "HEAVY=[]"
-    assert "Commands" in res.stdout or "parameters" in res.stdout
+    assert "Commands" in res.stdout or "parameters" in res.stdout or "RUN_DIR" in res.stdout
 
 
 def test_lazy_table_matches_the_command_modules():
@@ -54,6 +54,15 @@ def test_lazy_command_runs_and_reports_user_errors(tmp_path):
     code, _, err = run_cli(["search", "56b", "--scores", str(tmp_path), "-o", str(tmp_path / "l.yaml"),
                             "--memory", "3 parsecs"])  # fmt: skip
     assert code == 2 and "--memory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gib_quotes_bytes_in_binary_units_to_two_digits():
+    assert [gib(80 * 2**30), gib(23.5 * 2**30), gib(150.4 * 2**30), gib(512 * 2**20), gib(1.3 * 2**20)] == [
+        "80 GiB", "23.5 GiB", "150 GiB", "512 MiB", "1.3 MiB"]  # fmt: skip
+    assert [gib(676 * 2**10), gib(100), gib(0), gib(None)] == ["676 KiB", "100 B", "0 MiB", "–"]
+    # Read back by the size parser, every figure is within 5 % (one decimal below 10 units, none from 100).
+    for n in [1, 1000, 5 * 10**6, 7 * 2**20 + 1, 3 * 10**10, 11 * 2**30 + 12345, 7 * 10**12]:
+        assert abs(parse_bytes(gib(n)) - n) <= 0.05 * n, (n, gib(n))
 
 
 def test_units():

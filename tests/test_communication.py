@@ -96,7 +96,7 @@ WORKER = """
 import json, os, sys, torch
 import torch.distributed as dist
 from pathlib import Path
-from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.distill import loop, parallel
 from minipuzzle.settings import DistillSettings
 

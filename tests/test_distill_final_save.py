@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.testing import random_model, save_model, tiny_moe_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +23,7 @@ WORKER = """
 import json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.distill import loop, parallel
 
 torch.set_num_threads(1)

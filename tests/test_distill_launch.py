@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from minipuzzle import runner
-from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.distill import launch
 from minipuzzle.errors import LaunchError, UserError
 from minipuzzle.hardware import Hardware

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import load_model
+from minipuzzle.checkpoint.build import load_model
 from minipuzzle.data import token_windows
 from minipuzzle.distill.toy import drop_layers
 from minipuzzle.errors import UserError
-from minipuzzle.evaluate import evaluate, held_out_stats, parse_tasks, run_tasks
+from minipuzzle.evaluate.harness import parse_tasks, run_tasks
+from minipuzzle.evaluate.runner import evaluate, held_out_stats
 from minipuzzle.metrics import token_stats
 from minipuzzle.settings import EvalSettings
 from minipuzzle.testing import random_model, run_cli, save_model
@@ -242,8 +243,7 @@ def test_cli_eval_and_user_errors(models, text_file, tmp_path):
 
 def test_decode_loop_reproduces_generate_and_speed_figures(models):
     """The timed decode loop really decodes: its greedy tokens are `generate`'s."""
-    from minipuzzle.evaluate import measure_speed
-    from minipuzzle.evaluate.speed import greedy_decode
+    from minipuzzle.evaluate.speed import greedy_decode, measure_speed
 
     model = load_model(models["student"])
     ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(4))

@@ -29,7 +29,7 @@ def test_transformers_encoding_is_read(saved):
     from transformers import AutoConfig
 
     from minipuzzle.arch import Layout, load_config
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
 
     path, model = saved
     # The premise: the installed transformers writes infinity in its own encoding, which plain JSON readers keep as
@@ -46,7 +46,7 @@ def test_transformers_encoding_is_read(saved):
 def test_every_command_reads_it(saved, tmp_path, text_file):
     from transformers import AutoConfig, NemotronHForCausalLM
 
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
 
     src, _ = saved
     data = str(text_file)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.errors import UserError
 from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
 from minipuzzle.testing import (
@@ -240,7 +240,7 @@ def test_the_moe_demo_teacher_ships_with_the_package():
     """The shipped teacher is the preset's layout, Nemotron 3-shaped, with a trained (nonzero) correction bias."""
     import json
 
-    from minipuzzle.checkpoint import resolve_checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
     from minipuzzle.presets import DEMO_MOE_LAYOUT, get_preset
 
     path = resolve_checkpoint("demo-moe")

@@ -175,7 +175,7 @@ def test_scores_find_exactly_the_planted_units_and_cutting_them_keeps_the_logits
     (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
     code, _, err = run_cli(["cut", str(src), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")])
     assert code == 0, err
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
 
     cut = load_model(tmp_path / "out")
     assert cut.num_parameters() == plan.target_layout(LAYOUT).num_params() < model.num_parameters()

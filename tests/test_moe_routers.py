@@ -10,7 +10,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from minipuzzle.checkpoint import Checkpoint, load_model
+from minipuzzle.checkpoint.build import load_model
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.distill.toy import make_pair
 from minipuzzle.testing import run_cli, save_model, tiny_moe_layout
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import Checkpoint, load_model
+from minipuzzle.checkpoint.build import load_model
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.distill import parallel
 from minipuzzle.distill.toy import make_pair
 from minipuzzle.errors import UserError

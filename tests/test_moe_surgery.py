@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import Checkpoint, load_model
+from minipuzzle.checkpoint.build import load_model
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.errors import UserError
 from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
 from minipuzzle.testing import (

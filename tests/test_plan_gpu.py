@@ -15,7 +15,7 @@ def ckpt(tmp_path_factory, tokenizer):
 
 
 def test_bf16_ranking_on_cuda_streamed_matches_in_memory_and_float32(ckpt):
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
     from minipuzzle.search.ranking import measure_in_memory, measure_streamed
     from minipuzzle.surgery import Plan
 
@@ -29,7 +29,7 @@ def test_bf16_ranking_on_cuda_streamed_matches_in_memory_and_float32(ckpt):
 
 
 def test_device_mapped_eval_on_cuda_matches_one_device(ckpt):
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
     from minipuzzle.evaluate.placement import compute_devices, load_mapped, load_placed
     from minipuzzle.evaluate.runner import held_out_stats, record_teacher
     from minipuzzle.evaluate.speed import measure_speed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from minipuzzle.checkpoint import Checkpoint
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.hardware import Hardware
 from minipuzzle.memory_plan import PROCESS_BYTES, plan_score
 

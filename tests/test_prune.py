@@ -107,7 +107,7 @@ def test_prune_without_norm_compensation_ranks_and_cuts_uncompensated(dead_check
 
 
 def test_streamed_ranking_matches_in_memory(dead_checkpoint, text_file):
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
     from minipuzzle.search.ranking import measure_in_memory, measure_streamed
     from minipuzzle.surgery import Plan
 
@@ -293,7 +293,7 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
     cut candidate in memory, ranking streams at the plan's batch, row chunks and host group, in its dtype; with
     room, it loads the parent. Scoring takes the plan's stream, batch and row budget."""
     import minipuzzle.importance as importance
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.hardware import Hardware
     from minipuzzle.memory_plan import plan_ranking, score_launch
     from minipuzzle.recipe import parse_recipe, prune_settings
@@ -348,7 +348,8 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
 def test_a_candidate_checkpoint_measures_as_its_plan(dead_checkpoint, tmp_path, streamed):
     """A candidate given as a checkpoint folder (how distilled candidates are measured) gets the figures its plan
     gets when cut on the fly, streamed or in memory."""
-    from minipuzzle.checkpoint import Checkpoint, load_model
+    from minipuzzle.checkpoint.build import load_model
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.search.ranking import measure_in_memory, measure_streamed
     from minipuzzle.surgery import Plan, prune_checkpoint
 

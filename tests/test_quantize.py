@@ -229,9 +229,9 @@ def test_cli_refusals(tmp_path, bf16_checkpoint, text_file, case):
 def test_plan_places_and_refuses():
     """47B in bf16 (93.6 GB) does not fit one 80 GB GPU: calibration spreads it over two; 56B on one GPU alone is
     refused in one line before anything runs."""
+    from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.hardware import Hardware
     from minipuzzle.memory_plan import RunPlan
-    from minipuzzle.presets import describe_model
     from minipuzzle.quantize.plan import plan_quantize
     from minipuzzle.settings import QuantizeSettings
 

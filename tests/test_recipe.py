@@ -143,7 +143,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     assert "Quantization: teacher, bf16 and quantized student" in (run_dir / "report.html").read_text()
     # The held-out file was never used for training: the train folder lacks it.
     assert held[0] not in {p.name for p in (run_dir / "data" / "train").iterdir()}
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
 
     teacher, student = Checkpoint(tiny_checkpoint).layout, Checkpoint(run_dir / "distill").layout
     assert student.num_params() <= 0.85 * teacher.num_params()

@@ -24,7 +24,10 @@ from typing import Any
 import torch
 
 from minipuzzle.artifacts import DistillState
-from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, resolve_checkpoint, save_state_dict
+from minipuzzle.checkpoint.dtypes import parse_dtype
+from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
+from minipuzzle.checkpoint.write import check_output_dir, save_state_dict
 from minipuzzle.data import load_tokenizer
 from minipuzzle.distill import launch, parallel, state
 from minipuzzle.distill.losses import DistillObjective

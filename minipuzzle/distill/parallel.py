@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipuzzle.checkpoint import Checkpoint, build_model, load_model, weight_dtype
+from minipuzzle.checkpoint.build import build_model, load_model
+from minipuzzle.checkpoint.dtypes import weight_dtype
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.errors import UserError
 
 

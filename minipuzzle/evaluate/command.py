@@ -1,4 +1,4 @@
-"""`minipuzzle eval` and `minipuzzle report`: thin wrappers over `evaluate` and `build_run_report`."""
+"""`minipuzzle eval`: a thin wrapper over `runner.evaluate`."""
 
 from __future__ import annotations
 
@@ -84,22 +84,5 @@ def _check_memory(model: str, teacher: str | None, st: EvalSettings, held_out: b
     check(hw, eval_stage(layout, t_layout, hw, st, held_out=held_out, dtype=dev.dtype, stored_bytes=stored))
 
 
-def _report_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder with stage outputs (score/, search/, distill/, eval/).")],
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="HTML file (default RUN_DIR/report.html).")
-    ] = None,
-) -> None:
-    """One self-contained HTML page for a whole run: importance, chosen layout, distillation curve, evaluation.
-
-    Example: minipuzzle report runs/56b-to-47b
-    """
-    from minipuzzle.evaluate.run_report import build_run_report
-
-    path = build_run_report(run_dir, output)
-    print(f"wrote {path}")
-
-
 def register(app: typer.Typer) -> None:
     app.command("eval")(_eval_command)
-    app.command("report")(_report_command)

@@ -37,7 +37,8 @@ def load_mapped(path: str | Path, dtype: torch.dtype, device_map: dict[str, str 
     on the CPU)."""
     from accelerate import dispatch_model, infer_auto_device_map
 
-    from minipuzzle.checkpoint import Checkpoint, build_model, fill_weights
+    from minipuzzle.checkpoint.build import build_model, fill_weights
+    from minipuzzle.checkpoint.read import Checkpoint
 
     ckpt = Checkpoint(path)
     model = build_model(ckpt.layout, ckpt.config)
@@ -58,7 +59,7 @@ def load_placed(path: str | Path, dtype: torch.dtype, device: torch.device, devi
     """The model of `path` whole on `device` (one device, the CPU included), spread over `devices` GPUs
     (cuda:0 ..) holding at most `per_device_bytes` of its weights each, or, `offload`, computing on `device` with
     its blocks read from the checkpoint every forward (`load_offloaded`)."""
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
 
     if offload:
         return load_offloaded(path, dtype, device)
@@ -114,10 +115,12 @@ def load_offloaded(path: str | Path, dtype: torch.dtype, device: torch.device):
     """A `NemotronHForCausalLM` of checkpoint `path` that holds no weights: it stays on the meta device, and each
     unit (`offload_units`) gets accelerate's offloading hook, which reads the unit's weights from the checkpoint
     onto `device` just before its forward and puts them back on the meta device after it. Weights are cast as
-    `checkpoint.fill_weights` casts them: `dtype`, except the float32 routers (`checkpoint.weight_dtype`)."""
+    `build.fill_weights` casts them: `dtype`, except the float32 routers (`dtypes.weight_dtype`)."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from minipuzzle.checkpoint import Checkpoint, build_model, weight_dtype
+    from minipuzzle.checkpoint.build import build_model
+    from minipuzzle.checkpoint.dtypes import weight_dtype
+    from minipuzzle.checkpoint.read import Checkpoint
 
     ckpt = Checkpoint(path)
     model = build_model(ckpt.layout, ckpt.config).eval().requires_grad_(False)

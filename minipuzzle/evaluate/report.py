@@ -61,7 +61,7 @@ def render_markdown(rep: EvalReport | dict) -> str:
 
 def write_report(rep: EvalReport, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write `rep` into the folder `out` atomically; sets `rep.plots` to the plot file names."""
-    from minipuzzle.checkpoint import atomic_dir
+    from minipuzzle.checkpoint.write import atomic_dir
 
     rows = read_metrics(rep.distill.metrics_file) if rep.distill else []
     with atomic_dir(out, overwrite) as tmp:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from minipuzzle.artifacts import DistillSummary, EvalReport, EvalSettingsUsed, Quality, SpeedResult, read_metrics
-from minipuzzle.checkpoint import resolve_device
+from minipuzzle.checkpoint.dtypes import resolve_device
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.harness import parse_tasks, run_tasks
 from minipuzzle.progress import track
@@ -26,7 +26,7 @@ from minipuzzle.settings import EvalSettings
 
 
 def _checkpoint_dir(model: str | Path) -> Path:
-    from minipuzzle.checkpoint import resolve_checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
 
     path = resolve_checkpoint(str(model))
     if not (path / "config.json").is_file():
@@ -152,7 +152,7 @@ def evaluate(
     one device, or spread over several GPUs by accelerate's device map, both resident or one after the other, at
     the plan's batch per part. On the CPU that is one device, both resident.
     """
-    from minipuzzle.checkpoint import check_output_dir
+    from minipuzzle.checkpoint.write import check_output_dir
     from minipuzzle.data import token_windows
     from minipuzzle.evaluate.report import write_report
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from minipuzzle.artifacts import CandidateRow, EvalReport
+from minipuzzle.units import gib
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -27,10 +28,6 @@ def fmt(v: Any, digits: int = 4) -> str:
             return f"{v:.3e}"
         return f"{v:.{digits}f}"
     return str(v)
-
-
-def gib(n: Any) -> str:
-    return "–" if n is None else f"{n / 2**30:.3f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 def _delta(a: Any, b: Any) -> str:

@@ -54,7 +54,8 @@ def score(
 
     Example: minipuzzle score nvidia/Nemotron-H-8B-Base-8K --data calib.jsonl -o scores/8b --seq-len 4096
     """
-    from minipuzzle.checkpoint import resolve_checkpoint, resolve_device
+    from minipuzzle.checkpoint.dtypes import resolve_device
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
     from minipuzzle.hardware import resolve
     from minipuzzle.importance.folder import score_to_folder
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.checkpoint import parse_dtype, resolve_device
+from minipuzzle.checkpoint.dtypes import parse_dtype, resolve_device
 from minipuzzle.importance.scores import Scores
 from minipuzzle.settings import ScoreSettings
 
@@ -47,7 +47,7 @@ def score_to_folder(
     The passes run as the memory plan on `hardware` (a `hardware.Hardware`, default: this machine) says
     (`memory_plan.score_launch`): streamed or loaded, in its dtype, at its forward batch and row chunks.
     """
-    from minipuzzle.checkpoint import atomic_dir, check_output_dir
+    from minipuzzle.checkpoint.write import atomic_dir, check_output_dir
     from minipuzzle.data import load_tokenizer, token_windows
     from minipuzzle.importance.plots import plot_scores
     from minipuzzle.importance.scoring import check_axes, score_checkpoint
@@ -87,7 +87,7 @@ def score_to_folder(
 
 def _launch(checkpoint, settings: ScoreSettings, axes, dev: torch.device, dtype, hardware) -> dict:
     """`memory_plan.score_launch` of the score stage on `hardware` (default: this machine) computing on `dev`."""
-    from minipuzzle.checkpoint import Checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.hardware import resolve
     from minipuzzle.memory_plan import compute_hardware, score_launch, score_stage
 

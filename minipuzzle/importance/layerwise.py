@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint import Checkpoint, plain_kernel_notice, weight_dtype
+from minipuzzle.checkpoint.build import plain_kernel_notice
+from minipuzzle.checkpoint.dtypes import weight_dtype
+from minipuzzle.checkpoint.read import Checkpoint
 
 # Hook installer: called with (layer index, block) before a block runs; returns a context manager that is exited
 # after the block has run over every row of the chunk (e.g. one that removes forward hooks).
@@ -99,7 +101,7 @@ class StreamedStack(LayerStack):
     Embeddings, norm_f and lm_head stay loaded; `block(i)` builds block i on the meta device, assigns its tensors
     from the shards (cast to `dtype`, moved to `device`) and drops them on exit. Shard handles are closed after each
     layer so memory-mapped pages of layers already used are released, not kept resident. Weights take the dtype a
-    loaded model gives them (`checkpoint.weight_dtype`: `dtype`, the MoE routers float32).
+    loaded model gives them (`checkpoint.dtypes.weight_dtype`: `dtype`, the MoE routers float32).
 
     `StreamedStack.open(folder)` reads a checkpoint. The constructor takes the resident parts (embeddings [V, h],
     norm_f weight [h], head [V, h], on `device` in `dtype`) for stacks that derive them, such as a pruned view.
@@ -200,7 +202,7 @@ def open_stack(
         stream = need > 0.7 * free_memory(device)
     if stream:
         return StreamedStack.open(ckpt, device, dtype), True
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
 
     return ModelStack(load_model(ckpt, dtype=dtype, device=device)), False
 

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from minipuzzle.checkpoint import atomic_dir, copy_tokenizer
+from minipuzzle.checkpoint.dtypes import stored_bytes
+from minipuzzle.checkpoint.write import atomic_dir, copy_tokenizer
 
 QUANT_CONFIG = "hf_quant_config.json"
 SUMMARY = "quantize.json"
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")
-_DTYPE_BYTES = {"F8_E4M3": 1, "U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4}
 
 
 def _repair(name: str) -> str:
@@ -88,7 +88,7 @@ def weight_bytes(folder: str | Path) -> dict[str, int]:
 
     def nbytes(k: str) -> int:
         dt, shape = table[k]
-        return _DTYPE_BYTES[dt] * int(torch.Size(shape).numel())
+        return stored_bytes(dt) * int(torch.Size(shape).numel())
 
     out = {"quantized": 0, "scales": 0, "kept": 0, "quantized_params": 0, "kept_params": 0}
     for k, (dt, shape) in table.items():

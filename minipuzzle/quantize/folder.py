@@ -34,7 +34,9 @@ def quantize_to_folder(model: str | Path, out: str | Path, settings: QuantizeSet
     all."""
     import json
 
-    from minipuzzle.checkpoint import check_output_dir, resolve_checkpoint, resolve_device
+    from minipuzzle.checkpoint.dtypes import resolve_device
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
+    from minipuzzle.checkpoint.write import check_output_dir
     from minipuzzle.data import load_tokenizer, token_windows
     from minipuzzle.evaluate.placement import load_placed
     from minipuzzle.hardware import resolve

@@ -51,7 +51,7 @@ def _read_state(path: Path, algo: str) -> tuple[dict[str, torch.Tensor], dict[st
     """(weights under the model's names, routed experts merged into [E, out, in]; {input quantizer name: amax})."""
     from safetensors.torch import load_file
 
-    from minipuzzle.checkpoint import native_name
+    from minipuzzle.checkpoint.read import native_name
 
     raw = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -105,7 +105,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     """The fake-quantized model of checkpoint folder `path` (module docstring) on `device`, weights in `dtype`
     (routers float32, as transformers keeps them). NVFP4 needs CUDA (Model Optimizer's block quantization)."""
     from minipuzzle.arch import Layout, hf_config
-    from minipuzzle.checkpoint import build_model, weight_dtype
+    from minipuzzle.checkpoint.build import build_model
+    from minipuzzle.checkpoint.dtypes import weight_dtype
     from minipuzzle.quantize.configs import check_runnable, mtq
 
     path = Path(path)

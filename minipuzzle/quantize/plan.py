@@ -15,6 +15,7 @@ implemented.
 from __future__ import annotations
 
 from minipuzzle.arch import Layout, _bits
+from minipuzzle.checkpoint.dtypes import dtype_bytes
 from minipuzzle.hardware import Hardware
 from minipuzzle.memory_plan import (
     Geometry,
@@ -26,7 +27,6 @@ from minipuzzle.memory_plan import (
     _problem,
     _read_host,
     default_dtype,
-    dtype_bytes,
     eval_weight_share,
     forward_bytes_per_token,
     largest_tensor,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from minipuzzle.arch import PRECISION_BITS, Layout
+from minipuzzle.arch import Layout
+from minipuzzle.checkpoint.dtypes import PRECISION_BITS
 from minipuzzle.errors import UserError
 from minipuzzle.units import parse_bytes, parse_count_or_fraction
 

@@ -48,8 +48,8 @@ def search_cmd(
 
     Example: minipuzzle search 56b --scores scores/ --memory 31.7GiB --precision fp4 --context 1M -o layout.yaml
     """
+    from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.importance.scores import Scores
-    from minipuzzle.presets import describe_model
     from minipuzzle.search.pipeline import run_search
     from minipuzzle.search.plan import choose_units, layout_document, write_layout_yaml
 
@@ -153,11 +153,13 @@ def _check_memory(model: str, model_path: str | None, st: PruneSettings, scoring
 def _source_layout(model: str, model_path: str | None, output: str | None, dry_run: bool, overwrite: bool):
     """The source's layout: from its config alone for a dry run, else from the checkpoint, after checking that
     the output may be written (nothing is written before every input is checked)."""
-    from minipuzzle.presets import describe_model
+    from minipuzzle.checkpoint.resolve import describe_model
 
     if dry_run:
         return describe_model(model, model_path)[1]
-    from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
+    from minipuzzle.checkpoint.write import check_output_dir
 
     if output is None:
         raise UserError("prune needs -o/--output DIR")

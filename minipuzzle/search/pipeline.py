@@ -157,7 +157,9 @@ def prune(
     tables and hub datasets with `datasets` streaming (`data.iter_documents`). Returns the report as a dict.
     Every user error is raised before anything is written.
     """
-    from minipuzzle.checkpoint import Checkpoint, check_output_dir, resolve_checkpoint
+    from minipuzzle.checkpoint.read import Checkpoint
+    from minipuzzle.checkpoint.resolve import resolve_checkpoint
+    from minipuzzle.checkpoint.write import check_output_dir
     from minipuzzle.data import load_tokenizer
     from minipuzzle.search.plan import choose_units
 
@@ -209,7 +211,7 @@ def check_budget(source: Layout, settings: PruneSettings) -> None:
 def launch_plan(ckpt, settings: PruneSettings, hardware: Hardware | None, scoring: bool):
     """(settings with the device resolved on this machine, {part name: `memory_plan.Part`}) of the prune stage
     on `hardware` (default: this machine): what scoring and ranking run with."""
-    from minipuzzle.checkpoint import resolve_device
+    from minipuzzle.checkpoint.dtypes import resolve_device
     from minipuzzle.hardware import resolve
     from minipuzzle.memory_plan import prune_stage
 
@@ -229,7 +231,8 @@ def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scor
         from minipuzzle.importance.scores import Scores
 
         return Scores.load(scores_dir)
-    from minipuzzle.checkpoint import Checkpoint, parse_dtype
+    from minipuzzle.checkpoint.dtypes import parse_dtype
+    from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.importance import score_checkpoint
     from minipuzzle.memory_plan import score_launch
     from minipuzzle.settings import ScoreSettings
@@ -283,7 +286,7 @@ def write_pruned(out, ckpt, plan, report: PruneReport, timing: dict, t0: float, 
                  shard_bytes: int | None = None):  # fmt: skip
     """Cut `plan` from `ckpt` into `out` with prune_report.json and its plots, atomically, in output shards of at
     most `shard_bytes` (the plan's; default `memory_plan.SHARD_BYTES`)."""
-    from minipuzzle.checkpoint import atomic_dir
+    from minipuzzle.checkpoint.write import atomic_dir
     from minipuzzle.memory_plan import SHARD_BYTES
     from minipuzzle.search.report import write_plots
     from minipuzzle.surgery import prune_checkpoint
@@ -325,7 +328,7 @@ def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progres
     """Measured statistics of each plan on the held-out windows, as the plan's ranking part says (`part`, default
     `launch_plan`'s): streamed or with the model loaded, in its dtype, its forward batch and row chunks, the
     parent's final states kept on the host for the planned groups of windows."""
-    from minipuzzle.checkpoint import parse_dtype
+    from minipuzzle.checkpoint.dtypes import parse_dtype
     from minipuzzle.progress import progress_bar
     from minipuzzle.search.ranking import measure_in_memory, measure_streamed
 
@@ -339,7 +342,7 @@ def rank(path, ckpt, plans, held: torch.Tensor, settings: PruneSettings, progres
             return measure_streamed(ckpt, plans, held, g.micro_batch, settings.device, advance,
                                     host_bytes=g.host_group * held.shape[1] * ckpt.layout.hidden_size * dtype.itemsize,
                                     dtype=dtype, chunk_rows=g.rows_per_chunk)  # fmt: skip
-        from minipuzzle.checkpoint import load_model
+        from minipuzzle.checkpoint.build import load_model
 
         model = load_model(ckpt, dtype=dtype, device=settings.device)
         return measure_in_memory(model, plans, held, g.micro_batch, advance)

@@ -32,7 +32,7 @@ def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int
     LM head `metrics.LOGIT_CHUNK` positions at a time, so k candidates cost k + 1 forward passes, not 2k, and no
     batch holds full-vocabulary logits for all its tokens.
     """
-    from minipuzzle.checkpoint import load_model
+    from minipuzzle.checkpoint.build import load_model
     from minipuzzle.metrics import TokenStats, final_states
     from minipuzzle.surgery import prune_model
 

@@ -33,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 
 from minipuzzle.anatomy import AXES, KIND_NAMES, MOE, WIDTH_AXES, axes_of_kind
-from minipuzzle.arch import LAYER_KINDS, PRECISION_BITS, Layout
+from minipuzzle.arch import LAYER_KINDS, Layout
+from minipuzzle.checkpoint.dtypes import PRECISION_BITS
 from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import DamageModel
