@@ -48,6 +48,9 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 INDEX_NAME = "model.safetensors.index.json"
+# The largest shard a writer fills before writing it (safetensors writes a shard from memory, so one is buffered
+# whole); the memory plan counts it and makes it smaller where the host is small.
+SHARD_BYTES = 5 * 10**9
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -383,7 +386,7 @@ class ShardWriter:
     unless `split_experts` is False.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9, split_experts: bool = True):
+    def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES, split_experts: bool = True):
         self.folder = Path(folder)
         self.max = max_shard_bytes
         self.split = split_experts
@@ -457,7 +460,7 @@ def save_state_dict(
     *,
     base_config: dict[str, Any] | Any | None = None,
     tokenizer_from: str | Path | None = None,
-    max_shard_bytes: int = 5 * 10**9,
+    max_shard_bytes: int = SHARD_BYTES,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> Path:

@@ -47,6 +47,7 @@ from minipuzzle.anatomy import (
 )
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint import (
+    SHARD_BYTES,
     Checkpoint,
     ShardWriter,
     atomic_dir,
@@ -515,7 +516,7 @@ def prune_checkpoint(
     out: str | Path,
     *,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 10**9,
+    max_shard_bytes: int = SHARD_BYTES,
     progress: bool = True,
     extra_files: dict[str, str] | None = None,
 ) -> Path:

@@ -155,7 +155,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     assert (run_dir / "eval" / "report.json").stat().st_mtime_ns == mtime
     # A dry run given the run folder plans distillation and eval for the student prune wrote, as the run does.
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import plan_recipe
+    from minipuzzle.recipe_memory import recipe_memory
 
     def distill_part(*extra):
         code, out, err = run_cli(["run", str(recipe_file), "--dry-run", "--json", *extra])
@@ -163,7 +163,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
         return next(s for s in json.loads(out)["memory"]["stages"] if s["stage"] == "distill")["parts"][0]
 
     pruned = Checkpoint(run_dir / "prune").layout
-    want = next(s for s in plan_recipe(parse_recipe(doc), teacher, resolve(None), student=pruned, stored_bytes=4)
+    want = next(s for s in recipe_memory(parse_recipe(doc), teacher, resolve(None), student=pruned, stored_bytes=4)
                 .stages if s.stage == "distill").parts[0]  # fmt: skip
     assert distill_part("-o", str(run_dir))["memory"] == want.memory.model_dump()
     assert distill_part()["memory"]["master_weights"] == 4 * teacher.num_params()  # no folder: the teacher bounds

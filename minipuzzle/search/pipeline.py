@@ -207,11 +207,11 @@ def check_budget(source: Layout, settings: PruneSettings) -> None:
 
 
 def launch_plan(ckpt, settings: PruneSettings, hardware: Hardware | None, scoring: bool):
-    """(settings with the device resolved on this machine, {part name: `memory_plan.Part`}) of the prune stage
+    """(settings with the device resolved on this machine, {part name: `memory.Part`}) of the prune stage
     on `hardware` (default: this machine): what scoring and ranking run with."""
     from minipuzzle.checkpoint import resolve_device
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import prune_stage
+    from minipuzzle.memory import prune_stage
 
     dev, _ = resolve_device(settings.device, settings.dtype)
     settings = settings.model_copy(update={"device": str(dev)})
@@ -231,7 +231,7 @@ def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scor
         return Scores.load(scores_dir)
     from minipuzzle.checkpoint import Checkpoint, parse_dtype
     from minipuzzle.importance import score_checkpoint
-    from minipuzzle.memory_plan import score_launch
+    from minipuzzle.memory import score_launch
     from minipuzzle.settings import ScoreSettings
 
     if launch is None:
@@ -282,9 +282,8 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
 def write_pruned(out, ckpt, plan, report: PruneReport, timing: dict, t0: float, overwrite: bool, progress: bool,
                  shard_bytes: int | None = None):  # fmt: skip
     """Cut `plan` from `ckpt` into `out` with prune_report.json and its plots, atomically, in output shards of at
-    most `shard_bytes` (the plan's; default `memory_plan.SHARD_BYTES`)."""
-    from minipuzzle.checkpoint import atomic_dir
-    from minipuzzle.memory_plan import SHARD_BYTES
+    most `shard_bytes` (the plan's; default `checkpoint.SHARD_BYTES`)."""
+    from minipuzzle.checkpoint import SHARD_BYTES, atomic_dir
     from minipuzzle.search.report import write_plots
     from minipuzzle.surgery import prune_checkpoint
 
