@@ -11,8 +11,8 @@ from minipuzzle.quantize.plan import plan_quantize
 from minipuzzle.settings import PruneSettings
 
 
-def recipe_memory(recipe, prune: PruneSettings, teacher: Layout, hardware: Hardware, *,
-                  student: Layout | None = None, stored_bytes: int = 2, skip: tuple[str, ...] = ()) -> RunMemory:  # fmt: skip
+def recipe_memory(recipe, prune: PruneSettings, teacher: Layout, hardware: Hardware, *, student: Layout | None = None,
+                  stored_bytes: int = 2, skip: tuple[str, ...] = ()) -> RunMemory:  # fmt: skip
     """The memory of every stage of `recipe` (a `recipe.Recipe`, whose prune stage runs `prune`, its
     `recipe.prune_settings`) for the teacher `teacher` on `hardware`.
 

@@ -58,7 +58,8 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
     `eval_weight_share`) or, `sequential`, one at a time (the teacher's final states [N, T, h] kept on the host and
     its LM head [V, h] next to the student for the KL); `offload`: one unit of a model read from disk at a time
     (the speed part is left to the caller). The largest batch <= eval.batch_size that fits. Held-out statistics
-    come from final hidden states, logits `LOGIT_CHUNK` positions at a time (`metrics.TokenStats.add_states`). lm-eval (HFLM) builds [batch, T, V] logits and their float32 log-softmax;
+    come from final hidden states, logits `LOGIT_CHUNK` positions at a time (`metrics.TokenStats.add_states`).
+    lm-eval (HFLM) builds [batch, T, V] logits and their float32 log-softmax;
     requests are counted at eval.seq_len tokens, an upper bound (most tasks are far shorter)."""
     b, kernels = dtype_bytes(dt), hw.fused_mamba
     shares = [eval_weight_share(m, k, dt, offload) for m in models]

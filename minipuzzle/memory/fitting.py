@@ -12,8 +12,8 @@ from minipuzzle.memory.parts import Geometry, Memory, Part, RunMemory, StageMemo
 # host bytes within this share of a node's RAM). The share stands for what grows with the work: the caching
 # allocator's reserve and fragmentation and NCCL's buffers on GPUs, malloc's arenas on the CPU; it is a judgement,
 # not a measurement (`benchmarks/scale_rehearsal.py` measures the plan's predictions against peaks). What does not
-# grow with the work is a term of its own (`PROCESS_BYTES` ..., `CUDA_CONTEXT_BYTES`): 0.5 GiB is 0.6 % of an 80 GiB GPU but an
-# interpreter is half of a 1 GB CPU limit, so no share could stand for both.
+# grow with the work is a term of its own (`PROCESS_BYTES` ..., `CUDA_CONTEXT_BYTES`): 0.5 GiB is 0.6 % of an
+# 80 GiB GPU but an interpreter is half of a 1 GB CPU limit, so no share could stand for both.
 USABLE = 0.9
 # What a process holds before it does any work (bytes), so that a limit (--host-memory, a GPU's memory) covers the
 # whole process. CPU figures: resident memory right after the imports, measured on this project's CPU machine

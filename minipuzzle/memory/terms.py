@@ -21,7 +21,7 @@ def _scan_fallback(layout: Layout) -> int:
     sums L, the C.B scores G and their product M ([chunk x heads] each), B and C repeated to every head and cut into
     chunks (and their einsum copies: 5 x heads x state), the chunk states (2 x heads x head_dim x state / chunk),
     x, dt.x, Y_diag, Y_off, the output and the gated norm's float32 tensors (9 x I), and per-head dt and A terms.
-    Counted from the tensors autograd saves for one block (tests/test_memory_plan.py measures them)."""
+    Counted from the tensors autograd saves for one block (tests/test_memory_terms.py measures them)."""
     hp, n, p, i = layout.mamba_num_heads, layout.ssm_state_size, layout.mamba_head_dim, layout.mamba_intermediate
     return 4 * (3 * MAMBA_CHUNK * hp + 5 * hp * n + 2 * hp * p * n // MAMBA_CHUNK + 9 * i + 5 * hp)
 
