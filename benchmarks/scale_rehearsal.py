@@ -16,7 +16,7 @@ apart too: prune trains its candidates in child processes (`candidates.distill_c
 (scoring, ranking, measuring the distilled candidates, the cut) is measured on its own and its candidate
 distillation as a training of its own.
 
-Predicted peak: the plan's own, interpreters included (`memory_plan.PROCESS_BYTES` for every process that builds
+Predicted peak: the plan's own, interpreters included (`memory.PROCESS_BYTES` for every process that builds
 a model, `TOOL_BYTES` for the cut, `LAUNCHER_BYTES` for torchrun's launcher, and the process that started a local
 launch; `BASELINE_CHILDREN` measures them here for the record). On a CPU-only machine the plan's `device_total`
 already counts a node's host buffers and helper interpreters (device and host are one memory); for a torchrun
@@ -255,7 +255,7 @@ def _predicted(part: dict) -> dict:
 
 # What an interpreter holds before it does any work, by what it imports: a stage process (python, torch,
 # transformers, minipuzzle), one that builds a model (also transformers' NemotronH modeling code, 0.14 GB more),
-# torchrun's launcher (torch alone). The plan counts them itself (`memory_plan.PROCESS_BYTES`, `TOOL_BYTES`,
+# torchrun's launcher (torch alone). The plan counts them itself (`memory.PROCESS_BYTES`, `TOOL_BYTES`,
 # `LAUNCHER_BYTES`); they are measured here to show the plan's figures hold on this machine.
 BASELINE_CHILDREN = {
     "stage": "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate",
@@ -276,16 +276,16 @@ def _write_recipe(folder: Path, name: str, doc: dict, device_bytes: int) -> Path
 
 def plan_baselines() -> dict[str, int]:
     """The plan's interpreter figures, by the kinds `BASELINE_CHILDREN` measures."""
-    from minipuzzle.memory_plan import LAUNCHER_BYTES, PROCESS_BYTES, TOOL_BYTES
+    from minipuzzle.memory import LAUNCHER_BYTES, PROCESS_BYTES, TOOL_BYTES
 
     return {"model": PROCESS_BYTES, "launcher": LAUNCHER_BYTES, "cut": TOOL_BYTES}
 
 
 def stage_hardware(preds: dict[str, dict], device_bytes: int) -> dict[str, int]:
     """The device memory each stage runs with: the rehearsal's (below the checkpoint's size) where the plan fits
-    it, else the least the plan needs (its device_total over memory_plan.USABLE), so a stage that must train a
+    it, else the least the plan needs (its device_total over memory.USABLE), so a stage that must train a
     model whole is measured at the hardware it would be refused without."""
-    from minipuzzle.memory_plan import USABLE
+    from minipuzzle.memory import USABLE
 
     return {k: device_bytes if p["fits"] else int(p["device_total"] / USABLE) + 2**20 for k, p in preds.items()}
 
@@ -294,7 +294,7 @@ def rehearse(size: str, work: Path, threads: int = 2, log=print) -> dict:
     """Write the checkpoint and recipe into `work`, run every stage in its own process, then the distill stage
     again as 2 nodes x 2 ranks (`rehearse_hsdp`), and a tiny bf16 MoE checkpoint through every stage
     (`rehearse_moe`, the same at every size); return the record."""
-    from minipuzzle.memory_plan import PROCESS_BYTES
+    from minipuzzle.memory import PROCESS_BYTES
 
     n, ckpt_bytes = write_checkpoint(work / "ckpt", size)
     log(f"checkpoint: {n / 1e9:.3f}B parameters, {ckpt_bytes / 1e9:.2f} GB float32")
@@ -428,7 +428,7 @@ def rehearse_moe(work: Path, threads: int, log) -> dict:
     run_dir, stages, checked = work / "run_moe", {}, {"source": routing(src)}
     for stage in ("score", "prune", "distill", "eval"):
         probe = predictions(dry_run(_write_recipe(work, f"moe_probe_{stage}", doc, 2**40), REPO, run_dir))[stage]
-        from minipuzzle.memory_plan import USABLE
+        from minipuzzle.memory import USABLE
 
         device = int(probe["device_total"] / USABLE) + 2**20
         rf = _write_recipe(work, f"moe_{stage}", doc, device)
@@ -471,7 +471,7 @@ def rehearse_hsdp(work: Path, doc: dict, run_dir: Path, ckpt_bytes: int, threads
     = 4 ranks x 2 accumulated micro-batches of one window; the student is the one the prune stage cut. Measured:
     both launchers and their 4 ranks; predicted: 2 nodes x (2 ranks' device terms + the node's host bytes)."""
     from minipuzzle.hardware import host_ram
-    from minipuzzle.memory_plan import USABLE
+    from minipuzzle.memory import USABLE
 
     hsdp_dir = work / "run_hsdp"
     hsdp_dir.mkdir()

@@ -37,11 +37,11 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
     folder kept when a launch fails). `hardware`: what the training is planned and launched for
     (default: this machine). `ranking`: the prune plan's ranking part, which the measurement follows (default: the
     plan on this machine). `shard_bytes`: the largest output shard of each candidate's cut (the prune plan's cut
-    part; default `memory_plan.SHARD_BYTES`): a shard is buffered whole. The winner is still written undistilled:
+    part; default `checkpoint.SHARD_BYTES`): a shard is buffered whole. The winner is still written undistilled:
     the final distillation stage starts from the cut weights.
     """
     from minipuzzle.hardware import detect
-    from minipuzzle.memory_plan import for_device
+    from minipuzzle.memory import for_device
     from minipuzzle.search.pipeline import rank
 
     hw = for_device(hardware or detect(), settings.device) or Hardware(device="cpu", gpu_memory=2**62)
@@ -67,7 +67,7 @@ def distill_candidates(path, ckpt, plans, held: torch.Tensor, data: str, setting
 
 def _cut(ckpt, plan, cut_dir: Path, shard_bytes: int | None) -> None:
     """Write the candidate's cut to `cut_dir`, unless a rerun finds it there."""
-    from minipuzzle.memory_plan import SHARD_BYTES
+    from minipuzzle.checkpoint.write import SHARD_BYTES
     from minipuzzle.surgery import prune_checkpoint
 
     if not (cut_dir / "config.json").is_file():
@@ -96,9 +96,9 @@ def _run(cfg, ckpt, hw: Hardware, settings, work: Path, log, logs: Path):
     from minipuzzle.distill.launch import launch, nodes_and_procs, planned
     from minipuzzle.distill.loop import finished
     from minipuzzle.errors import UserError
-    from minipuzzle.memory_plan import default_dtype, plan_candidate_distill
+    from minipuzzle.memory import candidate_distill_memory, default_dtype
 
-    part = plan_candidate_distill(ckpt.layout, Checkpoint(cfg.student).layout, hw, settings, dtype=default_dtype(hw))
+    part = candidate_distill_memory(ckpt.layout, Checkpoint(cfg.student).layout, hw, settings, dtype=default_dtype(hw))
     if not part.fits:
         raise UserError(f"prune (candidate distillation) does not fit: {part.problem}")
     nnodes, nproc = nodes_and_procs(part, hw)

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 # The functions NemotronH's Mamba mixer runs a whole sequence through (training, scoring, prefill), by the names
 # transformers releases have used for them; the decode-step ones (`*_update`) hold no activations worth planning.
+# transformers' NemotronHConfig.chunk_size, which NVIDIA's Nemotron-H configs keep: the PyTorch scan's chunk, whose
+# [chunk x chunk] segment sums the memory plan counts on that path (tests/test_memory_terms.py reads transformers').
+MAMBA_CHUNK = 128
 SEQUENCE_FUNCS = ("causal_conv1d_fn", "mamba_chunk_scan_combined", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined")
 PACKAGES = ("mamba_ssm", "causal_conv1d")
 

@@ -56,6 +56,13 @@ def topk_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float =
     return kl_from_log_probs(t, s)
 
 
+# Float32 [N, V] buffers of `next_token_sums` with a teacher that the memory plan counts beside the head's output
+# (in the compute dtype) for eval's, ranking's and depth scoring's logits: both logits, both log-softmaxes and the
+# two temporaries of `kl_from_log_probs`. tests/test_memory_terms.py measures 7 float32 buffers at the peak of
+# `TokenStats.add_states` in float32, which this count and the head's float32 output make.
+EVAL_LOGIT_BUFFERS = 6
+
+
 def next_token_sums(
     logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -206,17 +206,19 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None, student: Layout |
     parameters FLOPs per token, 2 x student more where the plan checkpoints activations (the recompute), plus the
     time its FSDP2 collectives add beyond the compute on every device (`communication.step_traffic` on the plan's
     launch). GPU-hours use the same assumed H100 throughput as `prune --dry-run`. The memory plan is
-    `memory_plan.plan_recipe`'s; "refusal" is the line a run would be refused with (None: it fits).
+    `recipe_memory.recipe_memory`'s; "refusal" is the line a run would be refused with (None: it fits).
     """
     from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import model_facts, plan_recipe
+    from minipuzzle.checkpoint.resolve import describe_model
+    from minipuzzle.memory import model_facts
+    from minipuzzle.recipe_memory import recipe_memory
     from minipuzzle.search.pipeline import H100_FLOPS
 
     name, source = describe_model(recipe.model.source, recipe.model.path)
     hw = hardware or resolve(recipe.hardware)
     stored = model_facts(recipe.model.source, recipe.model.path)[1]  # as the run plans it (runner.check_memory)
-    memory = plan_recipe(recipe, source, hw, student=student, stored_bytes=stored)
+    memory = recipe_memory(recipe, prune_settings(recipe), source, hw, student=student, stored_bytes=stored)
     training = {p.stage: p for st in memory.stages for p in st.parts if p.traffic is not None}
     stages = _plan_stages(recipe, source, training)
     for st in stages:

@@ -93,25 +93,20 @@ def _print_plan(con, rec, plan: dict[str, Any]) -> None:
 
 
 def _print_memory(con, memory: dict[str, Any]) -> None:
-    """The memory plan as a table: one row per part, bytes per device (host: per node); then what today's code
-    would hold where that does not fit."""
+    """The memory plan as a table: one row per part, bytes per device (host: per node)."""
     from rich.table import Table
 
-    from minipuzzle.memory_plan import Geometry
+    from minipuzzle.memory import Geometry
     from minipuzzle.units import gib
 
     t = Table(title=f"memory per device on {memory['hardware_text']} ({gib(memory['usable_device_bytes'])} usable)")
     for col in ("stage", "launch", "process", "weights", "optim.", "activ.", "logits", "device", "host", ""):
         t.add_column(col, justify="left" if col in ("stage", "launch", "") else "right")
-    notes = []
     for st in memory["stages"]:
         for p in st["parts"]:
             m = p["memory"]
             states = m["master_weights"] + m["optimizer_state"] + m["gradients"]
             status = "fits" if p["fits"] else "[red]does not fit[/]"
-            if p["fits"] and p["today"] is not None:
-                status = "fits [red](not today)[/]"
-                notes.append(f"{_label(p)} today: {p['today']['note']}: {p['today']['problem']}")
             name = p["stage"] if p["name"] == p["stage"] else f"{p['stage']}: {p['name']}"
             t.add_row(name, Geometry(**p["geometry"]).describe(), gib(m["baseline"]), gib(m["weights"]), gib(states),
                       gib(m["activations"]), gib(m["logits"]), gib(p["device_total"]),
@@ -121,9 +116,4 @@ def _print_memory(con, memory: dict[str, Any]) -> None:
               "context); optim.: master weights, optimizer state and gradients; device: the total per device, "
               "the process's share included; host: per node, interpreters included. "
               "JSON (--json) has every term.", highlight=False)  # fmt: skip
-    for n in notes:
-        con.print(n, highlight=False, markup=False)
 
-
-def _label(p: dict[str, Any]) -> str:
-    return p["stage"] if p["name"] == p["stage"] else f"{p['stage']} ({p['name']})"

@@ -17,7 +17,7 @@ from typing import Any
 
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware, resolve
-from minipuzzle.recipe import STAGES, Recipe
+from minipuzzle.recipe import STAGES, Recipe, prune_settings
 from minipuzzle.settings import DistillSettings
 
 STATE_FILE = "run.json"
@@ -141,12 +141,14 @@ def check_memory(recipe: Recipe, run_dir: Path, done: list[str], hardware: Hardw
     weights are looked for); once prune has written the student, distillation and eval are planned for it
     rather than for the teacher's layout."""
     from minipuzzle.checkpoint.read import Checkpoint
-    from minipuzzle.memory_plan import model_facts, plan_recipe
+    from minipuzzle.memory import model_facts
+    from minipuzzle.recipe_memory import recipe_memory
 
     layout, stored = model_facts(recipe.model.source, recipe.model.path)
     pruned = run_dir / "prune"
     student = Checkpoint(pruned).layout if (pruned / "config.json").is_file() else None
-    refusal = plan_recipe(recipe, layout, hardware, student=student, stored_bytes=stored, skip=tuple(done)).refusal()
+    refusal = recipe_memory(recipe, prune_settings(recipe), layout, hardware, student=student, stored_bytes=stored,
+                            skip=tuple(done)).refusal()  # fmt: skip
     if refusal is not None:
         raise UserError(refusal)
 
@@ -170,7 +172,6 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
 
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None,
            training_hardware: Hardware | None = None):  # fmt: skip
-    from minipuzzle.recipe import prune_settings
     from minipuzzle.search.pipeline import prune
 
     settings = prune_settings(recipe)
@@ -209,7 +210,8 @@ def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path
 def _distill_hardware(recipe: Recipe, hardware: Hardware | None) -> tuple[Hardware, int | None]:
     """(hardware, processes) the distill stage plans for: the recipe's launch where it gives one (its nodes and
     GPUs per node), else the plan's choice of the hardware's devices."""
-    from minipuzzle.memory_plan import for_device, recipe_processes
+    from minipuzzle.memory import for_device
+    from minipuzzle.recipe_memory import recipe_processes
 
     d = recipe.distill
     assert d is not None

@@ -52,7 +52,7 @@ from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.build import build_model, model_state_dict
 from minipuzzle.checkpoint.dtypes import keeps_float32
 from minipuzzle.checkpoint.read import Checkpoint, expert_part, is_merged_experts, native_name
-from minipuzzle.checkpoint.write import ShardWriter, atomic_dir, copy_tokenizer, write_config
+from minipuzzle.checkpoint.write import SHARD_BYTES, ShardWriter, atomic_dir, copy_tokenizer, write_config
 from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 
@@ -590,7 +590,7 @@ def prune_checkpoint(
     out: str | Path,
     *,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 10**9,
+    max_shard_bytes: int = SHARD_BYTES,
     progress: bool = True,
     extra_files: dict[str, str] | None = None,
 ) -> Path:

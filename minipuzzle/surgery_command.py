@@ -45,7 +45,7 @@ def _cut_command(
     from minipuzzle.checkpoint.write import check_output_dir
     from minipuzzle.errors import UserError
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import plan_cut
+    from minipuzzle.memory import cut_memory
     from minipuzzle.search.plan import read_plan
     from minipuzzle.surgery import prune_checkpoint
     from minipuzzle.units import parse_bytes
@@ -56,7 +56,7 @@ def _cut_command(
     if norm_compensation is not None:
         p.norm_compensation = norm_compensation
     dst = p.target_layout(src.layout)
-    part = plan_cut(src.layout, resolve(None, hardware), stored_bytes=src.dtype().itemsize)
+    part = cut_memory(src.layout, resolve(None, hardware), stored_bytes=src.dtype().itemsize)
     shard = parse_bytes(max_shard_size, "--max-shard-size") if max_shard_size else part.geometry.shard_bytes
     if max_shard_size is None and not part.fits:
         raise UserError(f"cut does not fit: {part.problem}")

@@ -13,7 +13,7 @@ import pytest
 from minipuzzle.communication import H100_FLOPS, step_traffic
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware, resolve
-from minipuzzle.memory_plan import CUDA_CONTEXT_BYTES, Fixed, plan_training
+from minipuzzle.memory import CUDA_CONTEXT_BYTES, Fixed, train_memory
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_moe_layout
 from minipuzzle.units import parse_bandwidth
 
@@ -197,14 +197,14 @@ def _hand_step(sharding: str, micro: int, nodes: int, intra: float, inter: float
 def _choose(memory_mib: float, nodes: int, inter_gb: float):
     """(the plan's part, {sharding: its best micro-batch}) with activation checkpointing off (a user choice, so
     the plan chooses only the sharding and the micro-batch)."""
-    # Sized above the CUDA context every GPU process holds (memory_plan.CUDA_CONTEXT_BYTES), so memory_mib is what
+    # Sized above the CUDA context every GPU process holds (memory.CUDA_CONTEXT_BYTES), so memory_mib is what
     # the training's own terms may use.
     hw = Hardware(gpu_memory=int(memory_mib * 2**20 + CUDA_CONTEXT_BYTES / 0.9), gpus_per_node=8, nodes=nodes, intra_node_bandwidth="100GB/s",
                   inter_node_bandwidth=f"{inter_gb}GB/s")  # fmt: skip
     kw = {"seq_len": 4, "global_batch": 128, "loss_chunk": 4}
-    part = plan_training("distill", "distill", WIDE, WIDE, hw, fixed=Fixed(checkpointing=False), **kw)
-    micros = {s: plan_training("distill", "distill", WIDE, WIDE, hw, fixed=Fixed(sharding=s, checkpointing=False),
-                               **kw).geometry.micro_batch for s in ("per_node", "full")}  # fmt: skip
+    part = train_memory("distill", "distill", WIDE, WIDE, hw, fixed=Fixed(checkpointing=False), **kw)
+    micros = {s: train_memory("distill", "distill", WIDE, WIDE, hw, fixed=Fixed(sharding=s, checkpointing=False),
+                              **kw).geometry.micro_batch for s in ("per_node", "full")}  # fmt: skip
     return part, micros
 
 

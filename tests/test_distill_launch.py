@@ -21,7 +21,7 @@ from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.distill import launch
 from minipuzzle.errors import LaunchError, UserError
 from minipuzzle.hardware import Hardware
-from minipuzzle.memory_plan import USABLE, Fixed, plan_training
+from minipuzzle.memory import USABLE, Fixed, train_memory
 from minipuzzle.recipe import RECIPES_DIR, parse_recipe
 from minipuzzle.testing import run_cli
 
@@ -33,8 +33,8 @@ def _tight_gpu(pair, ranks: int) -> int:
     larger micro-batch or run without checkpointing."""
     t, s = Checkpoint(pair[0]).layout, Checkpoint(pair[1]).layout
     roomy = Hardware(gpu_memory="80GiB", gpus_per_node=ranks)
-    need = plan_training("distill", "distill", t, s, roomy, seq_len=SEQ, global_batch=BATCH, dtype="float32",
-                         stored_bytes=4, fixed=Fixed(grad_accum=BATCH // ranks, checkpointing=True)).device_total  # fmt: skip
+    need = train_memory("distill", "distill", t, s, roomy, seq_len=SEQ, global_batch=BATCH, dtype="float32",
+                        stored_bytes=4, fixed=Fixed(grad_accum=BATCH // ranks, checkpointing=True)).device_total  # fmt: skip
     return math.ceil(need / USABLE) + 64
 
 

@@ -299,7 +299,7 @@ def test_eval_runs_its_memory_plan(models, text_file, tmp_path, monkeypatch):
     recorded first and freed (the same figures as both resident); the plan's held-out batch reaches the pass."""
     import minipuzzle.evaluate.runner as runner
     from minipuzzle.hardware import Hardware
-    from minipuzzle.memory_plan import EvalShape, model_facts, plan_eval
+    from minipuzzle.memory import EvalShape, eval_memory, model_facts
 
     st = EvalSettings(seq_len=32, samples=6, batch_size=4, speed=False)
     (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
@@ -307,12 +307,12 @@ def test_eval_runs_its_memory_plan(models, text_file, tmp_path, monkeypatch):
 
     def need(hw, teacher):  # at a batch of one window, the least either way needs
         one = shape.model_copy(update={"batch_size": 1})
-        return plan_eval(lay, teacher, hw, one, stored_bytes=4).parts[0].device_total
+        return eval_memory(lay, teacher, hw, one, stored_bytes=4).parts[0].device_total
 
     big = Hardware(device="cpu", gpu_memory="64GiB")
     both, alone = need(big, t_lay), need(big, None)
     small = Hardware(device="cpu", gpu_memory=int((both - 1) / 0.9))
-    plan = plan_eval(lay, t_lay, small, shape, stored_bytes=4).parts[0]
+    plan = eval_memory(lay, t_lay, small, shape, stored_bytes=4).parts[0]
     assert alone < both and plan.fits and plan.geometry.sequential
     seen = []
     real_stats, real_record = runner.held_out_stats, runner.record_teacher
@@ -325,7 +325,7 @@ def test_eval_runs_its_memory_plan(models, text_file, tmp_path, monkeypatch):
         seen.clear()
         reps[name] = evaluate(models["student"], tmp_path / name, st, teacher_path=models["teacher"], data=text_file,
                               device="cpu", hardware=hw)  # fmt: skip
-        batch = plan_eval(lay, t_lay, hw, shape, stored_bytes=4).parts[0].geometry.micro_batch
+        batch = eval_memory(lay, t_lay, hw, shape, stored_bytes=4).parts[0].geometry.micro_batch
         assert seen == ([("record", batch)] if name == "sequential" else []) + [("stats", batch)]
     for k in ("perplexity", "kl_to_teacher", "agreement"):
         assert reps["sequential"][k] == pytest.approx(reps["together"][k], rel=1e-6)
@@ -400,7 +400,7 @@ def _offload_hardware(lay: Layout, t_lay: Layout, st: EvalSettings, device: str,
     """Hardware (one device) that holds eval's offloaded plan at a batch of one window: the plan on a device of
     one byte is the offloaded one, and its need sizes the device."""
     from minipuzzle.hardware import Hardware
-    from minipuzzle.memory_plan import USABLE, eval_stage
+    from minipuzzle.memory import USABLE, eval_stage
 
     def hw(mem: int) -> Hardware:
         return Hardware(device=device, gpu_memory=mem, gpus_per_node=1)
@@ -415,7 +415,7 @@ def test_eval_offloads_when_no_whole_model_fits(models, text_file, tmp_path, mon
     report's figures, lm-eval tasks included; with speed on it refuses in one line before loading or writing."""
     import minipuzzle.evaluate.placement as placement
     from minipuzzle.hardware import Hardware
-    from minipuzzle.memory_plan import eval_stage, model_facts
+    from minipuzzle.memory import eval_stage, model_facts
 
     st = EvalSettings(seq_len=32, samples=6, batch_size=4, speed=False, tasks=[str(TASK_YAML)], limit=6)
     (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
@@ -443,7 +443,7 @@ def test_eval_offloads_when_no_whole_model_fits(models, text_file, tmp_path, mon
 def test_cli_refuses_speed_on_an_offloaded_model(models, text_file, tmp_path):
     """`eval --gpu-memory` on a GPU that holds no whole model: refused in one line naming --no-speed, exit 2,
     nothing written; with --no-speed the same command runs."""
-    from minipuzzle.memory_plan import model_facts
+    from minipuzzle.memory import model_facts
 
     st = EvalSettings(seq_len=24, samples=3)
     (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))

@@ -1,5 +1,5 @@
 """Memory plans: the hardware as an input, every stage's resident bytes against hand counts for the 56B -> 47B run on
-8 nodes x 8 H100-80GB, the per-block activation terms against what autograd really keeps, and refusal of a run
+8 nodes x 8 H100-80GB, and refusal of a run
 that cannot fit (one line, exit 2, nothing written)."""
 
 import json
@@ -11,15 +11,14 @@ import yaml
 
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware, detect, host_ram, resolve
-from minipuzzle.memory_plan import (
+from minipuzzle.memory import (
     EvalShape,
     Fixed,
     data_parallel_ranks,
-    plan_eval,
-    plan_ranking,
-    plan_score,
-    plan_training,
-    saved_bytes_per_token,
+    eval_memory,
+    ranking_memory,
+    score_memory,
+    train_memory,
 )
 from minipuzzle.presets import PRESETS
 from minipuzzle.recipe import RECIPES_DIR, parse_recipe, plan_run
@@ -31,7 +30,7 @@ H, V, T = 8192, 131072, 8192
 FFN56, FFN47 = 32768, 30720
 LAYERS56, LAYERS47 = 118, 98
 GIB = 2**30
-USABLE = 0.9 * 80 * GIB  # a part may use 90 % of a device (memory_plan.USABLE)
+USABLE = 0.9 * 80 * GIB  # a part may use 90 % of a device (memory.USABLE)
 CLUSTER = Hardware(gpu_memory="80GiB", gpus_per_node=8, nodes=8, mamba_kernels=True)  # the gpu extra installed
 # Largest layers (FSDP2 units, streamed layers): an MLP block, 2 x h x ffn plus its norm.
 MLP56, MLP47 = 2 * H * FFN56 + H, 2 * H * FFN47 + H
@@ -94,8 +93,8 @@ def test_ranks_divide_the_batch_in_whole_nodes():
 def test_distill_56b_to_47b_on_8x8_h100():
     """768 x 8192 tokens per step on 64 GPUs: FSDP2 across all nodes (one node cannot hold the 47B's float32
     weights, moments and gradients: 16 bytes x 46.8e9 = 749 GB > 8 x 80 GiB), checkpointing, micro-batch 1 x 12."""
-    part = plan_training("distill", "distill", PRESETS["56b"].layout, PRESETS["47b"].layout, CLUSTER, seq_len=T,
-                         global_batch=768, loss_chunk=4096)  # fmt: skip
+    part = train_memory("distill", "distill", PRESETS["56b"].layout, PRESETS["47b"].layout, CLUSTER, seq_len=T,
+                        global_batch=768, loss_chunk=4096)  # fmt: skip
     g, m = part.geometry, part.memory
     assert (g.devices, g.nodes, g.sharding, g.dtype) == (64, 8, "full", "bfloat16")
     assert (g.micro_batch, g.grad_accum, g.activation_checkpointing) == (1, 12, True)
@@ -124,8 +123,8 @@ def test_distill_56b_to_47b_on_8x8_h100():
     # Told --grad-accum 1, each of the 64 ranks trains 768 / 64 = 12 sequences per micro-step: 98 bf16 block
     # inputs of 12 x 8192 tokens alone are ~158 GB (float32 gathers, as the loop had before, doubled that to the
     # issue's ~315 GB).
-    told = plan_training("distill", "distill", PRESETS["56b"].layout, PRESETS["47b"].layout, CLUSTER, seq_len=T,
-                         global_batch=768, fixed=Fixed(grad_accum=1, checkpointing=True))  # fmt: skip
+    told = train_memory("distill", "distill", PRESETS["56b"].layout, PRESETS["47b"].layout, CLUSTER, seq_len=T,
+                        global_batch=768, fixed=Fixed(grad_accum=1, checkpointing=True))  # fmt: skip
     assert not told.fits and told.geometry.micro_batch == 12 and told.geometry.grad_accum == 1
     assert told.memory.activations > LAYERS47 * H * 2 * 12 * T == pytest.approx(157.9e9, rel=1e-3)
 
@@ -137,20 +136,20 @@ def test_a_given_grad_accum_picks_ranks_that_split_the_batch_or_is_refused():
     with a micro-batch of 0 sequences (it used to divide by zero)."""
     kw = dict(seq_len=T, global_batch=768)
     a, b = PRESETS["56b"].layout, PRESETS["47b"].layout
-    free = plan_training("distill", "distill", a, b, CLUSTER, **kw, fixed=Fixed(grad_accum=24, checkpointing=True))
+    free = train_memory("distill", "distill", a, b, CLUSTER, **kw, fixed=Fixed(grad_accum=24, checkpointing=True))
     g = free.geometry
     assert (g.devices, g.nodes, g.micro_batch, g.grad_accum) == (32, 4, 1, 24)
     for fixed, split in ((Fixed(ranks=64, grad_accum=24), "64 processes x --grad-accum 24"),
                          (Fixed(ranks=40), "40 processes")):  # fmt: skip
-        part = plan_training("distill", "distill", a, b, CLUSTER, **kw, fixed=fixed)
+        part = train_memory("distill", "distill", a, b, CLUSTER, **kw, fixed=fixed)
         assert not part.fits and part.problem == f"its batch of 768 sequences does not split evenly over {split}"
 
 
 def test_score_56b_streams_on_one_h100():
     """Depth scoring keeps L + 1 = 119 residual states [8192, 8192] in bf16 per window (16 GB): the 56B (113 GB in
     bf16) streams, one layer at a time."""
-    depth, width = plan_score(PRESETS["56b"].layout, CLUSTER, seq_len=T, depth_samples=128, width_samples=1024,
-                              dtype="bfloat16")  # fmt: skip
+    depth, width = score_memory(PRESETS["56b"].layout, CLUSTER, seq_len=T, depth_samples=128, width_samples=1024,
+                                dtype="bfloat16")  # fmt: skip
     assert depth.fits and width.fits and depth.geometry.streaming and width.geometry.streaming
     rows, micro = depth.geometry.rows_per_chunk, depth.geometry.micro_batch
     assert depth.memory.weights == (RESIDENT + MLP56) * 2
@@ -163,25 +162,23 @@ def test_score_56b_streams_on_one_h100():
 
 
 def test_ranking_56b_streams_in_bf16_with_chunked_logits():
-    part = plan_ranking(PRESETS["56b"].layout, CLUSTER, seq_len=T, samples=128, batch_size=8, dtype="bfloat16")
+    part = ranking_memory(PRESETS["56b"].layout, CLUSTER, seq_len=T, samples=128, batch_size=8, dtype="bfloat16")
     m, g = part.memory, part.geometry
     assert part.fits and g.streaming and g.logits_chunk == 4096
     assert m.weights == (2 * RESIDENT + MLP56) * 2  # the parent's and the candidate's embeddings and heads
     assert m.logits == 4096 * V * (6 * 4 + 2)  # six float32 [4096, V] buffers and the head's bf16 output
     # The parent's final states are kept on the host for groups of 8 GiB / (8192 x 8192 x 2 bytes) = 64 windows.
     assert m.host_buffers == 64 * T * H * 2 + V * H * 2 + 128 * T * 8
-    # The code runs this plan (search.pipeline.rank): nothing else to account for.
-    assert part.today is None
     # The whole bf16 parent and a cut candidate (2 x 112.6 GB) cannot be in memory: streaming is the plan's choice.
-    forced = plan_ranking(PRESETS["56b"].layout, CLUSTER, seq_len=T, samples=128, dtype="bfloat16", stream=False)
+    forced = ranking_memory(PRESETS["56b"].layout, CLUSTER, seq_len=T, samples=128, dtype="bfloat16", stream=False)
     assert not forced.fits and forced.memory.weights == pytest.approx(2 * P56 * 2, rel=2e-4)
-    small = plan_ranking(PRESETS["8b"].layout, CLUSTER, seq_len=1024, samples=16, batch_size=3, dtype="bfloat16")
+    small = ranking_memory(PRESETS["8b"].layout, CLUSTER, seq_len=1024, samples=16, batch_size=3, dtype="bfloat16")
     assert small.fits and not small.geometry.streaming and small.geometry.micro_batch == 3
 
 
 def test_eval_47b_against_56b_spreads_over_four_gpus():
     ev = EvalShape(seq_len=T, samples=128, batch_size=8, tasks=True)
-    sp = plan_eval(PRESETS["47b"].layout, PRESETS["56b"].layout, CLUSTER, ev, dtype="bfloat16")
+    sp = eval_memory(PRESETS["47b"].layout, PRESETS["56b"].layout, CLUSTER, ev, dtype="bfloat16")
     held = sp.parts[0]
     assert sp.fits and [p.name for p in sp.parts] == ["held-out", "tasks", "speed"]
     # 206 GB of bf16 weights: three GPUs cannot hold a third each plus the logits; four can. A device map places
@@ -190,11 +187,10 @@ def test_eval_47b_against_56b_spreads_over_four_gpus():
     assert held.memory.weights == pytest.approx((P47 + P56) * 2 / 4 + (MLP56 + MLP47) * 2, rel=2e-4)
     assert (P47 + P56) * 2 / 3 + held.memory.logits > USABLE
     assert held.memory.logits == 4096 * V * (6 * 4 + 2)
-    assert held.today is None  # evaluate.runner runs this plan
     # On one node of three GPUs both cannot be resident: one model at a time, the teacher's final states of the
     # 128 windows kept on the host (bf16) and its LM head next to the student for the KL.
     three = Hardware(gpu_memory="80GiB", gpus_per_node=3, mamba_kernels=True)
-    seq = plan_eval(PRESETS["47b"].layout, PRESETS["56b"].layout, three, ev, dtype="bfloat16").parts[0]
+    seq = eval_memory(PRESETS["47b"].layout, PRESETS["56b"].layout, three, ev, dtype="bfloat16").parts[0]
     k = seq.geometry.devices
     assert seq.fits and seq.geometry.sequential and k in (2, 3)
     assert seq.memory.weights == pytest.approx(P56 * 2 / k + MLP56 * 2 + V * H * 2, rel=2e-4)
@@ -211,14 +207,14 @@ def test_eval_offloads_exactly_when_no_whole_model_fits():
     """Offloading (every block read from disk each forward) is the last option: at the least memory any plan
     holding a whole model fits, eval holds one; one byte less, it offloads. Its weights are the largest unit read
     at once (a block, or the embeddings / LM head [V, h]) plus the teacher's head kept for the KL."""
-    from minipuzzle.memory_plan import OFFLOAD_SPEED, check
+    from minipuzzle.memory import OFFLOAD_SPEED, check
     from minipuzzle.testing import tiny_layout
 
     lay = tiny_layout(**REHEARSAL)
     ev = EvalShape(seq_len=64, samples=2, batch_size=8, speed=False)
 
     def plan(mem: int):
-        return plan_eval(lay, lay, Hardware(device="cpu", gpu_memory=mem), ev, stored_bytes=4)
+        return eval_memory(lay, lay, Hardware(device="cpu", gpu_memory=mem), ev, stored_bytes=4)
 
     lo, hi = 1, 2**40  # the least memory whose plan is not offloaded
     while lo < hi:
@@ -232,12 +228,12 @@ def test_eval_offloads_exactly_when_no_whole_model_fits():
     assert offloaded.memory.weights == (mlp + 4096 * 2048) * 4
     # 56B against 47B on one 80 GiB GPU: the LM head [V, H] is the largest unit, and the teacher's copy of it.
     gpu = Hardware(gpu_memory="80GiB", gpus_per_node=1)
-    big = plan_eval(PRESETS["47b"].layout, PRESETS["56b"].layout, gpu, ev.model_copy(update={"seq_len": T}),
-                    dtype="bfloat16")  # fmt: skip
+    big = eval_memory(PRESETS["47b"].layout, PRESETS["56b"].layout, gpu, ev.model_copy(update={"seq_len": T}),
+                      dtype="bfloat16")  # fmt: skip
     assert big.fits and big.parts[0].geometry.streaming and big.parts[0].memory.weights == 2 * V * H * 2
     # Timing a model read from disk times the disk: with speed on, the speed part is refused in one line.
-    with_speed = plan_eval(lay, lay, Hardware(device="cpu", gpu_memory=lo - 1), ev.model_copy(update={"speed": True}),
-                           stored_bytes=4)  # fmt: skip
+    with_speed = eval_memory(lay, lay, Hardware(device="cpu", gpu_memory=lo - 1), ev.model_copy(update={"speed": True}),
+                             stored_bytes=4)  # fmt: skip
     speed = with_speed.parts[-1]
     assert speed.name == "speed" and not speed.fits and speed.problem == OFFLOAD_SPEED
     with pytest.raises(UserError, match=r"^eval \(speed\) does not fit: .*--no-speed.*eval\.speed: false"):
@@ -246,41 +242,9 @@ def test_eval_offloads_exactly_when_no_whole_model_fits():
 
 def test_cpu_plans_count_host_buffers_against_the_one_memory():
     hw = Hardware(device="cpu", gpu_memory="64GiB", host_memory="64GiB")
-    for p in plan_score(PRESETS["8b"].layout, hw, seq_len=512, depth_samples=8, width_samples=8):
+    for p in score_memory(PRESETS["8b"].layout, hw, seq_len=512, depth_samples=8, width_samples=8):
         assert p.geometry.dtype == "float32"
         assert p.device_total == p.memory.device_total + p.memory.host_buffers
-
-
-@pytest.mark.parametrize("kind, latent", [("M", None), ("-", None), ("*", None), ("E", None), ("E", 48)])
-def test_saved_activations_match_what_autograd_keeps(kind, latent):
-    """saved_bytes_per_token on the CPU path (float32, transformers' PyTorch scan and expert loop) against the bytes
-    of the tensors autograd saves for one block of a tiny model, parameters excluded, each storage counted once."""
-    from minipuzzle.arch import Layout
-    from minipuzzle.importance.layerwise import block_forward
-    from minipuzzle.memory_plan import MAMBA_CHUNK
-    from minipuzzle.testing import random_model, tiny_config
-
-    moe = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, n_group=2, topk_group=1,
-               moe_shared_expert_intermediate_size=160, moe_latent_size=latent)  # fmt: skip
-    layout = Layout(pattern=kind, hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
-                    head_dim=16, mamba_num_heads=12, mamba_head_dim=10, n_groups=2, ssm_state_size=24, vocab_size=64,
-                    **moe)  # fmt: skip
-    model = random_model(layout, config=tiny_config(layout, chunk_size=MAMBA_CHUNK)).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    tokens = 4 * MAMBA_CHUNK
-    x = torch.randn(1, tokens, layout.hidden_size, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block_forward(model.model.layers[0], x)
-    measured = sum(seen.values()) / tokens
-    assert saved_bytes_per_token(layout, kind, b=4, kernels=False) == pytest.approx(measured, rel=0.05)
 
 
 def test_shipped_56b_recipe_fits_8x8_h100():
@@ -292,15 +256,11 @@ def test_shipped_56b_recipe_fits_8x8_h100():
     assert set(stages) == {"score", "prune", "distill", "quantize", "eval"}
     assert all(s["fits"] for s in stages.values())
     assert [p["name"] for p in stages["prune"]["parts"]] == ["ranking", "candidate distillation", "cut"]
-    # Every stage runs its plan (issue 12, item 3): distillation and candidate distillation as 64 ranks, FSDP2 in
-    # bf16, micro 1 x 12, checkpointing; nothing departs from its plan, so nothing is refused.
+    # Distillation and candidate distillation as 64 ranks, FSDP2 in bf16, micro 1 x 12, checkpointing.
     distill, candidates = stages["distill"]["parts"][0], stages["prune"]["parts"][1]
     for part in (distill, candidates):
-        assert part["today"] is None and part["runnable"]
         g = part["geometry"]
         assert (g["devices"], g["sharding"], g["micro_batch"], g["grad_accum"]) == (64, "full", 1, 12)
-    parts = {(s["stage"], p["name"]): p for s in plan["memory"]["stages"] for p in s["parts"]}
-    assert all(p["today"] is None for p in parts.values())
     assert plan["refusal"] is None
 
 
@@ -333,14 +293,14 @@ def test_one_24gib_gpu_is_refused_in_one_line_before_anything_is_written(tmp_pat
 def test_prune_on_the_cpu_of_a_gpu_machine_is_checked_against_its_ram():
     """`prune --device cpu` on a GPU machine ranks on the host, in float32: the parent and a cut candidate in
     memory (2 x 8.101e9 x 4 bytes for the 8B, DESIGN.md) do not fit its 32 GiB of RAM, so the plan streams."""
-    from minipuzzle.memory_plan import prune_stage
+    from minipuzzle.memory import prune_stage
     from minipuzzle.settings import PruneSettings
 
     hw = Hardware(gpu_memory="80GiB", gpus_per_node=8, host_memory="32GiB")
     ps = PruneSettings(target="4b", device="cpu", seq_len=4096, held_out_samples=16)
     ranking, cut = prune_stage(PRESETS["8b"].layout, hw, ps).parts
     assert ranking.fits and cut.fits and ranking.geometry.streaming and ranking.geometry.dtype == "float32"
-    assert ranking.today is None and ranking.device_total <= 0.9 * 32 * GIB
+    assert ranking.device_total <= 0.9 * 32 * GIB
     forced = prune_stage(PRESETS["8b"].layout, hw, ps.model_copy(update={"stream": False})).parts[0]
     assert forced.memory.weights == pytest.approx(2 * 8.101e9 * 4, rel=2e-4)
     assert "the CPU with 32 GiB of RAM" in forced.problem

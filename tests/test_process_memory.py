@@ -1,5 +1,5 @@
 """A memory limit covers the whole process: `score --host-memory X` on a generated float32 checkpoint plans with
-the interpreter's own memory counted (`memory_plan.PROCESS_BYTES`) and its measured peak RSS stays within X.
+the interpreter's own memory counted (`memory.PROCESS_BYTES`) and its measured peak RSS stays within X.
 
 The limit is chosen so that the checkpoint and its activations fit 90 % of it but not beside an interpreter: a plan
 that counts no interpreter loads the model whole and the process exceeds the limit (0.81 GB measured against
@@ -14,7 +14,7 @@ import pytest
 
 from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.hardware import Hardware
-from minipuzzle.memory_plan import PROCESS_BYTES, plan_score
+from minipuzzle.memory import PROCESS_BYTES, score_memory
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "scale_rehearsal.py"
 # 12 layers, 6 of them MLPs of 512 x 12288: 84M float32 parameters, 0.34 GB of safetensors.
@@ -52,6 +52,6 @@ def test_score_under_a_host_memory_limit_stays_within_it(checkpoint, tmp_path):
     # process's RSS at the fork, so it says nothing here).
     assert 0.3e9 < m["peak_rss"] <= LIMIT, m
     # ... because the plan streamed the layers: the whole model does not fit beside the interpreter
-    parts = plan_score(Checkpoint(checkpoint).layout, Hardware(device="cpu", gpu_memory=LIMIT), seq_len=32,
-                       depth_samples=2, width_samples=2, axes=("ffn",), dtype="float32", stored_bytes=4)  # fmt: skip
+    parts = score_memory(Checkpoint(checkpoint).layout, Hardware(device="cpu", gpu_memory=LIMIT), seq_len=32,
+                         depth_samples=2, width_samples=2, axes=("ffn",), dtype="float32", stored_bytes=4)  # fmt: skip
     assert all(p.geometry.streaming and p.fits for p in parts)

@@ -295,7 +295,7 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
     import minipuzzle.importance as importance
     from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.hardware import Hardware
-    from minipuzzle.memory_plan import plan_ranking, score_launch
+    from minipuzzle.memory import ranking_memory, score_launch
     from minipuzzle.recipe import parse_recipe, prune_settings
     from minipuzzle.search import pipeline, ranking
 
@@ -306,8 +306,8 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
            "search": {"target": "0.8", "candidates": 2, "held_out_samples": 6}}  # fmt: skip
     big = Hardware(device="cpu", gpu_memory="64GiB")
     ps = prune_settings(parse_recipe(doc))
-    whole = plan_ranking(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=False)
-    streamed = plan_ranking(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=True)
+    whole = ranking_memory(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=False)
+    streamed = ranking_memory(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=True)
     assert streamed.device_total < whole.device_total
     small = Hardware(device="cpu", gpu_memory=int(whole.device_total / 0.9) - 1)
     seen = {}

@@ -231,7 +231,8 @@ def test_plan_places_and_refuses():
     refused in one line before anything runs."""
     from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.hardware import Hardware
-    from minipuzzle.memory_plan import RunPlan
+    from minipuzzle.checkpoint.resolve import describe_model
+    from minipuzzle.memory import RunMemory
     from minipuzzle.quantize.plan import plan_quantize
     from minipuzzle.settings import QuantizeSettings
 
@@ -243,7 +244,7 @@ def test_plan_places_and_refuses():
     assert plan.parts[0].memory.weights >= l47.num_params() * 2 // 2
     _, l56 = describe_model("56b")
     one = Hardware(device="cuda", gpu_memory=80 * 2**30, gpus_per_node=1)
-    refusal = RunPlan(hardware=one, hardware_text="", usable_device_bytes=0,
+    refusal = RunMemory(hardware=one, hardware_text="", usable_device_bytes=0,
                       stages=[plan_quantize(l56, one, st)]).refusal()  # fmt: skip
     assert refusal is not None and refusal.startswith("quantize (calibration) does not fit")
 
@@ -276,7 +277,7 @@ def test_recipes_end_at_their_budgets_precision():
     """The 56B -> 47B recipe plans NVFP4 (its 31.7 GiB budget's precision) on its GPUs, Nano 3 and the demo FP8;
     NVFP4 on a CPU-only machine is refused by the plan."""
     from minipuzzle.hardware import Hardware
-    from minipuzzle.memory_plan import RunPlan
+    from minipuzzle.memory import RunMemory
     from minipuzzle.quantize.plan import plan_quantize
     from minipuzzle.recipe import load_recipe, plan_run
 
@@ -293,6 +294,6 @@ def test_recipes_end_at_their_budgets_precision():
     st = load_recipe("nemotron-h-56b-to-47b").quantize.model_copy(update={"samples": 1, "seq_len": 8})
     from minipuzzle.testing import tiny_layout
 
-    refusal = RunPlan(hardware=cpu, hardware_text="", usable_device_bytes=0,
+    refusal = RunMemory(hardware=cpu, hardware_text="", usable_device_bytes=0,
                       stages=[plan_quantize(tiny_layout(), cpu, st)]).refusal()  # fmt: skip
     assert refusal is not None and "nvfp4 needs a CUDA GPU" in refusal

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from minipuzzle.errors import UserError
-from minipuzzle.recipe import RECIPES_DIR, load_recipe, parse_recipe, plan_run
+from minipuzzle.recipe import RECIPES_DIR, load_recipe, parse_recipe, plan_run, prune_settings
 from minipuzzle.testing import run_cli
 
 SHIPPED = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -155,7 +155,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
     assert (run_dir / "eval" / "report.json").stat().st_mtime_ns == mtime
     # A dry run given the run folder plans distillation and eval for the student prune wrote, as the run does.
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import plan_recipe
+    from minipuzzle.recipe_memory import recipe_memory
 
     def distill_part(*extra):
         code, out, err = run_cli(["run", str(recipe_file), "--dry-run", "--json", *extra])
@@ -163,8 +163,9 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
         return next(s for s in json.loads(out)["memory"]["stages"] if s["stage"] == "distill")["parts"][0]
 
     pruned = Checkpoint(run_dir / "prune").layout
-    want = next(s for s in plan_recipe(parse_recipe(doc), teacher, resolve(None), student=pruned, stored_bytes=4)
-                .stages if s.stage == "distill").parts[0]  # fmt: skip
+    rec = parse_recipe(doc)
+    want = next(s for s in recipe_memory(rec, prune_settings(rec), teacher, resolve(None), student=pruned,
+                                         stored_bytes=4).stages if s.stage == "distill").parts[0]  # fmt: skip
     assert distill_part("-o", str(run_dir))["memory"] == want.memory.model_dump()
     assert distill_part()["memory"]["master_weights"] == 4 * teacher.num_params()  # no folder: the teacher bounds
     doc["search"]["target"] = "0.7"

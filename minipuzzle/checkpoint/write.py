@@ -36,6 +36,10 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+# The largest shard a writer fills before writing it (safetensors writes a shard from memory, so one is buffered
+# whole); the memory plan counts it and makes it smaller where the host is small.
+SHARD_BYTES = 5 * 10**9
+
 
 def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse to write into an existing non-empty folder unless asked; never touch it before the work is done."""
@@ -82,7 +86,7 @@ class ShardWriter:
     unless `split_experts` is False.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9, split_experts: bool = True):
+    def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES, split_experts: bool = True):
         self.folder = Path(folder)
         self.max = max_shard_bytes
         self.split = split_experts
@@ -156,7 +160,7 @@ def save_state_dict(
     *,
     base_config: dict[str, Any] | Any | None = None,
     tokenizer_from: str | Path | None = None,
-    max_shard_bytes: int = 5 * 10**9,
+    max_shard_bytes: int = SHARD_BYTES,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
 ) -> Path:

@@ -38,11 +38,11 @@ def launch_hardware(hw: Hardware, explicit_gpus: bool = False) -> Hardware:
 def plan_for(cfg: DistillSettings, hw: Hardware, processes: int | None):
     """The memory plan's part for `cfg` (its teacher and student read from their configs) on `processes` ranks
     (None: as many as the plan chooses)."""
-    from minipuzzle.memory_plan import model_facts, plan_distill
+    from minipuzzle.memory import distill_memory, model_facts
 
     teacher, stored = model_facts(str(cfg.teacher))
     student = model_facts(str(cfg.student))[0] if cfg.student and Path(cfg.student, "config.json").is_file() else teacher
-    return plan_distill(teacher, student, hw, cfg, processes=processes, stored_bytes=stored)
+    return distill_memory(teacher, student, hw, cfg, processes=processes, stored_bytes=stored)
 
 
 def planned(cfg: DistillSettings, hw: Hardware, processes: int | None = 1) -> tuple[DistillSettings, object]:
@@ -50,7 +50,7 @@ def planned(cfg: DistillSettings, hw: Hardware, processes: int | None = 1) -> tu
     plan's `Part`). Raises `UserError` (one line) when the plan does not fit, the user's own choices included, or
     the batch does not split evenly over the processes (and the grad_accum given)."""
     part = plan_for(cfg, hw, processes)
-    if not part.fits:  # the problem names the choices given (`memory_plan.plan_training`)
+    if not part.fits:  # the problem names the choices given (`memory.train_memory`)
         raise UserError(f"distill does not fit: {part.problem} ({part.geometry.describe()})")
     g = part.geometry
     fill = {"grad_accum": g.grad_accum, "activation_checkpointing": bool(g.activation_checkpointing),

@@ -191,7 +191,7 @@ def with_plan(cfg: DistillSettings, hardware: Hardware | None = None) -> Distill
     a GPU machine plans on the host (unchecked when the host's RAM is unknown: then one micro-batch per process,
     no checkpointing)."""
     from minipuzzle.hardware import detect
-    from minipuzzle.memory_plan import for_device
+    from minipuzzle.memory import for_device
 
     hw = for_device(hardware or launch.launch_hardware(detect()), cfg.device)
     if hw is None:

@@ -203,12 +203,19 @@ class _HeadLoss(torch.autograd.Function):
         return grad_h * g_loss, grad_w * g_loss, None, None, None, None, None
 
 
+# Float32 [N, V] buffers `_forward_kl_chunk` holds at once: student and teacher logits, both log-softmaxes, p, then
+# exp(s_logp) - p and its scaled copy while the earlier ones are still referenced. The memory plan counts a training
+# step's logits with it (tests/test_memory_terms.py measures it from the allocator).
+KL_CHUNK_LOGIT_BUFFERS = 7
+
+
 @torch.no_grad()
 def _forward_kl_chunk(h, w, t_h, t_w, targets, temperature, scale, grad_h_out, grad_w_out) -> torch.Tensor:
     """The default loss with its gradient written out: d(scale x sum KL(p || q))/d logits = scale/T x (q - p).
 
     Saves the autograd passes over the [N, V] float32 tensors (the part of the step that grows with the
     vocabulary). Writes grad_h_out [N, H] and adds to grad_w_out [V, H]; returns [KL sum, KL sum, LM NLL sum].
+    Holds `KL_CHUNK_LOGIT_BUFFERS` float32 [N, V] buffers at its peak.
     """
     s_logits = F.linear(h, w).float()
     t_logits = F.linear(t_h, t_w).float()

@@ -74,7 +74,7 @@ def _check_memory(model: str, teacher: str | None, st: EvalSettings, held_out: b
                   hardware: dict | None) -> None:  # fmt: skip
     """Refuse (one line) an evaluation whose memory plan does not fit the device it would run on."""
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import check, eval_stage, for_device, model_facts
+    from minipuzzle.memory import check, eval_stage, for_device, model_facts
 
     hw = for_device(resolve(None, hardware), dev.device)
     if hw is None:  # told --device cpu on a GPU machine whose RAM is unknown

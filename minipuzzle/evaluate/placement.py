@@ -1,7 +1,7 @@
 """Where eval puts a model: whole on one device, spread over several GPUs by accelerate's device map, or offloaded
 to its checkpoint (every block read from disk just before it runs and dropped after it).
 
-The memory plan (`memory_plan.plan_eval`) decides how many of a node's GPUs eval uses and how many bytes of
+The memory plan (`memory.eval_memory`) decides how many of a node's GPUs eval uses and how many bytes of
 weights each may hold; `load_placed` builds the model on the meta device, lets accelerate place whole blocks
 within those bytes, fills each weight straight onto its device (no host copy of the whole model) and dispatches
 it, so activations move from GPU to GPU as the layers run. When not even that fits (the CPU, or a model larger

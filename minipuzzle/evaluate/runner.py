@@ -206,11 +206,11 @@ def _check_vocab(mpath: Path, tpath: Path | None) -> None:
 
 def eval_launch(mpath: Path, tpath: Path | None, st: EvalSettings, held_out: bool, tasks: bool, dev, dt,
                 hardware=None) -> dict:  # fmt: skip
-    """The eval plan (`memory_plan.plan_eval`) on `hardware` (default: this machine) computing on `dev` in `dt`:
+    """The eval plan (`memory.eval_memory`) on `hardware` (default: this machine) computing on `dev` in `dt`:
     {"devices", "sequential", "offload", "batch": {part: batch}, "share": {path: weight bytes per device}}.
-    An offloaded plan with the speed measurement on is a `UserError` (`memory_plan.OFFLOAD_SPEED`)."""
+    An offloaded plan with the speed measurement on is a `UserError` (`memory.OFFLOAD_SPEED`)."""
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import OFFLOAD_SPEED, compute_hardware, eval_stage, eval_weight_share, model_facts
+    from minipuzzle.memory import OFFLOAD_SPEED, compute_hardware, eval_stage, eval_weight_share, model_facts
 
     hw = compute_hardware(hardware or resolve(), str(dev))
     name = str(dt).removeprefix("torch.")

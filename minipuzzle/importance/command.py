@@ -75,7 +75,7 @@ def score(
 def _check_memory(path: str, st: ScoreSettings, axes: list[str], dev: DeviceOptions, hardware: dict) -> None:
     """Refuse (one line) a scoring run whose memory plan does not fit the device it would run on."""
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import check, for_device, model_facts, score_stage
+    from minipuzzle.memory import check, for_device, model_facts, score_stage
 
     hw = for_device(resolve(None, hardware), dev.device)
     if hw is not None:  # None: told --device cpu on a GPU machine whose RAM is unknown

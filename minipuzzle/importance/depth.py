@@ -132,11 +132,16 @@ def _chunk(stack: LayerStack, ids: torch.Tensor, metric: str, bs: int, advance) 
     return acc
 
 
+# Values of each [B, positions, V] logits slice of the logit metrics (256 MiB in float32); the memory plan counts
+# depth scoring's logits with it.
+DEPTH_LOGITS_SLICE = 2**26
+
+
 def _logit_sums(stack, full_hn, dropped_h, ids, metric, acc) -> None:
     """Accumulate logit-metric sums, a slice of positions at a time so [B, T, V] float32 logits never all exist."""
     b, t, _ = full_hn.shape
     vocab = getattr(stack.config, "vocab_size", 1)
-    step = max(1, 2**26 // max(1, b * vocab))
+    step = max(1, DEPTH_LOGITS_SLICE // max(1, b * vocab))
     dropped_hn = [stack.final_norm(x) for x in dropped_h]
     last = t - 1 if metric == "lm_loss" else t  # the last position has no next token to score
     for p in range(0, last, step):

@@ -45,7 +45,7 @@ def score_to_folder(
     resumes from the saved partial sums.
 
     The passes run as the memory plan on `hardware` (a `hardware.Hardware`, default: this machine) says
-    (`memory_plan.score_launch`): streamed or loaded, in its dtype, at its forward batch and row chunks.
+    (`memory.score_launch`): streamed or loaded, in its dtype, at its forward batch and row chunks.
     """
     from minipuzzle.checkpoint.write import atomic_dir, check_output_dir
     from minipuzzle.data import load_tokenizer, token_windows
@@ -86,10 +86,10 @@ def score_to_folder(
 
 
 def _launch(checkpoint, settings: ScoreSettings, axes, dev: torch.device, dtype, hardware) -> dict:
-    """`memory_plan.score_launch` of the score stage on `hardware` (default: this machine) computing on `dev`."""
+    """`memory.score_launch` of the score stage on `hardware` (default: this machine) computing on `dev`."""
     from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import compute_hardware, score_launch, score_stage
+    from minipuzzle.memory import compute_hardware, score_launch, score_stage
 
     ckpt = Checkpoint(checkpoint)
     hw = compute_hardware(hardware or resolve(), str(dev))

@@ -40,7 +40,7 @@ def quantize_to_folder(model: str | Path, out: str | Path, settings: QuantizeSet
     from minipuzzle.data import load_tokenizer, token_windows
     from minipuzzle.evaluate.placement import load_placed
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import check, compute_hardware, eval_weight_share, model_facts
+    from minipuzzle.memory import check, compute_hardware, eval_weight_share, model_facts
     from minipuzzle.quantize.calibrate import quantize_model
     from minipuzzle.quantize.configs import ARCH_PRECISION, BASE_CONFIG, check_runnable, quantized_modules
     from minipuzzle.quantize.export import SUMMARY, export_quantized

@@ -1,4 +1,4 @@
-"""The memory plan of the quantize stage, in `memory_plan`'s terms (one `StagePlan`, refused in one line when it
+"""The memory plan of the quantize stage, in `minipuzzle.memory`'s terms (one `StageMemory`, refused in one line when it
 cannot fit).
 
 Calibration holds the model in the compute dtype, whole on one device or spread over as few of one node's GPUs
@@ -17,20 +17,9 @@ from __future__ import annotations
 from minipuzzle.arch import Layout, _bits
 from minipuzzle.checkpoint.dtypes import dtype_bytes
 from minipuzzle.hardware import Hardware
-from minipuzzle.memory_plan import (
-    Geometry,
-    Memory,
-    StagePlan,
-    _fit_micro,
-    _max_kind,
-    _part,
-    _problem,
-    _read_host,
-    default_dtype,
-    eval_weight_share,
-    forward_bytes_per_token,
-    largest_tensor,
-)
+from minipuzzle.memory import Geometry, Memory, StageMemory, eval_weight_share
+from minipuzzle.memory.fitting import _fit_micro, _part, _problem, default_dtype
+from minipuzzle.memory.terms import _max_kind, _read_host, forward_bytes_per_token, largest_tensor
 from minipuzzle.quantize.calibrate import HEAD_CHUNK
 from minipuzzle.quantize.configs import ARCH_PRECISION
 
@@ -50,7 +39,7 @@ def exported_bytes(layout: Layout) -> int:
 
 
 def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype: str | None = None,
-                  stored_bytes: int = 2) -> StagePlan:  # fmt: skip
+                  stored_bytes: int = 2) -> StageMemory:  # fmt: skip
     """The quantize stage for `st` (a `settings.QuantizeSettings`) on `hw`: a "calibration" part (model placed on
     the fewest devices that hold it with a micro-batch of one, the largest micro-batch <= st.batch_size) and an
     "export" part. `head`: the LM head is quantized (it is calibrated then, `HEAD_CHUNK` positions at a time)."""
@@ -80,13 +69,13 @@ def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype
     calibration = _part("quantize", "calibration", geo, mem, hw)
     if st.precision == "nvfp4" and hw.device != "cuda":
         calibration = calibration.model_copy(update={"fits": False, "problem": NVFP4_CPU})
-    return StagePlan(stage="quantize", parts=[
+    return StageMemory(stage="quantize", parts=[
         calibration,
         _part("quantize", "export", geo.model_copy(update={"micro_batch": 1}), export(k), hw),
     ])  # fmt: skip
 
 
-def quantize_launch(plan: StagePlan) -> dict:
+def quantize_launch(plan: StageMemory) -> dict:
     """What `quantize_to_folder` takes from its plan: {"devices", "batch", "dtype"}."""
     geo = plan.parts[0].geometry
     return {"devices": geo.devices, "batch": geo.micro_batch, "dtype": geo.dtype}

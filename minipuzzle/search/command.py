@@ -142,7 +142,7 @@ def _check_memory(model: str, model_path: str | None, st: PruneSettings, scoring
     """Refuse (one line) a prune whose memory plan (its own scoring without --scores, ranking, candidate
     distillation, the cut) does not fit the hardware; returns that hardware (the prune runs its plan)."""
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import check, model_facts, prune_stage
+    from minipuzzle.memory import check, model_facts, prune_stage
 
     hw = resolve(None, hardware)
     layout, stored = model_facts(model, model_path)

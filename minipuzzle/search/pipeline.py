@@ -209,11 +209,11 @@ def check_budget(source: Layout, settings: PruneSettings) -> None:
 
 
 def launch_plan(ckpt, settings: PruneSettings, hardware: Hardware | None, scoring: bool):
-    """(settings with the device resolved on this machine, {part name: `memory_plan.Part`}) of the prune stage
+    """(settings with the device resolved on this machine, {part name: `memory.Part`}) of the prune stage
     on `hardware` (default: this machine): what scoring and ranking run with."""
     from minipuzzle.checkpoint.dtypes import resolve_device
     from minipuzzle.hardware import resolve
-    from minipuzzle.memory_plan import prune_stage
+    from minipuzzle.memory import prune_stage
 
     dev, _ = resolve_device(settings.device, settings.dtype)
     settings = settings.model_copy(update={"device": str(dev)})
@@ -234,7 +234,7 @@ def load_or_score(path: Path, calib: torch.Tensor, settings: PruneSettings, scor
     from minipuzzle.checkpoint.dtypes import parse_dtype
     from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.importance import score_checkpoint
-    from minipuzzle.memory_plan import score_launch
+    from minipuzzle.memory import score_launch
     from minipuzzle.settings import ScoreSettings
 
     if launch is None:
@@ -285,9 +285,8 @@ def build_report(model, ckpt, settings: PruneSettings, space, scores, cands, pla
 def write_pruned(out, ckpt, plan, report: PruneReport, timing: dict, t0: float, overwrite: bool, progress: bool,
                  shard_bytes: int | None = None):  # fmt: skip
     """Cut `plan` from `ckpt` into `out` with prune_report.json and its plots, atomically, in output shards of at
-    most `shard_bytes` (the plan's; default `memory_plan.SHARD_BYTES`)."""
-    from minipuzzle.checkpoint.write import atomic_dir
-    from minipuzzle.memory_plan import SHARD_BYTES
+    most `shard_bytes` (the plan's; default `checkpoint.write.SHARD_BYTES`)."""
+    from minipuzzle.checkpoint.write import SHARD_BYTES, atomic_dir
     from minipuzzle.search.report import write_plots
     from minipuzzle.surgery import prune_checkpoint
 
