@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+import minipuzzle.distill.launch as launch
+import minipuzzle.distill.parallel as parallel
+import minipuzzle.distill.state as state
 from minipuzzle.artifacts import DistillState
 from minipuzzle.checkpoint import Checkpoint, check_output_dir, parse_dtype, resolve_checkpoint, save_state_dict
 from minipuzzle.data import load_tokenizer
-from minipuzzle.distill import launch, parallel, state
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.routers import route_in_float32
 from minipuzzle.distill.stream import WindowStream
