@@ -41,9 +41,9 @@ from minipuzzle.importance import score_model
 from minipuzzle.metrics import token_stats
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.diversity import families
-from minipuzzle.search.pipeline import PruneSettings, measured_candidates
 from minipuzzle.search.plan import candidate_plan
 from minipuzzle.search.solver import search
+from minipuzzle.search.stage import PruneSettings, measured_candidates
 from minipuzzle.settings import DistillSettings
 from minipuzzle.surgery import Plan, prune_model
 

@@ -41,8 +41,8 @@ from minipuzzle.importance import score_model
 from minipuzzle.importance.experts import EXPERT_ESTIMATORS
 from minipuzzle.metrics import token_stats
 from minipuzzle.search.damage import DamageModel
-from minipuzzle.search.pipeline import PruneSettings, run_search
 from minipuzzle.search.plan import candidate_plan
+from minipuzzle.search.stage import PruneSettings, run_search
 from minipuzzle.surgery import Plan, prune_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

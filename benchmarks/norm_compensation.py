@@ -32,8 +32,8 @@ from minipuzzle.checkpoint import load_model, resolve_checkpoint  # noqa: E402
 from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
 from minipuzzle.importance import score_model  # noqa: E402
 from minipuzzle.metrics import forward_kl  # noqa: E402
-from minipuzzle.search.pipeline import PruneSettings, run_search  # noqa: E402
 from minipuzzle.search.plan import candidate_plan  # noqa: E402
+from minipuzzle.search.stage import PruneSettings, run_search  # noqa: E402
 from minipuzzle.surgery import prune_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -169,8 +169,8 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
 
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None,
            training_hardware: Hardware | None = None):  # fmt: skip
+    from minipuzzle.prune.stage import prune
     from minipuzzle.recipe import prune_settings
-    from minipuzzle.search.pipeline import prune
 
     settings = prune_settings(recipe)
     # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_settings).

@@ -17,7 +17,7 @@ from minipuzzle.distill import distill
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate import build_run_report, evaluate
 from minipuzzle.importance.folder import score_to_folder
-from minipuzzle.search.pipeline import PruneSettings, prune
+from minipuzzle.prune.stage import PruneSettings, prune
 from minipuzzle.settings import DistillSettings, EvalSettings, ScoreSettings
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 

@@ -108,7 +108,7 @@ def test_prune_without_norm_compensation_ranks_and_cuts_uncompensated(dead_check
 
 def test_streamed_ranking_matches_in_memory(dead_checkpoint, text_file):
     from minipuzzle.checkpoint import load_model
-    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+    from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
     from minipuzzle.surgery import Plan
 
     _, ckpt = dead_checkpoint
@@ -242,12 +242,12 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
     import minipuzzle.importance as importance
     from minipuzzle.data import iter_documents, iter_tokens, load_tokenizer, pack
     from minipuzzle.distill.stream import WindowStream
-    from minipuzzle.search import pipeline
+    from minipuzzle.prune import stage as pipeline
 
     _, ckpt = dead_checkpoint
     seen = {}
     record(monkeypatch, seen, importance, "score_checkpoint", "calib", lambda a: torch.cat(a[1:3]))
-    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
+    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[2])
     record(monkeypatch, seen, launch, "launch", "cfg", lambda a: a[0])  # the candidate's distillation process
     settings = pipeline.PruneSettings(target=str(int(tiny_layout().num_params() * 0.8)),
                                       candidates=1, seq_len=32, depth_samples=4, width_samples=40,
@@ -268,14 +268,14 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
 
 def test_held_out_data_is_what_candidates_are_ranked_on(dead_checkpoint, text_file, tmp_path, monkeypatch):
     from minipuzzle.data import load_tokenizer, token_windows
-    from minipuzzle.search import pipeline
+    from minipuzzle.prune import stage as pipeline
     from minipuzzle.testing import stdlib_text_files
 
     _, ckpt = dead_checkpoint
     other = tmp_path / "held.txt"
     other.write_text(stdlib_text_files(6)[-1].read_text())
     seen = {}
-    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
+    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[2])
     args = ["--target", "0.8", "--data", str(text_file), "-o", str(tmp_path / "out"), *SMALL]
     code, _, err = run_cli(["prune", str(ckpt), *args, "--held-out-data", str(other)])
     assert code == 0, err
@@ -296,8 +296,9 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
     from minipuzzle.checkpoint import Checkpoint
     from minipuzzle.hardware import Hardware
     from minipuzzle.memory_plan import plan_ranking, score_launch
+    from minipuzzle.prune import ranking
+    from minipuzzle.prune import stage as pipeline
     from minipuzzle.recipe import parse_recipe, prune_settings
-    from minipuzzle.search import pipeline, ranking
 
     _, ckpt = dead_checkpoint
     layout = tiny_layout()
@@ -349,7 +350,7 @@ def test_a_candidate_checkpoint_measures_as_its_plan(dead_checkpoint, tmp_path, 
     """A candidate given as a checkpoint folder (how distilled candidates are measured) gets the figures its plan
     gets when cut on the fly, streamed or in memory."""
     from minipuzzle.checkpoint import Checkpoint, load_model
-    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+    from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
     from minipuzzle.surgery import Plan, prune_checkpoint
 
     model, ckpt = dead_checkpoint

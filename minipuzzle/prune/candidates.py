@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,40 +31,41 @@ from minipuzzle.settings import DistillSettings
 from minipuzzle.surgery import prune_checkpoint
 
 
-def distill_candidates(ctx: PruneContext, plans: list, held: torch.Tensor,
+def distill_candidates(ctx: PruneContext, plans: list, held: torch.Tensor, work_dir: Path | None = None,
                        log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     """Cut each plan from the parent, distil it for `candidate_distill_steps` on the request's `data`, and return
     its `metrics.token_stats` against the parent on held [H, T].
 
     Without `held_out_data`, the held-out windows are the head of `data` (`data.head_split`): distillation takes
-    them as its evaluation windows, which it never trains on, and evaluates on them once, at the last step. Cuts
-    and distilled candidates are kept in OUT.candidates (a rerun reuses the finished ones), with the launches' logs
-    (`logs/`). The training is planned and launched for the context's training hardware; each cut is written in
+    them as its evaluation windows, which it never trains on, and evaluates on them once, at the last step.
+    `work_dir`: where cuts and distilled candidates are kept (a rerun reuses the finished ones; default: a
+    temporary folder), and the launches' logs (`logs/`; without `work_dir`, a temporary folder kept when a launch
+    fails). The training is planned and launched for the context's training hardware; each cut is written in
     shards of the plan's cut part. The winner is still written undistilled: the final distillation stage starts
     from the cut weights.
     """
-    work_dir = Path(str(ctx.request.out) + ".candidates")
     hw = for_device(ctx.training_hardware, ctx.settings.device) or Hardware(device="cpu", gpu_memory=2**62)
-    # A failed launch names its log, which must outlive the cuts.
-    logs = work_dir / "logs"
+    # A failed launch names its log, which must outlive the temporary folder of the cuts.
+    logs = Path(work_dir, "logs") if work_dir is not None else Path(tempfile.mkdtemp(prefix="minipuzzle-logs-"))
     skip = 0 if ctx.request.held_out_data is not None else len(held)  # the head of `data` to skip
     try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        distilled = []
-        for i, plan in enumerate(plans):
-            cut_dir = work_dir / f"cand{i}"
-            if not (cut_dir / "config.json").is_file():  # a rerun finds the finished cuts
-                prune_checkpoint(ctx.ckpt, plan, cut_dir, progress=False, overwrite=True,
-                                 max_shard_bytes=ctx.shard_bytes)  # fmt: skip
-            cfg = _settings(ctx, cut_dir, skip)
-            _run(ctx, cfg, hw, work_dir, log)
-            distilled.append(cfg.output_path)
-        out = rank(ctx, distilled, held)
+        with _folder(work_dir) as work:
+            distilled = []
+            for i, plan in enumerate(plans):
+                cut_dir = work / f"cand{i}"
+                if not (cut_dir / "config.json").is_file():  # a rerun finds the finished cuts
+                    prune_checkpoint(ctx.ckpt, plan, cut_dir, progress=False, overwrite=True,
+                                     max_shard_bytes=ctx.shard_bytes)  # fmt: skip
+                cfg = _settings(ctx, cut_dir, skip)
+                _run(ctx, cfg, hw, work, log, logs)
+                distilled.append(cfg.output_path)
+            out = rank(ctx, distilled, held)
     except BaseException:
         with contextlib.suppress(OSError):
             logs.rmdir()  # only when no launch logged there
         raise
-    shutil.rmtree(work_dir, ignore_errors=True)  # every candidate is measured: nothing left to resume
+    # every candidate is measured: nothing left to resume
+    shutil.rmtree(work_dir if work_dir is not None else logs, ignore_errors=True)
     return out
 
 
@@ -81,9 +83,9 @@ def _settings(ctx: PruneContext, cut_dir: Path, skip: int) -> DistillSettings:
     )  # fmt: skip
 
 
-def _run(ctx: PruneContext, cfg: DistillSettings, hw: Hardware, work: Path, log: Callable[[str], None]):
-    """Distil one candidate in processes of its own, as its memory plan on `hw` says, their logs under
-    work/logs; returns the plan's part."""
+def _run(ctx: PruneContext, cfg: DistillSettings, hw: Hardware, work: Path, log: Callable[[str], None], logs: Path):
+    """Distil one candidate in processes of its own, as its memory plan on `hw` says, their logs under `logs`;
+    returns the plan's part."""
     student = Checkpoint(cfg.student).layout
     part = plan_candidate_distill(ctx.ckpt.layout, student, hw, ctx.settings, dtype=default_dtype(hw))
     if not part.fits:
@@ -92,6 +94,16 @@ def _run(ctx: PruneContext, cfg: DistillSettings, hw: Hardware, work: Path, log:
     launch_hw = hw.model_copy(update={"nodes": nnodes, "gpus_per_node": nproc})
     cfg = launching.planned(cfg, launch_hw, nnodes * nproc)[0]
     if not finished(cfg.output_path, cfg):
-        launching.launch(cfg, nnodes, nproc, work / "candidates_torchrun.sh", log, work / "logs",
+        launching.launch(cfg, nnodes, nproc, work / "candidates_torchrun.sh", log, logs,
                          then="rerun prune to continue")  # fmt: skip
     return part
+
+
+@contextlib.contextmanager
+def _folder(work_dir: Path | None):
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(work_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="minipuzzle-candidates-") as work:
+        yield Path(work)
