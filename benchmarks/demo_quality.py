@@ -38,14 +38,14 @@ from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.checkpoint.write import save_state_dict
 from minipuzzle.data import load_tokenizer, token_windows
-from minipuzzle.distill import distill
-from minipuzzle.importance import score_model
+from minipuzzle.distill.loop import distill
+from minipuzzle.importance.scoring import score_model
 from minipuzzle.metrics import token_stats
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.diversity import families
-from minipuzzle.search.pipeline import PruneSettings, measured_candidates
 from minipuzzle.search.plan import choose_units
 from minipuzzle.search.solver import search
+from minipuzzle.search.stage import PruneSettings, measured_candidates
 from minipuzzle.settings import DistillSettings
 from minipuzzle.surgery import Plan, prune_model
 

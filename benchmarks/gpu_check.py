@@ -421,8 +421,8 @@ def part_gpu_tests(rec: dict, timeout: float, smoke: bool) -> None:
 
 def part_scoring(rec: dict, s: Sizes, ckpt: Path, budget: float, probe: KernelProbe) -> None:
     """Streamed scoring: a 1-row calibration call, then as many rows as the budget allows (at most score_max_rows)."""
-    from minipuzzle.importance import score_checkpoint
     from minipuzzle.importance.layerwise import rows_per_chunk
+    from minipuzzle.importance.scoring import score_checkpoint
 
     lay = s.layout
     mark = probe.mark()
@@ -540,7 +540,7 @@ def part_distill(rec: dict, s: Sizes, teacher: Path, scratch: Path, budget: floa
 
 
 def _run_distill(rec, s: Sizes, teacher: Path, student: Path, out: Path, accum: int, budget: float) -> None:
-    from minipuzzle.distill import Diverged, Preempted, distill
+    from minipuzzle.distill.loop import Diverged, Preempted, distill
     from minipuzzle.settings import DistillSettings
 
     cfg = DistillSettings(

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from minipuzzle.importance import ModelStack, depth_scores
+from minipuzzle.importance.depth import depth_scores
+from minipuzzle.importance.layerwise import ModelStack
 from minipuzzle.testing import random_model, tiny_layout
 
 

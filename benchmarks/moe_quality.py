@@ -38,12 +38,12 @@ from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.errors import UserError
-from minipuzzle.importance import score_model
 from minipuzzle.importance.experts import EXPERT_ESTIMATORS
+from minipuzzle.importance.scoring import score_model
 from minipuzzle.metrics import token_stats
 from minipuzzle.search.damage import DamageModel
-from minipuzzle.search.pipeline import PruneSettings, run_search
 from minipuzzle.search.plan import choose_units
+from minipuzzle.search.stage import PruneSettings, run_search
 from minipuzzle.surgery import Plan, prune_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

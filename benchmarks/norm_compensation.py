@@ -31,10 +31,10 @@ from minipuzzle.arch import Layout  # noqa: E402
 from minipuzzle.checkpoint.build import load_model  # noqa: E402
 from minipuzzle.checkpoint.resolve import resolve_checkpoint  # noqa: E402
 from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
-from minipuzzle.importance import score_model  # noqa: E402
+from minipuzzle.importance.scoring import score_model  # noqa: E402
 from minipuzzle.metrics import forward_kl  # noqa: E402
-from minipuzzle.search.pipeline import PruneSettings, run_search  # noqa: E402
 from minipuzzle.search.plan import choose_units  # noqa: E402
+from minipuzzle.search.stage import PruneSettings, run_search  # noqa: E402
 from minipuzzle.surgery import prune_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

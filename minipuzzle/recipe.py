@@ -14,8 +14,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from minipuzzle.checkpoint.resolve import describe_model
+from minipuzzle.communication import H100_FLOPS
 from minipuzzle.errors import UserError
-from minipuzzle.hardware import Hardware
+from minipuzzle.hardware import Hardware, resolve
+from minipuzzle.search.stage import scoring_cost
 from minipuzzle.settings import (
     DeviceOptions,
     DistillSettings,
@@ -28,6 +31,8 @@ from minipuzzle.settings import (
 
 if TYPE_CHECKING:
     from minipuzzle.arch import Layout
+
+# The memory plan is imported inside `plan_run`: it loads torch, which reading and checking a recipe does not need.
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 STAGES = ("score", "prune", "distill", "quantize", "eval", "report")
@@ -202,18 +207,14 @@ def plan_run(recipe: Recipe, hardware: Hardware | None = None, student: Layout |
     pruned layout once prune has written it (distillation and eval are planned for it, as the resumed run plans
     them); before that, the teacher's own layout bounds it.
 
-    Scoring and ranking are priced by `search.pipeline.scoring_cost`; training costs 6 x student + 2 x teacher
+    Scoring and ranking are priced by `search.stage.scoring_cost`; training costs 6 x student + 2 x teacher
     parameters FLOPs per token, 2 x student more where the plan checkpoints activations (the recompute), plus the
     time its FSDP2 collectives add beyond the compute on every device (`communication.step_traffic` on the plan's
     launch). GPU-hours use the same assumed H100 throughput as `prune --dry-run`. The memory plan is
     `recipe_memory.recipe_memory`'s; "refusal" is the line a run would be refused with (None: it fits).
     """
-    from minipuzzle.checkpoint.resolve import describe_model
-    from minipuzzle.hardware import resolve
-    from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.memory import model_facts
     from minipuzzle.recipe_memory import recipe_memory
-    from minipuzzle.search.pipeline import H100_FLOPS
 
     name, source = describe_model(recipe.model.source, recipe.model.path)
     hw = hardware or resolve(recipe.hardware)
@@ -254,8 +255,6 @@ def _training_cost(tokens: int, steps: int, student: int, source: Layout, part) 
 def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[dict[str, Any]]:
     """One row per stage: what it does and its FLOPs; `training`: the memory plan's training parts by stage
     (their launches price recompute and communication)."""
-    from minipuzzle.search.pipeline import scoring_cost
-
     imp, srch, d, e = recipe.importance, recipe.search, recipe.distill, recipe.eval
     settings = prune_settings(recipe)
     budget = settings.budget_for(source)

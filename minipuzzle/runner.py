@@ -161,7 +161,7 @@ def final_model(recipe: Recipe, run_dir: Path) -> Path:
 
 
 def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bool, hw: Hardware | None = None) -> None:
-    from minipuzzle.importance import score_to_folder
+    from minipuzzle.importance.folder import score_to_folder
 
     m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
@@ -172,7 +172,8 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
 
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None,
            training_hardware: Hardware | None = None):  # fmt: skip
-    from minipuzzle.search.pipeline import prune
+    from minipuzzle.prune.stage import prune
+    from minipuzzle.recipe import prune_settings
 
     settings = prune_settings(recipe)
     # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_settings).
@@ -240,8 +241,8 @@ def distill_launch(recipe: Recipe, cfg: DistillSettings, hardware: Hardware | No
 
 def _distill(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, log, progress: bool,
              hardware: Hardware | None) -> None:  # fmt: skip
-    from minipuzzle.distill import distill
     from minipuzzle.distill.launch import launch
+    from minipuzzle.distill.loop import distill
 
     cfg = distill_settings(recipe, teacher, data, run_dir, progress, hardware)
     nnodes, nproc = distill_launch(recipe, cfg, hardware)

@@ -6,8 +6,8 @@ import json
 import torch
 
 from minipuzzle.anatomy import AXES, PER_EXPERT_CHANNELS, SEARCH_AXES
-from minipuzzle.importance import score_model
 from minipuzzle.importance.scores import SCORE_TABLES, Scores
+from minipuzzle.importance.scoring import score_model
 from minipuzzle.importance.width import SCORERS
 from minipuzzle.surgery import CUTS, PLAN_UNITS, Plan, prune_model
 from minipuzzle.testing import random_model, tiny_moe_layout

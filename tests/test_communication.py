@@ -249,7 +249,7 @@ def test_the_56b_dry_run_prices_communication_and_recompute_by_hand():
     comm = (gathered + reduced) / 40e9
     compute = accum * 8192 * (8 * p + 2 * p) / 400e12  # 6N + 2N recompute for the student, 2N for the teacher
     assert comm == pytest.approx(165.38, abs=0.01) and compute == pytest.approx(138.42, abs=0.01)
-    from minipuzzle.search.pipeline import H100_FLOPS as priced  # the figure every GPU-hour estimate uses
+    from minipuzzle.search.stage import H100_FLOPS as priced  # the figure every GPU-hour estimate uses
 
     assert priced == H100_FLOPS == 400e12
 

@@ -193,7 +193,7 @@ def _bytes_read() -> int:
 
 
 def test_score_reads_a_small_prefix_of_a_200mb_file(tmp_path, tiny_model, tokenizer, text_file):
-    from minipuzzle.importance import score_to_folder
+    from minipuzzle.importance.folder import score_to_folder
     from minipuzzle.settings import ScoreSettings
     from minipuzzle.testing import save_model
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from minipuzzle.distill import distill
+from minipuzzle.distill.loop import distill
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.toy import drop_layers, make_pair
 from minipuzzle.settings import DistillSettings

@@ -113,8 +113,22 @@ def test_a_launch_choice_that_cannot_run_is_refused_before_any_process_starts(ch
     assert not out.exists()
 
 
+def _distill_candidates(teacher, plans, data, settings, hw, **kw):
+    """`prune.candidates.distill_candidates` in a prune context of `teacher` whose candidates are ranked on other
+    text (nothing to skip), planned and launched for `hw`."""
+    from minipuzzle.prune.candidates import distill_candidates
+    from minipuzzle.prune.context import PruneContext, PruneRequest, stage_memory
+
+    ckpt = Checkpoint(teacher)
+    streaming = kw.pop("streaming", None)
+    req = PruneRequest(str(teacher), Path(teacher, "unused"), settings, data, held_out_data=data, streaming=streaming,
+                       progress=False, hardware=hw)  # fmt: skip
+    memory = stage_memory(ckpt, settings, hw, scoring=False)
+    ctx = PruneContext(req, ckpt, settings, settings.budget_for(ckpt.layout), None, hw, memory)
+    return distill_candidates(ctx, plans, None, **kw)
+
+
 def test_candidate_distillation_runs_torchrun_when_the_plan_needs_more_devices(pair, tmp_path, monkeypatch):
-    from minipuzzle.candidates import distill_candidates
     from minipuzzle.distill import launch
     from minipuzzle.settings import PruneSettings
     from minipuzzle.surgery import Plan
@@ -127,14 +141,13 @@ def test_candidate_distillation_runs_torchrun_when_the_plan_needs_more_devices(p
 
     monkeypatch.setattr(launch.launched, "run_logged", fake_run)
     teacher = pair[0]
-    ckpt = Checkpoint(teacher)
     settings = PruneSettings(target="0.8", seq_len=SEQ, device="cuda", candidate_distill_steps=3,
                              candidate_distill_batch=4)  # fmt: skip
     hw = Hardware(gpu_memory="80GiB", gpus_per_node=4)
     work = tmp_path / "work"
     with pytest.raises(LaunchError, match="under torchrun exited with code 3 and logged no error"):
-        distill_candidates(teacher, ckpt, [Plan(layers=[0, 1, 2, 4, 5])], None, str(pair[2]), settings, False,
-                           streaming=False, work_dir=work, hardware=hw, log=lambda _: None)  # fmt: skip
+        _distill_candidates(teacher, [Plan(layers=[0, 1, 2, 4, 5])], str(pair[2]), settings, hw, streaming=False,
+                            work_dir=work, log=lambda _: None)  # fmt: skip
     (cmd,) = ran
     assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=4"]
     assert cmd[5].startswith(f"--log-dir={work / 'logs' / 'cand0-distilled-'}") and cmd[6] == "--tee=3"
@@ -145,16 +158,16 @@ def test_candidate_distillation_runs_torchrun_when_the_plan_needs_more_devices(p
     assert "--no-streaming" in cmd and "--no-activation-checkpointing" in cmd
     # Over two nodes the same command goes into a script for every node.
     with pytest.raises(UserError, match="needs 2 nodes: launch .*candidates_torchrun.sh on each node"):
-        distill_candidates(teacher, ckpt, [Plan(layers=[0, 1, 2, 4, 5])], None, str(pair[2]),
-                           settings.model_copy(update={"candidate_distill_batch": 8}), False, work_dir=work,
-                           hardware=hw.model_copy(update={"nodes": 2}), log=lambda _: None)  # fmt: skip
+        _distill_candidates(teacher, [Plan(layers=[0, 1, 2, 4, 5])], str(pair[2]),
+                            settings.model_copy(update={"candidate_distill_batch": 8}),
+                            hw.model_copy(update={"nodes": 2}), work_dir=work, log=lambda _: None)  # fmt: skip
     script = Path(work / "candidates_torchrun.sh").read_text()
     assert '"$PYTHON" -m torch.distributed.run --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d' in script
     assert "--streaming" in script
     # Without a work folder the cuts go to a temporary one; a failed launch's logs outlive it.
     with pytest.raises(LaunchError, match=r"logged no error \(logs: ") as failed:
-        distill_candidates(teacher, ckpt, [Plan(layers=[0, 1, 2, 4, 5])], None, str(pair[2]), settings, False,
-                           hardware=hw, log=lambda _: None)  # fmt: skip
+        _distill_candidates(teacher, [Plan(layers=[0, 1, 2, 4, 5])], str(pair[2]), settings, hw,
+                            log=lambda _: None)  # fmt: skip
     logs = Path(str(failed.value).split("(logs: ")[1].split(")")[0])
     cut = dict(zip(ran[-1][10::2], ran[-1][11::2]))["--student"]
     assert logs.is_dir() and logs.name.startswith("cand0-distilled-") and not Path(cut).exists()

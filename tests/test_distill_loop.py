@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minipuzzle.artifacts import DistillState
-from minipuzzle.distill import Diverged, distill
+from minipuzzle.distill.loop import Diverged, distill
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.errors import UserError
 from minipuzzle.settings import DistillSettings

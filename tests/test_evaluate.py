@@ -45,7 +45,7 @@ def offline(tmp_path_factory):
 def models(tmp_path_factory, tokenizer):
     """Teacher and a depth-pruned student (layers 2 and 5 dropped, then distilled for 4 real steps, so its folder
     holds the distillation's metrics.jsonl) on disk."""
-    from minipuzzle.distill import distill
+    from minipuzzle.distill.loop import distill
     from minipuzzle.settings import DistillSettings
     from minipuzzle.testing import stdlib_text_files
 

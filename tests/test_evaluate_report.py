@@ -13,12 +13,12 @@ import pytest
 from test_evaluate import TASK_YAML
 
 from minipuzzle.artifacts import PruneReport
-from minipuzzle.distill import distill
+from minipuzzle.distill.loop import distill
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.runner import evaluate
 from minipuzzle.importance.folder import score_to_folder
+from minipuzzle.prune.stage import PruneSettings, prune
 from minipuzzle.report.page import build_run_report
-from minipuzzle.search.pipeline import PruneSettings, prune
 from minipuzzle.settings import DistillSettings, EvalSettings, ScoreSettings
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 

@@ -172,8 +172,8 @@ def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp
     """Channels planted dead differently in each expert score exactly 0 in that expert only; the search's
     per-expert choice keeps exactly the live ones, and the cut model computes the same logits. The shared
     scores, summed over experts, keep every channel alive, so the shared choice cannot find them."""
-    from minipuzzle.importance import score_model
     from minipuzzle.importance.scores import Scores
+    from minipuzzle.importance.scoring import score_model
     from minipuzzle.search import DamageModel, SearchSpace, make_budget, search
     from minipuzzle.search.plan import choose_units
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from minipuzzle.errors import UserError
-from minipuzzle.importance import score_checkpoint, score_model
 from minipuzzle.importance.experts import EXPERT_ESTIMATORS, expert_contributions, route
 from minipuzzle.importance.plots import plot_scores
+from minipuzzle.importance.scoring import score_checkpoint, score_model
 from minipuzzle.surgery import Plan
 from minipuzzle.testing import plant_dead_units, random_model, run_cli, save_model, tiny_config, tiny_moe_layout
 

@@ -176,7 +176,7 @@ def test_help_states_the_divisibility_rules(command):
 def test_nano3_recipe_searches_the_published_space_and_plans_on_4_nodes():
     from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
     from minipuzzle.recipe import load_recipe, plan_run, prune_settings
-    from minipuzzle.search.pipeline import build_space
+    from minipuzzle.search.stage import build_space
 
     r = load_recipe("nemotron-3-nano-30b-to-22b")
     src = get_preset(r.model.source).layout

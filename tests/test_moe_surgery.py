@@ -219,9 +219,9 @@ def test_cut_command_on_a_moe_checkpoint(tmp_path):
 
 
 def test_candidate_ranking_streams_moe_checkpoints(tmp_path):
-    """Ranking a candidate cuts the source's merged expert tensors layer by layer (`search.ranking.PrunedStack`):
+    """Ranking a candidate cuts the source's merged expert tensors layer by layer (`prune.ranking.PrunedStack`):
     the same statistics as pruning the model in memory."""
-    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+    from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
 
     model = model_for("latent")
     src = save_model(model, tmp_path / "src", style="backbone")

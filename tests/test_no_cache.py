@@ -44,7 +44,7 @@ def test_counter_sees_a_default_forward(setup, caches):
 def test_metrics_and_ranking_build_no_cache(setup, caches):
     from minipuzzle.evaluate.runner import held_out_stats
     from minipuzzle.metrics import token_stats
-    from minipuzzle.search.ranking import measure_in_memory
+    from minipuzzle.prune.ranking import measure_in_memory
     from minipuzzle.surgery import Plan
 
     model, ids = setup

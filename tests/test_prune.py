@@ -108,7 +108,7 @@ def test_prune_without_norm_compensation_ranks_and_cuts_uncompensated(dead_check
 
 def test_streamed_ranking_matches_in_memory(dead_checkpoint, text_file):
     from minipuzzle.checkpoint.build import load_model
-    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+    from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
     from minipuzzle.surgery import Plan
 
     _, ckpt = dead_checkpoint
@@ -160,7 +160,7 @@ def test_dry_run_56b_offline():
 def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
     import yaml
 
-    from minipuzzle.importance import score_checkpoint
+    from minipuzzle.importance.scoring import score_checkpoint
     from minipuzzle.search.plan import read_plan
 
     _, ckpt = dead_checkpoint
@@ -179,12 +179,12 @@ def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
 def test_candidates_distilled_before_the_choice(dead_checkpoint, text_file, tmp_path, monkeypatch):
     """--candidate-distill-steps: every candidate is distilled briefly, in a process of its own (the prune
     process trains nothing: its memory stays scoring's and ranking's), and ranked on its distilled figures."""
-    import minipuzzle.distill as distill_pkg
+    import minipuzzle.distill.loop as distill_loop
 
     def not_here(*a, **k):
         raise AssertionError("candidate distillation ran inside the prune process")
 
-    monkeypatch.setattr(distill_pkg, "distill", not_here)
+    monkeypatch.setattr(distill_loop, "distill", not_here)
     _, ckpt = dead_checkpoint
     out = tmp_path / "out"
     args = ["prune", str(ckpt), "--target", "0.8", "--data", str(text_file), "-o", str(out), *SMALL]
@@ -239,15 +239,15 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
     """Without --held-out-data the ranking windows are the head of --data: no calibration window is one of them,
     and candidate distillation holds exactly them out (its evaluation windows, never trained on)."""
     import minipuzzle.distill.launch as launch
-    import minipuzzle.importance as importance
+    import minipuzzle.importance.scoring as importance
     from minipuzzle.data import iter_documents, iter_tokens, load_tokenizer, pack
     from minipuzzle.distill.stream import WindowStream
-    from minipuzzle.search import pipeline
+    from minipuzzle.prune import stage as pipeline
 
     _, ckpt = dead_checkpoint
     seen = {}
     record(monkeypatch, seen, importance, "score_checkpoint", "calib", lambda a: torch.cat(a[1:3]))
-    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
+    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[2])
     record(monkeypatch, seen, launch, "launch", "cfg", lambda a: a[0])  # the candidate's distillation process
     settings = pipeline.PruneSettings(target=str(int(tiny_layout().num_params() * 0.8)),
                                       candidates=1, seq_len=32, depth_samples=4, width_samples=40,
@@ -268,14 +268,14 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
 
 def test_held_out_data_is_what_candidates_are_ranked_on(dead_checkpoint, text_file, tmp_path, monkeypatch):
     from minipuzzle.data import load_tokenizer, token_windows
-    from minipuzzle.search import pipeline
+    from minipuzzle.prune import stage as pipeline
     from minipuzzle.testing import stdlib_text_files
 
     _, ckpt = dead_checkpoint
     other = tmp_path / "held.txt"
     other.write_text(stdlib_text_files(6)[-1].read_text())
     seen = {}
-    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[3])
+    record(monkeypatch, seen, pipeline, "rank", "held", lambda a: a[2])
     args = ["--target", "0.8", "--data", str(text_file), "-o", str(tmp_path / "out"), *SMALL]
     code, _, err = run_cli(["prune", str(ckpt), *args, "--held-out-data", str(other)])
     assert code == 0, err
@@ -292,12 +292,13 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
     """A recipe's hardware section decides how prune scores and ranks: on hardware too small for the parent and a
     cut candidate in memory, ranking streams at the plan's batch, row chunks and host group, in its dtype; with
     room, it loads the parent. Scoring takes the plan's stream, batch and row budget."""
-    import minipuzzle.importance as importance
+    import minipuzzle.importance.scoring as importance
     from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.hardware import Hardware
     from minipuzzle.memory import ranking_memory, score_launch
+    from minipuzzle.prune import ranking
+    from minipuzzle.prune import stage as pipeline
     from minipuzzle.recipe import parse_recipe, prune_settings
-    from minipuzzle.search import pipeline, ranking
 
     _, ckpt = dead_checkpoint
     layout = tiny_layout()
@@ -350,7 +351,7 @@ def test_a_candidate_checkpoint_measures_as_its_plan(dead_checkpoint, tmp_path, 
     gets when cut on the fly, streamed or in memory."""
     from minipuzzle.checkpoint.build import load_model
     from minipuzzle.checkpoint.read import Checkpoint
-    from minipuzzle.search.ranking import measure_in_memory, measure_streamed
+    from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
     from minipuzzle.surgery import Plan, prune_checkpoint
 
     model, ckpt = dead_checkpoint

@@ -231,7 +231,6 @@ def test_plan_places_and_refuses():
     refused in one line before anything runs."""
     from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.hardware import Hardware
-    from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.memory import RunMemory
     from minipuzzle.quantize.plan import plan_quantize
     from minipuzzle.settings import QuantizeSettings

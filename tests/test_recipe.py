@@ -180,7 +180,7 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
     import math
 
     from minipuzzle import runner
-    from minipuzzle.search import pipeline
+    from minipuzzle.prune import stage as pipeline
     from minipuzzle.testing import stdlib_text_folder
 
     if tiny_checkpoint.name != "model":

@@ -21,8 +21,8 @@ from minipuzzle.search import (
     parse_target,
     search,
 )
-from minipuzzle.search.pipeline import count_feasible
 from minipuzzle.search.space import width_options
+from minipuzzle.search.stage import count_feasible
 from minipuzzle.testing import tiny_layout
 
 

@@ -13,8 +13,8 @@ from minipuzzle.errors import UserError
 from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
 from minipuzzle.search import DamageModel, SearchSpace, count_pool, in_pool, is_maximal, make_budget, search
-from minipuzzle.search.pipeline import build_space, count_feasible, dry_run
 from minipuzzle.search.plan import choose_units, layout_document
+from minipuzzle.search.stage import build_space, count_feasible, dry_run
 from minipuzzle.settings import PruneSettings
 from minipuzzle.testing import run_cli, tiny_layout
 

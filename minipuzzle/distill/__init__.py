@@ -2,12 +2,11 @@
 
 Example::
 
-    from minipuzzle.distill import distill
+    from minipuzzle.distill.loop import distill
     from minipuzzle.settings import DistillSettings
     out = distill(DistillSettings(teacher="56b-dir", student="47b-dir", data="corpus.jsonl", output="47b-distilled",
                                   tokens="63B", seq_len=8192, batch_size=768))
+
+Import from the module that does the job (`loop`, `launch`, `losses`, `parallel`, `state`, ...): this package
+imports none of them, so the memory plan can import `losses`' constants without the loop.
 """
-
-from minipuzzle.distill.loop import Diverged, Preempted, distill
-
-__all__ = ["Diverged", "Preempted", "distill"]

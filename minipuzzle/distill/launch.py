@@ -19,9 +19,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from minipuzzle.distill import launched
+import torch.distributed
+
+import minipuzzle.distill.launched as launched
+from minipuzzle.cli_options import settings_flags
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
+from minipuzzle.memory import distill_memory, model_facts
 from minipuzzle.settings import DistillSettings
 
 
@@ -38,8 +42,6 @@ def launch_hardware(hw: Hardware, explicit_gpus: bool = False) -> Hardware:
 def plan_for(cfg: DistillSettings, hw: Hardware, processes: int | None):
     """The memory plan's part for `cfg` (its teacher and student read from their configs) on `processes` ranks
     (None: as many as the plan chooses)."""
-    from minipuzzle.memory import distill_memory, model_facts
-
     teacher, stored = model_facts(str(cfg.teacher))
     student = model_facts(str(cfg.student))[0] if cfg.student and Path(cfg.student, "config.json").is_file() else teacher
     return distill_memory(teacher, student, hw, cfg, processes=processes, stored_bytes=stored)
@@ -64,8 +66,6 @@ def torchrun_command(settings: DistillSettings, nnodes: int, nproc_per_node: int
     every process. torchrun is run by the interpreter `python` (default: this one), not looked up on PATH, so a
     launch works whether or not its environment is activated. `log_dir`: torchrun keeps each rank's stdout and
     stderr there and also shows them (--tee)."""
-    from minipuzzle.cli_options import settings_flags
-
     cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
            f"--nproc_per_node={nproc_per_node}"]  # fmt: skip
     if nnodes > 1:
@@ -84,8 +84,6 @@ def nodes_and_procs(part, hw: Hardware) -> tuple[int, int]:
 
 def child_command(settings: DistillSettings) -> list[str]:
     """The `python -m minipuzzle.cli distill ...` command line that runs `settings` in one child process."""
-    from minipuzzle.cli_options import settings_flags
-
     return [sys.executable, "-m", "minipuzzle.cli", "distill", *settings_flags(settings, exclude=("tokens",))]
 
 
@@ -119,8 +117,6 @@ def launch(cfg: DistillSettings, nnodes: int, nproc_per_node: int, script: Path,
 
 def _check_torchrun() -> None:
     """Raise `UserError` when this interpreter's torch cannot run torchrun (built without torch.distributed)."""
-    import torch.distributed
-
     if not torch.distributed.is_available():
         raise UserError(f"cannot launch torchrun: the torch of {sys.executable} is built without "
                         f"torch.distributed; launch on one process (recipe distill.launcher: local)")  # fmt: skip

@@ -23,13 +23,15 @@ from typing import Any
 
 import torch
 
+import minipuzzle.distill.launch as launch
+import minipuzzle.distill.parallel as parallel
+import minipuzzle.distill.state as state
 from minipuzzle.artifacts import DistillState
 from minipuzzle.checkpoint.dtypes import parse_dtype
 from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.checkpoint.write import check_output_dir, save_state_dict
 from minipuzzle.data import load_tokenizer
-from minipuzzle.distill import launch, parallel, state
 from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.routers import route_in_float32
 from minipuzzle.distill.stream import WindowStream

@@ -1,32 +1,7 @@
-"""Importance scoring: a score for every layer and every prunable unit of a Nemotron-H checkpoint."""
+"""Importance scoring: a score for every layer and every prunable unit of a Nemotron-H checkpoint.
 
-from minipuzzle.importance.depth import DEPTH_METRICS, depth_scores
-from minipuzzle.importance.folder import score_to_folder
-from minipuzzle.importance.layerwise import (
-    LayerStack,
-    ModelStack,
-    StreamedStack,
-    block_forward,
-    iter_layerwise,
-    open_stack,
-)
-from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.scoring import score_checkpoint, score_model, score_stack
-from minipuzzle.importance.width import width_scores
-
-__all__ = [
-    "DEPTH_METRICS",
-    "LayerStack",
-    "ModelStack",
-    "Scores",
-    "StreamedStack",
-    "block_forward",
-    "depth_scores",
-    "iter_layerwise",
-    "open_stack",
-    "score_checkpoint",
-    "score_model",
-    "score_stack",
-    "score_to_folder",
-    "width_scores",
-]
+One module per job: `depth` (drop-one-layer scores), `width` (each axis's activation hooks), `experts` (routed
+experts' estimators), `layerwise` (a model or a streamed checkpoint as a stack of blocks), `scoring` (both passes
+over a model, a stack or a checkpoint), `scores` (the `Scores` tables and their folder), `folder` (the `score`
+stage: windows, scoring, the folder), `plots`, `command` (`minipuzzle score`). Import from the module that does
+the job: this package imports none of them, so the memory plan can import `depth`'s constants without the stage."""

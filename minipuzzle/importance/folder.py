@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from minipuzzle.checkpoint.dtypes import parse_dtype, resolve_device
+from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.checkpoint.write import atomic_dir, check_output_dir
+from minipuzzle.data import load_tokenizer, token_windows
+from minipuzzle.hardware import resolve
+from minipuzzle.importance.plots import plot_scores
 from minipuzzle.importance.scores import Scores
+from minipuzzle.importance.scoring import check_axes, score_checkpoint
+from minipuzzle.memory import compute_hardware, score_launch, score_stage
 from minipuzzle.settings import ScoreSettings
 
 
@@ -47,11 +54,6 @@ def score_to_folder(
     The passes run as the memory plan on `hardware` (a `hardware.Hardware`, default: this machine) says
     (`memory.score_launch`): streamed or loaded, in its dtype, at its forward batch and row chunks.
     """
-    from minipuzzle.checkpoint.write import atomic_dir, check_output_dir
-    from minipuzzle.data import load_tokenizer, token_windows
-    from minipuzzle.importance.plots import plot_scores
-    from minipuzzle.importance.scoring import check_axes, score_checkpoint
-
     axis_list = check_axes(list(axes))
     dev, _ = resolve_device(device, dtype)
     go = _launch(checkpoint, settings, axis_list, dev, dtype, hardware)
@@ -87,10 +89,6 @@ def score_to_folder(
 
 def _launch(checkpoint, settings: ScoreSettings, axes, dev: torch.device, dtype, hardware) -> dict:
     """`memory.score_launch` of the score stage on `hardware` (default: this machine) computing on `dev`."""
-    from minipuzzle.checkpoint.read import Checkpoint
-    from minipuzzle.hardware import resolve
-    from minipuzzle.memory import compute_hardware, score_launch, score_stage
-
     ckpt = Checkpoint(checkpoint)
     hw = compute_hardware(hardware or resolve(), str(dev))
     name = dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch.")

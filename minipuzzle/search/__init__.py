@@ -1,4 +1,5 @@
-"""Search: the space of pruned layouts, budgets, the solver, and candidate ranking (MiniPuzzle's second stage)."""
+"""Search: the space of pruned layouts, budgets, the damage model, the solver and the measured set (MiniPuzzle's
+second stage); ranking the measured candidates is the prune stage's (`minipuzzle.prune`)."""
 
 from minipuzzle.search.budget import Budget, make_budget, parse_memory, parse_target
 from minipuzzle.search.damage import DamageModel

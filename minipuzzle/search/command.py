@@ -7,10 +7,17 @@ from typing import Annotated
 
 import typer
 
+from minipuzzle.artifacts import PruneReport
+from minipuzzle.checkpoint.resolve import describe_model
 from minipuzzle.cli_options import settings_command
 from minipuzzle.errors import UserError
-from minipuzzle.hardware import HardwareOptions
+from minipuzzle.hardware import HardwareOptions, resolve
+from minipuzzle.search import stage
+from minipuzzle.search.plan import choose_units, layout_document, write_layout_yaml
 from minipuzzle.settings import BudgetSettings, DataOptions, PruneSettings
+
+# Imports inside functions load torch (scores, the memory plan, the prune stage, tables): only when a command
+# runs, so that `minipuzzle --help` stays fast.
 
 
 def _samples(settings: dict, samples: int | None) -> dict:
@@ -50,14 +57,12 @@ def search_cmd(
     """
     from minipuzzle.checkpoint.resolve import describe_model
     from minipuzzle.importance.scores import Scores
-    from minipuzzle.search.pipeline import run_search
-    from minipuzzle.search.plan import choose_units, layout_document, write_layout_yaml
 
     _, layout = describe_model(model)
     st = PruneSettings(**settings)
     budget = st.budget_for(layout)  # a bad budget is reported before the scores are read
     sc = Scores.load(scores)
-    space, dmodel, cands = run_search(layout, sc, st)
+    space, dmodel, cands = stage.run_search(layout, sc, st)
     plan = choose_units(cands[0], dmodel, sc, expert_channels=st.expert_channels)
     doc = layout_document(plan, layout, budget, cands[0], {"candidates": [c.to_dict() for c in cands]})
     write_layout_yaml(doc, output)
@@ -95,29 +100,24 @@ def prune_cmd(
 
     Example: minipuzzle prune 56b --memory 31.7GiB --precision fp4 --context 1M --data calib/ -o nemotron-47b
     """
-    from minipuzzle.search import pipeline
-
     st = PruneSettings(**_samples(settings, samples))
-    layout = _source_layout(model, model_path, output, dry_run, overwrite)
     if dry_run:
-        _print_dry_run(model, pipeline.dry_run(layout, st), st.budget_for(layout), st, as_json)
+        layout = describe_model(model, model_path)[1]
+        _print_dry_run(model, stage.dry_run(layout, st), st.budget_for(layout), st, as_json)
         return
-    hw = _check_memory(model, model_path, st, scores is None, hardware)
+    from minipuzzle.memory import check
+    from minipuzzle.prune import stage as prune_stage
+    from minipuzzle.prune.context import PruneRequest, open_context
+
+    if output is None:
+        raise UserError("prune needs -o/--output DIR")
     src = DataOptions(**text)
-    rep = pipeline.prune(
-        model,
-        output,
-        st,
-        src.data,
-        held_out_data=held_out_data,
-        split=src.split,
-        column=src.text_column,
-        streaming=src.streaming,
-        model_path=model_path,
-        scores_dir=scores,
-        overwrite=overwrite,
-        hardware=hw,
-    )
+    request = PruneRequest(model, output, st, src.data, held_out_data=held_out_data, split=src.split,
+                           column=src.text_column, streaming=src.streaming, model_path=model_path,
+                           scores_dir=scores, overwrite=overwrite, hardware=resolve(None, hardware))  # fmt: skip
+    ctx = open_context(request)
+    check(ctx.hardware, ctx.memory)  # the plan scoring, ranking, candidate distillation and the cut then run
+    rep = prune_stage.run(ctx)
     res = rep["chosen"]["result"]
     if as_json:
         print(json.dumps(res, indent=2))
@@ -128,7 +128,6 @@ def prune_cmd(
 
 def _print_candidates(rep: dict) -> None:
     """The measured candidates, best measured first, with their predicted rank and why they were measured."""
-    from minipuzzle.artifacts import PruneReport
     from minipuzzle.evaluate.tables import candidate_ranks_table
 
     report = PruneReport.model_validate(rep)
@@ -136,35 +135,6 @@ def _print_candidates(rep: dict) -> None:
     size = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
         print("  ".join(cell.ljust(n) for cell, n in zip(row, size)).rstrip())
-
-
-def _check_memory(model: str, model_path: str | None, st: PruneSettings, scoring: bool, hardware: dict):
-    """Refuse (one line) a prune whose memory plan (its own scoring without --scores, ranking, candidate
-    distillation, the cut) does not fit the hardware; returns that hardware (the prune runs its plan)."""
-    from minipuzzle.hardware import resolve
-    from minipuzzle.memory import check, model_facts, prune_stage
-
-    hw = resolve(None, hardware)
-    layout, stored = model_facts(model, model_path)
-    check(hw, prune_stage(layout, hw, st, stored_bytes=stored, scoring=scoring))
-    return hw
-
-
-def _source_layout(model: str, model_path: str | None, output: str | None, dry_run: bool, overwrite: bool):
-    """The source's layout: from its config alone for a dry run, else from the checkpoint, after checking that
-    the output may be written (nothing is written before every input is checked)."""
-    from minipuzzle.checkpoint.resolve import describe_model
-
-    if dry_run:
-        return describe_model(model, model_path)[1]
-    from minipuzzle.checkpoint.read import Checkpoint
-    from minipuzzle.checkpoint.resolve import resolve_checkpoint
-    from minipuzzle.checkpoint.write import check_output_dir
-
-    if output is None:
-        raise UserError("prune needs -o/--output DIR")
-    check_output_dir(output, overwrite)
-    return Checkpoint(resolve_checkpoint(model, model_path)).layout
 
 
 def _print_dry_run(model: str, plan: dict, budget, st, as_json: bool) -> None:

@@ -16,11 +16,44 @@ from pathlib import Path
 
 import torch
 
+from minipuzzle.artifacts import CandidateRow
+from minipuzzle.checkpoint.build import load_model
+from minipuzzle.checkpoint.dtypes import parse_dtype
 from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
+from minipuzzle.metrics import TokenStats, final_states
+from minipuzzle.progress import progress_bar
+from minipuzzle.prune.context import PruneContext
+from minipuzzle.search.solver import Candidate
+from minipuzzle.surgery import Cutter, prune_model
 
 
 def rank_key(stats: dict) -> tuple:
     return (stats["kl_to_teacher"], -stats["agreement"], stats["loss"])
+
+
+def rank(ctx: PruneContext, plans: list, held: torch.Tensor) -> list[dict]:
+    """Measured statistics of each candidate (a plan, or a distilled candidate's folder) against the parent on the
+    held-out windows held [H, T], as the stage plan's ranking part says: streamed or with the model loaded, in its
+    dtype, its forward batch and row chunks, the parent's final states kept on the host for the planned groups of
+    windows."""
+    g, device = ctx.parts["ranking"].geometry, ctx.settings.device
+    dtype = parse_dtype(g.dtype)
+    with progress_bar("ranking candidates", len(plans), ctx.request.progress) as advance:
+        if g.streaming:
+            host_bytes = g.host_group * held.shape[1] * ctx.ckpt.layout.hidden_size * dtype.itemsize
+            return measure_streamed(ctx.ckpt, plans, held, g.micro_batch, device, advance, host_bytes=host_bytes,
+                                    dtype=dtype, chunk_rows=g.rows_per_chunk)  # fmt: skip
+        model = load_model(ctx.ckpt, dtype=dtype, device=device)
+        return measure_in_memory(model, plans, held, g.micro_batch, advance)
+
+
+def ranked_rows(cands: list[Candidate], stats: list[dict]) -> list[CandidateRow]:
+    """Candidates best measured first; `predicted_rank` is the search's order (1-based index into `cands`)."""
+    order = sorted(range(len(cands)), key=lambda i: (rank_key(stats[i]), i))
+    return [
+        CandidateRow(**cands[i].to_dict(), predicted_rank=i + 1, measured_rank=r + 1, **stats[i])
+        for r, i in enumerate(order)
+    ]
 
 
 @torch.no_grad()
@@ -32,10 +65,6 @@ def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int
     LM head `metrics.LOGIT_CHUNK` positions at a time, so k candidates cost k + 1 forward passes, not 2k, and no
     batch holds full-vocabulary logits for all its tokens.
     """
-    from minipuzzle.checkpoint.build import load_model
-    from minipuzzle.metrics import TokenStats, final_states
-    from minipuzzle.surgery import prune_model
-
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     batches = [windows[s : s + batch_size].to(device) for s in range(0, len(windows), batch_size)]
     parent_h = [model.model(ids, use_cache=False).last_hidden_state.cpu() for ids in batches]
@@ -57,8 +86,6 @@ class PrunedStack(StreamedStack):
     surgery code as it is read, so no pruned checkpoint is written to rank a candidate."""
 
     def __init__(self, source: StreamedStack, plan):
-        from minipuzzle.surgery import Cutter
-
         self.plan, self.cutter = plan, Cutter(source.ckpt.layout, plan)
         self.dst = self.cutter.dst
         cut = self.cutter.cut
@@ -92,8 +119,6 @@ def measure_streamed(
     the shards per group. Within a group, `chunk_rows` rows of residual stream are on the device at once
     (default: `layerwise.rows_per_chunk`'s share of the free memory).
     """
-    from minipuzzle.metrics import TokenStats
-
     parent = StreamedStack.open(checkpoint, device=device, dtype=dtype)
     _, T = windows.shape
     per_row = T * parent.ckpt.layout.hidden_size * parent.dtype.itemsize
