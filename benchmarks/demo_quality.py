@@ -37,17 +37,17 @@ from minipuzzle.arch import ATTENTION, MAMBA, MLP, Layout
 from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.checkpoint.write import save_state_dict
+from minipuzzle.cut import Plan, cut_model
 from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.distill.loop import distill
-from minipuzzle.importance.scoring import score_model
 from minipuzzle.metrics import token_stats
+from minipuzzle.score.scoring import score_model
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.diversity import families
 from minipuzzle.search.plan import choose_units
 from minipuzzle.search.solver import search
 from minipuzzle.search.stage import PruneSettings, measured_candidates
 from minipuzzle.settings import DistillSettings
-from minipuzzle.surgery import Plan, prune_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIO = 46.792 / 56.324  # Nemotron-H 47B / 56B parameters
@@ -170,7 +170,7 @@ def main() -> None:
     space, dmodel, cands = measured_candidates(layout, scores, settings)
     plans = [choose_units(c, dmodel, scores) for c in cands]
     # Chosen on validation windows; the test windows are only reported on.
-    before = [measure(prune_model(teacher, p), val) for p in plans]
+    before = [measure(cut_model(teacher, p), val) for p in plans]
     best = min(range(len(plans)), key=lambda i: before[i]["kl_to_teacher"])
     plan = plans[best]
     refs = family_references(space, dmodel, scores, settings.budget_for(layout), teacher, val, measure, args)
@@ -189,16 +189,16 @@ def main() -> None:
     # Block influence: keep the layers BI ranks highest in each kind, the same counts; FFN channels as the method.
     bi_scores = type(scores)(pattern=scores.pattern, depth=bi["depth"], ffn=scores["ffn"])
     bi_plan = choose_units(cands[best], DamageModel(bi_scores, space), bi_scores)
-    students = {"importance (MiniPuzzle)": prune_model(teacher, plan)}
+    students = {"importance (MiniPuzzle)": cut_model(teacher, plan)}
     same_as_chosen = {}
     for name, r in refs.items():
         if r["candidates"][r["best"]].key() == cands[best].key():
             same_as_chosen[f"best {name}"] = "importance (MiniPuzzle)"  # measured once, reported twice
         else:
-            students[f"best {name}"] = prune_model(teacher, r["plans"][r["best"]])
+            students[f"best {name}"] = cut_model(teacher, r["plans"][r["best"]])
     students |= {
-        "random pruning": prune_model(teacher, random_plan(layout, plan, args.seed)),
-        "block influence layers": prune_model(teacher, bi_plan),
+        "random pruning": cut_model(teacher, random_plan(layout, plan, args.seed)),
+        "block influence layers": cut_model(teacher, bi_plan),
     }
     from minipuzzle.checkpoint.build import build_model
 
@@ -225,7 +225,7 @@ def main() -> None:
     # Candidate ranking before vs after a short distillation (the paper saw the order change).
     ranking = []
     for i, p in enumerate(plans):
-        src = save(prune_model(teacher, p), work / "cands" / f"c{i}", teacher_dir)
+        src = save(cut_model(teacher, p), work / "cands" / f"c{i}", teacher_dir)
         out = run_distill(
             teacher_dir, src, work / "cands_distilled" / f"c{i}", train, val_dir, args.candidate_steps, args
         )
@@ -256,7 +256,7 @@ def family_references(space, dmodel, scores, budget, teacher, val, measure, args
         if not found:
             continue
         plans = [choose_units(c, dmodel, scores) for c in found]
-        kl = [measure(prune_model(teacher, p), val)["kl_to_teacher"] for p in plans]
+        kl = [measure(cut_model(teacher, p), val)["kl_to_teacher"] for p in plans]
         out[name] = {"candidates": found, "plans": plans, "validation_kl": kl,
                      "best": min(range(len(kl)), key=lambda i: (kl[i], i))}  # fmt: skip
         print(name, [describe(c) for c in found], kl, flush=True)

@@ -13,7 +13,7 @@ is killed still leaves the figures of the parts that finished):
                peak GPU memory against this script's own estimate (`predict_scoring_peak`; no memory-plan module
                exists yet).
   eval_speed   `minipuzzle.evaluate.speed.measure_speed`: prefill and decode tokens/s of the teacher in bf16.
-  distill      `minipuzzle.distill.distill` of a ~0.82B student cut from the teacher by `prune_checkpoint` (8
+  distill      `minipuzzle.distill.distill` of a ~0.82B student cut from the teacher by `cut_checkpoint` (8
                layers dropped, FFN and Mamba heads narrowed): tokens/s after warm-up, MFU = (6 N_student + 2 N_teacher) x tokens/s / the
                card's dense bf16 peak, peak GPU memory.
 
@@ -421,8 +421,8 @@ def part_gpu_tests(rec: dict, timeout: float, smoke: bool) -> None:
 
 def part_scoring(rec: dict, s: Sizes, ckpt: Path, budget: float, probe: KernelProbe) -> None:
     """Streamed scoring: a 1-row calibration call, then as many rows as the budget allows (at most score_max_rows)."""
-    from minipuzzle.importance.layerwise import rows_per_chunk
-    from minipuzzle.importance.scoring import score_checkpoint
+    from minipuzzle.score.layerwise import rows_per_chunk
+    from minipuzzle.score.scoring import score_checkpoint
 
     lay = s.layout
     mark = probe.mark()
@@ -494,10 +494,10 @@ def part_eval_speed(rec: dict, s: Sizes, ckpt: Path) -> None:
 
 
 def make_student(s: Sizes, teacher: Path, out: Path) -> Path:
-    """The student: the teacher through `prune_checkpoint` with layers dropped, every kept MLP narrowed and every
+    """The student: the teacher through `cut_checkpoint` with layers dropped, every kept MLP narrowed and every
     kept Mamba layer losing heads (the first of each group kept: for speed any choice costs the same). The hidden
     size stays: DistillObjective.forward reshapes the teacher's states with the student's width."""
-    from minipuzzle.surgery import Plan, prune_checkpoint
+    from minipuzzle.cut import Plan, cut_checkpoint
 
     lay = s.layout
     keep = [i for i in range(lay.num_layers) if i not in s.drop_layers]
@@ -508,7 +508,7 @@ def make_student(s: Sizes, teacher: Path, out: Path) -> Path:
         ffn={i: list(range(s.student_ffn)) for i in keep if lay.pattern[i] == MLP},
         mamba_heads={i: heads for i in keep if lay.pattern[i] == MAMBA},
     )
-    return prune_checkpoint(teacher, plan, out, overwrite=True, progress=False)
+    return cut_checkpoint(teacher, plan, out, overwrite=True, progress=False)
 
 
 def part_distill(rec: dict, s: Sizes, teacher: Path, scratch: Path, budget: float, peak_flops: float | None) -> None:
@@ -518,13 +518,13 @@ def part_distill(rec: dict, s: Sizes, teacher: Path, scratch: Path, budget: floa
 
     t0 = time.perf_counter()
     student = make_student(s, teacher, scratch / "student")
-    rec["surgery_s"] = round(time.perf_counter() - t0, 2)
+    rec["cut_s"] = round(time.perf_counter() - t0, 2)
     n_t, n_s = Checkpoint(teacher).layout.num_params(), Checkpoint(student).layout.num_params()
     rec.update(teacher_params=n_t, student_params=n_s, student_layout=Checkpoint(student).layout.pattern)
     accum = s.distill_accum
     while True:
         try:
-            _run_distill(rec, s, teacher, student, scratch / f"distilled-{accum}", accum, budget - rec["surgery_s"])
+            _run_distill(rec, s, teacher, student, scratch / f"distilled-{accum}", accum, budget - rec["cut_s"])
             break
         except torch.OutOfMemoryError as e:
             rec.setdefault("oom_retries", []).append(f"micro-batch {s.distill_batch // accum}: {str(e)[:200]}")

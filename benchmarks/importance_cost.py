@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from minipuzzle.importance.depth import depth_scores
-from minipuzzle.importance.layerwise import ModelStack
+from minipuzzle.score.depth import depth_scores
+from minipuzzle.score.layerwise import ModelStack
 from minipuzzle.testing import random_model, tiny_layout
 
 

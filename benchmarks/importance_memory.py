@@ -17,7 +17,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, torch
 torch.set_num_threads(2)
-from minipuzzle.importance.scoring import score_checkpoint
+from minipuzzle.score.scoring import score_checkpoint
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 path, rows, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ids = torch.randint(0, 320, (rows, seq), generator=torch.Generator().manual_seed(0))

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from minipuzzle.importance.layerwise import ModelStack, iter_layerwise
-from minipuzzle.importance.width import width_scores
+from minipuzzle.score.layerwise import ModelStack, iter_layerwise
+from minipuzzle.score.width import width_scores
 from minipuzzle.testing import random_model, tiny_layout
 
 

@@ -36,15 +36,15 @@ from demo_quality import data_folders, run_distill, save, split_held_out
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.resolve import resolve_checkpoint
+from minipuzzle.cut import Plan, cut_model
 from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.errors import UserError
-from minipuzzle.importance.experts import EXPERT_ESTIMATORS
-from minipuzzle.importance.scoring import score_model
 from minipuzzle.metrics import token_stats
+from minipuzzle.score.experts import EXPERT_ESTIMATORS
+from minipuzzle.score.scoring import score_model
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.plan import choose_units
 from minipuzzle.search.stage import PruneSettings, run_search
-from minipuzzle.surgery import Plan, prune_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOTAL, ACTIVE = 22.28 / 31.58, 3.00 / 3.58  # Nano 3 30B-A3B -> 22B-A3B
@@ -132,7 +132,7 @@ def main() -> None:
                            steps={k: v for k, v in STEPS.items() if k in axes}, candidates=args.candidates,
                            min_layers=0.85, **kw)  # fmt: skip
         space, dmodel, cands = run_search(layout, scores, st)
-        kl = [measure(prune_model(teacher, choose_units(c, dmodel, scores)), val)["kl_to_teacher"] for c in cands]
+        kl = [measure(cut_model(teacher, choose_units(c, dmodel, scores)), val)["kl_to_teacher"] for c in cands]
         best = min(range(len(cands)), key=lambda i: kl[i])
         return cands[best], dmodel, space
 
@@ -165,7 +165,7 @@ def main() -> None:
     rows = {}
     for name, plan in plans.items():
         arch = plan.target_layout(layout)
-        model = prune_model(teacher, plan)
+        model = cut_model(teacher, plan)
         src = save(model, work / "students" / name.replace(" ", "_").replace(":", ""), teacher_dir)
         b = measure(model)
         a = None  # --steps 0: before distillation only

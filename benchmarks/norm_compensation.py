@@ -30,12 +30,12 @@ from demo_quality import RATIO, data_folders, run_distill, save  # noqa: E402
 from minipuzzle.arch import Layout  # noqa: E402
 from minipuzzle.checkpoint.build import load_model  # noqa: E402
 from minipuzzle.checkpoint.resolve import resolve_checkpoint  # noqa: E402
+from minipuzzle.cut import cut_model  # noqa: E402
 from minipuzzle.data import load_tokenizer, token_windows  # noqa: E402
-from minipuzzle.importance.scoring import score_model  # noqa: E402
 from minipuzzle.metrics import forward_kl  # noqa: E402
+from minipuzzle.score.scoring import score_model  # noqa: E402
 from minipuzzle.search.plan import choose_units  # noqa: E402
 from minipuzzle.search.stage import PruneSettings, run_search  # noqa: E402
-from minipuzzle.surgery import prune_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = {"with compensation": True, "without compensation": False}
@@ -110,7 +110,7 @@ def main() -> None:
     print("student", results["architecture"]["student"], flush=True)
     windows: dict = {}
     for name, comp in ARMS.items():
-        student = prune_model(teacher, choose_units(cands[0], dmodel, scores, norm_compensation=comp))
+        student = cut_model(teacher, choose_units(cands[0], dmodel, scores, norm_compensation=comp))
         before = per_window_kl(student, teacher_logits, held)
         path = save(student, work / f"cut-{comp}", teacher_dir)
         distilled = load_model(run_distill(teacher_dir, path, work / f"distilled-{comp}", train, held_dir,

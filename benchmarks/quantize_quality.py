@@ -53,11 +53,11 @@ def demo_run(run: Path | None, work: Path, smoke: bool) -> Path:
     recipe = load_recipe("demo")
     if smoke:
         recipe = recipe.model_copy(update={
-            "importance": recipe.importance.model_copy(update={"depth_samples": 4, "width_samples": 4}),
-            "search": recipe.search.model_copy(update={"candidates": 1, "held_out_samples": 2,
+            "score": recipe.score.model_copy(update={"depth_samples": 4, "width_samples": 4}),
+            "prune": recipe.prune.model_copy(update={"candidates": 1, "held_out_windows": 2,
                                                        "candidate_distill_tokens": None}),
             "distill": recipe.distill.model_copy(update={"max_steps": 2, "save_every": 2, "eval_every": 2}),
-            "eval": recipe.eval.model_copy(update={"samples": 2, "speed": False}),
+            "eval": recipe.eval.model_copy(update={"held_out_windows": 2, "speed": False}),
         })  # fmt: skip
     run_recipe(recipe, work / "demo-run", progress=False)
     return work / "demo-run"

@@ -120,13 +120,13 @@ def recipe(ckpt: Path, device_bytes: int, size: str) -> dict:
         "description": "the 56B recipe's stages on a generated checkpoint larger than the device",
         "model": {"source": str(ckpt), "dtype": "float32", "device": "cpu"},
         "data": {"source": "stdlib", "held_out_files": ["argparse.py", "calendar.py", "difflib.py"]},
-        "importance": {"depth_samples": 2, "width_samples": 2, "seq_len": seq, "depth_metric": "mse_hidden"},
-        "search": {"target": "0.83", "axes": ["depth", "ffn"], "candidates": 2, "held_out_samples": 2,
+        "score": {"depth_samples": 2, "width_samples": 2, "seq_len": seq, "depth_metric": "mse_hidden"},
+        "prune": {"target": "0.83", "axes": ["depth", "ffn"], "candidates": 2, "held_out_windows": 2,
                    "candidate_distill_batch": 2, "candidate_distill_tokens": 2 * 2 * seq},
         "distill": {"max_steps": 2, "seq_len": seq, "batch_size": 4, "grad_accum": 2, "lr": 1.0e-4, "warmup": 0,
-                    "save_every": 2, "eval_every": 2, "eval_windows": 2, "loss": "forward_kl", "launcher": "torchrun",
+                    "save_every": 2, "eval_every": 2, "held_out_windows": 2, "loss": "forward_kl", "launcher": "torchrun",
                     "nnodes": 1, "nproc_per_node": 2},
-        "eval": {"samples": 2, "seq_len": seq, "speed": False},
+        "eval": {"held_out_windows": 2, "seq_len": seq, "speed": False},
         "hardware": {"gpu_memory": device_bytes, "gpus_per_node": 2, "nodes": 1, "host_memory": device_bytes},
     }  # fmt: skip
 
@@ -370,7 +370,7 @@ def routing(path: Path, windows: int = 16, seq: int = 128) -> dict:
     from minipuzzle.checkpoint.build import load_model
     from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.evaluate.placement import load_offloaded
-    from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
+    from minipuzzle.score.layerwise import StreamedStack, iter_layerwise
 
     ckpt = Checkpoint(path)
     dtypes = sorted({str(ckpt.get(k).dtype) for k in ckpt.keys() if ROUTER in k})
@@ -419,11 +419,11 @@ def rehearse_moe(work: Path, threads: int, log) -> dict:
     doc = {"name": "scale-rehearsal-moe", "description": "a bf16 MoE checkpoint through every stage",
            "model": {"source": str(src), "dtype": "bfloat16", "device": "cpu"},
            "data": {"source": str(work / "moe" / "f32" / "data.txt")},
-           "importance": {"depth_samples": 2, "width_samples": 2, "seq_len": 32, "stream": True},
-           "search": {"target": "0.8", "axes": ["depth"], "candidates": 2, "held_out_samples": 2},
+           "score": {"depth_samples": 2, "width_samples": 2, "seq_len": 32, "stream": True},
+           "prune": {"target": "0.8", "axes": ["depth"], "candidates": 2, "held_out_windows": 2},
            "distill": {"max_steps": 2, "seq_len": 32, "batch_size": 2, "lr": 1.0e-4, "warmup": 0, "save_every": 2,
-                       "eval_every": 2, "eval_windows": 2, "launcher": "local"},
-           "eval": {"samples": 2, "seq_len": 32, "speed": False},
+                       "eval_every": 2, "held_out_windows": 2, "launcher": "local"},
+           "eval": {"held_out_windows": 2, "seq_len": 32, "speed": False},
            "hardware": {"device": "cpu", "gpu_memory": 2**40, "gpus_per_node": 1, "nodes": 1, "host_memory": 2**40}}
     run_dir, stages, checked = work / "run_moe", {}, {"source": routing(src)}
     for stage in ("score", "prune", "distill", "eval"):

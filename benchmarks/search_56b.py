@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import get_preset
+from minipuzzle.score.scores import Scores
 from minipuzzle.search import DamageModel, SearchSpace, make_budget, search
 
 src = get_preset("56b").layout

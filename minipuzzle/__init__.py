@@ -1,7 +1,7 @@
 """minipuzzle: prune, distil and evaluate Nemotron-H hybrid Mamba-Transformer models.
 
 Data flow, one subpackage or module per stage:
-checkpoint (checkpoint/) -> scores (importance/) -> plan (search/) -> checkpoint (surgery.py)
+checkpoint (checkpoint/) -> scores (score/) -> plan (search/) -> checkpoint (cut.py)
 -> distilled checkpoint (distill/) -> report (evaluate/) -> run page (report/).
 """
 

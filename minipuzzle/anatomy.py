@@ -31,8 +31,8 @@ Prunable axes, with the `Layout` field each sets and where a unit lives (native 
 
 `depth` (dropping whole layers) is a search axis but not a width: `SEARCH_AXES` lists it first.
 
-Adding a width axis is one `Axis` entry here, its scoring hook (`importance.width.SCORERS`) and its cutting
-function (`surgery.CUTS`); the search space, damage model, unit choice, plans, scores file and reports loop over
+Adding a width axis is one `Axis` entry here, its scoring hook (`score.width.SCORERS`) and its cutting
+function (`cut.CUTS`); the search space, damage model, unit choice, plans, scores file and reports loop over
 `AXES`.
 """
 

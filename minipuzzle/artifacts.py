@@ -62,7 +62,7 @@ class ScoringInfo(Artifact):
     streamed: bool
     device: str
     dtype: str
-    # How routed experts were scored (importance.experts.EXPERT_ESTIMATORS); None without MoE expert scores.
+    # How routed experts were scored (score.experts.EXPERT_ESTIMATORS); None without MoE expert scores.
     expert_estimator: str | None = None
 
 
@@ -105,7 +105,7 @@ class ResultLayout(LayoutSummary):
 
 
 class LayoutDoc(Artifact):
-    """A chosen layout: what it is (`result`), what it came from, and the surgery plan (`surgery.Plan.to_dict`)."""
+    """A chosen layout: what it is (`result`), what it came from, and the surgery plan (`cut.Plan.to_dict`)."""
 
     model_config = ConfigDict(extra="allow")  # `minipuzzle search` adds its candidate list
 

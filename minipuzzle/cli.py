@@ -23,11 +23,11 @@ from minipuzzle.errors import LaunchError, UserError
 # is the first paragraph of the command's docstring; tests/test_cli.py checks both columns against the modules.
 LAZY_COMMANDS = {
     "cut": (
-        "minipuzzle.surgery_command",
+        "minipuzzle.cut_command",
         "Cut a checkpoint to a plan, streaming tensor by tensor (peak memory ~ one output shard and one tensor).",
     ),
     "score": (
-        "minipuzzle.importance.command",
+        "minipuzzle.score.command",
         "Score the importance of every layer, FFN channel, Mamba head and head channel, attention head and hidden "
         "channel of a Nemotron-H checkpoint. Rerunning an interrupted run resumes it.",
     ),

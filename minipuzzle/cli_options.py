@@ -30,6 +30,18 @@ def _cli_type(annotation: Any) -> Any:
     return annotation
 
 
+def _as_text(value: Any) -> Any:
+    """A field's default spelled as the text its option is typed as (types_ str): ('depth', 'ffn') -> 'depth,ffn',
+    8192 -> '8192', an empty mapping -> None; the same default, so the option and the model agree."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_as_text(v)}" for k, v in value.items()) or None
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def option_params(
     model: type[BaseModel],
     *,
@@ -42,9 +54,10 @@ def option_params(
 ) -> list[inspect.Parameter]:
     """One keyword parameter per field of `model` (minus `exclude`), annotated with its typer option.
 
-    required: fields the command must be given (no default); defaults: CLI defaults that differ from the
-    model's (e.g. a progress bar on at the terminal); types_: the CLI type where it differs from the field's
-    (a token count typed as '63B'); aliases: extra option names ('-o'); helps: help where the command uses a
+    required: fields the command must be given (no default); defaults: a "not given" None where the command
+    fills the field from another option (prune's --samples), never another default value, which belongs in the
+    model; types_: the CLI type where it differs from the field's (a token count typed as '63B'; a text type
+    takes the field's default as text); aliases: extra option names ('-o'); helps: help where the command uses a
     field differently.
     """
     skip, required = set(exclude), set(required)
@@ -58,7 +71,10 @@ def option_params(
         if ann in (bool, bool | None):
             decls[0] = f"{flag(name)}/--no-{name.replace('_', '-')}"
         opt = typer.Option(*decls, help=helps.get(name, field.description))
-        default = inspect.Parameter.empty if name in required else defaults.get(name, field.get_default())
+        default = field.get_default(call_default_factory=True)
+        if name in types_ and types_[name] in (str, str | None):
+            default = _as_text(default)
+        default = inspect.Parameter.empty if name in required else defaults.get(name, default)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[ann, opt]))  # fmt: skip
     return params
@@ -94,7 +110,7 @@ def settings_command(
 
 def settings_flags(settings: BaseModel, *, exclude: Iterable[str] = ()) -> list[str]:
     """The CLI arguments that rebuild `settings`: every field that differs from its default, and every bool
-    (a command's default for a flag may differ from the model's, e.g. --progress)."""
+    that is set (explicit, so the rebuilt command does not depend on the default)."""
     out: list[str] = []
     skip = set(exclude)
     for name, field in type(settings).model_fields.items():

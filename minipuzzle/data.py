@@ -31,7 +31,7 @@ TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 # tokens match whole-document ones there; a document shorter than this is tokenized in one piece, exactly.
 TEXT_CHUNK_CHARS = 1 << 18
 
-# `token_windows` builds at most POOL_FACTOR x num_samples windows and draws its seeded sample from that pool:
+# `token_windows` builds at most POOL_FACTOR x num_windows windows and draws its seeded sample from that pool:
 # the sample spreads over four times the text it needs (not only the first windows) while reading and
 # tokenization stop there. Data with no more windows than the pool gives exactly the windows of a full read.
 POOL_FACTOR = 4
@@ -272,7 +272,7 @@ def token_windows(
     source: str | Path,
     tokenizer,
     seq_len: int,
-    num_samples: int | None = None,
+    num_windows: int | None = None,
     seed: int = 0,
     *,
     split: str = "train",
@@ -282,16 +282,16 @@ def token_windows(
     max_windows: int | None = None,
     streaming: bool | None = None,
 ) -> torch.Tensor:
-    """Windows of token ids, shape [num_samples, seq_len] (int64), chosen deterministically from `seed`.
+    """Windows of token ids, shape [num_windows, seq_len] (int64), chosen deterministically from `seed`.
 
-    The first POOL_FACTOR x num_samples windows (all with `num_samples` None; at most `max_windows`) are built,
-    then a seeded permutation of them picks `num_samples`; with fewer windows than asked, all are returned. Only
+    The first POOL_FACTOR x num_windows windows (all with `num_windows` None; at most `max_windows`) are built,
+    then a seeded permutation of them picks `num_windows`; with fewer windows than asked, all are returned. Only
     the text those windows need is read. `streaming`: see `iter_documents`. Empty or too-short data is a
     `UserError` naming the source.
     """
     if seq_len < 2:
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
-    limit = None if num_samples is None else POOL_FACTOR * max(num_samples, 1)
+    limit = None if num_windows is None else POOL_FACTOR * max(num_windows, 1)
     if max_windows is not None:
         limit = max_windows if limit is None else min(limit, max_windows)
     data = _first_windows(source, tokenizer, seq_len, limit, split=split, column=column, streaming=streaming,
@@ -299,8 +299,8 @@ def token_windows(
     if not len(data):
         raise UserError(f"data {source} is empty or shorter than one window of {seq_len} tokens")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    if num_samples is not None:
-        order = order[:num_samples]
+    if num_windows is not None:
+        order = order[:num_windows]
     return data[order]
 
 

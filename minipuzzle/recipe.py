@@ -1,4 +1,4 @@
-"""Recipes: one YAML file that drives a whole run (score -> search + cut -> distil -> eval -> report).
+"""Recipes: one YAML file that drives a whole run (score -> prune -> distill -> quantize -> eval -> report).
 
 The schema is strict (pydantic, `extra="forbid"`): an unknown key or a wrong type is an error that names the key.
 `plan_run` turns a recipe into the list of stages with their budgets, token counts and an estimated cost, offline;
@@ -73,9 +73,9 @@ class DataSection(_Section):
         return sysconfig.get_paths()["stdlib"] if self.eval_source == "stdlib" else self.eval_source
 
 
-# Prune settings a run decides itself: the windows (the importance section), device and dtype (the model section) and
+# Prune settings a run decides itself: the windows (the score section), device and dtype (the model section) and
 # the candidates' distillation steps (from candidate_distill_tokens).
-SEARCH_RUN_DECIDED = ("seq_len", "depth_samples", "width_samples", "stream", "seed", "device", "dtype",
+PRUNE_RUN_DECIDED = ("seq_len", "depth_samples", "width_samples", "stream", "seed", "device", "dtype",
                       "candidate_distill_steps")  # fmt: skip
 
 
@@ -86,17 +86,17 @@ def _set_apart_from_default(section: BaseModel, names: tuple[str, ...]) -> list[
     return sorted(n for n in names if n in section.model_fields_set and getattr(section, n) != fields[n].get_default())
 
 
-class SearchStage(PruneSettings):
-    """The recipe's search section: PruneSettings (budget, space, candidates, ranking), with the candidates'
+class PruneStage(PruneSettings):
+    """The recipe's prune section: PruneSettings (budget, space, candidates, ranking), with the candidates'
     distillation given in tokens. Unless set here, their LR and batch are the distill section's."""
 
     candidate_distill_tokens: float = Field(0, ge=0, description="Short distillation per candidate before choosing.")
 
     @model_validator(mode="after")
-    def _not_run_decided(self) -> SearchStage:
-        given = _set_apart_from_default(self, SEARCH_RUN_DECIDED)
+    def _not_run_decided(self) -> PruneStage:
+        given = _set_apart_from_default(self, PRUNE_RUN_DECIDED)
         if given:
-            raise ValueError(f"{given[0]} is set by the run (importance and model sections): remove it")
+            raise ValueError(f"{given[0]} is set by the run (score and model sections): remove it")
         if self.target is None and self.memory is None and self.target_active is None:
             raise ValueError("give a budget: target (parameters), target_active and/or memory")
         return self
@@ -134,8 +134,8 @@ class Recipe(_Section):
     description: str = ""
     model: ModelSection
     data: DataSection
-    importance: ScoreSettings = ScoreSettings()
-    search: SearchStage
+    score: ScoreSettings = ScoreSettings()
+    prune: PruneStage
     distill: DistillStage | None = None
     quantize: QuantizeSettings | None = Field(None, description="PTQ of the final model (Model Optimizer), then "
                                               "evaluated beside it")  # fmt: skip
@@ -167,7 +167,31 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return parse_recipe(doc, str(path))
 
 
+# Keys an older recipe used, by section (None: a section itself) -> today's name. Such a key is refused with one
+# line naming the new key, rather than as an unknown key.
+RENAMED_KEYS = {
+    (None, "importance"): "score",
+    (None, "search"): "prune",
+    ("prune", "held_out_samples"): "held_out_windows",
+    ("distill", "eval_windows"): "held_out_windows",
+    ("eval", "samples"): "held_out_windows",
+}
+
+
+def _renamed_key(doc: dict[str, Any]) -> str | None:
+    """The first key of `doc` that was renamed, as 'section.key: renamed to section.new' (None: there is none)."""
+    for (section, old), new in RENAMED_KEYS.items():
+        held = doc if section is None else doc.get(section)
+        if isinstance(held, dict) and old in held:
+            at = "" if section is None else f"{section}."
+            return f"{at}{old}: renamed to {at}{new}"
+    return None
+
+
 def parse_recipe(doc: dict[str, Any], where: str = "recipe") -> Recipe:
+    renamed = _renamed_key(doc)
+    if renamed is not None:
+        raise UserError(f"{where}: {renamed}")
     try:
         return Recipe.model_validate(doc)
     except ValidationError as e:
@@ -182,18 +206,18 @@ def parse_recipe(doc: dict[str, Any], where: str = "recipe") -> Recipe:
 
 
 def prune_settings(recipe: Recipe) -> PruneSettings:
-    """The `prune` stage's settings: the search section, with the importance section's windows and streaming
+    """The `prune` stage's settings: the prune section, with the score section's windows and streaming
     (unset: the memory plan decides), the model section's device and dtype and the candidates' distillation steps
     from its token count.
 
     The dry-run plan and the runner both use this, so the plan prices exactly what the run does.
     """
-    s, imp, d = recipe.search, recipe.importance, recipe.distill
+    s, sc, d = recipe.prune, recipe.score, recipe.distill
     own = s.model_dump(exclude={"candidate_distill_tokens"}, exclude_unset=True)
     if d is not None:  # the candidates train like the final student unless told otherwise
         own = {"candidate_distill_lr": d.lr, "candidate_distill_batch": d.batch_size} | own
-    settings = PruneSettings(**own, seq_len=imp.seq_len, depth_samples=imp.depth_samples,
-                             width_samples=imp.width_samples, stream=imp.stream, seed=imp.seed,
+    settings = PruneSettings(**own, seq_len=sc.seq_len, depth_samples=sc.depth_samples,
+                             width_samples=sc.width_samples, stream=sc.stream, seed=sc.seed,
                              device=recipe.model.device, dtype=recipe.model.dtype)  # fmt: skip
     if s.candidate_distill_tokens:
         per_step = settings.candidate_distill_batch * settings.seq_len
@@ -255,7 +279,7 @@ def _training_cost(tokens: int, steps: int, student: int, source: Layout, part) 
 def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[dict[str, Any]]:
     """One row per stage: what it does and its FLOPs; `training`: the memory plan's training parts by stage
     (their launches price recompute and communication)."""
-    imp, srch, d, e = recipe.importance, recipe.search, recipe.distill, recipe.eval
+    sc, pr, d, e = recipe.score, recipe.prune, recipe.distill, recipe.eval
     settings = prune_settings(recipe)
     budget = settings.budget_for(source)
     cost = scoring_cost(source, settings)
@@ -263,13 +287,13 @@ def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[d
     student = min(source.num_params(), budget.params or source.num_params())
     training = training or {}
     cand_steps = cost["candidates_measured"] * settings.candidate_distill_steps
-    cand_tokens = cand_steps * settings.candidate_distill_batch * imp.seq_len
+    cand_tokens = cand_steps * settings.candidate_distill_batch * sc.seq_len
     cand = _training_cost(cand_tokens, cand_steps, student, source, training.get("prune"))
     stages: list[dict[str, Any]] = [
-        {"stage": "score", "samples": {"depth": imp.depth_samples, "width": imp.width_samples},
-         "seq_len": imp.seq_len, "depth_metric": imp.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
-        {"stage": "prune", "budget": budget.describe(), "axes": list(srch.axes),
-         "candidates": cost["candidates_measured"], "rank_tokens": srch.held_out_samples * imp.seq_len,
+        {"stage": "score", "samples": {"depth": sc.depth_samples, "width": sc.width_samples},
+         "seq_len": sc.seq_len, "depth_metric": sc.depth_metric, "flops": cost["flops_depth"] + cost["flops_width"]},
+        {"stage": "prune", "budget": budget.describe(), "axes": list(pr.axes),
+         "candidates": cost["candidates_measured"], "rank_tokens": pr.held_out_windows * sc.seq_len,
          "candidate_distill_tokens": cand_tokens, "flops": cost["flops_ranking"] + cand["flops"],
          "communication_gpu_hours": cand["communication_gpu_hours"]},
     ]  # fmt: skip
@@ -283,7 +307,7 @@ def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[d
         stages.append({"stage": "quantize", "precision": q.precision, "calibration_tokens": q.samples * q.seq_len,
                        "flops": 2 * student * q.samples * q.seq_len})  # fmt: skip
     fwd = source.flops_per_token(e.seq_len)["prefill"]
-    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.samples * e.seq_len})
+    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.held_out_windows * e.seq_len})
     stages.append({"stage": "report", "flops": 0})
     return stages
 

@@ -27,7 +27,7 @@ def recipe_memory(recipe, prune: PruneSettings, teacher: Layout, hardware: Hardw
     device = "cpu" if recipe.model.device == "cpu" else hw.device
     kw = {"dtype": dt, "stored_bytes": stored_bytes}
     stages = {
-        "score": lambda: score_stage(teacher, hw, recipe.importance, axes=recipe.search.axes, **kw),
+        "score": lambda: score_stage(teacher, hw, recipe.score, axes=recipe.prune.axes, **kw),
         "prune": lambda: prune_stage(teacher, hw, prune.model_copy(update={"device": device}), student=bound,
                                      stored_bytes=stored_bytes),
         "distill": lambda: distill_stage(teacher, bound, hw, recipe.distill.model_copy(update={"teacher_dtype": dt}),

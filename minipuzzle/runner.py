@@ -161,11 +161,11 @@ def final_model(recipe: Recipe, run_dir: Path) -> Path:
 
 
 def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bool, hw: Hardware | None = None) -> None:
-    from minipuzzle.importance.folder import score_to_folder
+    from minipuzzle.score.folder import score_to_folder
 
     m = recipe.model
     # Only the searched axes: without depth the search does not use depth scores (DamageModel counts layers equal).
-    score_to_folder(teacher, data.train, out, recipe.importance, axes=list(recipe.search.axes), split=data.split,
+    score_to_folder(teacher, data.train, out, recipe.score, axes=list(recipe.prune.axes), split=data.split,
                     text_column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
                     overwrite=True, progress=progress, hardware=hw)  # fmt: skip
 
@@ -203,8 +203,8 @@ def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path
     if not data.separate_held_out:
         # The prune stage ranked on the head of the training text: distillation takes at least those tokens as
         # its evaluation windows, which it never trains on.
-        need = -(-recipe.search.held_out_samples * recipe.importance.seq_len // d.seq_len)
-        run |= {"eval_data": None, "eval_every": d.eval_every or d.max_steps, "eval_windows": max(d.eval_windows, need)}
+        need = -(-recipe.prune.held_out_windows * recipe.score.seq_len // d.seq_len)
+        run |= {"eval_data": None, "eval_every": d.eval_every or d.max_steps, "held_out_windows": max(d.held_out_windows, need)}
     return planned(d.settings(**run), *_distill_hardware(recipe, hardware))[0]
 
 
@@ -269,7 +269,7 @@ def _eval(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress:
     for model, out, speed in targets:
         evaluate(model, out, e.model_copy(update={"speed": speed}), teacher_path=teacher, data=data.held_out,
                  split=data.eval_split, column=data.column, streaming=data.streaming, device=m.device, dtype=m.dtype,
-                 precision=recipe.search.precision, context=recipe.search.context, overwrite=True,
+                 precision=recipe.prune.precision, context=recipe.prune.context, overwrite=True,
                  progress=progress, hardware=hw)  # fmt: skip
 
 

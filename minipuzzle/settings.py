@@ -22,11 +22,11 @@ from minipuzzle.checkpoint.dtypes import DTYPE_NAMES, PRECISION_BITS
 from minipuzzle.errors import UserError
 from minipuzzle.units import parse_bytes, parse_count
 
-# importance.depth.DEPTH_METRICS, named here so that the CLI and recipes check them without importing torch.
+# score.depth.DEPTH_METRICS, named here so that the CLI and recipes check them without importing torch.
 DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence")
-# importance.width.DEFAULT_AGG, named here for the same reason.
+# score.width.DEFAULT_AGG, named here for the same reason.
 DEFAULT_WIDTH_AGG = "abs_mean,l2"
-# importance.experts.EXPERT_ESTIMATORS (its default first), named here for the same reason.
+# score.experts.EXPERT_ESTIMATORS (its default first), named here for the same reason.
 EXPERT_ESTIMATORS = ("removal", "router_load", "output_norm")
 
 # A warmup may take at most this share of the run. A longer one (the default 100 steps on a 60-step run) leaves
@@ -36,7 +36,7 @@ MAX_WARMUP_SHARE = 0.1
 
 # Fields that change the training trajectory; everything else (logging, device, progress) may differ on resume.
 TRAJECTORY_FIELDS = (
-    "teacher", "student", "data", "split", "text_column", "eval_data", "eval_windows", "max_steps", "seq_len",
+    "teacher", "student", "data", "split", "text_column", "eval_data", "held_out_windows", "max_steps", "seq_len",
     "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2", "grad_clip",
     "temperature", "loss", "top_k", "lm_weight", "hidden_weight", "hidden_map", "seed",
 )  # fmt: skip
@@ -165,7 +165,7 @@ class ScoreSettings(Settings):
     @classmethod
     def _agg(cls, v: str) -> str:
         # Imported here, only when a statistic is given: the defaults need no torch.
-        from minipuzzle.importance.width import parse_agg
+        from minipuzzle.score.width import parse_agg
 
         try:
             parse_agg(v)
@@ -262,7 +262,7 @@ class PruneSettings(BudgetSettings):
     seq_len: int = Field(512, ge=2, description="Tokens per calibration window.")
     depth_samples: int = Field(128, ge=1, description="Windows for depth scores.")
     width_samples: int = Field(1024, ge=1, description="Windows for width scores.")
-    held_out_samples: int = Field(64, ge=1, description="Held-out windows for ranking.")
+    held_out_windows: int = Field(64, ge=1, description="Held-out windows for ranking.")
     stream: bool | None = Field(
         None, description="Stream layers from the shards when scoring and ranking (default: as the memory plan "
         "decides, when the model does not fit)."
@@ -390,7 +390,7 @@ class DistillSettings(Settings):
     loss_chunk: int = Field(4096, ge=1, description="Tokens per chunk of the logit loss (memory bound).")
     save_every: int = Field(500, ge=0, description="Checkpoint every N steps (0: only on SIGTERM).")
     eval_every: int = Field(100, ge=0, description="Held-out KL every N steps (0: off).")
-    eval_windows: int = Field(16, ge=0, description="Held-out windows (taken from the head of --data).")
+    held_out_windows: int = Field(16, ge=0, description="Held-out windows (taken from the head of --data).")
     eval_data: str | None = Field(None, description="Separate held-out data (default: head of --data).")
     split: str = Field("train", description="Dataset split for hub data.")
     text_column: str = Field("text", description="Text column of table data.")
@@ -410,7 +410,7 @@ class DistillSettings(Settings):
     )  # fmt: skip
     attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2.")
     overwrite: bool = Field(False, description="Replace a non-empty output folder.")
-    progress: bool = Field(False, description="Show a progress bar.")
+    progress: bool | None = Field(None, description="Show a progress bar (default: when stderr is a terminal).")
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -490,7 +490,7 @@ class EvalSettings(Settings):
     num_fewshot: dict[str, int] = Field(default_factory=dict, description="Few-shot count per task.")
     limit: int | float | None = Field(None, gt=0, description="Examples per lm-eval task (a fraction below 1).")
     seq_len: int = Field(2048, ge=2, description="Tokens per held-out window; also the speed prompt length.")
-    samples: int = Field(64, ge=1, description="Held-out windows for perplexity / KL / agreement.")
+    held_out_windows: int = Field(64, ge=1, description="Held-out windows for perplexity / KL / agreement.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     seed: int = Field(0, description="Seed for window choice, few-shot sampling and speed inputs.")
     speed: bool = Field(True, description="Measure prefill/decode speed and peak memory.")

@@ -6,10 +6,10 @@ import json
 import torch
 
 from minipuzzle.anatomy import AXES, PER_EXPERT_CHANNELS, SEARCH_AXES
-from minipuzzle.importance.scores import SCORE_TABLES, Scores
-from minipuzzle.importance.scoring import score_model
-from minipuzzle.importance.width import SCORERS
-from minipuzzle.surgery import CUTS, PLAN_UNITS, Plan, prune_model
+from minipuzzle.cut import CUTS, PLAN_UNITS, Plan, cut_model
+from minipuzzle.score.scores import SCORE_TABLES, Scores
+from minipuzzle.score.scoring import score_model
+from minipuzzle.score.width import SCORERS
 from minipuzzle.testing import random_model, tiny_moe_layout
 
 LAYOUT = tiny_moe_layout()  # every layer kind, so every axis has units to score and cut
@@ -90,6 +90,6 @@ def test_plan_round_trips_and_cuts_every_axis():
     for name, axis in AXES.items():  # hand count: half of each group's units, rounded up, in every group
         full, groups = axis.width(LAYOUT), axis.unit(LAYOUT)
         assert axis.width(target) == groups * -(-(full // groups) // 2), name
-    small = prune_model(random_model(LAYOUT, seed=4), plan)
+    small = cut_model(random_model(LAYOUT, seed=4), plan)
     assert small.config.hidden_size == len(units["hidden"])
     assert sum(p.numel() for p in small.parameters()) == target.num_params()

@@ -193,7 +193,7 @@ def _bytes_read() -> int:
 
 
 def test_score_reads_a_small_prefix_of_a_200mb_file(tmp_path, tiny_model, tokenizer, text_file):
-    from minipuzzle.importance.folder import score_to_folder
+    from minipuzzle.score.folder import score_to_folder
     from minipuzzle.settings import ScoreSettings
     from minipuzzle.testing import save_model
 
@@ -236,7 +236,7 @@ def test_recipe_data_streaming_reaches_every_stage(streaming, tmp_path, tiny_mod
     monkeypatch.setattr(minipuzzle.data, "token_windows", reader)
     monkeypatch.setattr(minipuzzle.data, "head_split", reader)
     teacher = save_model(tiny_model, tmp_path / "teacher", tokenizer=tokenizer)
-    recipe = parse_recipe({"name": "t", "model": {"source": str(teacher)}, "search": {"target": "0.8"},
+    recipe = parse_recipe({"name": "t", "model": {"source": str(teacher)}, "prune": {"target": "0.8"},
                            "data": {"source": str(text_file), "streaming": streaming}, "distill": {"max_steps": 1}})  # fmt: skip
     run_dir = tmp_path / "run"
     run_dir.mkdir()

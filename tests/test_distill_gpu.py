@@ -34,7 +34,7 @@ def test_bf16_autocast_step_matches_float32_and_keeps_master_weights():
 def test_distill_on_cuda_lowers_heldout_kl(tmp_path, tokenizer):
     teacher, student, data = make_pair(tmp_path / "pair", tokenizer)
     cfg = DistillSettings(teacher=str(teacher), student=str(student), data=str(data), output=str(tmp_path / "out"),
-                        max_steps=20, seq_len=64, batch_size=8, lr=3e-3, warmup=2, eval_every=10, eval_windows=4,
+                        max_steps=20, seq_len=64, batch_size=8, lr=3e-3, warmup=2, eval_every=10, held_out_windows=4,
                         save_every=10, device="cuda", attn_implementation="sdpa")  # fmt: skip
     out = distill(cfg)
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]

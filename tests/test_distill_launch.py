@@ -129,9 +129,9 @@ def _distill_candidates(teacher, plans, data, settings, hw, **kw):
 
 
 def test_candidate_distillation_runs_torchrun_when_the_plan_needs_more_devices(pair, tmp_path, monkeypatch):
+    from minipuzzle.cut import Plan
     from minipuzzle.distill import launch
     from minipuzzle.settings import PruneSettings
-    from minipuzzle.surgery import Plan
 
     ran = []
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _cfg(pair, out, **kw):
     teacher, student, data = pair
     base = dict(teacher=str(teacher), student=str(student), data=str(data), output=str(out), max_steps=16,
-                seq_len=32, batch_size=4, lr=3e-3, warmup=2, eval_every=8, eval_windows=4, save_every=8)  # fmt: skip
+                seq_len=32, batch_size=4, lr=3e-3, warmup=2, eval_every=8, held_out_windows=4, save_every=8)  # fmt: skip
     base.update(kw)
     return DistillSettings(**base)
 

@@ -36,13 +36,13 @@ def depth_pair():
 def pair(request, depth_pair):
     """A teacher and a lossy student: fewer layers, or a narrower hidden size (teacher and student hidden states
     then differ in width and only the logits are comparable)."""
-    from minipuzzle.surgery import Plan, prune_model
+    from minipuzzle.cut import Plan, cut_model
 
     teacher = depth_pair[0]
     if request.param == "depth":
         return depth_pair
     h = teacher.config.hidden_size
-    return teacher, prune_model(teacher, Plan(layers=list(range(10)), hidden=list(range(0, h, 2))))
+    return teacher, cut_model(teacher, Plan(layers=list(range(10)), hidden=list(range(0, h, 2))))
 
 
 def test_kl_functions_match_reference():
@@ -119,10 +119,10 @@ def test_evaluation_sums_agree_with_token_stats(pair):
 
 
 def test_hidden_cosine_loss_needs_equal_hidden_sizes():
-    from minipuzzle.surgery import Plan, prune_model
+    from minipuzzle.cut import Plan, cut_model
 
     teacher = random_model(seed=0)
-    narrow = prune_model(teacher, Plan(layers=list(range(10)), hidden=list(range(32))))
+    narrow = cut_model(teacher, Plan(layers=list(range(10)), hidden=list(range(32))))
     with pytest.raises(UserError, match="hidden size 32 differs from the teacher's 64"):
         DistillObjective(narrow, teacher, hidden_weight=1.0, layer_pairs=[(0, 0)])
     DistillObjective(narrow, teacher, hidden_weight=0.0)  # logits alone are fine

@@ -26,7 +26,7 @@ def _args(pair, out: Path, *more: str) -> list[str]:
     # 3 held-out windows over 2 processes: uneven evaluation shards must still agree.
     return ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "-o", str(out),
             "--max-steps", str(STEPS), "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2",
-            "--save-every", "2", "--eval-every", "2", "--eval-windows", "3", "--loss-chunk", "40",
+            "--save-every", "2", "--eval-every", "2", "--held-out-windows", "3", "--loss-chunk", "40",
             "--no-progress", *more]  # fmt: skip
 
 

@@ -27,7 +27,7 @@ def _command(pair, out: Path) -> list[str]:
     return [sys.executable, "-m", "minipuzzle.cli", "distill", "--teacher", str(teacher), "--student", str(student),
             "--data", str(data), "-o", str(out), "--max-steps", str(STEPS), "--seq-len", "32", "--batch-size", "4",
             "--grad-accum", "2", "--lr", "3e-3", "--warmup", "3", "--save-every", str(SAVE_EVERY),
-            "--eval-every", "8", "--eval-windows", "2", "--no-progress"]  # fmt: skip
+            "--eval-every", "8", "--held-out-windows", "2", "--no-progress"]  # fmt: skip
 
 
 def _env() -> dict[str, str]:

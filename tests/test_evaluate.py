@@ -57,7 +57,7 @@ def models(tmp_path_factory, tokenizer):
     data = root / "data.txt"
     data.write_text(stdlib_text_files(1)[0].read_text())
     spath = distill(DistillSettings(teacher=str(tpath), student=str(cut), data=str(data), output=str(root / "student"),
-                                  max_steps=4, seq_len=16, batch_size=2, lr=3e-3, warmup=1, save_every=0, eval_windows=0,
+                                  max_steps=4, seq_len=16, batch_size=2, lr=3e-3, warmup=1, save_every=0, held_out_windows=0,
                                   progress=False))  # fmt: skip
     return {"teacher": tpath, "student": spath, "keep": keep, "pattern": Layout.from_config(teacher.config).pattern}
 
@@ -166,7 +166,7 @@ def eval_report(models, text_file, offline, tmp_path_factory):
     settings = EvalSettings(
         tasks=[str(TASKS)],  # a folder of task YAML files
         seq_len=32,
-        samples=6,
+        held_out_windows=6,
         batch_size=4,
         speed_batch=2,
         speed_len=8,
@@ -216,7 +216,7 @@ def test_cli_eval_and_user_errors(models, text_file, tmp_path):
     out = tmp_path / "rep"
     student = str(models["student"])
     args = ["eval", student, "--teacher", student, "--data", str(text_file), "--seq-len", "24"]
-    code, stdout, stderr = run_cli([*args, "--num-samples", "3", "--no-speed", "-o", str(out)])
+    code, stdout, stderr = run_cli([*args, "--held-out-windows", "3", "--no-speed", "-o", str(out)])
     assert code == 0, stderr
     rep = json.loads((out / "report.json").read_text())
     # The model against itself: KL exactly zero, every greedy token agrees.
@@ -301,9 +301,9 @@ def test_eval_runs_its_memory_plan(models, text_file, tmp_path, monkeypatch):
     from minipuzzle.hardware import Hardware
     from minipuzzle.memory import EvalShape, eval_memory, model_facts
 
-    st = EvalSettings(seq_len=32, samples=6, batch_size=4, speed=False)
+    st = EvalSettings(seq_len=32, held_out_windows=6, batch_size=4, speed=False)
     (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
-    shape = EvalShape(seq_len=32, samples=6, batch_size=4, speed=False)
+    shape = EvalShape(seq_len=32, held_out_windows=6, batch_size=4, speed=False)
 
     def need(hw, teacher):  # at a batch of one window, the least either way needs
         one = shape.model_copy(update={"batch_size": 1})
@@ -417,7 +417,7 @@ def test_eval_offloads_when_no_whole_model_fits(models, text_file, tmp_path, mon
     from minipuzzle.hardware import Hardware
     from minipuzzle.memory import eval_stage, model_facts
 
-    st = EvalSettings(seq_len=32, samples=6, batch_size=4, speed=False, tasks=[str(TASK_YAML)], limit=6)
+    st = EvalSettings(seq_len=32, held_out_windows=6, batch_size=4, speed=False, tasks=[str(TASK_YAML)], limit=6)
     (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
     small = _offload_hardware(lay, t_lay, st, "cpu")
     plan = eval_stage(lay, t_lay, small, st, dtype="float32", stored_bytes=4)
@@ -445,12 +445,12 @@ def test_cli_refuses_speed_on_an_offloaded_model(models, text_file, tmp_path):
     nothing written; with --no-speed the same command runs."""
     from minipuzzle.memory import model_facts
 
-    st = EvalSettings(seq_len=24, samples=3)
+    st = EvalSettings(seq_len=24, held_out_windows=3)
     (lay, _), (t_lay, _) = model_facts(str(models["student"])), model_facts(str(models["teacher"]))
     mem = str(_offload_hardware(lay, t_lay, st, "cuda").gpu_memory)
     out = tmp_path / "rep"
     args = ["eval", str(models["student"]), "--teacher", str(models["teacher"]), "--data", str(text_file),
-            "--seq-len", "24", "--num-samples", "3", "--gpu-memory", mem, "--gpus", "1", "-o", str(out)]  # fmt: skip
+            "--seq-len", "24", "--held-out-windows", "3", "--gpu-memory", mem, "--gpus", "1", "-o", str(out)]  # fmt: skip
     code, _, err = run_cli(args)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("error: eval (speed) does not fit: ") and "--no-speed" in err

@@ -16,9 +16,9 @@ from minipuzzle.artifacts import PruneReport
 from minipuzzle.distill.loop import distill
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.runner import evaluate
-from minipuzzle.importance.folder import score_to_folder
 from minipuzzle.prune.stage import PruneSettings, prune
 from minipuzzle.report.page import build_run_report
+from minipuzzle.score.folder import score_to_folder
 from minipuzzle.settings import DistillSettings, EvalSettings, ScoreSettings
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_layout
 
@@ -91,12 +91,12 @@ def run_dir(tmp_path_factory, tokenizer, text_file):
     score_to_folder(tpath, str(text_file), run / "score", ScoreSettings(depth_samples=2, seq_len=24), axes=["depth"],
                     progress=False)  # fmt: skip
     settings = PruneSettings(target=str(int(source.num_params() * 0.8)), axes=("depth",), candidates=3,
-                             seq_len=24, held_out_samples=2)  # fmt: skip
+                             seq_len=24, held_out_windows=2)  # fmt: skip
     prune(str(tpath), run / "prune", settings, str(text_file), scores_dir=str(run / "score"), progress=False)
     distill(DistillSettings(teacher=str(tpath), student=str(run / "prune"), data=str(text_file),
                           output=str(run / "distill"), max_steps=3, seq_len=24, batch_size=2, lr=3e-3, warmup=1,
-                          eval_every=3, eval_windows=2, save_every=0, progress=False))  # fmt: skip
-    settings = EvalSettings(tasks=[str(TASK_YAML)], limit=3, seq_len=24, samples=2, batch_size=4, speed_len=8,
+                          eval_every=3, held_out_windows=2, save_every=0, progress=False))  # fmt: skip
+    settings = EvalSettings(tasks=[str(TASK_YAML)], limit=3, seq_len=24, held_out_windows=2, batch_size=4, speed_len=8,
                             decode_tokens=2, speed_repeats=1)  # fmt: skip
     evaluate(run / "distill", run / "eval", settings, teacher_path=tpath, data=text_file)
     metrics = run / "distill" / "metrics.jsonl"
@@ -110,7 +110,7 @@ def test_run_report_has_every_section_and_is_self_contained(run_dir):
     out = build_run_report(run_dir["run"])
     assert out == run_dir["run"] / "report.html"
     page = parse(out)
-    assert page.ids == ["evaluation", "importance", "search", "distill"]
+    assert page.ids == ["evaluation", "score", "prune", "distill"]
     # Depth plot + importance PNGs, eval PNGs (quality, tasks, speed, distill), the regenerated distill curve.
     assert check_images(page) >= 6
     text = " ".join(page.text)
@@ -157,6 +157,6 @@ def test_run_report_renders_in_headless_chromium(run_dir):
         text=True,
         timeout=60,
     ).stdout
-    for sid in ("evaluation", "importance", "search", "distill"):
+    for sid in ("evaluation", "score", "prune", "distill"):
         assert f'id="{sid}"' in dom
     assert dom.count("data:image/png;base64,") >= 6

@@ -39,10 +39,10 @@ def _resumed_run(pair, run_dir: Path, **distill) -> Path:
     goes straight to distillation under torchrun with 2 processes."""
     teacher, student, data = pair
     doc = {"name": "launch-env", "model": {"source": str(teacher), "dtype": "float32", "device": "cpu"},
-           "data": {"source": str(data)}, "importance": {"seq_len": 32}, "search": {"target": "0.8", "held_out_samples": 2},
+           "data": {"source": str(data)}, "score": {"seq_len": 32}, "prune": {"target": "0.8", "held_out_windows": 2},
            "distill": {"max_steps": 2, "seq_len": 32, "batch_size": 2, "warmup": 0, "save_every": 0,
                        "eval_every": 0, "launcher": "torchrun", "nnodes": 1, "nproc_per_node": 2, **distill},
-           "eval": {"samples": 2, "seq_len": 32, "speed": False}}  # fmt: skip
+           "eval": {"held_out_windows": 2, "seq_len": 32, "speed": False}}  # fmt: skip
     recipe_file = run_dir.parent / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(doc))
     run_dir.mkdir()

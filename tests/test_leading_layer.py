@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
+from minipuzzle.cut import Plan
 from minipuzzle.errors import UserError
-from minipuzzle.importance.scores import Scores
+from minipuzzle.score.scores import Scores
 from minipuzzle.search import DamageModel, SearchSpace
-from minipuzzle.surgery import Plan
 from minipuzzle.testing import run_cli, tiny_layout, tiny_moe_layout
 
 

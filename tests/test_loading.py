@@ -72,7 +72,7 @@ def test_every_command_reads_it(saved, tmp_path, text_file):
     assert code == 0, err
     report = tmp_path / "report"
     code, _, err = run_cli(["eval", str(distilled), "--teacher", str(src), "--data", data, "--seq-len", "24",
-                            "--num-samples", "2", "--no-speed", "-o", str(report)])  # fmt: skip
+                            "--held-out-windows", "2", "--no-speed", "-o", str(report)])  # fmt: skip
     assert code == 0, err
     assert json.loads((report / "report.json").read_text())["kl_to_teacher"] > 0
     # What minipuzzle writes, transformers reads back as the same model, without remote code.

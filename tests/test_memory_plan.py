@@ -162,7 +162,7 @@ def test_score_56b_streams_on_one_h100():
 
 
 def test_ranking_56b_streams_in_bf16_with_chunked_logits():
-    part = ranking_memory(PRESETS["56b"].layout, CLUSTER, seq_len=T, samples=128, batch_size=8, dtype="bfloat16")
+    part = ranking_memory(PRESETS["56b"].layout, CLUSTER, seq_len=T, held_out_windows=128, batch_size=8, dtype="bfloat16")
     m, g = part.memory, part.geometry
     assert part.fits and g.streaming and g.logits_chunk == 4096
     assert m.weights == (2 * RESIDENT + MLP56) * 2  # the parent's and the candidate's embeddings and heads
@@ -170,14 +170,14 @@ def test_ranking_56b_streams_in_bf16_with_chunked_logits():
     # The parent's final states are kept on the host for groups of 8 GiB / (8192 x 8192 x 2 bytes) = 64 windows.
     assert m.host_buffers == 64 * T * H * 2 + V * H * 2 + 128 * T * 8
     # The whole bf16 parent and a cut candidate (2 x 112.6 GB) cannot be in memory: streaming is the plan's choice.
-    forced = ranking_memory(PRESETS["56b"].layout, CLUSTER, seq_len=T, samples=128, dtype="bfloat16", stream=False)
+    forced = ranking_memory(PRESETS["56b"].layout, CLUSTER, seq_len=T, held_out_windows=128, dtype="bfloat16", stream=False)
     assert not forced.fits and forced.memory.weights == pytest.approx(2 * P56 * 2, rel=2e-4)
-    small = ranking_memory(PRESETS["8b"].layout, CLUSTER, seq_len=1024, samples=16, batch_size=3, dtype="bfloat16")
+    small = ranking_memory(PRESETS["8b"].layout, CLUSTER, seq_len=1024, held_out_windows=16, batch_size=3, dtype="bfloat16")
     assert small.fits and not small.geometry.streaming and small.geometry.micro_batch == 3
 
 
 def test_eval_47b_against_56b_spreads_over_four_gpus():
-    ev = EvalShape(seq_len=T, samples=128, batch_size=8, tasks=True)
+    ev = EvalShape(seq_len=T, held_out_windows=128, batch_size=8, tasks=True)
     sp = eval_memory(PRESETS["47b"].layout, PRESETS["56b"].layout, CLUSTER, ev, dtype="bfloat16")
     held = sp.parts[0]
     assert sp.fits and [p.name for p in sp.parts] == ["held-out", "tasks", "speed"]
@@ -211,7 +211,7 @@ def test_eval_offloads_exactly_when_no_whole_model_fits():
     from minipuzzle.testing import tiny_layout
 
     lay = tiny_layout(**REHEARSAL)
-    ev = EvalShape(seq_len=64, samples=2, batch_size=8, speed=False)
+    ev = EvalShape(seq_len=64, held_out_windows=2, batch_size=8, speed=False)
 
     def plan(mem: int):
         return eval_memory(lay, lay, Hardware(device="cpu", gpu_memory=mem), ev, stored_bytes=4)
@@ -297,7 +297,7 @@ def test_prune_on_the_cpu_of_a_gpu_machine_is_checked_against_its_ram():
     from minipuzzle.settings import PruneSettings
 
     hw = Hardware(gpu_memory="80GiB", gpus_per_node=8, host_memory="32GiB")
-    ps = PruneSettings(target="4b", device="cpu", seq_len=4096, held_out_samples=16)
+    ps = PruneSettings(target="4b", device="cpu", seq_len=4096, held_out_windows=16)
     ranking, cut = prune_stage(PRESETS["8b"].layout, hw, ps).parts
     assert ranking.fits and cut.fits and ranking.geometry.streaming and ranking.geometry.dtype == "float32"
     assert ranking.device_total <= 0.9 * 32 * GIB
@@ -338,7 +338,7 @@ def test_stage_commands_refuse_what_cannot_fit(command, tmp_path, tiny_model_dir
             "--batch-size",
             "2",
         ],  # fmt: skip
-        "eval": ["eval", tiny_model_dir, "--data", str(text_file), "--seq-len", "32", "--num-samples", "2"],
+        "eval": ["eval", tiny_model_dir, "--data", str(text_file), "--seq-len", "32", "--held-out-windows", "2"],
     }[command]
     code, _, err = run_cli([*args, "-o", str(out), "--gpu-memory", "64KiB", "--gpus", "1"])
     assert code == 2 and len(err.strip().splitlines()) == 1, err

@@ -11,11 +11,11 @@ from measured import peak_allocated, saved_storages
 from minipuzzle.arch import Layout
 from minipuzzle.distill.losses import KL_CHUNK_LOGIT_BUFFERS, _forward_kl_chunk
 from minipuzzle.hardware import Hardware
-from minipuzzle.importance.depth import DEPTH_LOGITS_SLICE
-from minipuzzle.importance.layerwise import block_forward
 from minipuzzle.kernels import MAMBA_CHUNK
 from minipuzzle.memory import EvalShape, eval_memory, forward_bytes_per_token, saved_bytes_per_token, train_memory
 from minipuzzle.metrics import TokenStats
+from minipuzzle.score.depth import DEPTH_LOGITS_SLICE
+from minipuzzle.score.layerwise import block_forward
 from minipuzzle.testing import random_model, tiny_config, tiny_layout
 
 CPU = Hardware(device="cpu", gpu_memory="64GiB", host_memory="64GiB")
@@ -56,7 +56,7 @@ def test_eval_held_out_logits_are_what_token_stats_allocates():
                                                        lambda x: F.linear(x, tw)))  # fmt: skip
     assert measured / (N * V * 4) == pytest.approx(7, abs=0.05)
     layout = tiny_layout(vocab_size=V, hidden_size=H)
-    ev = EvalShape(seq_len=N, samples=1, batch_size=1, speed=False)
+    ev = EvalShape(seq_len=N, held_out_windows=1, batch_size=1, speed=False)
     held = eval_memory(layout, layout, CPU, ev, dtype="float32").parts[0]
     assert held.name == "held-out" and held.geometry.logits_chunk == N
     assert held.memory.logits == pytest.approx(measured, rel=0.01)
@@ -131,10 +131,10 @@ def test_training_states_are_the_tensors_a_step_holds():
 @pytest.mark.parametrize("metric", ["kl_logits", "nmse_logits"])
 def test_depth_logits_are_the_slices_scoring_allocates(metric, monkeypatch):
     """Depth scoring's logits term (the logit metrics' float32 slices of `DEPTH_LOGITS_SLICE` values) against the
-    allocator's peak in `importance.depth._logit_sums`, with a slice made small enough to measure here."""
+    allocator's peak in `score.depth._logit_sums`, with a slice made small enough to measure here."""
     import types
 
-    import minipuzzle.importance.depth as depth
+    import minipuzzle.score.depth as depth
     from minipuzzle.memory import score_memory
 
     slice_values = N * V

@@ -7,8 +7,8 @@ import torch
 
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.cut import Plan, cut_checkpoint, cut_model, prune_state_dict
 from minipuzzle.errors import UserError
-from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
 from minipuzzle.testing import (
     moe_layers,
     plant_dead_units,
@@ -63,21 +63,21 @@ def test_dead_channels_that_differ_per_expert_are_cut_exactly(layout_name):
     assert len({tuple(c) for c in plan["expert_channels"][i]}) == layout.n_routed_experts
     plant_dead_units(model, plan)
     ref = logits(model)
-    small = prune_model(model, plan)
+    small = cut_model(model, plan)
     target = plan.target_layout(layout)
     assert target.moe_intermediate_size == 24 and Layout.from_config(small.config) == target
     assert sum(p.numel() for p in small.parameters()) == target.num_params() < layout.num_params()
     assert rel_err(logits(small), ref) < 1e-6
     # One shared set of 24 channels cannot keep every expert's live ones: the same count cut alike is not exact.
     shared = Plan(layers=plan.layers, expert_ffn={i: list(range(24)) for i in moe_layers(layout)})
-    assert rel_err(logits(prune_model(model, shared)), ref) > 1e-3
+    assert rel_err(logits(cut_model(model, shared)), ref) > 1e-3
 
 
 def test_each_expert_keeps_its_own_rows_and_columns():
     """Against plain indexing of the source tensors, expert by expert (kept experts renumbered in order)."""
     layout, model = LAYOUTS["grouped"], model_for("grouped")
     plan = per_expert_plan(layout, keep=16, seed=1, drop_experts=True)
-    small = prune_model(model, plan)
+    small = cut_model(model, plan)
     assert rel_err(logits(small), logits(model)) > 1e-3  # live channels: the cut is not vacuous
     for new_i, i in enumerate(plan.layers):
         if layout.pattern[i] != "E":
@@ -98,11 +98,11 @@ def test_streamed_equals_in_memory_in_both_expert_forms(style, tmp_path):
     plan = Plan(layers=every[:4] + every[5:], experts=base["experts"], expert_channels=base["expert_channels"],
                 hidden=list(range(0, layout.hidden_size, 2)))  # fmt: skip
     plan = Plan.from_dict(plan.to_dict())  # the plan file's form
-    in_memory = prune_model(model, plan).state_dict()
+    in_memory = cut_model(model, plan).state_dict()
     for split in (True, False):
         src = save_model(model, tmp_path / f"src{split}", style=style, max_shard_bytes=30_000, split_experts=split)
         new_layout, state = prune_state_dict(Checkpoint(src).state_dict(), layout, plan)
-        out = prune_checkpoint(src, plan, tmp_path / f"out{split}", max_shard_bytes=20_000, progress=False)
+        out = cut_checkpoint(src, plan, tmp_path / f"out{split}", max_shard_bytes=20_000, progress=False)
         streamed = Checkpoint(out)
         assert streamed.layout == new_layout == plan.target_layout(layout)
         assert set(streamed.module_keys()) == set(state) == set(in_memory)
@@ -142,7 +142,7 @@ def test_bad_per_expert_plans_are_one_line_user_errors():
 @pytest.mark.parametrize("seq", ["abs_mean", "signed_mean", "l2", "max"])
 def test_per_expert_rows_equal_a_dense_brute_force(seq):
     """`per_expert_channel_rows` against the [B, T, E, width] activation built densely, token by token."""
-    from minipuzzle.importance.experts import per_expert_channel_rows
+    from minipuzzle.score.experts import per_expert_channel_rows
 
     model = random_model(LAYOUTS["grouped"], seed=4)
     mixer = model.model.layers[1].mixer
@@ -172,8 +172,8 @@ def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp
     """Channels planted dead differently in each expert score exactly 0 in that expert only; the search's
     per-expert choice keeps exactly the live ones, and the cut model computes the same logits. The shared
     scores, summed over experts, keep every channel alive, so the shared choice cannot find them."""
-    from minipuzzle.importance.scores import Scores
-    from minipuzzle.importance.scoring import score_model
+    from minipuzzle.score.scores import Scores
+    from minipuzzle.score.scoring import score_model
     from minipuzzle.search import DamageModel, SearchSpace, make_budget, search
     from minipuzzle.search.plan import choose_units
 
@@ -200,9 +200,9 @@ def test_scores_find_per_expert_dead_channels_and_the_plan_cuts_them_exactly(tmp
     plan = choose_units(best, dmodel, s, expert_channels="per_expert")
     assert plan["expert_ffn"] is None and plan["expert_channels"] == planted["expert_channels"]
     ref = logits(model)
-    assert rel_err(logits(prune_model(model, plan)), ref) < 1e-6
+    assert rel_err(logits(cut_model(model, plan)), ref) < 1e-6
     shared = choose_units(best, dmodel, s, expert_channels="shared")
-    assert shared["expert_channels"] is None and rel_err(logits(prune_model(model, shared)), ref) > 1e-3
+    assert shared["expert_channels"] is None and rel_err(logits(cut_model(model, shared)), ref) > 1e-3
     with pytest.raises(UserError, match="unknown expert channel choice"):
         choose_units(best, dmodel, s, expert_channels="each")
     # The same through `minipuzzle search --expert-channels per_expert`, and a bad choice is a one-line error.
@@ -229,10 +229,10 @@ def test_recipe_expert_channels_reach_the_prune_settings():
 
     doc = yaml.safe_load((RECIPES_DIR / "demo-moe.yaml").read_text())
     assert prune_settings(parse_recipe(doc)).expert_channels == "shared"
-    doc["search"]["expert_channels"] = "per_expert"
+    doc["prune"]["expert_channels"] = "per_expert"
     assert prune_settings(parse_recipe(doc)).expert_channels == "per_expert"
-    doc["search"]["expert_channels"] = "each"
-    with pytest.raises(UserError, match=r"search\.expert_channels"):
+    doc["prune"]["expert_channels"] = "each"
+    with pytest.raises(UserError, match=r"prune\.expert_channels"):
         parse_recipe(doc)
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from minipuzzle.surgery import Plan
+from minipuzzle.cut import Plan
 from minipuzzle.testing import plant_dead_units, random_model, run_cli, save_model, tiny_moe_layout
 
 DEAD_EXPERTS = [1, 6]  # one in each of the two router groups of 4

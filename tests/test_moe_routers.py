@@ -57,7 +57,7 @@ def test_streamed_offloaded_and_in_memory_forwards_route_alike_in_bf16(bf16_pair
     """2048 tokens through the two MoE layers: with bf16 routers a few tokens (about 0.2 %) pick another expert
     set and the final states drift by more than 1; with float32 routers all three ways compute the same model."""
     from minipuzzle.evaluate.placement import load_offloaded
-    from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
+    from minipuzzle.score.layerwise import StreamedStack, iter_layerwise
 
     path = bf16_pair[0]
     ids = torch.randint(0, 320, (16, 128), generator=torch.Generator().manual_seed(0))
@@ -94,7 +94,7 @@ def test_streamed_offloaded_and_in_memory_forwards_route_alike_in_bf16(bf16_pair
 
 
 def test_a_streamed_block_holds_its_router_in_float32_and_the_rest_in_the_stack_dtype(bf16_pair):
-    from minipuzzle.importance.layerwise import StreamedStack
+    from minipuzzle.score.layerwise import StreamedStack
 
     stack = StreamedStack.open(bf16_pair[0], dtype=torch.bfloat16)
     with stack.block(1) as block:

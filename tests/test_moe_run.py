@@ -15,10 +15,10 @@ import torch
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.cut import Plan
 from minipuzzle.distill import parallel
 from minipuzzle.distill.toy import make_pair
 from minipuzzle.errors import UserError
-from minipuzzle.surgery import Plan
 from minipuzzle.testing import random_model, run_cli, save_model, tiny_moe_layout
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
@@ -41,7 +41,7 @@ def _distill_args(pair, out: Path) -> list[str]:
     teacher, student, data = pair
     return ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "-o", str(out),
             "--max-steps", str(STEPS), "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1",
-            "--save-every", "0", "--eval-every", "2", "--eval-windows", "2", "--no-progress"]  # fmt: skip
+            "--save-every", "0", "--eval-every", "2", "--held-out-windows", "2", "--no-progress"]  # fmt: skip
 
 
 def test_routers_stay_float32_when_the_model_loads_in_bf16(moe_pair):

@@ -42,10 +42,10 @@ def test_counter_sees_a_default_forward(setup, caches):
 
 
 def test_metrics_and_ranking_build_no_cache(setup, caches):
+    from minipuzzle.cut import Plan
     from minipuzzle.evaluate.runner import held_out_stats
     from minipuzzle.metrics import token_stats
     from minipuzzle.prune.ranking import measure_in_memory
-    from minipuzzle.surgery import Plan
 
     model, ids = setup
     token_stats(model, ids, teacher=model, batch_size=2)

@@ -16,8 +16,8 @@ def ckpt(tmp_path_factory, tokenizer):
 
 def test_bf16_ranking_on_cuda_streamed_matches_in_memory_and_float32(ckpt):
     from minipuzzle.checkpoint.build import load_model
+    from minipuzzle.cut import Plan
     from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
-    from minipuzzle.surgery import Plan
 
     plans = [Plan(layers=[0, 1, 2, 3, 4, 6, 7, 8, 9])]
     windows = torch.randint(0, 320, (4, 64), generator=torch.Generator().manual_seed(1))

@@ -15,7 +15,7 @@ DEAD_HIDDEN = [0, 9, 33, 50]
 
 def plant_dead_units(model):
     """Zero every weight into and out of the DEAD_* units (minipuzzle.testing does the zeroing)."""
-    from minipuzzle.surgery import Plan
+    from minipuzzle.cut import Plan
     from minipuzzle.testing import plant_dead_units as plant
 
     lay = tiny_layout()
@@ -108,8 +108,8 @@ def test_prune_without_norm_compensation_ranks_and_cuts_uncompensated(dead_check
 
 def test_streamed_ranking_matches_in_memory(dead_checkpoint, text_file):
     from minipuzzle.checkpoint.build import load_model
+    from minipuzzle.cut import Plan
     from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
-    from minipuzzle.surgery import Plan
 
     _, ckpt = dead_checkpoint
     plans = [
@@ -160,7 +160,7 @@ def test_dry_run_56b_offline():
 def test_search_writes_layout_yaml(dead_checkpoint, text_file, tmp_path):
     import yaml
 
-    from minipuzzle.importance.scoring import score_checkpoint
+    from minipuzzle.score.scoring import score_checkpoint
     from minipuzzle.search.plan import read_plan
 
     _, ckpt = dead_checkpoint
@@ -239,7 +239,7 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
     """Without --held-out-data the ranking windows are the head of --data: no calibration window is one of them,
     and candidate distillation holds exactly them out (its evaluation windows, never trained on)."""
     import minipuzzle.distill.launch as launch
-    import minipuzzle.importance.scoring as importance
+    import minipuzzle.score.scoring as importance
     from minipuzzle.data import iter_documents, iter_tokens, load_tokenizer, pack
     from minipuzzle.distill.stream import WindowStream
     from minipuzzle.prune import stage as pipeline
@@ -251,7 +251,7 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
     record(monkeypatch, seen, launch, "launch", "cfg", lambda a: a[0])  # the candidate's distillation process
     settings = pipeline.PruneSettings(target=str(int(tiny_layout().num_params() * 0.8)),
                                       candidates=1, seq_len=32, depth_samples=4, width_samples=40,
-                                      held_out_samples=6, candidate_distill_steps=1,
+                                      held_out_windows=6, candidate_distill_steps=1,
                                       candidate_distill_batch=2)  # fmt: skip
     rep = pipeline.prune(str(ckpt), tmp_path / "out", settings, str(text_file), progress=False)
     tok = load_tokenizer(ckpt)
@@ -261,8 +261,8 @@ def test_ranking_windows_are_never_scored_or_distilled_on(dead_checkpoint, text_
     calib = [tuple(w) for w in seen["calib"].tolist()]
     assert len(calib) == 44 and all(stream.index(w) >= 6 for w in calib)
     cfg = seen["cfg"]
-    assert cfg.eval_every >= 1 and cfg.eval_windows == 6
-    assert WindowStream(cfg.data, tok, cfg.seq_len).take(cfg.eval_windows).tolist() == seen["held"].tolist()
+    assert cfg.eval_every >= 1 and cfg.held_out_windows == 6
+    assert WindowStream(cfg.data, tok, cfg.seq_len).take(cfg.held_out_windows).tolist() == seen["held"].tolist()
     assert "not scored on" in rep["data"]["held_out_source"]
 
 
@@ -292,7 +292,7 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
     """A recipe's hardware section decides how prune scores and ranks: on hardware too small for the parent and a
     cut candidate in memory, ranking streams at the plan's batch, row chunks and host group, in its dtype; with
     room, it loads the parent. Scoring takes the plan's stream, batch and row budget."""
-    import minipuzzle.importance.scoring as importance
+    import minipuzzle.score.scoring as importance
     from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.hardware import Hardware
     from minipuzzle.memory import ranking_memory, score_launch
@@ -303,12 +303,12 @@ def test_ranking_and_scoring_run_the_memory_plan(dead_checkpoint, text_file, tmp
     _, ckpt = dead_checkpoint
     layout = tiny_layout()
     doc = {"name": "t", "model": {"source": str(ckpt), "device": "cpu"}, "data": {"source": str(text_file)},
-           "importance": {"seq_len": 32, "depth_samples": 4, "width_samples": 8, "batch_size": 4},
-           "search": {"target": "0.8", "candidates": 2, "held_out_samples": 6}}  # fmt: skip
+           "score": {"seq_len": 32, "depth_samples": 4, "width_samples": 8, "batch_size": 4},
+           "prune": {"target": "0.8", "candidates": 2, "held_out_windows": 6}}  # fmt: skip
     big = Hardware(device="cpu", gpu_memory="64GiB")
     ps = prune_settings(parse_recipe(doc))
-    whole = ranking_memory(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=False)
-    streamed = ranking_memory(layout, big, seq_len=32, samples=6, batch_size=1, stored_bytes=4, stream=True)
+    whole = ranking_memory(layout, big, seq_len=32, held_out_windows=6, batch_size=1, stored_bytes=4, stream=False)
+    streamed = ranking_memory(layout, big, seq_len=32, held_out_windows=6, batch_size=1, stored_bytes=4, stream=True)
     assert streamed.device_total < whole.device_total
     small = Hardware(device="cpu", gpu_memory=int(whole.device_total / 0.9) - 1)
     seen = {}
@@ -351,12 +351,12 @@ def test_a_candidate_checkpoint_measures_as_its_plan(dead_checkpoint, tmp_path, 
     gets when cut on the fly, streamed or in memory."""
     from minipuzzle.checkpoint.build import load_model
     from minipuzzle.checkpoint.read import Checkpoint
+    from minipuzzle.cut import Plan, cut_checkpoint
     from minipuzzle.prune.ranking import measure_in_memory, measure_streamed
-    from minipuzzle.surgery import Plan, prune_checkpoint
 
     model, ckpt = dead_checkpoint
     plan = Plan(layers=[0, 1, 2, 4, 5])
-    cut = prune_checkpoint(Checkpoint(ckpt), plan, tmp_path / "cut", progress=False)
+    cut = cut_checkpoint(Checkpoint(ckpt), plan, tmp_path / "cut", progress=False)
     ids = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(0))
     if streamed:
         by_plan, by_folder = (measure_streamed(Checkpoint(ckpt), [c], ids, batch_size=2) for c in (plan, cut))

@@ -31,10 +31,10 @@ def test_shipped_recipe_dry_run_offline(name):
 
 def test_56b_recipe_is_minipuzzle_as_published():
     r = load_recipe("nemotron-h-56b-to-47b")
-    assert r.search.axes == ("depth", "ffn") and r.search.steps == {"ffn": 1024}
-    assert r.search.min_width * 32768 == 24576
-    assert (r.importance.depth_samples, r.importance.width_samples) == (128, 1024)
-    assert (r.search.memory, r.search.precision, r.search.context) == ("31.7GiB", "fp4", 1048576)
+    assert r.prune.axes == ("depth", "ffn") and r.prune.steps == {"ffn": 1024}
+    assert r.prune.min_width * 32768 == 24576
+    assert (r.score.depth_samples, r.score.width_samples) == (128, 1024)
+    assert (r.prune.memory, r.prune.precision, r.prune.context) == ("31.7GiB", "fp4", 1048576)
     assert r.distill.tokens == 63e9 and r.distill.seq_len == 8192 and r.distill.batch_size == 768
     assert r.distill.loss == "forward_kl" and r.distill.lm_weight == 0 and r.distill.launcher == "torchrun"
     plan = plan_run(r)
@@ -47,10 +47,10 @@ def test_recipe_norm_compensation_reaches_the_prune_settings():
 
     doc = _demo_doc()
     assert prune_settings(parse_recipe(doc)).norm_compensation is True
-    doc["search"]["norm_compensation"] = False
+    doc["prune"]["norm_compensation"] = False
     assert prune_settings(parse_recipe(doc)).norm_compensation is False
-    doc["search"]["norm_compensation"] = "maybe"
-    with pytest.raises(UserError, match=r"search\.norm_compensation"):
+    doc["prune"]["norm_compensation"] = "maybe"
+    with pytest.raises(UserError, match=r"prune\.norm_compensation"):
         parse_recipe(doc)
 
 
@@ -61,19 +61,19 @@ def _demo_doc():
 @pytest.mark.parametrize(
     "mutate, needle",
     [
-        (lambda d: d["search"].update(budgett="1"), "search.budgett: unknown key"),
+        (lambda d: d["prune"].update(budgett="1"), "prune.budgett: unknown key"),
         (lambda d: d.update(extra={}), "extra: unknown key"),
         (lambda d: d["distill"].update(lr="fast"), "distill.lr"),
-        (lambda d: d["search"].update(axes=["depth", "wings"]), "search.axes"),
-        (lambda d: d["importance"].update(depth_samples=0), "importance.depth_samples"),
-        (lambda d: d["importance"].update(width_agg="abs_mean,median"), "importance.width_agg: invalid width agg"),
+        (lambda d: d["prune"].update(axes=["depth", "wings"]), "prune.axes"),
+        (lambda d: d["score"].update(depth_samples=0), "score.depth_samples"),
+        (lambda d: d["score"].update(width_agg="abs_mean,median"), "score.width_agg: invalid width agg"),
         (lambda d: d["eval"].update(speed_batch=0), "eval.speed_batch"),
-        (lambda d: d["search"].pop("target"), "search"),
+        (lambda d: d["prune"].pop("target"), "prune"),
     ],
 )
 def test_schema_errors_name_the_key(mutate, needle):
     doc = _demo_doc()
-    doc["search"].pop("memory", None)
+    doc["prune"].pop("memory", None)
     mutate(doc)
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         parse_recipe(doc)
@@ -103,12 +103,12 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
         "name": "tiny",
         "model": {"source": str(tiny_checkpoint), "dtype": "float32"},
         "data": {"source": str(texts), "held_out_files": held},
-        "importance": {"depth_samples": 4, "width_samples": 8, "seq_len": 32},
-        "search": {
+        "score": {"depth_samples": 4, "width_samples": 8, "seq_len": 32},
+        "prune": {
             "target": "0.85",
             "axes": ["depth", "ffn"],
             "candidates": 2,
-            "held_out_samples": 4,
+            "held_out_windows": 4,
             "candidate_distill_tokens": 256,
         },
         "distill": {
@@ -121,7 +121,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
             "eval_every": 2,
         },
         "quantize": {"precision": "fp8", "samples": 4, "seq_len": 32},
-        "eval": {"samples": 4, "seq_len": 32, "speed": False},
+        "eval": {"held_out_windows": 4, "seq_len": 32, "speed": False},
     }
     recipe_file = tmp_path / "tiny.yaml"
     recipe_file.write_text(yaml.safe_dump(doc))
@@ -168,7 +168,7 @@ def test_whole_run_on_a_tiny_model_then_rerun_skips(tmp_path, tiny_checkpoint, t
                                          stored_bytes=4).stages if s.stage == "distill").parts[0]  # fmt: skip
     assert distill_part("-o", str(run_dir))["memory"] == want.memory.model_dump()
     assert distill_part()["memory"]["master_weights"] == 4 * teacher.num_params()  # no folder: the teacher bounds
-    doc["search"]["target"] = "0.7"
+    doc["prune"]["target"] = "0.7"
     recipe_file.write_text(yaml.safe_dump(doc))
     code, _, err = run_cli(["run", str(recipe_file), "-o", str(run_dir)])
     assert code == 2 and "different recipe" in err
@@ -191,7 +191,7 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
     monkeypatch.setattr(pipeline, "prune", lambda *a, **kw: calls.append((a, kw)))
     doc = {"name": "t", "model": {"source": str(tiny_checkpoint)},
            "data": {"source": str(texts), "held_out_files": [held_file]},
-           "importance": {"seq_len": 64}, "search": {"target": "0.85", "held_out_samples": 10},
+           "score": {"seq_len": 64}, "prune": {"target": "0.85", "held_out_windows": 10},
            "distill": {"max_steps": 3, "seq_len": 32, "eval_every": 0}}  # fmt: skip
     for data, separate in (({"source": str(texts), "held_out_files": [held_file]}, True),
                            ({"source": str(texts / held_file)}, False)):  # fmt: skip
@@ -207,7 +207,7 @@ def test_recipe_ranks_on_eval_text_or_a_head_that_distillation_skips(tmp_path, t
         else:
             assert kw["held_out_data"] is None and train == rd.train == cfg.data
             assert cfg.eval_data is None and cfg.eval_every >= 1
-            assert cfg.eval_windows * cfg.seq_len >= 10 * 64 and cfg.eval_windows == math.ceil(10 * 64 / 32)
+            assert cfg.held_out_windows * cfg.seq_len >= 10 * 64 and cfg.held_out_windows == math.ceil(10 * 64 / 32)
 
 
 def test_recipe_sets_every_distill_field_and_torchrun_rebuilds_the_settings(tmp_path, pair):
@@ -252,9 +252,9 @@ def test_recipe_refuses_distill_fields_the_run_decides(key, value):
 
 
 def test_settings_name_the_depth_metrics_and_width_statistic_scoring_knows():
-    from minipuzzle.importance.depth import DEPTH_METRICS
-    from minipuzzle.importance.experts import DEFAULT_EXPERT_ESTIMATOR, EXPERT_ESTIMATORS
-    from minipuzzle.importance.width import DEFAULT_AGG
+    from minipuzzle.score.depth import DEPTH_METRICS
+    from minipuzzle.score.experts import DEFAULT_EXPERT_ESTIMATOR, EXPERT_ESTIMATORS
+    from minipuzzle.score.width import DEFAULT_AGG
     from minipuzzle.settings import DEFAULT_WIDTH_AGG
     from minipuzzle.settings import DEPTH_METRICS as NAMED
     from minipuzzle.settings import EXPERT_ESTIMATORS as ESTIMATORS

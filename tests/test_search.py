@@ -8,8 +8,8 @@ import torch
 
 from minipuzzle.anatomy import KINDS, WIDTH_AXES
 from minipuzzle.errors import UserError
-from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import get_preset
+from minipuzzle.score.scores import Scores
 from minipuzzle.search import (
     DamageModel,
     SearchSpace,

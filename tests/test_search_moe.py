@@ -10,8 +10,8 @@ import torch
 
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
-from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
+from minipuzzle.score.scores import Scores
 from minipuzzle.search import DamageModel, SearchSpace, count_pool, in_pool, is_maximal, make_budget, search
 from minipuzzle.search.plan import choose_units, layout_document
 from minipuzzle.search.stage import build_space, count_feasible, dry_run

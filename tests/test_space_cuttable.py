@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from minipuzzle.anatomy import AXES, LAYER_AXES
+from minipuzzle.cut import Plan
 from minipuzzle.errors import UserError
 from minipuzzle.presets import PRESETS
 from minipuzzle.search.space import SearchSpace, layout_axes
-from minipuzzle.surgery import Plan
 
 
 def plan_at(layout, axis: str, width: int) -> Plan:

@@ -15,12 +15,10 @@ from minipuzzle.cli_options import settings_command
 from minipuzzle.hardware import HardwareOptions
 from minipuzzle.settings import DistillSettings
 
-# What the command line adds to the model: the four paths are required, a token budget is typed as 63B, and the
-# progress bar is on at the terminal.
+# What the command line adds to the model: the four paths are required and a token budget is typed as 63B.
 CLI = dict(
     required=("teacher", "student", "data", "output"),
     types_={"tokens": str | None},
-    defaults={"progress": True},
     aliases={"output": ["-o"]},
 )
 

@@ -219,7 +219,8 @@ def _run(cfg: DistillSettings, d: parallel.Dist) -> Path:
     trainer = _Trainer(cfg, d, objective, train, eval_ids, micro_bs)
     stop = {"sigterm": False}
     old_handler = _install_sigterm(stop)
-    bar = ProgressBar("distill", cfg.max_steps, cfg.progress and d.main, completed=trainer.step, loss="-", kl="-",
+    shown = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = ProgressBar("distill", cfg.max_steps, shown and d.main, completed=trainer.step, loss="-", kl="-",
                       tps="-", status="loss {task.fields[loss]}  kl {task.fields[kl]}  {task.fields[tps]} tok/s")  # fmt: skip
     try:
         if trainer.step == 0:
@@ -252,9 +253,9 @@ def _streams(cfg: DistillSettings, tokenizer) -> tuple[WindowStream, torch.Tenso
     kw = dict(split=cfg.split, column=cfg.text_column)
     train = WindowStream(cfg.data, tokenizer, cfg.seq_len, streaming=cfg.streaming, **kw)
     eval_ids = torch.zeros(0, cfg.seq_len, dtype=torch.long)
-    if cfg.eval_windows and cfg.eval_every:
+    if cfg.held_out_windows and cfg.eval_every:
         src = WindowStream(cfg.eval_data, tokenizer, cfg.seq_len, **kw) if cfg.eval_data else train
-        eval_ids = src.take(cfg.eval_windows)
+        eval_ids = src.take(cfg.held_out_windows)
         if src is train:
             train.mark_start()
     # A data problem (too little text for one window) fails here, before the models load.

@@ -14,9 +14,9 @@ from minipuzzle.testing import random_model, save_model, stdlib_text_files, tiny
 
 def drop_layers(teacher, keep: list[int]):
     """A new model holding the teacher's layers `keep` (in order): a depth-only surgery plan."""
-    from minipuzzle.surgery import Plan, prune_model
+    from minipuzzle.cut import Plan, cut_model
 
-    return prune_model(teacher, Plan(layers=list(keep)))
+    return cut_model(teacher, Plan(layers=list(keep)))
 
 
 def make_pair(

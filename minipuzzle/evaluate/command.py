@@ -18,8 +18,7 @@ from minipuzzle.settings import DataOptions, DeviceOptions, EvalSettings
                                                          "datasets name."})  # fmt: skip
 @settings_command(DeviceOptions, into="compute")
 @settings_command(HardwareOptions, into="hardware", exclude=LINK_OPTIONS)
-@settings_command(EvalSettings, exclude=("tasks", "num_fewshot"), defaults={"seq_len": 512},
-                  aliases={"samples": ["--num-samples"]}, types_={"limit": float | None})  # fmt: skip
+@settings_command(EvalSettings, exclude=("tasks", "num_fewshot"), types_={"limit": float | None})
 def _eval_command(
     model: Annotated[str, typer.Argument(help="Checkpoint folder (or cached hub id / preset) to evaluate.")],
     output: Annotated[

@@ -142,7 +142,7 @@ def evaluate(
     `artifacts.EvalReport`); returns the report as a dict.
 
     data: held-out text (file, folder or datasets name; `split` and `column` of a table or hub dataset) cut into
-    `settings.samples` windows [N, seq_len] with the model's tokenizer (`streaming`: see `data.iter_documents`;
+    `settings.held_out_windows` windows [N, seq_len] with the model's tokenizer (`streaming`: see `data.iter_documents`;
     only the text the windows need is read). settings.tasks: lm-eval task names / YAML
     files / folders (see `harness.parse_tasks`), `settings.limit` examples each. Speed is measured on
     [speed_batch, speed_len] random tokens plus `decode_tokens` generated ones. precision/context: the setting the
@@ -164,7 +164,7 @@ def evaluate(
     mpath, tpath = _checkpoint_dir(model_path), _checkpoint_dir(teacher_path) if teacher_path is not None else None
     _check_vocab(mpath, tpath)
     tok = _tokenizer(mpath, *([tpath] if tpath else []))
-    windows = None if data is None else token_windows(data, tok, st.seq_len, st.samples, st.seed, split=split,
+    windows = None if data is None else token_windows(data, tok, st.seq_len, st.held_out_windows, st.seed, split=split,
                                                       column=column, streaming=streaming)  # fmt: skip
     launch = eval_launch(mpath, tpath, st, windows is not None, bool(specs), dev, dt, hardware)
     got = _measure(mpath, tpath, launch, dt, dev, windows, tok, specs, st, progress)
@@ -185,7 +185,7 @@ def _settings_used(st: EvalSettings, data, split, column, windows, specs, dev, d
     """The report's record of what was measured how: the settings, the windows [N, T] read, device and versions."""
     return EvalSettingsUsed(
         data=str(data) if data is not None else None, split=split, column=column, seq_len=st.seq_len,
-        num_samples=st.samples, windows=0 if windows is None else len(windows), seed=st.seed,
+        num_samples=st.held_out_windows, windows=0 if windows is None else len(windows), seed=st.seed,
         tasks=[s.text + (f":{s.shots}" if s.shots is not None else "") for s in specs], limit=st.limit,
         batch_size=st.batch_size, device=str(dev), dtype=str(dt).removeprefix("torch."), speed_batch=st.speed_batch,
         speed_prompt_len=st.speed_len or st.seq_len, decode_tokens=st.decode_tokens, precision=precision,

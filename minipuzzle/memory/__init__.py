@@ -16,7 +16,7 @@ Modules, one job each: `parts` (the models), `fitting` (hardware terms, process 
 search), `terms` (bytes per token of each layer kind, per model), and one planner per stage (`score`, `prune`,
 `train`, `eval`); `source` reads a model's layout and stored bytes. A term that counts another module's buffers
 takes its constant from that module (`distill.losses.KL_CHUNK_LOGIT_BUFFERS`, `metrics.EVAL_LOGIT_BUFFERS`,
-`importance.depth.DEPTH_LOGITS_SLICE`, `kernels.MAMBA_CHUNK`, `checkpoint.SHARD_BYTES`), so a change there changes
+`score.depth.DEPTH_LOGITS_SLICE`, `kernels.MAMBA_CHUNK`, `checkpoint.SHARD_BYTES`), so a change there changes
 the plan. The recipe's whole run is planned outside this package (`recipe_memory`), which reads a recipe.
 
 Assumptions, each stated where its term is computed: activations follow transformers' NemotronH blocks; the Mamba

@@ -18,7 +18,7 @@ class EvalShape(BaseModel):
     """The eval settings a plan needs (`settings.EvalSettings` plus whether there are lm-eval tasks)."""
 
     seq_len: int
-    samples: int
+    held_out_windows: int
     batch_size: int
     held_out: bool = True
     tasks: bool = False
@@ -59,7 +59,7 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
     v, h, t = models[0].vocab_size, models[0].hidden_size, ev.seq_len
     weights = max(shares) if sequential else sum(shares)
     fwd = max(_max_kind(m, forward_bytes_per_token, b, kernels) for m in models)
-    kl_host = ev.samples * t * h * b if sequential and len(models) > 1 else 0
+    kl_host = ev.held_out_windows * t * h * b if sequential and len(models) > 1 else 0
     base = {"baseline": process_baseline(hw), "host_baseline": host_baseline(hw)}  # one process, on every GPU it uses
 
     def held_out(micro: int) -> Memory:  # the student's states and the teacher's (computed or read back)
@@ -72,7 +72,7 @@ def _eval_parts(models: list[Layout], hw: Hardware, ev: EvalShape, dt: str, k: i
         return Memory(weights=weights, activations=micro * t * fwd, logits=micro * t * v * (b + 8), host_buffers=host,
                       **base)  # fmt: skip
 
-    out = [("held-out", *_fit_micro(held_out, hw, min(ev.batch_size, ev.samples)))] if ev.held_out else []
+    out = [("held-out", *_fit_micro(held_out, hw, min(ev.batch_size, ev.held_out_windows)))] if ev.held_out else []
     if ev.tasks:
         out.append(("tasks", *_fit_micro(tasks, hw, ev.batch_size)))
     if ev.speed and not offload:
@@ -93,7 +93,7 @@ def eval_memory(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalSha
     forward (`Geometry.streaming`), whose speed part is refused (`OFFLOAD_SPEED`)."""
     dt = default_dtype(hw, dtype)
     models = [model] + ([teacher] if teacher is not None else [])
-    host = _read_host(model, stored_bytes, False, compute=dtype_bytes(dt), hw=hw) + ev.samples * ev.seq_len * 8
+    host = _read_host(model, stored_bytes, False, compute=dtype_bytes(dt), hw=hw) + ev.held_out_windows * ev.seq_len * 8
     most = hw.gpus_per_node if hw.device == "cuda" else 1
     options = [(k, seq) for seq in ((False, True) if teacher is not None else (False,)) for k in range(1, most + 1)]
     offload = False
@@ -121,7 +121,7 @@ def eval_memory(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalSha
 def eval_stage(model: Layout, teacher: Layout | None, hw: Hardware, es, *, held_out: bool = True,
                dtype: str | None = None, stored_bytes: int = 2) -> StageMemory:  # fmt: skip
     """The eval stage for `es` (a `settings.EvalSettings`); `held_out`: there is held-out text."""
-    ev = EvalShape(seq_len=es.seq_len, samples=es.samples, batch_size=es.batch_size, held_out=held_out,
+    ev = EvalShape(seq_len=es.seq_len, held_out_windows=es.held_out_windows, batch_size=es.batch_size, held_out=held_out,
                    tasks=bool(es.tasks), speed=es.speed, speed_batch=es.speed_batch, speed_len=es.speed_len,
                    decode_tokens=es.decode_tokens)  # fmt: skip
     return eval_memory(model, teacher, hw, ev, dtype=dtype, stored_bytes=stored_bytes)

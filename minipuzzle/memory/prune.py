@@ -33,7 +33,7 @@ RANK_HOST_BYTES = 8 * 2**30
 CUT_SHARD_SHARE = 0.25
 
 
-def ranking_memory(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, batch_size: int = 8,
+def ranking_memory(layout: Layout, hw: Hardware, *, seq_len: int, held_out_windows: int, batch_size: int = 8,
                    dtype: str | None = None, stored_bytes: int = 2, stream: bool | None = None) -> Part:  # fmt: skip
     """Candidate ranking (`search.pipeline.rank`) on one device in the compute dtype, logits `LOGIT_CHUNK` tokens
     at a time. In memory (`ranking.measure_in_memory`: the parent whole plus each cut candidate, the parent's final
@@ -44,7 +44,7 @@ def ranking_memory(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, 
     largest forward batch <= `batch_size` that fits, and as many rows per chunk as the rest holds."""
     dt = default_dtype(hw, dtype)
     b = dtype_bytes(dt)
-    t, v, h, windows = seq_len, layout.vocab_size, layout.hidden_size, samples * seq_len * 8
+    t, v, h, windows = seq_len, layout.vocab_size, layout.hidden_size, held_out_windows * seq_len * 8
 
     def make_for(streamed: bool, group: int):
         host = group * t * h * b + _read_host(layout, stored_bytes, streamed) + windows
@@ -52,13 +52,13 @@ def ranking_memory(layout: Layout, hw: Hardware, *, seq_len: int, samples: int, 
             layout, hw, b=b, streamed=streamed, rows=rows, micro=micro, seq_len=t, states=2, copies=2, host=host,
             logits=min(LOGIT_CHUNK, micro * t) * v * (EVAL_LOGIT_BUFFERS * 4 + b))  # fmt: skip
 
-    in_memory = make_for(False, samples)
+    in_memory = make_for(False, held_out_windows)
     streamed = stream if stream is not None else _problem(in_memory(1, 1), hw) is not None
     if not streamed:
-        mem, micro = _fit_micro(lambda m: in_memory(m, m), hw, min(batch_size, samples))
+        mem, micro = _fit_micro(lambda m: in_memory(m, m), hw, min(batch_size, held_out_windows))
         geo = Geometry(dtype=dt, micro_batch=micro, logits_chunk=min(LOGIT_CHUNK, t))
         return _part("prune", "ranking", geo, mem, hw)
-    group = max(1, min(samples, RANK_HOST_BYTES // (t * h * b)))
+    group = max(1, min(held_out_windows, RANK_HOST_BYTES // (t * h * b)))
     while True:  # on the CPU the host's share competes with the rows: halve the group until both fit
         mem, micro, rows = _fit_rows(make_for(True, group), hw, batch_size, group)
         if group == 1 or _problem(mem, hw) is None:
@@ -86,7 +86,7 @@ def cut_shard_bytes(layout: Layout, hw: Hardware, stored_bytes: int = 2) -> int:
 
 
 def cut_memory(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
-    """Cutting the chosen layout (`surgery.prune_checkpoint`) on the host: the output shard being filled
+    """Cutting the chosen layout (`cut.cut_checkpoint`) on the host: the output shard being filled
     (`cut_shard_bytes`), plus the tensor read and its cut copy (at most the largest tensor each; a tensor read is
     a view of the shard's mapping, resident while it is used)."""
     shard = cut_shard_bytes(layout, hw, stored_bytes)
@@ -118,7 +118,7 @@ def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = No
         parts += score_memory(layout, chw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
                               width_samples=ps.width_samples, batch_size=ps.batch_size, axes=tuple(ps.axes),
                               stage="prune", **kw)  # fmt: skip
-    parts.append(ranking_memory(layout, chw, seq_len=ps.seq_len, samples=ps.held_out_samples, batch_size=ps.batch_size,
+    parts.append(ranking_memory(layout, chw, seq_len=ps.seq_len, held_out_windows=ps.held_out_windows, batch_size=ps.batch_size,
                                 **kw))  # fmt: skip
     if ps.candidate_distill_steps:
         train_hw = for_device(hw, ps.device)

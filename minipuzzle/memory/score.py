@@ -6,22 +6,22 @@ from minipuzzle.anatomy import ATTENTION, MAMBA, MLP
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.dtypes import dtype_bytes
 from minipuzzle.hardware import Hardware
-from minipuzzle.importance.depth import DEPTH_LOGITS_SLICE
 from minipuzzle.memory.fitting import _fit_rows, _part, _problem, default_dtype
 from minipuzzle.memory.parts import Geometry, Part, StageMemory
 from minipuzzle.memory.terms import _layerwise, _read_host
 from minipuzzle.metrics import EVAL_LOGIT_BUFFERS
+from minipuzzle.score.depth import DEPTH_LOGITS_SLICE
 
 
 def _score_passes(layout: Layout, axes, metric: str, depth_samples: int, width_samples: int, b: int):
     """(name, rows, residual states per row, hook bytes per token by kind, bytes per token after the walk,
     logits bytes) of each scoring pass.
 
-    Depth (`importance.depth`): the full state plus one per dropped layer (L + 1; block_influence keeps one).
+    Depth (`score.depth`): the full state plus one per dropped layer (L + 1; block_influence keeps one).
     mse_hidden compares final norms: the full model's (b h), a float32 difference (4 h), its float64 copy and
     square (16 h); block_influence compares each block's input and output in float32; the logit metrics keep the
     final norms of every dropped state of a batch (L x h) and 2**26-value logits slices (`EVAL_LOGIT_BUFFERS`).
-    Width (`importance.width`): the state and its final norm (2); each hook copies the tensor it reads to float32
+    Width (`score.width`): the state and its final norm (2); each hook copies the tensor it reads to float32
     and takes its absolute value (two float32 copies): the norm output (hidden), down_proj's input (ffn), the x
     block of in_proj's output (Mamba axes), o_proj's input (attention heads).
     """

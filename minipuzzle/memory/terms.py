@@ -137,7 +137,7 @@ def _read_host(layout: Layout, stored: int, streamed: bool, *, compute: int | No
 def _layerwise(layout: Layout, hw: Hardware, *, b: int, streamed: bool, rows: int, micro: int, seq_len: int,
                states: int, hooks: dict[str, int] | None = None, after: int = 0, logits: int = 0, host: int = 0,
                copies: int = 1) -> Memory:  # fmt: skip
-    """A pass that runs windows through the layers one layer at a time (`importance.layerwise.iter_layerwise`,
+    """A pass that runs windows through the layers one layer at a time (`score.layerwise.iter_layerwise`,
     depth scores): `rows` windows of residual stream in `states` copies of [T, h] each, plus the largest of one
     block's forward over `micro` rows (with `hooks[kind]` bytes per token of the hooks it runs) and `after`, the
     bytes per token of what the pass computes once the walk is done. Streamed, the weights are the resident

@@ -21,6 +21,7 @@ import torch
 
 import minipuzzle.distill.launch as launching  # looked up at the call: tests watch `launch.launch`
 from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.cut import cut_checkpoint
 from minipuzzle.distill.loop import finished
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
@@ -28,7 +29,6 @@ from minipuzzle.memory import candidate_distill_memory, default_dtype, for_devic
 from minipuzzle.prune.context import PruneContext
 from minipuzzle.prune.ranking import rank
 from minipuzzle.settings import DistillSettings
-from minipuzzle.surgery import prune_checkpoint
 
 
 def distill_candidates(ctx: PruneContext, plans: list, held: torch.Tensor, work_dir: Path | None = None,
@@ -54,7 +54,7 @@ def distill_candidates(ctx: PruneContext, plans: list, held: torch.Tensor, work_
             for i, plan in enumerate(plans):
                 cut_dir = work / f"cand{i}"
                 if not (cut_dir / "config.json").is_file():  # a rerun finds the finished cuts
-                    prune_checkpoint(ctx.ckpt, plan, cut_dir, progress=False, overwrite=True,
+                    cut_checkpoint(ctx.ckpt, plan, cut_dir, progress=False, overwrite=True,
                                      max_shard_bytes=ctx.shard_bytes)  # fmt: skip
                 cfg = _settings(ctx, cut_dir, skip)
                 _run(ctx, cfg, hw, work, log, logs)
@@ -78,7 +78,7 @@ def _settings(ctx: PruneContext, cut_dir: Path, skip: int) -> DistillSettings:
         teacher=str(ctx.ckpt.path), student=str(cut_dir), data=str(req.data), output=str(cut_dir) + "-distilled",
         max_steps=steps, seq_len=st.seq_len, batch_size=st.candidate_distill_batch,
         lr=st.candidate_distill_lr, warmup=max(1, steps // 10), save_every=0,
-        eval_every=steps if skip else 0, eval_windows=skip, split=req.split, text_column=req.column,
+        eval_every=steps if skip else 0, held_out_windows=skip, split=req.split, text_column=req.column,
         streaming=req.streaming is not False, seed=st.seed, device=st.device, progress=req.progress,
     )  # fmt: skip
 

@@ -6,7 +6,7 @@ ranking key is the KL (lowest first), ties broken by agreement. In memory the pa
 the parent and each candidate run one layer at a time from the shards, so peak memory is about one layer plus
 the residual stream of the held-out windows.
 
-A candidate is a `surgery.Plan` (cut from the parent as it is measured) or the folder of a checkpoint of its own
+A candidate is a `cut.Plan` (cut from the parent as it is measured) or the folder of a checkpoint of its own
 (a distilled candidate), measured the same way.
 """
 
@@ -19,12 +19,12 @@ import torch
 from minipuzzle.artifacts import CandidateRow
 from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.dtypes import parse_dtype
-from minipuzzle.importance.layerwise import StreamedStack, iter_layerwise
+from minipuzzle.cut import Cutter, cut_model
 from minipuzzle.metrics import TokenStats, final_states
 from minipuzzle.progress import progress_bar
 from minipuzzle.prune.context import PruneContext
+from minipuzzle.score.layerwise import StreamedStack, iter_layerwise
 from minipuzzle.search.solver import Candidate
-from minipuzzle.surgery import Cutter, prune_model
 
 
 def rank_key(stats: dict) -> tuple:
@@ -70,7 +70,7 @@ def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int
     parent_h = [model.model(ids, use_cache=False).last_hidden_state.cpu() for ids in batches]
     out = []
     for plan in plans:
-        pruned = load_model(plan, dtype, device) if isinstance(plan, (str, Path)) else prune_model(model, plan)
+        pruned = load_model(plan, dtype, device) if isinstance(plan, (str, Path)) else cut_model(model, plan)
         stats = TokenStats()
         for ids, h in zip(batches, parent_h):
             stats.add_states(final_states(pruned, ids), pruned.lm_head, ids, h.to(device), model.lm_head)

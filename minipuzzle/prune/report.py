@@ -7,14 +7,14 @@ import time
 from minipuzzle.anatomy import AXES
 from minipuzzle.artifacts import CandidateRow, LayoutDoc, PruneData, PruneReport
 from minipuzzle.checkpoint.write import atomic_dir
-from minipuzzle.importance.scores import Scores
+from minipuzzle.cut import cut_checkpoint
 from minipuzzle.prune.context import PruneContext
 from minipuzzle.prune.windows import Windows
+from minipuzzle.score.scores import Scores
 from minipuzzle.search.plan import layout_document
 from minipuzzle.search.report import write_plots
 from minipuzzle.search.solver import Candidate
 from minipuzzle.search.space import layout_axes
-from minipuzzle.surgery import prune_checkpoint
 
 
 def build_report(ctx: PruneContext, scores: Scores, cands: list[Candidate], plans: list, rows: list[CandidateRow],
@@ -40,9 +40,9 @@ def write_pruned(ctx: PruneContext, plan, report: PruneReport, timing: dict, t0:
     output shards of the stage plan's cut part; `timing` gains the cut's and the total seconds (since `t0`)."""
     with atomic_dir(ctx.request.out, ctx.request.overwrite) as tmp:
         t = time.perf_counter()
-        prune_checkpoint(ctx.ckpt, plan, tmp, overwrite=True, progress=ctx.request.progress,
+        cut_checkpoint(ctx.ckpt, plan, tmp, overwrite=True, progress=ctx.request.progress,
                          max_shard_bytes=ctx.shard_bytes)  # fmt: skip
-        timing["surgery_seconds"] = round(time.perf_counter() - t, 3)
+        timing["cut_seconds"] = round(time.perf_counter() - t, 3)
         report.timing = {**timing, "total_seconds": round(time.perf_counter() - t0, 3)}
         report.write(tmp / "prune_report.json")
         write_plots(report, ctx.ckpt.layout, tmp)

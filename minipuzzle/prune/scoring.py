@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-import minipuzzle.importance.scoring as scoring  # looked up at the call: tests watch `scoring.score_checkpoint`
+import minipuzzle.score.scoring as scoring  # looked up at the call: tests watch `scoring.score_checkpoint`
 from minipuzzle.checkpoint.dtypes import parse_dtype
-from minipuzzle.importance.scores import Scores
 from minipuzzle.memory import score_launch
 from minipuzzle.prune.context import PruneContext
+from minipuzzle.score.scores import Scores
 from minipuzzle.settings import ScoreSettings
 
 

@@ -30,11 +30,11 @@ def read_windows(ctx: PruneContext) -> Windows:
     n_score = max(st.depth_samples, st.width_samples) if req.scoring else 0
     T, seed, kw = st.seq_len, st.seed, {"column": req.column, "streaming": req.streaming}
     if req.held_out_data is None:
-        return Windows(*head_split(req.data, tok, T, st.held_out_samples, n_score, seed, split=req.split, **kw))
+        return Windows(*head_split(req.data, tok, T, st.held_out_windows, n_score, seed, split=req.split, **kw))
     held_split = req.held_out_split or req.split
     if str(Path(req.held_out_data).resolve()) == str(Path(req.data).resolve()) and held_split == req.split:
         raise UserError(f"--held-out-data {req.held_out_data} is the same text as --data: rank on text not scored on")
-    held = token_windows(req.held_out_data, tok, T, st.held_out_samples, seed, split=held_split, **kw)
+    held = token_windows(req.held_out_data, tok, T, st.held_out_windows, seed, split=held_split, **kw)
     if not req.scoring:
         return Windows(held, torch.zeros(0, T, dtype=torch.long))
     return Windows(held, token_windows(req.data, tok, T, n_score, seed, split=req.split, **kw))

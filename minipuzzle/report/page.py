@@ -118,7 +118,7 @@ def _counts(pattern: str) -> str:
 # ---- sections --------------------------------------------------------------------------------------------------
 
 
-def _importance_section(run_dir: Path, tmp: Path) -> str | None:
+def _score_section(run_dir: Path, tmp: Path) -> str | None:
     folder = run_dir / "score"
     meta = _artifact(folder / "scores.json", ScoresMeta)
     if meta is None:
@@ -128,7 +128,7 @@ def _importance_section(run_dir: Path, tmp: Path) -> str | None:
     if pattern:
         parts.append(f"<p>source layers: {_e(_counts(pattern))}</p>{_strip(pattern)}")
     if depth:
-        # The importance stage's own depth.png is embedded below with the folder's plots; draw one only without it.
+        # The score stage's own depth.png is embedded below with the folder's plots; draw one only without it.
         png = None if (folder / "depth.png").is_file() else plots.depth_plot(depth, pattern, tmp / "depth.png")
         if png:
             parts.append(_img(png, "layer importance"))
@@ -141,7 +141,7 @@ def _importance_section(run_dir: Path, tmp: Path) -> str | None:
     return "".join(parts)
 
 
-def _search_section(run_dir: Path) -> str | None:
+def _prune_section(run_dir: Path) -> str | None:
     folder = run_dir / "prune"
     rep = _artifact(folder / "prune_report.json", PruneReport)
     if rep is None:
@@ -209,7 +209,7 @@ def _eval_section(run_dir: Path) -> str | None:
 def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write one self-contained HTML page for a run folder (default `RUN_DIR/report.html`); returns its path.
 
-    Sections, each present only when its stage's artifact is there: evaluation, importance, prune,
+    Sections, each present only when its stage's artifact is there: evaluation, score, prune,
     distillation. Raises `UserError` when the folder is missing or holds no stage output at all.
     """
     run_dir = Path(run_dir)
@@ -220,8 +220,8 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         tmp = Path(td)
         sections = [
             ("evaluation", "Evaluation", _eval_section(run_dir)),
-            ("importance", "Importance", _importance_section(run_dir, tmp)),
-            ("search", "Search and chosen layout", _search_section(run_dir)),
+            ("score", "Importance scores", _score_section(run_dir, tmp)),
+            ("prune", "Prune: search and chosen layout", _prune_section(run_dir)),
             ("distill", "Distillation", _distill_section(run_dir, tmp)),
         ]
     present = [(i, t, b) for i, t, b in sections if b]

@@ -35,16 +35,12 @@ def _samples(settings: dict, samples: int | None) -> dict:
 SEARCH_FIELDS = (*BudgetSettings.model_fields, "axes", "steps", "widths", "min_width", "min_layers", "candidates",
                  "band", "method", "expert_channels")  # fmt: skip
 # Typed as text on the command line ('depth,ffn', 'ffn=1024', '1M'); PruneSettings reads the text.
-AS_TEXT = dict(
-    types_={"axes": str, "steps": str | None, "widths": str | None, "context": str},
-    defaults={"axes": "depth,ffn", "steps": None, "widths": None, "context": "8192"},
-    aliases={"steps": ["--step"]},
-)
+AS_TEXT = dict(types_={"axes": str, "steps": str | None, "widths": str | None, "context": str},
+               aliases={"steps": ["--step"]})
 
 
 @settings_command(PruneSettings, exclude=[f for f in PruneSettings.model_fields if f not in SEARCH_FIELDS],
-                  **AS_TEXT | {"defaults": AS_TEXT["defaults"] | {"candidates": 8}},
-                  helps={"candidates": "How many best layouts to list."})  # fmt: skip
+                  **AS_TEXT, helps={"candidates": "How many best layouts to list."})  # fmt: skip
 def search_cmd(
     model: Annotated[str, typer.Argument(help="Preset, checkpoint folder or hub id (only its config is read).")],
     scores: Annotated[str, typer.Option("--scores", help="Folder written by `minipuzzle score`.")],
@@ -56,7 +52,7 @@ def search_cmd(
     Example: minipuzzle search 56b --scores scores/ --memory 31.7GiB --precision fp4 --context 1M -o layout.yaml
     """
     from minipuzzle.checkpoint.resolve import describe_model
-    from minipuzzle.importance.scores import Scores
+    from minipuzzle.score.scores import Scores
 
     _, layout = describe_model(model)
     st = PruneSettings(**settings)
@@ -72,9 +68,11 @@ def search_cmd(
 
 @settings_command(DataOptions, into="text", helps={"data": "Calibration text: file, folder or dataset."})
 @settings_command(HardwareOptions, into="hardware")
-@settings_command(PruneSettings, aliases=AS_TEXT["aliases"] | {"held_out_samples": ["--held-out"]},
+# The two scoring counts default to "not given" so that --samples can set both (`_samples`); unset, they are the
+# model's.
+@settings_command(PruneSettings, aliases=AS_TEXT["aliases"],
                   types_=AS_TEXT["types_"] | {"depth_samples": int | None, "width_samples": int | None},
-                  defaults=AS_TEXT["defaults"] | {"depth_samples": None, "width_samples": None})  # fmt: skip
+                  defaults={"depth_samples": None, "width_samples": None})  # fmt: skip
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="Preset (56b), checkpoint folder or hub id.")],
     output: Annotated[str | None, typer.Option("-o", "--output", help="Output checkpoint folder.")] = None,

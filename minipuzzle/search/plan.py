@@ -2,7 +2,7 @@
 
 This is where units are chosen: the search fixes how many stay per axis, `choose_units` picks which (the
 top-scored ones, the same count in every group of a grouped axis such as Mamba heads or the routed experts of a
-router with `n_group` groups); `surgery` then cuts them.
+router with `n_group` groups); `cut` then cuts them.
 
 Routed experts' channels (`expert_ffn`) are chosen one of two ways (`EXPERT_CHANNEL_CHOICES`): `shared`, one
 channel set for every expert of a layer from scores summed over the experts' tokens, or `per_expert`, each expert's
@@ -32,8 +32,8 @@ def choose_units(
     units of each kept layer (of the whole model for an axis of every layer, such as hidden), the same count per
     group on grouped axes. Axes left at full width keep everything. Routed experts' channels are chosen as
     `expert_channels` says (`EXPERT_CHANNEL_CHOICES`)."""
+    from minipuzzle.cut import Plan
     from minipuzzle.errors import UserError
-    from minipuzzle.surgery import Plan
 
     if expert_channels not in EXPERT_CHANNEL_CHOICES:
         raise UserError(f"unknown expert channel choice {expert_channels!r}: use {' or '.join(EXPERT_CHANNEL_CHOICES)}")
@@ -148,8 +148,8 @@ def read_plan(path: str | Path):
     by `minipuzzle search`)."""
     import json
 
+    from minipuzzle.cut import Plan
     from minipuzzle.errors import UserError
-    from minipuzzle.surgery import Plan
 
     path = Path(path)
     if not path.is_file():

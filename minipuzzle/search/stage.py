@@ -66,7 +66,7 @@ def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:
     depth = per_token * settings.depth_samples * settings.seq_len * passes_depth
     width = per_token * settings.width_samples * settings.seq_len * (1 if width_axes else 0)
     measured = measured_count(layout, settings)
-    one_rank = per_token * settings.held_out_samples * settings.seq_len
+    one_rank = per_token * settings.held_out_windows * settings.seq_len
     rank = one_rank * (1 + measured)
     total = depth + width + rank
     student = min(layout.num_params(), settings.budget_for(layout).params or layout.num_params())
@@ -80,7 +80,7 @@ def scoring_cost(layout: Layout, settings: PruneSettings) -> dict:
         "depth_passes": passes_depth,
         "gpu_hours_h100": total / H100_FLOPS / 3600,
         "assumed_flops_per_second": H100_FLOPS,
-        "tokens": (settings.depth_samples + settings.width_samples + settings.held_out_samples) * settings.seq_len,
+        "tokens": (settings.depth_samples + settings.width_samples + settings.held_out_windows) * settings.seq_len,
         "candidates_measured": measured,
         "flops_per_measurement": one,
         "gpu_hours_per_measurement": one / H100_FLOPS / 3600,

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from minipuzzle.errors import UserError
-from minipuzzle.importance.layerwise import LayerStack, block_forward, rows_per_chunk, run_block
 from minipuzzle.metrics import kl_from_log_probs
 from minipuzzle.progress import progress_bar
+from minipuzzle.score.layerwise import LayerStack, block_forward, rows_per_chunk, run_block
 
 DEPTH_METRICS = {
     "mse_hidden": "MSE of the final hidden state (norm_f output, before the LM head) vs the full model (MiniPuzzle)",

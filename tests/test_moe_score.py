@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
+from minipuzzle.cut import Plan
 from minipuzzle.errors import UserError
-from minipuzzle.importance.experts import EXPERT_ESTIMATORS, expert_contributions, route
-from minipuzzle.importance.plots import plot_scores
-from minipuzzle.importance.scoring import score_checkpoint, score_model
-from minipuzzle.surgery import Plan
+from minipuzzle.score.experts import EXPERT_ESTIMATORS, expert_contributions, route
+from minipuzzle.score.plots import plot_scores
+from minipuzzle.score.scoring import score_checkpoint, score_model
 from minipuzzle.testing import plant_dead_units, random_model, run_cli, save_model, tiny_config, tiny_moe_layout
 
 LAYOUT = tiny_moe_layout()  # "ME*EM-": MoE layers 1 and 3, 8 experts in 2 groups of 4, top 2

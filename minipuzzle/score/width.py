@@ -15,7 +15,7 @@ forward hooks on the block's submodules:
   token, computed through the head's Gram matrix W_o,h^T W_o,h so the [heads x hidden] outputs never exist. The
   per-token norm is already non-negative, so every sequence statistic sees the head's output magnitude.
 - Hidden channel: every RMSNorm output (each block's pre-norm and norm_f), aggregated per norm, summed over norms.
-- Mixture-of-experts layers (`importance/experts.py`): routed experts by per-token contributions under an
+- Mixture-of-experts layers (`score/experts.py`): routed experts by per-token contributions under an
   estimator (`removal` by default, `router_load`, `output_norm`), expert channels by the routed relu^2 hidden
   units summed over each token's experts, shared-expert channels by the input of its down_proj (like FFN).
 
@@ -33,15 +33,15 @@ from torch import nn
 from minipuzzle.anatomy import AXES, LAYER_AXES, PER_EXPERT_CHANNELS, WIDTH_AXES, mamba_in_proj_slices
 from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
-from minipuzzle.importance.experts import (
+from minipuzzle.progress import progress_bar
+from minipuzzle.score.experts import (
     DEFAULT_EXPERT_ESTIMATOR,
     check_estimator,
     expert_channels,
     expert_contributions,
     per_expert_channel_rows,
 )
-from minipuzzle.importance.layerwise import LayerStack, iter_layerwise, rows_per_chunk
-from minipuzzle.progress import progress_bar
+from minipuzzle.score.layerwise import LayerStack, iter_layerwise, rows_per_chunk
 
 SEQ_AGGS = {
     "abs_mean": "mean of |activation| over the tokens of a row (Minitron, default)",
@@ -132,7 +132,7 @@ class WidthCollector:
     """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`.
 
     Hooks come from `SCORERS` (one installer per axis); aggregates are keyed (axis, source layer), except the
-    Mamba x block, which both Mamba axes read ("mamba_x"). `expert_estimator` names how routed experts are scored (`importance.experts.EXPERT_ESTIMATORS`).
+    Mamba x block, which both Mamba axes read ("mamba_x"). `expert_estimator` names how routed experts are scored (`score.experts.EXPERT_ESTIMATORS`).
     """
 
     def __init__(

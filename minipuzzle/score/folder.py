@@ -14,10 +14,10 @@ from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.checkpoint.write import atomic_dir, check_output_dir
 from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.hardware import resolve
-from minipuzzle.importance.plots import plot_scores
-from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.scoring import check_axes, score_checkpoint
 from minipuzzle.memory import compute_hardware, score_launch, score_stage
+from minipuzzle.score.plots import plot_scores
+from minipuzzle.score.scores import Scores
+from minipuzzle.score.scoring import check_axes, score_checkpoint
 from minipuzzle.settings import ScoreSettings
 
 

@@ -18,7 +18,7 @@ removed experts were never among a group's two best nor chosen, routing is uncha
 fewer than two experts (the router ranks groups by their best two) or too few for the top-k is refused.
 
 Two modes that call the same per-tensor function, so they agree bit for bit: in memory (`prune_state_dict`,
-`prune_model`) and streamed from the source shards to the output shards (`prune_checkpoint`), holding about one
+`cut_model`) and streamed from the source shards to the output shards (`cut_checkpoint`), holding about one
 tensor at a time.
 """
 
@@ -573,7 +573,7 @@ def prune_state_dict(
     return cutter.dst, out
 
 
-def prune_model(model, plan: Plan):
+def cut_model(model, plan: Plan):
     """A new, smaller `NemotronHForCausalLM` with the weights of `model` cut to `plan` (same dtype and device)."""
     layout = Layout.from_config(model.config)
     plan.check_expert_strides(layout, next(model.parameters()).dtype)
@@ -584,7 +584,7 @@ def prune_model(model, plan: Plan):
     return new
 
 
-def prune_checkpoint(
+def cut_checkpoint(
     source: str | Path | Checkpoint,
     plan: Plan,
     out: str | Path,

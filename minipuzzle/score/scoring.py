@@ -15,11 +15,11 @@ from minipuzzle.anatomy import AXES, PER_EXPERT_CHANNELS, SEARCH_AXES, WIDTH_AXE
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import ScoresMeta, ScoringInfo
 from minipuzzle.errors import UserError
-from minipuzzle.importance.depth import check_metric, depth_scores, windows_digest
-from minipuzzle.importance.experts import DEFAULT_EXPERT_ESTIMATOR, check_estimator
-from minipuzzle.importance.layerwise import LayerStack, open_stack
-from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.width import DEFAULT_AGG, parse_agg, width_scores
+from minipuzzle.score.depth import check_metric, depth_scores, windows_digest
+from minipuzzle.score.experts import DEFAULT_EXPERT_ESTIMATOR, check_estimator
+from minipuzzle.score.layerwise import LayerStack, open_stack
+from minipuzzle.score.scores import Scores
+from minipuzzle.score.width import DEFAULT_AGG, parse_agg, width_scores
 
 WIDTH_FILE = "width_scores"
 
@@ -59,7 +59,7 @@ def score_stack(
     """Score every requested axis of the model behind `stack`.
 
     windows_depth [N, T] feeds the drop-one-layer pass, windows_width [M, T] the hooked width pass, which scores
-    routed experts with `expert_estimator` (`importance.experts.EXPERT_ESTIMATORS`). With `resume_dir`, finished
+    routed experts with `expert_estimator` (`score.experts.EXPERT_ESTIMATORS`). With `resume_dir`, finished
     width scores and partial depth sums are kept there and reused by a rerun.
     """
     axes = check_axes(axes)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from minipuzzle.anatomy import AXES, KIND_NAMES, LAYER_AXES, WIDTH_AXES
-from minipuzzle.importance.scores import Scores
+from minipuzzle.score.scores import Scores
 
 KIND_COLOURS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green", "E": "tab:purple"}
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from minipuzzle.errors import UserError
-from minipuzzle.importance.depth import depth_scores
-from minipuzzle.importance.layerwise import ModelStack, StreamedStack, iter_layerwise
-from minipuzzle.importance.scores import Scores
-from minipuzzle.importance.scoring import score_checkpoint, score_model
-from minipuzzle.importance.width import width_scores
+from minipuzzle.score.depth import depth_scores
+from minipuzzle.score.layerwise import ModelStack, StreamedStack, iter_layerwise
+from minipuzzle.score.scores import Scores
+from minipuzzle.score.scoring import score_checkpoint, score_model
+from minipuzzle.score.width import width_scores
 from minipuzzle.testing import random_model, run_cli, save_model
 
 WIDTH = ("ffn", "mamba_heads", "mamba_head_dim", "attn_heads")

@@ -141,7 +141,7 @@ def _removal(mixer, logits, x, idx, routed, out: torch.Tensor) -> torch.Tensor:
     gate, scores = mixer.gate, logits.float().sigmoid()
     before = idx.sort(-1).values
     if not torch.equal(route(gate, scores)[0].sort(-1).values, before):
-        raise RuntimeError("transformers' NemotronH router no longer chooses as importance.experts.route does")
+        raise RuntimeError("transformers' NemotronH router no longer chooses as score.experts.route does")
     for e in range(gate.num_experts):
         new_idx, new_w = route(gate, scores, masked=e)
         changed = torch.where((new_idx.sort(-1).values != before).any(-1))[0]

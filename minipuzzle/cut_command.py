@@ -43,11 +43,11 @@ def _cut_command(
     from minipuzzle.checkpoint.read import Checkpoint
     from minipuzzle.checkpoint.resolve import resolve_checkpoint
     from minipuzzle.checkpoint.write import check_output_dir
+    from minipuzzle.cut import cut_checkpoint
     from minipuzzle.errors import UserError
     from minipuzzle.hardware import resolve
     from minipuzzle.memory import cut_memory
     from minipuzzle.search.plan import read_plan
-    from minipuzzle.surgery import prune_checkpoint
     from minipuzzle.units import parse_bytes
 
     check_output_dir(output, overwrite)
@@ -60,7 +60,7 @@ def _cut_command(
     shard = parse_bytes(max_shard_size, "--max-shard-size") if max_shard_size else part.geometry.shard_bytes
     if max_shard_size is None and not part.fits:
         raise UserError(f"cut does not fit: {part.problem}")
-    out = prune_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=shard)
+    out = cut_checkpoint(src, p, output, overwrite=overwrite, max_shard_bytes=shard)
     for note in p.serving_notes(src.layout):
         print(f"note: {note}", file=sys.stderr)
     print(

@@ -10,7 +10,7 @@ import typer
 from minipuzzle.anatomy import SEARCH_AXES
 from minipuzzle.cli_options import settings_command
 from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions
-from minipuzzle.importance.width import describe_aggs
+from minipuzzle.score.width import describe_aggs
 from minipuzzle.settings import DataOptions, DeviceOptions, ScoreSettings
 
 
@@ -57,7 +57,7 @@ def score(
     from minipuzzle.checkpoint.dtypes import resolve_device
     from minipuzzle.checkpoint.resolve import resolve_checkpoint
     from minipuzzle.hardware import resolve
-    from minipuzzle.importance.folder import score_to_folder
+    from minipuzzle.score.folder import score_to_folder
 
     if samples is not None:
         settings |= {"depth_samples": samples, "width_samples": samples}

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.cut import Plan, cut_checkpoint, cut_model, prune_state_dict
 from minipuzzle.errors import UserError
-from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
 from minipuzzle.testing import (
     cached_and_uncached_greedy,
     moe_layers,
@@ -87,9 +87,9 @@ def test_keep_all_is_bit_exact(style, split, tmp_path):
         hidden=list(range(layout.hidden_size)),
     )
     for plan in (Plan.keep_all(layout), every_unit):
-        assert torch.equal(logits(prune_model(model, plan)), ref)
+        assert torch.equal(logits(cut_model(model, plan)), ref)
     src = save_model(model, tmp_path / "src", style=style, max_shard_bytes=30_000, split_experts=split)
-    out = prune_checkpoint(src, every_unit, tmp_path / "out", progress=False)
+    out = cut_checkpoint(src, every_unit, tmp_path / "out", progress=False)
     assert torch.equal(logits(load_model(out)), ref)
     assert torch.equal(logits(load_model(src)), ref)
 
@@ -105,7 +105,7 @@ def test_cutting_dead_units_keeps_logits(layout_name, axis):
     plan = plans(layout)[axis]
     plant_dead_units(model, plan)
     ref = logits(model)
-    small = prune_model(model, plan)
+    small = cut_model(model, plan)
     target = plan.target_layout(layout)
     assert Layout.from_config(small.config) == target
     assert sum(p.numel() for p in small.parameters()) == target.num_params()
@@ -124,14 +124,14 @@ def test_cutting_live_units_changes_logits(layout_name):
     model = model_for(layout_name)
     ref = logits(model)
     for axis, plan in plans(LAYOUTS[layout_name]).items():
-        assert rel_err(logits(prune_model(model, plan)), ref) > 1e-3, axis
+        assert rel_err(logits(cut_model(model, plan)), ref) > 1e-3, axis
 
 
 def test_router_slices_follow_the_kept_experts():
     model = model_for("grouped")
     layout = Layout.from_config(model.config)
     plan = plans(layout)["experts"]
-    small = prune_model(model, plan)
+    small = cut_model(model, plan)
     for new_i, i in enumerate(plan.layers):
         if layout.pattern[i] != "E":
             continue
@@ -150,11 +150,11 @@ def test_streamed_equals_in_memory_and_loads_natively(style, layout_name, tmp_pa
     layout = LAYOUTS[layout_name]
     model = model_for(layout_name, seed=7)
     plan = plans(layout)["all"]
-    in_memory = prune_model(model, plan)
+    in_memory = cut_model(model, plan)
     for split in (True, False):
         src = save_model(model, tmp_path / f"src{split}", style=style, max_shard_bytes=30_000, split_experts=split)
         new_layout, state = prune_state_dict(Checkpoint(src).state_dict(), layout, plan)
-        out = prune_checkpoint(src, plan, tmp_path / f"out{split}", max_shard_bytes=20_000, progress=False)
+        out = cut_checkpoint(src, plan, tmp_path / f"out{split}", max_shard_bytes=20_000, progress=False)
         streamed = Checkpoint(out)
         assert streamed.layout == new_layout == plan.target_layout(layout)
         # Written as transformers writes it: one tensor per kept expert, numbered 0..n-1.

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.build import load_model
 from minipuzzle.checkpoint.read import Checkpoint
-from minipuzzle.surgery import Plan, prune_checkpoint, prune_model, prune_state_dict
+from minipuzzle.cut import Plan, cut_checkpoint, cut_model, prune_state_dict
 from minipuzzle.testing import (
     cached_and_uncached_greedy,
     plant_dead_units,
@@ -40,8 +40,8 @@ def test_keep_all_is_bit_exact(tiny_model, tiny_checkpoint, tmp_path, compensati
         Plan(layers=list(range(layout.num_layers)), hidden=list(range(layout.hidden_size))),
     ):
         plan.norm_compensation = compensation
-        assert torch.equal(logits(prune_model(tiny_model, plan)), ref)
-    out = prune_checkpoint(tiny_checkpoint, plan, tmp_path / "out", progress=False)
+        assert torch.equal(logits(cut_model(tiny_model, plan)), ref)
+    out = cut_checkpoint(tiny_checkpoint, plan, tmp_path / "out", progress=False)
     assert torch.equal(logits(load_model(out)), ref)
 
 
@@ -116,7 +116,7 @@ def test_cutting_dead_units_keeps_logits(layout_name, axis):
     plan = _plans(layout)[axis]
     plant_dead_units(model, plan)
     ref = logits(model)
-    small = prune_model(model, plan)
+    small = cut_model(model, plan)
     assert Layout.from_config(small.config) == plan.target_layout(layout)
     assert sum(p.numel() for p in small.parameters()) == plan.target_layout(layout).num_params()
     if axis != "depth":
@@ -133,9 +133,9 @@ def test_without_norm_compensation_dead_units_change_logits(axis):
     plan = _plans(layout)[axis]
     plant_dead_units(model, plan)
     ref = logits(model)
-    on = prune_model(model, plan)
+    on = cut_model(model, plan)
     plan.norm_compensation = False
-    off = prune_model(model, plan)
+    off = cut_model(model, plan)
     assert rel_err(logits(on), ref) < 1e-4 and rel_err(logits(off), ref) > 1e-2
     a, b = on.state_dict(), off.state_dict()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
@@ -147,7 +147,7 @@ def test_cutting_live_units_changes_logits(tiny_model):
     layout = Layout.from_config(tiny_model.config)
     ref = logits(tiny_model)
     for axis, plan in _plans(layout).items():
-        assert rel_err(logits(prune_model(tiny_model, plan)), ref) > 1e-3, axis
+        assert rel_err(logits(cut_model(tiny_model, plan)), ref) > 1e-3, axis
 
 
 @pytest.mark.parametrize("style", ["model", "backbone"])
@@ -157,7 +157,7 @@ def test_streamed_equals_in_memory_and_loads_natively(style, tmp_path, tokenizer
     src = save_model(model, tmp_path / "src", style=style, tokenizer=tokenizer, max_shard_bytes=30_000)
     plan = _plans(layout)["all"]
     new_layout, state = prune_state_dict(Checkpoint(src).state_dict(), layout, plan)
-    out = prune_checkpoint(src, plan, tmp_path / "out", max_shard_bytes=20_000, progress=False)
+    out = cut_checkpoint(src, plan, tmp_path / "out", max_shard_bytes=20_000, progress=False)
     streamed = Checkpoint(out)
     assert streamed.layout == new_layout
     assert set(streamed.keys()) == set(state)
@@ -169,7 +169,7 @@ def test_streamed_equals_in_memory_and_loads_natively(style, tmp_path, tokenizer
     assert cfg["model_type"] == "nemotron_h" and "auto_map" not in cfg and "hybrid_override_pattern" not in cfg
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert type(hf).__name__ == "NemotronHForCausalLM"
-    assert torch.equal(logits(hf), logits(prune_model(model, plan)))
+    assert torch.equal(logits(hf), logits(cut_model(model, plan)))
     # Needs a cached forward: the written model generates (the plan dropped layer 0) as it decodes without a cache.
     cached, uncached = cached_and_uncached_greedy(hf, IDS[:, :9], 4)
     assert torch.equal(cached, uncached)
