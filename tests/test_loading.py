@@ -12,7 +12,7 @@ import torch
 from minipuzzle.errors import UserError
 from minipuzzle.testing import random_model, run_cli
 
-SMALL = ["--seq-len", "24", "--depth-samples", "2", "--width-samples", "4", "--held-out", "2", "--candidates", "2"]
+SMALL = ["--seq-len", "24", "--depth-samples", "2", "--width-samples", "4", "--held-out-windows", "2", "--candidates", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def test_prune_removes_exactly_the_planted_experts_and_channels(dead_moe_checkpo
     out = tmp_path / "out"
     args = ["prune", str(ckpt), "--target", str(expected.num_params()), "--axes", "experts,expert_ffn",
             "--step", "experts=2", "--data", str(text_file), "-o", str(out), "--seq-len", "32",
-            "--width-samples", "8", "--held-out", "4", "--candidates", "3"]  # fmt: skip
+            "--width-samples", "8", "--held-out-windows", "4", "--candidates", "3"]  # fmt: skip
     code, _, err = run_cli(args + (["--stream"] if stream else []))
     assert code == 0, err
     rep = json.loads((out / "prune_report.json").read_text())

@@ -252,7 +252,7 @@ def test_a_bf16_moe_checkpoint_keeps_float32_routers_through_the_pipeline(bf16_p
     for mode in ("--stream", "--no-stream"):
         out = tmp_path / f"pruned{mode}"
         _cli_routing_float32(["prune", str(teacher), "--scores", str(tmp_path / "scores"), *axes, mode,
-                              "--dtype", "bfloat16", "--data", str(data), "--seq-len", "32", "--held-out", "8",
+                              "--dtype", "bfloat16", "--data", str(data), "--seq-len", "32", "--held-out-windows", "8",
                               "--candidates", "2", "-o", str(out)])  # fmt: skip
         reports[mode] = json.loads((out / "prune_report.json").read_text())
         assert _stored_dtypes(out) == ({torch.float32}, {torch.bfloat16})
@@ -271,4 +271,4 @@ def test_a_bf16_moe_checkpoint_keeps_float32_routers_through_the_pipeline(bf16_p
                           "--no-progress"])  # fmt: skip
     assert _stored_dtypes(out) == ({torch.float32}, {torch.bfloat16})
     _cli_routing_float32(["eval", str(out), "--teacher", str(teacher), "--data", str(data), "--seq-len", "24",
-                          "--samples", "3", "--no-speed", "--dtype", "bfloat16", "-o", str(tmp_path / "report")])  # fmt: skip
+                          "--held-out-windows", "3", "--no-speed", "--dtype", "bfloat16", "-o", str(tmp_path / "report")])  # fmt: skip

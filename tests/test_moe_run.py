@@ -101,7 +101,7 @@ def test_cli_eval_on_a_moe_checkpoint_against_its_teacher(moe_pair, tmp_path, mo
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "ds_cache"), raising=False)
     teacher, student, data = moe_pair
     out = tmp_path / "rep"
-    args = ["eval", str(student), "--teacher", str(teacher), "--data", str(data), "--seq-len", "24", "--samples", "3",
+    args = ["eval", str(student), "--teacher", str(teacher), "--data", str(data), "--seq-len", "24", "--held-out-windows", "3",
             "--tasks", str(TASKS / "tiny_code_mc.yaml"), "--limit", "4", "--speed-batch", "1", "--speed-len", "8",
             "--decode-tokens", "2", "--speed-repeats", "1", "-o", str(out)]  # fmt: skip
     code, _, err = run_cli(args)
@@ -118,7 +118,7 @@ def test_cli_eval_on_a_moe_checkpoint_against_its_teacher(moe_pair, tmp_path, mo
     assert arch["model"]["active_params"] == s_layout.num_active_params() < arch["model"]["params"]
     # The teacher against itself: KL zero, every greedy token agrees (routing is deterministic).
     code, _, err = run_cli(["eval", str(teacher), "--teacher", str(teacher), "--data", str(data), "--seq-len", "24",
-                            "--samples", "3", "--no-speed", "-o", str(tmp_path / "self")])  # fmt: skip
+                            "--held-out-windows", "3", "--no-speed", "-o", str(tmp_path / "self")])  # fmt: skip
     assert code == 0, err[-2000:]
     self_rep = json.loads((tmp_path / "self" / "report.json").read_text())
     assert self_rep["kl_to_teacher"] == pytest.approx(0.0, abs=1e-7) and self_rep["agreement"] == 1.0

@@ -191,7 +191,7 @@ def test_cli_quantize_then_eval(tmp_path, bf16_checkpoint, text_file):
     assert doc["precision"] == "fp8" and doc["calibration"]["windows"] == 4
     assert (tmp_path / "fp8" / "tokenizer.json").is_file()
     code, out, err = run_cli(["eval", str(tmp_path / "fp8"), "--teacher", str(bf16_checkpoint), "--data",
-                              str(text_file), "--samples", "4", "--seq-len", "32", "--no-speed", "--device", "cpu",
+                              str(text_file), "--held-out-windows", "4", "--seq-len", "32", "--no-speed", "--device", "cpu",
                               "-o", str(tmp_path / "eval")])  # fmt: skip
     assert code == 0, err
     rep = json.loads((tmp_path / "eval" / "report.json").read_text())
