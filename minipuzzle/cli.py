@@ -36,7 +36,7 @@ LAZY_COMMANDS = {
         "Find the layout with the least predicted damage under a budget and write it as a layout file.",
     ),
     "prune": (
-        "minipuzzle.search.command",
+        "minipuzzle.prune.command",
         "Prune a Nemotron-H checkpoint to a budget: score, search, rank candidates, cut the best.",
     ),
     "distill": (

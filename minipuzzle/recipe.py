@@ -307,7 +307,7 @@ def _plan_stages(recipe: Recipe, source, training: dict | None = None) -> list[d
         stages.append({"stage": "quantize", "precision": q.precision, "calibration_tokens": q.samples * q.seq_len,
                        "flops": 2 * student * q.samples * q.seq_len})  # fmt: skip
     fwd = source.flops_per_token(e.seq_len)["prefill"]
-    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit, "flops": 2 * fwd * e.held_out_windows * e.seq_len})
+    stages.append({"stage": "eval", "tasks": list(e.tasks), "limit": e.limit,
+                   "flops": 2 * fwd * e.held_out_windows * e.seq_len})  # fmt: skip
     stages.append({"stage": "report", "flops": 0})
     return stages
-

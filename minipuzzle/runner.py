@@ -204,7 +204,8 @@ def distill_settings(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path
         # The prune stage ranked on the head of the training text: distillation takes at least those tokens as
         # its evaluation windows, which it never trains on.
         need = -(-recipe.prune.held_out_windows * recipe.score.seq_len // d.seq_len)
-        run |= {"eval_data": None, "eval_every": d.eval_every or d.max_steps, "held_out_windows": max(d.held_out_windows, need)}
+        run |= {"eval_data": None, "eval_every": d.eval_every or d.max_steps,
+                "held_out_windows": max(d.held_out_windows, need)}  # fmt: skip
     return planned(d.settings(**run), *_distill_hardware(recipe, hardware))[0]
 
 

@@ -103,7 +103,7 @@ def test_prune_scoring_counts_unset_are_the_models(monkeypatch):
     """prune without --samples, --depth-samples or --width-samples scores with ScoreSettings' counts' defaults as
     PruneSettings holds them (128 and 1024, the paper's)."""
     seen = {}
-    import minipuzzle.search.command as command
+    import minipuzzle.prune.command as command
 
     def fake_print(model, plan, budget, st, as_json):
         seen["st"] = st

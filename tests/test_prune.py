@@ -49,7 +49,7 @@ def expected_layout():
 
 
 ALL_AXES = "depth,ffn,mamba_heads,hidden"
-SMALL = ["--seq-len", "32", "--depth-samples", "4", "--width-samples", "8", "--held-out-windows", "4", "--candidates", "3"]
+SMALL = ["--seq-len", "32", "--depth-samples", "4", "--width-samples", "8", "--held-out-windows", "4", "--candidates", "3"]  # fmt: skip
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -6,7 +6,7 @@ from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.settings import PruneSettings
 from minipuzzle.testing import random_model, run_cli, save_model
 
-SMALL = ["--seq-len", "32", "--depth-samples", "4", "--width-samples", "8", "--held-out-windows", "4", "--candidates", "2"]
+SMALL = ["--seq-len", "32", "--depth-samples", "4", "--width-samples", "8", "--held-out-windows", "4", "--candidates", "2"]  # fmt: skip
 
 
 def test_prune_reads_the_checkpoint_budget_and_plan_once(tmp_path, tokenizer, text_file, monkeypatch):

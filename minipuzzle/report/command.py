@@ -9,7 +9,7 @@ import typer
 
 
 def _report_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder with stage outputs (score/, search/, distill/, eval/).")],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with stage outputs (score/, prune/, distill/, eval/).")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="HTML file (default RUN_DIR/report.html).")
     ] = None,
