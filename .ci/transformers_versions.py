@@ -1,6 +1,6 @@
 """Print the oldest and the newest transformers release that pyproject.toml's range admits, one per line.
 
-CI installs both and runs the loading, surgery and recurrence tests on each, so a release that breaks Nemotron-H
+CI installs both and runs the loading, cut and recurrence tests on each, so a release that breaks Nemotron-H
 (as 5.6-5.14.1 and 5.25.0 did) shows up the day it is published instead of on a user's fresh install.
 """
 

@@ -2,7 +2,7 @@
 Model Optimizer (post-training, calibrated on training text), measured against the teacher on held-out files.
 
 The student is the final model of `minipuzzle run demo` (recipes/demo.yaml: importance, search at the 56B->47B
-parameter ratio, surgery, 80 distillation steps); pass --run DIR to reuse a finished run, else the script runs it.
+parameter ratio, the cut, 80 distillation steps); pass --run DIR to reuse a finished run, else the script runs it.
 Every figure is measured on the test half of the demo's held-out standard-library files (benchmarks/
 demo_quality.py's split: calendar, fractions, shlex, textwrap), float32 compute: KL(teacher || model) in nats
 per token with its standard error over windows, perplexity, agreement with the teacher's greedy token. The
@@ -55,7 +55,7 @@ def demo_run(run: Path | None, work: Path, smoke: bool) -> Path:
         recipe = recipe.model_copy(update={
             "score": recipe.score.model_copy(update={"depth_samples": 4, "width_samples": 4}),
             "prune": recipe.prune.model_copy(update={"candidates": 1, "held_out_windows": 2,
-                                                       "candidate_distill_tokens": None}),
+                                                      "candidate_distill_tokens": None}),
             "distill": recipe.distill.model_copy(update={"max_steps": 2, "save_every": 2, "eval_every": 2}),
             "eval": recipe.eval.model_copy(update={"held_out_windows": 2, "speed": False}),
         })  # fmt: skip

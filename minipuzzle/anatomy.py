@@ -1,7 +1,7 @@
 """Nemotron-H's anatomy: the prunable axes, and where each unit of an axis lives in the weights.
 
 This is the one place that says what a "unit" is. Scoring reads a unit's activation, the search picks how many
-units stay, the plan names which ones, surgery cuts them: all four name axes as `AXES` does here.
+units stay, the plan names which ones, the cut cuts them: all four name axes as `AXES` does here.
 
 Layer kinds (one character per layer in a layout's pattern, `minipuzzle.kinds`): `M` Mamba-2 mixer, `*` attention,
 `-` MLP, `E` mixture of experts (Nemotron 3: routed experts behind a grouped router, and a shared expert).

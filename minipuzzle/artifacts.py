@@ -1,7 +1,7 @@
 """What each stage writes and the next stage (or the run page) reads, as pydantic models.
 
     score/scores.json            ScoresMeta   (the tensors sit beside it in scores.safetensors)
-    search's layout file,        LayoutDoc    (the chosen layout, and the surgery plan that cuts it)
+    search's layout file,        LayoutDoc    (the chosen layout, and the cut plan that cuts it)
     prune/prune_report.json      PruneReport  (LayoutDoc + the ranked CandidateRows)
     distill/distill.json         DistillState (the settings that decide the trajectory)
     distill/metrics.jsonl        one TrainRow or EvalRow per line
@@ -105,7 +105,7 @@ class ResultLayout(LayoutSummary):
 
 
 class LayoutDoc(Artifact):
-    """A chosen layout: what it is (`result`), what it came from, and the surgery plan (`cut.Plan.to_dict`)."""
+    """A chosen layout: what it is (`result`), what it came from, and the cut plan (`cut.Plan.to_dict`)."""
 
     model_config = ConfigDict(extra="allow")  # `minipuzzle search` adds its candidate list
 

@@ -1,4 +1,4 @@
-"""Named Nemotron-H models: hub id plus the config facts, so that `info`, `search --dry-run` and the recipes work
+"""Named Nemotron-H models: hub id plus the config facts, so that `info`, `prune --dry-run` and the recipes work
 offline on the meta device. Numbers from NVIDIA's published configs (the checkpoints' config.json).
 
 Nemotron 3 (hybrid Mamba / MoE / attention): Nano 30B-A3B's shapes are those of its config.json (a full copy in

@@ -1,6 +1,6 @@
 """Tiny random Nemotron-H models and tokenizers for tests, benchmarks and examples.
 
-Real checkpoints are tens of GB; every property the toolkit promises (exact surgery, streamed == in-memory,
+Real checkpoints are tens of GB; every property the toolkit promises (an exact cut, streamed == in-memory,
 resumable runs) is checked on models built here in milliseconds.
 """
 
@@ -212,7 +212,7 @@ def plant_dead_units(model, plan) -> None:
     """Zero every weight into and out of the units that `plan` removes, in place.
 
     Afterwards the removed units contribute nothing, so pruning `model` by `plan` must leave its logits unchanged
-    (up to the norm epsilon): the property the surgery and search tests check.
+    (up to the norm epsilon): the property the cut and search tests check.
     Dropped layers get a zero output projection (the block becomes the identity). Removed routed experts are made
     never chosen instead (router row zero, correction bias `NEVER_CHOSEN_BIAS`): their weights stay random, since
     an expert the router never picks never runs.

@@ -1,7 +1,7 @@
 """Reading a Nemotron-H checkpoint folder one tensor at a time, and the names its weights go by.
 
 Reading never builds the model: a 56B checkpoint is a set of safetensors shards, and every stage that streams
-(scoring, surgery) asks for one tensor or one layer at a time. Both weight-name styles are accepted (NVIDIA's
+(scoring, the cut) asks for one tensor or one layer at a time. Both weight-name styles are accepted (NVIDIA's
 remote-code `backbone.*` and transformers' native `model.*`); everything is returned under native names.
 
 Routed experts of mixture-of-experts layers live in memory as two 3-D tensors per layer (`mixer.experts.up_proj`

@@ -1,7 +1,7 @@
 """A tiny teacher and a lossy depth-pruned student on disk, for distillation tests, benchmarks and demos.
 
 The student is the teacher with some layers removed (the kept layers' weights copied, renumbered), the same
-thing surgery produces for a depth-only plan, so its logits are close to the teacher's but clearly off.
+thing the cut produces for a depth-only plan, so its logits are close to the teacher's but clearly off.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from minipuzzle.testing import random_model, save_model, stdlib_text_files, tiny
 
 
 def drop_layers(teacher, keep: list[int]):
-    """A new model holding the teacher's layers `keep` (in order): a depth-only surgery plan."""
+    """A new model holding the teacher's layers `keep` (in order): a depth-only cut plan."""
     from minipuzzle.cut import Plan, cut_model
 
     return cut_model(teacher, Plan(layers=list(keep)))

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from minipuzzle.artifacts import EvalReport, EvalRow, SpeedResult, TrainRow  # noqa: E402
 
 MODEL_COLOR, TEACHER_COLOR = "#2b6cb0", "#a0aec0"
-# The importance stage's colours, so every plot of a run reads the same way.
+# The score stage's colours, so every plot of a run reads the same way.
 KIND_COLORS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green"}
 
 

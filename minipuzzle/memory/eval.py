@@ -121,7 +121,7 @@ def eval_memory(model: Layout, teacher: Layout | None, hw: Hardware, ev: EvalSha
 def eval_stage(model: Layout, teacher: Layout | None, hw: Hardware, es, *, held_out: bool = True,
                dtype: str | None = None, stored_bytes: int = 2) -> StageMemory:  # fmt: skip
     """The eval stage for `es` (a `settings.EvalSettings`); `held_out`: there is held-out text."""
-    ev = EvalShape(seq_len=es.seq_len, held_out_windows=es.held_out_windows, batch_size=es.batch_size, held_out=held_out,
-                   tasks=bool(es.tasks), speed=es.speed, speed_batch=es.speed_batch, speed_len=es.speed_len,
-                   decode_tokens=es.decode_tokens)  # fmt: skip
+    ev = EvalShape(seq_len=es.seq_len, held_out_windows=es.held_out_windows, batch_size=es.batch_size,
+                   held_out=held_out, tasks=bool(es.tasks), speed=es.speed, speed_batch=es.speed_batch,
+                   speed_len=es.speed_len, decode_tokens=es.decode_tokens)  # fmt: skip
     return eval_memory(model, teacher, hw, ev, dtype=dtype, stored_bytes=stored_bytes)

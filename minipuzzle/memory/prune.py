@@ -118,8 +118,8 @@ def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = No
         parts += score_memory(layout, chw, seq_len=ps.seq_len, depth_samples=ps.depth_samples,
                               width_samples=ps.width_samples, batch_size=ps.batch_size, axes=tuple(ps.axes),
                               stage="prune", **kw)  # fmt: skip
-    parts.append(ranking_memory(layout, chw, seq_len=ps.seq_len, held_out_windows=ps.held_out_windows, batch_size=ps.batch_size,
-                                **kw))  # fmt: skip
+    parts.append(ranking_memory(layout, chw, seq_len=ps.seq_len, held_out_windows=ps.held_out_windows,
+                                batch_size=ps.batch_size, **kw))  # fmt: skip
     if ps.candidate_distill_steps:
         train_hw = for_device(hw, ps.device)
         if train_hw is not None:

@@ -83,7 +83,7 @@ def measure_in_memory(model, plans: list, windows: torch.Tensor, batch_size: int
 
 class PrunedStack(StreamedStack):
     """A checkpoint cut to `plan` on the fly: block j is the source's kept layer plan.layers[j], sliced by the
-    surgery code as it is read, so no pruned checkpoint is written to rank a candidate."""
+    cutting code as it is read, so no pruned checkpoint is written to rank a candidate."""
 
     def __init__(self, source: StreamedStack, plan):
         self.plan, self.cutter = plan, Cutter(source.ckpt.layout, plan)

@@ -19,7 +19,7 @@ from minipuzzle.search.space import layout_axes
 
 def build_report(ctx: PruneContext, scores: Scores, cands: list[Candidate], plans: list, rows: list[CandidateRow],
                  windows: Windows) -> PruneReport:  # fmt: skip
-    """The prune report of the best measured candidate, `rows[0]`; `plans[i]` is the surgery plan of `cands[i]`."""
+    """The prune report of the best measured candidate, `rows[0]`; `plans[i]` is the cut plan of `cands[i]`."""
     req, src = ctx.request, ctx.ckpt.layout
     best, held = rows[0].predicted_rank - 1, len(windows.held)
     held_source = (str(req.held_out_data) if req.held_out_data is not None

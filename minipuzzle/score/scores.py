@@ -1,4 +1,4 @@
-"""The scores file: what the importance stage hands to the search.
+"""The scores file: what the score stage hands to the search.
 
 Tensors live in `scores.safetensors`; `scores.json` (an `artifacts.ScoresMeta`) is the readable summary next to
 it. Higher = more important on every axis. Layer indices are the source model's.

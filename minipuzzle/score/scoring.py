@@ -1,4 +1,4 @@
-"""The importance stage as library calls: a model or checkpoint plus calibration windows -> `Scores`."""
+"""The score stage as library calls: a model or checkpoint plus calibration windows -> `Scores`."""
 
 from __future__ import annotations
 

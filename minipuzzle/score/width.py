@@ -132,7 +132,8 @@ class WidthCollector:
     """Forward hooks that feed `Aggregate`s; `hooks(i, block)` is an `on_block` for `iter_layerwise`.
 
     Hooks come from `SCORERS` (one installer per axis); aggregates are keyed (axis, source layer), except the
-    Mamba x block, which both Mamba axes read ("mamba_x"). `expert_estimator` names how routed experts are scored (`score.experts.EXPERT_ESTIMATORS`).
+    Mamba x block, which both Mamba axes read ("mamba_x"). `expert_estimator` names how routed experts are scored
+    (`score.experts.EXPERT_ESTIMATORS`).
     """
 
     def __init__(

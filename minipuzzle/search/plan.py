@@ -1,4 +1,4 @@
-"""From a chosen candidate to a surgery `Plan` (which layers and units stay), and the readable layout file.
+"""From a chosen candidate to a cut `Plan` (which layers and units stay), and the readable layout file.
 
 This is where units are chosen: the search fixes how many stay per axis, `choose_units` picks which (the
 top-scored ones, the same count in every group of a grouped axis such as Mamba heads or the routed experts of a
@@ -28,7 +28,7 @@ EXPERT_CHANNEL_CHOICES = ("shared", "per_expert")
 def choose_units(
     cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True, expert_channels: str = "shared"
 ):
-    """The surgery Plan for `cand`: the top-ranked layers of each kind, and on every width axis the top-scored
+    """The cut Plan for `cand`: the top-ranked layers of each kind, and on every width axis the top-scored
     units of each kept layer (of the whole model for an axis of every layer, such as hidden), the same count per
     group on grouped axes. Axes left at full width keep everything. Routed experts' channels are chosen as
     `expert_channels` says (`EXPERT_CHANNEL_CHOICES`)."""
