@@ -220,8 +220,8 @@ def build_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         tmp = Path(td)
         sections = [
             ("evaluation", "Evaluation", _eval_section(run_dir)),
-            ("score", "Importance scores", _score_section(run_dir, tmp)),
-            ("prune", "Prune: search and chosen layout", _prune_section(run_dir)),
+            ("score", "Importance", _score_section(run_dir, tmp)),
+            ("prune", "Search and chosen layout", _prune_section(run_dir)),
             ("distill", "Distillation", _distill_section(run_dir, tmp)),
         ]
     present = [(i, t, b) for i, t, b in sections if b]
