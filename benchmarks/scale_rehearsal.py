@@ -515,7 +515,7 @@ def _record(m: dict, pred: dict, device: int, ckpt_bytes: int, log, label: str, 
 
 
 def checks(stages: dict, ckpt_bytes: int) -> dict[str, dict]:
-    """The issue's bounds: score, prune (its own process), cut and eval below 0.6 x the checkpoint; every
+    """The rehearsal's bounds: score, prune (its own process), cut and eval below 0.6 x the checkpoint; every
     prediction within 15 %, of the process tree and of its largest process (under torchrun: one rank)."""
     out = {}
     for k, s in stages.items():
