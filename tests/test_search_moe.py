@@ -12,7 +12,7 @@ from minipuzzle.arch import Layout
 from minipuzzle.errors import UserError
 from minipuzzle.importance.scores import Scores
 from minipuzzle.presets import NANO3_PRUNED_22B, get_preset
-from minipuzzle.search import DamageModel, SearchSpace, count_pool, in_pool, is_maximal, make_budget, search
+from minipuzzle.search import DamageModel, SearchSpace, count_pool, in_pool, make_budget, search
 from minipuzzle.search.plan import choose_units, layout_document
 from minipuzzle.search.stage import build_space, count_feasible, dry_run
 from minipuzzle.settings import PruneSettings
@@ -99,23 +99,35 @@ def test_listed_widths_and_their_errors():
 
 
 def brute_force(space, budget, model, band):
-    """Every point of the space, checked with Layout directly (parameters, active parameters, memory)."""
-    best = []
+    """Every point of the space, checked with Layout directly (parameters, active parameters, memory). A point that
+    fits is a candidate when it uses at least (1 - band) of a limit or when none of its one-step neighbours (one
+    more layer of a kind, an axis's next larger width) fits: maximality is read off the enumeration itself."""
+    fitting = {}
     for widths in space.width_combos():
         ranges = [range(lo, hi + 1) for lo, hi in space.layers.values()]
         for counts in itertools.product(*ranges):
             counts = dict(zip(space.kinds, counts))
             lay = space.layout(widths, counts)
-            if not budget.fits(lay):
-                continue
             used = [lay.num_params() / budget.params] if budget.params is not None else []
             if budget.active_params is not None:
                 used.append(lay.num_active_params() / budget.active_params)
             if budget.memory is not None:
                 used.append(budget.memory_of(lay)["total"] / budget.memory)
-            if max(used) >= 1 - band or is_maximal(space, budget, widths, counts):
-                best.append(model.damage(widths, counts))
+            if max(used) <= 1:
+                fitting[_point(widths, counts)] = (widths, counts, max(used))
+    best = []
+    for widths, counts, use in fitting.values():
+        grown = [counts | {k: counts[k] + 1} for k, (_, hi) in space.layers.items() if counts[k] < hi]
+        wider = [widths | {a: opts[opts.index(widths[a]) - 1]} for a, opts in space.widths.items()
+                 if opts.index(widths[a]) > 0]  # fmt: skip
+        neighbours = [_point(widths, g) for g in grown] + [_point(w, counts) for w in wider]
+        if use >= 1 - band or not any(n in fitting for n in neighbours):
+            best.append(model.damage(widths, counts))
     return sorted(best)
+
+
+def _point(widths, counts):
+    return tuple(sorted(widths.items())), tuple(sorted(counts.items()))
 
 
 BUDGETS = {
