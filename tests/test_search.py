@@ -160,7 +160,7 @@ def test_memory_and_params_band_matches_brute_force(band):
     budget = make_budget(src, target="0.9", memory=str(int(full * 0.8)), context=4096)
     ref = brute_force(space, budget, model, band)
     assert count_pool(space, budget, band) == len(ref)
-    assert count_pool(space, budget, 1.0) == count_feasible(space, budget)
+    assert count_pool(space, budget, 1.0) == count_feasible(space, budget) == len(brute_force(space, budget, model, 1.0))
     for method in ("enumerate", "mip"):
         got = search(space, budget, model, k=6, method=method, band=band)
         assert [c.damage for c in got] == pytest.approx(ref[:6], abs=1e-12)

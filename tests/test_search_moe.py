@@ -147,7 +147,7 @@ def test_moe_solver_matches_brute_force_and_mip(budget_name, band):
     ref = brute_force(space, budget, model, band)
     assert len(ref) >= 5
     assert count_pool(space, budget, band) == len(ref)
-    assert count_pool(space, budget, 1.0) == count_feasible(space, budget)
+    assert count_pool(space, budget, 1.0) == count_feasible(space, budget) == len(brute_force(space, budget, model, 1.0))
     for method in ("enumerate", "mip"):
         got = search(space, budget, model, k=5, method=method, band=band)
         assert [c.damage for c in got] == pytest.approx(ref[:5], abs=1e-12)
