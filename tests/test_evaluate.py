@@ -324,8 +324,9 @@ def test_eval_runs_its_memory_plan(models, text_file, tmp_path, monkeypatch):
     # batch of 4. The small device is one byte short of both models at one window; one model at a time frees the
     # student's 4 x 147,176 B of weights but keeps the teacher's LM head for the KL (320 x 64 x 4 = 81,920 B) and
     # its final states on the host (6 x 32 x 64 x 4 = 49,152 B): 457,632 B to spare, less than a second window
-    # costs: 32 tokens x (2 x 64 x 4 B of final states + 18,784 B of the widest layer's forward, as the memory
-    # terms' tests measure it) + a 32 x 320 logits chunk in 6 float32 buffers and a float32 copy = 904,192 B.
+    # costs: 32 tokens x (2 x 64 x 4 B of final states + 18,784 B of the widest layer's forward, a bound the memory
+    # terms' tests check against the allocator) + a 32 x 320 logits chunk in 6 float32 buffers and a float32 copy
+    # = 904,192 B.
     assert (lay.num_params(), t_lay.num_params()) == (147_176, 172_960)
     reps = {}
     for name, hw, batch in (("together", big, 4), ("sequential", small, 1)):
