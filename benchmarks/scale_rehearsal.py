@@ -254,13 +254,15 @@ def _predicted(part: dict) -> dict:
 
 
 # What an interpreter holds before it does any work, by what it imports: a stage process (python, torch,
-# transformers, minipuzzle), one that builds a model (also transformers' NemotronH modeling code, 0.14 GB more),
+# transformers, minipuzzle), one that builds a model (also transformers' NemotronH modeling code, and a tiny model
+# built and run once: the first forward initializes torch's CPU kernels, which every model-building stage pays),
 # torchrun's launcher (torch alone). The plan counts them itself (`memory.PROCESS_BYTES`, `TOOL_BYTES`,
 # `LAUNCHER_BYTES`); they are measured here to show the plan's figures hold on this machine.
 BASELINE_CHILDREN = {
     "stage": "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate",
     "model": "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate; "
-             "import transformers.models.nemotron_h.modeling_nemotron_h",
+             "import transformers.models.nemotron_h.modeling_nemotron_h; from minipuzzle.testing import random_model; "
+             "random_model()(torch.zeros(1, 8, dtype=torch.long), use_cache=False)",
     "launcher": "import torch.distributed.run",
 }  # fmt: skip
 
