@@ -3,7 +3,7 @@
 Run from the repository root: `python benchmarks/data_windows.py [--sizes-mb 1.5 8 200] [--timeout 300]`.
 Text files of the given sizes are made by repeating the Python standard library's sources; windows are cut with
 the demo teacher's tokenizer (byte-level BPE, 4096 tokens) in two settings:
-  score: `minipuzzle score --samples 1 --seq-len 32` (token_windows, 1 window of 32 tokens: the issue's case),
+  score: `minipuzzle score --samples 1 --seq-len 32` (token_windows, 1 window of 32 tokens: the smallest read),
   prune: `minipuzzle prune` defaults without a held-out source (head_split, 64 held-out + 1024 windows of 512).
 "before" is minipuzzle/data.py at --baseline (read with `git show`), "after" the working tree's. Each measurement
 runs in a fresh interpreter, killed after --timeout seconds (the JSON then says so). Before is not run on files

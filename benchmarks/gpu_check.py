@@ -1,4 +1,4 @@
-"""GPU readiness check (issue 12, deliverable 6): one run, one JSON, every part measured on its own.
+"""GPU readiness check: one run, one JSON, every part measured on its own.
 
     bash benchmarks/gpu_check.sh               # one H100/H200: ~6 minutes, JSON in $OUT or benchmarks/results/
     bash benchmarks/gpu_check.sh --cpu-smoke   # the same path on a tiny model on the CPU (part a only collects)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check (issue 12, deliverable 6): gpu tests, streamed scoring, eval speed and distillation of a
+# GPU readiness check: gpu tests, streamed scoring, eval speed and distillation of a
 # generated ~1B Nemotron-H on one GPU, in under 7 minutes; one JSON ($OUT/gpu_check.json, else
 # benchmarks/results/gpu_check.json) and a summary on stdout. See benchmarks/gpu_check.py.
 #

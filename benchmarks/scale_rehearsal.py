@@ -254,13 +254,15 @@ def _predicted(part: dict) -> dict:
 
 
 # What an interpreter holds before it does any work, by what it imports: a stage process (python, torch,
-# transformers, minipuzzle), one that builds a model (also transformers' NemotronH modeling code, 0.14 GB more),
+# transformers, minipuzzle), one that builds a model (also transformers' NemotronH modeling code, and a tiny model
+# built and run once: the first forward initializes torch's CPU kernels, which every model-building stage pays),
 # torchrun's launcher (torch alone). The plan counts them itself (`memory.PROCESS_BYTES`, `TOOL_BYTES`,
 # `LAUNCHER_BYTES`); they are measured here to show the plan's figures hold on this machine.
 BASELINE_CHILDREN = {
     "stage": "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate",
     "model": "import torch, transformers, minipuzzle.runner, minipuzzle.distill, minipuzzle.evaluate; "
-             "import transformers.models.nemotron_h.modeling_nemotron_h",
+             "import transformers.models.nemotron_h.modeling_nemotron_h; from minipuzzle.testing import random_model; "
+             "random_model()(torch.zeros(1, 8, dtype=torch.long), use_cache=False)",
     "launcher": "import torch.distributed.run",
 }  # fmt: skip
 
@@ -515,7 +517,7 @@ def _record(m: dict, pred: dict, device: int, ckpt_bytes: int, log, label: str, 
 
 
 def checks(stages: dict, ckpt_bytes: int) -> dict[str, dict]:
-    """The issue's bounds: score, prune (its own process), cut and eval below 0.6 x the checkpoint; every
+    """The rehearsal's bounds: score, prune (its own process), cut and eval below 0.6 x the checkpoint; every
     prediction within 15 %, of the process tree and of its largest process (under torchrun: one rank)."""
     out = {}
     for k, s in stages.items():

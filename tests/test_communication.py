@@ -239,7 +239,7 @@ def test_the_56b_dry_run_prices_communication_and_recompute_by_hand():
     """The shipped 56B -> 47B recipe on 8 x 8 H100 (defaults: 360 GB/s in a node, 40 GB/s between nodes): HSDP
     cannot hold 16 bytes per parameter of the (not yet pruned, so 56B-bounded) student on 8 GPUs, so full
     sharding over 64 ranks, micro 1 x 12, checkpointing; every gather and reduce-scatter crosses the network."""
-    p = 56_324_350_464  # Nemotron-H-56B's parameters (DESIGN.md: 56.324e9)
+    p = 56_324_350_464  # Nemotron-H-56B's parameters (transformers' count: 56.324e9)
     h, v, ffn = 8192, 131072, 32768
     root = 2 * v * h + h  # embeddings, LM head, final norm
     blocks, last = p - root, 2 * h * ffn + h  # it ends with an MLP block

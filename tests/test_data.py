@@ -233,8 +233,14 @@ def test_recipe_data_streaming_reaches_every_stage(streaming, tmp_path, tiny_mod
         seen.append(streaming)
         raise _Seen
 
-    monkeypatch.setattr(minipuzzle.data, "token_windows", reader)
-    monkeypatch.setattr(minipuzzle.data, "head_split", reader)
+    import minipuzzle.prune.windows
+    import minipuzzle.score.folder
+
+    # Each stage's own name for the readers: score and prune import them at load, eval at the call.
+    for module in (minipuzzle.data, minipuzzle.score.folder, minipuzzle.prune.windows):
+        for name in ("token_windows", "head_split"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, reader)
     teacher = save_model(tiny_model, tmp_path / "teacher", tokenizer=tokenizer)
     recipe = parse_recipe({"name": "t", "model": {"source": str(teacher)}, "prune": {"target": "0.8"},
                            "data": {"source": str(text_file), "streaming": streaming}, "distill": {"max_steps": 1}})  # fmt: skip

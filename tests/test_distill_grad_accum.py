@@ -1,4 +1,4 @@
-"""Gradient accumulation under FSDP2 keeps each rank's gradients sharded (issue 18 item 1): with grad-accum 4 on 2
+"""Gradient accumulation under FSDP2 keeps each rank's gradients sharded (a full gradient per rank would not fit at 56B): with grad-accum 4 on 2
 and 4 gloo ranks (full sharding, and HSDP as 2 "nodes" x 2), every rank's gradient bytes after every micro-batch
 are its shard of the student's parameters, within one FSDP unit, and within the memory plan's gradient term; the
 final weights equal one process's on the same global batch.

@@ -4,12 +4,12 @@ launcher when its plan needs more devices than the prune process has. Launches r
 processes' logs, and a launch that fails or cannot start says in one line which process failed and where its log
 is; a multi-node script names its interpreter and what each node needs."""
 
-import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.distill import launch
 from minipuzzle.errors import LaunchError, UserError
 from minipuzzle.hardware import Hardware
-from minipuzzle.memory import USABLE, Fixed, train_memory
 from minipuzzle.recipe import RECIPES_DIR, parse_recipe
 from minipuzzle.testing import run_cli
 
@@ -29,13 +28,27 @@ SEQ, BATCH = 32, 8
 
 
 def _tight_gpu(pair, ranks: int) -> int:
-    """GPU memory in which `ranks` GPUs hold the pair's training at micro-batch 1 with checkpointing, and no
-    larger micro-batch or run without checkpointing."""
-    t, s = Checkpoint(pair[0]).layout, Checkpoint(pair[1]).layout
-    roomy = Hardware(gpu_memory="80GiB", gpus_per_node=ranks)
-    need = train_memory("distill", "distill", t, s, roomy, seq_len=SEQ, global_batch=BATCH, dtype="float32",
-                        stored_bytes=4, fixed=Fixed(grad_accum=BATCH // ranks, checkpointing=True)).device_total  # fmt: skip
-    return math.ceil(need / USABLE) + 64
+    """The least GPU memory (bytes) in which `ranks` GPUs hold the pair's training, found by bisection over what
+    the distill stage accepts (a refusal is a `UserError`), not from the plan's formulas. At that least memory the
+    stage can only take its most frugal geometry: one sequence per micro-step (BATCH / ranks micro-steps) with
+    activations recomputed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "prune").symlink_to(pair[1])
+        rd = runner.RunData(train=str(pair[2]), held_out=str(pair[2]))
+
+        def fits(memory: int) -> bool:
+            try:
+                runner.distill_settings(_recipe(pair, memory, ranks), pair[0], rd, Path(tmp), progress=False)
+            except UserError:
+                return False
+            return True
+
+        lo, hi = 1, 80 * 2**30  # lo does not fit, hi does
+        assert fits(hi) and not fits(lo)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return hi
 
 
 def _recipe(pair, gpu_memory: int, gpus: int, **distill):

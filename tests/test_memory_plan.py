@@ -24,7 +24,7 @@ from minipuzzle.presets import PRESETS
 from minipuzzle.recipe import RECIPES_DIR, parse_recipe, plan_run
 from minipuzzle.testing import run_cli
 
-# DESIGN.md sections 3 and 8: parameter counts (transformers' own), widths, and the run's sequence and batch.
+# The published models' parameter counts (transformers' own), widths, and the 56B run's sequence and batch.
 P56, P47 = 56.324e9, 46.792e9
 H, V, T = 8192, 131072, 8192
 FFN56, FFN47 = 32768, 30720
@@ -98,7 +98,7 @@ def test_distill_56b_to_47b_on_8x8_h100():
     g, m = part.geometry, part.memory
     assert (g.devices, g.nodes, g.sharding, g.dtype) == (64, 8, "full", "bfloat16")
     assert (g.micro_batch, g.grad_accum, g.activation_checkpointing) == (1, 12, True)
-    approx = lambda x: pytest.approx(x, rel=2e-4)  # noqa: E731 (DESIGN.md's counts have 5 digits)
+    approx = lambda x: pytest.approx(x, rel=2e-4)  # noqa: E731 (the published counts have 5 digits)
     assert m.master_weights == approx(P47 * 4 / 64)
     assert m.optimizer_state == approx(P47 * 8 / 64)
     # Float32 gradient shard, one MLP block's bf16 gradients and its float32 reduce-scatter buffer, and the chunked
@@ -121,8 +121,7 @@ def test_distill_56b_to_47b_on_8x8_h100():
     assert total + per_sequence > USABLE  # micro-batch 2 would not fit
     assert m.activations_full > USABLE  # nor would any micro-batch without checkpointing
     # Told --grad-accum 1, each of the 64 ranks trains 768 / 64 = 12 sequences per micro-step: 98 bf16 block
-    # inputs of 12 x 8192 tokens alone are ~158 GB (float32 gathers, as the loop had before, doubled that to the
-    # issue's ~315 GB).
+    # inputs of 12 x 8192 tokens alone are ~158 GB (float32 gathers would double that to ~315 GB).
     told = train_memory("distill", "distill", PRESETS["56b"].layout, PRESETS["47b"].layout, CLUSTER, seq_len=T,
                         global_batch=768, fixed=Fixed(grad_accum=1, checkpointing=True))  # fmt: skip
     assert not told.fits and told.geometry.micro_batch == 12 and told.geometry.grad_accum == 1
@@ -292,7 +291,7 @@ def test_one_24gib_gpu_is_refused_in_one_line_before_anything_is_written(tmp_pat
 
 def test_prune_on_the_cpu_of_a_gpu_machine_is_checked_against_its_ram():
     """`prune --device cpu` on a GPU machine ranks on the host, in float32: the parent and a cut candidate in
-    memory (2 x 8.101e9 x 4 bytes for the 8B, DESIGN.md) do not fit its 32 GiB of RAM, so the plan streams."""
+    memory (2 x 8.101e9 x 4 bytes for the 8B) do not fit its 32 GiB of RAM, so the plan streams."""
     from minipuzzle.memory import prune_stage
     from minipuzzle.settings import PruneSettings
 

@@ -3,7 +3,7 @@ the interpreter's own memory counted (`memory.PROCESS_BYTES`) and its measured p
 
 The limit is chosen so that the checkpoint and its activations fit 90 % of it but not beside an interpreter: a plan
 that counts no interpreter loads the model whole and the process exceeds the limit (0.81 GB measured against
-0.70 GB before the baseline was counted); counting it, the plan streams the layers."""
+a 0.70 GB limit); counting it, the plan streams the layers."""
 
 import importlib.util
 import sys

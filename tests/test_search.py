@@ -15,7 +15,6 @@ from minipuzzle.search import (
     SearchSpace,
     count_pool,
     in_pool,
-    is_maximal,
     make_budget,
     parse_memory,
     parse_target,
@@ -86,21 +85,33 @@ def test_width_options_scale_with_model():
 def brute_force(space, budget, model, band=0.0):
     """Every (widths, counts) point, checked with Layout directly: the reference for the solver.
 
-    A point is a candidate when it fits and uses at least (1 - band) of a limit, or fits and is maximal."""
-    best = []
+    A point is a candidate when it fits and uses at least (1 - band) of a limit, or fits and is maximal: none of
+    its one-step neighbours (one more layer of a kind, an axis's next larger width) is among the points that fit.
+    Maximality is read off the enumeration itself, not asked of the solver."""
+    fitting = {}
     for widths in space.width_combos():
         ranges = [range(space.layers[k][0], space.layers[k][1] + 1) for k in KINDS]
         for counts in itertools.product(*ranges):
             c = dict(zip(KINDS, counts))
             lay = space.layout(widths, c)
-            if not budget.fits(lay):
-                continue
             used = [lay.num_params() / budget.params] if budget.params is not None else []
             if budget.memory is not None:
                 used.append(budget.memory_of(lay)["total"] / budget.memory)
-            if max(used) >= 1 - band or is_maximal(space, budget, widths, c):
-                best.append(model.damage(widths, c))
+            if max(used) <= 1:
+                fitting[_point(widths, c)] = (widths, c, max(used))
+    best = []
+    for widths, c, use in fitting.values():
+        grown = [c | {k: c[k] + 1} for k in KINDS if c[k] < space.layers[k][1]]
+        wider = [widths | {a: opts[opts.index(widths[a]) - 1]} for a, opts in space.widths.items()
+                 if opts.index(widths[a]) > 0]  # fmt: skip
+        neighbours = [_point(widths, g) for g in grown] + [_point(w, c) for w in wider]
+        if use >= 1 - band or not any(n in fitting for n in neighbours):
+            best.append(model.damage(widths, c))
     return sorted(best)
+
+
+def _point(widths, counts):
+    return tuple(sorted(widths.items())), tuple(sorted(counts.items()))
 
 
 @pytest.mark.parametrize("band", [0.0, 0.05, 0.3])
@@ -149,7 +160,7 @@ def test_memory_and_params_band_matches_brute_force(band):
     budget = make_budget(src, target="0.9", memory=str(int(full * 0.8)), context=4096)
     ref = brute_force(space, budget, model, band)
     assert count_pool(space, budget, band) == len(ref)
-    assert count_pool(space, budget, 1.0) == count_feasible(space, budget)
+    assert count_pool(space, budget, 1.0) == count_feasible(space, budget) == len(brute_force(space, budget, model, 1.0))
     for method in ("enumerate", "mip"):
         got = search(space, budget, model, k=6, method=method, band=band)
         assert [c.damage for c in got] == pytest.approx(ref[:6], abs=1e-12)
