@@ -193,6 +193,19 @@ class DistillState(Artifact):
     teacher: str
     warmup_steps: int  # the warmup the schedule used (`warmup`, clamped to a share of the run)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _older_names(cls, data: Any) -> Any:
+        # Runs started before the held-out window count had one name wrote `eval_windows`: read them as
+        # `held_out_windows` so such a run still resumes (or is found finished) instead of being refused.
+        if isinstance(data, dict):
+            data = dict(data)
+            for part in ("trajectory", "config"):
+                d = data.get(part)
+                if isinstance(d, dict) and "eval_windows" in d and "held_out_windows" not in d:
+                    data[part] = {("held_out_windows" if k == "eval_windows" else k): v for k, v in d.items()}
+        return data
+
     @classmethod
     def of(cls, cfg: DistillSettings) -> DistillState:
         return cls(trajectory=cfg.trajectory(), config=cfg, teacher=str(cfg.teacher), warmup_steps=cfg.warmup_steps())

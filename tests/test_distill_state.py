@@ -65,3 +65,19 @@ def test_metrics_log_keeps_typed_rows_up_to_the_checkpoint(tmp_path):
     with pytest.raises(UserError, match=r"line 2 is not a metrics row .*train\.note: unknown key") as err:
         state.MetricsLog(path, d, resume_step=3)
     assert "\n" not in str(err.value)
+
+
+def test_a_run_recorded_with_the_older_window_name_still_resumes(tmp_path):
+    """run.json written when distillation called its held-out window count `eval_windows`: the same settings
+    resume it, different ones are still refused."""
+    cfg = _cfg(held_out_windows=12)
+    state.check_run(tmp_path, cfg)
+    doc = json.loads((tmp_path / "run.json").read_text())
+    for part in ("trajectory", "config"):
+        if "held_out_windows" in doc[part]:
+            doc[part]["eval_windows"] = doc[part].pop("held_out_windows")
+    assert "eval_windows" in doc["config"]
+    (tmp_path / "run.json").write_text(json.dumps(doc))
+    state.check_run(tmp_path, cfg)  # accepted: the same run
+    with pytest.raises(UserError, match="unfinished run with lr="):
+        state.check_run(tmp_path, _cfg(held_out_windows=12, lr=2e-3))
