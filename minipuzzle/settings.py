@@ -285,7 +285,7 @@ class PruneSettings(BudgetSettings):
         True, description="Scale RMSNorm weights by sqrt(old/new width) where a norm loses input channels."
     )
     expert_channels: Literal["shared", "per_expert"] = Field(
-        "shared", description="MoE expert_ffn cuts: shared (one channel set for every expert of a layer, scores "
+        "per_expert", description="MoE expert_ffn cuts: shared (one channel set for every expert of a layer, scores "
         "summed over experts) or per_expert (each expert's own top channels, the same count in every expert)."
     )  # fmt: skip
 

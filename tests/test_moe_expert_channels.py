@@ -228,9 +228,9 @@ def test_recipe_expert_channels_reach_the_prune_settings():
     from minipuzzle.recipe import RECIPES_DIR, parse_recipe, prune_settings
 
     doc = yaml.safe_load((RECIPES_DIR / "demo-moe.yaml").read_text())
+    assert prune_settings(parse_recipe(doc)).expert_channels == "per_expert"  # the default moe_quality supports
+    doc["prune"]["expert_channels"] = "shared"
     assert prune_settings(parse_recipe(doc)).expert_channels == "shared"
-    doc["prune"]["expert_channels"] = "per_expert"
-    assert prune_settings(parse_recipe(doc)).expert_channels == "per_expert"
     doc["prune"]["expert_channels"] = "each"
     with pytest.raises(UserError, match=r"prune\.expert_channels"):
         parse_recipe(doc)

@@ -41,14 +41,20 @@ def test_prune_removes_exactly_the_planted_experts_and_channels(dead_moe_checkpo
     args = ["prune", str(ckpt), "--target", str(expected.num_params()), "--axes", "experts,expert_ffn",
             "--step", "experts=2", "--data", str(text_file), "-o", str(out), "--seq-len", "32",
             "--width-samples", "8", "--held-out-windows", "4", "--candidates", "3"]  # fmt: skip
-    code, _, err = run_cli(args + (["--stream"] if stream else []))
+    # In memory with the default per-expert channel choice, streamed with the shared one: both find the planted set.
+    code, _, err = run_cli(args + (["--stream", "--expert-channels", "shared"] if stream else []))
     assert code == 0, err
     rep = json.loads((out / "prune_report.json").read_text())
     plan = rep["chosen"]["plan"]
     assert rep["chosen"]["result"]["params"] == expected.num_params()
     for i in (1, 3):  # the MoE layers of "ME*EM-"
         assert plan["experts"][str(i)] == [e for e in range(8) if e not in DEAD_EXPERTS]
-        assert plan["expert_ffn"][str(i)] == [c for c in range(32) if c not in DEAD_CHANNELS]
+        alive = [c for c in range(32) if c not in DEAD_CHANNELS]
+        if stream:
+            assert plan["expert_ffn"][str(i)] == alive
+        else:  # one list per source expert; every kept expert keeps exactly its live channels
+            per_expert = plan["expert_channels"][str(i)]
+            assert [per_expert[e] for e in range(8) if e not in DEAD_EXPERTS] == [alive] * 6
     assert rep["candidates"][0]["kl_to_teacher"] < 1e-6  # float32 summation order only
     pruned = AutoModelForCausalLM.from_pretrained(out).float().eval()
     assert pruned.config.n_routed_experts == 6 and pruned.config.moe_intermediate_size == 16

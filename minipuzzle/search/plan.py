@@ -26,7 +26,7 @@ EXPERT_CHANNEL_CHOICES = ("shared", "per_expert")
 
 
 def choose_units(
-    cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True, expert_channels: str = "shared"
+    cand: Candidate, model: DamageModel, scores, norm_compensation: bool = True, expert_channels: str = "per_expert"
 ):
     """The cut Plan for `cand`: the top-ranked layers of each kind, and on every width axis the top-scored
     units of each kept layer (of the whole model for an axis of every layer, such as hidden), the same count per
