@@ -12,7 +12,7 @@ key patterns). Keys or file names renamed between the revisions are mapped with 
 "before" side's keys and relative paths).
 
     python scripts/compare_figures.py --before d523818 [--after HEAD] [--only demo,dry_runs,benchmarks]
-        [--keep DIR] [--rename search=prune ...]
+        [--keep DIR] [--rename search=prune ...] [--ignore today ...]
 
 Prints each difference (file, key path, before, after) and exits 1 if there is any, 0 if every figure is equal.
 """
@@ -110,23 +110,23 @@ def load_figures(out: Path, rename: dict[str, str]) -> dict[str, object]:
     return files
 
 
-def diff(a, b, where: str, rename: dict[str, str], out: list[str]) -> None:
-    """Appends `where: before != after` for every differing leaf; volatile keys are skipped."""
+def diff(a, b, where: str, rename: dict[str, str], out: list[str], ignore: frozenset = frozenset()) -> None:
+    """Appends `where: before != after` for every differing leaf; volatile and `ignore`d keys are skipped."""
     if isinstance(a, dict) and isinstance(b, dict):
         a = {rename.get(k, k): v for k, v in a.items()}
         for k in sorted(set(a) | set(b), key=str):
-            if VOLATILE.search(str(k)):
+            if VOLATILE.search(str(k)) or k in ignore:
                 continue
             if k not in a or k not in b:
                 out.append(f"{where}.{k}: {'missing before' if k not in a else 'missing after'}")
                 continue
-            diff(a[k], b[k], f"{where}.{k}", rename, out)
+            diff(a[k], b[k], f"{where}.{k}", rename, out, ignore)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             out.append(f"{where}: {len(a)} items before, {len(b)} after")
             return
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            diff(x, y, f"{where}[{i}]", rename, out)
+            diff(x, y, f"{where}[{i}]", rename, out, ignore)
     elif isinstance(a, str) and isinstance(b, str) and ("/" in a or "\\" in a):
         return  # a path: where the run happened, not what it computed
     elif a != b:
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--only", default="dry_runs,demo,benchmarks", help="comma-separated parts")
     ap.add_argument("--keep", type=Path, help="folder to keep both sides' outputs in (reused if already there)")
     ap.add_argument("--rename", action="append", default=[], help="OLD=NEW key or path name, before -> after")
+    ap.add_argument("--ignore", action="append", default=[],
+                    help="a key to leave out (removed on purpose, or prose such as a plan's `note`)")  # fmt: skip
     args = ap.parse_args()
     parts = args.only.split(",")
     rename = dict(r.split("=", 1) for r in args.rename)
@@ -163,7 +165,7 @@ def main() -> None:
             if rel not in before or rel not in after:
                 problems.append(f"{rel}: only {'after' if rel not in before else 'before'}")
                 continue
-            diff(before[rel], after[rel], rel, rename, problems)
+            diff(before[rel], after[rel], rel, rename, problems, frozenset(args.ignore))
         print(f"{len(before)} files compared")
         for p in problems:
             print(p)
