@@ -97,8 +97,8 @@ def load_figures(out: Path, rename: dict[str, str]) -> dict[str, object]:
     """Every JSON/YAML file under `out` (logs and model files aside), keyed by its relative path."""
     files = {}
     for p in sorted(out.rglob("*")):
-        if p.suffix not in (".json", ".yaml", ".yml") or not p.is_file():
-            continue
+        if p.suffix not in (".json", ".yaml", ".yml") or not p.is_file() or p.name.startswith("tokenizer"):
+            continue  # a tokenizer is copied, not computed (and its vocabulary's keys are words, not names)
         rel = str(p.relative_to(out))
         for old, new in rename.items():
             rel = re.sub(rf"\b{re.escape(old)}\b", new, rel)
