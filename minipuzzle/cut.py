@@ -24,7 +24,6 @@ tensor at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -622,6 +621,7 @@ def cut_checkpoint(
 
 
 def _plan_json(plan: Plan, src: Layout, dst: Layout) -> str:
+    import json
 
     return json.dumps(
         {
