@@ -186,7 +186,7 @@ def test_moe_choose_units_keeps_top_experts_per_group_and_reports_moe():
     target = space.layout(widths, {k: hi for k, (_, hi) in space.layers.items()})
     best = search(space, make_budget(src, target=str(target.num_params())), model, k=2)[0]
     assert best.damage == 0.0 and best.widths == widths
-    plan = choose_units(best, model, scores)
+    plan = choose_units(best, model, scores, expert_channels="shared")  # the summed channel scores planted above
     moe_layers = [i for i, kind in enumerate(src.pattern) if kind == "E"]
     assert sorted(plan["experts"]) == moe_layers and all(v == [0, 2, 3, 4, 5, 7] for v in plan["experts"].values())
     assert all(v == list(range(16, 32)) for v in plan["expert_ffn"].values()) and plan["shared_ffn"] is None
