@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
+
 from minipuzzle.checkpoint.dtypes import PRECISION_BITS, dtype_bytes
 from minipuzzle.errors import UserError
 from minipuzzle.kinds import ATTENTION, KIND_NAMES, KINDS, MAMBA, MLP, MOE
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 # Every layer kind a layout may hold: the dense kinds, then mixture-of-experts.
 LAYER_KINDS = (*KINDS, MOE)
@@ -362,7 +367,6 @@ def hf_config(config: dict[str, Any] | Any):
 
     Raises `UserError` for another model type or a value transformers rejects.
     """
-    from huggingface_hub.errors import StrictDataclassError
     from transformers import NemotronHConfig, PretrainedConfig
 
     if isinstance(config, NemotronHConfig):

@@ -16,8 +16,13 @@ from typing import Annotated, Any
 import typer
 import typer.core
 import typer.main
+from rich.console import Console
+from rich.table import Table
 
+from minipuzzle.arch import LayoutReport
+from minipuzzle.checkpoint.resolve import describe_model
 from minipuzzle.errors import LaunchError, UserError
+from minipuzzle.units import gib, parse_context
 
 # Command -> (module whose `register(app)` declares it, the one line `minipuzzle --help` shows for it). The line
 # is the first paragraph of the command's docstring; tests/test_cli.py checks both columns against the modules.
@@ -131,12 +136,7 @@ def info(
 
     Example: minipuzzle info 56b --precision fp4 --context 1M; minipuzzle info nano3-30b-a3b --json
     """
-    from rich.console import Console
-    from rich.table import Table
 
-    from minipuzzle.arch import LayoutReport
-    from minipuzzle.checkpoint.resolve import describe_model
-    from minipuzzle.units import gib, parse_context
 
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")

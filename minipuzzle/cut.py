@@ -24,6 +24,7 @@ tensor at a time.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -621,7 +622,6 @@ def cut_checkpoint(
 
 
 def _plan_json(plan: Plan, src: Layout, dst: Layout) -> str:
-    import json
 
     return json.dumps(
         {

@@ -8,8 +8,15 @@ from typing import Annotated
 
 import typer
 
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions
+from minipuzzle.errors import UserError
+from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions, resolve
+from minipuzzle.search.plan import read_plan
+from minipuzzle.units import parse_bytes
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 
 @settings_command(HardwareOptions, into="hardware", exclude=("gpu_memory", "gpus", "mamba_kernels", *LINK_OPTIONS))  # cut runs on the host
@@ -41,14 +48,9 @@ def _cut_command(
     Example: minipuzzle cut ./nemotron-h-8b --plan layout.yaml -o ./pruned
     """
     from minipuzzle.checkpoint.read import Checkpoint
-    from minipuzzle.checkpoint.resolve import resolve_checkpoint
     from minipuzzle.checkpoint.write import check_output_dir
     from minipuzzle.cut import cut_checkpoint
-    from minipuzzle.errors import UserError
-    from minipuzzle.hardware import resolve
     from minipuzzle.memory import cut_memory
-    from minipuzzle.search.plan import read_plan
-    from minipuzzle.units import parse_bytes
 
     check_output_dir(output, overwrite)
     src = Checkpoint(resolve_checkpoint(model, model_path))

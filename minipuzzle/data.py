@@ -17,7 +17,10 @@ import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import datasets
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from minipuzzle.errors import UserError
 
@@ -39,7 +42,6 @@ POOL_FACTOR = 4
 
 def load_tokenizer(path: str | Path):
     """The tokenizer stored with a checkpoint (never remote code)."""
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
@@ -52,8 +54,6 @@ def train_bpe_tokenizer(files: Iterable[str | Path], vocab_size: int):
 
     For models trained here (the demo teacher, tests): real checkpoints bring their own tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -201,7 +201,6 @@ def _document_args(split: str = "train", column: str = "text", streaming: bool |
 
 
 def _load_dataset(path: str, *, name: str, **kwargs):
-    import datasets
 
     try:
         return datasets.load_dataset(path, **kwargs)

@@ -15,7 +15,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from minipuzzle.errors import UserError
+from minipuzzle.kernels import detect_mamba_path
 from minipuzzle.units import gib, parse_bandwidth, parse_bytes
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 # Link bandwidths a plan assumes when the hardware does not give them: an H100 SXM node and its cluster network.
 # NVLink 4 on an H100 SXM: 18 links x 25 GB/s = 450 GB/s per direction per GPU (NVIDIA's H100 datasheet quotes
@@ -209,7 +213,6 @@ def with_detected_kernels(hw: Hardware, cuda_available: bool | None = None) -> H
     """`hw` with the Mamba path this machine will really run (`kernels.detect_mamba_path`) when this machine has a
     CUDA device: stages run where they are planned, so what is installed here decides, whatever a recipe or
     `--mamba-kernels` assumed. Without CUDA here (a dry run on a laptop for a cluster), `hw` as it is."""
-    from minipuzzle.kernels import detect_mamba_path
 
     if hw.device != "cuda":
         return hw

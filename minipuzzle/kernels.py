@@ -16,6 +16,9 @@ import importlib.util
 import inspect
 from dataclasses import dataclass
 
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
+
 # The functions NemotronH's Mamba mixer runs a whole sequence through (training, scoring, prefill), by the names
 # transformers releases have used for them; the decode-step ones (`*_update`) hold no activations worth planning.
 # transformers' NemotronHConfig.chunk_size, which NVIDIA's Nemotron-H configs keep: the PyTorch scan's chunk, whose

@@ -29,6 +29,9 @@ from minipuzzle.settings import (
     SettingsError,
 )
 
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
+
 if TYPE_CHECKING:
     from minipuzzle.arch import Layout
 

@@ -7,9 +7,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import HardwareOptions
+from minipuzzle.hardware import HardwareOptions, resolve
+from minipuzzle.recipe import load_recipe, plan_run
+from minipuzzle.runner import run
+from minipuzzle.units import gib
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 
 def register(app: typer.Typer) -> None:
@@ -35,10 +43,7 @@ def register(app: typer.Typer) -> None:
         Example: minipuzzle run demo            (the demo teacher, end to end on CPU in minutes)
         Example: minipuzzle run recipes/nemotron-h-56b-to-47b.yaml --dry-run
         """
-        from rich.console import Console
 
-        from minipuzzle.hardware import resolve
-        from minipuzzle.recipe import load_recipe, plan_run
 
         rec = load_recipe(recipe)
         hw = resolve(rec.hardware, hardware)
@@ -50,7 +55,6 @@ def register(app: typer.Typer) -> None:
                 return
             _print_plan(con, rec, plan)
             return
-        from minipuzzle.runner import run
 
         run_dir = output or Path("runs") / rec.name
         report = run(rec, run_dir, log=lambda m: con.print(m, markup=False, highlight=False), hardware=hw)
@@ -67,7 +71,6 @@ def _pruned_student(run_dir: Path | None):
 
 
 def _print_plan(con, rec, plan: dict[str, Any]) -> None:
-    from rich.table import Table
 
     con.print(f"[bold]{rec.name}[/]: {rec.description}")
     con.print(f"model {plan['model']} ({plan['source_params'] / 1e9:.3f}B parameters)")
@@ -94,10 +97,8 @@ def _print_plan(con, rec, plan: dict[str, Any]) -> None:
 
 def _print_memory(con, memory: dict[str, Any]) -> None:
     """The memory plan as a table: one row per part, bytes per device (host: per node)."""
-    from rich.table import Table
 
     from minipuzzle.memory import Geometry
-    from minipuzzle.units import gib
 
     t = Table(title=f"memory per device on {memory['hardware_text']} ({gib(memory['usable_device_bytes'])} usable)")
     for col in ("stage", "launch", "process", "weights", "optim.", "activ.", "logits", "device", "host", ""):

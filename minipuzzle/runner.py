@@ -11,14 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware, resolve
 from minipuzzle.recipe import STAGES, Recipe, prune_settings
 from minipuzzle.settings import DistillSettings
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 STATE_FILE = "run.json"
 
@@ -57,7 +62,6 @@ def prepare_data(recipe: Recipe, folder: Path) -> RunData:
     train, held = folder / "train", folder / "held_out"
     if not (train.is_dir() and held.is_dir()):
         tmp = folder.with_name(folder.name + ".tmp")
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "train").mkdir(parents=True)
@@ -100,7 +104,6 @@ def run(recipe: Recipe, run_dir: str | Path, *, log: Callable[[str], None] = pri
     Before anything is written, every stage still to run is planned on `hardware` (default: the recipe's hardware
     section, else this machine): one that cannot fit is refused (`UserError`, one line)."""
     from minipuzzle.checkpoint.read import Checkpoint
-    from minipuzzle.checkpoint.resolve import resolve_checkpoint
 
     run_dir = Path(run_dir)
     done = _load_state(run_dir, recipe)["done"] if (run_dir / STATE_FILE).is_file() else []
@@ -173,7 +176,6 @@ def _score(recipe: Recipe, teacher: Path, data: RunData, out: Path, progress: bo
 def _prune(recipe: Recipe, teacher: Path, data: RunData, run_dir: Path, progress: bool, hw: Hardware | None = None,
            training_hardware: Hardware | None = None):  # fmt: skip
     from minipuzzle.prune.stage import prune
-    from minipuzzle.recipe import prune_settings
 
     settings = prune_settings(recipe)
     # Candidates are ranked on the eval text; without one, on the head of the training text (see distill_settings).

@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from minipuzzle.checkpoint.dtypes import DTYPE_NAMES, PRECISION_BITS
 from minipuzzle.errors import UserError
-from minipuzzle.units import parse_bytes, parse_count
+from minipuzzle.search.budget import make_budget
+from minipuzzle.search.space import parse_axes
+from minipuzzle.units import parse_bytes, parse_context, parse_count
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 # score.depth.DEPTH_METRICS, named here so that the CLI and recipes check them without importing torch.
 DEPTH_METRICS = ("mse_hidden", "nmse_logits", "kl_logits", "lm_loss", "block_influence")
@@ -216,7 +221,6 @@ class BudgetSettings(Settings):
     @field_validator("context", mode="before")
     @classmethod
     def _context(cls, v: Any) -> int:
-        from minipuzzle.units import parse_context
 
         try:
             return parse_context(v) if isinstance(v, str) else v
@@ -226,7 +230,6 @@ class BudgetSettings(Settings):
     def budget_for(self, source):
         """The `search.budget.Budget` of these settings for `source` (a Layout); a `UserError` when no limit is
         given or the source already meets them."""
-        from minipuzzle.search.budget import make_budget
 
         return make_budget(source, self.target, self.memory, self.precision, self.context, self.batch,
                            self.kv_precision, target_active=self.target_active)  # fmt: skip
@@ -292,7 +295,6 @@ class PruneSettings(BudgetSettings):
     @field_validator("axes", mode="before")
     @classmethod
     def _axes(cls, v: Any) -> tuple[str, ...]:
-        from minipuzzle.search.space import parse_axes
 
         try:
             return parse_axes(v)

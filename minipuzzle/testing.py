@@ -6,17 +6,23 @@ resumable runs) is checked on models built here in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 import sysconfig
 from pathlib import Path
 
 import torch
+from transformers import NemotronHForCausalLM
 
 from minipuzzle import anatomy
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.build import model_state_dict
 from minipuzzle.checkpoint.read import is_merged_experts
 from minipuzzle.checkpoint.write import ShardWriter, atomic_dir, write_config
+from minipuzzle.cli import main
+from minipuzzle.data import train_bpe_tokenizer
 
 
 def tiny_layout(**overrides) -> Layout:
@@ -62,7 +68,6 @@ def random_model(layout: Layout | None = None, seed: int = 0, config: dict | Non
     mistakes that an all-ones vector would hide. For the same reason the routers' `e_score_correction_bias`
     buffers (zeros by default) are random; routed experts [E, out, in] are initialised like E linear layers.
     """
-    from transformers import NemotronHForCausalLM
 
     layout = layout or tiny_layout()
     cfg = layout.to_hf_config(config or tiny_config(layout))
@@ -104,7 +109,6 @@ def stdlib_text_folder(folder: Path, count: int) -> Path:
 
 def make_tokenizer(vocab_size: int = 320, files: list[Path] | None = None):
     """A byte-level BPE tokenizer trained on a few stdlib files (deterministic, about a second)."""
-    from minipuzzle.data import train_bpe_tokenizer
 
     return train_bpe_tokenizer(files or stdlib_text_files(8), vocab_size)
 
@@ -181,11 +185,7 @@ def cached_and_uncached_greedy(model, ids: torch.Tensor, new_tokens: int) -> tup
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:
     """Run `minipuzzle ARGS` in this process as a user would: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-    import sys
 
-    from minipuzzle.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     old = sys.argv

@@ -233,11 +233,12 @@ def test_recipe_data_streaming_reaches_every_stage(streaming, tmp_path, tiny_mod
         seen.append(streaming)
         raise _Seen
 
+    import minipuzzle.evaluate.runner
     import minipuzzle.prune.windows
     import minipuzzle.score.folder
 
-    # Each stage's own name for the readers: score and prune import them at load, eval at the call.
-    for module in (minipuzzle.data, minipuzzle.score.folder, minipuzzle.prune.windows):
+    # Each stage's own name for the readers (its module imports them at load).
+    for module in (minipuzzle.data, minipuzzle.score.folder, minipuzzle.prune.windows, minipuzzle.evaluate.runner):
         for name in ("token_windows", "head_split"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, reader)

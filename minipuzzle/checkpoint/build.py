@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import NemotronHForCausalLM
 
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.dtypes import weight_dtype
@@ -47,7 +48,6 @@ def plain_kernel_notice() -> None:
 
 def build_model(layout: Layout, base_config: dict[str, Any] | Any | None = None, device: str | torch.device = "meta"):
     """An uninitialised `NemotronHForCausalLM` for `layout` (on the meta device by default: no memory)."""
-    from transformers import NemotronHForCausalLM
 
     plain_kernel_notice()
     cfg = layout.to_hf_config(base_config)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from minipuzzle.errors import UserError
 
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
+
 
 @dataclass(frozen=True)
 class Precision:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from minipuzzle.arch import Layout, load_config
 from minipuzzle.errors import UserError
 from minipuzzle.presets import PRESETS, get_preset, is_preset
@@ -31,7 +33,6 @@ def resolve_checkpoint(model: str, model_path: str | Path | None = None) -> Path
     if p.is_absolute() or model.startswith((".", "~")) or hub_id.count("/") != 1:
         raise UserError(f"checkpoint not found: {model}")
     try:  # huggingface_hub is loaded only for a hub id: presets and folders resolve without it
-        from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(hub_id, local_files_only=True))
     except Exception:

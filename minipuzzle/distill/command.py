@@ -12,8 +12,11 @@ from typing import Any
 import typer
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import HardwareOptions
+from minipuzzle.hardware import HardwareOptions, resolve
 from minipuzzle.settings import DistillSettings
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 # What the command line adds to the model: the four paths are required and a token budget is typed as 63B.
 CLI = dict(
@@ -56,7 +59,6 @@ def _hardware(hardware: dict[str, Any] | None):
     """The hardware this run plans for: this machine (or --gpu-memory / --gpus); under torchrun on GPUs the
     launch's nodes and GPUs per node unless --gpus says so."""
     from minipuzzle.distill.launch import launch_hardware
-    from minipuzzle.hardware import resolve
 
     return launch_hardware(resolve(None, hardware), explicit_gpus=bool((hardware or {}).get("gpus")))
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 import minipuzzle.distill.launch as launch
 import minipuzzle.distill.parallel as parallel
@@ -36,7 +38,8 @@ from minipuzzle.distill.losses import DistillObjective
 from minipuzzle.distill.routers import route_in_float32
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
-from minipuzzle.hardware import Hardware
+from minipuzzle.hardware import Hardware, detect
+from minipuzzle.memory import for_device
 from minipuzzle.progress import ProgressBar
 from minipuzzle.settings import DistillSettings
 
@@ -130,7 +133,6 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
 
 
 def _optimizer(cfg: DistillSettings, student) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]  # norms, A_log, D, dt_bias
@@ -192,8 +194,6 @@ def with_plan(cfg: DistillSettings, hardware: Hardware | None = None) -> Distill
     launch's WORLD_SIZE processes; refused (UserError, one line) when it does not fit. A run told --device cpu on
     a GPU machine plans on the host (unchecked when the host's RAM is unknown: then one micro-batch per process,
     no checkpointing)."""
-    from minipuzzle.hardware import detect
-    from minipuzzle.memory import for_device
 
     hw = for_device(hardware or launch.launch_hardware(detect()), cfg.device)
     if hw is None:
@@ -391,7 +391,6 @@ def _final_tensors(student, s_ckpt: Checkpoint, d):
     tied checkpoint's LM head is left out. Lazy: one tensor at a time. Only rank 0 writes, so on the other ranks
     the tensor is None: they take part in each gather and free its result on the device, with no host copy (64
     ranks each copying 187 GB through their host would be 64 times the save's traffic for nothing)."""
-    from torch.distributed.tensor import DTensor
 
     for name, t in student.state_dict().items():
         if name == "lm_head.weight" and s_ckpt.layout.tie_word_embeddings:

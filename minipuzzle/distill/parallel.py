@@ -14,10 +14,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from minipuzzle.checkpoint.build import build_model, load_model
 from minipuzzle.checkpoint.dtypes import weight_dtype
 from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.distill.routers import routers
 from minipuzzle.errors import UserError
 
 
@@ -124,7 +128,6 @@ def build_meta(ckpt: Checkpoint, dtype: torch.dtype):
 def mesh(d: Dist, sharding: str = "full"):
     """FSDP2's device mesh: all ranks in one dimension ("full"), or, "per_node", nodes x LOCAL_WORLD_SIZE with
     parameters sharded within a node and replicated across nodes (HSDP: gathers stay on the node's links)."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(d.world)))
     if sharding == "per_node" and 1 <= local < d.world and d.world % local == 0:
@@ -143,9 +146,7 @@ def shard(objective, d: Dist, sharding: str = "full", param_dtype: torch.dtype |
     weight would be gathered in bf16, and one unit holds one dtype. A router is [E, h] (1.4 MB for Nemotron 3
     Nano), so its own gather costs little.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from minipuzzle.distill.routers import routers
 
     m = mesh(d, sharding)
     student_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -168,7 +169,6 @@ def fill_sharded(model, ckpt: Checkpoint, d: Dist) -> None:
     not sharded (fully_shard leaves them whole on every rank) but `to_empty` leaves them uninitialised like the
     parameters, so they are copied whole: the MoE routers' `e_score_correction_bias` [E] is one.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=d.device)
     persistent = set(model.state_dict())

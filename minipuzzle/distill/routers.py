@@ -15,10 +15,10 @@ import functools
 
 import torch
 from torch import nn
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHTopkRouter
 
 
 def is_router(module: nn.Module) -> bool:
-    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHTopkRouter
 
     return isinstance(module, NemotronHTopkRouter)
 

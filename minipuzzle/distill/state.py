@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from minipuzzle.artifacts import METRICS_ROW, DistillState, read_metrics
 from minipuzzle.distill.parallel import Dist, barrier
@@ -93,8 +95,6 @@ def _single_process_quiet():
 
 def save_checkpoint(run_dir: Path, step: int, student, optimizer, extra: dict[str, Any], d: Dist) -> Path:
     """Write student + optimizer (DCP, each process its shards) and `extra` (per process) atomically."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     ck = checkpoints_dir(run_dir)
     final = ck / f"{CKPT_PREFIX}{step:08d}"
@@ -125,8 +125,6 @@ def save_checkpoint(run_dir: Path, step: int, student, optimizer, extra: dict[st
 
 def load_checkpoint(path: Path, student, optimizer, d: Dist) -> dict[str, Any]:
     """Restore student + optimizer in place from `path`; return this process's `extra` dict."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(student, optimizer)
     state = {"model": model_sd, "optim": optim_sd}

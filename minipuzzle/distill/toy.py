@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from minipuzzle.arch import Layout
+from minipuzzle.cut import Plan, cut_model
 from minipuzzle.testing import random_model, save_model, stdlib_text_files, tiny_layout
 
 
 def drop_layers(teacher, keep: list[int]):
     """A new model holding the teacher's layers `keep` (in order): a depth-only cut plan."""
-    from minipuzzle.cut import Plan, cut_model
 
     return cut_model(teacher, Plan(layers=list(keep)))
 

@@ -6,10 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions
+from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions, resolve
 from minipuzzle.settings import DataOptions, DeviceOptions, EvalSettings
+from minipuzzle.units import parse_context
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 
 # --tasks takes the shots inline (mmlu:5), so the list and the few-shot table are not options; --limit is read as
@@ -46,12 +51,9 @@ def _eval_command(
 
     Example: minipuzzle eval runs/47b/distill --teacher runs/56b --data val.jsonl --tasks mmlu:5,arc_challenge:25 --limit 200 -o runs/47b/eval
     """
-    from rich.console import Console
 
     from minipuzzle.evaluate.report import render_markdown
     from minipuzzle.evaluate.runner import evaluate
-    from minipuzzle.hardware import resolve
-    from minipuzzle.units import parse_context
 
     st, src, dev = (
         EvalSettings(tasks=[tasks] if tasks else [], **settings),
@@ -72,7 +74,6 @@ def _eval_command(
 def _check_memory(model: str, teacher: str | None, st: EvalSettings, held_out: bool, dev: DeviceOptions,
                   hardware: dict | None) -> None:  # fmt: skip
     """Refuse (one line) an evaluation whose memory plan does not fit the device it would run on."""
-    from minipuzzle.hardware import resolve
     from minipuzzle.memory import check, eval_stage, for_device, model_facts
 
     hw = for_device(resolve(None, hardware), dev.device)

@@ -16,6 +16,11 @@ from typing import Any
 
 from minipuzzle.errors import UserError
 
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
+# The others are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
+
 # Few-shot counts of the Minitron reports' base-model table (MMLU 5, PIQA 0, HellaSwag 10, Winogrande 5,
 # ARC-Challenge 25, GSM8K 5, TruthfulQA 0); `NAME:SHOTS` overrides, unlisted tasks keep their YAML default.
 DEFAULT_FEWSHOT: dict[str, int] = {

@@ -16,6 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import dispatch_model, infer_auto_device_map
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+from accelerate.utils import align_module_device, has_offloaded_params
+
+from minipuzzle.checkpoint.build import build_model, fill_weights, load_model
+from minipuzzle.checkpoint.dtypes import weight_dtype
+from minipuzzle.checkpoint.read import Checkpoint
+from minipuzzle.errors import UserError
 
 
 def block_class(model) -> str:
@@ -35,10 +43,7 @@ def load_mapped(path: str | Path, dtype: torch.dtype, device_map: dict[str, str 
     or, without one, by accelerate's `infer_auto_device_map` within `max_memory` (device -> bytes), blocks whole.
     `force_hooks` adds accelerate's hooks even when every module is on one device (to test the dispatched path
     on the CPU)."""
-    from accelerate import dispatch_model, infer_auto_device_map
 
-    from minipuzzle.checkpoint.build import build_model, fill_weights
-    from minipuzzle.checkpoint.read import Checkpoint
 
     ckpt = Checkpoint(path)
     model = build_model(ckpt.layout, ckpt.config)
@@ -59,7 +64,6 @@ def load_placed(path: str | Path, dtype: torch.dtype, device: torch.device, devi
     """The model of `path` whole on `device` (one device, the CPU included), spread over `devices` GPUs
     (cuda:0 ..) holding at most `per_device_bytes` of its weights each, or, `offload`, computing on `device` with
     its blocks read from the checkpoint every forward (`load_offloaded`)."""
-    from minipuzzle.checkpoint.build import load_model
 
     if offload:
         return load_offloaded(path, dtype, device)
@@ -94,7 +98,6 @@ class CheckpointWeights(Mapping):
 def _sources(model, ckpt) -> dict[str, str]:
     """The checkpoint tensor behind each of `model`'s weights (`Checkpoint.source_of`). A missing weight fails as
     in `fill_weights`."""
-    from minipuzzle.errors import UserError
 
     out = {k: ckpt.source_of(k) for k in model.state_dict()}
     missing = sorted(k for k, v in out.items() if v is None)
@@ -116,11 +119,7 @@ def load_offloaded(path: str | Path, dtype: torch.dtype, device: torch.device):
     unit (`offload_units`) gets accelerate's offloading hook, which reads the unit's weights from the checkpoint
     onto `device` just before its forward and puts them back on the meta device after it. Weights are cast as
     `build.fill_weights` casts them: `dtype`, except the float32 routers (`dtypes.weight_dtype`)."""
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    from minipuzzle.checkpoint.build import build_model
-    from minipuzzle.checkpoint.dtypes import weight_dtype
-    from minipuzzle.checkpoint.read import Checkpoint
 
     ckpt = Checkpoint(path)
     model = build_model(ckpt.layout, ckpt.config).eval().requires_grad_(False)
@@ -138,7 +137,6 @@ def load_offloaded(path: str | Path, dtype: torch.dtype, device: torch.device):
 
 def is_offloaded(model) -> bool:
     """True for a model whose weights are read from its checkpoint every forward (`load_offloaded`)."""
-    from accelerate.utils import has_offloaded_params
 
     return has_offloaded_params(model.lm_head)
 
@@ -150,7 +148,6 @@ def resident_head(model):
     if not is_offloaded(model):
         yield model.lm_head
         return
-    from accelerate.utils import align_module_device
 
     head = model.lm_head
     with align_module_device(head):
@@ -173,7 +170,6 @@ def input_device(model) -> torch.device:
 
 def head_copy(model) -> torch.nn.Linear:
     """A host copy of the model's LM head [V, h] (onloaded first when accelerate keeps it elsewhere)."""
-    from accelerate.utils import align_module_device
 
     with align_module_device(model.lm_head):
         w = model.lm_head.weight.detach().cpu().clone()

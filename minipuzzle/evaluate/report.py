@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minipuzzle.artifacts import EvalReport, read_metrics
+from minipuzzle.checkpoint.write import atomic_dir
 from minipuzzle.evaluate import plots
 from minipuzzle.evaluate.tables import fmt, markdown, quality_table, speed_table, tasks_table
 
@@ -61,7 +62,6 @@ def render_markdown(rep: EvalReport | dict) -> str:
 
 def write_report(rep: EvalReport, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write `rep` into the folder `out` atomically; sets `rep.plots` to the plot file names."""
-    from minipuzzle.checkpoint.write import atomic_dir
 
     rows = read_metrics(rep.distill.metrics_file) if rep.distill else []
     with atomic_dir(out, overwrite) as tmp:

@@ -16,17 +16,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
+import minipuzzle
+from minipuzzle.arch import Layout, LayoutReport, load_config
 from minipuzzle.artifacts import DistillSummary, EvalReport, EvalSettingsUsed, Quality, SpeedResult, read_metrics
 from minipuzzle.checkpoint.dtypes import resolve_device
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
+from minipuzzle.checkpoint.write import check_output_dir
+from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.errors import UserError
 from minipuzzle.evaluate.harness import parse_tasks, run_tasks
+from minipuzzle.evaluate.placement import execution_device, head_copy, input_device, load_placed, resident_head
+from minipuzzle.evaluate.report import write_report
+from minipuzzle.evaluate.speed import measure_speed
+from minipuzzle.hardware import resolve
+from minipuzzle.memory import OFFLOAD_SPEED, compute_hardware, eval_stage, eval_weight_share, model_facts
+from minipuzzle.metrics import TokenStats, final_states
 from minipuzzle.progress import track
+from minipuzzle.quantize.load import load_quantized_placed, quantized
 from minipuzzle.settings import EvalSettings
+
+# Imports inside functions here are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
 
 
 def _checkpoint_dir(model: str | Path) -> Path:
-    from minipuzzle.checkpoint.resolve import resolve_checkpoint
 
     path = resolve_checkpoint(str(model))
     if not (path / "config.json").is_file():
@@ -35,7 +50,6 @@ def _checkpoint_dir(model: str | Path) -> Path:
 
 
 def _tokenizer(*paths: Path):
-    from minipuzzle.data import load_tokenizer
 
     err = None
     for p in paths:
@@ -61,8 +75,6 @@ def record_teacher(teacher, windows: torch.Tensor, batch_size: int = 8, progress
     """Run `teacher` over windows [N, T] once, keeping what `held_out_stats` needs for the KL: its final states
     on the host (N x T x h values: 17 GB for 128 x 8192 windows of a 8192-wide model in bf16, where storing its
     log-probabilities would take V / h = 16 times more, and a top-k would change the KL)."""
-    from minipuzzle.evaluate.placement import execution_device, head_copy, input_device, resident_head
-    from minipuzzle.metrics import TokenStats, final_states
 
     own, states = TokenStats(), []
     for start in track(range(0, len(windows), batch_size), "held-out text (teacher)", progress):
@@ -79,8 +91,6 @@ def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int =
     """`metrics.token_stats` over windows [N, T] with a progress bar. With a teacher (a model, or a
     `TeacherRecord` made with the same batch size), its own loss, accuracy and perplexity come back under "teacher",
     from the same forward passes that give the KL (one teacher pass). The models may be spread over devices."""
-    from minipuzzle.evaluate.placement import execution_device, input_device, resident_head
-    from minipuzzle.metrics import TokenStats, final_states
 
     stats, own = TokenStats(), TokenStats()
     device, head_dev = input_device(model), execution_device(model.lm_head)
@@ -105,9 +115,7 @@ def held_out_stats(model, windows: torch.Tensor, teacher=None, batch_size: int =
 
 
 def _versions() -> dict[str, str]:
-    import transformers
 
-    import minipuzzle
 
     out = {"minipuzzle": minipuzzle.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
     try:
@@ -152,9 +160,6 @@ def evaluate(
     one device, or spread over several GPUs by accelerate's device map, both resident or one after the other, at
     the plan's batch per part. On the CPU that is one device, both resident.
     """
-    from minipuzzle.checkpoint.write import check_output_dir
-    from minipuzzle.data import token_windows
-    from minipuzzle.evaluate.report import write_report
 
     st, t0, specs = settings, time.time(), parse_tasks(settings.task_specs())
     check_output_dir(out, overwrite)
@@ -195,7 +200,6 @@ def _settings_used(st: EvalSettings, data, split, column, windows, specs, dev, d
 
 def _check_vocab(mpath: Path, tpath: Path | None) -> None:
     """A non-Nemotron-H config or a teacher with another vocabulary fails before anything is loaded."""
-    from minipuzzle.arch import Layout, load_config
 
     vocab = Layout.from_config(load_config(mpath)).vocab_size
     if tpath is not None and (t_vocab := Layout.from_config(load_config(tpath)).vocab_size) != vocab:
@@ -209,8 +213,6 @@ def eval_launch(mpath: Path, tpath: Path | None, st: EvalSettings, held_out: boo
     """The eval plan (`memory.eval_memory`) on `hardware` (default: this machine) computing on `dev` in `dt`:
     {"devices", "sequential", "offload", "batch": {part: batch}, "share": {path: weight bytes per device}}.
     An offloaded plan with the speed measurement on is a `UserError` (`memory.OFFLOAD_SPEED`)."""
-    from minipuzzle.hardware import resolve
-    from minipuzzle.memory import OFFLOAD_SPEED, compute_hardware, eval_stage, eval_weight_share, model_facts
 
     hw = compute_hardware(hardware or resolve(), str(dev))
     name = str(dt).removeprefix("torch.")
@@ -231,8 +233,6 @@ def _measure(mpath, tpath, launch: dict, dt, dev, windows, tok, specs, st: EvalS
     the teacher first (its final states kept on the host for the KL, `record_teacher`), freed before the model
     is loaded; `launch["offload"]`: each model's blocks read from its checkpoint every forward.
     Returns {"fields": EvalReport's held-out and task fields, "speed", "layouts"}."""
-    from minipuzzle.evaluate.placement import load_placed
-    from minipuzzle.quantize.load import load_quantized_placed, quantized
 
     def place(path):
         if quantized(path):
@@ -273,8 +273,6 @@ def _held_out(model, teacher, windows: torch.Tensor, batch_size: int, progress: 
 
 def _per_model(m, role: str, tok, specs, st: EvalSettings, batch: dict, out: dict) -> None:
     """Into `out`: `m`'s lm-eval tasks, speed and layout (`role`: "model" or "teacher")."""
-    from minipuzzle.arch import Layout
-    from minipuzzle.evaluate.speed import measure_speed
 
     out["layouts"][role] = Layout.from_config(m.config)
     if role == "model" or specs:
@@ -290,7 +288,6 @@ def _per_model(m, role: str, tok, specs, st: EvalSettings, batch: dict, out: dic
 
 
 def _architectures(layouts: dict, model_path, teacher_path, precision: str, context: int, batch: int) -> dict:
-    from minipuzzle.arch import LayoutReport
 
     names = {"model": str(model_path), "teacher": str(teacher_path)}
     return {r: LayoutReport(lay, precision, None, context, batch, names[r]).as_dict() for r, lay in layouts.items()}

@@ -9,7 +9,9 @@ every few milliseconds during the measurement (so it includes everything else th
 
 from __future__ import annotations
 
+import inspect
 import os
+import resource
 import statistics
 import threading
 import time
@@ -17,13 +19,14 @@ from contextlib import contextmanager
 
 import torch
 
+from minipuzzle.evaluate.placement import compute_devices, input_device
+
 
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -87,7 +90,6 @@ def _timed(fn, device: torch.device, repeats: int) -> list[float]:
 
 def _cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` for NemotronH; use whichever this version takes."""
-    import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -134,7 +136,6 @@ def measure_speed(
     / time of the decode steps), the times in seconds, peak_memory_bytes (see module doc), weights_bytes (bytes
     of the parameters as held) and the settings.
     """
-    from minipuzzle.evaluate.placement import compute_devices, input_device
 
     if min(batch, prompt_len, decode_tokens, repeats) < 1:
         raise ValueError("batch, prompt_len, decode_tokens and repeats must be at least 1")

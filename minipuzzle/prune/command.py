@@ -11,6 +11,7 @@ from minipuzzle.artifacts import PruneReport
 from minipuzzle.checkpoint.resolve import describe_model
 from minipuzzle.cli_options import settings_command
 from minipuzzle.errors import UserError
+from minipuzzle.evaluate.tables import candidate_ranks_table
 from minipuzzle.hardware import HardwareOptions, resolve
 from minipuzzle.search import stage
 from minipuzzle.search.command import AS_TEXT
@@ -91,7 +92,6 @@ def prune_cmd(
 
 def _print_candidates(rep: dict) -> None:
     """The measured candidates, best measured first, with their predicted rank and why they were measured."""
-    from minipuzzle.evaluate.tables import candidate_ranks_table
 
     report = PruneReport.model_validate(rep)
     head, rows = candidate_ranks_table(report.candidates, report.source_widths)

@@ -14,8 +14,9 @@ from collections.abc import Iterable
 
 import torch
 
+from minipuzzle.evaluate.placement import execution_device, input_device
 from minipuzzle.progress import track
-from minipuzzle.quantize.configs import check_patterns, check_runnable, hybrid_config
+from minipuzzle.quantize.configs import check_patterns, check_runnable, hybrid_config, mtq
 
 # Positions whose LM-head logits exist at once when the LM head is calibrated ([chunk, V] values).
 HEAD_CHUNK = 1024
@@ -31,7 +32,6 @@ def calibration_loop(windows: torch.Tensor, batch_size: int, progress: bool = Fa
     """The forward loop `mtq.quantize` calls: windows [N, T] through the backbone `batch_size` at a time. The LM
     head only runs (on `HEAD_CHUNK` positions at a time) when it is quantized: its logits [B, T, V] are the
     largest activation of a forward and calibrate nothing otherwise."""
-    from minipuzzle.evaluate.placement import execution_device, input_device
 
     def loop(model) -> None:
         device = input_device(model)
@@ -51,7 +51,6 @@ def quantize_model(model, precision: str, windows: torch.Tensor, *, batch_size: 
     """`model` (a `NemotronHForCausalLM`, changed in place and returned) quantized to `precision` with the hybrid
     config (`configs.hybrid_config`), calibrated on windows [N, T] of token ids. Refuses (`UserError`) NVFP4 off
     CUDA and module patterns that name nothing, before anything is changed."""
-    from minipuzzle.quantize.configs import mtq
 
     keep, quantize = list(keep), list(quantize)
     check_runnable(precision, next(model.parameters()).device)

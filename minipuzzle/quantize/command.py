@@ -6,10 +6,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import HardwareOptions
+from minipuzzle.hardware import HardwareOptions, resolve
 from minipuzzle.settings import DataOptions, DeviceOptions, QuantizeSettings
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 
 def register(app: typer.Typer) -> None:
@@ -41,9 +45,7 @@ def quantize(
 
     Example: minipuzzle quantize runs/demo/distill --precision fp8 --data calib.jsonl --samples 128 -o runs/demo/fp8
     """
-    from rich.console import Console
 
-    from minipuzzle.hardware import resolve
     from minipuzzle.quantize.folder import quantize_to_folder
 
     st, src, dev = QuantizeSettings(**settings), DataOptions(**text), DeviceOptions(**compute)

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Iterable
 
 import torch
 
 from minipuzzle.errors import UserError
 from minipuzzle.settings import QUANT_PRECISIONS
+
+# Imports inside functions here are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
 
 PRECISIONS = QUANT_PRECISIONS
 # Model Optimizer config names per precision (modelopt.torch.quantization).
@@ -29,7 +33,6 @@ ARCH_PRECISION = {"fp8": "fp8", "nvfp4": "fp4"}
 def mtq():
     """`modelopt.torch.quantization`, imported without its warning that this transformers release is untested
     (its `hf` extra pins transformers<5.15; the core package has no pin, and this project tests the range it uses)."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt")

@@ -28,9 +28,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from minipuzzle.checkpoint.dtypes import stored_bytes
 from minipuzzle.checkpoint.write import atomic_dir, copy_tokenizer
+from minipuzzle.quantize.configs import mtq
+
+# Imports inside functions here are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
 
 QUANT_CONFIG = "hf_quant_config.json"
 SUMMARY = "quantize.json"
@@ -63,7 +69,6 @@ def repair_exclude_names(folder: Path) -> None:
 
 def tensor_table(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (safetensors dtype, shape)} of every tensor of a checkpoint folder, read from the file headers."""
-    from safetensors import safe_open
 
     out = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
@@ -124,7 +129,6 @@ def store_kept_in(folder: Path, dtype: torch.dtype, keep_float32: tuple[str, ...
     Casting the model to bf16 before the export would make the exporter divide bf16 weights by their scales in
     bf16, moving some FP8 values one step from those the float32 calibration simulated; so the model is exported as
     calibrated and the kept tensors are cast here, one shard in memory at a time."""
-    from safetensors.torch import load_file, save_file
 
     for f in sorted(folder.glob("*.safetensors")):
         state = load_file(f)
@@ -146,7 +150,6 @@ def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: s
     spent afterwards) to `out` atomically through Model Optimizer's `export_hf_checkpoint`, unquantized tensors
     in `dtype`; then repair the excluded names, check them, copy the tokenizer and write `quantize.json`
     (`summary` plus the bytes by role, `weight_bytes`)."""
-    from minipuzzle.quantize.configs import mtq
 
     mtq()  # imports modelopt.torch quietly before its exporter
     from modelopt.torch.export import export_hf_checkpoint

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from minipuzzle.checkpoint.dtypes import resolve_device
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
+from minipuzzle.checkpoint.write import check_output_dir
+from minipuzzle.data import load_tokenizer, token_windows
 from minipuzzle.errors import UserError
+from minipuzzle.evaluate.placement import load_placed
+from minipuzzle.hardware import resolve
+from minipuzzle.memory import check, compute_hardware, eval_weight_share, model_facts
+from minipuzzle.quantize.calibrate import quantize_model
+from minipuzzle.quantize.configs import ARCH_PRECISION, BASE_CONFIG, check_runnable, quantized_modules
+from minipuzzle.quantize.export import SUMMARY, export_quantized, quantization_of
+from minipuzzle.quantize.plan import plan_quantize, quantize_launch
 from minipuzzle.settings import QuantizeSettings
 
 
 def check_source(path: Path) -> None:
     """A checkpoint that is already quantized cannot be calibrated again: one line naming its quantization."""
-    from minipuzzle.quantize.export import quantization_of
 
     algo = quantization_of(path)
     if algo is not None:
@@ -32,19 +43,7 @@ def quantize_to_folder(model: str | Path, out: str | Path, settings: QuantizeSet
     (auto: bf16 on a GPU, float32 on the CPU). Every input is checked (precision on this device, an already
     quantized source, module patterns, the plan) before anything is written; the folder appears whole or not at
     all."""
-    import json
 
-    from minipuzzle.checkpoint.dtypes import resolve_device
-    from minipuzzle.checkpoint.resolve import resolve_checkpoint
-    from minipuzzle.checkpoint.write import check_output_dir
-    from minipuzzle.data import load_tokenizer, token_windows
-    from minipuzzle.evaluate.placement import load_placed
-    from minipuzzle.hardware import resolve
-    from minipuzzle.memory import check, compute_hardware, eval_weight_share, model_facts
-    from minipuzzle.quantize.calibrate import quantize_model
-    from minipuzzle.quantize.configs import ARCH_PRECISION, BASE_CONFIG, check_runnable, quantized_modules
-    from minipuzzle.quantize.export import SUMMARY, export_quantized
-    from minipuzzle.quantize.plan import plan_quantize, quantize_launch
 
     st, t0 = settings, time.time()
     check_output_dir(out, overwrite)

@@ -18,9 +18,19 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import PretrainedConfig
 
+from minipuzzle.arch import Layout, hf_config
+from minipuzzle.checkpoint.build import build_model
+from minipuzzle.checkpoint.dtypes import weight_dtype
+from minipuzzle.checkpoint.read import native_name
 from minipuzzle.errors import UserError
+from minipuzzle.quantize.configs import BASE_CONFIG, check_runnable, mtq
 from minipuzzle.quantize.export import SCALE_SUFFIXES, quantization_of, quantized_weights, tensor_table
+
+# Imports inside functions here are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
 
 FP8_MAX = 448.0  # largest E4M3 value
 E2M1_MAX = 6.0  # largest E2M1 value
@@ -49,9 +59,7 @@ def _amax(algo: str, input_scale: torch.Tensor) -> torch.Tensor:
 
 def _read_state(path: Path, algo: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(weights under the model's names, routed experts merged into [E, out, in]; {input quantizer name: amax})."""
-    from safetensors.torch import load_file
 
-    from minipuzzle.checkpoint.read import native_name
 
     raw = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -82,7 +90,6 @@ def _read_state(path: Path, algo: str) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def _input_config(algo: str, names: list[str]) -> dict:
-    from minipuzzle.quantize.configs import BASE_CONFIG, mtq
 
     base = getattr(mtq(), BASE_CONFIG["fp8" if algo == "FP8" else "nvfp4"])
     fmt = next(e["cfg"] for e in base["quant_cfg"] if e.get("quantizer_name") == "*input_quantizer")
@@ -94,7 +101,6 @@ def _input_config(algo: str, names: list[str]) -> dict:
 def _plain_config(path: Path) -> dict:
     """config.json as transformers reads it (its `{"__float__": "Infinity"}` decoded), without the
     quantization_config: the model is built unquantized and quantized by Model Optimizer here."""
-    from transformers import PretrainedConfig
 
     cfg, _ = PretrainedConfig.get_config_dict(str(path))
     cfg.pop("quantization_config", None)
@@ -104,10 +110,6 @@ def _plain_config(path: Path) -> dict:
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The fake-quantized model of checkpoint folder `path` (module docstring) on `device`, weights in `dtype`
     (routers float32, as transformers keeps them). NVFP4 needs CUDA (Model Optimizer's block quantization)."""
-    from minipuzzle.arch import Layout, hf_config
-    from minipuzzle.checkpoint.build import build_model
-    from minipuzzle.checkpoint.dtypes import weight_dtype
-    from minipuzzle.quantize.configs import check_runnable, mtq
 
     path = Path(path)
     algo = quantization_of(path)

@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
+
 
 def _report_command(
     run_dir: Annotated[Path, typer.Argument(help="Run folder with stage outputs (score/, prune/, distill/, eval/).")],

@@ -6,10 +6,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from minipuzzle.anatomy import SEARCH_AXES
+from minipuzzle.arch import KIND_NAMES
+from minipuzzle.checkpoint.dtypes import resolve_device
+from minipuzzle.checkpoint.resolve import resolve_checkpoint
 from minipuzzle.cli_options import settings_command
-from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions
+from minipuzzle.hardware import LINK_OPTIONS, HardwareOptions, resolve
+from minipuzzle.memory import check, for_device, model_facts, score_stage
+from minipuzzle.score.folder import score_to_folder
 from minipuzzle.score.width import describe_aggs
 from minipuzzle.settings import DataOptions, DeviceOptions, ScoreSettings
 
@@ -54,10 +61,6 @@ def score(
 
     Example: minipuzzle score nvidia/Nemotron-H-8B-Base-8K --data calib.jsonl -o scores/8b --seq-len 4096
     """
-    from minipuzzle.checkpoint.dtypes import resolve_device
-    from minipuzzle.checkpoint.resolve import resolve_checkpoint
-    from minipuzzle.hardware import resolve
-    from minipuzzle.score.folder import score_to_folder
 
     if samples is not None:
         settings |= {"depth_samples": samples, "width_samples": samples}
@@ -74,8 +77,6 @@ def score(
 
 def _check_memory(path: str, st: ScoreSettings, axes: list[str], dev: DeviceOptions, hardware: dict) -> None:
     """Refuse (one line) a scoring run whose memory plan does not fit the device it would run on."""
-    from minipuzzle.hardware import resolve
-    from minipuzzle.memory import check, for_device, model_facts, score_stage
 
     hw = for_device(resolve(None, hardware), dev.device)
     if hw is not None:  # None: told --device cpu on a GPU machine whose RAM is unknown
@@ -84,10 +85,7 @@ def _check_memory(path: str, st: ScoreSettings, axes: list[str], dev: DeviceOpti
 
 
 def _print_summary(scores, output: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
-    from minipuzzle.arch import KIND_NAMES
 
     con = Console()
     if "depth" in scores:

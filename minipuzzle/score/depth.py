@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from minipuzzle.errors import UserError
 from minipuzzle.metrics import kl_from_log_probs
@@ -172,8 +174,6 @@ def _load_state(resume_dir, fingerprint) -> dict[str, torch.Tensor] | None:
     f = Path(resume_dir) / STATE_FILE
     if not f.is_file():
         return None
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(f), framework="pt") as h:
@@ -189,7 +189,6 @@ def _load_state(resume_dir, fingerprint) -> dict[str, torch.Tensor] | None:
 def _save_state(resume_dir, fingerprint, acc) -> None:
     if resume_dir is None:
         return
-    from safetensors.torch import save_file
 
     folder = Path(resume_dir)
     folder.mkdir(parents=True, exist_ok=True)

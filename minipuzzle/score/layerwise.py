@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock, NemotronHRMSNorm
 
 from minipuzzle.arch import Layout
-from minipuzzle.checkpoint.build import plain_kernel_notice
+from minipuzzle.checkpoint.build import load_model, plain_kernel_notice
 from minipuzzle.checkpoint.dtypes import weight_dtype
 from minipuzzle.checkpoint.read import Checkpoint
 
@@ -151,7 +153,6 @@ class StreamedStack(LayerStack):
 
     @contextmanager
     def block(self, i):
-        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock
 
         # Cast as a loaded model is (`weight_dtype`): a bf16 block keeps its MoE router in float32, else streamed
         # scoring and ranking would route some tokens to other experts than the model that ships.
@@ -171,7 +172,6 @@ class StreamedStack(LayerStack):
 
 
 def _rmsnorm(config):
-    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHRMSNorm
 
     return NemotronHRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
@@ -202,7 +202,6 @@ def open_stack(
         stream = need > 0.7 * free_memory(device)
     if stream:
         return StreamedStack.open(ckpt, device, dtype), True
-    from minipuzzle.checkpoint.build import load_model
 
     return ModelStack(load_model(ckpt, dtype=dtype, device=device)), False
 
@@ -246,7 +245,6 @@ def block_forward(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
     h = h.to(dev)
     mask = None
     if block.block_type == "full_attention":
-        from transformers.masking_utils import create_causal_mask
 
         pos = torch.arange(h.shape[1], device=dev).unsqueeze(0)
         # The cache argument is `cache` in newer transformers and `past_key_values` in 5.14-5.17: pass it by position.

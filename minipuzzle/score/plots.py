@@ -9,6 +9,9 @@ import torch
 from minipuzzle.anatomy import AXES, KIND_NAMES, LAYER_AXES, WIDTH_AXES
 from minipuzzle.score.scores import Scores
 
+# Imports inside functions here are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
+
 KIND_COLOURS = {"M": "tab:blue", "*": "tab:red", "-": "tab:green", "E": "tab:purple"}
 
 

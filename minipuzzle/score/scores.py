@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from minipuzzle.anatomy import AXES, KIND_NAMES, LAYER_AXES, PER_EXPERT_CHANNELS, SEARCH_AXES, WIDTH_AXES
@@ -94,7 +95,6 @@ class Scores:
             raise UserError(f"no scores at {folder} (expected scores.safetensors from `minipuzzle score`)")
         try:
             tensors = load_file(str(f))
-            from safetensors import safe_open
 
             with safe_open(str(f), framework="pt") as h:
                 pattern = (h.metadata() or {}).get("pattern", "")

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass
 from minipuzzle.arch import Layout
 from minipuzzle.checkpoint.dtypes import PRECISION_BITS
 from minipuzzle.errors import UserError
+from minipuzzle.presets import get_preset, is_preset
 from minipuzzle.units import parse_bytes, parse_count_or_fraction
 
 
 def parse_target(text: str | float | int, source: Layout, active: bool = False) -> int:
     """A parameter budget: a preset name (its exact count), a count (6.5e9, 6.5b, 740972) or a fraction of the
     source's parameters (0.8, 80%). With `active`, of active parameters (`Layout.num_active_params`)."""
-    from minipuzzle.presets import get_preset, is_preset
 
     count = Layout.num_active_params if active else Layout.num_params
     if is_preset(str(text).strip().lower()):

@@ -11,6 +11,9 @@ own top channels from its own scores, the same count in every expert so the merg
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,13 @@ import yaml
 
 from minipuzzle.anatomy import AXES, KIND_NAMES, PER_EXPERT_CHANNELS
 from minipuzzle.arch import Layout
+from minipuzzle.errors import UserError
 from minipuzzle.search.damage import DamageModel, as_float_array, rank_desc
 from minipuzzle.search.solver import Candidate
 from minipuzzle.search.space import layout_axes, search_kinds
+
+# Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
+# and the offline commands (dry runs, info, search) start fast.
 
 EXPERT_CHANNEL_CHOICES = ("shared", "per_expert")
 
@@ -33,7 +40,6 @@ def choose_units(
     group on grouped axes. Axes left at full width keep everything. Routed experts' channels are chosen as
     `expert_channels` says (`EXPERT_CHANNEL_CHOICES`)."""
     from minipuzzle.cut import Plan
-    from minipuzzle.errors import UserError
 
     if expert_channels not in EXPERT_CHANNEL_CHOICES:
         raise UserError(f"unknown expert channel choice {expert_channels!r}: use {' or '.join(EXPERT_CHANNEL_CHOICES)}")
@@ -84,7 +90,6 @@ def layout_document(plan, source: Layout, budget=None, cand: Candidate | None = 
 
 def _per_expert_channels(scores, src: Layout, layers: list[int], width: int) -> dict[int, list[list[int]]]:
     """Each expert's own `width` top channels in every kept MoE layer, from scores.expert_channels [E, width]."""
-    from minipuzzle.errors import UserError
 
     out = {}
     for i in (i for i in layers if src.pattern[i] == "E"):
@@ -124,8 +129,6 @@ yaml.SafeDumper.add_representer(_Flow, _flow_representer)
 
 def write_layout_yaml(doc: dict, path: str | Path) -> Path:
     """Write `doc` as YAML (index lists on one line each), atomically (temp file, then rename)."""
-    import os
-    import tempfile
 
     def flow(x):
         if isinstance(x, dict):
@@ -146,10 +149,8 @@ def write_layout_yaml(doc: dict, path: str | Path) -> Path:
 def read_plan(path: str | Path):
     """The Plan in a JSON or YAML file: the plan itself, or a document with a `plan` key (a layout file written
     by `minipuzzle search`)."""
-    import json
 
     from minipuzzle.cut import Plan
-    from minipuzzle.errors import UserError
 
     path = Path(path)
     if not path.is_file():

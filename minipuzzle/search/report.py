@@ -7,6 +7,9 @@ from pathlib import Path
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import PruneReport
 
+# Imports inside functions here are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
+
 
 def write_plots(report: PruneReport, source: Layout, folder: Path) -> list[Path]:
     """candidates.png and cuts.png in `folder`."""

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,6 +41,9 @@ from minipuzzle.errors import UserError
 from minipuzzle.search.budget import Budget
 from minipuzzle.search.damage import DamageModel
 from minipuzzle.search.space import SearchSpace
+
+# Imports inside functions here are of optional packages (Model Optimizer, lm-eval, matplotlib, the MIP solver),
+# loaded only where a feature uses them.
 
 # Above this many (width combination x layer count) points the MIP is used instead of enumeration.
 ENUM_LIMIT = 50_000_000
@@ -460,8 +465,6 @@ def is_maximal(space: SearchSpace, budget: Budget, widths: dict[str, int], count
 def _silent_highs(highspy):
     """A HiGHS instance that prints nothing: its constructor writes a banner to the C-level stdout, which would
     corrupt `--json` output, so fd 1 points at /dev/null while it is built."""
-    import os
-    import sys
 
     sys.stdout.flush()
     saved = os.dup(1)
