@@ -9,8 +9,8 @@ share a copy of the weights (all ranks with full sharding; one node's GPUs with 
   gather, so it gathers nothing more); of every teacher block once (the teacher has no backward); of the root
   unit (both models' embeddings, final norms and LM heads) once, as FSDP2 keeps the root gathered from its forward
   to the end of its backward;
-- reduce-scatter of every student gradient in float32 (the loop reduce-scatters after every micro-batch, so a rank
-  never holds unsharded gradients).
+- reduce-scatter of every student gradient in float32, after every micro-batch (sharded accumulation: a rank never
+  holds unsharded gradients) or once per step, in the last micro-batch's backward (unsharded accumulation).
 Per step, HSDP adds one all-reduce of each rank's float32 gradient shard across the node copies.
 
 A ring collective over n ranks moves (n - 1) / n of the gathered (or reduced) tensor through each rank, and an
@@ -98,10 +98,11 @@ def train_flops_per_token(teacher: Layout, student: Layout, checkpointing: bool)
 
 def step_traffic(teacher: Layout, student: Layout, hw: Hardware, *, ranks: int, shards: int, micro: int,
                  grad_accum: int, seq_len: int, checkpointing: bool, gather_bytes: int, teacher_bytes: int,
-                 flops_per_s: float = H100_FLOPS) -> Traffic:  # fmt: skip
+                 unsharded: bool = False, flops_per_s: float = H100_FLOPS) -> Traffic:  # fmt: skip
     """One optimizer step of `ranks` data-parallel ranks, parameters sharded over groups of `shards` (replicated
     over ranks / shards groups: HSDP when that is more than 1), `grad_accum` micro-batches of `micro` sequences of
-    `seq_len` tokens per rank; the student gathered in `gather_bytes` floats, the teacher in `teacher_bytes`."""
+    `seq_len` tokens per rank; the student gathered in `gather_bytes` floats, the teacher in `teacher_bytes`;
+    `unsharded`: gradients reduce-scattered once per step instead of after every micro-batch."""
     replicas = max(1, ranks // shards)
     root_s, root_t = student.embedding_params(), teacher.embedding_params()
     r_s, r_t = router_params(student), router_params(teacher)
@@ -117,7 +118,7 @@ def step_traffic(teacher: Layout, student: Layout, hw: Hardware, *, ranks: int, 
                         + blocks_t * teacher_bytes + r_t * ROUTER_BYTES + (root_s + root_t) * gather_bytes)  # fmt: skip
     per_micro_reduce = student.num_params() * REDUCE_BYTES
     gathered = int(ring * per_micro_gather * grad_accum)
-    reduced = int(ring * per_micro_reduce * grad_accum)
+    reduced = int(ring * per_micro_reduce * (1 if unsharded else grad_accum))
     # HSDP: each rank's float32 gradient shard, all-reduced over the node copies once per step.
     all_reduced = int(2 * (replicas - 1) / replicas * per_micro_reduce / shards) if replicas > 1 else 0
     spans_nodes = shards > hw.gpus_per_node
@@ -126,8 +127,12 @@ def step_traffic(teacher: Layout, student: Layout, hw: Hardware, *, ranks: int, 
     gather_s, reduce_s = (gathered / bw, reduced / bw) if shards > 1 else (0.0, 0.0)
     all_reduce_s = all_reduced / hw.inter_node_bytes_per_s
     compute = micro * seq_len * train_flops_per_token(teacher, student, checkpointing) / flops_per_s
-    per_micro = (gather_s + reduce_s) / grad_accum
-    step = (grad_accum - 1) * max(compute, per_micro) + max(compute, per_micro + all_reduce_s)
+    if unsharded:  # the micro-batches before the last reduce nothing; the last reduces the whole step's sum
+        early = gather_s / grad_accum
+        last_micro = early + reduce_s
+    else:
+        early = last_micro = (gather_s + reduce_s) / grad_accum
+    step = (grad_accum - 1) * max(compute, early) + max(compute, last_micro + all_reduce_s)
     return Traffic(shards=shards, replicas=replicas, link=link, bandwidth=bw, gathered=gathered, reduced=reduced,
                    all_reduced=all_reduced, gather_seconds=gather_s, reduce_seconds=reduce_s,
                    all_reduce_seconds=all_reduce_s, compute_seconds=grad_accum * compute, step_seconds=step)  # fmt: skip

@@ -410,6 +410,11 @@ class DistillSettings(Settings):
         None, description="FSDP2 over all processes (full) or within each node, replicated across nodes (per_node, "
         "HSDP); default: the memory plan's."
     )  # fmt: skip
+    accumulation: Literal["sharded", "unsharded"] | None = Field(
+        None, description="Gradient accumulation under FSDP2: sharded (a reduce-scatter after every micro-batch; a "
+        "process holds only its shard of the gradients) or unsharded (one reduce-scatter per step; every process "
+        "holds the whole float32 gradient, 4 bytes per student parameter); default: the memory plan's."
+    )  # fmt: skip
     attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2.")
     overwrite: bool = Field(False, description="Replace a non-empty output folder.")
     progress: bool | None = Field(None, description="Show a progress bar (default: when stderr is a terminal).")

@@ -275,3 +275,36 @@ def test_the_56b_dry_run_prices_communication_and_recompute_by_hand():
     flat = " ".join(text.split())
     assert "distill: gathers 3.95 TB, reduce-scatters 2.66 TB per rank per step; 165.4 s over the network" in flat
     assert "communication not hidden adds 4799.4 GPU-hours" in flat and "links: inside a node 360 GB/s" in flat
+
+
+def test_unsharded_accumulation_when_the_whole_gradient_fits_and_saves_time():
+    """1 node x 8, WIDE into itself, 4 micro-batches of 4 sequences per rank (both given, and checkpointing off):
+    accumulating unsharded holds the whole float32 gradient (4 bytes per parameter) more on every GPU and saves 3
+    of the step's 4 reduce-scatters. With memory for it the plan takes it, and its step is the hand count's; with
+    less, it keeps sharded accumulation; given explicitly where it does not fit, it is refused naming the option."""
+    b, r, root, last = _counts(WIDE)
+    ps = b + r + root
+    gather = 2 * (b * 2 + r * 4) + last * 2 + b * 2 + r * 4 + 2 * root * 2  # bf16 blocks, float32 routers
+    kw = {"seq_len": 4, "global_batch": 128, "loss_chunk": 4}
+
+    def plan(memory: int, accumulation=None):
+        hw = Hardware(gpu_memory=memory, gpus_per_node=8, nodes=1, intra_node_bandwidth="100GB/s")
+        fixed = Fixed(grad_accum=4, checkpointing=False, accumulation=accumulation)
+        return train_memory("distill", "distill", WIDE, WIDE, hw, fixed=fixed, **kw)
+
+    roomy = plan(80 * 2**30)
+    sharded, unsharded = plan(80 * 2**30, "sharded"), plan(80 * 2**30, "unsharded")
+    assert unsharded.memory.gradients - sharded.memory.gradients == 4 * ps
+    assert roomy.geometry.accumulation == "unsharded" and roomy.geometry.micro_batch == 4
+    assert roomy.traffic.reduced == int(7 / 8 * ps * 4)  # one reduce-scatter per step
+    assert sharded.traffic.reduced == int(7 / 8 * ps * 4 * 4)
+    hand = 7 / 8 * (4 * gather + ps * 4) / 100e9  # compute (nanoseconds) hides nothing
+    assert roomy.traffic.step_seconds == pytest.approx(hand, rel=0.01)
+    assert sharded.traffic.step_seconds == pytest.approx(7 / 8 * 4 * (gather + ps * 4) / 100e9, rel=0.01)
+
+    # Memory for the sharded launch and half the whole gradient more: sharded.
+    tight = int((sharded.device_total + 2 * ps) / 0.9)
+    assert plan(tight).geometry.accumulation == "sharded"
+    refused = plan(tight, "unsharded")
+    assert not refused.fits and refused.problem.endswith("with --grad-accum 4, --activation-checkpointing False, "
+                                                         "--accumulation unsharded as given")  # fmt: skip

@@ -36,8 +36,8 @@ def distill(settings: dict[str, Any], hardware: dict[str, Any] | None = None) ->
     torchrun (FSDP2), e.g. `torchrun --nproc_per_node 8 -m minipuzzle.cli distill ...`.
 
     Runs in its memory plan's geometry (this machine, or --gpu-memory / --gpus; under torchrun, the launch's
-    processes): --grad-accum, --activation-checkpointing and --sharding default to the plan's choice; a run whose
-    plan does not fit, the choices given included, is refused before it starts.
+    processes): --grad-accum, --activation-checkpointing, --sharding and --accumulation default to the plan's
+    choice; a run whose plan does not fit, the choices given included, is refused before it starts.
 
     Example: minipuzzle distill --teacher 56b-dir --student 47b-pruned --data corpus.jsonl -o 47b-distilled
     --tokens 7B --seq-len 8192 --batch-size 768

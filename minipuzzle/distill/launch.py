@@ -48,7 +48,7 @@ def plan_for(cfg: DistillSettings, hw: Hardware, processes: int | None):
 
 
 def planned(cfg: DistillSettings, hw: Hardware, processes: int | None = 1) -> tuple[DistillSettings, object]:
-    """(`cfg` with the plan's grad_accum, activation_checkpointing and sharding where `cfg` leaves them None, the
+    """(`cfg` with the plan's grad_accum, activation_checkpointing, sharding and accumulation where `cfg` leaves them None, the
     plan's `Part`). Raises `UserError` (one line) when the plan does not fit, the user's own choices included, or
     the batch does not split evenly over the processes (and the grad_accum given)."""
     part = plan_for(cfg, hw, processes)
@@ -56,7 +56,8 @@ def planned(cfg: DistillSettings, hw: Hardware, processes: int | None = 1) -> tu
         raise UserError(f"distill does not fit: {part.problem} ({part.geometry.describe()})")
     g = part.geometry
     fill = {"grad_accum": g.grad_accum, "activation_checkpointing": bool(g.activation_checkpointing),
-            "sharding": "per_node" if g.sharding == "per_node" else "full"}  # fmt: skip
+            "sharding": "per_node" if g.sharding == "per_node" else "full",
+            "accumulation": g.accumulation or "sharded"}  # fmt: skip
     return cfg.model_copy(update={k: v for k, v in fill.items() if getattr(cfg, k) is None}), part
 
 

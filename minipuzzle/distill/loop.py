@@ -4,7 +4,8 @@
 
 Every step takes the next `batch_size` windows of the data stream (the same on every process), each process
 trains on its slice in `grad_accum` micro-batches, gradients are averaged (FSDP2 reduce-scatter after every
-micro-batch, so each process holds only its shard of them), clipped, and AdamW steps. Checkpoints every `save_every` steps and on SIGTERM; a rerun of the same command resumes from the
+micro-batch, so each process holds only its shard of them, or once per step when the memory plan finds the whole
+gradient fits and saves time), clipped, and AdamW steps. Checkpoints every `save_every` steps and on SIGTERM; a rerun of the same command resumes from the
 newest one and ends with the same weights as an uninterrupted run (float32 on CPU: bit for bit).
 """
 
@@ -170,8 +171,8 @@ def distill(config: DistillSettings, hardware: Hardware | None = None) -> Path:
     """Distil `config.teacher` into `config.student`; returns OUT, a standard checkpoint with metrics.jsonl.
 
     Run in the geometry of its memory plan on `hardware` (default: this machine, under torchrun the launch's
-    nodes and GPUs per node) for this launch's processes: grad_accum, activation_checkpointing and sharding left
-    None take the plan's choice. Raises UserError for bad input or a plan that does not fit (before anything is
+    nodes and GPUs per node) for this launch's processes: grad_accum, activation_checkpointing, sharding and
+    accumulation left None take the plan's choice. Raises UserError for bad input or a plan that does not fit (before anything is
     written), Diverged on a NaN/inf loss (the last good checkpoint stays in OUT.partial), Preempted after saving
     on SIGTERM.
     """
@@ -197,7 +198,7 @@ def with_plan(cfg: DistillSettings, hardware: Hardware | None = None) -> Distill
 
     hw = for_device(hardware or launch.launch_hardware(detect()), cfg.device)
     if hw is None:
-        fill = {"grad_accum": 1, "activation_checkpointing": False, "sharding": "full"}
+        fill = {"grad_accum": 1, "activation_checkpointing": False, "sharding": "full", "accumulation": "sharded"}
         return cfg.model_copy(update={k: v for k, v in fill.items() if getattr(cfg, k) is None})
     return launch.planned(cfg, hw, int(os.environ.get("WORLD_SIZE", "1")))[0]
 
@@ -306,11 +307,7 @@ class _Trainer:
         sums = torch.zeros(4, dtype=torch.float64)
         for i, micro in enumerate(mine.split(mb)):
             if d.enabled:
-                # Reduce-scatter after every micro-batch, so a rank only ever holds its shard of the float32
-                # gradients (what the memory plan counts): skipping it (set_requires_gradient_sync(False)) makes
-                # every rank accumulate the whole unsharded gradient, 4 bytes per student parameter. HSDP defers
-                # only the all-reduce across nodes to the last micro-batch; its partial sums are shards too.
-                self.objective.set_requires_all_reduce(i == cfg.grad_accum - 1)
+                self._sync_gradients(last=i == cfg.grad_accum - 1)
             with _autocast(cfg, d):
                 res = self.objective(micro.to(d.device))
             (res["loss"] / cfg.grad_accum).backward()
@@ -330,6 +327,17 @@ class _Trainer:
                "tokens_per_s": cfg.tokens_per_step / (time.perf_counter() - t0)}  # fmt: skip
         self.log.write(rec)
         return rec
+
+    def _sync_gradients(self, last: bool) -> None:
+        """Sharded accumulation reduce-scatters after every micro-batch, so a rank only ever holds its shard of the
+        float32 gradients; HSDP defers only the all-reduce across nodes to the last micro-batch (its partial sums
+        are shards too). Unsharded accumulation skips every collective until the last micro-batch: one
+        reduce-scatter per step instead of `grad_accum`, for the whole float32 gradient on every rank (4 bytes per
+        student parameter). The memory plan chooses between them and counts the one chosen."""
+        if self.cfg.accumulation == "unsharded":
+            self.objective.set_requires_gradient_sync(last)
+        else:
+            self.objective.set_requires_all_reduce(last)
 
     def _clip(self) -> float:
         params = [p for p in self.objective.student.parameters() if p.grad is not None]

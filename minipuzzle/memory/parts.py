@@ -27,6 +27,10 @@ class Geometry(BaseModel):
     grad_accum: int | None = Field(None, description="training: micro-batches per optimizer step on each rank")
     global_batch: int | None = Field(None, description="training: sequences per optimizer step, all ranks")
     activation_checkpointing: bool | None = Field(None, description="training: block activations recomputed")
+    accumulation: Literal["sharded", "unsharded"] | None = Field(
+        None, description="training under FSDP2: gradients reduce-scattered after every micro-batch (sharded) or "
+        "once per step, each rank holding the whole gradient until then (unsharded)"
+    )  # fmt: skip
     rows_per_chunk: int | None = Field(None, description="scoring: windows per chunk of rows")
     logits_chunk: int | None = Field(None, description="positions whose full-vocabulary logits exist at once")
     host_group: int | None = Field(
@@ -50,6 +54,8 @@ class Geometry(BaseModel):
             out.append("streamed")
         if self.activation_checkpointing:
             out.append("ckpt")
+        if self.accumulation == "unsharded":
+            out.append("unsharded grads")
         if self.sequential:
             out.append("one model at a time")
         return ", ".join(out)

@@ -46,6 +46,7 @@ class Launch(BaseModel):
     teacher_bytes: int
     compute_bytes: int
     autocast_cache: bool = False
+    unsharded: bool = False
 
 
 def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int]:
@@ -53,9 +54,11 @@ def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int
 
     Sharded (FSDP2, `distill.parallel.shard`): the student's float32 parameters, AdamW moments and float32
     gradients are split over the shards (4 + 8 + 4 bytes per parameter / shards), the teacher's parameters too.
-    Gradients stay sharded through gradient accumulation because `distill.loop` reduce-scatters after every
-    micro-batch (HSDP's all-reduce across nodes waits for the last one; its partial sums are shards too):
-    accumulating unsharded would hold 4 bytes per student parameter on every rank.
+    Gradients stay sharded through gradient accumulation when `distill.loop` reduce-scatters after every
+    micro-batch (HSDP's all-reduce across nodes waits for the last one; its partial sums are shards too); with
+    `unsharded` accumulation it reduce-scatters once per step, so every rank holds the whole float32 gradient (4
+    bytes per student parameter: FSDP2 accumulates in its reduce dtype) and, while the last micro-batch's blocks
+    are reduced, their shards beside it.
     Gathered at once: the root unit (embeddings, final norms and heads of both models, kept for the whole step),
     and two blocks of each model (the one running and the one prefetched); a block's unsharded gradients in the
     gathered dtype plus FSDP2's float32 reduce-scatter buffer; and the chunked loss's head-gradient accumulator
@@ -70,6 +73,8 @@ def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int
     root = student.embedding_params() * ln.gather_bytes + teacher.embedding_params() * ln.teacher_bytes
     units = 2 * (largest_block(student) * ln.gather_bytes + largest_block(teacher) * ln.teacher_bytes)
     grads = 4 * ps // ln.shards + largest_block(student) * (ln.gather_bytes + 4) + vh * ln.gather_bytes
+    if ln.unsharded:
+        grads += 4 * ps
     return {"weights": pt * ln.teacher_bytes // ln.shards + root + units,
             "master_weights": 4 * ps // ln.shards, "optimizer_state": 8 * ps // ln.shards, "gradients": grads}  # fmt: skip
 
@@ -159,17 +164,19 @@ class Fixed(BaseModel):
     grad_accum: int | None = None
     checkpointing: bool | None = None
     sharding: str | None = None
+    accumulation: str | None = None
 
     def given(self) -> str:
         """The choices made, as the options that make them: '--grad-accum 1, --sharding per_node'."""
         flags = (("--grad-accum", self.grad_accum), ("--sharding", self.sharding),
-                 ("--activation-checkpointing", self.checkpointing))  # fmt: skip
+                 ("--activation-checkpointing", self.checkpointing), ("--accumulation", self.accumulation))  # fmt: skip
         return ", ".join(f"{flag} {v}" for flag, v in flags if v is not None)
 
 
 def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str, fixed: Fixed):
     """(sharding, Launch) of every launch `fixed` allows, in the order that breaks ties in time: without
-    checkpointing before with it, sharded per node before across nodes, larger micro-batches first."""
+    checkpointing before with it, sharded per node before across nodes, larger micro-batches first, sharded
+    accumulation before unsharded (offered where there are shards and more than one micro-batch)."""
     cuda = hw.device == "cuda"
     ckpts = (False, True) if fixed.checkpointing is None else (fixed.checkpointing,)
     shardings = _sharding_options(hw, ranks)
@@ -180,11 +187,21 @@ def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str, fixed: Fix
         for sharding in shardings:
             shards = _shards(sharding, hw, ranks)
             for micro in micros:
-                # FSDP2 gathers the student in bf16 on GPUs (distill.parallel.shard's MixedPrecisionPolicy);
-                # one process trains its float32 student under bf16 autocast, which caches bf16 copies.
-                yield sharding, Launch(shards=shards, micro=micro, checkpointing=ckpt, teacher_bytes=dtype_bytes(dt),
-                                       gather_bytes=2 if cuda and shards > 1 else 4, compute_bytes=2 if cuda else 4,
-                                       autocast_cache=cuda and shards == 1)  # fmt: skip
+                for unsharded in _accumulations(fixed, shards, per_rank // micro):
+                    # FSDP2 gathers the student in bf16 on GPUs (distill.parallel.shard's MixedPrecisionPolicy);
+                    # one process trains its float32 student under bf16 autocast, which caches bf16 copies.
+                    yield sharding, Launch(shards=shards, micro=micro, checkpointing=ckpt,
+                                           teacher_bytes=dtype_bytes(dt), gather_bytes=2 if cuda and shards > 1 else 4,
+                                           compute_bytes=2 if cuda else 4, autocast_cache=cuda and shards == 1,
+                                           unsharded=unsharded)  # fmt: skip
+
+
+def _accumulations(fixed: Fixed, shards: int, grad_accum: int) -> tuple[bool, ...]:
+    """Unsharded accumulation (True) is a choice only with shards and more than one micro-batch; elsewhere the
+    two are the same launch."""
+    if shards == 1 or grad_accum == 1:
+        return (False,)
+    return {None: (False, True), "sharded": (False,), "unsharded": (True,)}[fixed.accumulation]
 
 
 def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, *, seq_len: int,
@@ -222,11 +239,17 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
                            interpreters=interpreters)  # fmt: skip
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
+                                      "accumulation": ("unsharded" if ln.unsharded else "sharded")
+                                      if ln.shards > 1 else None,
                                       "logits_chunk": min(loss_chunk, ln.micro * seq_len)})  # fmt: skip
         traffic = step_traffic(teacher, student, hw, ranks=ranks, shards=ln.shards, micro=ln.micro,
                                grad_accum=per_rank // ln.micro, seq_len=seq_len, checkpointing=ln.checkpointing,
-                               gather_bytes=ln.gather_bytes, teacher_bytes=ln.teacher_bytes)  # fmt: skip
-        part = _part(stage, name, geo, mem, hw, note=note).model_copy(update={"traffic": traffic})
+                               gather_bytes=ln.gather_bytes, teacher_bytes=ln.teacher_bytes,
+                               unsharded=ln.unsharded)  # fmt: skip
+        this = _part(stage, name, geo, mem, hw, note=note).model_copy(update={"traffic": traffic})
+        if ln.unsharded and not this.fits and fixed.accumulation is None:
+            continue  # unsharded accumulation only adds memory: a refusal shows the sharded launch's figures
+        part = this
         # Strictly faster by more than rounding: equal times (all hidden under compute) keep the earlier option.
         if part.fits and (best is None or traffic.step_seconds < best.traffic.step_seconds * (1 - 1e-9)):
             best = part
@@ -264,7 +287,7 @@ def distill_memory(teacher: Layout, student: Layout, hw: Hardware, ds, *, proces
     """The distill stage's part for `ds` (a `settings.DistillSettings`): its grad_accum, activation_checkpointing
     and sharding where set (None: the plan's), on `processes` ranks when the launch fixes them."""
     fixed = Fixed(ranks=processes, grad_accum=ds.grad_accum, checkpointing=ds.activation_checkpointing,
-                  sharding=ds.sharding)  # fmt: skip
+                  sharding=ds.sharding, accumulation=ds.accumulation)  # fmt: skip
     return train_memory("distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
                         loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, fixed=fixed)  # fmt: skip
 
