@@ -1,5 +1,5 @@
 """Which Mamba implementation transformers' NemotronH will run here: the fused kernels of the `gpu` extra
-(mamba-ssm, causal-conv1d) or its PyTorch reference path.
+(mamba-ssm, causal-conv1d) or its PyTorch reference path; and what each attention implementation holds.
 
 The two paths hold very different activations: the PyTorch chunk scan makes float32 temporaries of
 [tokens, heads, state] and more (about 79 GiB for a checkpointed 56B micro-batch where the kernels need 22.9 GiB),
@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from dataclasses import dataclass
+
+from minipuzzle.errors import UserError
 
 # Imports inside functions here keep torch and transformers unloaded until a function needs them, so `--help`
 # and the offline commands (dry runs, info, search) start fast.
@@ -75,3 +77,33 @@ def detect_mamba_path(cuda_available: bool | None = None) -> MambaPath:
     if slow:
         return MambaPath(False, f"PyTorch Mamba path (transformers could not import the kernels for {', '.join(slow)})")
     return MambaPath(True, "fused Mamba kernels (mamba-ssm, causal-conv1d)")
+
+
+# What the memory plan counts for each attention implementation transformers offers NemotronH. Distillation takes
+# --attn-implementation; every other stage runs transformers' default, SDPA.
+ATTENTION_PATHS = {
+    "sdpa": "SDPA (flash / memory-efficient kernels: no [T x T] scores kept)",
+    "eager": "eager ([heads x T x T] scores, their float32 softmax and mask counted per attention layer)",
+    "flash_attention_2": "flash-attn 2 (counted as SDPA's flash path)",
+}
+
+
+def attention_text(implementation: str) -> str:
+    """Which attention path the plan counts for `implementation`, and, for flash-attn 2 where its package is not
+    installed, that a run would refuse it (transformers raises on `set_attn_implementation`)."""
+    text = ATTENTION_PATHS[implementation]
+    if implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        text += ": flash-attn is not installed here, so a run here would refuse it"
+    return text
+
+
+def check_attention(implementation: str, device_type: str) -> None:
+    """Refuse flash-attn 2 where it cannot run (no CUDA device, or the package missing), in one line, before any
+    model is built."""
+    if implementation != "flash_attention_2":
+        return
+    if device_type != "cuda":
+        raise UserError("--attn-implementation flash_attention_2 needs a CUDA GPU: use sdpa (the default) here")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("--attn-implementation flash_attention_2 needs the flash-attn package (the gpu extra): "
+                        "install it or use sdpa (the default)")  # fmt: skip

@@ -113,6 +113,8 @@ def _print_memory(con, memory: dict[str, Any]) -> None:
                       gib(m["activations"]), gib(m["logits"]), gib(p["device_total"]),
                       gib(m["host_buffers"] + m["host_baseline"]), status)  # fmt: skip
     con.print(t)
+    if memory.get("attention"):
+        con.print(f"attention: {memory['attention']}", highlight=False, markup=False)
     con.print("process: what a process holds before any work (CPU: its interpreter and libraries; GPU: the CUDA "
               "context); optim.: master weights, optimizer state and gradients; device: the total per device, "
               "the process's share included; host: per node, interpreters included. "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from minipuzzle.arch import Layout
 from minipuzzle.hardware import Hardware
+from minipuzzle.kernels import attention_text
 from minipuzzle.memory import RunMemory, default_dtype, distill_stage, eval_stage, prune_stage, score_stage, usable
 from minipuzzle.quantize.plan import plan_quantize
 from minipuzzle.settings import PruneSettings
@@ -40,7 +41,11 @@ def recipe_memory(recipe, prune: PruneSettings, teacher: Layout, hardware: Hardw
         quantize = lambda: plan_quantize(bound, hw, recipe.quantize, **kw)  # noqa: E731
         stages = {k: v for k, v in stages.items() if k != "eval"} | {"quantize": quantize, "eval": stages["eval"]}
     planned = [make() for name, make in stages.items() if name not in skip]
-    return RunMemory(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw), stages=planned)
+    sdpa = attention_text("sdpa")
+    impl = recipe.distill.attn_implementation if recipe.distill is not None else "sdpa"
+    attention = sdpa if impl == "sdpa" else f"{attention_text(impl)} in distillation; {sdpa} elsewhere"
+    return RunMemory(hardware=hw, hardware_text=hw.describe(), usable_device_bytes=usable(hw), stages=planned,
+                     attention=attention)  # fmt: skip
 
 
 def recipe_processes(d, hw: Hardware) -> int | None:

@@ -415,7 +415,10 @@ class DistillSettings(Settings):
         "process holds only its shard of the gradients) or unsharded (one reduce-scatter per step; every process "
         "holds the whole float32 gradient, 4 bytes per student parameter); default: the memory plan's."
     )  # fmt: skip
-    attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="sdpa, eager (keeps [heads x T x T] scores: the memory plan counts them) or "
+        "flash_attention_2 (needs the flash-attn package and a GPU)."
+    )  # fmt: skip
     overwrite: bool = Field(False, description="Replace a non-empty output folder.")
     progress: bool | None = Field(None, description="Show a progress bar (default: when stderr is a terminal).")
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -94,3 +95,41 @@ def test_the_56b_plan_without_kernels_lowers_its_batches_and_refuses_distillatio
     assert d_slow["memory"]["activations"] > 3 * d_fused["memory"]["activations"]
     refusal = plans[False]["refusal"]
     assert "\n" not in refusal and "does not fit" in refusal and "PyTorch Mamba path" in refusal
+
+
+def test_the_plan_counts_the_attention_implementation_distillation_runs():
+    """The demo recipe distilled with eager attention: the dry run names the path it counts, the distill part's
+    launch says eager, and its checkpointed activations grow by the [heads x T] float32 scores per query of one
+    attention block recomputed in the backward (and the teacher's forward), far beyond SDPA's."""
+    plans = {}
+    for impl in ("sdpa", "eager"):
+        doc = yaml.safe_load((RECIPES_DIR / "demo.yaml").read_text())
+        doc["distill"]["attn_implementation"] = impl
+        plans[impl] = plan_run(parse_recipe(doc))
+    parts = {k: {p["name"]: p for s in v["memory"]["stages"] for p in s["parts"]} for k, v in plans.items()}
+    sdpa, eager = parts["sdpa"]["distill"], parts["eager"]["distill"]
+    assert plans["sdpa"]["memory"]["attention"].startswith("SDPA")
+    assert plans["eager"]["memory"]["attention"].startswith("eager") and "SDPA" in plans["eager"]["memory"]["attention"]
+    assert eager["geometry"]["attention"] == "eager" and sdpa["geometry"]["attention"] == "sdpa"
+    # At least the scores one recomputed student block keeps: float32 softmax over [heads, T] per token.
+    doc = yaml.safe_load((RECIPES_DIR / "demo.yaml").read_text())
+    tokens = eager["geometry"]["micro_batch"] * doc["distill"]["seq_len"]
+    assets = Path(__import__("minipuzzle").__file__).parent / "assets"
+    heads = json.loads((assets / "demo-teacher" / "config.json").read_text())["num_attention_heads"]
+    grew = eager["memory"]["activations"] - sdpa["memory"]["activations"]
+    assert grew >= tokens * 4 * heads * doc["distill"]["seq_len"]
+    # Eval and scoring run transformers' default (SDPA) whatever distillation runs.
+    assert parts["eager"]["held-out"]["memory"] == parts["sdpa"]["held-out"]["memory"]
+
+
+def test_flash_attention_where_it_cannot_run_is_refused_in_one_line(tmp_path):
+    from minipuzzle.testing import run_cli
+
+    code, _, err = run_cli(["distill", "--teacher", "demo", "--student", "demo", "--data", str(tmp_path),
+                            "-o", str(tmp_path / "out"), "--max-steps", "1", "--device", "cpu",
+                            "--attn-implementation", "flash_attention_2"])  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "flash_attention_2 needs a CUDA GPU" in err, err
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(["distill", "--teacher", "demo", "--student", "demo", "--data", str(tmp_path),
+                            "-o", str(tmp_path / "out"), "--attn-implementation", "flash"])  # fmt: skip
+    assert code == 2 and "attn" in err and err.count("\n") == 1, err

@@ -91,6 +91,31 @@ def test_forward_transient_bounds_what_a_block_allocates(kind, latent):
     assert measured <= planned <= 1.6 * measured
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_scores_are_what_autograd_keeps_and_the_forward_allocates(dtype):
+    """An attention block run eagerly (the implementation `--attn-implementation eager` picks) against the plan's
+    eager terms: the tensors autograd saves (within 5 %), and the allocator's peak of its forward without autograd,
+    which the plan bounds from above as it bounds SDPA's (within 60 %). In float32 and in bf16, whose softmax is
+    float32 with a bf16 copy. The scores grow with T: a plan that counted SDPA's path would be short by over half."""
+    layout = _kind_layout("*")
+    b, tokens = torch.finfo(dtype).bits // 8, 4 * MAMBA_CHUNK
+    model = random_model(layout).to(dtype).train()
+    model.set_attn_implementation("eager")
+    block = model.model.layers[0]
+    x = torch.randn(1, tokens, layout.hidden_size, dtype=dtype, requires_grad=True)
+    saved = saved_storages(lambda: block_forward(block, x), exclude=list(model.parameters())) / tokens
+    planned = saved_bytes_per_token(layout, "*", b=b, kernels=False, eager_len=tokens)
+    assert planned == pytest.approx(saved, rel=0.05)
+    assert saved > 2 * saved_bytes_per_token(layout, "*", b=b, kernels=False)
+
+    x = x.detach()
+    with torch.no_grad():
+        block_forward(block, x)
+        measured = (peak_allocated(lambda: block_forward(block, x)) + x.nbytes) / tokens
+    planned = forward_bytes_per_token(layout, "*", b, kernels=False, eager_len=tokens)
+    assert measured <= planned <= 1.6 * measured
+
+
 def test_training_states_are_the_tensors_a_step_holds():
     """One process's states on the CPU (no FSDP2): the teacher's weights, the float32 student, AdamW's moments after
     a step, the gradients after the backward plus the loss's [V, h] head-gradient accumulator (the tensor

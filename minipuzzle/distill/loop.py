@@ -40,6 +40,7 @@ from minipuzzle.distill.routers import route_in_float32
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware, detect
+from minipuzzle.kernels import check_attention
 from minipuzzle.memory import for_device
 from minipuzzle.progress import ProgressBar
 from minipuzzle.settings import DistillSettings
@@ -178,6 +179,7 @@ def distill(config: DistillSettings, hardware: Hardware | None = None) -> Path:
     """
     config.check_paths()
     cfg = with_plan(config, hardware)
+    check_attention(cfg.attn_implementation, parallel.pick_device(cfg.device).type)
     out = cfg.output_path
     if finished(out, cfg):
         shutil.rmtree(cfg.run_dir, ignore_errors=True)

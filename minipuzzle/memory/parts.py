@@ -27,6 +27,7 @@ class Geometry(BaseModel):
     grad_accum: int | None = Field(None, description="training: micro-batches per optimizer step on each rank")
     global_batch: int | None = Field(None, description="training: sequences per optimizer step, all ranks")
     activation_checkpointing: bool | None = Field(None, description="training: block activations recomputed")
+    attention: str | None = Field(None, description="training: the attention implementation counted")
     accumulation: Literal["sharded", "unsharded"] | None = Field(
         None, description="training under FSDP2: gradients reduce-scattered after every micro-batch (sharded) or "
         "once per step, each rank holding the whole gradient until then (unsharded)"
@@ -56,6 +57,8 @@ class Geometry(BaseModel):
             out.append("ckpt")
         if self.accumulation == "unsharded":
             out.append("unsharded grads")
+        if self.attention not in (None, "sdpa"):
+            out.append(f"{self.attention} attention")
         if self.sequential:
             out.append("one model at a time")
         return ", ".join(out)
@@ -129,6 +132,7 @@ class RunMemory(BaseModel):
     hardware_text: str
     usable_device_bytes: int
     stages: list[StageMemory]
+    attention: str | None = Field(None, description="the attention path each stage's plan counts")
 
     def refusal(self) -> str | None:
         """One line naming the first part that cannot run (its stage, what it needs, what the hardware has), or

@@ -26,7 +26,23 @@ def _scan_fallback(layout: Layout) -> int:
     return 4 * (3 * MAMBA_CHUNK * hp + 5 * hp * n + 2 * hp * p * n // MAMBA_CHUNK + 9 * i + 5 * hp)
 
 
-def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True) -> int:
+def eager_saved(layout: Layout, b: int, seq_len: int) -> int:
+    """Bytes per token eager attention keeps for the backward beyond what SDPA's flash / memory-efficient path
+    keeps, for sequences of `seq_len`: the float32 softmax ([heads, T] per query) and the `b`-byte copy of it that
+    multiplies V (none in float32), and the output before its reshape, less SDPA's float32 log-sum-exp."""
+    heads, (q, _) = layout.num_attention_heads, _attention_widths(layout)
+    return (4 + (b if b != 4 else 0)) * heads * seq_len + b * q - 4 * heads
+
+
+def eager_forward(layout: Layout, b: int, seq_len: int) -> int:
+    """Peak bytes per token eager attention's forward holds beyond SDPA's: the scores, the masked scores, the
+    float32 softmax and its `b`-byte copy ([heads, T] each per query; in float32 the unmasked scores are gone and
+    the copy is the softmax itself by then) and the additive [T, T] mask (`b` T per query)."""
+    per_score = 4 + 3 * b if b != 4 else 8
+    return per_score * layout.num_attention_heads * seq_len + b * seq_len
+
+
+def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True, eager_len: int = 0) -> int:
     """Bytes per token autograd keeps for the backward of one block of `kind`, computing in `b`-byte floats.
 
     Every block: RMSNorm keeps its float32 input and normalised output (8 h) and the projection its input (b h).
@@ -35,31 +51,35 @@ def saved_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool =
     with the fused kernels
     (mamba_ssm's split-conv1d-scan): in_proj's output [z|xBC|dt] and the scan output (I), a float32 rstd per group;
     the conv, the gated norm and out_proj's input are recomputed. Mamba without them: in_proj's output, the conv
-    output twice (padded, then activated) and the PyTorch scan's tensors (`_scan_fallback`).
+    output twice (padded, then activated) and the PyTorch scan's tensors (`_scan_fallback`). `eager_len`: with
+    eager attention, its sequence length (`eager_saved` adds the scores it keeps).
     """
     q, kv = _attention_widths(layout)
     mixer = {
         MLP: lambda: 2 * b * layout.intermediate_size,
         MOE: lambda: _moe_saved(layout, b),
-        ATTENTION: lambda: b * (2 * q + 2 * kv) + 4 * layout.num_attention_heads,
+        ATTENTION: lambda: b * (2 * q + 2 * kv) + 4 * layout.num_attention_heads
+        + (eager_saved(layout, b, eager_len) if eager_len else 0),
         MAMBA: lambda: b * (layout.mamba_in_proj_rows + layout.mamba_intermediate) + 4 * layout.n_groups
         if kernels else b * (layout.mamba_in_proj_rows + 2 * layout.mamba_conv_dim) + _scan_fallback(layout),
     }  # fmt: skip
     return (8 + b) * layout.hidden_size + mixer[kind]()
 
 
-def forward_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True) -> int:
+def forward_bytes_per_token(layout: Layout, kind: str, b: int = 2, kernels: bool = True, eager_len: int = 0) -> int:
     """Peak bytes per token alive inside one block's forward without autograd (scoring, ranking, eval, the
     teacher): the block's input and output (2 b h), RMSNorm's float32 temporaries and output ((8 + b) h), then
     MLP: up_proj's output, relu and its square (3 b ffn); MoE: `_moe_forward`; attention: q, k, v, the SDPA
     output and its reshaped copy; Mamba with kernels: in_proj's output, the conv output, the scan output
     (b (rows + conv + I)), the scan's float32 chunk states and the gated norm's float32 temporaries (three [T, I]
-    at once: 12 I); without kernels, the PyTorch scan's tensors, which stay referenced until it returns."""
+    at once: 12 I); without kernels, the PyTorch scan's tensors, which stay referenced until it returns.
+    `eager_len`: with eager attention, its sequence length (`eager_forward` adds its scores)."""
     base = (2 * b + 8 + b) * layout.hidden_size
     if kind in (MLP, MOE, ATTENTION):
         q, kv = _attention_widths(layout)
+        eager = eager_forward(layout, b, eager_len) if eager_len else 0
         return base + {MLP: lambda: 3 * b * layout.intermediate_size, MOE: lambda: _moe_forward(layout, b),
-                       ATTENTION: lambda: b * (3 * q + 2 * kv)}[kind]()  # fmt: skip
+                       ATTENTION: lambda: b * (3 * q + 2 * kv) + eager}[kind]()  # fmt: skip
     i = layout.mamba_intermediate
     if kernels:
         states = 4 * layout.mamba_num_heads * layout.mamba_head_dim * layout.ssm_state_size // MAMBA_CHUNK
@@ -100,8 +120,8 @@ def _moe_forward(layout: Layout, b: int) -> int:
     return router + 4 * d + b * max(2 * d + 2 * w, 3 * layout.moe_shared_expert_intermediate_size)
 
 
-def _max_kind(layout: Layout, per_token, b: int, kernels: bool) -> int:
-    return max(per_token(layout, kind, b, kernels) for kind in set(layout.pattern))
+def _max_kind(layout: Layout, per_token, b: int, kernels: bool, eager_len: int = 0) -> int:
+    return max(per_token(layout, kind, b, kernels, eager_len) for kind in set(layout.pattern))
 
 
 def largest_tensor(layout: Layout) -> int:

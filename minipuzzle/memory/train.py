@@ -79,8 +79,10 @@ def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int
             "master_weights": 4 * ps // ln.shards, "optimizer_state": 8 * ps // ln.shards, "gradients": grads}  # fmt: skip
 
 
-def _train_activations(teacher: Layout, student: Layout, ln: Launch, seq_len: int, kernels: bool) -> tuple[int, int]:
-    """(checkpointed, full) activation bytes of one micro-batch of `ln.micro` sequences.
+def _train_activations(teacher: Layout, student: Layout, ln: Launch, seq_len: int, kernels: bool,
+                       eager: bool = False) -> tuple[int, int]:  # fmt: skip
+    """(checkpointed, full) activation bytes of one micro-batch of `ln.micro` sequences; `eager`: both models run
+    eager attention, which keeps (and makes in its forward) [heads, T] scores per query.
 
     Checkpointed (one checkpoint per block, non-reentrant): every block's input [T, h] in the residual dtype, plus
     one block recomputed in the backward: its saved tensors and as many again for their gradients. Full: every
@@ -89,19 +91,21 @@ def _train_activations(teacher: Layout, student: Layout, ln: Launch, seq_len: in
     student's activations are kept.
     """
     tokens, h, r = ln.micro * seq_len, student.hidden_size, ln.gather_bytes
-    saved = [saved_bytes_per_token(student, kind, ln.compute_bytes, kernels) for kind in student.pattern]
-    common = h * (2 * r + ln.teacher_bytes) + _max_kind(teacher, forward_bytes_per_token, ln.teacher_bytes, kernels)
+    eager_len = seq_len if eager else 0
+    saved = [saved_bytes_per_token(student, kind, ln.compute_bytes, kernels, eager_len) for kind in student.pattern]
+    common = h * (2 * r + ln.teacher_bytes) + _max_kind(teacher, forward_bytes_per_token, ln.teacher_bytes, kernels,
+                                                        eager_len)  # fmt: skip
     checkpointed = student.num_layers * h * r + 2 * max(saved)
     full = sum(saved) + max(saved)
     return tokens * (checkpointed + common), tokens * (full + common)
 
 
 def _step_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *, seq_len: int, loss_chunk: int,
-                 host: int, interpreters: int = 0) -> Memory:  # fmt: skip
+                 host: int, interpreters: int = 0, eager: bool = False) -> Memory:  # fmt: skip
     """One device's memory for a training micro-step; logits: `KL_CHUNK_LOGIT_BUFFERS` float32 [chunk, V] buffers of
     the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens; `interpreters`: the node's
     host baseline (`_train_interpreters`)."""
-    ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.fused_mamba)
+    ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.fused_mamba, eager)
     logits = KL_CHUNK_LOGIT_BUFFERS * min(loss_chunk, ln.micro * seq_len) * student.vocab_size * 4
     states = _train_states(teacher, student, ln)
     act = ckpt if ln.checkpointing else full
@@ -206,7 +210,7 @@ def _accumulations(fixed: Fixed, shards: int, grad_accum: int) -> tuple[bool, ..
 
 def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, *, seq_len: int,
                  global_batch: int, loss_chunk: int = 4096, dtype: str | None = None, stored_bytes: int = 2,
-                 fixed: Fixed | None = None) -> Part:  # fmt: skip
+                 fixed: Fixed | None = None, attention: str = "sdpa") -> Part:  # fmt: skip
     """A distillation's geometry, as `distill.loop` runs it: every device is a data-parallel rank (one process
     per GPU, as many as divide the batch: `data_parallel_ranks`; the CPU is one process; `fixed.ranks` when the
     launch is given); FSDP2 gathers the student in bf16 on GPUs (float32 master weights, float32 gradient
@@ -214,7 +218,8 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     or not, the micro-batch a power of two dividing global_batch / ranks, grad_accum = global_batch / (micro x
     ranks)), the one whose step takes least time with its communication and recompute
     (`communication.step_traffic`; ties go to no checkpointing, HSDP, the larger micro-batch). `fixed` holds the
-    choices the user made (with a grad_accum, the ranks divide global_batch / grad_accum). Without a fit, the last
+    choices the user made (with a grad_accum, the ranks divide global_batch / grad_accum); `attention` the attention
+    implementation both models run (`kernels.ATTENTION_PATHS`). Without a fit, the last
     option tried (the smallest micro-batch), which does not fit; a batch that does not split evenly over the ranks
     (and the grad_accum given) does not fit either.
     """
@@ -224,7 +229,8 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     ranks = fixed.ranks or data_parallel_ranks(hw, max(1, global_batch // accum))
     host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes)
     interpreters = _train_interpreters(hw, min(ranks, hw.gpus_per_node), ranks, name == "candidate distillation")
-    base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch)
+    base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch,
+                    attention=attention)  # fmt: skip
     if global_batch % (ranks * accum):
         # Every rank runs the same micro-batches (FSDP2's collectives must match): refused before any launch.
         split = f"{ranks} processes" + (f" x --grad-accum {fixed.grad_accum}" if fixed.grad_accum else "")
@@ -236,7 +242,7 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     by_sharding: dict[str, Part] = {}  # the fastest fitting launch of each sharding, else its smallest
     for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
         mem = _step_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host,
-                           interpreters=interpreters)  # fmt: skip
+                           interpreters=interpreters, eager=attention == "eager")  # fmt: skip
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
                                       "accumulation": ("unsharded" if ln.unsharded else "sharded")
@@ -289,7 +295,8 @@ def distill_memory(teacher: Layout, student: Layout, hw: Hardware, ds, *, proces
     fixed = Fixed(ranks=processes, grad_accum=ds.grad_accum, checkpointing=ds.activation_checkpointing,
                   sharding=ds.sharding, accumulation=ds.accumulation)  # fmt: skip
     return train_memory("distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
-                        loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, fixed=fixed)  # fmt: skip
+                        loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, fixed=fixed,
+                        attention=ds.attn_implementation)  # fmt: skip
 
 
 def candidate_distill_memory(parent: Layout, student: Layout, hw: Hardware, ps, *, dtype: str | None = None,
