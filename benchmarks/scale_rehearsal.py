@@ -123,7 +123,10 @@ def recipe(ckpt: Path, device_bytes: int, size: str) -> dict:
         "score": {"depth_samples": 2, "width_samples": 2, "seq_len": seq, "depth_metric": "mse_hidden"},
         "prune": {"target": "0.83", "axes": ["depth", "ffn"], "candidates": 2, "held_out_windows": 2,
                   "candidate_distill_batch": 2, "candidate_distill_tokens": 2 * 2 * seq},
-        "distill": {"max_steps": 2, "seq_len": seq, "batch_size": 4, "grad_accum": 2, "lr": 1.0e-4, "warmup": 0,
+        # Sharded accumulation, as the 56B recipe's plan chooses (its whole gradient cannot fit a GPU); here,
+        # with room for it, the plan would accumulate unsharded (tests/test_distill_grad_accum.py measures that).
+        "distill": {"max_steps": 2, "seq_len": seq, "batch_size": 4, "grad_accum": 2, "accumulation": "sharded",
+                    "lr": 1.0e-4, "warmup": 0,
                     "save_every": 2, "eval_every": 2, "held_out_windows": 2, "loss": "forward_kl",
                     "launcher": "torchrun", "nnodes": 1, "nproc_per_node": 2},
         "eval": {"held_out_windows": 2, "seq_len": seq, "speed": False},

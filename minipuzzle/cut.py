@@ -292,6 +292,12 @@ class Plan:
             **{AXES[name].field: model_width(name) for name in _MODEL_UNITS},
         )
 
+    def copies_tensors(self, layout: Layout) -> bool:
+        """Whether cutting `layout` makes new tensors: the plan narrows a width somewhere (or picks channels per
+        expert). A plan that only drops layers writes the source's own tensors as they are stored."""
+        dst = self.target_layout(layout)
+        return self[PER_EXPERT_CHANNELS] is not None or dst.replace(pattern=layout.pattern) != layout
+
     def serving_notes(self, layout: Layout) -> list[str]:
         """Widths the pruned model runs with in transformers but that FP8 / FP4 expert kernels cannot serve."""
         dst, m = self.target_layout(layout), SERVING_EXPERT_MULTIPLE

@@ -58,7 +58,8 @@ def _cut_command(
     if norm_compensation is not None:
         p.norm_compensation = norm_compensation
     dst = p.target_layout(src.layout)
-    part = cut_memory(src.layout, resolve(None, hardware), stored_bytes=src.dtype().itemsize)
+    part = cut_memory(src.layout, resolve(None, hardware), stored_bytes=src.dtype().itemsize,
+                      copies=p.copies_tensors(src.layout))  # fmt: skip
     shard = parse_bytes(max_shard_size, "--max-shard-size") if max_shard_size else part.geometry.shard_bytes
     if max_shard_size is None and not part.fits:
         raise UserError(f"cut does not fit: {part.problem}")

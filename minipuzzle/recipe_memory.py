@@ -29,7 +29,7 @@ def recipe_memory(recipe, prune: PruneSettings, teacher: Layout, hardware: Hardw
     kw = {"dtype": dt, "stored_bytes": stored_bytes}
     stages = {
         "score": lambda: score_stage(teacher, hw, recipe.score, axes=recipe.prune.axes, **kw),
-        "prune": lambda: prune_stage(teacher, hw, prune.model_copy(update={"device": device}), student=bound,
+        "prune": lambda: prune_stage(teacher, hw, prune.model_copy(update={"device": device}), student=student,
                                      stored_bytes=stored_bytes),
         "distill": lambda: distill_stage(teacher, bound, hw, recipe.distill.model_copy(update={"teacher_dtype": dt}),
                                          processes=recipe_processes(recipe.distill, hw), stored_bytes=stored_bytes),

@@ -279,7 +279,7 @@ def test_the_56b_dry_run_prices_communication_and_recompute_by_hand():
 
 def test_unsharded_accumulation_when_the_whole_gradient_fits_and_saves_time():
     """1 node x 8, WIDE into itself, 4 micro-batches of 4 sequences per rank (both given, and checkpointing off):
-    accumulating unsharded holds the whole float32 gradient (4 bytes per parameter) more on every GPU and saves 3
+    accumulating unsharded holds the whole float32 gradient (4 bytes per parameter) on every GPU and saves 3
     of the step's 4 reduce-scatters. With memory for it the plan takes it, and its step is the hand count's; with
     less, it keeps sharded accumulation; given explicitly where it does not fit, it is refused naming the option."""
     b, r, root, last = _counts(WIDE)
@@ -294,7 +294,8 @@ def test_unsharded_accumulation_when_the_whole_gradient_fits_and_saves_time():
 
     roomy = plan(80 * 2**30)
     sharded, unsharded = plan(80 * 2**30, "sharded"), plan(80 * 2**30, "unsharded")
-    assert unsharded.memory.gradients - sharded.memory.gradients == 4 * ps
+    # The whole float32 gradient in place of one rank's shard of it.
+    assert unsharded.memory.gradients - sharded.memory.gradients == 4 * ps - 4 * ps // 8
     assert roomy.geometry.accumulation == "unsharded" and roomy.geometry.micro_batch == 4
     assert roomy.traffic.reduced == int(7 / 8 * ps * 4)  # one reduce-scatter per step
     assert sharded.traffic.reduced == int(7 / 8 * ps * 4 * 4)

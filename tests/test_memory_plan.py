@@ -343,3 +343,29 @@ def test_stage_commands_refuse_what_cannot_fit(command, tmp_path, tiny_model_dir
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: {command}") and "does not fit" in err and "1 GPU of 64 KiB" in err
     assert not out.exists()
+
+
+def test_a_cut_that_only_drops_layers_is_planned_without_tensor_copies():
+    """A plan that only drops layers writes the source's tensors as stored (views of the file mapping, paged in
+    when their shard is written: the rehearsal measures it), so its cut holds one output shard; a plan that narrows
+    any width, or picks channels per expert, copies each tensor it cuts, so the tensor read and its copy (the
+    largest tensor twice, counted here by hand: the 8B preset's bf16 embeddings [V, h]) come on top."""
+    from minipuzzle.cut import Plan
+    from minipuzzle.memory import cut_memory
+    from minipuzzle.testing import tiny_moe_layout
+
+    layout = PRESETS["8b"].layout
+    keep = [i for i in range(layout.num_layers) if i != 3]
+    assert not Plan(keep).copies_tensors(layout)
+    assert Plan(keep, ffn={i: list(range(100)) for i in keep if layout.pattern[i] == "-"}).copies_tensors(layout)
+    assert Plan(keep, hidden=list(range(layout.hidden_size - 64))).copies_tensors(layout)
+    moe = tiny_moe_layout()
+    e = [i for i, k in enumerate(moe.pattern) if k == "E"]
+    per_expert = {i: [list(range(moe.moe_intermediate_size))] * moe.n_routed_experts for i in e}
+    assert Plan(list(range(moe.num_layers)), expert_channels=per_expert).copies_tensors(moe)
+
+    hw = Hardware(device="cpu", gpu_memory="64GiB", host_memory="64GiB")
+    views, copies = cut_memory(layout, hw, copies=False), cut_memory(layout, hw)
+    largest = 131072 * 4096 * 2  # the embeddings: Nemotron-H 8B's vocabulary x hidden, bf16
+    assert views.memory.host_buffers == views.geometry.shard_bytes
+    assert copies.memory.host_buffers - views.memory.host_buffers == 2 * largest

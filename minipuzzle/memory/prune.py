@@ -85,12 +85,14 @@ def cut_shard_bytes(layout: Layout, hw: Hardware, stored_bytes: int = 2) -> int:
     return min(SHARD_BYTES, layout.num_params() * stored_bytes, max(largest_tensor(layout) * stored_bytes, share))
 
 
-def cut_memory(layout: Layout, hw: Hardware, *, stored_bytes: int = 2) -> Part:
-    """Cutting the chosen layout (`cut.cut_checkpoint`) on the host: the output shard being filled
-    (`cut_shard_bytes`), plus the tensor read and its cut copy (at most the largest tensor each; a tensor read is
-    a view of the shard's mapping, resident while it is used)."""
+def cut_memory(layout: Layout, hw: Hardware, *, stored_bytes: int = 2, copies: bool = True) -> Part:
+    """Cutting `layout` to the chosen layout (`cut.cut_checkpoint`) on the host: the output shard being filled
+    (`cut_shard_bytes`), plus, when the cut narrows widths (`copies`, `cut.Plan.copies_tensors`), the tensor read
+    and its cut copy (at most the largest tensor each). A tensor read is a view of its file's mapping, resident
+    only while it is used: a cut that only drops layers buffers such views, whose pages are read when their shard
+    is written, so it holds one shard (measured: benchmarks/scale_rehearsal.py)."""
     shard = cut_shard_bytes(layout, hw, stored_bytes)
-    host = shard + 2 * largest_tensor(layout) * stored_bytes
+    host = shard + (2 * largest_tensor(layout) * stored_bytes if copies else 0)
     geo = Geometry(devices=0 if hw.device == "cuda" else 1, dtype=_stored_name(stored_bytes), streaming=True,
                    shard_bytes=shard)  # fmt: skip
     # The cut runs on the host and builds no model: its interpreter is the CPU's device baseline, a host one on GPUs.
@@ -109,7 +111,8 @@ def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = No
     (`scoring`), candidate ranking, candidate distillation when it has steps, the cut. Scoring and ranking
     compute on `ps.device` (`compute_hardware`: the host when told cpu on a GPU machine) in `dtype` (default
     `ps.dtype`; auto: bf16 on GPUs, float32 on the CPU), as `search.pipeline.prune` runs them from this plan.
-    `student` bounds the candidates (default: the source itself)."""
+    `student` bounds the candidates (default: the source itself); when it is the pruned layout, the cut is
+    planned for it (a layout with every width of the source's cuts without copying tensors)."""
 
     chw = compute_hardware(hw, ps.device)
     kw = {"dtype": dtype or ps.dtype, "stored_bytes": stored_bytes, "stream": ps.stream}
@@ -125,5 +128,6 @@ def prune_stage(layout: Layout, hw: Hardware, ps, *, student: Layout | None = No
         if train_hw is not None:
             parts.append(candidate_distill_memory(layout, student or layout, train_hw, ps, dtype=kw["dtype"],
                                                   stored_bytes=stored_bytes))  # fmt: skip
-    parts.append(cut_memory(layout, hw, stored_bytes=stored_bytes))
+    copies = student is None or student.replace(pattern=layout.pattern) != layout
+    parts.append(cut_memory(layout, hw, stored_bytes=stored_bytes, copies=copies))
     return StageMemory(stage="prune", parts=parts)

@@ -57,8 +57,8 @@ def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int
     Gradients stay sharded through gradient accumulation when `distill.loop` reduce-scatters after every
     micro-batch (HSDP's all-reduce across nodes waits for the last one; its partial sums are shards too); with
     `unsharded` accumulation it reduce-scatters once per step, so every rank holds the whole float32 gradient (4
-    bytes per student parameter: FSDP2 accumulates in its reduce dtype) and, while the last micro-batch's blocks
-    are reduced, their shards beside it.
+    bytes per student parameter: FSDP2 accumulates in its reduce dtype) until the last micro-batch reduces it
+    block by block, each block's shard replacing its whole gradient.
     Gathered at once: the root unit (embeddings, final norms and heads of both models, kept for the whole step),
     and two blocks of each model (the one running and the one prefetched); a block's unsharded gradients in the
     gathered dtype plus FSDP2's float32 reduce-scatter buffer; and the chunked loss's head-gradient accumulator
@@ -72,9 +72,9 @@ def _train_states(teacher: Layout, student: Layout, ln: Launch) -> dict[str, int
                 "gradients": 4 * ps + 4 * vh}  # fmt: skip
     root = student.embedding_params() * ln.gather_bytes + teacher.embedding_params() * ln.teacher_bytes
     units = 2 * (largest_block(student) * ln.gather_bytes + largest_block(teacher) * ln.teacher_bytes)
-    grads = 4 * ps // ln.shards + largest_block(student) * (ln.gather_bytes + 4) + vh * ln.gather_bytes
-    if ln.unsharded:
-        grads += 4 * ps
+    # Unsharded, a block's accumulated gradient is freed as its shard is reduced: the whole gradient bounds both.
+    accumulated = 4 * ps if ln.unsharded else 4 * ps // ln.shards
+    grads = accumulated + largest_block(student) * (ln.gather_bytes + 4) + vh * ln.gather_bytes
     return {"weights": pt * ln.teacher_bytes // ln.shards + root + units,
             "master_weights": 4 * ps // ln.shards, "optimizer_state": 8 * ps // ln.shards, "gradients": grads}  # fmt: skip
 
