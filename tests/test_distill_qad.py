@@ -203,3 +203,18 @@ def test_gpu_nvfp4_qad_trains_and_reloads(pair, tmp_path, monkeypatch):
     with torch.no_grad():
         got = back(ids, use_cache=False).logits
     torch.testing.assert_close(got, seen["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_more_than_one_process_is_refused_before_any_starts(pair, tmp_path):
+    """A launch of QAD on 2 processes (a recipe's torchrun launch) is refused before any process starts."""
+    from minipuzzle.distill.launch import launch
+    from minipuzzle.errors import UserError
+    from minipuzzle.settings import DistillSettings
+
+    teacher, student, data = pair
+    cfg = DistillSettings(teacher=str(teacher), student=str(student), data=str(data), output=str(tmp_path / "out"),
+                          max_steps=2, quantize="fp8")  # fmt: skip
+    lines = []
+    with pytest.raises(UserError, match="runs in one process only") as e:
+        launch(cfg, 1, 2, tmp_path / "run.sh", lines.append, tmp_path / "logs")
+    assert "\n" not in str(e.value) and not lines and not (tmp_path / "logs").exists()

@@ -37,14 +37,20 @@ AMAX = "_amax"
 
 def check_quantize(cfg: DistillSettings, device: torch.device, world: int) -> None:
     """Refuse (`UserError`, one line) what QAD cannot run, before any model loads: NVFP4 off CUDA (Model
-    Optimizer simulates its block scales only there) and more than one process (module docstring of
-    `tests/test_distill_qad.py` records what fails under FSDP2)."""
+    Optimizer simulates its block scales only there) and more than one process (`check_processes`)."""
     if cfg.quantize is None:
         return
     check_runnable(cfg.quantize, device)
-    if world > 1:
-        raise UserError(f"--quantize {cfg.quantize} runs in one process only: Model Optimizer's quantized layers do "
-                        f"not run under FSDP2 sharding; launch without torchrun ({world} processes)")  # fmt: skip
+    check_processes(cfg, world)
+
+
+def check_processes(cfg: DistillSettings, world: int) -> None:
+    """QAD runs in one process. Model Optimizer's quantizers do calibrate and train on an FSDP2-sharded student
+    (through the root unit's forward), but calibrating through the sharded objective, giving a sharded student its
+    quantizers on resume, and gathering it whole for the export are not implemented: refused in one line."""
+    if cfg.quantize is not None and world > 1:
+        raise UserError(f"--quantize {cfg.quantize} runs in one process only (QAD under FSDP2 is not implemented): "
+                        f"launch it on one process, not {world} (recipe: distill.launcher: local)")  # fmt: skip
 
 
 def calibration_windows(cfg: DistillSettings, train: WindowStream) -> torch.Tensor:
