@@ -218,3 +218,52 @@ def test_more_than_one_process_is_refused_before_any_starts(pair, tmp_path):
     with pytest.raises(UserError, match="runs in one process only") as e:
         launch(cfg, 1, 2, tmp_path / "run.sh", lines.append, tmp_path / "logs")
     assert "\n" not in str(e.value) and not lines and not (tmp_path / "logs").exists()
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for the backward of one training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, use_cache=False).logits.sum()
+    return sum(seen.values())
+
+
+def test_plan_counts_what_fake_quantization_adds_to_a_step():
+    """Measured on a tiny model in float32 on the CPU: what autograd saves with FP8 fake quantizers minus what it
+    saves without, plus the largest pair of rounded copies (weight and input) one quantized linear makes, equals
+    the plan's QAD term; and the distill plan adds exactly that term to its activations."""
+    from minipuzzle.hardware import Hardware
+    from minipuzzle.memory import distill_memory
+    from minipuzzle.memory.terms import qad_step_bytes
+    from minipuzzle.quantize.calibrate import quantize_model
+    from minipuzzle.settings import DistillSettings
+    from minipuzzle.testing import random_model, tiny_layout
+
+    layout = tiny_layout()
+    ids = torch.randint(0, layout.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    plain = _saved_bytes(random_model(layout).train(), ids)
+    q = quantize_model(random_model(layout), "fp8", ids, batch_size=2).train()
+    copies = {}
+    for name, mod in q.named_modules():
+        for which in ("weight_quantizer", "input_quantizer"):
+            quant = getattr(mod, which, None)
+            if quant is not None and quant.is_enabled:
+                quant.register_forward_hook(lambda m, a, out, n=name, w=which: copies.__setitem__((n, w), out.nbytes))
+    extra = _saved_bytes(q, ids) - plain
+    transient = max(copies[(n, "weight_quantizer")] + copies[(n, "input_quantizer")] for n, _ in copies)
+    assert extra > 0 and transient > 0
+    assert qad_step_bytes(layout, 64, 4, checkpointing=False) == extra + transient
+
+    hw = Hardware(device="cpu", gpu_memory=64 * 2**30)
+    ds = DistillSettings(max_steps=1, seq_len=32, batch_size=2, grad_accum=1, activation_checkpointing=False)
+    base = distill_memory(layout, layout, hw, ds).memory.activations
+    qad = distill_memory(layout, layout, hw, ds.model_copy(update={"quantize": "fp8"})).memory.activations
+    assert qad - base == extra + transient

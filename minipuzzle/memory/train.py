@@ -27,6 +27,7 @@ from minipuzzle.memory.terms import (
     forward_bytes_per_token,
     largest_block,
     largest_tensor,
+    qad_step_bytes,
     saved_bytes_per_token,
 )
 from minipuzzle.settings import DistillSettings
@@ -92,14 +93,16 @@ def _train_activations(teacher: Layout, student: Layout, ln: Launch, seq_len: in
 
 
 def _step_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *, seq_len: int, loss_chunk: int,
-                 host: int, interpreters: int = 0) -> Memory:  # fmt: skip
+                 host: int, interpreters: int = 0, quantize: str | None = None) -> Memory:  # fmt: skip
     """One device's memory for a training micro-step; logits: `KL_CHUNK_LOGIT_BUFFERS` float32 [chunk, V] buffers of
     the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens; `interpreters`: the node's
-    host baseline (`_train_interpreters`)."""
+    host baseline (`_train_interpreters`); `quantize`: the student is fake-quantized (`terms.qad_step_bytes`)."""
     ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.fused_mamba)
     logits = KL_CHUNK_LOGIT_BUFFERS * min(loss_chunk, ln.micro * seq_len) * student.vocab_size * 4
     states = _train_states(teacher, student, ln)
     act = ckpt if ln.checkpointing else full
+    if quantize:
+        act += qad_step_bytes(student, ln.micro * seq_len, ln.compute_bytes, ln.checkpointing)
     if hw.device == "cpu":
         # The host is the device: the final save's buffers (host = max(read, save)) come after the last step, when
         # gradients (set to None), activations and logits are gone, so only what exceeds them raises the peak.
@@ -189,7 +192,7 @@ def _launch_options(hw: Hardware, ranks: int, per_rank: int, dt: str, fixed: Fix
 
 def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, *, seq_len: int,
                  global_batch: int, loss_chunk: int = 4096, dtype: str | None = None, stored_bytes: int = 2,
-                 fixed: Fixed | None = None) -> Part:  # fmt: skip
+                 fixed: Fixed | None = None, quantize: str | None = None) -> Part:  # fmt: skip
     """A distillation's geometry, as `distill.loop` runs it: every device is a data-parallel rank (one process
     per GPU, as many as divide the batch: `data_parallel_ranks`; the CPU is one process; `fixed.ranks` when the
     launch is given); FSDP2 gathers the student in bf16 on GPUs (float32 master weights, float32 gradient
@@ -197,7 +200,8 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     or not, the micro-batch a power of two dividing global_batch / ranks, grad_accum = global_batch / (micro x
     ranks)), the one whose step takes least time with its communication and recompute
     (`communication.step_traffic`; ties go to no checkpointing, HSDP, the larger micro-batch). `fixed` holds the
-    choices the user made (with a grad_accum, the ranks divide global_batch / grad_accum). Without a fit, the last
+    choices the user made (with a grad_accum, the ranks divide global_batch / grad_accum); `quantize`: the student
+    trains fake-quantized to that precision (`distill --quantize`). Without a fit, the last
     option tried (the smallest micro-batch), which does not fit; a batch that does not split evenly over the ranks
     (and the grad_accum given) does not fit either.
     """
@@ -219,7 +223,7 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     by_sharding: dict[str, Part] = {}  # the fastest fitting launch of each sharding, else its smallest
     for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
         mem = _step_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host,
-                           interpreters=interpreters)  # fmt: skip
+                           interpreters=interpreters, quantize=quantize)  # fmt: skip
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
                                       "logits_chunk": min(loss_chunk, ln.micro * seq_len)})  # fmt: skip
@@ -266,7 +270,8 @@ def distill_memory(teacher: Layout, student: Layout, hw: Hardware, ds, *, proces
     fixed = Fixed(ranks=processes, grad_accum=ds.grad_accum, checkpointing=ds.activation_checkpointing,
                   sharding=ds.sharding)  # fmt: skip
     return train_memory("distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
-                        loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, fixed=fixed)  # fmt: skip
+                        loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, fixed=fixed,
+                        quantize=ds.quantize)  # fmt: skip
 
 
 def candidate_distill_memory(parent: Layout, student: Layout, hw: Hardware, ps, *, dtype: str | None = None,
