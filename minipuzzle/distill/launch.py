@@ -23,7 +23,6 @@ import torch.distributed
 
 import minipuzzle.distill.launched as launched
 from minipuzzle.cli_options import settings_flags
-from minipuzzle.distill.quantized import check_processes
 from minipuzzle.errors import UserError
 from minipuzzle.hardware import Hardware
 from minipuzzle.memory import distill_memory, model_facts
@@ -97,7 +96,6 @@ def launch(cfg: DistillSettings, nnodes: int, nproc_per_node: int, script: Path,
     `logs`: each local launch keeps its logs in a folder of its own under it (`launched`); a failed one raises
     one line naming the process that failed and its log: `UserError` (exit 2) for the user's cause, else
     `LaunchError`. Its checkpoints let a rerun resume. A multi-node script has its nodes log under `logs` too."""
-    check_processes(cfg, nnodes * nproc_per_node)
     name = cfg.output_path.name
     if nnodes > 1:
         cmd = torchrun_command(cfg, nnodes, nproc_per_node, python=PYTHON, log_dir=LOGS)

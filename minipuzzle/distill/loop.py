@@ -103,8 +103,6 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
         except (ValueError, ImportError) as e:
             raise UserError(f"--attn-implementation {cfg.attn_implementation}: {str(e).splitlines()[0]}") from None
         route_in_float32(m)  # bf16 autocast would otherwise compute router logits in bf16
-    if cfg.quantize:
-        quantized.quantize_student(student, cfg, train, d.device, _autocast(cfg, d))
     if cfg.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pairs = cfg.layer_pairs()
@@ -130,6 +128,8 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
         parallel.shard(objective, d, cfg.sharding or "full", _param_dtype(cfg, d))
         parallel.fill_sharded(student, s_ckpt, d)
         parallel.fill_sharded(teacher, t_ckpt, d)
+    if cfg.quantize:  # after sharding: calibration runs through the objective, whose root unit holds the embeddings
+        quantized.quantize_student(objective, cfg, train, d, _autocast(cfg, d))
     return objective
 
 
@@ -212,7 +212,7 @@ def _run(cfg: DistillSettings, d: parallel.Dist) -> Path:
         raise UserError(
             f"--batch-size {cfg.batch_size} must be a multiple of processes ({d.world}) x --grad-accum ({cfg.grad_accum})"
         )
-    quantized.check_quantize(cfg, d.device, d.world)
+    quantized.check_quantize(cfg, d.device)
     t_ckpt = Checkpoint(resolve_checkpoint(cfg.teacher))
     s_ckpt = Checkpoint(resolve_checkpoint(cfg.student))
     tokenizer, tok_dir = check_pair(t_ckpt, s_ckpt, cfg.layer_pairs())
@@ -374,20 +374,21 @@ def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.
     from its shards (a collective every rank takes part in), cast and handed to rank 0's shard writer, so rank 0's
     host holds one output shard and one full tensor, never the whole student (187 GB in float32 for 47B); the
     other ranks drop each gathered tensor where it is (`_final_tensors`). With --quantize, the serving checkpoint
-    `minipuzzle quantize` writes (one process only)."""
+    `minipuzzle quantize` writes (`quantized.export_student`)."""
     out = cfg.output_path
+    extra = _extra_files(cfg, log) if d.main else {}
     if cfg.quantize:
-        quantized.export_student(student, cfg, out, tok_dir, _extra_files(cfg, log))
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        return out
-    tensors = _final_tensors(student, s_ckpt, d)
-    if d.main:
-        save_state_dict(tensors, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
-                        overwrite=cfg.overwrite, extra_files=_extra_files(cfg, log))  # fmt: skip
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        quantized.export_student(student, cfg, s_ckpt, tok_dir, extra, d)
     else:
-        for _ in tensors:  # the other ranks take part in every gather
-            pass
+        tensors = _final_tensors(student, s_ckpt, d)
+        if d.main:
+            save_state_dict(tensors, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
+                            overwrite=cfg.overwrite, extra_files=extra)  # fmt: skip
+        else:
+            for _ in tensors:  # the other ranks take part in every gather
+                pass
+    if d.main:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
     parallel.barrier(d)
     return out
 
