@@ -4,7 +4,8 @@ References are independent of the code under test: the resumed run is compared w
 must not calibrate at all: calibration is made to fail there); the exported checkpoint is reloaded by the PTQ
 loader and compared with the in-memory fake-quantized student the training ended with; QAD with a learning rate
 too small to move a float32 weight is compared with PTQ (`quantize_model` + `export_quantized`) of the same
-student on the same windows read by a stream of their own; refusals check exit code 2, one line, nothing written.
+student on the same windows read by a stream of their own; 2 processes under torchrun are compared with one;
+refusals check exit code 2, one line, nothing written; the memory term against autograd's saved tensors.
 """
 
 import json

@@ -10,6 +10,11 @@ rounding to the float32 master weights. The scales stay as calibrated (the quant
 of the student's state dict, so they travel in every checkpoint and a resumed run reads them back instead of
 calibrating again). The run ends with the serving checkpoint `minipuzzle quantize` writes (`export_quantized`).
 
+Under torchrun the student is quantized after FSDP2 has sharded it: calibration runs through the objective (its
+root unit gathers what the student's blocks do not own), every process on the whole first batch, and the export
+gathers the student into one whole float32 copy on the main process (Model Optimizer exports a model in memory),
+which that process's host (FP8) or device (NVFP4) must hold beside its shard; the memory plan does not count it.
+
 Calibration uses the first training batch (the windows step 1 trains on), read from a copy of the stream so the
 stream itself does not move: the held-out windows stay unseen by anything that sets the student's numbers, so
 the held-out KL still measures generalisation, and a run without held-out windows can be quantized too.
