@@ -29,13 +29,17 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 import minipuzzle.distill.state as state
+from minipuzzle.checkpoint.build import build_model
 from minipuzzle.distill.stream import WindowStream
 from minipuzzle.errors import UserError
 from minipuzzle.quantize.calibrate import quantize_model
 from minipuzzle.quantize.configs import BASE_CONFIG, check_runnable, hybrid_config, mtq, quantized_modules
+from minipuzzle.quantize.export import export_quantized
 from minipuzzle.settings import DistillSettings
 
 AMAX = "_amax"
@@ -114,8 +118,6 @@ def restore_points(student, checkpoint: Path) -> int:
     """Give every quantizer whose range checkpoint `checkpoint` stores an `_amax` buffer of the stored shape (zeros
     until the checkpoint is loaded into it), so that loading the checkpoint restores the calibrated ranges; returns
     how many. A quantizer the checkpoint names but the student lacks is a run from another config: one line."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     meta = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     shapes = {k.removeprefix("model."): (tuple(md.size), md.properties.dtype) for k, md in meta.items()
               if k.startswith("model.") and k.endswith("." + AMAX)}  # fmt: skip
@@ -145,8 +147,6 @@ def export_student(student, cfg: DistillSettings, s_ckpt, tok_dir: Path, extra_f
     with `extra_files` (metrics.jsonl, distill.json) beside it, to OUT. The export packs the student's weights in
     place. A sharded student is gathered into a whole one on the main process first (`_gathered`): Model
     Optimizer's exporter takes a model in memory, so that process's host holds the float32 student."""
-    from minipuzzle.quantize.export import export_quantized
-
     model = _gathered(student, s_ckpt, cfg.quantize, d) if d.enabled else student
     if model is None:
         return
@@ -165,10 +165,6 @@ def _gathered(student, s_ckpt, precision: str, d):
     """On the main process, a whole float32 copy of the sharded fake-quantized `student` (weights and quantizer
     ranges), on the host for FP8 (Model Optimizer exports FP8 there) and on the device for NVFP4 (CUDA only); None
     on the other processes, which take part in every gather."""
-    from torch.distributed.tensor import DTensor
-
-    from minipuzzle.checkpoint.build import build_model
-
     where = d.device if precision == "nvfp4" else torch.device("cpu")
     full = {}
     for name, t in student.state_dict().items():
