@@ -43,7 +43,7 @@ MAX_WARMUP_SHARE = 0.1
 TRAJECTORY_FIELDS = (
     "teacher", "student", "data", "split", "text_column", "eval_data", "held_out_windows", "max_steps", "seq_len",
     "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1", "beta2", "grad_clip",
-    "temperature", "loss", "top_k", "lm_weight", "hidden_weight", "hidden_map", "seed",
+    "temperature", "loss", "top_k", "lm_weight", "hidden_weight", "hidden_map", "seed", "quantize",
 )  # fmt: skip
 
 
@@ -351,6 +351,10 @@ def parse_width_lists(text: str | None) -> dict[str, list[int]]:
     return out
 
 
+# quantize.configs.PRECISIONS, named here so that the CLI and recipes check them without importing modelopt.
+QUANT_PRECISIONS = ("fp8", "nvfp4")
+
+
 class DistillSettings(Settings):
     """One distillation run: teacher -> student on `data`, written to `output`.
 
@@ -421,6 +425,11 @@ class DistillSettings(Settings):
     )  # fmt: skip
     overwrite: bool = Field(False, description="Replace a non-empty output folder.")
     progress: bool | None = Field(None, description="Show a progress bar (default: when stderr is a terminal).")
+    quantize: Literal[QUANT_PRECISIONS] | None = Field(  # type: ignore[valid-type]
+        None, description="Quantization-aware distillation: train the student through fp8 or nvfp4 fake "
+        "quantizers (calibrated on the first training batch) and write the quantized serving checkpoint, as "
+        "`minipuzzle quantize` does; nvfp4 needs a CUDA GPU."
+    )  # fmt: skip
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -484,7 +493,11 @@ class DistillSettings(Settings):
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that decide the final weights (compared on resume)."""
-        return self.model_dump(include=set(TRAJECTORY_FIELDS))
+        out = self.model_dump(include=set(TRAJECTORY_FIELDS))
+        if out["quantize"] is None:
+            # Runs written before QAD existed have no such key; an unquantized run must still match them.
+            del out["quantize"]
+        return out
 
     def check_paths(self) -> None:
         """Raise `UserError` when teacher, student, data or output is missing (a recipe's run fills them)."""
@@ -520,10 +533,6 @@ class EvalSettings(Settings):
     def task_specs(self) -> list[str]:
         """Tasks as lm-eval specs, with their few-shot counts: ['mmlu:5', 'arc_challenge']."""
         return [f"{t}:{self.num_fewshot[t]}" if t in self.num_fewshot else t for t in self.tasks]
-
-
-# quantize.configs.PRECISIONS, named here so that the CLI and recipes check them without importing modelopt.
-QUANT_PRECISIONS = ("fp8", "nvfp4")
 
 
 class QuantizeSettings(Settings):

@@ -28,6 +28,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 import minipuzzle.distill.launch as launch
 import minipuzzle.distill.parallel as parallel
+import minipuzzle.distill.quantized as quantized
 import minipuzzle.distill.state as state
 from minipuzzle.artifacts import DistillState
 from minipuzzle.checkpoint.dtypes import parse_dtype
@@ -95,7 +96,8 @@ def check_pair(teacher: Checkpoint, student: Checkpoint, pairs: list[tuple[int, 
     return tok, tok_dir
 
 
-def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: parallel.Dist) -> DistillObjective:
+def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: parallel.Dist,
+                 train: WindowStream) -> DistillObjective:  # fmt: skip
     t_dtype = parse_dtype(cfg.teacher_dtype, d.device)
     make = parallel.build_meta if d.enabled else lambda c, dt: parallel.load_local(c, dt, d)
     student = make(s_ckpt, torch.float32)  # float32 master weights; bf16 only inside autocast
@@ -131,6 +133,8 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
         parallel.shard(objective, d, cfg.sharding or "full", _param_dtype(cfg, d))
         parallel.fill_sharded(student, s_ckpt, d)
         parallel.fill_sharded(teacher, t_ckpt, d)
+    if cfg.quantize:  # after sharding: calibration runs through the objective, whose root unit holds the embeddings
+        quantized.quantize_student(objective, cfg, train, d, _autocast(cfg, d))
     return objective
 
 
@@ -211,11 +215,12 @@ def _run(cfg: DistillSettings, d: parallel.Dist) -> Path:
         raise UserError(
             f"--batch-size {cfg.batch_size} must be a multiple of processes ({d.world}) x --grad-accum ({cfg.grad_accum})"
         )
+    quantized.check_quantize(cfg, d.device)
     t_ckpt = Checkpoint(resolve_checkpoint(cfg.teacher))
     s_ckpt = Checkpoint(resolve_checkpoint(cfg.student))
     tokenizer, tok_dir = check_pair(t_ckpt, s_ckpt, cfg.layer_pairs())
     train, eval_ids = _streams(cfg, tokenizer)
-    objective = _load_models(cfg, t_ckpt, s_ckpt, d)
+    objective = _load_models(cfg, t_ckpt, s_ckpt, d, train)
     note = cfg.warmup_note()
     if note and d.main:
         print(f"note: {note}", file=sys.stderr)
@@ -378,20 +383,28 @@ def _write_final(cfg, d, student, s_ckpt: Checkpoint, tok_dir: Path, log: state.
     """Write the distilled student as a checkpoint in the source's dtypes, one tensor at a time: each is gathered
     from its shards (a collective every rank takes part in), cast and handed to rank 0's shard writer, so rank 0's
     host holds one output shard and one full tensor, never the whole student (187 GB in float32 for 47B); the
-    other ranks drop each gathered tensor where it is (`_final_tensors`)."""
-    tensors = _final_tensors(student, s_ckpt, d)
+    other ranks drop each gathered tensor where it is (`_final_tensors`). With --quantize, the serving checkpoint
+    `minipuzzle quantize` writes (`quantized.export_student`)."""
     out = cfg.output_path
-    if d.main:
-        state_json = DistillState.of(cfg).model_dump_json(indent=2) + "\n"
-        save_state_dict(tensors, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
-                        overwrite=cfg.overwrite,
-                        extra_files={"metrics.jsonl": log.text(), "distill.json": state_json})  # fmt: skip
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    extra = _extra_files(cfg, log) if d.main else {}
+    if cfg.quantize:
+        quantized.export_student(student, cfg, s_ckpt, tok_dir, extra, d)
     else:
-        for _ in tensors:  # the other ranks take part in every gather
-            pass
+        tensors = _final_tensors(student, s_ckpt, d)
+        if d.main:
+            save_state_dict(tensors, s_ckpt.layout, out, base_config=s_ckpt.config, tokenizer_from=tok_dir,
+                            overwrite=cfg.overwrite, extra_files=extra)  # fmt: skip
+        else:
+            for _ in tensors:  # the other ranks take part in every gather
+                pass
+    if d.main:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
     parallel.barrier(d)
     return out
+
+
+def _extra_files(cfg: DistillSettings, log: state.MetricsLog) -> dict[str, str]:
+    return {"metrics.jsonl": log.text(), "distill.json": DistillState.of(cfg).model_dump_json(indent=2) + "\n"}
 
 
 def _final_tensors(student, s_ckpt: Checkpoint, d):

@@ -178,3 +178,42 @@ def _layerwise(layout: Layout, hw: Hardware, *, b: int, streamed: bool, rows: in
         baseline=process_baseline(hw),
         host_baseline=host_baseline(hw),
     )
+
+
+def quantized_linears(layout: Layout) -> list[tuple[int, int]]:
+    """(weight elements, input features) of every linear layer the hybrid quantization config fake-quantizes
+    (`quantize.configs.hybrid_config`): Mamba in_proj and out_proj, MLP up and down projections, and per MoE layer
+    its routed experts (all experts of a projection at once, [E, out, in]) and shared expert. Attention, conv1d,
+    routers, latent projections, embeddings and the LM head are kept unquantized."""
+    h, out = layout.hidden_size, []
+    for kind in layout.pattern:
+        if kind == MAMBA:
+            out += [(h * layout.mamba_in_proj_rows, h), (layout.mamba_intermediate * h, layout.mamba_intermediate)]
+        elif kind == MLP:
+            out += [(h * layout.intermediate_size, h), (layout.intermediate_size * h, layout.intermediate_size)]
+        elif kind == MOE:
+            e, w, x, s = (layout.n_routed_experts, layout.moe_intermediate_size, layout.moe_expert_input,
+                          layout.moe_shared_expert_intermediate_size)  # fmt: skip
+            out += [(e * w * x, x), (e * x * w, w), (s * h, h), (h * s, s)]
+    return out
+
+
+def qad_step_bytes(layout: Layout, tokens: int, compute_bytes: int, checkpointing: bool) -> int:
+    """Bytes fake quantization adds to a training micro-step of `tokens` tokens (quantization-aware distillation).
+
+    Saved for the backward: the fake-quantized copy of every quantized weight the matmul's backward reads, in
+    the compute dtype (the rounded input takes the place of the input the matmul would have saved, so it costs
+    nothing extra); with activation checkpointing only the recomputed block's, the largest block's. Transient,
+    while one quantized linear runs: its weight's rounded float32 copy and its input's rounded copy [tokens, in]
+    in the compute dtype; the largest over the quantized linears. Under bf16 autocast on one GPU the rounded
+    weights take the place of autocast's cached bf16 copies, which the plan still counts (an over-count)."""
+    linears = quantized_linears(layout)
+    if not linears:
+        return 0
+    if checkpointing:
+        per_block = {kind: sum(w for w, _ in quantized_linears(layout.replace(pattern=kind))) for kind in set(layout.pattern)}
+        saved = max(per_block.values())
+    else:
+        saved = sum(w for w, _ in linears)
+    transient = max(w * 4 + tokens * x * compute_bytes for w, x in linears)
+    return saved * compute_bytes + transient

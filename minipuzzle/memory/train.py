@@ -27,6 +27,7 @@ from minipuzzle.memory.terms import (
     forward_bytes_per_token,
     largest_block,
     largest_tensor,
+    qad_step_bytes,
     saved_bytes_per_token,
 )
 from minipuzzle.settings import DistillSettings
@@ -101,14 +102,17 @@ def _train_activations(teacher: Layout, student: Layout, ln: Launch, seq_len: in
 
 
 def _step_memory(teacher: Layout, student: Layout, ln: Launch, hw: Hardware, *, seq_len: int, loss_chunk: int,
-                 host: int, interpreters: int = 0, eager: bool = False) -> Memory:  # fmt: skip
+                 host: int, interpreters: int = 0, eager: bool = False, quantize: str | None = None) -> Memory:  # fmt: skip
     """One device's memory for a training micro-step; logits: `KL_CHUNK_LOGIT_BUFFERS` float32 [chunk, V] buffers of
     the chunked loss (`losses._forward_kl_chunk`), at most the micro-batch's tokens; `interpreters`: the node's
-    host baseline (`_train_interpreters`)."""
+    host baseline (`_train_interpreters`); `eager`: eager attention; `quantize`: the student is fake-quantized
+    (`terms.qad_step_bytes`)."""
     ckpt, full = _train_activations(teacher, student, ln, seq_len, hw.fused_mamba, eager)
     logits = KL_CHUNK_LOGIT_BUFFERS * min(loss_chunk, ln.micro * seq_len) * student.vocab_size * 4
     states = _train_states(teacher, student, ln)
     act = ckpt if ln.checkpointing else full
+    if quantize:
+        act += qad_step_bytes(student, ln.micro * seq_len, ln.compute_bytes, ln.checkpointing)
     if hw.device == "cpu":
         # The host is the device: the final save's buffers (host = max(read, save)) come after the last step, when
         # gradients (set to None), activations and logits are gone, so only what exceeds them raises the peak.
@@ -210,7 +214,7 @@ def _accumulations(fixed: Fixed, shards: int, grad_accum: int) -> tuple[bool, ..
 
 def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Hardware, *, seq_len: int,
                  global_batch: int, loss_chunk: int = 4096, dtype: str | None = None, stored_bytes: int = 2,
-                 fixed: Fixed | None = None, attention: str = "sdpa") -> Part:  # fmt: skip
+                 fixed: Fixed | None = None, attention: str = "sdpa", quantize: str | None = None) -> Part:  # fmt: skip
     """A distillation's geometry, as `distill.loop` runs it: every device is a data-parallel rank (one process
     per GPU, as many as divide the batch: `data_parallel_ranks`; the CPU is one process; `fixed.ranks` when the
     launch is given); FSDP2 gathers the student in bf16 on GPUs (float32 master weights, float32 gradient
@@ -219,7 +223,8 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     ranks)), the one whose step takes least time with its communication and recompute
     (`communication.step_traffic`; ties go to no checkpointing, HSDP, the larger micro-batch). `fixed` holds the
     choices the user made (with a grad_accum, the ranks divide global_batch / grad_accum); `attention` the attention
-    implementation both models run (`kernels.ATTENTION_PATHS`). Without a fit, the last
+    implementation both models run (`kernels.ATTENTION_PATHS`); `quantize`: the student trains fake-quantized to
+    that precision (`distill --quantize`). Without a fit, the last
     option tried (the smallest micro-batch), which does not fit; a batch that does not split evenly over the ranks
     (and the grad_accum given) does not fit either.
     """
@@ -242,7 +247,7 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     by_sharding: dict[str, Part] = {}  # the fastest fitting launch of each sharding, else its smallest
     for sharding, ln in _launch_options(hw, ranks, per_rank, dt, fixed):
         mem = _step_memory(teacher, student, ln, hw, seq_len=seq_len, loss_chunk=loss_chunk, host=host,
-                           interpreters=interpreters, eager=attention == "eager")  # fmt: skip
+                           interpreters=interpreters, eager=attention == "eager", quantize=quantize)  # fmt: skip
         geo = base.model_copy(update={"sharding": sharding, "micro_batch": ln.micro, "grad_accum": per_rank // ln.micro,
                                       "activation_checkpointing": ln.checkpointing,
                                       "accumulation": ("unsharded" if ln.unsharded else "sharded")
@@ -296,7 +301,7 @@ def distill_memory(teacher: Layout, student: Layout, hw: Hardware, ds, *, proces
                   sharding=ds.sharding, accumulation=ds.accumulation)  # fmt: skip
     return train_memory("distill", "distill", teacher, student, hw, seq_len=ds.seq_len, global_batch=ds.batch_size,
                         loss_chunk=ds.loss_chunk, dtype=ds.teacher_dtype, stored_bytes=stored_bytes, fixed=fixed,
-                        attention=ds.attn_implementation)  # fmt: skip
+                        attention=ds.attn_implementation, quantize=ds.quantize)  # fmt: skip
 
 
 def candidate_distill_memory(parent: Layout, student: Layout, hw: Hardware, ps, *, dtype: str | None = None,

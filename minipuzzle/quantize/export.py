@@ -145,11 +145,12 @@ def store_kept_in(folder: Path, dtype: torch.dtype, keep_float32: tuple[str, ...
 
 
 def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: str | Path | None = None,
-                     overwrite: bool = False, dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
+                     overwrite: bool = False, dtype: torch.dtype = torch.bfloat16,
+                     extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
     """Write `model` (quantized by `calibrate.quantize_model`; the export packs its weights in place, so it is
     spent afterwards) to `out` atomically through Model Optimizer's `export_hf_checkpoint`, unquantized tensors
     in `dtype`; then repair the excluded names, check them, copy the tokenizer and write `quantize.json`
-    (`summary` plus the bytes by role, `weight_bytes`)."""
+    (`summary` plus the bytes by role, `weight_bytes`) and `extra_files` ({file name: text})."""
 
     mtq()  # imports modelopt.torch quietly before its exporter
     from modelopt.torch.export import export_hf_checkpoint
@@ -165,6 +166,8 @@ def export_quantized(model, out: str | Path, *, summary: dict, tokenizer_from: s
         copy_tokenizer(tokenizer_from, tmp)
         doc = {**summary, "bytes": weight_bytes(tmp)}
         (tmp / SUMMARY).write_text(json.dumps(doc, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)
 
 
