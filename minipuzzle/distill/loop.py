@@ -97,7 +97,9 @@ def check_pair(teacher: Checkpoint, student: Checkpoint, pairs: list[tuple[int, 
 
 
 def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d: parallel.Dist,
-                 train: WindowStream) -> DistillObjective:  # fmt: skip
+                 train: WindowStream | None = None) -> DistillObjective:  # fmt: skip
+    """Teacher and student as the objective holds them (sharded under torchrun); with `cfg.quantize`, the student
+    fake-quantized and calibrated on the first batch of `train`."""
     t_dtype = parse_dtype(cfg.teacher_dtype, d.device)
     make = parallel.build_meta if d.enabled else lambda c, dt: parallel.load_local(c, dt, d)
     student = make(s_ckpt, torch.float32)  # float32 master weights; bf16 only inside autocast
@@ -134,6 +136,8 @@ def _load_models(cfg: DistillSettings, t_ckpt: Checkpoint, s_ckpt: Checkpoint, d
         parallel.fill_sharded(student, s_ckpt, d)
         parallel.fill_sharded(teacher, t_ckpt, d)
     if cfg.quantize:  # after sharding: calibration runs through the objective, whose root unit holds the embeddings
+        if train is None:
+            raise ValueError("a quantized student is calibrated on the training stream: pass it")
         quantized.quantize_student(objective, cfg, train, d, _autocast(cfg, d))
     return objective
 
