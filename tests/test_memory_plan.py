@@ -15,6 +15,7 @@ from minipuzzle.memory import (
     EvalShape,
     Fixed,
     data_parallel_ranks,
+    distill_memory,
     eval_memory,
     ranking_memory,
     score_memory,
@@ -369,3 +370,23 @@ def test_a_cut_that_only_drops_layers_is_planned_without_tensor_copies():
     largest = 131072 * 4096 * 2  # the embeddings: Nemotron-H 8B's vocabulary x hidden, bf16
     assert views.memory.host_buffers == views.geometry.shard_bytes
     assert copies.memory.host_buffers - views.memory.host_buffers == 2 * largest
+
+
+def test_a_sharded_qad_plans_its_export_whole_on_rank_0():
+    """QAD on 8 x 8 H100-80GB for the 47B preset student: the FP8 export gathers the float32 student (4 bytes a
+    parameter) and the exported state dict (at most 2) on the main node's host, counted by hand here; the NVFP4
+    export packs on one GPU, which cannot hold 4 bytes per parameter of a 47B model beside its states: refused in
+    one line naming the export."""
+    from minipuzzle.settings import DistillSettings
+
+    teacher, student = PRESETS["56b"].layout, PRESETS["47b"].layout
+    hw = Hardware(gpu_memory="80GiB", gpus_per_node=8, nodes=8, host_memory="2TiB", mamba_kernels=True)
+    base = dict(teacher="t", student="s", data="d", output="o", max_steps=1, batch_size=768, seq_len=8192)
+    plain = distill_memory(teacher, student, hw, DistillSettings(**base))
+    fp8 = distill_memory(teacher, student, hw, DistillSettings(**base, quantize="fp8"))
+    nvfp4 = distill_memory(teacher, student, hw, DistillSettings(**base, quantize="nvfp4"))
+    ps = student.num_params()
+    assert plain.fits and fp8.fits and plain.memory.host_buffers < 4 * ps
+    assert fp8.memory.host_buffers == 6 * ps
+    assert not nvfp4.fits and "NVFP4 export gathers the whole float32 student on one GPU" in nvfp4.problem
+    assert "\n" not in nvfp4.problem

@@ -13,7 +13,8 @@ calibrating again). The run ends with the serving checkpoint `minipuzzle quantiz
 Under torchrun the student is quantized after FSDP2 has sharded it: calibration runs through the objective (its
 root unit gathers what the student's blocks do not own), every process on the whole first batch, and the export
 gathers the student into one whole float32 copy on the main process (Model Optimizer exports a model in memory),
-which that process's host (FP8) or device (NVFP4) must hold beside its shard; the memory plan does not count it.
+which that process's host (FP8) or device (NVFP4) must hold beside its shard. The memory plan counts it
+(`memory.train._train_host`; an NVFP4 export that one GPU cannot hold is refused before the run).
 
 Calibration uses the first training batch (the windows step 1 trains on), read from a copy of the stream so the
 stream itself does not move: the held-out windows stay unseen by anything that sets the student's numbers, so

@@ -132,15 +132,32 @@ def _train_interpreters(hw: Hardware, procs_per_node: int, ranks: int, child: bo
     return host_baseline(hw, procs_per_node, helpers)
 
 
-def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int) -> int:
+def _train_host(student: Layout, hw: Hardware, procs_per_node: int, stored: int, quantize: str | None = None,
+                ranks: int = 1) -> int:  # fmt: skip
     """Host bytes per node: each process reads every tensor whole before keeping its shard (the embeddings
     [V, h] are the largest), and the final save (`loop._write_final`) gathers the student one tensor at a time
     onto rank 0's host in float32, casts it to the stored dtype and buffers one output shard (`SHARD_BYTES`, at
-    most the student). The two happen at different times."""
+    most the student). The two happen at different times. A QAD run (`quantize`) ends with Model Optimizer's
+    export instead (`distill.quantized.export_student`), which gathers its exported state dict on the host (at
+    most 2 bytes per parameter, `quantize.plan.exported_bytes`); sharded over `ranks`, an FP8 student is first
+    gathered whole, in float32, on rank 0's host (an NVFP4 one on its GPU: `_qad_export_problem`)."""
     read = procs_per_node * student.vocab_size * student.hidden_size * stored
     shard = min(SHARD_BYTES, student.num_params() * stored)
     save = shard + largest_tensor(student) * (4 + (stored if stored != 4 else 0))
+    if quantize:
+        save = 2 * student.num_params() + (4 * student.num_params() if quantize == "fp8" and ranks > 1 else 0)
     return max(read, save)
+
+
+def _qad_export_problem(student: Layout, hw: Hardware, mem: Memory) -> str | None:
+    """Sharded NVFP4 QAD exports from one GPU (Model Optimizer packs NVFP4 on CUDA): after the last step it holds
+    its states and the whole float32 student gathered beside them. The problem when that does not fit."""
+    need = mem.baseline + mem.weights + mem.master_weights + mem.optimizer_state + 4 * student.num_params()
+    if need <= usable(hw):
+        return None
+    return (f"its NVFP4 export gathers the whole float32 student on one GPU ({gib(need)} with the states beside "
+            f"it, {gib(usable(hw))} usable): export FP8, or quantize the distilled bf16 student with `minipuzzle "
+            f"quantize` on a machine that holds it")
 
 
 def data_parallel_ranks(hw: Hardware, global_batch: int) -> int:
@@ -232,7 +249,7 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
     dt = default_dtype(hw, dtype)
     accum = fixed.grad_accum or 1
     ranks = fixed.ranks or data_parallel_ranks(hw, max(1, global_batch // accum))
-    host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes)
+    host = _train_host(student, hw, min(ranks, hw.gpus_per_node), stored_bytes, quantize, ranks)
     interpreters = _train_interpreters(hw, min(ranks, hw.gpus_per_node), ranks, name == "candidate distillation")
     base = Geometry(devices=ranks, nodes=-(-ranks // hw.gpus_per_node), dtype=dt, global_batch=global_batch,
                     attention=attention)  # fmt: skip
@@ -258,6 +275,9 @@ def train_memory(stage: str, name: str, teacher: Layout, student: Layout, hw: Ha
                                gather_bytes=ln.gather_bytes, teacher_bytes=ln.teacher_bytes,
                                unsharded=ln.unsharded)  # fmt: skip
         this = _part(stage, name, geo, mem, hw, note=note).model_copy(update={"traffic": traffic})
+        export = _qad_export_problem(student, hw, mem) if quantize == "nvfp4" and ln.shards > 1 else None
+        if this.fits and export is not None:
+            this = this.model_copy(update={"fits": False, "problem": export})
         if ln.unsharded and not this.fits and fixed.accumulation is None:
             continue  # unsharded accumulation only adds memory: a refusal shows the sharded launch's figures
         part = this
