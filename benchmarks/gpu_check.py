@@ -124,10 +124,11 @@ class Sizes:
             distill_seq=2048, distill_batch=8, distill_accum=4, distill_steps=10,
             eval_prompt=2048, eval_decode=64, eval_repeats=3, fp8_calib_windows=8, fp8_calib_seq=512,
             # On an H200 (benchmarks/results/gpu_check_h200.json) the parts took 25, 3, 42, 9 and 66 s; fp8_speed
-            # (~45 s: a bf16 and an FP8 measurement, calibration, torch.compile of the FP8 GEMM) runs last, so
-            # distill keeps fp8_speed's budget in reserve and its cap drops from 170 s to 150 s.
+            # (~45 s expected: a bf16 and an FP8 measurement, calibration, torch.compile of the FP8 GEMM, whose
+            # cold-cache time is the unknown, hence a 75 s cap) runs last, so distill keeps fp8_speed's budget in
+            # reserve and its cap drops from 170 s to 150 s.
             budgets={"gpu_tests": 120, "checkpoint": 60, "scoring": 75, "eval_speed": 45, "distill": 150,
-                     "fp8_speed": 60},
+                     "fp8_speed": 75},
             total_seconds=400,
         )  # fmt: skip
 
