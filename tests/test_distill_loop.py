@@ -53,7 +53,8 @@ def test_heldout_kl_falls_and_output_is_a_standard_checkpoint(pair, tmp_path):
     # run: the rerun refuses the non-empty folder instead of returning it.
     done = DistillState.read(out / "distill.json")
     # The plan's geometry is what ran: on the CPU one micro-batch of the whole batch, no recomputation.
-    ran = cfg.model_copy(update={"grad_accum": 1, "activation_checkpointing": False, "sharding": "full"})
+    ran = cfg.model_copy(update={"grad_accum": 1, "activation_checkpointing": False, "sharding": "full",
+                                 "accumulation": "sharded"})  # fmt: skip
     assert done.config == ran and done.trajectory == ran.trajectory() and done.warmup_steps == 1
     doc = json.loads((out / "distill.json").read_text())
     (out / "distill.json").write_text(json.dumps({**doc, "finished": True}))
