@@ -1,5 +1,5 @@
-"""`minipuzzle prune` opens its context once: the source checkpoint's headers are read by the context and, once
-more, by the scoring pass it hands the folder to; the budget is parsed once; the stage's memory plan is computed
+"""`minipuzzle prune` opens its context once: the source checkpoint's headers are read by the context alone, which
+scoring, ranking and the cut share; the budget is parsed once; the stage's memory plan is computed
 once, and the plan the command refuses or accepts is the one scoring and ranking run with."""
 
 from minipuzzle.checkpoint.read import Checkpoint
@@ -44,8 +44,8 @@ def test_prune_reads_the_checkpoint_budget_and_plan_once(tmp_path, tokenizer, te
     code, _, err = run_cli(["prune", str(src), "--target", "0.8", "--data", str(text_file), "-o", str(tmp_path / "out"),
                             *SMALL])  # fmt: skip
     assert code == 0, err
-    # By hand: the context opens the source (1), the scoring pass opens the folder it is given (1); the cut, the
-    # ranking and the report use the context's. Every other Checkpoint is the output's, read back by nobody here.
-    assert opened.count(str(src)) == 2, opened
+    # By hand: the context opens the source (1); scoring, the cut, the ranking and the report use the context's.
+    # Every other Checkpoint is the output's, read back by nobody here.
+    assert opened.count(str(src)) == 1, opened
     assert len(budgets) == 1 and len(planned) == 1
     assert checked == planned and ranked == [planned[0].parts[[p.name for p in planned[0].parts].index("ranking")]]

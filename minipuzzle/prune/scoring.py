@@ -24,7 +24,7 @@ def load_or_score(ctx: PruneContext, calib: torch.Tensor) -> Scores:
     go = score_launch(ctx.ckpt.layout, parts, seq_len=st.seq_len)
     defaults = ScoreSettings.model_fields
     return scoring.score_checkpoint(
-        ctx.ckpt.path, calib[: st.depth_samples], calib[: st.width_samples], axes=list(st.axes),
+        ctx.ckpt, calib[: st.depth_samples], calib[: st.width_samples], axes=list(st.axes),
         stream=go["stream"], device=st.device, dtype=parse_dtype(go["dtype"]), progress=ctx.request.progress,
         batch_size=go["batch_size"], budget_bytes=go["budget_bytes"], width_agg=defaults["width_agg"].default,
         expert_estimator=defaults["expert_estimator"].default,

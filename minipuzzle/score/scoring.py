@@ -14,6 +14,7 @@ import torch
 from minipuzzle.anatomy import AXES, PER_EXPERT_CHANNELS, SEARCH_AXES, WIDTH_AXES
 from minipuzzle.arch import Layout
 from minipuzzle.artifacts import ScoresMeta, ScoringInfo
+from minipuzzle.checkpoint.read import Checkpoint
 from minipuzzle.errors import UserError
 from minipuzzle.score.depth import check_metric, depth_scores, windows_digest
 from minipuzzle.score.experts import DEFAULT_EXPERT_ESTIMATOR, check_estimator
@@ -146,7 +147,7 @@ def score_model(
 
 
 def score_checkpoint(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     windows_depth: torch.Tensor | None,
     windows_width: torch.Tensor | None,
     axes: Collection[str] = SEARCH_AXES,
@@ -158,14 +159,15 @@ def score_checkpoint(
     progress: bool = True,
     **kwargs: Any,
 ) -> Scores:
-    """Scores of a checkpoint folder, loaded whole or streamed layer by layer (stream=None: stream when it does
-    not fit in the device's free memory). Streamed and in-memory runs give the same scores."""
+    """Scores of a checkpoint folder (or a `Checkpoint` already opened), loaded whole or streamed layer by layer
+    (stream=None: stream when it does not fit in the device's free memory). Streamed and in-memory runs give the
+    same scores."""
     stack, streamed = open_stack(path, stream, device, dtype)
     scores = score_stack(
         stack, windows_depth, windows_width, axes, depth_metric, streamed=streamed, resume_dir=resume_dir,
         progress=progress, **kwargs,
     )  # fmt: skip
-    scores.meta.checkpoint = str(path)
+    scores.meta.checkpoint = str(path.path if isinstance(path, Checkpoint) else path)
     return scores
 
 
