@@ -145,6 +145,15 @@ class Recipe(_Section):
     eval: EvalSettings = EvalSettings()
     hardware: Hardware | None = Field(None, description="devices and memory to plan for (default: this machine's)")
 
+    @model_validator(mode="after")
+    def _quantized_once(self) -> Recipe:
+        # A QAD run (distill.quantize) ends with the quantized serving checkpoint, which the quantize stage would
+        # then refuse as already quantized, after the whole distillation: refused here, before anything runs.
+        if self.distill is not None and self.distill.quantize is not None and self.quantize is not None:
+            raise ValueError("distill.quantize already exports the quantized student: remove the quantize section "
+                             "(or distill.quantize for post-training quantization)")  # fmt: skip
+        return self
+
 
 def find_recipe(name_or_path: str | Path) -> Path:
     """A recipe path, or the name of a shipped recipe (`demo`, `nemotron-h-56b-to-47b`)."""
@@ -202,10 +211,11 @@ def parse_recipe(doc: dict[str, Any], where: str = "recipe") -> Recipe:
         inner = err.get("ctx", {}).get("error")
         if isinstance(inner, SettingsError):  # a section's own check: its record holds the key within the section
             err = {**inner.error, "loc": err["loc"] + inner.error["loc"]}
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        key = ".".join(str(x) for x in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise UserError(f"{where}: {key}: {msg}{more}") from None
+        # A check across sections (no key of its own) names the keys in its message.
+        raise UserError(f"{where}: {key + ': ' if key else ''}{msg}{more}") from None
 
 
 def prune_settings(recipe: Recipe) -> PruneSettings:

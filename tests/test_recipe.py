@@ -68,6 +68,7 @@ def _demo_doc():
         (lambda d: d["score"].update(width_agg="abs_mean,median"), "score.width_agg: invalid width agg"),
         (lambda d: d["eval"].update(speed_batch=0), "eval.speed_batch"),
         (lambda d: d["prune"].pop("target"), "prune"),
+        (lambda d: d["distill"].update(quantize="fp8"), "distill.quantize already exports the quantized student"),
     ],
 )
 def test_schema_errors_name_the_key(mutate, needle):
