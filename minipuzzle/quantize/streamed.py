@@ -40,8 +40,7 @@ from minipuzzle.checkpoint.write import SHARD_BYTES, ShardWriter, atomic_dir, co
 from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 from minipuzzle.quantize.configs import check_patterns, hybrid_config, module_pattern, mtq, quantized_modules
-from minipuzzle.quantize.export import (QUANT_CONFIG, SCALE_SUFFIXES, SUMMARY, _repair, check_exclusions,
-                                        weight_bytes)  # fmt: skip
+from minipuzzle.quantize.export import SCALE_SUFFIXES, SUMMARY, _repair, check_exclusions, weight_bytes
 from minipuzzle.score.layerwise import StreamedStack, block_forward
 
 # The modules outside the blocks: stored unquantized in streamed mode (the hybrid config keeps them).
@@ -187,11 +186,16 @@ def _outside(ckpt: Checkpoint, meta, names: tuple[str, ...], keep_float32) -> di
 
 
 def _write_configs(folder: Path, meta, qc: dict) -> None:
-    """config.json as the model's `save_pretrained` writes it plus Model Optimizer's deployment edits and
-    `quantization_config` (its `_write_hf_export_config`, which also writes hf_quant_config.json), dtype bf16."""
-    from modelopt.torch.export.unified_export_hf import _write_hf_export_config
+    """config.json and generation_config.json as the model's `save_pretrained` writes them, plus Model
+    Optimizer's deployment edits and `quantization_config` (its `_write_hf_export_config`, which also writes
+    hf_quant_config.json), dtype bf16."""
+    from modelopt.torch.export.unified_export_hf import _sanitize_generation_config_for_save, _write_hf_export_config
 
     meta.config.save_pretrained(folder)
+    # save_pretrained also writes the generation config (a source's own replaces it with the tokenizer's files).
+    if getattr(meta, "generation_config", None) is not None:
+        _sanitize_generation_config_for_save(meta)
+        meta.generation_config.save_pretrained(folder)
     with _quiet():
         _write_hf_export_config(meta, qc, folder)
     cfg = json.loads((folder / "config.json").read_text())
