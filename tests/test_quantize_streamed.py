@@ -156,3 +156,29 @@ def test_streamed_quantization_under_a_host_memory_smaller_than_the_model(tmp_pa
     assert doc["calibration"]["streamed"] and len(doc["quantized_modules"]) == 20
     assert doc["bytes"]["quantized"] == doc["bytes"]["quantized_params"] > 0.9 * doc["params"]
     print(f"peak RSS {m['peak_rss'] / 1e9:.3f} GB, checkpoint {nbytes / 1e9:.3f} GB, {m.get('seconds')} s")
+
+
+def test_layer_patterns_and_many_shards_match_the_whole_export(tmp_path, tokenizer, text_file):
+    """--keep patterns that name one layer ('*layers.0.*') match inside a streamed block as inside the model (the
+    block carries its whole-model name), and a streamed export cut into many shards holds the same tensors."""
+    from minipuzzle.data import load_tokenizer, token_windows
+    from minipuzzle.quantize.folder import quantize_to_folder
+    from minipuzzle.quantize.streamed import quantize_streamed
+    from minipuzzle.settings import QuantizeSettings
+
+    src = save_model(random_model(tiny_layout()).to(torch.bfloat16), tmp_path / "bf16", tokenizer=tokenizer)
+    st = QuantizeSettings(**SETTINGS, keep="*layers.0.*,*5.mixer.out_proj")
+    whole = quantize_to_folder(src, tmp_path / "whole", st, text_file, device="cpu", stream=False)
+    assert not any(n.startswith("model.layers.0.") for n in whole["quantized_modules"])
+    windows = token_windows(text_file, load_tokenizer(src), st.seq_len, st.samples, st.seed)
+    modules = quantize_streamed(src, tmp_path / "streamed", windows, keep=st.keep_patterns(), batch_size=2,
+                                summary={}, max_shard_bytes=20_000)  # fmt: skip
+    assert modules == whole["quantized_modules"]
+    assert len(list((tmp_path / "streamed").glob("*.safetensors"))) > 3
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "streamed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
+                                        if a[k].dtype == torch.float8_e4m3fn else torch.equal(a[k], b[k]) for k in a)
+    for name in ("hf_quant_config.json", "config.json"):
+        w = json.loads((tmp_path / "whole" / name).read_text())
+        assert json.loads((tmp_path / "streamed" / name).read_text()) == w, name
