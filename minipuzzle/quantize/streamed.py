@@ -40,7 +40,7 @@ from minipuzzle.checkpoint.write import SHARD_BYTES, ShardWriter, atomic_dir, co
 from minipuzzle.errors import UserError
 from minipuzzle.progress import track
 from minipuzzle.quantize.configs import check_patterns, hybrid_config, module_pattern, mtq, quantized_modules
-from minipuzzle.quantize.export import SCALE_SUFFIXES, SUMMARY, _repair, check_exclusions, weight_bytes
+from minipuzzle.quantize.export import SUMMARY, _repair, cast_kept, check_exclusions, weight_bytes
 from minipuzzle.score.layerwise import StreamedStack, block_forward
 
 # The modules outside the blocks: stored unquantized in streamed mode (the hybrid config keeps them).
@@ -56,8 +56,7 @@ def check_streamable(precision: str, model_names: list[str], keep: list[str], qu
         raise UserError(f"streamed quantization supports fp8 only, not {precision} (nvfp4 calibrates the whole "
                         "model on a CUDA GPU)")  # fmt: skip
     for p in quantize:
-        hit = [n for n in fnmatch.filter(model_names, module_pattern(p)) if n.split(".layers.")[0] in OUTSIDE
-               or n.startswith(OUTSIDE)]  # fmt: skip
+        hit = [n for n in fnmatch.filter(model_names, module_pattern(p)) if n.startswith(OUTSIDE)]
         if hit:
             raise UserError(f"--quantize-modules pattern {p!r} names {hit[0]}, which streamed quantization keeps "
                             "unquantized: quantize the whole model instead")  # fmt: skip
@@ -104,11 +103,6 @@ def calibrate_block(i: int, block: nn.Module, states: torch.Tensor, cfg: dict | 
         return named
     with _quiet():
         return mtq().quantize(named, cfg, forward_loop=loop)
-
-
-def _hub_name(mapper, key: str) -> str:
-    """The exporter's hub name of an in-memory name (`model.` -> `backbone.`), with the exclude-name repair."""
-    return _repair(mapper(key)) if mapper is not None else key
 
 
 def quantized_meta_model(ckpt: Checkpoint, cfg: dict):
@@ -169,20 +163,12 @@ def export_block(named: nn.Module, meta, dtype: torch.dtype) -> dict[str, torch.
     return revert_weight_conversion_quant_aware(meta, state)
 
 
-def _kept(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_float32: tuple[str, ...]) -> dict:
-    """`state` with its unquantized floating tensors in `dtype`, as `export.store_kept_in` stores them."""
-    quant = {k for k in state if k.endswith(".weight") and k.removesuffix("weight") + "weight_scale" in state}
-    return {k: t.to(dtype) if (t.dtype.is_floating_point and t.element_size() > 1 and k not in quant
-                               and not k.endswith(SCALE_SUFFIXES) and not any(n in k for n in keep_float32))
-            else t for k, t in state.items()}  # fmt: skip
-
-
 def _outside(ckpt: Checkpoint, meta, names: tuple[str, ...], keep_float32) -> dict[str, torch.Tensor]:
     """The unquantized tensors outside the blocks (`OUTSIDE` modules' weights), hub-named and in bf16."""
     from modelopt.torch.export.quant_aware_conversion import revert_weight_conversion_quant_aware
 
     state = {n: ckpt.get(ckpt.source_of(n)).float() for n in names}
-    return _kept(revert_weight_conversion_quant_aware(meta, state), torch.bfloat16, keep_float32)
+    return cast_kept(revert_weight_conversion_quant_aware(meta, state), torch.bfloat16, keep_float32)
 
 
 def _write_configs(folder: Path, meta, qc: dict) -> None:
@@ -233,7 +219,7 @@ def quantize_streamed(path: Path, out: str | Path, windows: torch.Tensor, *, pre
         for i in track(range(ckpt.layout.num_layers), "streamed calibration", progress):
             with stack.block(i) as block:
                 named = calibrate_block(i, block, states, cfg if i in quantized_layers else None, batch_size)
-                for k, t in _kept(export_block(named, meta, dtype), torch.bfloat16, keep32).items():
+                for k, t in cast_kept(export_block(named, meta, dtype), torch.bfloat16, keep32).items():
                     writer.add(k, t)
                 del named
         for k, t in _outside(ckpt, meta, ("model.norm_f.weight", "lm_head.weight"), keep32).items():
