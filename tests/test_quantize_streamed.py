@@ -88,8 +88,9 @@ def test_streamed_export_reloads_to_the_same_logits(both):
 
 
 def test_streamed_refuses_nvfp4_and_quantizing_outside_the_blocks(tmp_path, tokenizer, text_file):
-    """NVFP4 and a --quantize-modules pattern naming the LM head are refused in one line, nothing written; the
-    plan refuses streamed NVFP4 in its calibration part."""
+    """NVFP4, a --quantize-modules pattern naming the LM head and a tied checkpoint (whose head the exporter may
+    drop, not checked here) are refused in one line, nothing written; the plan refuses streamed NVFP4 in its
+    calibration part."""
     from minipuzzle.hardware import Hardware
     from minipuzzle.quantize.folder import quantize_to_folder
     from minipuzzle.quantize.plan import NVFP4_STREAMED, plan_quantize
@@ -104,6 +105,10 @@ def test_streamed_refuses_nvfp4_and_quantizing_outside_the_blocks(tmp_path, toke
     with pytest.raises(UserError, match="keeps unquantized") as e:
         quantize_to_folder(src, tmp_path / "h", st, text_file, device="cpu", stream=True)
     assert "\n" not in str(e.value) and not (tmp_path / "h").exists()
+    tied = save_model(random_model(tiny_layout(tie_word_embeddings=True)).to(torch.bfloat16), tmp_path / "tied")
+    with pytest.raises(UserError, match="ties its LM head") as e:
+        quantize_streamed(tied, tmp_path / "t", torch.zeros(1, 8, dtype=torch.long), summary={})
+    assert "\n" not in str(e.value) and not (tmp_path / "t").exists()
     plan = plan_quantize(tiny_layout(), Hardware(device="cpu", gpu_memory=2**34), QuantizeSettings(precision="nvfp4"),
                          stream=True)  # fmt: skip
     assert plan.parts[0].geometry.streaming and plan.parts[0].problem == NVFP4_STREAMED
@@ -158,18 +163,22 @@ def test_streamed_quantization_under_a_host_memory_smaller_than_the_model(tmp_pa
     print(f"peak RSS {m['peak_rss'] / 1e9:.3f} GB, checkpoint {nbytes / 1e9:.3f} GB, {m.get('seconds')} s")
 
 
-def test_layer_patterns_and_many_shards_match_the_whole_export(tmp_path, tokenizer, text_file):
-    """--keep patterns that name one layer ('*layers.0.*') match inside a streamed block as inside the model (the
-    block carries its whole-model name), and a streamed export cut into many shards holds the same tensors."""
+@pytest.mark.parametrize("layout,keep", [(tiny_layout(), "*layers.0.*,*5.mixer.out_proj"),
+                                         (tiny_moe_layout(), "*layers.1.*")], ids=["dense", "moe"])  # fmt: skip
+def test_layer_patterns_and_many_shards_match_the_whole_export(tmp_path, tokenizer, text_file, layout, keep):
+    """--keep patterns that name one layer match inside a streamed block as inside the model (the block carries
+    its whole-model name; a MoE layer kept whole still runs Model Optimizer's eager experts, as in the model), and
+    a streamed export cut into many shards holds the same tensors."""
     from minipuzzle.data import load_tokenizer, token_windows
     from minipuzzle.quantize.folder import quantize_to_folder
     from minipuzzle.quantize.streamed import quantize_streamed
     from minipuzzle.settings import QuantizeSettings
 
-    src = save_model(random_model(tiny_layout()).to(torch.bfloat16), tmp_path / "bf16", tokenizer=tokenizer)
-    st = QuantizeSettings(**SETTINGS, keep="*layers.0.*,*5.mixer.out_proj")
+    src = save_model(random_model(layout).to(torch.bfloat16), tmp_path / "bf16", tokenizer=tokenizer)
+    st = QuantizeSettings(**SETTINGS, keep=keep)
     whole = quantize_to_folder(src, tmp_path / "whole", st, text_file, device="cpu", stream=False)
-    assert not any(n.startswith("model.layers.0.") for n in whole["quantized_modules"])
+    kept_layer = keep.split(",")[0].strip("*")
+    assert not any(kept_layer in n for n in whole["quantized_modules"])
     windows = token_windows(text_file, load_tokenizer(src), st.seq_len, st.samples, st.seed)
     modules = quantize_streamed(src, tmp_path / "streamed", windows, keep=st.keep_patterns(), batch_size=2,
                                 summary={}, max_shard_bytes=20_000)  # fmt: skip

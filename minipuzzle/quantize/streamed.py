@@ -28,6 +28,7 @@ import contextlib
 import fnmatch
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -45,6 +46,8 @@ from minipuzzle.score.layerwise import StreamedStack, block_forward
 
 # The modules outside the blocks: stored unquantized in streamed mode (the hybrid config keeps them).
 OUTSIDE = ("model.embeddings", "model.norm_f", "lm_head")
+# The environment variable with which Model Optimizer skips its check that a config quantizes some weight.
+SKIP_CHECK = "MODELOPT_SKIP_WEIGHT_QUANT_CHECK"
 # Model Optimizer's FP8 KV-cache bound, passed to its per-tensor post-processing (no KV cache is quantized here).
 KV_CACHE_MAX_BOUND = 448
 
@@ -84,12 +87,27 @@ def _quiet():
     return stack
 
 
+@contextlib.contextmanager
+def _no_weight_check():
+    """Model Optimizer refuses a config that enables no weight quantizer of the model it converts (patterns that
+    match nothing). A single block may have none (attention, a layer under --keep): the whole model, converted on
+    the meta device first, has passed that check, so it is skipped per block through the variable Model
+    Optimizer reads for a pipeline stage holding none of the targeted modules, then restored."""
+    old = os.environ.get(SKIP_CHECK)
+    os.environ[SKIP_CHECK] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[SKIP_CHECK]
+        else:
+            os.environ[SKIP_CHECK] = old
+
+
 @torch.no_grad()
-def calibrate_block(i: int, block: nn.Module, states: torch.Tensor, cfg: dict | None, batch_size: int) -> nn.Module:
+def calibrate_block(i: int, block: nn.Module, states: torch.Tensor, cfg: dict, batch_size: int) -> nn.Module:
     """Fake-quantize block i with `cfg` and calibrate it on residual states [N, T, h]; `states` become the block's
-    unquantized outputs (the next block's calibration input), in place. Returns the wrapper (`_Named`). With
-    `cfg` None (a block the config quantizes nothing of, such as attention under the hybrid default: Model
-    Optimizer refuses a config that enables no weight quantizer) the block only runs."""
+    unquantized outputs (the next block's calibration input), in place. Returns the wrapper (`_Named`)."""
     named = _Named(i, block)
 
     def loop(_):
@@ -98,18 +116,14 @@ def calibrate_block(i: int, block: nn.Module, states: torch.Tensor, cfg: dict | 
         for s in range(0, states.shape[0], batch_size):
             states[s : s + batch_size] = block_forward(block, states[s : s + batch_size]).to(states.dtype)
 
-    if cfg is None:
-        loop(named)
-        return named
-    with _quiet():
+    with _quiet(), _no_weight_check():
         return mtq().quantize(named, cfg, forward_loop=loop)
 
 
-def quantized_meta_model(ckpt: Checkpoint, cfg: dict):
-    """The checkpoint's model on the meta device, converted by `mtq.quantize` with `cfg` and no calibration: its
-    quantizers are configured (enabled, format) as in the calibrated model, which is all Model Optimizer's
-    `get_quant_config` and the exporter's name mapping read."""
-    meta = build_model(ckpt.layout, ckpt.config)
+def quantized_meta_model(meta: nn.Module, cfg: dict):
+    """`meta` (the checkpoint's model on the meta device) converted by `mtq.quantize` with `cfg` and no
+    calibration: its quantizers are configured (enabled, format) as in the calibrated model, which is all Model
+    Optimizer's `get_quant_config` and the exporter's name mapping read."""
     with _quiet():
         return mtq().quantize(meta, cfg, forward_loop=None)
 
@@ -199,17 +213,19 @@ def quantize_streamed(path: Path, out: str | Path, windows: torch.Tensor, *, pre
     ckpt = Checkpoint(path)
     if ckpt.layout.tie_word_embeddings:
         raise UserError(f"{path} ties its LM head to the embeddings: streamed quantization writes untied heads only")
+    plain = build_model(ckpt.layout, ckpt.config)  # patterns are checked on the model's own module names
+    check_streamable(precision, [n for n, _ in plain.named_modules() if n], list(keep), list(quantize))
+    check_patterns(plain, keep, quantize)
     cfg = hybrid_config(precision, keep, quantize)
-    meta = quantized_meta_model(ckpt, cfg)
-    names = [n for n, _ in meta.named_modules() if n]
-    check_streamable(precision, names, list(keep), list(quantize))
-    check_patterns(meta, keep, quantize)
+    meta = quantized_meta_model(plain, cfg)
     dtype = export_dtype(meta)
-    quantized_layers = {int(n.split(".")[2]) for n in quantized_modules(meta) if n.startswith("model.layers.")}
     keep32 = tuple(getattr(meta, "_keep_in_fp32_modules_strict", None) or ())
     stack = StreamedStack(ckpt, ckpt.layout, ckpt.get("model.embeddings.weight").float(),
                           torch.ones(ckpt.layout.hidden_size),
                           torch.empty(0))  # fmt: skip
+    # Model Optimizer switches a model with fused experts to eager experts when it converts it (the meta model
+    # shows it): every block runs so, also a MoE block the config leaves unquantized, as in the whole model.
+    stack.config._experts_implementation = meta.config._experts_implementation or stack.config._experts_implementation
     states = torch.cat([stack.embed(windows[s : s + batch_size]) for s in range(0, len(windows), batch_size)])
     stack.embed_weight = None  # only the first block's input needs it
     with atomic_dir(out, overwrite) as tmp:
@@ -218,7 +234,7 @@ def quantize_streamed(path: Path, out: str | Path, windows: torch.Tensor, *, pre
             writer.add(k, t)
         for i in track(range(ckpt.layout.num_layers), "streamed calibration", progress):
             with stack.block(i) as block:
-                named = calibrate_block(i, block, states, cfg if i in quantized_layers else None, batch_size)
+                named = calibrate_block(i, block, states, cfg, batch_size)
                 for k, t in cast_kept(export_block(named, meta, dtype), torch.bfloat16, keep32).items():
                     writer.add(k, t)
                 del named
