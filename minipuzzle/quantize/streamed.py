@@ -73,8 +73,8 @@ class _Named(nn.Module):
         self.model = nn.Module()
         self.model.layers = nn.Module()
         self.model.layers.add_module(str(i), block)
-        # Model Optimizer switches the model's config to eager experts (its quantizer hooks see no grouped_mm
-        # matmul); the block reads the same config object, so it must be found here as on the whole model.
+        # Model Optimizer's conversion reads the model's config (it forces eager experts there, whose matmuls its
+        # quantizer hooks see); the block's own config object stands in for the model's.
         self.config = block.config
 
 
@@ -220,9 +220,10 @@ def quantize_streamed(path: Path, out: str | Path, windows: torch.Tensor, *, pre
     meta = quantized_meta_model(plain, cfg)
     dtype = export_dtype(meta)
     keep32 = tuple(getattr(meta, "_keep_in_fp32_modules_strict", None) or ())
+    # Only the embeddings are used (for the first block's input); the final norm and head are never run here, so
+    # placeholders stand for them instead of holding the head [V, h] through the whole pass.
     stack = StreamedStack(ckpt, ckpt.layout, ckpt.get("model.embeddings.weight").float(),
-                          torch.ones(ckpt.layout.hidden_size),
-                          torch.empty(0))  # fmt: skip
+                          torch.ones(ckpt.layout.hidden_size), torch.empty(0))  # fmt: skip
     # Model Optimizer switches a model with fused experts to eager experts when it converts it (the meta model
     # shows it): every block runs so, also a MoE block the config leaves unquantized, as in the whole model.
     stack.config._experts_implementation = meta.config._experts_implementation or stack.config._experts_implementation
