@@ -121,6 +121,16 @@ def check_exclusions(folder: Path) -> None:
             raise RuntimeError(f"exported exclude_modules entry {pat!r} names {'no' if not hit else 'a quantized'} module")
 
 
+def cast_kept(state: dict[str, torch.Tensor], dtype: torch.dtype, keep_float32: tuple[str, ...] = ()) -> dict:
+    """`state` (exported names -> tensors) with every unquantized floating tensor in `dtype`; quantized weights,
+    scales and the names containing one of `keep_float32` (the routers) as they are."""
+    quant = set(quantized_weights(state))
+    return {k: t.to(dtype) if (t.dtype.is_floating_point and t.dtype != dtype and t.element_size() > 1
+                               and k not in quant and not k.endswith(SCALE_SUFFIXES)
+                               and not any(n in k for n in keep_float32)) else t
+            for k, t in state.items()}  # fmt: skip
+
+
 def store_kept_in(folder: Path, dtype: torch.dtype, keep_float32: tuple[str, ...] = ()) -> None:
     """Rewrite the exported shards with every unquantized floating tensor in `dtype` (scales and the names
     containing one of `keep_float32`, the routers, stay float32), and config.json's dtype.
@@ -131,13 +141,7 @@ def store_kept_in(folder: Path, dtype: torch.dtype, keep_float32: tuple[str, ...
     calibrated and the kept tensors are cast here, one shard in memory at a time."""
 
     for f in sorted(folder.glob("*.safetensors")):
-        state = load_file(f)
-        quant = set(quantized_weights(state))
-        for k, t in state.items():
-            if (t.dtype.is_floating_point and t.dtype != dtype and t.element_size() > 1 and k not in quant
-                    and not k.endswith(SCALE_SUFFIXES) and not any(n in k for n in keep_float32)):  # fmt: skip
-                state[k] = t.to(dtype)
-        save_file(state, f, metadata={"format": "pt"})
+        save_file(cast_kept(load_file(f), dtype, keep_float32), f, metadata={"format": "pt"})
     cfg_file = folder / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["dtype"] = str(dtype).removeprefix("torch.")
