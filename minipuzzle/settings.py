@@ -551,6 +551,8 @@ class QuantizeSettings(Settings):
                       "(fnmatch, e.g. '*layers.0.*,*out_proj').")  # fmt: skip
     quantize_modules: str = Field("", description="Quantize these modules although the default keeps them: "
                                   "comma-separated name patterns ('lm_head' quantizes the LM head).")  # fmt: skip
+    stream: bool | None = Field(None, description="FP8 calibrated and exported block by block from the checkpoint, "
+                                "on the CPU (default: when no node holds the model).")  # fmt: skip
 
     def keep_patterns(self) -> list[str]:
         return [p.strip() for p in self.keep.split(",") if p.strip()]

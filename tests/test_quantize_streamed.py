@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from minipuzzle.errors import UserError
@@ -191,3 +192,23 @@ def test_layer_patterns_and_many_shards_match_the_whole_export(tmp_path, tokeniz
     for name in ("hf_quant_config.json", "config.json"):
         w = json.loads((tmp_path / "whole" / name).read_text())
         assert json.loads((tmp_path / "streamed" / name).read_text()) == w, name
+
+
+def test_the_cli_streams_when_told(both, tmp_path, text_file):
+    """`minipuzzle quantize --stream` on a model that fits streams anyway and writes the streamed folder's bytes;
+    the setting is QuantizeSettings.stream, so a recipe's quantize section takes it too."""
+    from minipuzzle.recipe import RECIPES_DIR, parse_recipe
+    from minipuzzle.testing import run_cli
+
+    whole, streamed, *_ = both
+    src = whole.parent / "bf16"
+    out = tmp_path / "cli"
+    code, _, err = run_cli(["quantize", str(src), "--data", str(text_file), "--device", "cpu", "--stream",
+                            "--samples", "4", "--seq-len", "32", "--batch-size", "2", "-o", str(out)])  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "quantize.json").read_text())["calibration"]["streamed"]
+    a, b = _state(out), _state(streamed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    doc = yaml.safe_load((RECIPES_DIR / "demo.yaml").read_text())
+    doc["quantize"]["stream"] = True
+    assert parse_recipe(doc).quantize.stream is True

@@ -84,7 +84,9 @@ def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype
     """The quantize stage for `st` (a `settings.QuantizeSettings`) on `hw`: a "calibration" part (model placed on
     the fewest devices that hold it with a micro-batch of one, the largest micro-batch <= st.batch_size) and an
     "export" part. `head`: the LM head is quantized (it is calibrated then, `HEAD_CHUNK` positions at a time).
-    When no node holds the model (`stream` None) or `stream` is True, the streamed plan (`plan_streamed`)."""
+    When no node holds the model (`stream` None) or `stream` is True, the streamed plan (`plan_streamed`);
+    `stream` None takes `st.stream`."""
+    stream = st.stream if stream is None else stream
     if stream:
         return plan_streamed(layout, hw, st, stored_bytes)
     dt = default_dtype(hw, dtype)
