@@ -44,6 +44,9 @@ from minipuzzle.quantize.configs import check_patterns, hybrid_config, module_pa
 from minipuzzle.quantize.export import SUMMARY, _repair, cast_kept, check_exclusions, weight_bytes
 from minipuzzle.score.layerwise import StreamedStack, block_forward
 
+# Model Optimizer's export internals are imported inside the functions that use them: the package is optional (the
+# quant extra), and `minipuzzle quantize --help` should not load it.
+
 # The modules outside the blocks: stored unquantized in streamed mode (the hybrid config keeps them).
 OUTSIDE = ("model.embeddings", "model.norm_f", "lm_head")
 # The environment variable with which Model Optimizer skips its check that a config quantizes some weight.
