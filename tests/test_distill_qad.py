@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from measured import saved_storages
 from safetensors.torch import load_file
 
 from minipuzzle.testing import run_cli
@@ -108,13 +109,11 @@ def _round_kept_to_bf16(student) -> None:
         p.copy_(p.to(torch.bfloat16).float())
 
 
-def test_qad_export_reloads_as_the_trained_student(pair, tmp_path, monkeypatch):
-    """The checkpoint a QAD run writes, reloaded by the PTQ loader, computes what the fake-quantized student
-    computed at the end of training (its kept tensors rounded to bf16, as the checkpoint stores them)."""
+def _watch_export(monkeypatch, ids) -> dict:
+    """Wrap the QAD export so that, just before it, the trained student's logits on `ids` (its kept tensors
+    rounded to bf16, as the checkpoint stores them) land in the returned dict under "logits"."""
     import minipuzzle.distill.quantized as quantized
-    from minipuzzle.quantize.load import load_quantized
 
-    ids = _first_batch(pair, 2, 32)
     seen = {}
     real_export = quantized.export_student
 
@@ -125,6 +124,16 @@ def test_qad_export_reloads_as_the_trained_student(pair, tmp_path, monkeypatch):
         return real_export(student, *a, **k)
 
     monkeypatch.setattr(quantized, "export_student", spy)
+    return seen
+
+
+def test_qad_export_reloads_as_the_trained_student(pair, tmp_path, monkeypatch):
+    """The checkpoint a QAD run writes, reloaded by the PTQ loader, computes what the fake-quantized student
+    computed at the end of training (its kept tensors rounded to bf16, as the checkpoint stores them)."""
+    from minipuzzle.quantize.load import load_quantized
+
+    ids = _first_batch(pair, 2, 32)
+    seen = _watch_export(monkeypatch, ids)
     out = tmp_path / "qad"
     assert run_cli(_args(pair, out, "--save-every", "0", steps=4))[0] == 0
     assert json.loads((out / "quantize.json").read_text())["precision"] == "fp8"
@@ -175,21 +184,11 @@ def test_refusals_before_any_model_loads(pair, tmp_path, case):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_nvfp4_qad_trains_and_reloads(pair, tmp_path, monkeypatch):
     """NVFP4 QAD on a GPU: the loss falls, and the exported NVFP4 checkpoint reloads as the trained student."""
-    import minipuzzle.distill.quantized as quantized
     from minipuzzle.quantize.export import weight_bytes
     from minipuzzle.quantize.load import load_quantized
 
     ids = _first_batch(pair, 2, 32).cuda()
-    seen = {}
-    real_export = quantized.export_student
-
-    def spy(student, *a, **k):
-        with torch.no_grad():
-            _round_kept_to_bf16(student)
-            seen["logits"] = student.eval()(ids, use_cache=False).logits
-        return real_export(student, *a, **k)
-
-    monkeypatch.setattr(quantized, "export_student", spy)
+    seen = _watch_export(monkeypatch, ids)
     out = tmp_path / "nvfp4"
     args = _args(pair, out, "--save-every", "0", "--device", "cuda", "--no-autocast", steps=12)
     args[args.index("--quantize") + 1] = "nvfp4"
@@ -247,18 +246,7 @@ def test_two_processes_match_one_and_resume_from_their_sharded_checkpoint(pair, 
 
 def _saved_bytes(model, ids) -> int:
     """Bytes of the distinct non-parameter storages autograd saves for the backward of one training forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, use_cache=False).logits.sum()
-    return sum(seen.values())
+    return saved_storages(lambda: model(ids, use_cache=False).logits.sum(), exclude=list(model.parameters()))
 
 
 def test_plan_counts_what_fake_quantization_adds_to_a_step():
