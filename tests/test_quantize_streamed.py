@@ -43,8 +43,9 @@ def both(request, tmp_path_factory, tokenizer, text_file):
     root = tmp_path_factory.mktemp(request.param)
     src = save_model(random_model(layout).to(torch.bfloat16), root / "bf16", tokenizer=tokenizer)
     st = QuantizeSettings(**SETTINGS)
-    whole = quantize_to_folder(src, root / "whole", st, text_file, device="cpu", stream=False)
-    streamed = quantize_to_folder(src, root / "streamed", st, text_file, device="cpu", stream=True)
+    whole = quantize_to_folder(src, root / "whole", st.model_copy(update={"stream": False}), text_file, device="cpu")
+    streamed = quantize_to_folder(src, root / "streamed", st.model_copy(update={"stream": True}), text_file,
+                                  device="cpu")  # fmt: skip
     assert "streamed" not in whole["calibration"] and streamed["calibration"]["streamed"]
     return root / "whole", root / "streamed", whole, streamed
 
@@ -102,16 +103,16 @@ def test_streamed_refuses_nvfp4_and_quantizing_outside_the_blocks(tmp_path, toke
     with pytest.raises(UserError, match="supports fp8 only") as e:
         quantize_streamed(src, tmp_path / "n", torch.zeros(1, 8, dtype=torch.long), precision="nvfp4", summary={})
     assert "\n" not in str(e.value) and not (tmp_path / "n").exists()
-    st = QuantizeSettings(**SETTINGS, quantize_modules="lm_head")
+    st = QuantizeSettings(**SETTINGS, quantize_modules="lm_head", stream=True)
     with pytest.raises(UserError, match="keeps unquantized") as e:
-        quantize_to_folder(src, tmp_path / "h", st, text_file, device="cpu", stream=True)
+        quantize_to_folder(src, tmp_path / "h", st, text_file, device="cpu")
     assert "\n" not in str(e.value) and not (tmp_path / "h").exists()
     tied = save_model(random_model(tiny_layout(tie_word_embeddings=True)).to(torch.bfloat16), tmp_path / "tied")
     with pytest.raises(UserError, match="ties its LM head") as e:
         quantize_streamed(tied, tmp_path / "t", torch.zeros(1, 8, dtype=torch.long), summary={})
     assert "\n" not in str(e.value) and not (tmp_path / "t").exists()
-    plan = plan_quantize(tiny_layout(), Hardware(device="cpu", gpu_memory=2**34), QuantizeSettings(precision="nvfp4"),
-                         stream=True)  # fmt: skip
+    plan = plan_quantize(tiny_layout(), Hardware(device="cpu", gpu_memory=2**34),
+                         QuantizeSettings(precision="nvfp4", stream=True))  # fmt: skip
     assert plan.parts[0].geometry.streaming and plan.parts[0].problem == NVFP4_STREAMED
 
 
@@ -177,7 +178,8 @@ def test_layer_patterns_and_many_shards_match_the_whole_export(tmp_path, tokeniz
 
     src = save_model(random_model(layout).to(torch.bfloat16), tmp_path / "bf16", tokenizer=tokenizer)
     st = QuantizeSettings(**SETTINGS, keep=keep)
-    whole = quantize_to_folder(src, tmp_path / "whole", st, text_file, device="cpu", stream=False)
+    whole = quantize_to_folder(src, tmp_path / "whole", st.model_copy(update={"stream": False}), text_file,
+                               device="cpu")  # fmt: skip
     kept_layer = keep.split(",")[0].strip("*")
     assert not any(kept_layer in n for n in whole["quantized_modules"])
     windows = token_windows(text_file, load_tokenizer(src), st.seq_len, st.samples, st.seed)

@@ -35,7 +35,7 @@ def check_source(path: Path) -> None:
 def quantize_to_folder(model: str | Path, out: str | Path, settings: QuantizeSettings, data: str | Path, *,
                        split: str = "train", column: str = "text", streaming: bool | None = None,
                        device: str | None = None, dtype: str | None = None, overwrite: bool = False,
-                       progress: bool = False, hardware=None, stream: bool | None = None) -> dict:  # fmt: skip
+                       progress: bool = False, hardware=None) -> dict:  # fmt: skip
     """Quantize checkpoint `model` to `settings.precision` with Model Optimizer and write the serving checkpoint
     to `out` (see `export.export_quantized`); returns its `quantize.json` summary.
 
@@ -43,7 +43,7 @@ def quantize_to_folder(model: str | Path, out: str | Path, settings: QuantizeSet
     is placed as the memory plan (`plan.plan_quantize`) on `hardware` (default: this machine) says, in `dtype`
     (auto: bf16 on a GPU, float32 on the CPU). Every input is checked (precision on this device, an already
     quantized source, module patterns, the plan) before anything is written; the folder appears whole or not at
-    all. When no node holds the model (or `stream` is True) the plan streams it: FP8 calibrated and exported
+    all. When no node holds the model (or `settings.stream` is True) the plan streams it: FP8 calibrated and exported
     block by block on the CPU in float32 (`streamed.quantize_streamed`), the same files as the whole-model export."""
 
 
@@ -56,7 +56,7 @@ def quantize_to_folder(model: str | Path, out: str | Path, settings: QuantizeSet
     layout, stored = model_facts(str(path))
     hw = compute_hardware(hardware or resolve(), str(dev))
     plan = plan_quantize(layout, hw, st, head=any("lm_head" in p for p in st.quantize_patterns()),
-                         dtype=str(dt).removeprefix("torch."), stored_bytes=stored, stream=stream)  # fmt: skip
+                         dtype=str(dt).removeprefix("torch."), stored_bytes=stored)  # fmt: skip
     check(hw, plan)
     launch = quantize_launch(plan)
     tok = load_tokenizer(path)

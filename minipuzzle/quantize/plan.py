@@ -8,7 +8,7 @@ quantized, and Model Optimizer's fake-quantized copy of the largest weight (its 
 per matmul: for routed experts, all of a layer's experts at once). The export then packs every quantized weight
 on its device (a copy at the precision's bytes next to the original until it replaces it) and gathers the whole
 exported state dict on the host to write it (`export_hf_checkpoint` has no streaming path for a model in
-memory). A model that no node holds (or `stream=True`) is planned streamed (`streamed.quantize_streamed`, FP8
+memory). A model that no node holds (or `stream: true`) is planned streamed (`streamed.quantize_streamed`, FP8
 only): on the host in float32, one block read from the checkpoint at a time beside the calibration windows'
 residual states, its fake-quantized weight copy and packed FP8 copy, and the output shard being filled.
 """
@@ -80,14 +80,12 @@ def plan_streamed(layout: Layout, hw: Hardware, st, stored_bytes: int = 2) -> St
 
 
 def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype: str | None = None,
-                  stored_bytes: int = 2, stream: bool | None = None) -> StageMemory:  # fmt: skip
+                  stored_bytes: int = 2) -> StageMemory:  # fmt: skip
     """The quantize stage for `st` (a `settings.QuantizeSettings`) on `hw`: a "calibration" part (model placed on
     the fewest devices that hold it with a micro-batch of one, the largest micro-batch <= st.batch_size) and an
     "export" part. `head`: the LM head is quantized (it is calibrated then, `HEAD_CHUNK` positions at a time).
-    When no node holds the model (`stream` None) or `stream` is True, the streamed plan (`plan_streamed`);
-    `stream` None takes `st.stream`."""
-    stream = st.stream if stream is None else stream
-    if stream:
+    When no node holds the model (`st.stream` None) or `st.stream` is True, the streamed plan (`plan_streamed`)."""
+    if st.stream:
         return plan_streamed(layout, hw, st, stored_bytes)
     dt = default_dtype(hw, dtype)
     b, kernels = dtype_bytes(dt), hw.device == "cuda"
@@ -110,7 +108,7 @@ def plan_quantize(layout: Layout, hw: Hardware, st, *, head: bool = False, dtype
     # The fewest devices on which both parts fit (one placement serves both).
     k = next((k for k in range(1, most + 1) if _problem(calib(k)(1), hw) is None and _problem(export(k), hw) is None),
              most)  # fmt: skip
-    if stream is None and (_problem(calib(k)(1), hw) is not None or _problem(export(k), hw) is not None):
+    if st.stream is None and (_problem(calib(k)(1), hw) is not None or _problem(export(k), hw) is not None):
         return plan_streamed(layout, hw, st, stored_bytes)
     mem, micro = _fit_micro(calib(k), hw, min(st.batch_size, st.samples))
     geo = Geometry(devices=k, sharding="device_map" if k > 1 else "none", dtype=dt, micro_batch=micro)
