@@ -133,3 +133,15 @@ def test_flash_attention_where_it_cannot_run_is_refused_in_one_line(tmp_path):
     code, _, err = run_cli(["distill", "--teacher", "demo", "--student", "demo", "--data", str(tmp_path),
                             "-o", str(tmp_path / "out"), "--attn-implementation", "flash"])  # fmt: skip
     assert code == 2 and "attn" in err and err.count("\n") == 1, err
+
+
+def test_every_attention_implementation_the_settings_accept_has_a_planned_path():
+    """The plan's attention paths and the implementations `--attn-implementation` accepts are one list: a new
+    implementation without a planned path (or a path no setting can pick) fails here."""
+    from typing import get_args
+
+    from minipuzzle.kernels import ATTENTION_PATHS
+    from minipuzzle.settings import DistillSettings
+
+    accepted = get_args(DistillSettings.model_fields["attn_implementation"].annotation)
+    assert set(accepted) == set(ATTENTION_PATHS)
